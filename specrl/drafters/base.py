@@ -1,0 +1,35 @@
+"""The drafter protocol: what the speculative engine needs from any drafter.
+
+A drafter is a bundle of pure functions with static configuration; its parameters and
+state are pytrees passed through the jitted rollout (never closed over):
+
+- ``params_from_policy(policy_params) -> draft_params``: derive drafter params from the
+  *live* policy (identity for ``self``, quantization for ``quantized``, the drafter's own
+  weights for ``small_model``). Called inside the jitted step where possible.
+- ``prefill(draft_params, prompt_tokens [B,P], prompt_len [B], buffer_len, mesh) -> state``
+- ``propose(draft_params, state, seq_tokens [B,S], pos [B], k, rng, sampling, mesh)
+  -> (draft_tokens int32 [B,k], draft_logits f32 [B,k,V], state)``: proposals x_1..x_k
+  sampled from the drafter's *processed* distribution (same temperature/top-k/top-p as
+  the policy; see :mod:`specrl.sampling`), continuing after ``seq_tokens[b, pos[b]]``.
+  ``draft_logits`` are raw logits; verification processes them exactly as sampling did.
+- ``state_logical_axes()``: logical axes of the state pytree, for sharding.
+
+Rollback is by position: the engine passes the committed ``pos`` every round and a
+drafter must not assume its previous proposals were accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Drafter(Protocol):
+  name: str
+
+  def params_from_policy(self, policy_params) -> Any: ...
+
+  def prefill(self, draft_params, prompt_tokens, prompt_len, buffer_len, mesh=None) -> Any: ...
+
+  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None): ...
+
+  def state_logical_axes(self) -> Any: ...

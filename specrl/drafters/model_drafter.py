@@ -1,0 +1,73 @@
+"""Drafters that run a transformer with :func:`specrl.model.forward`.
+
+- ``self``: the policy drafts for itself (acceptance must be 1.0: an engine check).
+- ``small_model``: a separate, smaller transformer sharing the tokenizer.
+
+The drafter keeps its own position-indexed KV cache. Each round starts by feeding the
+two tokens at ``pos - 1`` and ``pos``: when the previous round accepted all k drafts the
+drafter never saw the last one, and re-writing an already-cached slot is harmless (same
+token, same position, same keys/values), so one uniform T = 2 step covers both cases.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from specrl import model as model_lib
+from specrl import sampling
+from specrl import sharding as shd
+
+
+class ModelDrafter:
+  """A transformer drafter. ``own_params`` is used unless ``derive`` maps policy params."""
+
+  def __init__(self, name: str, cfg: model_lib.ModelConfig, own_params=None, derive=None):
+    self.name, self.cfg = name, cfg
+    self.own_params, self.derive = own_params, derive
+
+  def params_from_policy(self, policy_params):
+    if self.derive is not None:
+      return self.derive(policy_params)
+    if self.own_params is None:
+      raise ValueError(f'drafter {self.name!r} has no parameters')
+    return self.own_params
+
+  def state_logical_axes(self):
+    return {'cache': model_lib.cache_logical_axes()}
+
+  def prefill(self, draft_params, prompt_tokens, prompt_len, buffer_len, mesh=None):
+    b, p = prompt_tokens.shape
+    cache = model_lib.init_cache(self.cfg, b, buffer_len)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    _, cache = model_lib.forward(draft_params, self.cfg, prompt_tokens, positions, cache,
+                                 mesh=mesh, rules=shd.DECODE_RULES)
+    return {'cache': cache}
+
+  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None):
+    cfg = self.cfg
+    prev_pos = jnp.maximum(pos - 1, 0)
+    first_pos = jnp.stack([prev_pos, pos], axis=1)
+    first_tok = jnp.take_along_axis(seq_tokens, first_pos, axis=1)
+    logits, cache = model_lib.forward(draft_params, cfg, first_tok, first_pos, state['cache'],
+                                      mesh=mesh, rules=shd.DECODE_RULES)
+    keys = jax.random.split(rng, k)
+    logit0 = logits[:, 1]
+    tok0 = sampling.sample(logit0, keys[0], sp)
+
+    def body(carry, xs):
+      cache, tok = carry
+      i, key = xs
+      lg, cache = model_lib.forward(draft_params, cfg, tok[:, None], (pos + i)[:, None], cache,
+                                    mesh=mesh, rules=shd.DECODE_RULES)
+      nxt = sampling.sample(lg[:, 0], key, sp)
+      return (cache, nxt), (nxt, lg[:, 0])
+
+    if k > 1:
+      (cache, _), (toks, lgs) = jax.lax.scan(body, (cache, tok0),
+                                            (jnp.arange(1, k, dtype=jnp.int32), keys[1:]))
+      draft_tokens = jnp.concatenate([tok0[:, None], toks.T], axis=1)
+      draft_logits = jnp.concatenate([logit0[:, None], jnp.swapaxes(lgs, 0, 1)], axis=1)
+    else:
+      draft_tokens, draft_logits = tok0[:, None], logit0[:, None]
+    return draft_tokens, draft_logits, {'cache': cache}

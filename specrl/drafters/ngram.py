@@ -1,0 +1,51 @@
+"""Model-free n-gram (prompt/response lookup) drafter, as in vLLM / SGLang.
+
+Finds the most recent earlier occurrence of the last ``n`` committed tokens in the
+sequence and proposes the ``k`` tokens that followed it. Proposals are deterministic, so
+the draft distribution is one-hot (``draft_logits`` = 0 at the proposal, NEG_INF
+elsewhere) and verification accepts draft i with probability p_i(x_i): still lossless.
+With no match it proposes repeats of the last token (cheap, and still lossless).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from specrl import sampling
+
+
+class NgramDrafter:
+  name = 'ngram'
+
+  def __init__(self, vocab_size: int, ngram: int = 2):
+    if ngram < 1:
+      raise ValueError(f'drafter.ngram must be >= 1, got {ngram}')
+    self.vocab_size, self.n = vocab_size, ngram
+
+  def params_from_policy(self, policy_params):
+    return None
+
+  def state_logical_axes(self):
+    return None
+
+  def prefill(self, draft_params, prompt_tokens, prompt_len, buffer_len, mesh=None):
+    return None
+
+  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None):
+    b, s = seq_tokens.shape
+    n = self.n
+    j = jnp.arange(s)[None, :]  # candidate end position of an earlier match
+    match = j < pos[:, None]
+    match &= j >= n - 1
+    for o in range(n):  # seq[j - o] == seq[pos - o]
+      cand = jnp.take_along_axis(seq_tokens, jnp.clip(j - o, 0, s - 1), axis=1)
+      ref = jnp.take_along_axis(seq_tokens, jnp.clip(pos - o, 0, s - 1)[:, None], axis=1)
+      match &= cand == ref
+    last = jnp.max(jnp.where(match, j, -1), axis=1)  # most recent match, -1 if none
+    idx = last[:, None] + 1 + jnp.arange(k)[None, :]
+    # Only committed tokens can be copied; past pos, or without a match, repeat the last.
+    idx = jnp.where((last[:, None] >= 0) & (idx <= pos[:, None]), idx, pos[:, None])
+    draft_tokens = jnp.take_along_axis(seq_tokens, idx, axis=1).astype(jnp.int32)
+    onehot = jnp.arange(self.vocab_size)[None, None, :] == draft_tokens[..., None]
+    draft_logits = jnp.where(onehot, 0.0, sampling.NEG_INF).astype(jnp.float32)
+    return draft_tokens, draft_logits, state

@@ -1,0 +1,348 @@
+"""Decoder-only transformer of the Llama / Qwen2 family, as pure functions over a pytree.
+
+One set of weights, three ways to call it (all through :func:`forward`):
+
+- full sequence (training logprobs): ``forward(params, cfg, tokens, positions)``;
+- prefill a right-padded prompt batch into a KV cache: ``forward(..., cache=cache)``
+  with ``positions = arange(P)``;
+- extend the cache by ``T >= 1`` tokens at *per-sequence* positions: ``T = 1`` for
+  decoding, ``T = k + 1`` for the speculative verify pass.
+
+The KV cache is a plain dict pytree ``{'k', 'v'}`` of shape ``[L, B, S, K, Dh]`` indexed
+by *position*: a token at position ``p`` lives in slot ``p``. A query at position ``p``
+sees slots ``<= p``. Slots beyond a sequence's current position hold stale data (prompt
+padding, rejected draft tokens) that the mask hides and later writes overwrite, so a
+speculative rollback is just "continue from an earlier position" -- nothing is copied.
+
+Parameters are a plain nested dict with layers stacked on a leading axis (``lax.scan``
+over layers keeps compile time flat in depth). Layout follows Hugging Face names closely
+so safetensors checkpoints map one-to-one (see ``specrl.checkpoints``). RoPE uses the
+HF "rotate half" convention, so HF q/k weights need no permutation.
+
+Any weight leaf may be a quantized array object exposing ``qeinsum(eq, x)`` (and
+``qtake(ids)`` for embeddings); the quantized self-drafter runs through this same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from specrl import sharding as shd
+
+Params = dict[str, Any]
+KVCache = dict[str, jax.Array]
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static architecture description (hashable: a jit static argument)."""
+
+  vocab_size: int = 32
+  d_model: int = 128
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int = 32
+  d_ff: int = 384
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False
+  tie_embeddings: bool = True
+  qk_norm: bool = False
+  param_dtype: str = 'float32'
+  compute_dtype: str = 'float32'
+
+  def __post_init__(self):
+    for f in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff'):
+      if int(getattr(self, f)) <= 0:
+        raise ValueError(f'model.{f} must be positive, got {getattr(self, f)}')
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+        f'model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads '
+        f'({self.n_kv_heads}) for grouped-query attention'
+      )
+    if self.head_dim % 2:
+      raise ValueError(f'model.head_dim must be even for RoPE, got {self.head_dim}')
+    for f in ('param_dtype', 'compute_dtype'):
+      if getattr(self, f) not in _DTYPES:
+        raise ValueError(f'model.{f} must be one of {sorted(_DTYPES)}, got {getattr(self, f)!r}')
+
+  @property
+  def pdtype(self):
+    return _DTYPES[self.param_dtype]
+
+  @property
+  def cdtype(self):
+    return _DTYPES[self.compute_dtype]
+
+  @classmethod
+  def from_config(cls, cfg) -> ModelConfig:
+    """From an ml_collections ConfigDict (or any mapping) with these field names."""
+    d = dict(cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+      raise ValueError(f'unknown model config field(s): {sorted(unknown)}; known: {sorted(names)}')
+    return cls(**d)
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict:
+  """Pytree of logical-axis tuples matching :func:`init_params`."""
+  layers = {
+    'attn_norm': ('layers', 'norm'),
+    'wq': ('layers', 'embed', 'heads', 'head_dim'),
+    'wk': ('layers', 'embed', 'kv_heads', 'head_dim'),
+    'wv': ('layers', 'embed', 'kv_heads', 'head_dim'),
+    'wo': ('layers', 'heads', 'head_dim', 'embed'),
+    'mlp_norm': ('layers', 'norm'),
+    'w_gate': ('layers', 'embed', 'mlp'),
+    'w_up': ('layers', 'embed', 'mlp'),
+    'w_down': ('layers', 'mlp', 'embed'),
+  }
+  if cfg.qkv_bias:
+    layers.update(
+      bq=('layers', 'heads', 'head_dim'),
+      bk=('layers', 'kv_heads', 'head_dim'),
+      bv=('layers', 'kv_heads', 'head_dim'),
+    )
+  if cfg.qk_norm:
+    layers.update(q_norm=('layers', 'norm'), k_norm=('layers', 'norm'))
+  tree = {'embed': ('vocab', 'embed'), 'layers': layers, 'final_norm': ('norm',)}
+  if not cfg.tie_embeddings:
+    tree['lm_head'] = ('embed', 'vocab')
+  return tree
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+  """Pytree of shape tuples matching :func:`init_params` (used to validate checkpoints)."""
+  L, D, H, K, Dh, F, V = (
+    cfg.n_layers,
+    cfg.d_model,
+    cfg.n_heads,
+    cfg.n_kv_heads,
+    cfg.head_dim,
+    cfg.d_ff,
+    cfg.vocab_size,
+  )
+  layers = {
+    'attn_norm': (L, D),
+    'wq': (L, D, H, Dh),
+    'wk': (L, D, K, Dh),
+    'wv': (L, D, K, Dh),
+    'wo': (L, H, Dh, D),
+    'mlp_norm': (L, D),
+    'w_gate': (L, D, F),
+    'w_up': (L, D, F),
+    'w_down': (L, F, D),
+  }
+  if cfg.qkv_bias:
+    layers.update(bq=(L, H, Dh), bk=(L, K, Dh), bv=(L, K, Dh))
+  if cfg.qk_norm:
+    layers.update(q_norm=(L, Dh), k_norm=(L, Dh))
+  tree = {'embed': (V, D), 'layers': layers, 'final_norm': (D,)}
+  if not cfg.tie_embeddings:
+    tree['lm_head'] = (D, V)
+  return tree
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+  """Truncated-normal fan-in init; norms at 1, biases at 0. Leaves in ``cfg.param_dtype``."""
+  shapes = param_shapes(cfg)
+  flat, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
+  keys = jax.random.split(rng, len(flat))
+  leaves = []
+  for (path, shape), key in zip(flat, keys, strict=True):
+    name = jax.tree_util.keystr(path[-1:]).strip("[]'")
+    if name.endswith('norm'):
+      leaves.append(jnp.ones(shape, cfg.pdtype))
+    elif name in ('bq', 'bk', 'bv'):
+      leaves.append(jnp.zeros(shape, cfg.pdtype))
+    else:
+      if name == 'embed':
+        fan_in = shape[1]  # unit-scale logits through the (possibly tied) head
+      elif name in ('wo',):
+        fan_in = shape[1] * shape[2]
+      else:
+        fan_in = shape[-3] if name in ('wq', 'wk', 'wv') else shape[-2]
+      std = 1.0 / max(fan_in, 1) ** 0.5
+      w = std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+      leaves.append(w.astype(cfg.pdtype))
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def count_params(params: Params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def cache_logical_axes() -> KVCache:
+  ax = ('layers', 'batch', 'cache_seq', 'kv_heads', 'head_dim')
+  return {'k': ax, 'v': ax}
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+  """Zeroed KV cache ``{'k','v'}: [L, B, S, K, Dh]`` in the compute dtype."""
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  dtype = cfg.cdtype if dtype is None else dtype
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _einsum(eq: str, x: jax.Array, w) -> jax.Array:
+  """x @ w for a plain array or a quantized weight object (``w.qeinsum``)."""
+  if hasattr(w, 'qeinsum'):
+    return w.qeinsum(eq, x)
+  return jnp.einsum(eq, x, w.astype(x.dtype))
+
+
+def _embed(table, tokens: jax.Array, dtype) -> jax.Array:
+  if hasattr(table, 'qtake'):
+    return table.qtake(tokens).astype(dtype)
+  return jnp.take(table, tokens, axis=0).astype(dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, HF 'rotate_half' layout. x [B, T, N, Dh], positions [B, T]."""
+  dh = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  cos = jnp.cos(ang)[:, :, None, :]
+  sin = jnp.sin(ang)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., : dh // 2], xf[..., dh // 2 :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention(q, k, v, mask) -> jax.Array:
+  """Grouped-query attention.
+
+  q [B, T, H, Dh]; k, v [B, S, K, Dh]; mask [B, T, S] bool (True = visible).
+  Returns [B, T, H, Dh]. Softmax in f32.
+  """
+  b, t, h, dh = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, h // kh, dh)
+  scores = jnp.einsum('btkgd,bskd->bkgts', qg, k).astype(jnp.float32) / jnp.sqrt(dh)
+  scores = jnp.where(mask[:, None, None], scores, -1e30)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(b, t, h, dh)
+
+
+def _layer(cfg: ModelConfig, lp, x, positions, kv_fn, mesh, rules):
+  """One pre-norm block.
+
+  ``kv_fn(k, v) -> (k_all, v_all, mask, aux)`` decides cache vs no cache; returns (x, aux).
+  """
+  h = rms_norm(x, lp['attn_norm'], cfg.norm_eps)
+  q = _einsum('btd,dhk->bthk', h, lp['wq'])
+  k = _einsum('btd,dhk->bthk', h, lp['wk'])
+  v = _einsum('btd,dhk->bthk', h, lp['wv'])
+  if cfg.qkv_bias:
+    q = q + lp['bq'].astype(q.dtype)
+    k = k + lp['bk'].astype(k.dtype)
+    v = v + lp['bv'].astype(v.dtype)
+  if cfg.qk_norm:
+    q = rms_norm(q, lp['q_norm'], cfg.norm_eps)
+    k = rms_norm(k, lp['k_norm'], cfg.norm_eps)
+  q = rope(q, positions, cfg.rope_theta)
+  k = rope(k, positions, cfg.rope_theta)
+  q = shd.constrain(q, ('batch', 'seq', 'heads', 'head_dim'), mesh, rules)
+  k_all, v_all, mask, aux = kv_fn(k, v)
+  o = attention(q, k_all, v_all, mask)
+  x = x + _einsum('bthk,hkd->btd', o, lp['wo'])
+  h = rms_norm(x, lp['mlp_norm'], cfg.norm_eps)
+  g = _einsum('btd,df->btf', h, lp['w_gate'])
+  u = _einsum('btd,df->btf', h, lp['w_up'])
+  x = x + _einsum('btf,fd->btd', jax.nn.silu(g) * u, lp['w_down'])
+  return shd.constrain(x, ('batch', 'seq', 'embed'), mesh, rules), aux
+
+
+def forward(
+  params: Params,
+  cfg: ModelConfig,
+  tokens: jax.Array,
+  positions: jax.Array,
+  cache: KVCache | None = None,
+  *,
+  mesh: Mesh | None = None,
+  rules: dict | None = None,
+  return_hidden: bool = False,
+):
+  """Run the transformer.
+
+  Args:
+    tokens: int32 [B, T].
+    positions: int32 [B, T] absolute positions (per sequence).
+    cache: optional KV cache ``[L, B, S, K, Dh]``; new k/v are written at ``positions``
+      (positions >= S are dropped) and queries attend to slots ``<= position``.
+      Without a cache, key j is visible to query i iff ``positions[j] <= positions[i]``.
+  Returns:
+    ``(logits f32 [B, T, V], new_cache)`` (``new_cache`` is None without a cache);
+    with ``return_hidden`` also the final normed hidden state [B, T, D].
+  """
+  rules = shd.DECODE_RULES if rules is None else rules
+  x = _embed(params['embed'], tokens, cfg.cdtype)
+  x = shd.constrain(x, ('batch', 'seq', 'embed'), mesh, rules)
+  b, t = tokens.shape
+
+  if cache is None:
+    mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(q), T(k)]
+
+    def body(x, lp):
+      y, _ = _layer(cfg, lp, x, positions, lambda k, v: (k, v, mask, None), mesh, rules)
+      return y, None
+
+    x, _ = jax.lax.scan(body, x, params['layers'])
+    new_cache = None
+  else:
+    s = cache['k'].shape[2]
+    mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    bidx = jnp.arange(b)[:, None]
+
+    def body(carry, xs):
+      x, ck, cv = carry
+      lp, li = xs
+
+      def kv_fn(k, v):
+        nk = ck.at[li, bidx, positions].set(k.astype(ck.dtype), mode='drop')
+        nv = cv.at[li, bidx, positions].set(v.astype(cv.dtype), mode='drop')
+        return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
+
+      y, (nk, nv) = _layer(cfg, lp, x, positions, kv_fn, mesh, rules)
+      return (y, nk, nv), None
+
+    (x, ck, cv), _ = jax.lax.scan(
+      body, (x, cache['k'], cache['v']), (params['layers'], jnp.arange(cfg.n_layers))
+    )
+    new_cache = {'k': ck, 'v': cv}
+
+  x = rms_norm(x, params['final_norm'], cfg.norm_eps)
+  head = params['embed'] if cfg.tie_embeddings else params['lm_head']
+  eq = 'btd,vd->btv' if cfg.tie_embeddings else 'btd,dv->btv'
+  logits = _einsum(eq, x, head).astype(jnp.float32)
+  logits = shd.constrain(logits, ('batch', 'seq', 'vocab'), mesh, rules)
+  if return_hidden:
+    return logits, new_cache, x
+  return logits, new_cache

@@ -1,0 +1,193 @@
+"""GRPO: group-normalised advantages, PPO-clipped policy loss, optional k3 KL, and the
+pure jitted ``train_step(state, batch) -> (state, metrics)``.
+
+Logprob convention (shared with :mod:`specrl.sampling`): the logprob of token t is
+``log_softmax(logits_{t-1} / T)[token_t]`` with T the rollout temperature (1 when greedy),
+over the unfiltered vocabulary -- exactly what the rollout reports, so the PPO ratio is
+1 at the first update when the rollout and train step see the same params.
+
+Batch layout (B sequences, S = rollout buffer length), all by *position*:
+  tokens int32 [B, S]          prompt + response (+ padding)
+  response_mask f32 [B, S]     1 where position t holds a response token
+  old_logprobs f32 [B, S]      behaviour logprob of token t (from the rollout)
+  advantages f32 [B]           per sequence
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from specrl import model as model_lib
+from specrl import sharding as shd
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  num_generations: int = 8  # G
+  clip_eps: float = 0.2
+  clip_eps_high: float = 0.0  # 0 = symmetric; > 0 gives DAPO-style clip-higher
+  kl_coef: float = 0.0  # k3 KL to the frozen reference; 0 = no reference kept
+  aggregation: str = 'token'  # 'token' | 'sequence'
+  scale_advantages: bool = True  # divide by the group std (Dr.GRPO sets False)
+  temperature: float = 1.0  # must equal the rollout temperature (1 for greedy)
+  num_minibatches: int = 1
+  num_epochs: int = 1
+
+  def __post_init__(self):
+    if self.num_generations < 2:
+      raise ValueError(f'rl.num_generations must be >= 2 for group advantages, '
+                       f'got {self.num_generations}')
+    if self.aggregation not in ('token', 'sequence'):
+      raise ValueError(f"rl.aggregation must be 'token' or 'sequence', got {self.aggregation!r}")
+    if not 0 < self.clip_eps < 1:
+      raise ValueError(f'rl.clip_eps must be in (0, 1), got {self.clip_eps}')
+    if self.kl_coef < 0:
+      raise ValueError(f'rl.kl_coef must be >= 0, got {self.kl_coef}')
+    if self.temperature <= 0:
+      raise ValueError(f'rl.temperature must be > 0, got {self.temperature}')
+    if self.num_minibatches < 1 or self.num_epochs < 1:
+      raise ValueError('rl.num_minibatches and rl.num_epochs must be >= 1')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 []
+  params: Any
+  opt_state: Any
+  ref_params: Any  # None unless rl.kl_coef > 0
+  rng: jax.Array  # key: per-step randomness is fold_in(rng, step)
+
+
+def make_optimizer(lr_schedule, weight_decay: float, grad_clip: float, b2: float = 0.95):
+  return optax.chain(
+    optax.clip_by_global_norm(grad_clip),
+    optax.adamw(lr_schedule, b1=0.9, b2=b2, weight_decay=weight_decay),
+  )
+
+
+def init_train_state(params, optimizer, rng, keep_reference: bool) -> TrainState:
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+    ref_params=jax.tree.map(jnp.copy, params) if keep_reference else None, rng=rng)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def grpo_advantages(rewards: jax.Array, group_size: int, scale: bool = True,
+                    eps: float = 1e-6) -> jax.Array:
+  """(r - mean_group) / (std_group + eps); rewards [N * G] grouped contiguously."""
+  r = rewards.reshape(-1, group_size).astype(jnp.float32)
+  adv = r - r.mean(axis=1, keepdims=True)
+  if scale:
+    adv = adv / (r.std(axis=1, keepdims=True) + eps)
+  return adv.reshape(-1)
+
+
+def sequence_logprobs(params, cfg: model_lib.ModelConfig, tokens: jax.Array, temperature: float,
+                      mesh=None) -> jax.Array:
+  """Logprob of every token given its prefix. tokens [B, S] -> f32 [B, S] (0 at t = 0)."""
+  b, s = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
+  logits, _ = model_lib.forward(params, cfg, tokens[:, :-1], positions, mesh=mesh,
+                                rules=shd.TRAIN_RULES)
+  logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+  lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return jnp.pad(lp, ((0, 0), (1, 0)))
+
+
+def _aggregate(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
+  if how == 'token':
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  per_seq = jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+  has = (jnp.sum(mask, axis=1) > 0).astype(jnp.float32)
+  return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
+
+
+def grpo_loss_from_logprobs(logprobs, old_logprobs, ref_logprobs, advantages, mask,
+                            rl: RLConfig):
+  """PPO-clipped GRPO loss from per-token logprobs (all [B, S]); returns (loss, metrics)."""
+  ratio = jnp.exp(logprobs - old_logprobs)
+  adv = advantages[:, None]
+  hi = rl.clip_eps_high or rl.clip_eps
+  unclipped = ratio * adv
+  clipped = jnp.clip(ratio, 1.0 - rl.clip_eps, 1.0 + hi) * adv
+  pg = -jnp.minimum(unclipped, clipped)
+  loss = _aggregate(pg, mask, rl.aggregation)
+  metrics = {
+    'pg_loss': loss,
+    'clip_frac': _aggregate((unclipped != clipped).astype(jnp.float32), mask, 'token'),
+    'ratio_mean': _aggregate(ratio, mask, 'token'),
+  }
+  if ref_logprobs is not None and rl.kl_coef > 0:
+    d = ref_logprobs - logprobs
+    kl = jnp.exp(d) - d - 1.0  # k3 estimator, >= 0
+    kl_mean = _aggregate(kl, mask, rl.aggregation)
+    loss = loss + rl.kl_coef * kl_mean
+    metrics['kl'] = kl_mean
+  metrics['loss'] = loss
+  return loss, metrics
+
+
+def grpo_loss(params, batch: dict, ref_params, cfg, rl: RLConfig, mesh=None):
+  lp = sequence_logprobs(params, cfg, batch['tokens'], rl.temperature, mesh)
+  ref_lp = None
+  if ref_params is not None and rl.kl_coef > 0:
+    ref_lp = jax.lax.stop_gradient(
+      sequence_logprobs(ref_params, cfg, batch['tokens'], rl.temperature, mesh))
+  return grpo_loss_from_logprobs(lp, batch['old_logprobs'], ref_lp, batch['advantages'],
+                                 batch['response_mask'], rl)
+
+
+def _minibatches(batch: dict, n: int, rng) -> dict:
+  """[B, ...] -> [n, B/n, ...] after a shuffle."""
+  b = batch['tokens'].shape[0]
+  if b % n:
+    raise ValueError(f'batch of {b} sequences is not divisible by rl.num_minibatches={n}')
+  perm = jax.random.permutation(rng, b)
+  return jax.tree.map(lambda x: x[perm].reshape((n, b // n) + x.shape[1:]), batch)
+
+
+def train_step(state: TrainState, batch: dict, *, cfg, rl: RLConfig, optimizer, mesh=None):
+  """``num_epochs`` x ``num_minibatches`` PPO updates on one rollout batch. Pure."""
+
+  def update(carry, mb):
+    params, opt_state = carry
+    (_, metrics), grads = jax.value_and_grad(grpo_loss, has_aux=True)(
+      params, mb, state.ref_params, cfg, rl, mesh)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    return (params, opt_state), metrics
+
+  carry = (state.params, state.opt_state)
+  all_metrics = []
+  for epoch in range(rl.num_epochs):
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), epoch)
+    mbs = _minibatches(batch, rl.num_minibatches, key)
+    carry, metrics = jax.lax.scan(update, carry, mbs)
+    all_metrics.append(metrics)
+  metrics = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *all_metrics)
+  params, opt_state = carry
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def sft_loss(params, tokens, loss_mask, cfg, mesh=None):
+  """Mean next-token cross-entropy over masked positions (mask aligned to targets)."""
+  lp = sequence_logprobs(params, cfg, tokens, 1.0, mesh)
+  return -jnp.sum(lp * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1.0)
+
+
+def sft_step(state: TrainState, tokens, loss_mask, *, cfg, optimizer, mesh=None):
+  """Supervised warm-up step on worked solutions. Pure."""
+  loss, grads = jax.value_and_grad(sft_loss)(state.params, tokens, loss_mask, cfg, mesh)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {
+    'sft_loss': loss, 'grad_norm': optax.global_norm(grads)}
