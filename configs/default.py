@@ -40,10 +40,10 @@ def get_config(arg: str | None = None):
     bits=8, group_size=0, backend='jnp', quantize_embeddings=False,
   ))
 
-  c.sft = ml_collections.ConfigDict(dict(steps=300, batch_size=64, lr=3e-3, warmup_steps=20))
+  c.sft = ml_collections.ConfigDict(dict(steps=200, batch_size=64, lr=3e-3, warmup_steps=20))
 
   c.rl = ml_collections.ConfigDict(dict(
-    steps=40, num_prompts=16, num_generations=8, lr=5e-4, warmup_steps=5,
+    steps=60, num_prompts=16, num_generations=8, lr=1e-3, warmup_steps=5,
     weight_decay=0.0, grad_clip=1.0, clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.0,
     aggregation='token', scale_advantages=True, num_minibatches=1, num_epochs=1))
 

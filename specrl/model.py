@@ -26,6 +26,7 @@ Any weight leaf may be a quantized array object exposing ``qeinsum(eq, x)`` (and
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -157,6 +158,11 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
   """Truncated-normal fan-in init; norms at 1, biases at 0. Leaves in ``cfg.param_dtype``."""
+  return _init_params_jit(cfg, rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params_jit(cfg: ModelConfig, rng: jax.Array) -> Params:
   shapes = param_shapes(cfg)
   flat, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
   keys = jax.random.split(rng, len(flat))

@@ -333,7 +333,8 @@ class RolloutEngine:
     b, p = prompt_tokens.shape
     if p > self.rcfg.max_prompt_len:
       raise ValueError(f'prompt batch is {p} tokens wide but rollout.max_prompt_len is '
-                       f'{self.rcfg.max_prompt_len}')
+                       f'{self.rcfg.max_prompt_len} (the KV cache holds {self.rcfg.seq_len} '
+                       'positions): shorten the prompts or raise rollout.max_prompt_len')
     if p < self.rcfg.max_prompt_len:
       prompt_tokens = np.pad(prompt_tokens, ((0, 0), (0, self.rcfg.max_prompt_len - p)),
                              constant_values=self.rcfg.pad_id)

@@ -4,8 +4,12 @@ The embedded default, ``running_sum``, is built so a few-million-parameter model
 it on a CPU in minutes *and* its answers have long-tailed lengths (the regime
 speculative decoding attacks):
 
-  prompt   ``3+5+2+7=``
+  prompt   ``3+5+2+7=........`` (terms, '=', then '.' filler to a fixed width W)
   response ``3 8 0 7#7`` + EOS  (the running sum mod 10 after each term, then the answer)
+
+The fixed-width prompt puts term i at position 2i and worked step i at W + 2i: a constant
+relative offset, which rotary attention picks up quickly; only the running sum has to
+be carried. Prompts are still right-padded like any other task's.
 
 The number of terms follows a truncated power law, so the longest responses are several
 times the median. Each worked step only needs the previous partial sum and the next
@@ -82,11 +86,14 @@ class RunningSumTask:
     n = np.arange(min_terms, max_terms + 1)
     w = n.astype(np.float64) ** (-tail_exponent)
     self._term_counts, self._term_probs = n, w / w.sum()
-    self.tokenizer = CharTokenizer('0123456789+= #', vocab_size=32)
+    self.tokenizer = CharTokenizer('0123456789+= #.', vocab_size=32)
 
   @property
   def max_prompt_len(self) -> int:
-    return 2 * self.max_terms  # 'a+b+...=' : 2 chars per term
+    return 2 * self.max_terms  # 'a+b+...=' : 2 chars per term, then filler
+
+  def _prompt_text(self, terms) -> str:
+    return ('+'.join(str(t) for t in terms) + '=').ljust(self.max_prompt_len, '.')
 
   @property
   def max_response_len(self) -> int:
@@ -104,8 +111,8 @@ class RunningSumTask:
 
   def sample_prompts(self, rng: np.random.Generator, n: int) -> PromptBatch:
     problems = [self._problem(rng) for _ in range(n)]
-    texts = ['+'.join(str(t) for t in p) + '=' for p in problems]
-    answers = [str(int(np.sum(p)) % 10) for p in problems]
+    texts = [self._prompt_text(p) for p in problems]
+    answers = [''.join(str(t) for t in p) for p in problems]  # the terms: verifiable truth
     return _pack(self.tokenizer, texts, answers, self.max_prompt_len)
 
   def sample_sft(self, rng: np.random.Generator, n: int, seq_len: int):
@@ -118,7 +125,7 @@ class RunningSumTask:
     tok = self.tokenizer
     for i in range(n):
       terms = self._problem(rng)
-      prompt = tok.encode('+'.join(str(t) for t in terms) + '=')
+      prompt = tok.encode(self._prompt_text(terms))
       resp = tok.encode(self.solution(terms)) + [EOS_ID]
       seq = (prompt + resp)[:seq_len]
       toks[i, : len(seq)] = seq
@@ -126,13 +133,32 @@ class RunningSumTask:
     return toks, mask
 
   def reward(self, response_ids: Sequence[int], answer: str) -> float:
-    """1.0 iff the response ends with a correct '#<answer>' and the EOS token."""
+    """``answer`` is the problem's terms as digits ('3527'). 1.0 for a correct final answer (after EOS-terminated, well-formed work); otherwise
+    partial credit 0.5 x (fraction of worked steps correct before the first mistake).
+
+    The partial credit is still verifiable (the ground-truth steps are recomputed from
+    the prompt) and gives GRPO a denser signal than exact match alone. ``accuracy``
+    (exact final answer) is reported separately by :meth:`is_correct`.
+    """
+    ids = [int(i) for i in response_ids]
+    if self.is_correct(ids, answer):
+      return 1.0
+    terms = [int(c) for c in answer]
+    steps = self.tokenizer.decode(ids).split('#')[0].split(' ')
+    truth = [str(s) for s in np.cumsum(terms) % 10]
+    good = 0
+    for got, want in zip(steps, truth):
+      if got != want:
+        break
+      good += 1
+    return 0.5 * good / len(truth)
+
+  def is_correct(self, response_ids: Sequence[int], answer: str) -> bool:
     ids = [int(i) for i in response_ids]
     if EOS_ID not in ids:
-      return 0.0
-    text = self.tokenizer.decode(ids)
-    m = re.fullmatch(r'[0-9 ]*#(\d+)', text)
-    return 1.0 if m is not None and m.group(1) == answer else 0.0
+      return False
+    m = re.fullmatch(r'[0-9 ]*#(\d+)', self.tokenizer.decode(ids))
+    return m is not None and m.group(1) == str(sum(int(c) for c in answer) % 10)
 
 
 def _pack(tokenizer, texts, answers, max_len) -> PromptBatch:
@@ -238,6 +264,9 @@ class MathJsonlTask:
     if self.tokenizer.eos_id in ids:
       ids = ids[: ids.index(self.tokenizer.eos_id)]
     return 1.0 if answers_match(extract_answer(self.tokenizer.decode(ids)), answer) else 0.0
+
+  def is_correct(self, response_ids: Sequence[int], answer: str) -> bool:
+    return self.reward(response_ids, answer) >= 1.0
 
 
 def make_task(cfg):

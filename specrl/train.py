@@ -182,8 +182,9 @@ def rollout_batch(exp: Experiment, params, step: int, rng):
                                           exp.rl_cfg.scale_advantages))
   batch = {'tokens': np.asarray(out.tokens)[:, :s], 'response_mask': mask,
            'old_logprobs': np.asarray(out.logprobs)[:, :s] * mask, 'advantages': adv}
+  correct = [exp.task.is_correct(resp[i, : length[i]], answers[i]) for i in range(len(answers))]
   metrics.update({
-    'reward': float(rewards.mean()), 'accuracy': float((rewards >= 1.0).mean()),
+    'reward': float(rewards.mean()), 'accuracy': float(np.mean(correct)),
     'response_len_mean': float(length.mean()), 'response_len_max': int(length.max()),
     'finish_eos_frac': float((np.asarray(out.finish) == rollout_lib.FINISH_EOS).mean()),
   })

@@ -193,9 +193,13 @@ def _take_row(x: jax.Array, n: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, n.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
 
 
-def verify_reference(target_logits: jax.Array, draft_logits: jax.Array,
-                     draft_tokens: jax.Array, seeds: jax.Array,
-                     sp: SamplingParams) -> VerifyResult:
+def verify_reference(
+  target_logits: jax.Array,
+  draft_logits: jax.Array,
+  draft_tokens: jax.Array,
+  seeds: jax.Array,
+  sp: SamplingParams,
+) -> VerifyResult:
   """Reference speculative verification (materialises everything; the contract).
 
   Args:
@@ -208,8 +212,12 @@ def verify_reference(target_logits: jax.Array, draft_logits: jax.Array,
   Returns:
     VerifyResult (num_accepted [B], tokens [B, k+1], logprobs [B, k+1]).
   """
-  bsz, k1, vocab = target_logits.shape
+  _, k1, vocab = target_logits.shape
   k = k1 - 1
+  if k < 1 or draft_tokens.shape[1] != k:
+    raise ValueError(
+      f'need k >= 1 drafts: target {target_logits.shape}, drafts {draft_tokens.shape}'
+    )
   x = draft_tokens.astype(jnp.int32)
   if sp.greedy:
     am = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, k+1]
@@ -244,13 +252,19 @@ def verify_reference(target_logits: jax.Array, draft_logits: jax.Array,
   tokens = assemble(n, x, token_n)
   j = jnp.arange(k1)[None, :]
   logprobs = jnp.where(j <= n[:, None], token_logprobs(target_logits, tokens, sp), 0.0)
-  del bsz
   return VerifyResult(num_accepted=n, tokens=tokens, logprobs=logprobs.astype(jnp.float32))
 
 
-def verify(target_logits: jax.Array, draft_logits: jax.Array, draft_tokens: jax.Array,
-           seeds: jax.Array, sp: SamplingParams, impl: str = 'jnp', interpret=None,
-           **kernel_options) -> VerifyResult:
+def verify(
+  target_logits: jax.Array,
+  draft_logits: jax.Array,
+  draft_tokens: jax.Array,
+  seeds: jax.Array,
+  sp: SamplingParams,
+  impl: str = 'jnp',
+  interpret=None,
+  **kernel_options,
+) -> VerifyResult:
   """Dispatch to the jnp reference or the Pallas kernel (same contract, same seeds).
 
   ``interpret`` / ``kernel_options`` (block sizes, layout) only apply to
@@ -261,6 +275,7 @@ def verify(target_logits: jax.Array, draft_logits: jax.Array, draft_tokens: jax.
   if impl == 'pallas':
     from specrl.kernels import verify as kernel_lib  # lazy: Pallas import is heavier
 
-    return kernel_lib.verify_pallas(target_logits, draft_logits, draft_tokens, seeds, sp,
-                                    interpret=interpret, **kernel_options)
+    return kernel_lib.verify_pallas(
+      target_logits, draft_logits, draft_tokens, seeds, sp, interpret=interpret, **kernel_options
+    )
   raise ValueError(f"verify impl must be 'jnp' or 'pallas', got {impl!r}")

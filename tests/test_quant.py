@@ -30,6 +30,34 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+_quantize_params = jax.jit(quant.quantize_params, static_argnums=1)
+_forward = jax.jit(model_lib.forward, static_argnums=1)
+_init = jax.jit(model_lib.init_params, static_argnums=0)
+
+
+def _qweight(w, qcfg, name):
+  """quantize_weight for a param kind of specrl.model (jitted: tests stay fast)."""
+  rank, nc, first = quant._MATMULS[name]
+
+  def fn(w):
+    return quant.quantize_weight(w, qcfg, rank=rank, n_contract=nc, contract_first=first)
+
+  return jax.jit(fn)(w)
+
+
+def _abstract_params(cfg):
+  return jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  """(cfg, params, tokens, positions, reference logits) of a small tied-embedding model."""
+  cfg = _cfg(tie_embeddings=True)
+  params = _init(cfg, jax.random.key(0))
+  toks, pos = _inputs(cfg)
+  return cfg, params, toks, pos, _forward(params, cfg, toks, pos)[0]
+
+
 def _full_scale(qw: quant.QWeight) -> np.ndarray:
   """The scale of every element, broadcast to the stored weight's shape."""
   q, s = qw._grouped()
@@ -39,18 +67,19 @@ def _full_scale(qw: quant.QWeight) -> np.ndarray:
 # ----------------------------------------------------------------------------- numerics
 
 
-@pytest.mark.parametrize('bits,group_size', [(8, None), (8, 128), (4, None), (4, 128), (4, 64)])
 @pytest.mark.parametrize('name', ['wq', 'wo', 'w_down', 'embed'])
-@pytest.mark.parametrize('scale_dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('bits,group_size,scale_dtype', [
+  (8, None, 'float32'), (8, 128, 'float32'), (4, None, 'float32'), (4, 128, 'float32'),
+  (4, 64, 'bfloat16'), (8, None, 'bfloat16'),
+])
 def test_round_to_nearest_bound(bits, group_size, name, scale_dtype):
   """|w - dq(w)| <= s / 2 elementwise, with s the element's own channel / group scale."""
   shapes = {'wq': (2, 256, 4, 32), 'wo': (2, 4, 64, 96), 'w_down': (2, 384, 128),
             'embed': (64, 256)}
   w = jax.random.normal(jax.random.key(0), shapes[name]) * 0.05
   w = w.at[..., 0].multiply(20.0)  # an outlier channel / group
-  rank, nc, first = quant._MATMULS[name]
-  qcfg = quant.QuantConfig(bits=bits, group_size=group_size, scale_dtype=scale_dtype)
-  qw = quant.quantize_weight(w, qcfg, rank=rank, n_contract=nc, contract_first=first)
+  qw = _qweight(w, quant.QuantConfig(bits=bits, group_size=group_size, scale_dtype=scale_dtype),
+               name)
   expect_gs = qw.k if group_size is None else min(group_size, qw.k)
   assert qw.group_size == expect_gs
   err = np.abs(np.asarray(w) - np.asarray(qw.dequantize()))
@@ -64,8 +93,7 @@ def test_round_to_nearest_bound(bits, group_size, name, scale_dtype):
 
 def test_fp8_relative_bound():
   w = jax.random.normal(jax.random.key(0), (3, 256, 96))
-  qw = quant.quantize_weight(w, quant.QuantConfig(fp8='e4m3'), rank=2, n_contract=1,
-                             contract_first=True)
+  qw = _qweight(w, quant.QuantConfig(fp8='e4m3'), 'w_down')
   assert qw.qvalue.dtype == jnp.float8_e4m3fn
   err = np.abs(np.asarray(w) - np.asarray(qw.dequantize()))
   s = _full_scale(qw)
@@ -75,8 +103,7 @@ def test_fp8_relative_bound():
 
 def test_zero_weight_is_exact():
   w = jnp.zeros((2, 128, 64)).at[0, :, :3].set(1.0)
-  qw = quant.quantize_weight(w, quant.QuantConfig(bits=4), rank=2, n_contract=1,
-                             contract_first=True)
+  qw = _qweight(w, quant.QuantConfig(bits=4), 'w_down')
   np.testing.assert_array_equal(np.asarray(qw.dequantize()), np.asarray(w))
 
 
@@ -87,8 +114,9 @@ def test_zero_weight_is_exact():
                                             (8, 'e4m3', jnp.float8_e4m3fn)])
 def test_storage_dtypes(bits, fp8, dtype):
   cfg = _cfg()
-  params = model_lib.init_params(cfg, jax.random.key(0))
-  qp = quant.quantize_params(params, quant.QuantConfig(bits=bits, fp8=fp8))
+  params = _abstract_params(cfg)  # shapes and dtypes only: nothing is computed
+  qp = jax.eval_shape(lambda p: quant.quantize_params(p, quant.QuantConfig(bits=bits, fp8=fp8)),
+                      params)
   for name in ('wq', 'wk', 'wv', 'wo', 'w_gate', 'w_up', 'w_down'):
     qw = qp['layers'][name]
     assert isinstance(qw, quant.QWeight), name
@@ -114,21 +142,27 @@ def test_int4_is_packed_by_xla():
 def test_param_bytes_ratios():
   cfg = _cfg(vocab_size=512, d_model=256, d_ff=512, head_dim=64, tie_embeddings=True,
              param_dtype='bfloat16', compute_dtype='bfloat16')
-  params = model_lib.init_params(cfg, jax.random.key(0))
+  params = _abstract_params(cfg)
   pb = quant.param_bytes(params)
   assert pb == 2 * model_lib.count_params(params)
-  b8 = quant.param_bytes(quant.quantize_params(params, quant.QuantConfig(bits=8)))
-  b4 = quant.param_bytes(quant.quantize_params(params, quant.QuantConfig(bits=4)))
-  b4c = quant.param_bytes(quant.quantize_params(params, quant.QuantConfig(bits=4, group_size=None)))
+
+  def qbytes(**kw):
+    qcfg = quant.QuantConfig(**kw)
+    return quant.param_bytes(jax.eval_shape(lambda p: quant.quantize_params(p, qcfg), params))
+
+  b8, b4, b4c = qbytes(bits=8), qbytes(bits=4), qbytes(bits=4, group_size=None)
   assert b8 <= 0.55 * pb, b8 / pb
   assert b4c < b4 < b8
   assert b4 <= 0.30 * pb, b4 / pb
 
 
 def test_embedding_flags():
-  tied = model_lib.init_params(_cfg(tie_embeddings=True), jax.random.key(0))
-  untied = model_lib.init_params(_cfg(), jax.random.key(0))
-  q = quant.quantize_params
+  tied = _abstract_params(_cfg(tie_embeddings=True))
+  untied = _abstract_params(_cfg())
+
+  def q(p, qcfg):
+    return jax.eval_shape(lambda p: quant.quantize_params(p, qcfg), p)
+
   assert not isinstance(q(tied, quant.QuantConfig(quantize_lm_head=False))['embed'],
                         quant.QWeight)  # tied table is also the head
   assert isinstance(q(tied, quant.QuantConfig())['embed'], quant.QWeight)
@@ -137,65 +171,54 @@ def test_embedding_flags():
   qp = q(untied, quant.QuantConfig(quantize_lm_head=False))
   assert isinstance(qp['embed'], quant.QWeight) and not isinstance(qp['lm_head'], quant.QWeight)
   with pytest.raises(TypeError, match='already quantized'):
-    q(qp, quant.QuantConfig())
+    quant.quantize_params(qp, quant.QuantConfig())
 
 
 # ----------------------------------------------------------------------------- model
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
-@pytest.mark.parametrize('bits,act_bits,bound', [(8, None, 0.05), (8, 8, 0.08), (4, None, 0.5)])
-def test_forward_close_to_policy(backend, bits, act_bits, bound):
-  cfg = _cfg(tie_embeddings=True)
-  params = model_lib.init_params(cfg, jax.random.key(0))
-  toks, pos = _inputs(cfg)
-  fwd = jax.jit(model_lib.forward, static_argnums=1)
-  ref, _ = fwd(params, cfg, toks, pos)
-  qcfg = quant.QuantConfig(bits=bits, backend=backend, act_bits=act_bits)
-  qp = jax.jit(quant.quantize_params, static_argnums=1)(params, qcfg)
-  logits, _ = fwd(qp, cfg, toks, pos)
+@pytest.mark.parametrize('backend,bits,act_bits,bound', [
+  (b, bits, None, bound) for b in BACKENDS for bits, bound in ((8, 0.05), (4, 0.5))
+] + [('jnp', 8, 8, 0.08)])
+def test_forward_close_to_policy(tiny, backend, bits, act_bits, bound):
+  cfg, params, toks, pos, ref = tiny
+  qp = _quantize_params(params, quant.QuantConfig(bits=bits, backend=backend, act_bits=act_bits))
+  logits, _ = _forward(qp, cfg, toks, pos)
   assert logits.shape == ref.shape and logits.dtype == jnp.float32
   assert _rel(logits, ref) < bound
   if act_bits is None:  # weight-only == the float model with dequantized weights
-    dq, _ = fwd(quant.dequantize_params(qp), cfg, toks, pos)
+    dq, _ = _forward(quant.dequantize_params(qp), cfg, toks, pos)
     assert _rel(logits, dq) < 1e-5
 
 
-def test_forward_int8_more_accurate_than_int4():
-  cfg = _cfg()
-  params = model_lib.init_params(cfg, jax.random.key(0))
-  toks, pos = _inputs(cfg)
-  ref, _ = model_lib.forward(params, cfg, toks, pos)
+def test_forward_int8_more_accurate_than_int4(tiny):
+  cfg, params, toks, pos, ref = tiny
   errs = {}
   for bits in (8, 4):
-    qp = quant.quantize_params(params, quant.QuantConfig(bits=bits))
-    errs[bits] = _rel(model_lib.forward(qp, cfg, toks, pos)[0], ref)
+    qp = _quantize_params(params, quant.QuantConfig(bits=bits))
+    errs[bits] = _rel(_forward(qp, cfg, toks, pos)[0], ref)
   assert errs[8] < errs[4] / 5, errs
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
-def test_decode_with_cache_bf16(backend):
-  """The drafter path: prefill + T=1 decode with a KV cache, bf16 compute."""
-  cfg = _cfg(param_dtype='bfloat16', compute_dtype='bfloat16', tie_embeddings=True)
-  params = model_lib.init_params(cfg, jax.random.key(0))
-  qp = quant.quantize_params(params, quant.QuantConfig(bits=8, backend=backend))
-  toks, pos = _inputs(cfg, b=2, t=4)
-  fwd = jax.jit(model_lib.forward, static_argnums=1)
-  outs = {}
-  for name, p in (('policy', params), ('drafter', qp)):
-    _, cache = fwd(p, cfg, toks, pos, model_lib.init_cache(cfg, 2, 8))
-    lg, _ = fwd(p, cfg, toks[:, :1], jnp.full((2, 1), 4, jnp.int32), cache)
-    outs[name] = lg
-  assert outs['drafter'].shape == (2, 1, cfg.vocab_size)
-  assert _rel(outs['drafter'], outs['policy']) < 0.1
+def test_decode_step_bf16():
+  """The drafter's hot path: a T=1 step into a KV cache, bf16 compute, every backend."""
+  cfg = _cfg(param_dtype='bfloat16', compute_dtype='bfloat16', tie_embeddings=True, n_layers=1)
+  params = _init(cfg, jax.random.key(0))
+  cache = model_lib.init_cache(cfg, 2, 8)
+  tok, pos = jnp.array([[3], [7]]), jnp.array([[0], [0]])
+  ref, _ = _forward(params, cfg, tok, pos, cache)
+  qp = _quantize_params(params, quant.QuantConfig(bits=8))
+  for backend in BACKENDS:
+    logits, new_cache = _forward(quant.with_backend(qp, backend), cfg, tok, pos, cache)
+    assert logits.shape == (2, 1, cfg.vocab_size) and new_cache['k'].dtype == jnp.bfloat16
+    assert _rel(logits, ref) < 0.1, backend
 
 
-def test_quantize_params_jit_equals_eager():
-  cfg = _cfg()
-  params = model_lib.init_params(cfg, jax.random.key(0))
-  for qcfg in (quant.QuantConfig(bits=8), quant.QuantConfig(bits=4, scale_dtype='bfloat16')):
+def test_quantize_params_jit_equals_eager(tiny):
+  params = tiny[1]
+  for qcfg in (quant.QuantConfig(bits=4, scale_dtype='bfloat16'),):
     eager = quant.quantize_params(params, qcfg)
-    jitted = jax.jit(quant.quantize_params, static_argnums=1)(params, qcfg)
+    jitted = _quantize_params(params, qcfg)
     assert jax.tree.structure(eager) == jax.tree.structure(jitted)
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
       assert a.dtype == b.dtype and a.shape == b.shape
@@ -215,15 +238,21 @@ _EINSUMS = [  # (eq, x shape, param name, weight shape)
 ]
 
 
-@pytest.mark.parametrize('eq,xs,name,ws', _EINSUMS)
-@pytest.mark.parametrize('bits,act_bits,fp8', [(8, None, None), (4, None, None), (8, 8, None),
-                                               (4, 8, None), (8, None, 'e4m3')])
-def test_qeinsum_backends_agree(eq, xs, name, ws, bits, act_bits, fp8):
+_QCFGS = {
+  'int8': dict(bits=8), 'int4': dict(bits=4), 'w8a8': dict(bits=8, act_bits=8),
+  'w4a8': dict(bits=4, act_bits=8), 'fp8': dict(fp8='e4m3'),
+}
+
+
+@pytest.mark.parametrize('eq,xs,name,ws,kind', [e + ('int8',) for e in _EINSUMS[:2]] + [
+  e + (k,) for k in ('int4', 'w8a8', 'w4a8', 'fp8') for e in (_EINSUMS[1], _EINSUMS[4])
+] + [e + ('int8',) for e in _EINSUMS[2:]])
+def test_qeinsum_backends_agree(eq, xs, name, ws, kind):
   x = jax.random.normal(jax.random.key(1), xs)
   w = jax.random.normal(jax.random.key(2), ws) / np.sqrt(xs[-1])
-  rank, nc, first = quant._MATMULS[name]
-  qcfg = quant.QuantConfig(bits=bits, act_bits=act_bits, fp8=fp8)
-  qw = quant.quantize_weight(w, qcfg, rank=rank, n_contract=nc, contract_first=first)
+  qcfg = quant.QuantConfig(**_QCFGS[kind])
+  act_bits = qcfg.act_bits
+  qw = _qweight(w, qcfg, name)
   ref = jax.jit(lambda x, w: w.qeinsum(eq, x))(x, qw)
   exact = jnp.einsum(eq, x, qw.dequantize())
   assert ref.shape == exact.shape
@@ -237,8 +266,7 @@ def test_qeinsum_backends_agree(eq, xs, name, ws, bits, act_bits, fp8):
 
 def test_qeinsum_fallback_and_qtake():
   w = jax.random.normal(jax.random.key(2), (96, 256))
-  qw = quant.quantize_weight(w, quant.QuantConfig(bits=4), rank=2, n_contract=1,
-                             contract_first=False)
+  qw = _qweight(w, quant.QuantConfig(bits=4), 'embed')
   x = jax.random.normal(jax.random.key(1), (3, 96))
   np.testing.assert_allclose(qw.qeinsum('sv,vd->sd', x), x @ qw.dequantize(), rtol=1e-5,
                              atol=1e-5)  # not the stored contraction: dequantized fallback
@@ -246,9 +274,8 @@ def test_qeinsum_fallback_and_qtake():
   np.testing.assert_array_equal(qw.qtake(ids), jnp.take(qw.dequantize(), ids, axis=0))
 
 
-def test_with_backend_keeps_weights():
-  params = model_lib.init_params(_cfg(), jax.random.key(0))
-  qp = quant.quantize_params(params, quant.QuantConfig(backend='jnp'))
+def test_with_backend_keeps_weights(tiny):
+  qp = _quantize_params(tiny[1], quant.QuantConfig(backend='jnp'))
   qa = quant.with_backend(qp, 'aqt')
   assert qa['layers']['wq'].backend == 'aqt'
   np.testing.assert_array_equal(qa['layers']['wq'].qvalue, qp['layers']['wq'].qvalue)

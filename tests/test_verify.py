@@ -7,6 +7,8 @@ broken verifier (samples p_n instead of the residual on rejection) must fail the
 test, so the test demonstrably has power.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,17 +23,40 @@ PASS_P = 1e-3  # a correct verifier must give p-value > PASS_P (fixed seeds: det
 FAIL_P = 1e-6  # the broken verifier must give p-value < FAIL_P
 
 V = 5
-P_LOGITS = np.log(np.array([
-  [0.35, 0.25, 0.2, 0.12, 0.08],
-  [0.1, 0.4, 0.2, 0.2, 0.1],
-  [0.3, 0.1, 0.1, 0.2, 0.3],
-], np.float32))  # target, k + 1 = 3 positions
-Q_LOGITS = np.log(np.array([
-  [0.1, 0.1, 0.1, 0.6, 0.1],  # mass on token 3, where p is small -> many rejections
-  [0.45, 0.05, 0.1, 0.2, 0.2],
-], np.float32))  # draft, k = 2
+P_LOGITS = np.log(
+  np.array(
+    [
+      [0.35, 0.25, 0.2, 0.12, 0.08],
+      [0.1, 0.4, 0.2, 0.2, 0.1],
+      [0.3, 0.1, 0.1, 0.2, 0.3],
+    ],
+    np.float32,
+  )
+)  # target, k + 1 = 3 positions
+Q_LOGITS = np.log(
+  np.array(
+    [
+      [0.1, 0.1, 0.1, 0.6, 0.1],  # mass on token 3, where p is small -> many rejections
+      [0.45, 0.05, 0.1, 0.2, 0.2],
+    ],
+    np.float32,
+  )
+)  # draft, k = 2
 
-_ref = jax.jit(verify_lib.verify_reference, static_argnums=4)
+# Many small programs: XLA CPU compile time dominates, so compile cheaply.
+FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+def run(f, *args, **static):
+  """jit f with keyword static args, compile with FAST_COMPILE on CPU, run."""
+  lowered = jax.jit(functools.partial(f, **static)).lower(*args)
+  opts = FAST_COMPILE if jax.default_backend() == 'cpu' else {}
+  return lowered.compile(opts)(*args)
+
+
+def _ref(*args):
+  *arrays, sp = args
+  return run(verify_lib.verify_reference, *arrays, sp=sp)
 
 
 def _onehot_logits(tokens, vocab):
@@ -40,8 +65,7 @@ def _onehot_logits(tokens, vocab):
 
 
 def _probs(logits, sp):
-  return np.asarray(jax.nn.softmax(processed_logits(jnp.asarray(logits), sp), axis=-1),
-                    np.float64)
+  return np.asarray(jax.nn.softmax(processed_logits(jnp.asarray(logits), sp), axis=-1), np.float64)
 
 
 def _batch(target, draft, sp, n=N_SEEDS, seed=0):
@@ -62,8 +86,7 @@ def _chisq(samples, p):
   support = p > 0
   assert counts[~support].sum() == 0, f'sampled a zero-probability token: {counts}'
   assert counts.sum() > 100
-  return scipy.stats.chisquare(counts[support], p[support] / p[support].sum()
-                               * counts.sum()).pvalue
+  return scipy.stats.chisquare(counts[support], p[support] / p[support].sum() * counts.sum()).pvalue
 
 
 def _loss_p_values(verifier, target, draft, sp):
@@ -72,23 +95,21 @@ def _loss_p_values(verifier, target, draft, sp):
   res = verifier(t, d, x, seeds, sp)
   n, toks = np.asarray(res.num_accepted), np.asarray(res.tokens)
   p = _probs(target, sp)
-  return (_chisq(toks[:, 0], p[0]), _chisq(toks[n >= 1, 1], p[1]),
-          _chisq(toks[n == 2, 2], p[2]))
+  return (_chisq(toks[:, 0], p[0]), _chisq(toks[n >= 1, 1], p[1]), _chisq(toks[n == 2, 2], p[2]))
 
 
 def _broken_verifier(target_logits, draft_logits, draft_tokens, seeds, sp):
   """Like the reference, but on rejection samples p_n instead of max(0, p_n - q_n)."""
-  k = draft_tokens.shape[1]
   ok = verify_lib.verify_reference(target_logits, draft_logits, draft_tokens, seeds, sp)
   n = ok.num_accepted
   a = processed_logits(target_logits, sp)
   a_n = jnp.take_along_axis(a, n[:, None, None], axis=1)[:, 0]
   key = verify_lib.row_key(verify_lib.seeds_to_i32(seeds), n, verify_lib.STREAM_SAMPLE)
   g = verify_lib.gumbel_from_bits(
-    verify_lib.element_bits(key[:, None], jnp.arange(a.shape[-1], dtype=jnp.int32)[None]))
+    verify_lib.element_bits(key[:, None], jnp.arange(a.shape[-1], dtype=jnp.int32)[None])
+  )
   token_n = jnp.argmax(a_n + g, axis=-1).astype(jnp.int32)
   tokens = verify_lib.assemble(n, draft_tokens, token_n)
-  del k
   return verify_lib.VerifyResult(num_accepted=n, tokens=tokens, logprobs=ok.logprobs)
 
 
@@ -110,15 +131,17 @@ def test_uniforms_open_interval_and_roughly_uniform():
 def test_hash_depends_on_every_input():
   base = verify_lib.element_bits(verify_lib.row_key(jnp.int32(1), jnp.int32(2), 2), jnp.int32(3))
   for seed, row, stream, col in [(9, 2, 2, 3), (1, 5, 2, 3), (1, 2, 1, 3), (1, 2, 2, 4)]:
-    other = verify_lib.element_bits(verify_lib.row_key(jnp.int32(seed), jnp.int32(row), stream),
-                                    jnp.int32(col))
+    other = verify_lib.element_bits(
+      verify_lib.row_key(jnp.int32(seed), jnp.int32(row), stream), jnp.int32(col)
+    )
     assert int(other) != int(base)
 
 
 def test_uint32_seeds_match_int32_bits():
   s = jnp.array([0, 1, 2**31, 2**32 - 1], jnp.uint32)
-  np.testing.assert_array_equal(np.asarray(verify_lib.seeds_to_i32(s)),
-                                np.array([0, 1, -(2**31), -1], np.int32))
+  np.testing.assert_array_equal(
+    np.asarray(verify_lib.seeds_to_i32(s)), np.array([0, 1, -(2**31), -1], np.int32)
+  )
 
 
 # ----------------------------------------------------------------------------------
@@ -128,49 +151,57 @@ def test_uint32_seeds_match_int32_bits():
 
 def test_greedy_accept_reject_pattern():
   # argmax per position: 3, 1, 4 (position 0 has a tie 3 vs 4: first index wins).
-  t = jnp.array([[[0., 1., 2., 5., 5.], [0., 9., 2., 1., 0.], [1., 0., 0., 0., 3.]]])
-  lsm = jax.nn.log_softmax(t[0], axis=-1)
-  sp = SamplingParams(temperature=0.0)
-  d = jnp.zeros((1, 2, 5))
-  seeds = jnp.zeros((1,), jnp.uint32)
+  t = jnp.array([[0.0, 1.0, 2.0, 5.0, 5.0], [0.0, 9.0, 2.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 3.0]])
+  lsm = np.asarray(jax.nn.log_softmax(t, axis=-1))
   cases = [
     ([3, 2], 1, [3, 1, 0]),  # accept, reject -> argmax at 1
     ([4, 1], 0, [3, 0, 0]),  # tie token 4 is not the argmax
     ([3, 1], 2, [3, 1, 4]),  # all accepted -> bonus argmax
   ]
-  for drafts, n, toks in cases:
-    res = verify_lib.verify_reference(t, d, jnp.array([drafts], jnp.int32), seeds, sp)
-    assert int(res.num_accepted[0]) == n
-    assert res.tokens[0].tolist() == toks
+  drafts = jnp.array([c[0] for c in cases], jnp.int32)
+  b = len(cases)
+  res = _ref(
+    jnp.broadcast_to(t, (b, 3, V)),
+    jnp.zeros((b, 2, V)),
+    drafts,
+    jnp.zeros((b,), jnp.uint32),
+    SamplingParams(temperature=0.0),
+  )
+  for i, (_, n, toks) in enumerate(cases):
+    assert int(res.num_accepted[i]) == n
+    assert res.tokens[i].tolist() == toks
     want = [float(lsm[j, toks[j]]) if j <= n else 0.0 for j in range(3)]
-    np.testing.assert_allclose(np.asarray(res.logprobs[0]), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(res.logprobs[i]), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('temperature', [1.0, 0.7])
 def test_certain_accepts_then_bonus(temperature):
   # p one-hot on the drafts (accepted with probability 1) and on token 2 at the bonus row.
-  x = jnp.array([[4, 0]], jnp.int32)
-  t = _onehot_logits(jnp.array([[4, 0, 2]]), V)
-  d = _onehot_logits(x, V)
-  sp = SamplingParams(temperature=temperature)
-  for s in range(20):
-    res = verify_lib.verify_reference(t, d, x, jnp.array([s], jnp.uint32), sp)
-    assert int(res.num_accepted[0]) == 2
-    assert res.tokens[0].tolist() == [4, 0, 2]
-    np.testing.assert_allclose(np.asarray(res.logprobs[0]), 0.0, atol=1e-6)
+  b = 64
+  x = jnp.broadcast_to(jnp.array([4, 0], jnp.int32), (b, 2))
+  t = jnp.broadcast_to(_onehot_logits(jnp.array([4, 0, 2]), V), (b, 3, V))
+  res = _ref(
+    t,
+    _onehot_logits(x, V),
+    x,
+    jnp.arange(b, dtype=jnp.uint32),
+    SamplingParams(temperature=temperature),
+  )
+  assert (np.asarray(res.num_accepted) == 2).all()
+  assert (np.asarray(res.tokens) == [4, 0, 2]).all()
+  np.testing.assert_allclose(np.asarray(res.logprobs), 0.0, atol=1e-6)
 
 
-def test_certain_reject_samples_residual():
+@pytest.mark.parametrize('sp', [SamplingParams(1.0), SamplingParams(0.5, top_k=2)])
+def test_certain_reject_samples_residual(sp):
   # p_0(x_0) = 0 -> rejected; residual p_0 - q_0 = p_0 (one-hot on 1); zeros after n.
-  t = _onehot_logits(jnp.array([[1, 3, 3]]), V)
-  x = jnp.array([[2, 3]], jnp.int32)
-  for sp in [SamplingParams(1.0), SamplingParams(0.5, top_k=2)]:
-    for s in range(20):
-      res = verify_lib.verify_reference(t, _onehot_logits(x, V), x, jnp.array([s], jnp.uint32),
-                                        sp)
-      assert int(res.num_accepted[0]) == 0
-      assert res.tokens[0].tolist() == [1, 0, 0]
-      assert res.logprobs[0, 1:].tolist() == [0.0, 0.0]
+  b = 64
+  t = jnp.broadcast_to(_onehot_logits(jnp.array([1, 3, 3]), V), (b, 3, V))
+  x = jnp.broadcast_to(jnp.array([2, 3], jnp.int32), (b, 2))
+  res = _ref(t, _onehot_logits(x, V), x, jnp.arange(b, dtype=jnp.uint32), sp)
+  assert (np.asarray(res.num_accepted) == 0).all()
+  assert (np.asarray(res.tokens) == [1, 0, 0]).all()
+  assert (np.asarray(res.logprobs)[:, 1:] == 0.0).all()
 
 
 def test_zero_residual_falls_back_to_p():
@@ -212,13 +243,19 @@ def test_tokens_and_logprobs_after_n_are_zero():
   assert (np.asarray(res.tokens)[j > n] == 0).all()
   assert (np.asarray(res.logprobs)[j > n] == 0).all()
   assert (np.asarray(res.logprobs)[j <= n] < 0).all()
-  np.testing.assert_array_equal(np.asarray(res.tokens)[:, :2][j[:, :2] < n],
-                                np.asarray(x)[j[:, :2] < n])
+  np.testing.assert_array_equal(
+    np.asarray(res.tokens)[:, :2][j[:, :2] < n], np.asarray(x)[j[:, :2] < n]
+  )
 
 
 # ----------------------------------------------------------------------------------
 # Losslessness (chi-square over many seeds in one batched call)
 # ----------------------------------------------------------------------------------
+
+
+def _sp_id(sp):
+  return f'T{sp.temperature}-k{sp.top_k}-p{sp.top_p}'
+
 
 SETTINGS = [
   SamplingParams(temperature=1.0),
@@ -227,7 +264,7 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize('sp', SETTINGS, ids=lambda sp: f'T{sp.temperature}-k{sp.top_k}-p{sp.top_p}')
+@pytest.mark.parametrize('sp', SETTINGS, ids=_sp_id)
 @pytest.mark.parametrize('same_q', [False, True], ids=['q!=p', 'q==p'])
 def test_emitted_tokens_follow_target(sp, same_q):
   draft = P_LOGITS[:2] if same_q else Q_LOGITS
@@ -235,9 +272,13 @@ def test_emitted_tokens_follow_target(sp, same_q):
   assert min(pvals) > PASS_P, pvals
 
 
-@pytest.mark.parametrize('sp', SETTINGS, ids=lambda sp: f'T{sp.temperature}-k{sp.top_k}-p{sp.top_p}')
+@pytest.mark.parametrize('sp', SETTINGS, ids=_sp_id)
 def test_broken_verifier_is_caught(sp):
-  pvals = _loss_p_values(jax.jit(_broken_verifier, static_argnums=4), P_LOGITS, Q_LOGITS, sp)
+  def broken(*args):
+    *arrays, sp_ = args
+    return run(_broken_verifier, *arrays, sp=sp_)
+
+  pvals = _loss_p_values(broken, P_LOGITS, Q_LOGITS, sp)
   assert pvals[0] < FAIL_P, pvals
 
 
@@ -247,14 +288,16 @@ def test_acceptance_rate_matches_theory():
   t, d, x, seeds = _batch(P_LOGITS, Q_LOGITS, sp)
   n = np.asarray(_ref(t, d, x, seeds, sp).num_accepted)
   p, q = _probs(P_LOGITS, sp)[0], _probs(Q_LOGITS, sp)[0]
-  assert scipy.stats.binomtest(int((n >= 1).sum()), N_SEEDS,
-                               float(np.minimum(p, q).sum())).pvalue > PASS_P
+  assert (
+    scipy.stats.binomtest(int((n >= 1).sum()), N_SEEDS, float(np.minimum(p, q).sum())).pvalue
+    > PASS_P
+  )
 
 
 def test_dispatcher():
   t, d, x, seeds = _batch(P_LOGITS, Q_LOGITS, SamplingParams(), n=4)
-  a = verify_lib.verify(t, d, x, seeds, SamplingParams(), impl='jnp')
-  b = verify_lib.verify_reference(t, d, x, seeds, SamplingParams())
+  a = run(verify_lib.verify, t, d, x, seeds, sp=SamplingParams(), impl='jnp')
+  b = _ref(t, d, x, seeds, SamplingParams())
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
   with pytest.raises(ValueError, match='impl'):
     verify_lib.verify(t, d, x, seeds, SamplingParams(), impl='cuda')

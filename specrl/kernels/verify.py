@@ -1,10 +1,15 @@
 """Pallas kernel for speculative verification (same contract as specrl.verify).
 
-:func:`verify_pallas` returns exactly what :func:`specrl.verify.verify_reference`
-returns on the same seeds (identical ``num_accepted`` / ``tokens``; ``logprobs`` equal
-up to f32 rounding of the normalisers) without materialising probabilities or
-``[B, k+1, V]`` noise: logits are streamed through on-chip memory in vocabulary
-blocks with flash-softmax-style running statistics.
+:func:`verify_pallas` returns what :func:`specrl.verify.verify_reference` returns on
+the same seeds (identical ``num_accepted`` / ``tokens``; ``logprobs`` equal up to f32
+rounding of the normalisers) without materialising probabilities or ``[B, k+1, V]``
+noise: logits are streamed through on-chip memory in vocabulary blocks with
+flash-softmax-style running statistics. Both compute every decision with the same
+formulas (:func:`specrl.verify.residual_score` etc.); only the normalisers are summed
+in a different order (and, compiled for a GPU/TPU, exp/log may round differently by an
+ulp), so a decision can differ only if ``u * q(x)`` and ``p(x)`` (or the two best Gumbel
+scores) coincide to within that rounding - probability of order 1e-7 per decision,
+never seen in the tests. Greedy decisions (argmax, first index) are exact.
 
 Design: two passes, the second over two rows only
 -------------------------------------------------
@@ -30,9 +35,10 @@ not exact, so we do it honestly in two passes:
 
 Logit reads per sequence: ``(2k + 1) V`` in pass 1 and ``2 V`` in pass 2 (``V`` when
 ``n == k`` on GPU, where the draft loads are masked off), i.e. ``(2k + 3) / (2k + 1)``
-of the unavoidable single read (1.18x at k = 8). Greedy skips the draft and pass 2:
+of the unavoidable single read (1.12x at k = 8). Greedy skips the draft and pass 2:
 ``(k + 1) V``. Everything else (chunk merge, gathers, acceptance) touches ``O(B k)``
-numbers.
+numbers. With top-k / top-p, the jnp pre-pass below adds a sort and a masked min over
+every row.
 
 Top-k / top-p split: the per-row keep threshold needs a sort, which is not a streaming
 operation, so it stays a jnp pre-pass (:func:`specrl.sampling.filter_threshold` on the
@@ -52,8 +58,9 @@ GPU / TPU split (one kernel body, a small layout switch)
   stay ``[B, R, V]``; blocks are 1-D ``[block_v]`` power-of-two tiles loaded with
   ``plgpu.load(..., mask=v < V)`` so the vocabulary tail is never read out of bounds
   (masked-off draft loads for ``j == k`` / ``n == k`` cost no memory traffic).
-  Vocabulary chunks are sized so that ``B (k+1) chunks`` programs fill the GPU even at
-  ``B = 1``. Pass 2 takes whole-array refs and indexes row ``n_b`` dynamically.
+  Vocabulary chunks (whole numbers of blocks) are sized so that ``B (k+1) chunks``
+  programs fill the GPU even at ``B = 1``. Pass 2 takes whole-array refs and indexes
+  row ``n_b`` dynamically (pointer offsets are int32: ``B (k+1) V < 2^31``).
 * ``layout='tpu'`` (Mosaic): logits are viewed as ``[B, R, V/128, 128]`` (free when
   ``V % 128 == 0``, as for real vocabularies; otherwise padded, a copy) so a block is
   ``(rows, 128)``-tiled and (8, 128)-aligned while the row axis is squeezed; pass 2
@@ -70,7 +77,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -138,8 +144,7 @@ class _Layout:
     """BlockSpec of one chunk of one row; index_map(*grid) -> (b, row, chunk)."""
     if self.kind == 'gpu':
       return pl.BlockSpec((None, None, self.chunk_v), index_map)
-    return pl.BlockSpec((None, None, self.chunk_v // 128, 128),
-                        lambda *a: (*index_map(*a), 0))
+    return pl.BlockSpec((None, None, self.chunk_v // 128, 128), lambda *a: (*index_map(*a), 0))
 
   def cols(self, chunk, i) -> jax.Array:
     """Global vocabulary index of every element of block i of chunk. int32 tile."""
@@ -267,8 +272,16 @@ def _stats_kernel(*refs, lay: _Layout, k: int, sp: SamplingParams):
     m_q, s_q = _online(m_q, s_q, y / temp, kq)
     return m_raw, s_raw, m_p, s_p, m_q, s_q, amax, aidx
 
-  init = (ninf, zero, ninf, zero, ninf, zero, jnp.full(red, -jnp.inf, jnp.float32),
-          jnp.zeros(red, jnp.int32))
+  init = (
+    ninf,
+    zero,
+    ninf,
+    zero,
+    ninf,
+    zero,
+    jnp.full(red, -jnp.inf, jnp.float32),
+    jnp.zeros(red, jnp.int32),
+  )
   m_raw, s_raw, m_p, s_p, m_q, s_q, amax, aidx = lax.fori_loop(0, lay.nblocks, body, init)
   if thr is None:  # unfiltered: p's normaliser is the raw one
     m_p, s_p = m_raw, s_raw
@@ -351,30 +364,44 @@ def _sample_kernel(*refs, lay: _Layout, k: int, sp: SamplingParams):
   o_ref[...] = lay.put([res, res_i, bon, bon_i])
 
 
-def _sample_call(tv, dv, n, fparams, iparams, lay: _Layout, k: int, sp: SamplingParams,
-                 interpret):
+def _sample_call(tv, dv, n, fparams, iparams, lay: _Layout, k: int, sp: SamplingParams, interpret):
   bsz = tv.shape[0]
   kernel = functools.partial(_sample_kernel, lay=lay, k=k, sp=sp)
   out_shape = jax.ShapeDtypeStruct((bsz, lay.nchunks, *lay.stat_tile), jnp.float32)
   if lay.kind == 'gpu':
     return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(bsz, lay.nchunks),
-      in_specs=[pl.BlockSpec(), pl.BlockSpec(), lay.stat_block(1, lambda b, c: (b,)),
-                lay.stat_block(1, lambda b, c: (b,))],
+      kernel,
+      out_shape=out_shape,
+      grid=(bsz, lay.nchunks),
+      in_specs=[
+        pl.BlockSpec(),
+        pl.BlockSpec(),
+        lay.stat_block(1, lambda b, c: (b,)),
+        lay.stat_block(1, lambda b, c: (b,)),
+      ],
       out_specs=lay.stat_block(2, lambda b, c: (b, c)),
-      interpret=interpret, compiler_params=_compiler_params(lay, 2), name='verify_sample',
+      interpret=interpret,
+      compiler_params=_compiler_params(lay, 2),
+      name='verify_sample',
     )(tv, dv, fparams, iparams)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-    num_scalar_prefetch=1, grid=(bsz, lay.nchunks),
-    in_specs=[lay.row_block(lambda b, c, n_ref: (b, n_ref[b], c)),
-              lay.row_block(lambda b, c, n_ref: (b, jnp.minimum(n_ref[b], k - 1), c)),
-              lay.stat_block(1, lambda b, c, n_ref: (b,)),
-              lay.stat_block(1, lambda b, c, n_ref: (b,))],
+    num_scalar_prefetch=1,
+    grid=(bsz, lay.nchunks),
+    in_specs=[
+      lay.row_block(lambda b, c, n_ref: (b, n_ref[b], c)),
+      lay.row_block(lambda b, c, n_ref: (b, jnp.minimum(n_ref[b], k - 1), c)),
+      lay.stat_block(1, lambda b, c, n_ref: (b,)),
+      lay.stat_block(1, lambda b, c, n_ref: (b,)),
+    ],
     out_specs=lay.stat_block(2, lambda b, c, n_ref: (b, c)),
   )
   return pl.pallas_call(
-    kernel, out_shape=out_shape, grid_spec=grid_spec, interpret=interpret,
-    compiler_params=_compiler_params(lay, 2), name='verify_sample',
+    kernel,
+    out_shape=out_shape,
+    grid_spec=grid_spec,
+    interpret=interpret,
+    compiler_params=_compiler_params(lay, 2),
+    name='verify_sample',
   )(n, tv, dv, fparams, iparams)
 
 
@@ -389,15 +416,13 @@ def _compiler_params(lay: _Layout, ndim: int):
   return plgpu.CompilerParams(num_warps=4, num_stages=2)
 
 
-def _pow2(x: int) -> int:
-  return 1 << max(0, math.ceil(math.log2(max(1, x))))
-
-
-def make_layout(kind: str, vocab: int, rows: int, dtype, block_v: int | None = None,
-                chunk_v: int | None = None) -> _Layout:
+def make_layout(
+  kind: str, vocab: int, rows: int, dtype, block_v: int | None = None, chunk_v: int | None = None
+) -> _Layout:
   """Pick block / chunk sizes. rows = programs per chunk (B (k+1) in pass 1, B in pass 2).
 
-  GPU: power-of-two blocks (Triton), chunks sized so rows * chunks >= ~1024 programs.
+  GPU: power-of-two blocks (Triton), chunks (whole numbers of blocks) sized so that
+  rows * chunks >= ~1024 programs.
   TPU: (rows, 128) blocks with rows a multiple of the dtype's sublane packing; one chunk
   per row (grid steps run sequentially on a core; a chunk of 152k f32 logits is 0.6 MB of
   VMEM per buffer).
@@ -407,9 +432,10 @@ def make_layout(kind: str, vocab: int, rows: int, dtype, block_v: int | None = N
     if block_v & (block_v - 1):
       raise ValueError(f'gpu block_v must be a power of two, got {block_v}')
     if chunk_v is None:
-      want = pl.cdiv(_GPU_TARGET_PROGRAMS, rows)
-      chunk_v = _pow2(pl.cdiv(vocab, want))
-    chunk_v = max(block_v, min(chunk_v, _pow2(vocab)))
+      chunk_v = pl.cdiv(vocab, pl.cdiv(_GPU_TARGET_PROGRAMS, rows))
+    # A chunk is a whole number of blocks (only the ref's pointer block; loads stay
+    # power-of-two) and never spans more blocks than the row needs.
+    chunk_v = max(block_v, min(chunk_v, vocab))
   elif kind == 'tpu':
     sub = 8 * (4 // jnp.dtype(dtype).itemsize)  # f32: 8 rows, bf16: 16 rows
     block_v = block_v or 2048
@@ -451,10 +477,17 @@ def default_layout() -> str:
 
 
 @functools.partial(jax.jit, static_argnames=('sp', 'interpret', 'layout', 'block_v', 'chunk_v'))
-def verify_pallas(target_logits: jax.Array, draft_logits: jax.Array, draft_tokens: jax.Array,
-                  seeds: jax.Array, sp: SamplingParams, interpret=None, layout: str | None = None,
-                  block_v: int | None = None, chunk_v: int | None = None
-                  ) -> ref_lib.VerifyResult:
+def verify_pallas(
+  target_logits: jax.Array,
+  draft_logits: jax.Array,
+  draft_tokens: jax.Array,
+  seeds: jax.Array,
+  sp: SamplingParams,
+  interpret=None,
+  layout: str | None = None,
+  block_v: int | None = None,
+  chunk_v: int | None = None,
+) -> ref_lib.VerifyResult:
   """Speculative verification with the Pallas kernels (contract: verify_reference).
 
   Args:
@@ -471,8 +504,10 @@ def verify_pallas(target_logits: jax.Array, draft_logits: jax.Array, draft_token
   bsz, k1, vocab = target_logits.shape
   k = k1 - 1
   if k < 1 or draft_logits.shape != (bsz, k, vocab) or draft_tokens.shape != (bsz, k):
-    raise ValueError(f'bad shapes: target {target_logits.shape}, draft {draft_logits.shape}, '
-                     f'tokens {draft_tokens.shape}')
+    raise ValueError(
+      f'bad shapes: target {target_logits.shape}, draft {draft_logits.shape}, '
+      f'tokens {draft_tokens.shape}'
+    )
   layout = layout or default_layout()
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
@@ -503,8 +538,10 @@ def verify_pallas(target_logits: jax.Array, draft_logits: jax.Array, draft_token
     return jnp.take_along_axis(v, toks[..., None], axis=-1)[..., 0].astype(jnp.float32)
 
   if sp.greedy:
-    _, am = _merge_best(jnp.swapaxes(stat(_AMAX), 1, 2).reshape(bsz * k1, -1),
-                        jnp.swapaxes(stat(_AIDX), 1, 2).reshape(bsz * k1, -1))
+    _, am = _merge_best(
+      jnp.swapaxes(stat(_AMAX), 1, 2).reshape(bsz * k1, -1),
+      jnp.swapaxes(stat(_AIDX), 1, 2).reshape(bsz * k1, -1),
+    )
     am = am.reshape(bsz, k1)
     n = ref_lib.leading_accepts(x == am[:, :k])
     token_n = jnp.take_along_axis(am, n[:, None], axis=1)[:, 0]
@@ -534,8 +571,17 @@ def verify_pallas(target_logits: jax.Array, draft_logits: jax.Array, draft_token
       fcols += [zeros, zeros]
     key = ref_lib.row_key(ref_lib.seeds_to_i32(seeds), n, ref_lib.STREAM_SAMPLE)
     lay2 = make_layout(layout, vocab, bsz, dtype, block_v, chunk_v)
-    out = _sample_call(tv, dv, n, lay2.pack(fcols + [has_draft], jnp.float32),
-                       lay2.pack([key, n], jnp.int32), lay2, k, sp, interpret)
+    out = _sample_call(
+      tv,
+      dv,
+      n,
+      lay2.pack(fcols + [has_draft], jnp.float32),
+      lay2.pack([key, n], jnp.int32),
+      lay2,
+      k,
+      sp,
+      interpret,
+    )
     res, res_i = _merge_best(lay2.unpack(out, _RES), lay2.unpack(out, _RES_IDX))
     _, bon_i = _merge_best(lay2.unpack(out, _BON), lay2.unpack(out, _BON_IDX))
     token_n = jnp.where((n < k) & (res > -jnp.inf), res_i, bon_i)
