@@ -21,6 +21,7 @@ JSON object with the headline figures.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -104,7 +105,14 @@ def main(argv=None):
   batches = [int(b) for b in args.batches.split(',')]
   iters = args.iters or (10 if args.quick else 15)
   cache_len = 256 if args.quick else 1024
-  variants = args.variants.split(',')
+  variants = []
+  for name in args.variants.split(','):
+    kw = _VARIANTS[name]
+    pkg = {'aqt': 'aqt', 'qwix': 'qwix'}.get((kw or {}).get('backend'))
+    if pkg and importlib.util.find_spec(pkg) is None:
+      print(f'  skipping {name}: {pkg} is not installed', file=sys.stderr)
+      continue
+    variants.append(name)
   if 'policy' not in variants:
     variants.insert(0, 'policy')
 

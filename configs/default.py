@@ -36,8 +36,9 @@ def get_config(arg: str | None = None):
     model=ml_collections.ConfigDict(dict(
       d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128)),
     checkpoint='',
-    # quantized self-drafter
-    bits=8, group_size=0, backend='jnp', quantize_embeddings=False,
+    # quantized self-drafter (int8 per-channel; int4 uses groups of 128 when group_size=0)
+    bits=8, group_size=0, backend='jnp', quantize_embeddings=False, act_bits=0,
+    share_kv=False,
   ))
 
   c.sft = ml_collections.ConfigDict(dict(steps=200, batch_size=64, lr=3e-3, warmup_steps=20))

@@ -31,8 +31,11 @@ Backends (static, per :class:`QuantConfig.backend`), all consuming the *same* st
   passed as a complete ``rhs_qt`` :class:`aqt_tensor.QTensor` (``qvalue`` + ``scale``), so AQT
   does *not* re-quantize it; a zeros dummy ``rhs`` is passed only because the API requires
   one (AQT's flax ``AqtEinsum`` does the same) and XLA removes it and its calibration as dead
-  code. AQT has no sub-channel support for a pre-quantized operand, so groups are expressed
-  as a batch axis ``[G, gs, N]`` (AQT calibrates ``[G, 1, N]`` scales) and summed after.
+  code. Groups are passed as a batch axis (``[M, G, gs] x [G, gs, N] -> [G, M, N]``, scales
+  ``[G, 1, N]``) and summed afterwards -- the reshaping AQT's own ``tiled_dot_general`` does,
+  without its tiling-state bookkeeping on the stored QTensor. With ``act_bits=8`` AQT
+  quantizes the lhs with its own int numerics (absmax / 127.5), not exactly the reference's
+  absmax / 127, so w8a8 results agree with 'jnp' to ~1e-2 relative, not bitwise.
 - ``'qwix'``: ``qwix.dot_general`` on a ``qwix.QArray`` built from the stored values (qwix's
   native sub-channel layout: qvalue ``[K, N]``, scale ``[K / gs, N]``). For a float lhs
   qwix always dequantizes the weight first ("slow path"); with ``act_bits=8`` it runs the
@@ -83,7 +86,8 @@ class QuantConfig:
   Attributes:
     bits: 8 or 4 (storage bits of the weights; 8 with ``fp8`` set means fp8).
     group_size: scales per ``group_size`` elements of the contracting dim; ``None`` (or 0)
-      means one scale per output channel; ``'auto'`` resolves to 128 for int4, else None.
+      means one scale per output channel; ``'auto'`` resolves to 128 for int4, else None
+      (resolved at construction, so ``dataclasses.replace`` keeps the resolved value).
     backend: 'aqt' | 'qwix' | 'jnp' (see the module docstring).
     quantize_embeddings: quantize the ``[V, D]`` embedding table. A *tied* table is also
       the output head, so it is quantized only if ``quantize_lm_head`` is also True.

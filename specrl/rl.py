@@ -163,7 +163,7 @@ def train_step(state: TrainState, batch: dict, *, cfg, rl: RLConfig, optimizer, 
       params, mb, state.ref_params, cfg, rl, mesh)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     return (params, opt_state), metrics
 
   carry = (state.params, state.opt_state)
@@ -190,4 +190,4 @@ def sft_step(state: TrainState, tokens, loss_mask, *, cfg, optimizer, mesh=None)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {
-    'sft_loss': loss, 'grad_norm': optax.global_norm(grads)}
+    'sft_loss': loss, 'grad_norm': optax.tree.norm(grads)}

@@ -37,12 +37,13 @@ def speculative_step(params, draft_params, state: rollout_lib.RolloutState, *, c
   b = state.pos.shape[0]
   key = jax.random.fold_in(state.rng, state.step)
   draft_key, verify_key = jax.random.split(key)
-  draft_tokens, draft_logits, draft_state = drafter.propose(
-    draft_params, state.draft, state.tokens, state.pos, k, draft_key, rcfg.sampling, mesh=mesh)
+  draft_tokens, draft_logits, draft_state, policy_cache = drafter.propose(
+    draft_params, state.draft, state.tokens, state.pos, k, draft_key, rcfg.sampling, mesh=mesh,
+    policy_cache=state.cache)
   cur = rollout_lib.current_tokens(state)
   verify_tokens = jnp.concatenate([cur[:, None], draft_tokens], axis=1)  # [B, k+1]
   positions = state.pos[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
-  target_logits, cache = model_lib.forward(params, cfg, verify_tokens, positions, state.cache,
+  target_logits, cache = model_lib.forward(params, cfg, verify_tokens, positions, policy_cache,
                                            mesh=mesh, rules=shd.DECODE_RULES)
   res = verify_lib.verify(target_logits, draft_logits, draft_tokens,
                           round_seeds(verify_key, state.step, b), rcfg.sampling,

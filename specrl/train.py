@@ -144,11 +144,26 @@ def _jitted_steps(exp: Experiment, state_sh):
     functools.partial(rl_lib.sft_step, cfg=cfg, optimizer=exp.optimizer, mesh=mesh),
     in_shardings=(state_sh, b2, b2), out_shardings=(state_sh, None), donate_argnums=(0,))
   batch_sh = {'tokens': b2, 'response_mask': b2, 'old_logprobs': b2, 'advantages': b1}
-  grpo = jax.jit(
-    functools.partial(rl_lib.train_step, cfg=cfg, rl=exp.rl_cfg, optimizer=exp.optimizer,
-                      mesh=mesh),
-    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+  step_fn = functools.partial(rl_lib.train_step, cfg=cfg, rl=exp.rl_cfg,
+                              optimizer=exp.optimizer, mesh=mesh)
+  if derives_draft_params(exp):
+    # The next rollout's drafter is derived from the new params inside the same jitted
+    # step: no separate drafter state to save, load or keep in sync.
+    def grpo_fn(state, batch):
+      state, metrics = step_fn(state, batch)
+      return state, metrics, exp.drafter.params_from_policy(state.params)
+
+    grpo = jax.jit(grpo_fn, in_shardings=(state_sh, batch_sh), donate_argnums=(0,),
+                   out_shardings=(state_sh, None, None))
+  else:
+    grpo = jax.jit(lambda st, b: (*step_fn(st, b), None), in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, None, None), donate_argnums=(0,))
   return sft, grpo
+
+
+def derives_draft_params(exp: Experiment) -> bool:
+  """True for drafters computed from the live policy params (the quantized self-drafter)."""
+  return getattr(exp.drafter, 'name', None) == 'quantized'
 
 
 # ----------------------------------------------------------------------------- one step
@@ -158,7 +173,7 @@ def data_rng(seed: int, step: int) -> np.random.Generator:
   return np.random.default_rng([seed, step])
 
 
-def rollout_batch(exp: Experiment, params, step: int, rng):
+def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
   """Sample prompts for ``step``, roll out G generations each, score them.
 
   Returns (training batch dict of numpy arrays, rewards [N*G], rollout output, metrics).
@@ -169,7 +184,8 @@ def rollout_batch(exp: Experiment, params, step: int, rng):
   toks = np.repeat(prompts.tokens, g, axis=0)
   lens = np.repeat(prompts.lengths, g, axis=0)
   answers = [a for a in prompts.answers for _ in range(g)]
-  out, metrics = exp.engine.generate(params, toks, lens, jax.random.fold_in(rng, step))
+  out, metrics = exp.engine.generate(params, toks, lens, jax.random.fold_in(rng, step),
+                                     draft_params=draft_params)
   resp = np.asarray(out.response)
   length = np.asarray(out.length)
   rewards = np.array([exp.task.reward(resp[i, : length[i]], answers[i])
@@ -191,8 +207,13 @@ def rollout_batch(exp: Experiment, params, step: int, rng):
   return batch, rewards, out, metrics
 
 
-def run_step(exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns):
-  """One step of the loop (warm-up or GRPO). Returns (state, metrics dict of floats)."""
+def run_step(exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns,
+             draft_params=None):
+  """One step of the loop (warm-up or GRPO).
+
+  ``draft_params``: drafter params derived from ``state.params`` by the previous GRPO step
+  (None: derive them here). Returns (state, metrics dict of floats, next draft params).
+  """
   sft_fn, grpo_fn = steps_fns
   c = exp.config
   t0 = time.perf_counter()
@@ -202,16 +223,17 @@ def run_step(exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns):
     state, m = sft_fn(state, toks, mask)
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     m['phase'] = 0.0
+    draft_params = None
   else:
-    batch, _, _, m = rollout_batch(exp, state.params, step, state.rng)
+    batch, _, _, m = rollout_batch(exp, state.params, step, state.rng, draft_params)
     t1 = time.perf_counter()
-    state, tm = grpo_fn(state, batch)
+    state, tm, draft_params = grpo_fn(state, batch)
     tm = jax.device_get(tm)
     m.update({f'train/{k}': float(v) for k, v in tm.items()})
     m['train/time_s'] = time.perf_counter() - t1
     m['phase'] = 1.0
   m['step_time_s'] = time.perf_counter() - t0
-  return state, m
+  return state, m, draft_params
 
 
 # ----------------------------------------------------------------------------- loop
@@ -262,10 +284,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
     writer = _writer(workdir)
     history = []
     end = total if max_steps is None else min(total, max_steps)
-    step = start
+    draft_params = None
     try:
       for step in range(start, end):
-        state, m = run_step(exp, state, step, fns)
+        state, m, draft_params = run_step(exp, state, step, fns, draft_params)
         m['step'] = step
         history.append(m)
         if writer is not None:

@@ -179,3 +179,31 @@ def test_speculative_logprobs_are_the_policys():
   for b in range(len(lens)):
     sl = slice(lens[b], lens[b] + spec.length[b])
     np.testing.assert_allclose(spec.logprobs[b, sl], lp[b, sl], atol=2e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- quantized
+
+
+def _quantized(bits, share_kv, cfg):
+  from specrl import quant
+
+  qcfg = quant.QuantConfig(bits=bits, group_size=8 if bits == 4 else None,
+                           quantize_embeddings=False, quantize_lm_head=False)
+  return ModelDrafter('quantized', cfg, derive=lambda p: quant.quantize_params(p, qcfg),
+                      share_kv=share_kv)
+
+
+@pytest.mark.parametrize('share_kv', [False, True], ids=['own_cache', 'shared_kv'])
+def test_quantized_drafter_is_lossless(share_kv):
+  p, m = _pvalue(SETTINGS['T0.7-topk3'], _quantized(4, share_kv, CFG), k=2, seed=11)
+  assert m['spec/acceptance'] < 1.0
+  assert p > 1e-3, f'p={p:.2e}'
+
+
+@pytest.mark.parametrize('share_kv', [False, True], ids=['own_cache', 'shared_kv'])
+def test_quantized_drafter_greedy_equals_plain(share_kv):
+  plain, _ = _gen(None, 0, GREEDY)
+  spec, m = _gen(_quantized(8, share_kv, GCFG), 3, GREEDY)
+  np.testing.assert_array_equal(spec.response, plain.response)
+  np.testing.assert_array_equal(spec.length, plain.length)
+  assert m['spec/acceptance'] > 0.5  # int8 of the policy itself mostly agrees

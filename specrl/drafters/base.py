@@ -7,11 +7,15 @@ state are pytrees passed through the jitted rollout (never closed over):
   *live* policy (identity for ``self``, quantization for ``quantized``, the drafter's own
   weights for ``small_model``). Called inside the jitted step where possible.
 - ``prefill(draft_params, prompt_tokens [B,P], prompt_len [B], buffer_len, mesh) -> state``
-- ``propose(draft_params, state, seq_tokens [B,S], pos [B], k, rng, sampling, mesh)
-  -> (draft_tokens int32 [B,k], draft_logits f32 [B,k,V], state)``: proposals x_1..x_k
+- ``propose(draft_params, state, seq_tokens [B,S], pos [B], k, rng, sampling, mesh,
+  policy_cache) -> (draft_tokens int32 [B,k], draft_logits f32 [B,k,V], state,
+  policy_cache)``: proposals x_1..x_k
   sampled from the drafter's *processed* distribution (same temperature/top-k/top-p as
   the policy; see :mod:`specrl.sampling`), continuing after ``seq_tokens[b, pos[b]]``.
   ``draft_logits`` are raw logits; verification processes them exactly as sampling did.
+  ``policy_cache`` is returned unchanged unless the drafter shares the policy's KV cache
+  (then it may write only at the draft positions ``pos..pos+k-1``, which verification
+  rewrites).
 - ``state_logical_axes()``: logical axes of the state pytree, for sharding.
 
 Rollback is by position: the engine passes the committed ``pos`` every round and a
@@ -30,6 +34,7 @@ class Drafter(Protocol):
 
   def prefill(self, draft_params, prompt_tokens, prompt_len, buffer_len, mesh=None) -> Any: ...
 
-  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None): ...
+  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None,
+              policy_cache=None): ...
 
   def state_logical_axes(self) -> Any: ...

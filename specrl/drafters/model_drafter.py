@@ -20,11 +20,22 @@ from specrl import sharding as shd
 
 
 class ModelDrafter:
-  """A transformer drafter. ``own_params`` is used unless ``derive`` maps policy params."""
+  """A transformer drafter. ``own_params`` is used unless ``derive`` maps policy params.
 
-  def __init__(self, name: str, cfg: model_lib.ModelConfig, own_params=None, derive=None):
+  ``share_kv=True`` (only for drafters with the policy's architecture, e.g. the quantized
+  self-drafter): the drafter reads the *policy's* KV cache for every committed position
+  and writes its own k/v only at the k draft positions ``pos..pos+k-1`` of that same
+  cache. No drafter prefill, no second cache. It is exact for the policy because the
+  verify pass rewrites slots ``pos..pos+k`` with the policy's own k/v before attending,
+  and slots beyond are masked; the drafter's queries attending to full-precision keys
+  only changes acceptance, never the output distribution.
+  """
+
+  def __init__(self, name: str, cfg: model_lib.ModelConfig, own_params=None, derive=None,
+               share_kv: bool = False):
     self.name, self.cfg = name, cfg
     self.own_params, self.derive = own_params, derive
+    self.share_kv = share_kv
 
   def params_from_policy(self, policy_params):
     if self.derive is not None:
@@ -34,9 +45,11 @@ class ModelDrafter:
     return self.own_params
 
   def state_logical_axes(self):
-    return {'cache': model_lib.cache_logical_axes()}
+    return None if self.share_kv else {'cache': model_lib.cache_logical_axes()}
 
   def prefill(self, draft_params, prompt_tokens, prompt_len, buffer_len, mesh=None):
+    if self.share_kv:
+      return None
     b, p = prompt_tokens.shape
     cache = model_lib.init_cache(self.cfg, b, buffer_len)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
@@ -44,15 +57,20 @@ class ModelDrafter:
                                  mesh=mesh, rules=shd.DECODE_RULES)
     return {'cache': cache}
 
-  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None):
+  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None,
+              policy_cache=None):
     cfg = self.cfg
-    prev_pos = jnp.maximum(pos - 1, 0)
-    first_pos = jnp.stack([prev_pos, pos], axis=1)
+    if self.share_kv:  # policy cache holds every slot < pos: feed only the current token
+      first_pos = pos[:, None]
+      cache = policy_cache
+    else:  # T = 2: re-feed pos - 1 in case the last round's final draft was never fed
+      first_pos = jnp.stack([jnp.maximum(pos - 1, 0), pos], axis=1)
+      cache = state['cache']
     first_tok = jnp.take_along_axis(seq_tokens, first_pos, axis=1)
-    logits, cache = model_lib.forward(draft_params, cfg, first_tok, first_pos, state['cache'],
+    logits, cache = model_lib.forward(draft_params, cfg, first_tok, first_pos, cache,
                                       mesh=mesh, rules=shd.DECODE_RULES)
     keys = jax.random.split(rng, k)
-    logit0 = logits[:, 1]
+    logit0 = logits[:, -1]
     tok0 = sampling.sample(logit0, keys[0], sp)
 
     def body(carry, xs):
@@ -70,4 +88,6 @@ class ModelDrafter:
       draft_logits = jnp.concatenate([logit0[:, None], jnp.swapaxes(lgs, 0, 1)], axis=1)
     else:
       draft_tokens, draft_logits = tok0[:, None], logit0[:, None]
-    return draft_tokens, draft_logits, {'cache': cache}
+    if self.share_kv:
+      return draft_tokens, draft_logits, None, cache
+    return draft_tokens, draft_logits, {'cache': cache}, policy_cache

@@ -31,7 +31,8 @@ class NgramDrafter:
   def prefill(self, draft_params, prompt_tokens, prompt_len, buffer_len, mesh=None):
     return None
 
-  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None):
+  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None,
+              policy_cache=None):
     b, s = seq_tokens.shape
     n = self.n
     j = jnp.arange(s)[None, :]  # candidate end position of an earlier match
@@ -48,4 +49,4 @@ class NgramDrafter:
     draft_tokens = jnp.take_along_axis(seq_tokens, idx, axis=1).astype(jnp.int32)
     onehot = jnp.arange(self.vocab_size)[None, None, :] == draft_tokens[..., None]
     draft_logits = jnp.where(onehot, 0.0, sampling.NEG_INF).astype(jnp.float32)
-    return draft_tokens, draft_logits, state
+    return draft_tokens, draft_logits, state, policy_cache

@@ -1,0 +1,450 @@
+"""Speculative vs plain rollout throughput, against the Leviathan et al. ideal speedup.
+
+For every batch size B and draft length k this runs :class:`specrl.rollout.RolloutEngine`
+twice on the same fixed prompts -- plain (``num_draft = 0``) and speculative -- with
+``eos_id = -1`` so every sequence generates exactly ``max_new_tokens`` (both do the same
+work), and reports
+
+- plain and speculative tokens/s (median of ``--iters`` ``generate()`` calls after a
+  compiling warm-up call; the engine's own ``rollout/time_s``, prefill included) and
+  their ratio;
+- the per-token acceptance rate alpha, inferred from the measured mean tokens per verify
+  pass ``tau = 1 + E[accepted drafts] = (1 - alpha^(k+1)) / (1 - alpha)``;
+- the drafter/target cost ratio ``c = t_draft / t_1``, where ``t_1`` is one jitted target
+  decode step (a T = 1 cache-extending forward + sampling) and ``t_draft`` one drafter
+  step (the same for the drafter's model; for the model-free n-gram drafter, its
+  ``propose`` time / k), and the verify cost ``v = t_verify / t_1`` (target forward over
+  T = k + 1 tokens: not 1 on a CPU, where the extra tokens are not free);
+- the ideal speedup ``(1 - alpha^(k+1)) / ((1 - alpha)(k c + 1))`` (Leviathan et al.
+  2023, eq. 1 ff.) and a cost-aware ideal with ``k c + v`` in the denominator; ``eff`` and
+  ``ca_eff`` are the measured ratio over each. The gap to the cost-aware ideal is the
+  engine's own overhead; the per-round columns locate it: ``round`` is the measured decode
+  time per loop iteration ((time - prefill) / iterations), ``prop`` the drafter's whole
+  ``propose`` (k tokens, jitted alone), ``ver`` the verify forward, and
+  ``ovh = round - prop - ver`` what the round spends elsewhere (rejection sampling,
+  commit, loop carry). ``sync`` = mean rounds per sequence / loop iterations: below 1 at
+  B > 1 because the batched loop runs until its slowest sequence is done.
+
+Drafters (``--drafter``, a comma list; each gets its own rows):
+
+- ``noisy_policy``: a copy of the policy with Gaussian noise of ``noise`` x (each weight
+  tensor's std) added to every weight (via the tied embedding / LM head, noise on the
+  draft logits); ``--noise`` (a comma list) sets alpha. ``c ~= 1``, so these rows measure
+  the engine's overhead at a known alpha, not a useful speedup;
+- ``small_model``: a separate smaller transformer (the preset's drafter, randomly
+  initialised: alpha is whatever two random models agree on), ``c < 1``;
+- ``early_exit``: the policy's first ``--exit_layers`` layers + its head (self-speculative
+  layer skipping), ``c ~= exit_layers / n_layers``;
+- ``quantized``: the int8 (per-channel, jnp) copy of the policy, as ``rollout.drafter =
+  quantized`` builds it;
+- ``ngram``: model-free prompt lookup (``c`` ~ 0; alpha low on random models);
+- ``self``: the policy drafting for itself (alpha = 1, c = 1: ideal speedup 1.0 exactly,
+  so ``eff`` is the engine's own efficiency).
+
+Random-init models have flat next-token distributions; ``--temperature < 1`` sharpens them.
+
+  python bench/speculative.py --quick                 # B {1,4} x k {2,4}, < 1 min on CPU
+  python bench/speculative.py                         # B {1,4,16,64} x k {2,4,8}
+  python bench/speculative.py --model gpu             # ~215M-param bf16 policy (GPU)
+  python bench/speculative.py --drafter self,ngram --noise 0.5,2
+
+Prints a plain-decoding table, the speculative table, then, as the last line, one JSON
+object with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import common  # noqa: E402
+from specrl import model as model_lib  # noqa: E402
+from specrl import rollout as rollout_lib  # noqa: E402
+from specrl import sampling  # noqa: E402
+from specrl.drafters import ModelDrafter, NgramDrafter  # noqa: E402
+
+DRAFTERS = ('noisy_policy', 'small_model', 'early_exit', 'quantized', 'ngram', 'self')
+
+# name -> (policy dims, small_model drafter dims (vocab shared), dtype, prompt_len, new tokens)
+PRESETS = {
+  'tiny': (  # ~3.3M params: CPU
+    dict(vocab_size=512, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
+         d_ff=768),
+    dict(d_model=128, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=64, d_ff=384),
+    'float32', 16, 64),
+  'gpu': (  # ~215M params
+    dict(vocab_size=32000, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, head_dim=64,
+         d_ff=4096),
+    dict(d_model=512, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64, d_ff=1536),
+    'bfloat16', 64, 128),
+}
+FULL = dict(batch_sizes='1,4,16,64', ks='2,4,8', drafter='noisy_policy,small_model', iters=5,
+            step_iters=30)
+QUICK = dict(batch_sizes='1,4', ks='2,4', drafter='noisy_policy', iters=3, step_iters=15,
+             max_new_tokens=32)
+
+
+# ----------------------------------------------------------------------------- drafters
+
+
+def noisy_params(params, noise: float, key):
+  """``w + noise * std(w) * N(0, 1)`` for every weight tensor (norm scales, with std 0,
+  stay as they are): a same-size drafter whose disagreement with the policy grows with
+  ``noise``. Through the tied embedding / LM head this is noise on the draft logits."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  out = [(w + noise * jnp.std(w.astype(jnp.float32)) * jax.random.normal(kk, w.shape))
+         .astype(w.dtype) for w, kk in zip(leaves, keys, strict=True)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def make_drafters(names, noises, cfg, dcfg, params, exit_layers: int, seed: int):
+  """[(label, drafter)] for the requested drafter names."""
+  out = []
+  for name in names:
+    if name == 'noisy_policy':
+      for i, s in enumerate(noises):
+        dp = noisy_params(params, s, jax.random.key(seed + 100 + i))
+        out.append((f'noisy({s:g})', ModelDrafter('noisy_policy', cfg, own_params=dp)))
+    elif name == 'self':
+      out.append(('self', ModelDrafter('self', cfg, derive=lambda p: p)))
+    elif name == 'small_model':
+      dparams = model_lib.init_params(dcfg, jax.random.key(seed + 1))
+      out.append(('small', ModelDrafter('small_model', dcfg, own_params=dparams)))
+    elif name == 'early_exit':
+      m = exit_layers
+      ecfg = dataclasses.replace(cfg, n_layers=m)
+      derive = lambda p, m=m: {**p, 'layers': jax.tree.map(lambda x: x[:m], p['layers'])}
+      out.append((f'exit{m}', ModelDrafter('early_exit', ecfg, derive=derive)))
+    elif name == 'quantized':
+      import ml_collections
+
+      from specrl.drafters import quantized
+
+      dc = ml_collections.ConfigDict(dict(drafter=dict(bits=8, group_size=0, backend='jnp')))
+      out.append(('int8', quantized.make_quantized_drafter(dc, cfg)))
+    elif name == 'ngram':
+      out.append(('ngram', NgramDrafter(cfg.vocab_size, 2)))
+    else:
+      raise ValueError(f'--drafter: unknown {name!r} (known: {", ".join(DRAFTERS)})')
+  return out
+
+
+# ----------------------------------------------------------------------------- unit costs
+
+
+def _never(x):
+  """A data dependency on all of ``x`` that is always False (keeps XLA from dropping or
+  hoisting work out of a timing loop). [B, ...] -> bool [B]."""
+  return jnp.max(x.reshape(x.shape[0], -1), axis=1) > 1e30
+
+
+class CacheStep:
+  """``reps`` cache-extending forwards over T tokens inside one jitted ``fori_loop``.
+
+  Timing a loop rather than one call excludes the per-call dispatch and host sync, which
+  the rollout's ``while_loop`` does not pay either (and which, on a loaded CPU, can rival a
+  small model's step). With ``sp``, each step also samples the last position and feeds
+  the token back, as decoding does. The KV cache is
+  donated and carried, so it is updated in place.
+  """
+
+  def __init__(self, params, cfg, batch: int, t: int, cache_len: int, pos: int, sp=None,
+               reps: int = 8):
+    def fn(params, cache, tok, positions, key):
+      def body(i, carry):
+        cache, tok = carry
+        logits, cache = model_lib.forward(params, cfg, tok, positions, cache)
+        if sp is None:
+          return cache, tok + _never(logits).astype(jnp.int32)[:, None]
+        nxt = sampling.sample(logits[:, -1], jax.random.fold_in(key, i), sp)
+        return cache, jnp.broadcast_to(nxt[:, None], tok.shape)
+
+      cache, tok = jax.lax.fori_loop(0, reps, body, (cache, tok))
+      return tok, cache
+
+    self.reps = reps
+    self.fn = jax.jit(fn, donate_argnums=1)
+    self.params = params
+    self.cache = model_lib.init_cache(cfg, batch, cache_len)
+    self.tok = jnp.full((batch, t), 3, jnp.int32)
+    self.pos = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (batch, t))
+    self.key = jax.random.key(0)
+
+  def __call__(self):
+    out, self.cache = self.fn(self.params, self.cache, self.tok, self.pos, self.key)
+    return out
+
+
+class ProposeStep:
+  """``reps`` whole drafter ``propose`` calls (k tokens each) in one jitted ``fori_loop``,
+  from a rollout state after prefill (drafter state and policy cache donated, carried).
+
+  Called the way :func:`specrl.speculative.speculative_step` calls it (``policy_cache``
+  for drafters that share the policy's KV cache, when the protocol has it)."""
+
+  def __init__(self, drafter, dparams, state: rollout_lib.RolloutState, k, sp, reps: int = 8):
+    share = 'policy_cache' in inspect.signature(drafter.propose).parameters
+
+    def fn(dp, st, cache, seq, pos, key):
+      def body(i, carry):
+        st, cache, pos = carry
+        kw = dict(policy_cache=cache) if share else {}
+        res = drafter.propose(dp, st, seq, pos, k, jax.random.fold_in(key, i), sp, **kw)
+        toks, logits, st = res[:3]
+        cache = res[3] if share else cache
+        dep = _never(logits) | (toks[:, 0] < 0)
+        return st, cache, pos + dep.astype(pos.dtype)
+
+      st, cache, pos = jax.lax.fori_loop(0, reps, body, (st, cache, pos))
+      return pos, st, cache
+
+    self.reps = reps
+    self.fn = jax.jit(fn, donate_argnums=(1, 2))
+    self.dparams, self.state, self.cache = dparams, state.draft, state.cache
+    self.seq, self.pos, self.key = state.tokens, state.pos, jax.random.key(0)
+
+  def __call__(self):
+    out, self.state, self.cache = self.fn(self.dparams, self.state, self.cache, self.seq,
+                                          self.pos, self.key)
+    return out
+
+
+# ----------------------------------------------------------------------------- formulas
+
+
+def alpha_from_tau(tau: float, k: int) -> float:
+  """Solve ``sum_{i=0..k} alpha^i = tau`` for alpha in [0, 1] (bisection)."""
+  tau = min(max(tau, 1.0), k + 1.0)
+  lo, hi = 0.0, 1.0
+  for _ in range(60):
+    mid = 0.5 * (lo + hi)
+    if sum(mid**i for i in range(k + 1)) < tau:
+      lo = mid
+    else:
+      hi = mid
+  return 0.5 * (lo + hi)
+
+
+def ideal_speedup(alpha: float, k: int, c: float, v: float = 1.0) -> float:
+  """Leviathan et al.: expected tokens per round / cost of a round in target steps."""
+  tau = k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+  return tau / (k * c + v)
+
+
+# ----------------------------------------------------------------------------- one batch
+
+
+class GenerateCall:
+  """``engine.generate`` on fixed prompts with a fresh rng per call; keeps the outputs'
+  statistics (all but the first ``skip`` calls, i.e. the compiling warm-up)."""
+
+  def __init__(self, engine, params, dparams, prompts, lens, seed: int, skip: int):
+    self.engine, self.params, self.dparams = engine, params, dparams
+    self.prompts, self.lens, self.seed, self.skip = prompts, lens, seed, skip
+    self.calls, self.times, self.accepted, self.rounds, self.iterations = 0, [], 0, 0, []
+
+  def __call__(self):
+    out, m = self.engine.generate(self.params, self.prompts, self.lens,
+                                  jax.random.key(self.seed + self.calls),
+                                  draft_params=self.dparams)
+    self.calls += 1
+    n = self.engine.rcfg.max_new_tokens
+    length = np.asarray(out.length)
+    if not (length == n).all():
+      raise RuntimeError(f'expected {n} tokens per sequence (eos off), got {length.tolist()}')
+    if self.calls > self.skip:
+      r = np.asarray(out.num_rounds)
+      self.times.append(m['rollout/time_s'])
+      self.accepted += int(np.asarray(out.num_accepted).sum())
+      self.rounds += int(r.sum())
+      self.iterations.append(int(r.max()) if self.engine.rcfg.num_draft else n - 1)
+    return out.length
+
+
+def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, reps, seed,
+                rng):
+  """Every engine and unit cost at batch ``b``, all timed round-robin (so background load
+  hits them alike). Returns (plain row, speculative rows)."""
+  plen, nnew = base_rcfg.max_prompt_len, base_rcfg.max_new_tokens
+  prompts = rng.integers(3, cfg.vocab_size, (b, plen)).astype(np.int32)
+  lens = np.full((b,), plen, np.int32)
+  warmup = 2
+  engines = {'plain': (rollout_lib.RolloutEngine(cfg, base_rcfg), None, None)}
+  for label, drafter in drafters:
+    dparams = drafter.params_from_policy(params)
+    for k in ks:
+      rcfg = dataclasses.replace(base_rcfg, num_draft=k)
+      engines[label, k] = (rollout_lib.RolloutEngine(cfg, rcfg, drafter=drafter), drafter,
+                           dparams)
+
+  # Whole rollouts (`iters` timed calls each) and unit costs (`step_iters`): prefill of every
+  # engine, the target's T=1 step, drafter T=1 steps, verify forwards (T = k + 1), whole
+  # drafter proposals.
+  mid = plen + nnew // 2
+  key0 = jax.random.key(0)
+  units = {('gen', name): GenerateCall(eng, params, dparams, prompts, lens, seed, warmup)
+           for name, (eng, _, dparams) in engines.items()}
+  units['t1'] = CacheStep(params, cfg, b, 1, base_rcfg.buffer_len, mid, sp, reps=reps)
+  for name, (eng, drafter, dparams) in engines.items():
+    units['gen', name]()  # compiles the engine's prefill / decode / finalize
+    prefill_j = eng._compiled(b, params, dparams)[0]
+    units['prefill', name] = (
+      lambda f=prefill_j, dp=dparams: f(params, dp, prompts, lens, key0))
+    if drafter is None:
+      continue
+    label, k = name
+    state = prefill_j(params, dparams, prompts, lens, key0)
+    units['prop', label, k] = ProposeStep(drafter, dparams, state, k, sp, reps)
+    if ('ver', k) not in units:
+      units['ver', k] = CacheStep(params, cfg, b, k + 1, eng.rcfg.buffer_len, mid, reps=reps)
+    if isinstance(drafter, ModelDrafter) and label != 'self' and ('draft', label) not in units:
+      units['draft', label] = CacheStep(dparams, drafter.cfg, b, 1, base_rcfg.buffer_len, mid,
+                                        sp, reps)
+  counts = {n: iters if n[0] == 'gen' else step_iters for n in units}
+  med = common.interleaved_medians(units, warmup=warmup - 1, iters=counts)
+  med = {n: t / getattr(units[n], 'reps', 1) for n, t in med.items()}
+
+  t1 = med['t1']
+  gens = {name: units['gen', name] for name in engines}
+  plain_t = statistics.median(gens['plain'].times)
+  p_step = (plain_t - med['prefill', 'plain']) / (nnew - 1)
+  plain_row = dict(B=b, tok_s=b * nnew / plain_t, prefill_ms=1e3 * med['prefill', 'plain'],
+                   step_ms=1e3 * p_step, fwd_ms=1e3 * t1, ovh_ms=1e3 * (p_step - t1),
+                   ovh_pct=100 * (p_step - t1) / p_step)
+  rows = []
+  for name, (_, drafter, _) in engines.items():
+    if drafter is None:
+      continue
+    label, k = name
+    g = gens[name]
+    spec_t = statistics.median(g.times)
+    t_prop, t_ver = med['prop', label, k], med['ver', k]
+    if isinstance(drafter, ModelDrafter):
+      t_draft = t1 if label == 'self' else med['draft', label]
+    else:  # model-free: no per-token forward; its per-token share of a proposal
+      t_draft = t_prop / k
+    c, v = t_draft / t1, t_ver / t1
+    tau = 1.0 + g.accepted / max(g.rounds, 1)
+    alpha = alpha_from_tau(tau, k)
+    ratio = plain_t / spec_t
+    ideal, ca_ideal = ideal_speedup(alpha, k, c), ideal_speedup(alpha, k, c, v)
+    n_iter = statistics.mean(g.iterations)
+    round_s = (spec_t - med['prefill', name]) / n_iter
+    rows.append(dict(
+      drafter=label, B=b, k=k, plain_tok_s=b * nnew / plain_t, spec_tok_s=b * nnew / spec_t,
+      ratio=ratio, alpha=alpha, tau=tau, c=c, v=v, ideal=ideal, eff=ratio / ideal,
+      ca_ideal=ca_ideal, ca_eff=ratio / ca_ideal, sync=g.rounds / len(g.times) / b / n_iter,
+      round_ms=1e3 * round_s, prop_ms=1e3 * t_prop, ver_ms=1e3 * t_ver,
+      ovh_ms=1e3 * (round_s - t_prop - t_ver), prefill_ms=1e3 * med['prefill', name]))
+  return plain_row, rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--quick', action='store_true', help='B {1,4} x k {2,4}, 32 tokens, < 1 min')
+  ap.add_argument('--model', default='tiny', choices=sorted(PRESETS), help='size preset')
+  ap.add_argument('--batch_sizes', default=None, help='comma list (default 1,4,16,64)')
+  ap.add_argument('--ks', default=None, help='comma list of draft lengths (default 2,4,8)')
+  ap.add_argument('--max_new_tokens', type=int, default=0, help='0: preset / quick default')
+  ap.add_argument('--prompt_len', type=int, default=0, help='0: preset default')
+  ap.add_argument('--drafter', default=None,
+                  help=f'comma list of {"|".join(DRAFTERS)} (default noisy_policy,small_model)')
+  ap.add_argument('--noise', default='1.0', help='noisy_policy logit noise std (comma list)')
+  ap.add_argument('--exit_layers', type=int, default=1, help='early_exit drafter depth')
+  ap.add_argument('--temperature', type=float, default=1.0)
+  ap.add_argument('--iters', type=int, default=0, help='timed generate() calls (0: auto)')
+  ap.add_argument('--step_iters', type=int, default=0, help='timed unit-cost calls (0: auto)')
+  ap.add_argument('--unit_reps', type=int, default=8,
+                  help='unit-cost steps per timed call (one jitted loop: no dispatch cost)')
+  ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--compile_cache',
+                  default=os.environ.get('SPECRL_JAX_CACHE', os.path.join(tempfile.gettempdir(),
+                                                                          'specrl_jax_cache')),
+                  help='persistent compilation cache dir (re-runs skip compiling; "" = off)')
+  args = ap.parse_args(argv)
+
+  grid = QUICK if args.quick else FULL
+  batches = common.ints(args.batch_sizes or grid['batch_sizes'])
+  ks = common.ints(args.ks or grid['ks'])
+  names = [s.strip() for s in (args.drafter or grid['drafter']).split(',') if s.strip()]
+  noises = common.floats(args.noise)
+  iters = args.iters or grid['iters']
+  step_iters = args.step_iters or grid['step_iters']
+  pdims, ddims, dtype, plen, nnew = PRESETS[args.model]
+  plen = args.prompt_len or plen
+  nnew = args.max_new_tokens or grid.get('max_new_tokens', nnew)
+  if nnew < 2:
+    ap.error('--max_new_tokens must be >= 2')
+  if not 1 <= args.exit_layers < pdims['n_layers']:
+    ap.error(f'--exit_layers must be in [1, {pdims["n_layers"]})')
+  common.enable_compile_cache(args.compile_cache)
+  sp = sampling.SamplingParams(temperature=args.temperature)
+
+  cfg = model_lib.ModelConfig(**pdims, param_dtype=dtype, compute_dtype=dtype)
+  dcfg = dataclasses.replace(cfg, **ddims)
+  params = model_lib.init_params(cfg, jax.random.key(args.seed))
+  drafters = make_drafters(names, noises, cfg, dcfg, params, args.exit_layers, args.seed)
+  info = common.device_info()
+  dsize = sum(int(np.prod(s)) for s in jax.tree.leaves(
+    model_lib.param_shapes(dcfg), is_leaf=lambda x: isinstance(x, tuple)))
+  print(f'device: {info["device"]} ({info["backend"]}); model {args.model}: '
+        f'{model_lib.count_params(params) / 1e6:.2f}M params {dtype} '
+        f'(small_model drafter {dsize / 1e6:.2f}M)')
+  print(f'prompt {plen} + {nnew} new tokens (eos off), temperature {sp.temperature}; '
+        f'median of {iters} generate() calls after a compiling one, unit costs median of '
+        f'{step_iters}; all timed round-robin per batch size', flush=True)
+
+  base_rcfg = rollout_lib.RolloutConfig(max_new_tokens=nnew, max_prompt_len=plen, sampling=sp,
+                                        eos_id=-1)
+  rng = np.random.default_rng(args.seed)
+  plain_rows, rows = [], []
+  for b in batches:
+    plain_row, spec_rows = bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters,
+                                       step_iters, args.unit_reps, args.seed, rng)
+    plain_rows.append(plain_row)
+    rows += spec_rows
+    print(f'  B={b} done: best ratio {max(r["ratio"] for r in spec_rows):.2f}', file=sys.stderr,
+          flush=True)
+
+  print('\nplain decoding (step = (time - prefill) / (N - 1); fwd = T=1 forward + sample):')
+  common.print_table([('B', 'd'), ('tok_s', '.0f'), ('prefill_ms', '.2f'), ('step_ms', '.3f'),
+                      ('fwd_ms', '.3f'), ('ovh_ms', '.3f'), ('ovh_pct', '.0f')], plain_rows)
+  print('\nspeculative decoding (per-round times in ms; see the module docstring):')
+  common.print_table([
+    ('drafter', ''), ('B', 'd'), ('k', 'd'), ('plain_tok_s', '.0f'), ('spec_tok_s', '.0f'),
+    ('ratio', '.2f'), ('alpha', '.2f'), ('tau', '.2f'), ('c', '.2f'), ('v', '.2f'),
+    ('ideal', '.2f'), ('eff', '.0%'), ('ca_ideal', '.2f'), ('ca_eff', '.0%'), ('sync', '.2f'),
+    ('round_ms', '.2f'), ('prop_ms', '.2f'), ('ver_ms', '.2f'), ('ovh_ms', '.2f')], rows)
+
+  small = [r for r in rows if r['B'] <= 4]
+  best = max(rows, key=lambda r: r['ratio']) if rows else None
+  summary = dict(
+    bench='speculative', **info, model=args.model, params=model_lib.count_params(params),
+    dtype=dtype, temperature=sp.temperature, prompt_len=plen, max_new_tokens=nnew, iters=iters,
+    drafters=[d for d, _ in drafters], plain=plain_rows, rows=rows,
+    best_ratio=best and best['ratio'],
+    best=best and dict(drafter=best['drafter'], B=best['B'], k=best['k']),
+    mean_efficiency_b1_4=statistics.mean(r['eff'] for r in small) if small else None,
+    mean_ca_efficiency_b1_4=statistics.mean(r['ca_eff'] for r in small) if small else None,
+  )
+  common.emit_json(summary)
+  return summary
+
+
+if __name__ == '__main__':
+  main()
