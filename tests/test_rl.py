@@ -80,3 +80,38 @@ def test_train_step_lowers_loss_on_fixed_batch():
   loss_end, _ = rl_lib.grpo_loss(state.params, batch, state.ref_params, cfg, rl)
   assert float(loss_end) < loss0 - 1e-3
   assert int(state.step) == 5
+
+
+def test_grpo_loop_raises_reward_on_a_toy_task():
+  """Rollout -> reward -> advantages -> train_step, end to end: reward = 'first token is 5'."""
+  from specrl import rollout as rollout_lib
+  from specrl.sampling import SamplingParams
+
+  cfg = model_lib.ModelConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                              head_dim=8, d_ff=32)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  rl = rl_lib.RLConfig(num_generations=8)
+  opt = rl_lib.make_optimizer(3e-2, 0.0, 1.0)
+  state = rl_lib.init_train_state(params, opt, jax.random.key(1), keep_reference=False)
+  rcfg = rollout_lib.RolloutConfig(max_new_tokens=2, max_prompt_len=2, eos_id=-1,
+                                   sampling=SamplingParams(1.0))
+  eng = rollout_lib.RolloutEngine(cfg, rcfg)
+  step = jax.jit(lambda st, bt: rl_lib.train_step(st, bt, cfg=cfg, rl=rl, optimizer=opt))
+  toks = np.tile(np.array([[1, 2]], np.int32), (32, 1))
+  lens = np.full((32,), 2, np.int32)
+
+  def p5(params):
+    lg, _ = model_lib.forward(params, cfg, toks[:1], np.arange(2)[None])
+    return float(jax.nn.softmax(lg[0, -1])[5])
+
+  start = p5(state.params)
+  for i in range(15):
+    out, _ = eng.generate(state.params, toks, lens, jax.random.key(100 + i))
+    reward = (np.asarray(out.response[:, 0]) == 5).astype(np.float32)
+    pos = np.arange(rcfg.seq_len)[None]
+    mask = ((pos >= 2) & (pos < 2 + np.asarray(out.length)[:, None])).astype(np.float32)
+    batch = {'tokens': out.tokens[:, : rcfg.seq_len], 'response_mask': mask,
+             'old_logprobs': out.logprobs[:, : rcfg.seq_len] * mask,
+             'advantages': rl_lib.grpo_advantages(jnp.asarray(reward), 8)}
+    state, _ = step(state, batch)
+  assert start < 0.3 and p5(state.params) > start + 0.3, (start, p5(state.params))

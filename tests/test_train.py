@@ -95,6 +95,8 @@ def test_quantized_drafter_is_derived_from_the_new_params_inside_the_step():
     old = jax.device_get(state.params)
     batch, _, _, m = train.rollout_batch(exp, state.params, 5, state.rng)
     assert 'spec/acceptance' in m
+    # an untrained policy scores 0 everywhere (zero advantages): force a real update
+    batch['advantages'] = np.random.default_rng(0).normal(size=batch['advantages'].shape)
     for _ in range(2):  # the first step has learning rate 0 (warm-up)
       state, _, draft = fns[1](state, batch)
   expected = quant.quantize_params(state.params, quantized.quant_config(c.drafter))
