@@ -1,29 +1,35 @@
 """Speculative vs plain rollout throughput, against the Leviathan et al. ideal speedup.
 
 For every batch size B and draft length k this runs :class:`specrl.rollout.RolloutEngine`
-twice on the same fixed prompts -- plain (``num_draft = 0``) and speculative -- with
-``eos_id = -1`` so every sequence generates exactly ``max_new_tokens`` (both do the same
-work), and reports
+plain (``num_draft = 0``) and speculative on the same fixed prompts, with ``eos_id = -1``
+so every sequence generates exactly ``max_new_tokens`` (both do the same work), and
+reports (one row per drafter, B, k):
 
-- plain and speculative tokens/s (median of ``--iters`` ``generate()`` calls after a
-  compiling warm-up call; the engine's own ``rollout/time_s``, prefill included) and
-  their ratio;
-- the per-token acceptance rate alpha, inferred from the measured mean tokens per verify
-  pass ``tau = 1 + E[accepted drafts] = (1 - alpha^(k+1)) / (1 - alpha)``;
-- the drafter/target cost ratio ``c = t_draft / t_1``, where ``t_1`` is one jitted target
-  decode step (a T = 1 cache-extending forward + sampling) and ``t_draft`` one drafter
-  step (the same for the drafter's model; for the model-free n-gram drafter, its
-  ``propose`` time / k), and the verify cost ``v = t_verify / t_1`` (target forward over
-  T = k + 1 tokens: not 1 on a CPU, where the extra tokens are not free);
-- the ideal speedup ``(1 - alpha^(k+1)) / ((1 - alpha)(k c + 1))`` (Leviathan et al.
-  2023, eq. 1 ff.) and a cost-aware ideal with ``k c + v`` in the denominator; ``eff`` and
-  ``ca_eff`` are the measured ratio over each. The gap to the cost-aware ideal is the
-  engine's own overhead; the per-round columns locate it: ``round`` is the measured decode
-  time per loop iteration ((time - prefill) / iterations), ``prop`` the drafter's whole
-  ``propose`` (k tokens, jitted alone), ``ver`` the verify forward, and
-  ``ovh = round - prop - ver`` what the round spends elsewhere (rejection sampling,
-  commit, loop carry). ``sync`` = mean rounds per sequence / loop iterations: below 1 at
+- ``plain_tok_s``, ``spec_tok_s``, ``ratio``: tokens/s from the engine's own
+  ``rollout/time_s`` (prefill included; median of ``--iters`` ``generate()`` calls after
+  compiling ones) and their ratio, the speedup an RL step sees;
+- ``alpha``: the per-token acceptance rate, inferred from the measured mean tokens per
+  verify pass ``tau = 1 + E[accepted drafts] = (1 - alpha^(k+1)) / (1 - alpha)``;
+- ``c = t_draft / t_1``: ``t_1`` is one target decode step (a T = 1 cache-extending
+  forward + sampling), ``t_draft`` one drafter step (the same on the drafter's model; for
+  the model-free n-gram drafter, its ``propose`` time / k); ``v = t_verify / t_1``, the
+  target forward over T = k + 1 tokens (not 1 on a CPU, where extra tokens are not free);
+- ``ideal = (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1))`` (Leviathan et al. 2023) and the
+  cost-aware ``ca_ideal`` with ``k c + v`` in the denominator; ``eff`` / ``ca_eff`` are
+  ``ratio`` over each. ``dec_ratio`` is the ratio of decode times alone (time - prefill;
+  a model drafter also prefills its own cache) and ``dec_eff = dec_ratio / ca_ideal``:
+  the decode loop's efficiency;
+- where a round's time goes: ``round_ms`` is the measured decode time per loop iteration,
+  ``prop_ms`` the drafter's whole ``propose`` (k tokens), ``ver_ms`` the verify forward,
+  ``ovh_ms = round - prop - ver`` the rest (rejection sampling, commit, loop carry,
+  per-call dispatch); ``sync`` = mean rounds per sequence / loop iterations, below 1 at
   B > 1 because the batched loop runs until its slowest sequence is done.
+
+Unit costs (``t_1``, drafter steps, verify forwards, proposals, prefills) are jitted on
+their own, each timed call running ``--unit_reps`` steps in a ``fori_loop`` with the cache
+donated and carried (no per-call dispatch, as inside the rollout's ``while_loop``). All
+rollouts and unit costs of one batch size are timed round-robin, so background load on a
+shared machine hits them alike. Compiled executables persist in ``--compile_cache``.
 
 Drafters (``--drafter``, a comma list; each gets its own rows):
 
@@ -43,7 +49,7 @@ Drafters (``--drafter``, a comma list; each gets its own rows):
 
 Random-init models have flat next-token distributions; ``--temperature < 1`` sharpens them.
 
-  python bench/speculative.py --quick                 # B {1,4} x k {2,4}, < 1 min on CPU
+  python bench/speculative.py --quick                 # B {1,4} x k {2,4}, 64 tokens, CPU
   python bench/speculative.py                         # B {1,4,16,64} x k {2,4,8}
   python bench/speculative.py --model gpu             # ~215M-param bf16 policy (GPU)
   python bench/speculative.py --drafter self,ngram --noise 0.5,2
@@ -56,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import os
 import statistics
@@ -91,13 +98,14 @@ PRESETS = {
 }
 FULL = dict(batch_sizes='1,4,16,64', ks='2,4,8', drafter='noisy_policy,small_model', iters=5,
             step_iters=30)
-QUICK = dict(batch_sizes='1,4', ks='2,4', drafter='noisy_policy', iters=3, step_iters=15,
-             max_new_tokens=32)
+QUICK = dict(batch_sizes='1,4', ks='2,4', drafter='noisy_policy', iters=5, step_iters=15,
+             max_new_tokens=64)
 
 
 # ----------------------------------------------------------------------------- drafters
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def noisy_params(params, noise: float, key):
   """``w + noise * std(w) * N(0, 1)`` for every weight tensor (norm scales, with std 0,
   stay as they are): a same-size drafter whose disagreement with the policy grows with
@@ -156,12 +164,25 @@ class CacheStep:
   Timing a loop rather than one call excludes the per-call dispatch and host sync, which
   the rollout's ``while_loop`` does not pay either (and which, on a loaded CPU, can rival a
   small model's step). With ``sp``, each step also samples the last position and feeds
-  the token back, as decoding does. The KV cache is
-  donated and carried, so it is updated in place.
+  the token back, as decoding does. The KV cache is donated and carried (in place).
   """
 
   def __init__(self, params, cfg, batch: int, t: int, cache_len: int, pos: int, sp=None,
                reps: int = 8):
+    self.reps = reps
+    self.fn = self._jitted(cfg, sp, reps)
+    self.params = params
+    self.cache = model_lib.init_cache(cfg, batch, cache_len)
+    self.tok = jnp.full((batch, t), 3, jnp.int32)
+    self.pos = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (batch, t))
+    self.key = jax.random.key(0)
+
+  @staticmethod
+  @functools.cache
+  def _jitted(cfg, sp, reps: int):
+    """One jitted function per static setting: same-architecture drafters (noisy policy,
+    self) reuse the target step's executable (params are arguments)."""
+
     def fn(params, cache, tok, positions, key):
       def body(i, carry):
         cache, tok = carry
@@ -174,13 +195,7 @@ class CacheStep:
       cache, tok = jax.lax.fori_loop(0, reps, body, (cache, tok))
       return tok, cache
 
-    self.reps = reps
-    self.fn = jax.jit(fn, donate_argnums=1)
-    self.params = params
-    self.cache = model_lib.init_cache(cfg, batch, cache_len)
-    self.tok = jnp.full((batch, t), 3, jnp.int32)
-    self.pos = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (batch, t))
-    self.key = jax.random.key(0)
+    return jax.jit(fn, donate_argnums=1)
 
   def __call__(self):
     out, self.cache = self.fn(self.params, self.cache, self.tok, self.pos, self.key)
@@ -342,10 +357,12 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
     ideal, ca_ideal = ideal_speedup(alpha, k, c), ideal_speedup(alpha, k, c, v)
     n_iter = statistics.mean(g.iterations)
     round_s = (spec_t - med['prefill', name]) / n_iter
+    dec_ratio = (plain_t - med['prefill', 'plain']) / (spec_t - med['prefill', name])
     rows.append(dict(
       drafter=label, B=b, k=k, plain_tok_s=b * nnew / plain_t, spec_tok_s=b * nnew / spec_t,
       ratio=ratio, alpha=alpha, tau=tau, c=c, v=v, ideal=ideal, eff=ratio / ideal,
-      ca_ideal=ca_ideal, ca_eff=ratio / ca_ideal, sync=g.rounds / len(g.times) / b / n_iter,
+      ca_ideal=ca_ideal, ca_eff=ratio / ca_ideal, dec_ratio=dec_ratio,
+      dec_eff=dec_ratio / ca_ideal, sync=g.rounds / len(g.times) / b / n_iter,
       round_ms=1e3 * round_s, prop_ms=1e3 * t_prop, ver_ms=1e3 * t_ver,
       ovh_ms=1e3 * (round_s - t_prop - t_ver), prefill_ms=1e3 * med['prefill', name]))
   return plain_row, rows
@@ -356,7 +373,7 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument('--quick', action='store_true', help='B {1,4} x k {2,4}, 32 tokens, < 1 min')
+  ap.add_argument('--quick', action='store_true', help='B {1,4} x k {2,4}, 64 tokens (CPU)')
   ap.add_argument('--model', default='tiny', choices=sorted(PRESETS), help='size preset')
   ap.add_argument('--batch_sizes', default=None, help='comma list (default 1,4,16,64)')
   ap.add_argument('--ks', default=None, help='comma list of draft lengths (default 2,4,8)')
@@ -364,7 +381,7 @@ def main(argv=None):
   ap.add_argument('--prompt_len', type=int, default=0, help='0: preset default')
   ap.add_argument('--drafter', default=None,
                   help=f'comma list of {"|".join(DRAFTERS)} (default noisy_policy,small_model)')
-  ap.add_argument('--noise', default='1.0', help='noisy_policy logit noise std (comma list)')
+  ap.add_argument('--noise', default='0.2', help='noisy_policy logit noise std (comma list)')
   ap.add_argument('--exit_layers', type=int, default=1, help='early_exit drafter depth')
   ap.add_argument('--temperature', type=float, default=1.0)
   ap.add_argument('--iters', type=int, default=0, help='timed generate() calls (0: auto)')
@@ -428,7 +445,8 @@ def main(argv=None):
   common.print_table([
     ('drafter', ''), ('B', 'd'), ('k', 'd'), ('plain_tok_s', '.0f'), ('spec_tok_s', '.0f'),
     ('ratio', '.2f'), ('alpha', '.2f'), ('tau', '.2f'), ('c', '.2f'), ('v', '.2f'),
-    ('ideal', '.2f'), ('eff', '.0%'), ('ca_ideal', '.2f'), ('ca_eff', '.0%'), ('sync', '.2f'),
+    ('ideal', '.2f'), ('eff', '.0%'), ('ca_ideal', '.2f'), ('ca_eff', '.0%'),
+    ('dec_ratio', '.2f'), ('dec_eff', '.0%'), ('sync', '.2f'),
     ('round_ms', '.2f'), ('prop_ms', '.2f'), ('ver_ms', '.2f'), ('ovh_ms', '.2f')], rows)
 
   small = [r for r in rows if r['B'] <= 4]
@@ -441,6 +459,7 @@ def main(argv=None):
     best=best and dict(drafter=best['drafter'], B=best['B'], k=best['k']),
     mean_efficiency_b1_4=statistics.mean(r['eff'] for r in small) if small else None,
     mean_ca_efficiency_b1_4=statistics.mean(r['ca_eff'] for r in small) if small else None,
+    mean_dec_efficiency_b1_4=statistics.mean(r['dec_eff'] for r in small) if small else None,
   )
   common.emit_json(summary)
   return summary

@@ -2,7 +2,7 @@
 
   python main.py --config=configs/default.py --workdir=/tmp/specrl
   python main.py --config=configs/default.py:smoke --workdir=/tmp/smoke   # seconds
-  python main.py --config=configs/default.py --config.rollout.drafter=self --config.rollout.num_draft=4
+  python main.py --config=configs/default.py --workdir=/tmp/q --config.rollout.drafter=quantized
 """
 
 import ml_collections
@@ -44,9 +44,9 @@ def get_config(arg: str | None = None):
   c.sft = ml_collections.ConfigDict(dict(steps=200, batch_size=64, lr=3e-3, warmup_steps=20))
 
   c.rl = ml_collections.ConfigDict(dict(
-    steps=60, num_prompts=16, num_generations=8, lr=1e-3, warmup_steps=5,
+    steps=60, num_prompts=32, num_generations=8, lr=3e-4, warmup_steps=5,
     weight_decay=0.0, grad_clip=1.0, clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.0,
-    aggregation='token', scale_advantages=True, num_minibatches=1, num_epochs=1))
+    aggregation='sequence', scale_advantages=True, num_minibatches=1, num_epochs=1))
 
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
   c.log_every = 1

@@ -327,7 +327,56 @@ class RolloutEngine:
     self._fns[key] = (prefill_j, decode_j, finalize_j)
     return self._fns[key]
 
-  def generate(self, params, prompt_tokens, prompt_len, rng, draft_params=None):
+  def measure_step_costs(self, params, batch: int, draft_params=None, repeats: int = 5) -> dict:
+    """Median wall time (s) of one plain decode step (T = 1), one verify pass (T = k + 1)
+    and one drafter proposal of k tokens, at this batch size (jitted, warmed up).
+
+    Steps run inside a ``while_loop`` can't be timed individually, so per-rollout drafter
+    and verify times are estimated as (verify passes) x these costs. Cached per batch.
+    """
+    key = ('costs', batch)
+    if key in self._fns:
+      return self._fns[key]
+    if self.drafter is not None and draft_params is None:
+      draft_params = self.drafter.params_from_policy(params)
+    cfg, rcfg, mesh, drafter = self.cfg, self.rcfg, self.mesh, self.drafter
+    toks = np.full((batch, rcfg.max_prompt_len), 3, np.int32)
+    lens = np.full((batch,), rcfg.max_prompt_len, np.int32)
+    prefill_j = self._compiled(batch, params, draft_params)[0]
+    state = prefill_j(params, draft_params, toks, lens, jax.random.key(0))
+
+    def timed(fn, *args):
+      jax.block_until_ready(fn(*args))
+      ts = []
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+      return float(np.median(ts))
+
+    def plain(p, s):
+      return model_lib.forward(p, cfg, current_tokens(s)[:, None], s.pos[:, None], s.cache,
+                               mesh=mesh)[0]
+
+    costs = {'plain_step_s': timed(jax.jit(plain), params, state)}
+    k = rcfg.num_draft
+    if k and drafter is not None:
+      def verify_pass(p, s):
+        t = jnp.broadcast_to(current_tokens(s)[:, None], (batch, k + 1))
+        pos = s.pos[:, None] + jnp.arange(k + 1)[None]
+        return model_lib.forward(p, cfg, t, pos, s.cache, mesh=mesh)[0]
+
+      def propose(dp, s):
+        return drafter.propose(dp, s.draft, s.tokens, s.pos, k, s.rng, rcfg.sampling,
+                               mesh=mesh, policy_cache=s.cache)[:2]
+
+      costs['verify_pass_s'] = timed(jax.jit(verify_pass), params, state)
+      costs['draft_k_s'] = timed(jax.jit(propose), draft_params, state)
+    self._fns[key] = costs
+    return costs
+
+  def generate(self, params, prompt_tokens, prompt_len, rng, draft_params=None,
+               estimate_costs: bool = False):
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_len = np.asarray(prompt_len, np.int32)
     b, p = prompt_tokens.shape
@@ -352,7 +401,15 @@ class RolloutEngine:
     out = finalize_j(state)
     out = jax.block_until_ready(out)
     dt = time.perf_counter() - t0
-    return out, rollout_metrics(out, dt, self.rcfg)
+    metrics = rollout_metrics(out, dt, self.rcfg)
+    if estimate_costs and self.rcfg.num_draft:
+      costs = self.measure_step_costs(params, b, draft_params)
+      passes = int(np.asarray(out.num_rounds).max())
+      metrics['spec/draft_time_est_s'] = passes * costs['draft_k_s']
+      metrics['spec/verify_time_est_s'] = passes * costs['verify_pass_s']
+      metrics['spec/draft_cost_ratio'] = costs['draft_k_s'] / (
+        self.rcfg.num_draft * costs['plain_step_s'])
+    return out, metrics
 
 
 def rollout_metrics(out: RolloutOutput, seconds: float, rcfg: RolloutConfig) -> dict:

@@ -133,7 +133,9 @@ class RunningSumTask:
     return toks, mask
 
   def reward(self, response_ids: Sequence[int], answer: str) -> float:
-    """``answer`` is the problem's terms as digits ('3527'). 1.0 for a correct final answer (after EOS-terminated, well-formed work); otherwise
+    """``answer`` is the problem's terms as digits ('3527').
+
+    1.0 for a correct final answer (after EOS-terminated, well-formed work); otherwise
     partial credit 0.5 x (fraction of worked steps correct before the first mistake).
 
     The partial credit is still verifiable (the ground-truth steps are recomputed from
@@ -147,7 +149,7 @@ class RunningSumTask:
     steps = self.tokenizer.decode(ids).split('#')[0].split(' ')
     truth = [str(s) for s in np.cumsum(terms) % 10]
     good = 0
-    for got, want in zip(steps, truth):
+    for got, want in zip(steps, truth, strict=False):
       if got != want:
         break
       good += 1

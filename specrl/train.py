@@ -28,11 +28,10 @@ from absl import logging
 from jax.sharding import NamedSharding
 
 from specrl import checkpointing as ckpt_lib
-from specrl import drafters
+from specrl import drafters, sampling
 from specrl import model as model_lib
 from specrl import rl as rl_lib
 from specrl import rollout as rollout_lib
-from specrl import sampling
 from specrl import sharding as shd
 from specrl import tasks as tasks_lib
 
@@ -185,7 +184,7 @@ def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
   lens = np.repeat(prompts.lengths, g, axis=0)
   answers = [a for a in prompts.answers for _ in range(g)]
   out, metrics = exp.engine.generate(params, toks, lens, jax.random.fold_in(rng, step),
-                                     draft_params=draft_params)
+                                     draft_params=draft_params, estimate_costs=True)
   resp = np.asarray(out.response)
   length = np.asarray(out.length)
   rewards = np.array([exp.task.reward(resp[i, : length[i]], answers[i])
@@ -256,7 +255,8 @@ def _log_line(step, total, m) -> str:
           f'rollout {m["rollout/time_s"]:.2f}s ({m["rollout/tokens_per_s"]:.0f} tok/s) '
           f'train {m["train/time_s"]:.2f}s')
   if 'spec/acceptance' in m:
-    line += f' | accept {m["spec/acceptance"]:.2f} tok/pass {m["spec/tokens_per_pass"]:.2f}'
+    line += (f' | accept {m["spec/acceptance"]:.2f} tok/pass {m["spec/tokens_per_pass"]:.2f}'
+             f' draft/verify {m["spec/draft_time_est_s"]:.2f}/{m["spec/verify_time_est_s"]:.2f}s')
   return line
 
 

@@ -68,6 +68,7 @@ from specrl.sampling import (
   token_logprobs,
 )
 
+INTERPRET_BATCH_CHUNK = 32  # rows per kernel call in CPU interpret mode (speed only)
 STREAM_ACCEPT = 1  # acceptance uniforms u_i
 STREAM_SAMPLE = 2  # Gumbel noise of the residual / bonus row
 
@@ -275,7 +276,20 @@ def verify(
   if impl == 'pallas':
     from specrl.kernels import verify as kernel_lib  # lazy: Pallas import is heavier
 
-    return kernel_lib.verify_pallas(
-      target_logits, draft_logits, draft_tokens, seeds, sp, interpret=interpret, **kernel_options
-    )
+    def run(t, d, x, s):
+      return kernel_lib.verify_pallas(t, d, x, s, sp, interpret=interpret, **kernel_options)
+
+    b = target_logits.shape[0]
+    interpreting = interpret if interpret is not None else jax.default_backend() == 'cpu'
+    if not interpreting or b <= INTERPRET_BATCH_CHUNK:
+      return run(target_logits, draft_logits, draft_tokens, seeds)
+    # Interpret mode costs grow faster than linearly with the grid on CPU: run the batch in
+    # fixed-size chunks (results are per row, so chunking changes nothing but speed).
+    c = INTERPRET_BATCH_CHUNK
+    pad = -b % c
+    args = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+            for a in (target_logits, draft_logits, draft_tokens, seeds)]
+    args = [a.reshape((-1, c) + a.shape[1:]) for a in args]
+    out = lax.map(lambda a: run(*a), args)
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:b], out)
   raise ValueError(f"verify impl must be 'jnp' or 'pallas', got {impl!r}")

@@ -47,7 +47,7 @@ def main():
       'tokens_equal': bool(np.array_equal(t8, t1)),
       'logprob_maxdiff': float(np.max(np.abs(l8 - l1))),
       'param_maxdiff': max(float(np.max(np.abs(a - b)))
-                           for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1))),
+                           for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True)),
       'sharded_specs': sorted(sh8),
     }
   print(json.dumps(res))

@@ -38,9 +38,9 @@ POLICY = _sharpen(model_lib.init_params(CFG, jax.random.key(0)), 1.0)
 POOR = _sharpen(model_lib.init_params(DCFG, jax.random.key(42)), 1.0)
 
 
-def _spec_samples(sp, drafter, k, seed=0):
+def _spec_samples(sp, drafter, k, seed=0, verify_impl='jnp'):
   rcfg = rollout_lib.RolloutConfig(max_new_tokens=M, max_prompt_len=len(PROMPT), eos_id=-1,
-                                   sampling=sp, num_draft=k)
+                                   sampling=sp, num_draft=k, verify_impl=verify_impl)
   eng = rollout_lib.RolloutEngine(CFG, rcfg, drafter=drafter)
   toks = np.tile(np.asarray(PROMPT, np.int32), (N_SAMPLES, 1))
   lens = np.full((N_SAMPLES,), len(PROMPT), np.int32)
@@ -50,8 +50,8 @@ def _spec_samples(sp, drafter, k, seed=0):
   return out.response[:, :M], m
 
 
-def _pvalue(sp, drafter, k, seed=0):
-  samples, m = _spec_samples(sp, drafter, k, seed)
+def _pvalue(sp, drafter, k, seed=0, verify_impl='jnp'):
+  samples, m = _spec_samples(sp, drafter, k, seed, verify_impl)
   conts, probs = stats.exact_joint(POLICY, CFG, PROMPT, M, sp)
   return stats.chi2_pvalue(samples, conts, probs), m
 
@@ -69,6 +69,14 @@ def test_poor_small_model_drafter_is_lossless(setting):
   p, m = _pvalue(SETTINGS[setting], drafter, k=2, seed=1)
   assert m['spec/acceptance'] < 0.9  # the drafter really is poor: rejections happen
   assert p > 1e-3, f'speculative samples do not follow the policy (p={p:.2e})'
+
+
+def test_lossless_with_the_pallas_verify_kernel_in_the_loop():
+  """The Pallas kernel (interpret mode on CPU) inside the speculative rollout."""
+  drafter = ModelDrafter('small_model', DCFG, own_params=POOR)
+  p, m = _pvalue(SETTINGS['T0.7-topk3'], drafter, k=2, seed=8, verify_impl='pallas')
+  assert m['spec/acceptance'] < 0.9
+  assert p > 1e-3, f'p={p:.2e}'
 
 
 def test_good_noisy_policy_drafter_is_lossless():

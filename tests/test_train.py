@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from specrl import checkpointing
-from specrl import train
+from specrl import checkpointing, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
