@@ -47,12 +47,19 @@ Drafters (``--drafter``, a comma list; each gets its own rows):
 - ``self``: the policy drafting for itself (alpha = 1, c = 1: ideal speedup 1.0 exactly,
   so ``eff`` is the engine's own efficiency).
 
-Random-init models have flat next-token distributions; ``--temperature < 1`` sharpens them.
+``--share_kv``: the drafters with the policy's architecture (noisy_policy, self,
+quantized) read the policy's KV cache instead of prefilling and keeping their own.
+
+Random-init models have flat next-token distributions; ``--temperature < 1`` sharpens them
+(and lowers alpha for a given noise). Timings on a shared CPU are noisy: the noisy-policy
+drafter runs the very executable of the target step, so its ``c`` (exactly 1 in
+principle) gauges the noise of a run.
 
   python bench/speculative.py --quick                 # B {1,4} x k {2,4}, 64 tokens, CPU
   python bench/speculative.py                         # B {1,4,16,64} x k {2,4,8}
+  python bench/speculative.py --model mid --quick     # 21M params: past the CPU's L3
   python bench/speculative.py --model gpu             # ~215M-param bf16 policy (GPU)
-  python bench/speculative.py --drafter self,ngram --noise 0.5,2
+  python bench/speculative.py --quick --drafter noisy_policy,self --noise 0.05,0.2,0.5
 
 Prints a plain-decoding table, the speculative table, then, as the last line, one JSON
 object with the headline figures.
@@ -85,11 +92,16 @@ DRAFTERS = ('noisy_policy', 'small_model', 'early_exit', 'quantized', 'ngram', '
 
 # name -> (policy dims, small_model drafter dims (vocab shared), dtype, prompt_len, new tokens)
 PRESETS = {
-  'tiny': (  # ~3.3M params: CPU
+  'tiny': (  # ~3.3M params (13 MB: fits a CPU's L3, so a CPU step is compute-bound)
     dict(vocab_size=512, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
          d_ff=768),
     dict(d_model=128, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=64, d_ff=384),
     'float32', 16, 64),
+  'mid': (  # ~21M params (84 MB in f32: past a typical CPU L3, so decoding is memory-bound)
+    dict(vocab_size=4096, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=64,
+         d_ff=1536),
+    dict(d_model=256, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=768),
+    'float32', 32, 64),
   'gpu': (  # ~215M params
     dict(vocab_size=32000, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, head_dim=64,
          d_ff=4096),
@@ -98,7 +110,7 @@ PRESETS = {
 }
 FULL = dict(batch_sizes='1,4,16,64', ks='2,4,8', drafter='noisy_policy,small_model', iters=5,
             step_iters=30)
-QUICK = dict(batch_sizes='1,4', ks='2,4', drafter='noisy_policy', iters=5, step_iters=15,
+QUICK = dict(batch_sizes='1,4', ks='2,4', drafter='noisy_policy', iters=5, step_iters=20,
              max_new_tokens=64)
 
 
@@ -117,16 +129,21 @@ def noisy_params(params, noise: float, key):
   return jax.tree.unflatten(treedef, out)
 
 
-def make_drafters(names, noises, cfg, dcfg, params, exit_layers: int, seed: int):
-  """[(label, drafter)] for the requested drafter names."""
+def make_drafters(names, noises, cfg, dcfg, params, exit_layers: int, seed: int,
+                  share_kv: bool = False):
+  """[(label, drafter)] for the requested drafter names. ``share_kv``: drafters with the
+  policy's architecture (noisy_policy, self, quantized) read the policy's KV cache instead
+  of prefilling and keeping their own (``ModelDrafter(share_kv=True)``)."""
   out = []
+  kv = dict(share_kv=True) if share_kv else {}
+  tag = '+kv' if share_kv else ''
   for name in names:
     if name == 'noisy_policy':
       for i, s in enumerate(noises):
         dp = noisy_params(params, s, jax.random.key(seed + 100 + i))
-        out.append((f'noisy({s:g})', ModelDrafter('noisy_policy', cfg, own_params=dp)))
+        out.append((f'noisy({s:g}){tag}', ModelDrafter('noisy_policy', cfg, own_params=dp, **kv)))
     elif name == 'self':
-      out.append(('self', ModelDrafter('self', cfg, derive=lambda p: p)))
+      out.append((f'self{tag}', ModelDrafter('self', cfg, derive=lambda p: p, **kv)))
     elif name == 'small_model':
       dparams = model_lib.init_params(dcfg, jax.random.key(seed + 1))
       out.append(('small', ModelDrafter('small_model', dcfg, own_params=dparams)))
@@ -140,8 +157,9 @@ def make_drafters(names, noises, cfg, dcfg, params, exit_layers: int, seed: int)
 
       from specrl.drafters import quantized
 
-      dc = ml_collections.ConfigDict(dict(drafter=dict(bits=8, group_size=0, backend='jnp')))
-      out.append(('int8', quantized.make_quantized_drafter(dc, cfg)))
+      dc = ml_collections.ConfigDict(dict(drafter=dict(bits=8, group_size=0, backend='jnp',
+                                                       share_kv=share_kv)))
+      out.append((f'int8{tag}', quantized.make_quantized_drafter(dc, cfg)))
     elif name == 'ngram':
       out.append(('ngram', NgramDrafter(cfg.vocab_size, 2)))
     else:
@@ -324,7 +342,8 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
     units['prop', label, k] = ProposeStep(drafter, dparams, state, k, sp, reps)
     if ('ver', k) not in units:
       units['ver', k] = CacheStep(params, cfg, b, k + 1, eng.rcfg.buffer_len, mid, reps=reps)
-    if isinstance(drafter, ModelDrafter) and label != 'self' and ('draft', label) not in units:
+    if (isinstance(drafter, ModelDrafter) and drafter.name != 'self'
+        and ('draft', label) not in units):
       units['draft', label] = CacheStep(dparams, drafter.cfg, b, 1, base_rcfg.buffer_len, mid,
                                         sp, reps)
   counts = {n: iters if n[0] == 'gen' else step_iters for n in units}
@@ -347,7 +366,7 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
     spec_t = statistics.median(g.times)
     t_prop, t_ver = med['prop', label, k], med['ver', k]
     if isinstance(drafter, ModelDrafter):
-      t_draft = t1 if label == 'self' else med['draft', label]
+      t_draft = t1 if drafter.name == 'self' else med['draft', label]
     else:  # model-free: no per-token forward; its per-token share of a proposal
       t_draft = t_prop / k
     c, v = t_draft / t1, t_ver / t1
@@ -381,8 +400,12 @@ def main(argv=None):
   ap.add_argument('--prompt_len', type=int, default=0, help='0: preset default')
   ap.add_argument('--drafter', default=None,
                   help=f'comma list of {"|".join(DRAFTERS)} (default noisy_policy,small_model)')
-  ap.add_argument('--noise', default='0.2', help='noisy_policy logit noise std (comma list)')
+  ap.add_argument('--noise', default='0.2',
+                  help='noisy_policy weight noise in units of each tensor\'s std (comma list; '
+                  'tiny, T=1: 0.05 -> alpha ~0.95, 0.2 -> ~0.73, 0.5 -> ~0.6)')
   ap.add_argument('--exit_layers', type=int, default=1, help='early_exit drafter depth')
+  ap.add_argument('--share_kv', action='store_true',
+                  help='noisy_policy / self / quantized drafters read the policy KV cache')
   ap.add_argument('--temperature', type=float, default=1.0)
   ap.add_argument('--iters', type=int, default=0, help='timed generate() calls (0: auto)')
   ap.add_argument('--step_iters', type=int, default=0, help='timed unit-cost calls (0: auto)')
@@ -399,6 +422,8 @@ def main(argv=None):
   batches = common.ints(args.batch_sizes or grid['batch_sizes'])
   ks = common.ints(args.ks or grid['ks'])
   names = [s.strip() for s in (args.drafter or grid['drafter']).split(',') if s.strip()]
+  if not names or not batches or not ks or min(ks) < 1:
+    ap.error('need at least one drafter, batch size and draft length k >= 1')
   noises = common.floats(args.noise)
   iters = args.iters or grid['iters']
   step_iters = args.step_iters or grid['step_iters']
@@ -415,7 +440,8 @@ def main(argv=None):
   cfg = model_lib.ModelConfig(**pdims, param_dtype=dtype, compute_dtype=dtype)
   dcfg = dataclasses.replace(cfg, **ddims)
   params = model_lib.init_params(cfg, jax.random.key(args.seed))
-  drafters = make_drafters(names, noises, cfg, dcfg, params, args.exit_layers, args.seed)
+  drafters = make_drafters(names, noises, cfg, dcfg, params, args.exit_layers, args.seed,
+                           args.share_kv)
   info = common.device_info()
   dsize = sum(int(np.prod(s)) for s in jax.tree.leaves(
     model_lib.param_shapes(dcfg), is_leaf=lambda x: isinstance(x, tuple)))
@@ -423,8 +449,8 @@ def main(argv=None):
         f'{model_lib.count_params(params) / 1e6:.2f}M params {dtype} '
         f'(small_model drafter {dsize / 1e6:.2f}M)')
   print(f'prompt {plen} + {nnew} new tokens (eos off), temperature {sp.temperature}; '
-        f'median of {iters} generate() calls after a compiling one, unit costs median of '
-        f'{step_iters}; all timed round-robin per batch size', flush=True)
+        f'median of {iters} generate() calls and of {step_iters} unit-cost calls (x '
+        f'{args.unit_reps} steps) after warm-up, timed round-robin per batch size', flush=True)
 
   base_rcfg = rollout_lib.RolloutConfig(max_new_tokens=nnew, max_prompt_len=plen, sampling=sp,
                                         eos_id=-1)
@@ -454,7 +480,8 @@ def main(argv=None):
   summary = dict(
     bench='speculative', **info, model=args.model, params=model_lib.count_params(params),
     dtype=dtype, temperature=sp.temperature, prompt_len=plen, max_new_tokens=nnew, iters=iters,
-    drafters=[d for d, _ in drafters], plain=plain_rows, rows=rows,
+    step_iters=step_iters, unit_reps=args.unit_reps, drafters=[d for d, _ in drafters],
+    plain=plain_rows, rows=rows,
     best_ratio=best and best['ratio'],
     best=best and dict(drafter=best['drafter'], B=best['B'], k=best['k']),
     mean_efficiency_b1_4=statistics.mean(r['eff'] for r in small) if small else None,

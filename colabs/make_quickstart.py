@@ -36,8 +36,8 @@ This notebook:
 3. decodes a few sampled responses of the trained policy;
 4. runs the same rollout with a speculative drafter and compares acceptance and tokens/s.
 
-With the defaults it takes a few minutes on a 2-core CPU; set `SMOKE = True` for a
-seconds-long run."""
+With the defaults it takes several minutes on a 2-core CPU (most of it the 200 warm-up
+and 60 GRPO steps); set `SMOKE = True` for a run of well under a minute."""
 
 SETUP = """\
 # Setup: find the repo root (this folder, its parent, or a clone in it), install the

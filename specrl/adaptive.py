@@ -860,7 +860,8 @@ class AdaptiveRolloutEngine:
       return scatter_rows(acc, strip(st), origin), gather_rows(st, idx, axes)
 
     args = (acc, state, idx, cur_origin)
-    f = self._compiled(('compact', b, target, self.buffer_len), fn, args, (0,), report, target)
+    key = ('compact', b, target, self.buffer_len, bsz)
+    f = self._compiled(key, fn, args, (0,), report, target)
     acc, state = f(*args)
     return state, new_origin, acc
 

@@ -4,6 +4,11 @@ import os
 import sys
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Tests are dominated by XLA compile time on a 2-core CPU; cheap compiles cut it ~3x.
+# (Inherited by the subprocess tests.) Benchmarks never run under these flags.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_backend_optimization_level=0'
+                           ' --xla_llvm_disable_expensive_passes=true')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402

@@ -72,6 +72,7 @@ def test_notebook_runs(monkeypatch, tmp_path):
   # The kernel inherits this environment: JAX_PLATFORMS=cpu (conftest), and cheap XLA
   # compiles, since compiling the train and rollout steps is most of a smoke run.
   monkeypatch.setenv('XLA_FLAGS', ' '.join([os.environ.get('XLA_FLAGS', ''), *FAST_COMPILE]))
+  monkeypatch.setenv('TMPDIR', str(tmp_path))  # the notebook's tempfile.mkdtemp() workdir
   # Started in colabs/, as Jupyter would: the notebook finds the repo root itself.
   client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=300,
                                    startup_timeout=120,

@@ -1,0 +1,286 @@
+"""Long-tailed rollouts: static batch vs compaction vs adaptive speculation, side by side.
+
+Workload. RL response lengths are long-tailed: the batch waits for its stragglers. Here
+per-sequence length budgets follow a lognormal (deterministic quantiles, rescaled so the
+longest is ``--tail_ratio`` x the median, 8x by default), imposed through the rollout's
+own cache-end rule: with ``cache_len = C`` a prompt of length ``p`` generates exactly
+``C - p`` tokens (``eos_id = -1``), so every variant does identical work and the
+rollout code needs no change. (Prompts are random tokens; the attention cost per step
+covers the whole buffer regardless of prompt length, so long prompts do not favour any
+variant.)
+
+Variants (one engine each, all on the same prompts; (c)-(f) share compiled functions):
+
+- ``static``: :class:`specrl.rollout.RolloutEngine`, plain decoding, static batch (a);
+- ``compact``: plain decoding + compaction into power-of-two buckets (b);
+- ``adaptive``: compaction + the cost-model chooser over plain / k in 1..8, int8
+  quantized self-drafter (``drafters/quantized.py``, jnp backend) (c);
+- ``always``: compaction + speculation always on (k = ``--always_k``) (d);
+- ``tlt``: compaction + TLT policy (on at <= 32 active, epsilon-greedy k) (e);
+- ``roofline``: compaction + roofline policy (ladder 5, 7, 9, 11) (f).
+
+Timing: one warm-up rollout per variant (compiles and, for the cost model / roofline,
+profiles each bucket; both reported), then ``--iters`` timed rollouts, variants
+interleaved round-robin so background load hits them alike; the median is reported.
+``time_s`` excludes compile/profiling time that happens inside a timed rollout (reported
+as ``late_compile_s``; nonzero when a policy explores a new (bucket, k) late).
+
+  python bench/long_tail.py --quick            # B 16, 32; median 8, longest 64 tokens
+  python bench/long_tail.py                    # B 64, 256; median 16, longest 128
+  python bench/long_tail.py --plot /tmp/lt.png
+
+Prints a table (times and speedups vs ``static``), the per-phase breakdown of the
+adaptive variant, saves a plot of active sequences vs time coloured by phase, and prints
+one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import common  # noqa: E402
+from specrl import adaptive  # noqa: E402
+from specrl import model as model_lib  # noqa: E402
+from specrl import rollout as rollout_lib  # noqa: E402
+from specrl.sampling import SamplingParams  # noqa: E402
+
+PRESETS = {
+  'tiny': dict(vocab_size=512, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
+               d_ff=768),  # ~3.3M params: CPU
+  'gpu': dict(vocab_size=32000, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4,
+              head_dim=64, d_ff=4096, param_dtype='bfloat16', compute_dtype='bfloat16'),
+}
+VARIANTS = ('static', 'compact', 'adaptive', 'always', 'tlt', 'roofline')
+FULL = dict(batch_sizes='64,256', median=16, iters=3)
+QUICK = dict(batch_sizes='16,32', median=8, iters=3)
+
+
+def long_tail_lengths(b: int, median: int, ratio: float, seed: int) -> np.ndarray:
+  """Lognormal response lengths [b]: quantiles ``median * exp(sigma z_i)`` at
+  ``z_i = Phi^-1((i + 1/2) / b)``, sigma set so the longest is ``ratio * median``;
+  shuffled. Deterministic, so every batch size has the same shape of tail."""
+  nd = statistics.NormalDist()
+  z = np.array([nd.inv_cdf((i + 0.5) / b) for i in range(b)])
+  sigma = np.log(ratio) / z.max() if b > 1 else 0.0
+  n = np.maximum(np.round(median * np.exp(sigma * z)), 1).astype(np.int32)
+  n[-1] = int(round(ratio * median))
+  return np.random.default_rng(seed).permutation(n)
+
+
+def make_prompts(lengths: np.ndarray, cache_len: int, max_prompt: int, vocab: int, seed: int):
+  """Prompts whose lengths ``cache_len - n_i`` make row i generate exactly n_i tokens."""
+  plen = (cache_len - lengths).astype(np.int32)
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(3, vocab, size=(len(plen), max_prompt)).astype(np.int32)
+  toks[np.arange(max_prompt)[None, :] >= plen[:, None]] = 0
+  return toks, plen
+
+
+def make_engines(cfg, rcfg, args):
+  """variant -> engine. The speculative variants share one buffer layout (k_max = the
+  roofline ladder's top) and so their compiled functions and profiles."""
+  import ml_collections
+
+  from specrl.drafters import quantized
+
+  dc = ml_collections.ConfigDict(dict(drafter=dict(bits=8, group_size=0, backend='jnp',
+                                                   share_kv=args.share_kv)))
+  drafter = quantized.make_quantized_drafter(dc, cfg)
+  buckets = tuple(common.ints(args.buckets))
+  base = adaptive.AdaptiveConfig(buckets=buckets, chunk_steps=args.chunk_steps, k_max=11,
+                                 always_k=args.always_k, tlt_threshold=args.tlt_threshold)
+  engines = {'static': rollout_lib.RolloutEngine(cfg, rcfg),
+             'compact': adaptive.AdaptiveRolloutEngine(
+               cfg, rcfg, dataclasses.replace(base, policy='never', k_max=0))}
+  root = adaptive.AdaptiveRolloutEngine(cfg, rcfg, dataclasses.replace(base, policy='cost_model'),
+                                        drafter=drafter)
+  engines['adaptive'] = root
+  for name in ('always', 'tlt', 'roofline'):
+    engines[name] = root.with_config(dataclasses.replace(base, policy=name))
+  return engines
+
+
+def run_once(eng, params, toks, plen, seed):
+  out, m = eng.generate(params, toks, plen, jax.random.key(seed))
+  report = getattr(eng, 'last_report', None)
+  extra = m.get('adaptive/compile_s', 0.0) + m.get('adaptive/profile_s', 0.0)
+  return dict(time_s=m['rollout/time_s'] - extra, wall_s=m['rollout/time_s'], late=extra,
+              tokens=m['rollout/tokens'], metrics=m, report=report,
+              length=np.asarray(out.length))
+
+
+def k_summary(report) -> str:
+  """'b32:plain b16:plain>k3 ...' from a report (strategies per bucket, in order)."""
+  if report is None:
+    return '-'
+  return ' '.join(f'b{b}:' + '>'.join(adaptive.strategy_name(s) for s in ks)
+                  for b, ks in report.chosen.items())
+
+
+def static_trace(lengths: np.ndarray, seconds: float):
+  """(t, active) of a static batch, reconstructed with a uniform step time: it has no
+  chunk boundaries to observe."""
+  steps = int(lengths.max())
+  return [(seconds * i / steps, int((lengths > i).sum())) for i in range(steps + 1)]
+
+
+def plot(path: str, results: dict, variants, k_max: int):
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  from matplotlib.lines import Line2D
+
+  batches = list(results)
+  fig, axes = plt.subplots(len(batches), len(variants), figsize=(3.2 * len(variants),
+                                                                 2.6 * len(batches)),
+                           squeeze=False, sharey='row')
+  cmap = plt.get_cmap('viridis')
+  color = lambda s: 'tab:gray' if s == 0 else cmap((s - 1) / max(k_max - 1, 1))
+  for i, b in enumerate(batches):
+    for j, v in enumerate(variants):
+      ax = axes[i][j]
+      r = results[b][v]
+      if r['report'] is None:
+        tr = static_trace(r['length'], r['time_s'])
+        ax.step([t for t, _ in tr], [a for _, a in tr], where='post', color=color(0))
+      else:
+        tr = r['report'].trace
+        for (t0, a0, _, s), (t1, a1, _, _) in zip(tr[::2], tr[1::2], strict=True):
+          ax.plot([t0, t1], [a0, a1], color=color(s), lw=2)
+        for (t0, a0, *_), (t1, a1, *_) in zip(tr[1::2], tr[2::2], strict=False):
+          ax.plot([t0, t1], [a0, a1], color='lightgray', lw=0.8, ls=':')
+      ax.set_title(f'B={b} {v}: {r["time_s"]:.2f}s', fontsize=8)
+      ax.set_yscale('symlog', linthresh=1)
+      ax.tick_params(labelsize=7)
+      if i == len(batches) - 1:
+        ax.set_xlabel('seconds', fontsize=7)
+      if j == 0:
+        ax.set_ylabel('active sequences', fontsize=7)
+  used = {0}
+  for b in batches:
+    for v in variants:
+      if results[b][v]['report'] is not None:
+        used |= {x[3] for x in results[b][v]['report'].trace}
+  handles = [Line2D([], [], color=color(s), lw=2, label=adaptive.strategy_name(s))
+             for s in sorted(used)]
+  fig.legend(handles=handles, loc='upper right', fontsize=7, title='phase', title_fontsize=7)
+  fig.tight_layout(rect=(0, 0, 0.95, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--quick', action='store_true', help='B 16, 32; median 8 tokens (CPU)')
+  ap.add_argument('--model', default='tiny', choices=sorted(PRESETS))
+  ap.add_argument('--batch_sizes', default=None, help='comma list (default 64,256)')
+  ap.add_argument('--median', type=int, default=0, help='median response length (0: auto)')
+  ap.add_argument('--tail_ratio', type=float, default=8.0, help='longest / median length')
+  ap.add_argument('--min_prompt', type=int, default=4, help='shortest prompt (longest row)')
+  ap.add_argument('--variants', default=','.join(VARIANTS))
+  ap.add_argument('--buckets', default='256,128,64,32,16,8,4,2,1')
+  ap.add_argument('--chunk_steps', type=int, default=16)
+  ap.add_argument('--always_k', type=int, default=4)
+  ap.add_argument('--tlt_threshold', type=int, default=32)
+  ap.add_argument('--share_kv', action='store_true', help='int8 drafter reads the policy KV')
+  ap.add_argument('--temperature', type=float, default=1.0)
+  ap.add_argument('--iters', type=int, default=0, help='timed rollouts per variant (0: auto)')
+  ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--plot', default='/tmp/long_tail.png', help='PNG path ("" = no plot)')
+  ap.add_argument('--compile_cache',
+                  default=os.environ.get('SPECRL_JAX_CACHE', os.path.join(tempfile.gettempdir(),
+                                                                          'specrl_jax_cache')),
+                  help='persistent compilation cache dir (re-runs skip compiling; "" = off)')
+  args = ap.parse_args(argv)
+  common.enable_compile_cache(args.compile_cache)
+  grid = QUICK if args.quick else FULL
+  batches = common.ints(args.batch_sizes or grid['batch_sizes'])
+  median = args.median or grid['median']
+  iters = args.iters or grid['iters']
+  variants = [v for v in args.variants.split(',') if v]
+  unknown = set(variants) - set(VARIANTS)
+  if unknown:
+    raise SystemExit(f'--variants: unknown {sorted(unknown)} (known: {", ".join(VARIANTS)})')
+
+  cfg = model_lib.ModelConfig(**PRESETS[args.model])
+  params = model_lib.init_params(cfg, jax.random.key(args.seed))
+  longest = int(round(args.tail_ratio * median))
+  cache_len = args.min_prompt + longest
+  rcfg = rollout_lib.RolloutConfig(max_new_tokens=longest, max_prompt_len=cache_len - 1,
+                                   cache_len=cache_len, eos_id=-1,
+                                   sampling=SamplingParams(args.temperature))
+  engines = make_engines(cfg, rcfg, args)
+  info = common.device_info()
+  print(f'# long-tail rollouts: {info}, model {args.model} '
+        f'({model_lib.count_params(params) / 1e6:.1f}M params), T={args.temperature}, '
+        f'median {median} / longest {longest} tokens, cache {cache_len}', flush=True)
+
+  results: dict = {}
+  rows = []
+  for b in batches:
+    lengths = long_tail_lengths(b, median, args.tail_ratio, args.seed)
+    toks, plen = make_prompts(lengths, cache_len, rcfg.max_prompt_len, cfg.vocab_size,
+                              args.seed + b)
+    warm = {}
+    for v in variants:
+      warm[v] = run_once(engines[v], params, toks, plen, args.seed)
+      np.testing.assert_array_equal(warm[v]['length'], lengths)  # identical work
+    runs = {v: [] for v in variants}
+    for it in range(iters):
+      for v in variants:
+        runs[v].append(run_once(engines[v], params, toks, plen, args.seed + 1 + it))
+    results[b] = {}
+    for v in variants:
+      best = sorted(runs[v], key=lambda r: r['time_s'])[len(runs[v]) // 2]  # the median run
+      m = best['metrics']
+      results[b][v] = dict(best, warm_compile_s=warm[v]['late'],
+                           late_compile_s=max(r['late'] for r in runs[v]))
+      rows.append(dict(
+        B=b, variant=v, time_s=best['time_s'], tok_s=best['tokens'] / best['time_s'],
+        compile_s=warm[v]['late'], late_compile_s=results[b][v]['late_compile_s'],
+        spec_frac=m.get('adaptive/spec_time_frac'), compactions=m.get('adaptive/compactions'),
+        alpha=m.get('adaptive/alpha') if v not in ('static', 'compact') else None,
+        k=k_summary(best['report'])))
+    base = results[b].get('static', results[b][variants[0]])['time_s']
+    for r in rows:
+      if r['B'] == b:
+        r['speedup'] = base / r['time_s']
+  common.print_table([('B', 'd'), ('variant', ''), ('time_s', '.3f'), ('speedup', '.2f'),
+                      ('tok_s', '.0f'), ('compile_s', '.1f'), ('late_compile_s', '.2f'),
+                      ('spec_frac', '.2f'), ('compactions', 'd'), ('alpha', '.2f')], rows)
+  print('\n# strategy per bucket (in order of use)')
+  for r in rows:
+    if r['k'] != '-':
+      print(f"B={r['B']:<4d} {r['variant']:<9s} {r['k']}")
+  if 'adaptive' in variants:
+    for b in batches:
+      print(f'\n# adaptive phases, B={b}')
+      common.print_table([('phase', ''), ('time_s', '.4f'), ('steps', 'd'), ('tokens', 'd'),
+                          ('tokens_per_s', '.0f')], results[b]['adaptive']['report'].phase_table())
+  if args.plot:
+    plot(args.plot, results, variants, 11)
+    print(f'\n# plot: {args.plot}')
+  summary = dict(
+    bench='long_tail', quick=args.quick, **info, model=args.model, median=median,
+    longest=longest, plot=args.plot or None,
+    results={str(b): {v: dict(time_s=results[b][v]['time_s'],
+                              speedup_vs_static=next(r['speedup'] for r in rows
+                                                     if r['B'] == b and r['variant'] == v),
+                              k=k_summary(results[b][v]['report']))
+                      for v in variants} for b in batches})
+  common.emit_json(summary)
+
+
+if __name__ == '__main__':
+  main()
