@@ -15,8 +15,9 @@ VARIANTS = {
 
 
 def _setup(variant, seed=0):
-  cfg = model_lib.ModelConfig(vocab_size=24, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                              head_dim=8, d_ff=64, **VARIANTS[variant])
+  base = dict(vocab_size=24, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+              d_ff=64)
+  cfg = model_lib.ModelConfig(**{**base, **VARIANTS[variant]})
   params = model_lib.init_params(cfg, jax.random.key(seed))
   # random biases / norms so those code paths matter
   params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(7), x.shape),
