@@ -61,8 +61,9 @@ PRESETS = {
               head_dim=64, d_ff=4096, param_dtype='bfloat16', compute_dtype='bfloat16'),
 }
 VARIANTS = ('static', 'compact', 'adaptive', 'always', 'tlt', 'roofline')
-FULL = dict(batch_sizes='64,256', median=16, iters=3)
-QUICK = dict(batch_sizes='16,32', median=8, iters=3)
+FULL = dict(batch_sizes='64,256', median=16, iters=3, buckets='256,128,64,32,16,8,4,2,1')
+# quick: factor-4 buckets halve the (bucket, strategy) compiles on a cold compile cache
+QUICK = dict(batch_sizes='16,32', median=8, iters=3, buckets='32,8,2')
 
 
 def long_tail_lengths(b: int, median: int, ratio: float, seed: int) -> np.ndarray:
@@ -97,6 +98,8 @@ def make_engines(cfg, rcfg, args):
                                                    share_kv=args.share_kv)))
   drafter = quantized.make_quantized_drafter(dc, cfg)
   buckets = tuple(common.ints(args.buckets))
+  if not buckets:
+    raise SystemExit('--buckets: need at least one batch size')
   base = adaptive.AdaptiveConfig(buckets=buckets, chunk_steps=args.chunk_steps, k_max=11,
                                  always_k=args.always_k, tlt_threshold=args.tlt_threshold)
   engines = {'static': rollout_lib.RolloutEngine(cfg, rcfg),
@@ -128,8 +131,8 @@ def k_summary(report) -> str:
 
 
 def static_trace(lengths: np.ndarray, seconds: float):
-  """(t, active) of a static batch, reconstructed with a uniform step time: it has no
-  chunk boundaries to observe."""
+  """(t, active) of a static batch, reconstructed with a uniform step time over the whole
+  rollout (prefill included): one ``while_loop`` has no chunk boundaries to observe."""
   steps = int(lengths.max())
   return [(seconds * i / steps, int((lengths > i).sum())) for i in range(steps + 1)]
 
@@ -144,7 +147,7 @@ def plot(path: str, results: dict, variants, k_max: int):
   batches = list(results)
   fig, axes = plt.subplots(len(batches), len(variants), figsize=(3.2 * len(variants),
                                                                  2.6 * len(batches)),
-                           squeeze=False, sharey='row')
+                           squeeze=False, sharey='row', sharex='row')
   cmap = plt.get_cmap('viridis')
   color = lambda s: 'tab:gray' if s == 0 else cmap((s - 1) / max(k_max - 1, 1))
   for i, b in enumerate(batches):
@@ -161,6 +164,7 @@ def plot(path: str, results: dict, variants, k_max: int):
         for (t0, a0, *_), (t1, a1, *_) in zip(tr[1::2], tr[2::2], strict=False):
           ax.plot([t0, t1], [a0, a1], color='lightgray', lw=0.8, ls=':')
       ax.set_title(f'B={b} {v}: {r["time_s"]:.2f}s', fontsize=8)
+      ax.set_xlim(left=0)
       ax.set_yscale('symlog', linthresh=1)
       ax.tick_params(labelsize=7)
       if i == len(batches) - 1:
@@ -189,7 +193,7 @@ def main(argv=None):
   ap.add_argument('--tail_ratio', type=float, default=8.0, help='longest / median length')
   ap.add_argument('--min_prompt', type=int, default=4, help='shortest prompt (longest row)')
   ap.add_argument('--variants', default=','.join(VARIANTS))
-  ap.add_argument('--buckets', default='256,128,64,32,16,8,4,2,1')
+  ap.add_argument('--buckets', default=None, help='compaction buckets (default powers of 2)')
   ap.add_argument('--chunk_steps', type=int, default=16)
   ap.add_argument('--always_k', type=int, default=4)
   ap.add_argument('--tlt_threshold', type=int, default=32)
@@ -208,6 +212,7 @@ def main(argv=None):
   batches = common.ints(args.batch_sizes or grid['batch_sizes'])
   median = args.median or grid['median']
   iters = args.iters or grid['iters']
+  args.buckets = args.buckets or grid['buckets']
   variants = [v for v in args.variants.split(',') if v]
   unknown = set(variants) - set(VARIANTS)
   if unknown:
@@ -251,7 +256,7 @@ def main(argv=None):
         compile_s=warm[v]['late'], late_compile_s=results[b][v]['late_compile_s'],
         spec_frac=m.get('adaptive/spec_time_frac'), compactions=m.get('adaptive/compactions'),
         alpha=m.get('adaptive/alpha') if v not in ('static', 'compact') else None,
-        k=k_summary(best['report'])))
+        k=k_summary(best['report']), k_warm=k_summary(warm[v]['report'])))
     base = results[b].get('static', results[b][variants[0]])['time_s']
     for r in rows:
       if r['B'] == b:
@@ -259,15 +264,26 @@ def main(argv=None):
   common.print_table([('B', 'd'), ('variant', ''), ('time_s', '.3f'), ('speedup', '.2f'),
                       ('tok_s', '.0f'), ('compile_s', '.1f'), ('late_compile_s', '.2f'),
                       ('spec_frac', '.2f'), ('compactions', 'd'), ('alpha', '.2f')], rows)
-  print('\n# strategy per bucket (in order of use)')
+  print('\n# strategy per bucket (in order of use): timed median run | warm-up run')
   for r in rows:
     if r['k'] != '-':
-      print(f"B={r['B']:<4d} {r['variant']:<9s} {r['k']}")
+      print(f"B={r['B']:<4d} {r['variant']:<9s} {r['k']}  |  {r['k_warm']}")
   if 'adaptive' in variants:
     for b in batches:
       print(f'\n# adaptive phases, B={b}')
       common.print_table([('phase', ''), ('time_s', '.4f'), ('steps', 'd'), ('tokens', 'd'),
                           ('tokens_per_s', '.0f')], results[b]['adaptive']['report'].phase_table())
+  if 'adaptive' in variants:
+    print('\n# cost profiles (cost_model / roofline): seconds per unit, c = draft token / plain '
+          'step, v4 = verify(k=4) / plain step')
+    prof_rows = []
+    for (b, _), p in sorted(engines['adaptive'].profiles.items(), reverse=True):
+      prof_rows.append(dict(bucket=b, fwd1_ms=1e3 * p.fwd1, fwd12_ms=1e3 * p.fwd_ref,
+                            prop1_ms=1e3 * p.prop1, prop2_ms=1e3 * p.prop_ref,
+                            c=(p.propose(4) / 4) / p.fwd1, v4=p.verify(4) / p.fwd1))
+    common.print_table([('bucket', 'd'), ('fwd1_ms', '.3f'), ('fwd12_ms', '.3f'),
+                        ('prop1_ms', '.3f'), ('prop2_ms', '.3f'), ('c', '.2f'), ('v4', '.2f')],
+                       prof_rows)
   if args.plot:
     plot(args.plot, results, variants, 11)
     print(f'\n# plot: {args.plot}')

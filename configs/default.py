@@ -41,6 +41,12 @@ def get_config(arg: str | None = None):
     share_kv=False,
   ))
 
+  # Adaptive long-tail rollout (specrl/adaptive.py): compaction into power-of-two buckets
+  # and a per-phase choice between plain and speculative decoding.
+  c.adaptive = ml_collections.ConfigDict(dict(
+    enabled=False, policy='cost_model',  # cost_model | tlt | roofline | always | never
+    chunk_steps=16, tlt_threshold=32))
+
   c.sft = ml_collections.ConfigDict(dict(steps=200, batch_size=64, lr=3e-3, warmup_steps=20))
 
   c.rl = ml_collections.ConfigDict(dict(

@@ -23,6 +23,10 @@ syncs at chunk boundaries (a 6-int stats vector), never per token. Jitted functi
 compiled ahead of time per (bucket, strategy) and cached on the engine: the compile cost
 is paid once per bucket per engine and reported per bucket.
 
+Drafter state (a drafter's own KV cache) is built lazily, by a drafter prefill over the
+committed tokens when a rollout first speculates -- typically in the tail, at a small
+compacted batch -- so plain phases pay nothing for it (``always`` builds it at prefill).
+
 Buffer layout. ``RolloutConfig.buffer_len = seq_len + k + 1`` depends on ``num_draft``;
 the state is built once with ``k_max`` (the largest k any policy here may choose), and a
 chunk with draft length ``k < k_max`` runs with ``replace(rcfg, num_draft=k)`` on that
@@ -36,16 +40,20 @@ the KV cache masks by position), and the final output clears them
 RNG. Per-round randomness is ``fold_in(state.rng, state.step)``, shared by the rows of a
 ``[B, V]`` categorical. Compaction changes B, so sampled tokens differ from an uncompacted
 run (each row still samples the policy exactly: lossless, checked statistically in the
-tests); greedy tokens and logprobs are identical.
+tests). Greedy tokens are identical; logprobs too, up to XLA's batch-size-dependent
+rounding (XLA:CPU's forward at batch 1 differs from the same rows at batch 8 by <= 2.4e-7;
+batches 2..8 agree bitwise) -- a property of the compiler, not of compaction.
 
 Policies (``AdaptiveConfig.policy``):
 
 - ``cost_model`` (default): maximise expected tokens/s per active row,
   ``E[tokens/round] / time/round``, with ``E = (1 - a^(k+1)) / (1 - a)`` (1 for plain) and
   time/round from a per-bucket :class:`CostProfile` (policy forward at T = 1 and
-  T = k_max + 1, drafter ``propose`` at k = 1 and k_max, timed at start-up of each bucket;
-  linear in k between) corrected online by measured chunk times; ``a`` is the running
-  per-token acceptance. Hysteresis: switch only for a ``1 + hysteresis`` better rate.
+  T = k_max + 1, drafter ``propose`` at k = 1 and 2, timed when a bucket is first used;
+  linear in k) corrected online by measured chunk times; ``a`` is the running
+  per-token acceptance, raised towards 1 while few rounds were observed (optimism: else a
+  low prior never speculates and never learns ``a``). Hysteresis: switch only for a
+  ``1 + hysteresis`` better rate.
 - ``tlt``: speculation on once the active count stays ``<= tlt_threshold`` for
   ``tlt_patience`` steps; then epsilon-greedy over ``arms`` per bucket, reward = tokens
   per second of the chunk (= accepted tokens x batch / step time), median over a window.
@@ -112,6 +120,10 @@ class AdaptiveConfig:
   hysteresis: float = 0.1  # switch strategy only for a > (1 + hysteresis) better rate
   alpha_prior: float = 0.7  # per-token acceptance assumed before any is measured
   alpha_memory: float = 64.0  # inertia of the running acceptance, in sequence-rounds
+  # Optimism while acceptance is unmeasured: decide with a + (1 - a) * m / (m + n) after n
+  # sequence-rounds of speculation (m = alpha_optimism; 0 = off). Without it a pessimistic
+  # prior never speculates and so never learns the real acceptance.
+  alpha_optimism: float = 16.0
   learn_online: bool = True  # correct profiled costs with measured chunk times
   cost_memory: float = 8.0  # inertia of measured round times, in rounds
   profile_reps: int = 4  # steps per timed profiling call
@@ -159,6 +171,8 @@ class AdaptiveConfig:
       bad('tlt_window', 'window >= 1, patience >= 0 and threshold >= 1 are required')
     if self.hysteresis < 0:
       bad('hysteresis', 'must be >= 0')
+    if self.alpha_optimism < 0:
+      bad('alpha_optimism', 'must be >= 0')
     if self.k_max and self.k_max < self.policy_k_max():
       bad('k_max', f'must be 0 or >= {self.policy_k_max()}, the largest k policy '
           f'{self.policy!r} can choose')
@@ -192,6 +206,16 @@ def expected_tokens(alpha: float, k: int) -> float:
   return (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
+def optimistic_alpha(alpha: float, n: float, optimism: float) -> float:
+  """Acceptance to decide with after ``n`` observed sequence-rounds: ``alpha`` raised
+  towards 1 by ``optimism / (optimism + n)`` (1 before any observation, -> alpha as n
+  grows): optimism in the face of uncertainty, so speculation is tried where it would
+  pay at a high acceptance, and dropped once measured not to pay."""
+  if optimism <= 0:
+    return alpha
+  return alpha + (1.0 - alpha) * optimism / (optimism + n)
+
+
 def alpha_from_tokens_per_round(tau: float, k: int) -> float:
   """Invert :func:`expected_tokens`: the per-token acceptance giving ``tau`` tokens per
   round at draft length k (bisection; ``tau`` clipped to ``[1, k + 1]``)."""
@@ -213,9 +237,10 @@ class CostProfile:
   """Measured unit costs (seconds) at one batch size and buffer length.
 
   ``fwd1``/``fwd_ref``: one policy cache-extending forward at T = 1 / T = ``k_ref + 1``;
-  ``prop1``/``prop_ref``: one drafter ``propose`` of 1 / ``k_ref`` tokens. Costs at other
-  k are linear interpolations (a forward's cost is affine in T over this small range;
-  ``propose`` is one T <= 2 step plus k - 1 T = 1 steps).
+  ``prop1``/``prop_ref``: one drafter ``propose`` of 1 / ``k_prop`` tokens (0: ``k_ref``).
+  Costs at other k are linear inter/extrapolations: a forward's cost is affine in T over
+  this small range, and ``propose`` is one T <= 2 step plus k - 1 T = 1 steps (so two
+  points pin it down; the profiler measures k = 1, 2, the cheapest).
   """
 
   batch: int
@@ -224,15 +249,17 @@ class CostProfile:
   fwd_ref: float
   prop1: float
   prop_ref: float
+  k_prop: int = 0
 
   def verify(self, k: int) -> float:
     """Policy forward over the k + 1 verify tokens."""
     return self.fwd1 + (self.fwd_ref - self.fwd1) * k / max(self.k_ref, 1)
 
   def propose(self, k: int) -> float:
-    if self.k_ref <= 1:
+    kp = self.k_prop or self.k_ref
+    if kp <= 1:
       return self.prop1 * k
-    return self.prop1 + (self.prop_ref - self.prop1) * (k - 1) / (self.k_ref - 1)
+    return self.prop1 + (self.prop_ref - self.prop1) * (k - 1) / (kp - 1)
 
   def round(self, s: int) -> float:
     """Profiled seconds per round of strategy ``s`` (0 = plain), engine overhead excluded."""
@@ -375,10 +402,12 @@ class Memory:
   """What an engine learns across rollouts (host-side; all updates are pure ``replace``).
 
   ``costs``: (bucket, strategy) -> measured seconds per round; ``corr``: (bucket, 'plain'
-  | 'spec') -> measured / profiled; ``alpha``: running per-token acceptance.
+  | 'spec') -> measured / profiled; ``alpha``: running per-token acceptance, measured over
+  ``alpha_n`` sequence-rounds.
   """
 
   alpha: float
+  alpha_n: float = 0.0  # sequence-rounds of speculation observed (all rollouts)
   costs: dict = flax.struct.field(pytree_node=False, default_factory=dict)
   corr: dict = flax.struct.field(pytree_node=False, default_factory=dict)
   tlt: TltState = dataclasses.field(default_factory=TltState)
@@ -388,11 +417,12 @@ class Memory:
 def memory_observe(mem: Memory, obs: ChunkObs, profile: CostProfile | None,
                    acfg: AdaptiveConfig) -> Memory:
   """Fold one chunk into the running acceptance and the measured round costs."""
-  alpha = mem.alpha
+  alpha, alpha_n = mem.alpha, mem.alpha_n
   a = obs.alpha
   if a is not None:
     w = obs.rounds / (obs.rounds + acfg.alpha_memory)
     alpha = (1.0 - w) * alpha + w * a
+    alpha_n += obs.rounds
   costs, corr = dict(mem.costs), dict(mem.corr)
   if acfg.learn_online and obs.steps > 0 and obs.seconds > 0:
     per_round = obs.seconds / obs.steps
@@ -404,7 +434,7 @@ def memory_observe(mem: Memory, obs: ChunkObs, profile: CostProfile | None,
       ratio = per_round / max(profile.round(obs.strategy), 1e-12)
       ck = (obs.bucket, kind)
       corr[ck] = ratio if ck not in corr else (1 - w) * corr[ck] + w * ratio
-  return mem.replace(alpha=alpha, costs=costs, corr=corr)
+  return mem.replace(alpha=alpha, alpha_n=alpha_n, costs=costs, corr=corr)
 
 
 def round_costs(mem: Memory, profile: CostProfile, bucket: int,
@@ -524,7 +554,8 @@ def _never(x):
 class AdaptiveReport:
   """Host-side record of one adaptive rollout (for logs and plots).
 
-  ``trace``: (seconds since start, active, bucket, strategy) at every chunk start and end;
+  ``trace``: (seconds since start, active, bucket, strategy) at every chunk start and end,
+  compile and profiling time excluded (it is reported in ``compile_s`` / ``profile_s``);
   ``phases``: 'b{bucket}/{plain|k<k>}' -> {'time_s', 'tokens', 'steps'};
   ``decisions``: one dict per strategy change; ``compile_s`` / ``profile_s``: per bucket.
   """
@@ -575,14 +606,22 @@ class AdaptiveRolloutEngine:
     self.k_max = acfg.buffer_k()
     self.state_rcfg = dataclasses.replace(rcfg, num_draft=self.k_max)
     self.buffer_len = self.state_rcfg.buffer_len
-    # a plain-only engine builds no drafter state (k_max = 0: nothing would read it)
-    self._state_drafter = drafter if self.k_max else None
-    self.axes = batch_axes(self._state_drafter)
+    # Drafter state (e.g. its own KV cache) exists only for drafters that keep one, and is
+    # built lazily (:meth:`_attach_draft`) when a rollout first speculates -- usually late,
+    # at a small compacted batch -- except for the 'always' policy (built at prefill).
+    self._stateful = (drafter is not None and self.k_max > 0
+                      and drafter.state_logical_axes() is not None)
+    self._eager_draft = self._stateful and acfg.policy == 'always'
     self._fns: dict = _shared._fns if _shared is not None else {}
     self._profiles: dict = _shared._profiles if _shared is not None else {}
     self.memory = Memory(alpha=acfg.alpha_prior)
     self._rng = np.random.default_rng(acfg.seed)
     self.last_report: AdaptiveReport | None = None
+
+  @property
+  def profiles(self) -> dict:
+    """(batch, buffer_len) -> :class:`CostProfile` measured (or set) so far."""
+    return dict(self._profiles)
 
   def with_config(self, acfg: AdaptiveConfig) -> AdaptiveRolloutEngine:
     return AdaptiveRolloutEngine(self.cfg, self.rcfg, acfg, self.drafter, self.mesh,
@@ -659,9 +698,10 @@ class AdaptiveRolloutEngine:
       return fn
 
     prop1 = timed(prop_loop(1), dparams, dstate, cache)
-    prop_ref = timed(prop_loop(kr), dparams, dstate, cache) if kr > 1 else prop1
+    kp = min(kr, 2)
+    prop_ref = timed(prop_loop(kp), dparams, dstate, cache) if kp > 1 else prop1
     return CostProfile(batch=b, k_ref=kr, fwd1=fwd1, fwd_ref=fwd_ref, prop1=prop1,
-                       prop_ref=prop_ref)
+                       prop_ref=prop_ref, k_prop=kp)
 
   # -- compiled functions (AOT, cached per shape; compile time reported per bucket)
 
@@ -674,7 +714,7 @@ class AdaptiveRolloutEngine:
       log.info('adaptive: compiled %s in %.2fs', key[:3], dt)
     return self._fns[key]
 
-  def _chunk_fn(self, b, strategy, args, report):
+  def _chunk_fn(self, b, strategy, args, report, has_draft):
     rcfg = dataclasses.replace(self.rcfg, num_draft=strategy)
     cfg, drafter, mesh = self.cfg, self.drafter, self.mesh
     limit = rollout_lib.max_loop_steps(self.rcfg)
@@ -683,7 +723,23 @@ class AdaptiveRolloutEngine:
       return decode_chunk(params, dparams, state, min_active, max_steps, cfg=cfg, rcfg=rcfg,
                           drafter=drafter if strategy else None, mesh=mesh, limit=limit)
 
-    return self._compiled(('chunk', b, strategy, self.buffer_len), fn, args, (2,), report, b)
+    key = ('chunk', b, strategy, self.buffer_len, has_draft)
+    return self._compiled(key, fn, args, (2,), report, b)
+
+  def _attach_draft(self, state, dparams, report):
+    """Build the drafter's state for a running batch: its prefill over every committed
+    token (positions ``0..pos``; slots beyond hold stale tokens that the drafter's causal
+    mask hides until its proposals overwrite them). Why lazily: a drafter cache for the
+    full batch is wasted work when speculation only pays in the small-batch tail."""
+    b = state.pos.shape[0]
+    drafter, seq_len, s, mesh = self.drafter, self.rcfg.seq_len, self.buffer_len, self.mesh
+
+    def fn(dp, st):
+      ds = drafter.prefill(dp, st.tokens[:, :seq_len], st.pos + 1, s, mesh=mesh)
+      return st.replace(draft=ds)
+
+    f = self._compiled(('attach', b, 0, s), fn, (dparams, state), (1,), report, b)
+    return f(dparams, state)
 
   # -- decisions
 
@@ -705,8 +761,9 @@ class AdaptiveRolloutEngine:
     if acfg.policy == 'cost_model':
       arms = tuple(k for k in acfg.arms if k <= self.k_max)
       costs = round_costs(mem, prof, b, (PLAIN,) + arms, acfg.learn_online)
-      s, rates = cost_model_choose(costs, mem.alpha, current, acfg.hysteresis)
-      return s, steps, dict(alpha=mem.alpha, rate=rates[s], plain_rate=rates[PLAIN])
+      alpha = optimistic_alpha(mem.alpha, mem.alpha_n, acfg.alpha_optimism)
+      s, rates = cost_model_choose(costs, alpha, current, acfg.hysteresis)
+      return s, steps, dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
     # roofline
     ladder = tuple(acfg.roofline_ladder)
     costs = round_costs(mem, prof, b, (PLAIN,) + ladder, acfg.learn_online)
@@ -759,11 +816,15 @@ class AdaptiveRolloutEngine:
     acfg = self.acfg
     report = AdaptiveReport(batch=bsz, policy=acfg.policy)
     self.memory = self.memory.replace(tlt=tlt_reset(self.memory.tlt))
-    cfg, sdrafter, mesh = self.cfg, self._state_drafter, self.mesh
+    cfg, mesh = self.cfg, self.mesh
+    sdrafter = self.drafter if self._eager_draft else None
     i32 = np.int32
 
     t_start = time.perf_counter()
-    now = lambda: time.perf_counter() - t_start
+
+    def now():  # seconds since the start, compile and profiling time excluded
+      extra = sum(report.compile_s.values()) + sum(report.profile_s.values())
+      return time.perf_counter() - t_start - extra
 
     def prefill_fn(params, dparams, toks, lens, rng):
       state = rollout_lib.prefill(params, toks, lens, rng, cfg=cfg, rcfg=srcfg, mesh=mesh,
@@ -771,7 +832,8 @@ class AdaptiveRolloutEngine:
       return state, state_stats(state, 0)
 
     args = (params, draft_params, prompt_tokens, prompt_len, rng)
-    prefill_j = self._compiled(('prefill', bsz, 0, self.buffer_len), prefill_fn, args, (),
+    prefill_j = self._compiled(('prefill', bsz, 0, self.buffer_len, self._eager_draft),
+                               prefill_fn, args, (),
                                report, bsz)
     state, stats = prefill_j(*args)
     stats = np.asarray(jax.device_get(stats))
@@ -797,7 +859,10 @@ class AdaptiveRolloutEngine:
       if not report.chosen[b] or report.chosen[b][-1] != strategy:
         report.chosen[b].append(strategy)
       cargs = (params, draft_params, state, i32(self._boundary(b)), i32(max_steps))
-      chunk = self._chunk_fn(b, strategy, cargs, report)
+      if strategy != PLAIN and self._stateful and state.draft is None:
+        state = self._attach_draft(state, draft_params, report)
+        cargs = (params, draft_params, state) + cargs[3:]
+      chunk = self._chunk_fn(b, strategy, cargs, report, state.draft is not None)
       t0 = now()
       report.trace.append((t0, n_active, b, strategy))
       state, both = chunk(*cargs)
@@ -850,9 +915,10 @@ class AdaptiveRolloutEngine:
     idx = np.concatenate([active, np.full(target - len(active), finished[0])]).astype(np.int32)
     cur_origin = np.arange(b, dtype=np.int32) if origin is None else origin
     new_origin = np.where(np.arange(target) < len(active), cur_origin[idx], bsz).astype(np.int32)
-    axes = self.axes
+    has_draft = state.draft is not None
+    axes = batch_axes(self.drafter if has_draft else None)
     if acc is None:  # still at the original batch: every row's home is itself
-      g = self._compiled(('gather', b, target, self.buffer_len),
+      g = self._compiled(('gather', b, target, self.buffer_len, has_draft),
                          lambda st, i: gather_rows(st, i, axes), (state, idx), (), report, target)
       return g(state, idx), new_origin, strip(state)
 
@@ -860,7 +926,7 @@ class AdaptiveRolloutEngine:
       return scatter_rows(acc, strip(st), origin), gather_rows(st, idx, axes)
 
     args = (acc, state, idx, cur_origin)
-    key = ('compact', b, target, self.buffer_len, bsz)
+    key = ('compact', b, target, self.buffer_len, bsz, has_draft)
     f = self._compiled(key, fn, args, (0,), report, target)
     acc, state = f(*args)
     return state, new_origin, acc
@@ -902,5 +968,5 @@ def policy_info(acfg: AdaptiveConfig) -> str:
 
 __all__ = ['AdaptiveConfig', 'AdaptiveReport', 'AdaptiveRolloutEngine', 'ChunkObs',
            'CostProfile', 'Memory', 'RooflineState', 'TltState', 'alpha_from_tokens_per_round',
-           'cost_model_choose', 'expected_tokens', 'roofline_update', 'round_costs',
-           'tlt_update']
+           'cost_model_choose', 'expected_tokens', 'optimistic_alpha', 'roofline_update',
+           'round_costs', 'tlt_update']

@@ -149,7 +149,7 @@ def commit(state: RolloutState, new_tokens, new_logprobs, count, rcfg: RolloutCo
   has_eos = jnp.any(is_eos, axis=1)
   take = jnp.where(has_eos, first_eos + 1, take)
   valid = j < take[:, None]
-  write_pos = jnp.where(valid, state.pos[:, None] + 1 + j, rcfg.buffer_len)  # OOB -> dropped
+  write_pos = jnp.where(valid, state.pos[:, None] + 1 + j, state.tokens.shape[1])  # OOB: dropped
   bidx = jnp.arange(b)[:, None]
   tokens = state.tokens.at[bidx, write_pos].set(new_tokens.astype(jnp.int32), mode='drop')
   logprobs = state.logprobs.at[bidx, write_pos].set(new_logprobs, mode='drop')

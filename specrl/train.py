@@ -48,7 +48,7 @@ class Experiment:
   mesh: jax.sharding.Mesh
   optimizer: optax.GradientTransformation
   drafter: object
-  engine: rollout_lib.RolloutEngine
+  engine: object  # rollout.RolloutEngine or adaptive.AdaptiveRolloutEngine
 
 
 def _check_positive(config, names):
@@ -96,7 +96,16 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
      optax.linear_schedule(0.0, config.rl.lr, max(config.rl.warmup_steps, 1))],
     boundaries=[sft_steps])
   optimizer = rl_lib.make_optimizer(schedule, config.rl.weight_decay, config.rl.grad_clip)
-  engine = rollout_lib.RolloutEngine(model_cfg, rollout_cfg, mesh, drafter)
+  if config.adaptive.enabled:
+    from specrl import adaptive
+
+    policy = config.adaptive.policy if drafter is not None else 'never'
+    acfg = adaptive.AdaptiveConfig(policy=policy, chunk_steps=config.adaptive.chunk_steps,
+                                   tlt_threshold=config.adaptive.tlt_threshold,
+                                   seed=config.seed)
+    engine = adaptive.AdaptiveRolloutEngine(model_cfg, rollout_cfg, acfg, drafter, mesh)
+  else:
+    engine = rollout_lib.RolloutEngine(model_cfg, rollout_cfg, mesh, drafter)
   return Experiment(config, model_cfg, rl_cfg, rollout_cfg, task, mesh, optimizer, drafter,
                     engine)
 
@@ -183,8 +192,9 @@ def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
   toks = np.repeat(prompts.tokens, g, axis=0)
   lens = np.repeat(prompts.lengths, g, axis=0)
   answers = [a for a in prompts.answers for _ in range(g)]
+  extra = {'estimate_costs': True} if isinstance(exp.engine, rollout_lib.RolloutEngine) else {}
   out, metrics = exp.engine.generate(params, toks, lens, jax.random.fold_in(rng, step),
-                                     draft_params=draft_params, estimate_costs=True)
+                                     draft_params=draft_params, **extra)
   resp = np.asarray(out.response)
   length = np.asarray(out.length)
   rewards = np.array([exp.task.reward(resp[i, : length[i]], answers[i])
@@ -255,8 +265,9 @@ def _log_line(step, total, m) -> str:
           f'rollout {m["rollout/time_s"]:.2f}s ({m["rollout/tokens_per_s"]:.0f} tok/s) '
           f'train {m["train/time_s"]:.2f}s')
   if 'spec/acceptance' in m:
-    line += (f' | accept {m["spec/acceptance"]:.2f} tok/pass {m["spec/tokens_per_pass"]:.2f}'
-             f' draft/verify {m["spec/draft_time_est_s"]:.2f}/{m["spec/verify_time_est_s"]:.2f}s')
+    line += f' | accept {m["spec/acceptance"]:.2f} tok/pass {m["spec/tokens_per_pass"]:.2f}'
+  if 'spec/draft_time_est_s' in m:
+    line += f' draft/verify {m["spec/draft_time_est_s"]:.2f}/{m["spec/verify_time_est_s"]:.2f}s'
   return line
 
 

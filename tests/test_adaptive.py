@@ -58,7 +58,7 @@ RCFG = rollout_lib.RolloutConfig(max_new_tokens=18, max_prompt_len=17, cache_len
                                  eos_id=-1, sampling=GREEDY)
 # all engines here lay out the buffer for k <= 2 and share their compiled functions
 BASE = AdaptiveConfig(policy='never', buckets=(8, 4, 1), chunk_steps=3, arms=(1, 2), k_max=2,
-                      learn_online=False, alpha_prior=0.5, alpha_memory=1e12,
+                      learn_online=False, alpha_prior=0.5, alpha_memory=1e12, alpha_optimism=0,
                       tlt_threshold=4, tlt_patience=2, tlt_default_k=1, tlt_epsilon=0.0)
 _ROOT = []
 
@@ -237,6 +237,14 @@ def test_expected_tokens_and_acceptance_inverse():
   obs = ChunkObs(bucket=4, strategy=3, steps=10, seconds=1.0, tokens=0, rounds=40,
                  accepted=40 * 3, active_start=4, active_end=4)
   assert obs.alpha == pytest.approx(1.0, abs=1e-6)
+  # optimism while unmeasured: 1 before any round, -> the estimate as rounds accumulate
+  assert adaptive.optimistic_alpha(0.5, 0, 16) == 1.0
+  assert adaptive.optimistic_alpha(0.5, 16, 16) == pytest.approx(0.75)
+  assert adaptive.optimistic_alpha(0.5, 1e9, 16) == pytest.approx(0.5)
+  assert adaptive.optimistic_alpha(0.5, 0, 0) == 0.5
+  mem = adaptive.memory_observe(adaptive.Memory(alpha=0.5), obs, None,
+                                AdaptiveConfig(alpha_memory=40.0))
+  assert mem.alpha == pytest.approx(0.75, abs=1e-6) and mem.alpha_n == 40
 
 
 def _costs(t_plain, t_draft, t_verify, ks):
