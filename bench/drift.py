@@ -53,24 +53,23 @@ def main(_):
   c.drafter.bits = FLAGS.bits
   exp = train.build_experiment(c)
   rows = []
-  with exp.mesh:
-    state = train.init_state(exp)
-    fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
-    for step in range(c.sft.steps):
-      state, _, _ = train.run_step(exp, state, step, fns)
-    derive = jax.jit(exp.drafter.params_from_policy)
-    stale = derive(state.params)
-    fresh = stale
-    for step in range(c.sft.steps, c.sft.steps + c.rl.steps):
-      t0 = time.perf_counter()
-      batch, _, _, m_fresh = train.rollout_batch(exp, state.params, step, state.rng, fresh)
-      _, _, _, m_stale = train.rollout_batch(exp, state.params, step, state.rng, stale)
-      state, _, fresh = fns[1](state, batch)
-      rows.append({'step': step - c.sft.steps, 'fresh': m_fresh['spec/acceptance'],
-                   'stale': m_stale['spec/acceptance'], 'reward': m_fresh['reward']})
-      r = rows[-1]
-      print(f"step {r['step']:3d}  acceptance fresh {r['fresh']:.3f}  stale {r['stale']:.3f}"
-            f"  reward {r['reward']:.3f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+  state = train.init_state(exp)
+  fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+  for step in range(c.sft.steps):
+    state, _, _ = train.run_step(exp, state, step, fns)
+  derive = jax.jit(exp.drafter.params_from_policy)
+  stale = derive(state.params)
+  fresh = stale
+  for step in range(c.sft.steps, c.sft.steps + c.rl.steps):
+    t0 = time.perf_counter()
+    batch, _, _, m_fresh = train.rollout_batch(exp, state.params, step, state.rng, fresh)
+    _, _, _, m_stale = train.rollout_batch(exp, state.params, step, state.rng, stale)
+    state, _, fresh = fns[1](state, batch)
+    rows.append({'step': step - c.sft.steps, 'fresh': m_fresh['spec/acceptance'],
+                 'stale': m_stale['spec/acceptance'], 'reward': m_fresh['reward']})
+    r = rows[-1]
+    print(f"step {r['step']:3d}  acceptance fresh {r['fresh']:.3f}  stale {r['stale']:.3f}"
+          f"  reward {r['reward']:.3f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
   fresh_acc = np.array([r['fresh'] for r in rows])
   stale_acc = np.array([r['stale'] for r in rows])
   tail = max(1, len(rows) // 4)

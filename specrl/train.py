@@ -280,45 +280,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
   exp = build_experiment(config, mesh)
   os.makedirs(workdir, exist_ok=True)
   total = config.sft.steps + config.rl.steps
-  with exp.mesh:
-    state = init_state(exp)
-    sh = jax.tree.map(lambda x: x.sharding, state)
-    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
-    start = 0
-    if checkpointer.latest_step() is not None:
-      state = checkpointer.restore(state)
-      start = int(state.step)
-      logging.info('resumed from %s at step %d', checkpointer.directory, start)
-    logging.info('model: %d params; devices: %s; mesh %s', model_lib.count_params(state.params),
-                 jax.device_count(), dict(exp.mesh.shape))
-    fns = _jitted_steps(exp, sh)
-    writer = _writer(workdir)
-    history = []
-    end = total if max_steps is None else min(total, max_steps)
-    draft_params = None
-    try:
-      for step in range(start, end):
-        state, m, draft_params = run_step(exp, state, step, fns, draft_params)
-        m['step'] = step
-        history.append(m)
-        if writer is not None:
-          for k, v in m.items():
-            writer.add_scalar(k, v, step)
-        if step % config.log_every == 0 or step == end - 1:
-          logging.info(_log_line(step, total, m))
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
-          checkpointer.save(step + 1, state)
-    except KeyboardInterrupt:
-      # The last completed step's state is intact unless the interrupt hit inside a
-      # donated call; save it if we can, else the last periodic checkpoint stands.
-      try:
-        checkpointer.save(int(state.step), state)
-        logging.warning('interrupted: saved state at step %d', int(state.step))
-      except Exception:  # noqa: BLE001
-        logging.warning('interrupted mid-step: resume from the last periodic checkpoint')
-      raise
-    finally:
+  state = init_state(exp)
+  sh = jax.tree.map(lambda x: x.sharding, state)
+  checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+  start = 0
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state)
+    start = int(state.step)
+    logging.info('resumed from %s at step %d', checkpointer.directory, start)
+  logging.info('model: %d params; devices: %s; mesh %s', model_lib.count_params(state.params),
+               jax.device_count(), dict(exp.mesh.shape))
+  fns = _jitted_steps(exp, sh)
+  writer = _writer(workdir)
+  history = []
+  end = total if max_steps is None else min(total, max_steps)
+  draft_params = None
+  try:
+    for step in range(start, end):
+      state, m, draft_params = run_step(exp, state, step, fns, draft_params)
+      m['step'] = step
+      history.append(m)
       if writer is not None:
-        writer.close()
-      checkpointer.close()
+        for k, v in m.items():
+          writer.add_scalar(k, v, step)
+      if step % config.log_every == 0 or step == end - 1:
+        logging.info(_log_line(step, total, m))
+      if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
+        checkpointer.save(step + 1, state)
+  except KeyboardInterrupt:
+    # The last completed step's state is intact unless the interrupt hit inside a
+    # donated call; save it if we can, else the last periodic checkpoint stands.
+    try:
+      checkpointer.save(int(state.step), state)
+      logging.warning('interrupted: saved state at step %d', int(state.step))
+    except Exception:  # noqa: BLE001
+      logging.warning('interrupted mid-step: resume from the last periodic checkpoint')
+    raise
+  finally:
+    if writer is not None:
+      writer.close()
+    checkpointer.close()
   return state, history

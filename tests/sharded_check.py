@@ -27,12 +27,11 @@ def run(mesh, drafter):
   c.rollout.drafter, c.rollout.num_draft = drafter, 2
   c.sft.batch_size = 8
   exp = train.build_experiment(c, mesh)
-  with mesh:
-    state = train.init_state(exp)
-    fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
-    state, _, _ = train.run_step(exp, state, 0, fns)  # one warm-up step
-    batch, rewards, out, _ = train.rollout_batch(exp, state.params, 10, state.rng)
-    state, m, _ = fns[1](state, batch)
+  state = train.init_state(exp)
+  fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+  state, _, _ = train.run_step(exp, state, 0, fns)  # one warm-up step
+  batch, rewards, out, _ = train.rollout_batch(exp, state.params, 10, state.rng)
+  state, m, _ = fns[1](state, batch)
   shardings = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
   return jax.device_get((state.params, out.tokens, out.logprobs)), shardings
 

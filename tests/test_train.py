@@ -88,16 +88,15 @@ def test_quantized_drafter_is_derived_from_the_new_params_inside_the_step():
   c.rollout.drafter = 'quantized'
   c.rollout.num_draft = 2
   exp = train.build_experiment(c)
-  with exp.mesh:
-    state = train.init_state(exp)
-    fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
-    old = jax.device_get(state.params)
-    batch, _, _, m = train.rollout_batch(exp, state.params, 5, state.rng)
-    assert 'spec/acceptance' in m
-    # an untrained policy scores 0 everywhere (zero advantages): force a real update
-    batch['advantages'] = np.random.default_rng(0).normal(size=batch['advantages'].shape)
-    for _ in range(2):  # the first step has learning rate 0 (warm-up)
-      state, _, draft = fns[1](state, batch)
+  state = train.init_state(exp)
+  fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+  old = jax.device_get(state.params)
+  batch, _, _, m = train.rollout_batch(exp, state.params, 5, state.rng)
+  assert 'spec/acceptance' in m
+  # an untrained policy scores 0 everywhere (zero advantages): force a real update
+  batch['advantages'] = np.random.default_rng(0).normal(size=batch['advantages'].shape)
+  for _ in range(2):  # the first step has learning rate 0 (warm-up)
+    state, _, draft = fns[1](state, batch)
   expected = quant.quantize_params(state.params, quantized.quant_config(c.drafter))
   leaves = jax.tree.leaves(draft)
   assert any(x.dtype == np.int8 for x in leaves)  # stored as int8
