@@ -1,7 +1,7 @@
 """specrl: GRPO post-training with lossless speculative rollouts.
 
-  python main.py --config=configs/default.py --workdir=/tmp/specrl
-  python main.py --config=configs/default.py --workdir=/tmp/r --config.rl.num_generations=4
+python main.py --config=configs/default.py --workdir=/tmp/specrl
+python main.py --config=configs/default.py --workdir=/tmp/r --config.rl.num_generations=4
 """
 
 import logging as pylogging
@@ -15,8 +15,7 @@ from specrl import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard events.')
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -35,8 +34,9 @@ def main(argv):
   # SLURM, ...); a single process needs nothing.
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize()
-  logging.info('JAX %s, %d devices (%s)', jax.__version__, jax.device_count(),
-               jax.devices()[0].platform)
+  logging.info(
+    'JAX %s, %d devices (%s)', jax.__version__, jax.device_count(), jax.devices()[0].platform
+  )
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

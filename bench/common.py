@@ -51,8 +51,9 @@ def median_time(fn: Callable, *args, warmup: int = 1, iters: int = 5, **kwargs) 
   return statistics.median(time_calls(fn, *args, warmup=warmup, iters=iters, **kwargs))
 
 
-def interleaved_medians(fns: dict[Any, Callable[[], Any]], warmup: int = 1,
-                        iters: int | dict[Any, int] = 5) -> dict[Any, float]:
+def interleaved_medians(
+  fns: dict[Any, Callable[[], Any]], warmup: int = 1, iters: int | dict[Any, int] = 5
+) -> dict[Any, float]:
   """Median wall seconds of each no-argument callable, timed round-robin.
 
   Calling ``a, b, c, a, b, c, ...`` rather than ``a, a, a, b, b, b, ...`` exposes every
@@ -95,6 +96,7 @@ def format_table(columns: Sequence[tuple[str, str]], rows: Sequence[dict]) -> st
   ``format()`` spec (``'.2f'``, ``'d'``, ``''``) applied to ``row[key]``; missing or None
   values print as ``-``.
   """
+
   def cell(row, key, fmt):
     v = row.get(key)
     if v is None or (isinstance(v, float) and math.isnan(v)):

@@ -65,11 +65,20 @@ def main(_):
     batch, _, _, m_fresh = train.rollout_batch(exp, state.params, step, state.rng, fresh)
     _, _, _, m_stale = train.rollout_batch(exp, state.params, step, state.rng, stale)
     state, _, fresh = fns[1](state, batch)
-    rows.append({'step': step - c.sft.steps, 'fresh': m_fresh['spec/acceptance'],
-                 'stale': m_stale['spec/acceptance'], 'reward': m_fresh['reward']})
+    rows.append(
+      {
+        'step': step - c.sft.steps,
+        'fresh': m_fresh['spec/acceptance'],
+        'stale': m_stale['spec/acceptance'],
+        'reward': m_fresh['reward'],
+      }
+    )
     r = rows[-1]
-    print(f"step {r['step']:3d}  acceptance fresh {r['fresh']:.3f}  stale {r['stale']:.3f}"
-          f"  reward {r['reward']:.3f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+    print(
+      f'step {r["step"]:3d}  acceptance fresh {r["fresh"]:.3f}  stale {r["stale"]:.3f}'
+      f'  reward {r["reward"]:.3f}  ({time.perf_counter() - t0:.1f}s)',
+      flush=True,
+    )
   fresh_acc = np.array([r['fresh'] for r in rows])
   stale_acc = np.array([r['stale'] for r in rows])
   tail = max(1, len(rows) // 4)
@@ -91,12 +100,20 @@ def main(_):
     print(f'plot saved to {FLAGS.plot}')
   except ImportError:
     print('matplotlib missing: no plot')
-  print(json.dumps({
-    'bench': 'drift', 'device': jax.devices()[0].device_kind, 'bits': FLAGS.bits,
-    'steps': len(rows), 'fresh_mean': float(fresh_acc.mean()),
-    'stale_mean': float(stale_acc.mean()),
-    'fresh_last_quarter': float(fresh_acc[-tail:].mean()),
-    'stale_last_quarter': float(stale_acc[-tail:].mean())}))
+  print(
+    json.dumps(
+      {
+        'bench': 'drift',
+        'device': jax.devices()[0].device_kind,
+        'bits': FLAGS.bits,
+        'steps': len(rows),
+        'fresh_mean': float(fresh_acc.mean()),
+        'stale_mean': float(stale_acc.mean()),
+        'fresh_last_quarter': float(fresh_acc[-tail:].mean()),
+        'stale_last_quarter': float(stale_acc[-tail:].mean()),
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

@@ -55,10 +55,20 @@ from specrl import rollout as rollout_lib  # noqa: E402
 from specrl.sampling import SamplingParams  # noqa: E402
 
 PRESETS = {
-  'tiny': dict(vocab_size=512, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
-               d_ff=768),  # ~3.3M params: CPU
-  'gpu': dict(vocab_size=32000, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4,
-              head_dim=64, d_ff=4096, param_dtype='bfloat16', compute_dtype='bfloat16'),
+  'tiny': dict(
+    vocab_size=512, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=768
+  ),  # ~3.3M params: CPU
+  'gpu': dict(
+    vocab_size=32000,
+    d_model=1024,
+    n_layers=12,
+    n_heads=16,
+    n_kv_heads=4,
+    head_dim=64,
+    d_ff=4096,
+    param_dtype='bfloat16',
+    compute_dtype='bfloat16',
+  ),
 }
 VARIANTS = ('static', 'compact', 'adaptive', 'always', 'tlt', 'roofline')
 FULL = dict(batch_sizes='64,256', median=16, iters=3, buckets='256,128,64,32,16,8,4,2,1')
@@ -94,19 +104,29 @@ def make_engines(cfg, rcfg, args):
 
   from specrl.drafters import quantized
 
-  dc = ml_collections.ConfigDict(dict(drafter=dict(bits=8, group_size=0, backend='jnp',
-                                                   share_kv=args.share_kv)))
+  dc = ml_collections.ConfigDict(
+    dict(drafter=dict(bits=8, group_size=0, backend='jnp', share_kv=args.share_kv))
+  )
   drafter = quantized.make_quantized_drafter(dc, cfg)
   buckets = tuple(common.ints(args.buckets))
   if not buckets:
     raise SystemExit('--buckets: need at least one batch size')
-  base = adaptive.AdaptiveConfig(buckets=buckets, chunk_steps=args.chunk_steps, k_max=11,
-                                 always_k=args.always_k, tlt_threshold=args.tlt_threshold)
-  engines = {'static': rollout_lib.RolloutEngine(cfg, rcfg),
-             'compact': adaptive.AdaptiveRolloutEngine(
-               cfg, rcfg, dataclasses.replace(base, policy='never', k_max=0))}
-  root = adaptive.AdaptiveRolloutEngine(cfg, rcfg, dataclasses.replace(base, policy='cost_model'),
-                                        drafter=drafter)
+  base = adaptive.AdaptiveConfig(
+    buckets=buckets,
+    chunk_steps=args.chunk_steps,
+    k_max=11,
+    always_k=args.always_k,
+    tlt_threshold=args.tlt_threshold,
+  )
+  engines = {
+    'static': rollout_lib.RolloutEngine(cfg, rcfg),
+    'compact': adaptive.AdaptiveRolloutEngine(
+      cfg, rcfg, dataclasses.replace(base, policy='never', k_max=0)
+    ),
+  }
+  root = adaptive.AdaptiveRolloutEngine(
+    cfg, rcfg, dataclasses.replace(base, policy='cost_model'), drafter=drafter
+  )
   engines['adaptive'] = root
   for name in ('always', 'tlt', 'roofline'):
     engines[name] = root.with_config(dataclasses.replace(base, policy=name))
@@ -117,17 +137,24 @@ def run_once(eng, params, toks, plen, seed):
   out, m = eng.generate(params, toks, plen, jax.random.key(seed))
   report = getattr(eng, 'last_report', None)
   extra = m.get('adaptive/compile_s', 0.0) + m.get('adaptive/profile_s', 0.0)
-  return dict(time_s=m['rollout/time_s'] - extra, wall_s=m['rollout/time_s'], late=extra,
-              tokens=m['rollout/tokens'], metrics=m, report=report,
-              length=np.asarray(out.length))
+  return dict(
+    time_s=m['rollout/time_s'] - extra,
+    wall_s=m['rollout/time_s'],
+    late=extra,
+    tokens=m['rollout/tokens'],
+    metrics=m,
+    report=report,
+    length=np.asarray(out.length),
+  )
 
 
 def k_summary(report) -> str:
   """'b32:plain b16:plain>k3 ...' from a report (strategies per bucket, in order)."""
   if report is None:
     return '-'
-  return ' '.join(f'b{b}:' + '>'.join(adaptive.strategy_name(s) for s in ks)
-                  for b, ks in report.chosen.items())
+  return ' '.join(
+    f'b{b}:' + '>'.join(adaptive.strategy_name(s) for s in ks) for b, ks in report.chosen.items()
+  )
 
 
 def static_trace(lengths: np.ndarray, seconds: float):
@@ -145,9 +172,14 @@ def plot(path: str, results: dict, variants, k_max: int):
   from matplotlib.lines import Line2D
 
   batches = list(results)
-  fig, axes = plt.subplots(len(batches), len(variants), figsize=(3.2 * len(variants),
-                                                                 2.6 * len(batches)),
-                           squeeze=False, sharey='row', sharex='row')
+  fig, axes = plt.subplots(
+    len(batches),
+    len(variants),
+    figsize=(3.2 * len(variants), 2.6 * len(batches)),
+    squeeze=False,
+    sharey='row',
+    sharex='row',
+  )
   cmap = plt.get_cmap('viridis')
   color = lambda s: 'tab:gray' if s == 0 else cmap((s - 1) / max(k_max - 1, 1))
   for i, b in enumerate(batches):
@@ -176,8 +208,9 @@ def plot(path: str, results: dict, variants, k_max: int):
     for v in variants:
       if results[b][v]['report'] is not None:
         used |= {x[3] for x in results[b][v]['report'].trace}
-  handles = [Line2D([], [], color=color(s), lw=2, label=adaptive.strategy_name(s))
-             for s in sorted(used)]
+  handles = [
+    Line2D([], [], color=color(s), lw=2, label=adaptive.strategy_name(s)) for s in sorted(used)
+  ]
   fig.legend(handles=handles, loc='upper right', fontsize=7, title='phase', title_fontsize=7)
   fig.tight_layout(rect=(0, 0, 0.95, 1))
   fig.savefig(path, dpi=110)
@@ -202,10 +235,13 @@ def main(argv=None):
   ap.add_argument('--iters', type=int, default=0, help='timed rollouts per variant (0: auto)')
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--plot', default='/tmp/long_tail.png', help='PNG path ("" = no plot)')
-  ap.add_argument('--compile_cache',
-                  default=os.environ.get('SPECRL_JAX_CACHE', os.path.join(tempfile.gettempdir(),
-                                                                          'specrl_jax_cache')),
-                  help='persistent compilation cache dir (re-runs skip compiling; "" = off)')
+  ap.add_argument(
+    '--compile_cache',
+    default=os.environ.get(
+      'SPECRL_JAX_CACHE', os.path.join(tempfile.gettempdir(), 'specrl_jax_cache')
+    ),
+    help='persistent compilation cache dir (re-runs skip compiling; "" = off)',
+  )
   args = ap.parse_args(argv)
   common.enable_compile_cache(args.compile_cache)
   grid = QUICK if args.quick else FULL
@@ -222,21 +258,29 @@ def main(argv=None):
   params = model_lib.init_params(cfg, jax.random.key(args.seed))
   longest = int(round(args.tail_ratio * median))
   cache_len = args.min_prompt + longest
-  rcfg = rollout_lib.RolloutConfig(max_new_tokens=longest, max_prompt_len=cache_len - 1,
-                                   cache_len=cache_len, eos_id=-1,
-                                   sampling=SamplingParams(args.temperature))
+  rcfg = rollout_lib.RolloutConfig(
+    max_new_tokens=longest,
+    max_prompt_len=cache_len - 1,
+    cache_len=cache_len,
+    eos_id=-1,
+    sampling=SamplingParams(args.temperature),
+  )
   engines = make_engines(cfg, rcfg, args)
   info = common.device_info()
-  print(f'# long-tail rollouts: {info}, model {args.model} '
-        f'({model_lib.count_params(params) / 1e6:.1f}M params), T={args.temperature}, '
-        f'median {median} / longest {longest} tokens, cache {cache_len}', flush=True)
+  print(
+    f'# long-tail rollouts: {info}, model {args.model} '
+    f'({model_lib.count_params(params) / 1e6:.1f}M params), T={args.temperature}, '
+    f'median {median} / longest {longest} tokens, cache {cache_len}',
+    flush=True,
+  )
 
   results: dict = {}
   rows = []
   for b in batches:
     lengths = long_tail_lengths(b, median, args.tail_ratio, args.seed)
-    toks, plen = make_prompts(lengths, cache_len, rcfg.max_prompt_len, cfg.vocab_size,
-                              args.seed + b)
+    toks, plen = make_prompts(
+      lengths, cache_len, rcfg.max_prompt_len, cfg.vocab_size, args.seed + b
+    )
     warm = {}
     for v in variants:
       warm[v] = run_once(engines[v], params, toks, plen, args.seed)
@@ -249,52 +293,113 @@ def main(argv=None):
     for v in variants:
       best = sorted(runs[v], key=lambda r: r['time_s'])[len(runs[v]) // 2]  # the median run
       m = best['metrics']
-      results[b][v] = dict(best, warm_compile_s=warm[v]['late'],
-                           late_compile_s=max(r['late'] for r in runs[v]))
-      rows.append(dict(
-        B=b, variant=v, time_s=best['time_s'], tok_s=best['tokens'] / best['time_s'],
-        compile_s=warm[v]['late'], late_compile_s=results[b][v]['late_compile_s'],
-        spec_frac=m.get('adaptive/spec_time_frac'), compactions=m.get('adaptive/compactions'),
-        alpha=m.get('adaptive/alpha') if v not in ('static', 'compact') else None,
-        k=k_summary(best['report']), k_warm=k_summary(warm[v]['report'])))
+      results[b][v] = dict(
+        best, warm_compile_s=warm[v]['late'], late_compile_s=max(r['late'] for r in runs[v])
+      )
+      rows.append(
+        dict(
+          B=b,
+          variant=v,
+          time_s=best['time_s'],
+          tok_s=best['tokens'] / best['time_s'],
+          compile_s=warm[v]['late'],
+          late_compile_s=results[b][v]['late_compile_s'],
+          spec_frac=m.get('adaptive/spec_time_frac'),
+          compactions=m.get('adaptive/compactions'),
+          alpha=m.get('adaptive/alpha') if v not in ('static', 'compact') else None,
+          k=k_summary(best['report']),
+          k_warm=k_summary(warm[v]['report']),
+        )
+      )
     base = results[b].get('static', results[b][variants[0]])['time_s']
     for r in rows:
       if r['B'] == b:
         r['speedup'] = base / r['time_s']
-  common.print_table([('B', 'd'), ('variant', ''), ('time_s', '.3f'), ('speedup', '.2f'),
-                      ('tok_s', '.0f'), ('compile_s', '.1f'), ('late_compile_s', '.2f'),
-                      ('spec_frac', '.2f'), ('compactions', 'd'), ('alpha', '.2f')], rows)
+  common.print_table(
+    [
+      ('B', 'd'),
+      ('variant', ''),
+      ('time_s', '.3f'),
+      ('speedup', '.2f'),
+      ('tok_s', '.0f'),
+      ('compile_s', '.1f'),
+      ('late_compile_s', '.2f'),
+      ('spec_frac', '.2f'),
+      ('compactions', 'd'),
+      ('alpha', '.2f'),
+    ],
+    rows,
+  )
   print('\n# strategy per bucket (in order of use): timed median run | warm-up run')
   for r in rows:
     if r['k'] != '-':
-      print(f"B={r['B']:<4d} {r['variant']:<9s} {r['k']}  |  {r['k_warm']}")
+      print(f'B={r["B"]:<4d} {r["variant"]:<9s} {r["k"]}  |  {r["k_warm"]}')
   if 'adaptive' in variants:
     for b in batches:
       print(f'\n# adaptive phases, B={b}')
-      common.print_table([('phase', ''), ('time_s', '.4f'), ('steps', 'd'), ('tokens', 'd'),
-                          ('tokens_per_s', '.0f')], results[b]['adaptive']['report'].phase_table())
+      common.print_table(
+        [
+          ('phase', ''),
+          ('time_s', '.4f'),
+          ('steps', 'd'),
+          ('tokens', 'd'),
+          ('tokens_per_s', '.0f'),
+        ],
+        results[b]['adaptive']['report'].phase_table(),
+      )
   if 'adaptive' in variants:
-    print('\n# cost profiles (cost_model / roofline): seconds per unit, c = draft token / plain '
-          'step, v4 = verify(k=4) / plain step')
+    print(
+      '\n# cost profiles (cost_model / roofline): seconds per unit, c = draft token / plain '
+      'step, v4 = verify(k=4) / plain step'
+    )
     prof_rows = []
     for (b, _), p in sorted(engines['adaptive'].profiles.items(), reverse=True):
-      prof_rows.append(dict(bucket=b, fwd1_ms=1e3 * p.fwd1, fwd12_ms=1e3 * p.fwd_ref,
-                            prop1_ms=1e3 * p.prop1, prop2_ms=1e3 * p.prop_ref,
-                            c=(p.propose(4) / 4) / p.fwd1, v4=p.verify(4) / p.fwd1))
-    common.print_table([('bucket', 'd'), ('fwd1_ms', '.3f'), ('fwd12_ms', '.3f'),
-                        ('prop1_ms', '.3f'), ('prop2_ms', '.3f'), ('c', '.2f'), ('v4', '.2f')],
-                       prof_rows)
+      prof_rows.append(
+        dict(
+          bucket=b,
+          fwd1_ms=1e3 * p.fwd1,
+          fwd12_ms=1e3 * p.fwd_ref,
+          prop1_ms=1e3 * p.prop1,
+          prop2_ms=1e3 * p.prop_ref,
+          c=(p.propose(4) / 4) / p.fwd1,
+          v4=p.verify(4) / p.fwd1,
+        )
+      )
+    common.print_table(
+      [
+        ('bucket', 'd'),
+        ('fwd1_ms', '.3f'),
+        ('fwd12_ms', '.3f'),
+        ('prop1_ms', '.3f'),
+        ('prop2_ms', '.3f'),
+        ('c', '.2f'),
+        ('v4', '.2f'),
+      ],
+      prof_rows,
+    )
   if args.plot:
     plot(args.plot, results, variants, 11)
     print(f'\n# plot: {args.plot}')
   summary = dict(
-    bench='long_tail', quick=args.quick, **info, model=args.model, median=median,
-    longest=longest, plot=args.plot or None,
-    results={str(b): {v: dict(time_s=results[b][v]['time_s'],
-                              speedup_vs_static=next(r['speedup'] for r in rows
-                                                     if r['B'] == b and r['variant'] == v),
-                              k=k_summary(results[b][v]['report']))
-                      for v in variants} for b in batches})
+    bench='long_tail',
+    quick=args.quick,
+    **info,
+    model=args.model,
+    median=median,
+    longest=longest,
+    plot=args.plot or None,
+    results={
+      str(b): {
+        v: dict(
+          time_s=results[b][v]['time_s'],
+          speedup_vs_static=next(r['speedup'] for r in rows if r['B'] == b and r['variant'] == v),
+          k=k_summary(results[b][v]['report']),
+        )
+        for v in variants
+      }
+      for b in batches
+    },
+  )
   common.emit_json(summary)
 
 

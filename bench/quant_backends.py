@@ -52,13 +52,14 @@ _VARIANTS = {  # name -> QuantConfig kwargs (None: the policy itself)
 
 def _model_cfg(quick: bool, dtype: str) -> model_lib.ModelConfig:
   if quick:
-    dims = dict(vocab_size=8192, d_model=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64,
-                d_ff=2048)
+    dims = dict(
+      vocab_size=8192, d_model=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64, d_ff=2048
+    )
   else:
-    dims = dict(vocab_size=32000, d_model=1024, n_layers=8, n_heads=16, n_kv_heads=4,
-                head_dim=64, d_ff=4096)
-  return model_lib.ModelConfig(**dims, tie_embeddings=True, param_dtype=dtype,
-                               compute_dtype=dtype)
+    dims = dict(
+      vocab_size=32000, d_model=1024, n_layers=8, n_heads=16, n_kv_heads=4, head_dim=64, d_ff=4096
+    )
+  return model_lib.ModelConfig(**dims, tie_embeddings=True, param_dtype=dtype, compute_dtype=dtype)
 
 
 class _Decode:
@@ -149,18 +150,21 @@ def main(argv=None):
     r: {b: round(statistics.median(cells[r, b].times), 3) for b in batches} for r in rows
   }
   ratios = {
-    r: {b: round(ms[r][b] / ms[r.split('/')[0] + '/policy'][b], 3) for b in batches}
-    for r in rows
+    r: {b: round(ms[r][b] / ms[r.split('/')[0] + '/policy'][b], 3) for b in batches} for r in rows
   }
 
   # ----------------------------------------------------------------- table
-  n_params = model_lib.count_params(jax.eval_shape(
-    lambda: model_lib.init_params(cfg, jax.random.key(0))))
-  print(f'\ndecode step (T=1, cache {cache_len}), {n_params / 1e6:.1f}M params, '
-        f'{jax.devices()[0].platform} x{os.cpu_count()}, best of {iters} rounds; '
-        'c = time / same-dtype policy time')
+  n_params = model_lib.count_params(
+    jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  )
+  print(
+    f'\ndecode step (T=1, cache {cache_len}), {n_params / 1e6:.1f}M params, '
+    f'{jax.devices()[0].platform} x{os.cpu_count()}, best of {iters} rounds; '
+    'c = time / same-dtype policy time'
+  )
   head = f'{"variant":16s} {"MB":>7s} {"quant ms":>9s} ' + ' '.join(
-    f'{f"b={b} ms":>10s} {"c":>6s}' for b in batches)
+    f'{f"b={b} ms":>10s} {"c":>6s}' for b in batches
+  )
   print(head)
   print('-' * len(head))
   for row in ms:

@@ -93,25 +93,35 @@ DRAFTERS = ('noisy_policy', 'small_model', 'early_exit', 'quantized', 'ngram', '
 # name -> (policy dims, small_model drafter dims (vocab shared), dtype, prompt_len, new tokens)
 PRESETS = {
   'tiny': (  # ~3.3M params (13 MB: fits a CPU's L3, so a CPU step is compute-bound)
-    dict(vocab_size=512, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
-         d_ff=768),
+    dict(vocab_size=512, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=768),
     dict(d_model=128, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=64, d_ff=384),
-    'float32', 16, 64),
+    'float32',
+    16,
+    64,
+  ),
   'mid': (  # ~21M params (84 MB in f32: past a typical CPU L3, so decoding is memory-bound)
-    dict(vocab_size=4096, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=64,
-         d_ff=1536),
+    dict(vocab_size=4096, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4, head_dim=64, d_ff=1536),
     dict(d_model=256, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=768),
-    'float32', 32, 64),
+    'float32',
+    32,
+    64,
+  ),
   'gpu': (  # ~215M params
-    dict(vocab_size=32000, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, head_dim=64,
-         d_ff=4096),
+    dict(
+      vocab_size=32000, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, head_dim=64, d_ff=4096
+    ),
     dict(d_model=512, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=64, d_ff=1536),
-    'bfloat16', 64, 128),
+    'bfloat16',
+    64,
+    128,
+  ),
 }
-FULL = dict(batch_sizes='1,4,16,64', ks='2,4,8', drafter='noisy_policy,small_model', iters=5,
-            step_iters=30)
-QUICK = dict(batch_sizes='1,4', ks='2,4', drafter='noisy_policy', iters=5, step_iters=20,
-             max_new_tokens=64)
+FULL = dict(
+  batch_sizes='1,4,16,64', ks='2,4,8', drafter='noisy_policy,small_model', iters=5, step_iters=30
+)
+QUICK = dict(
+  batch_sizes='1,4', ks='2,4', drafter='noisy_policy', iters=5, step_iters=20, max_new_tokens=64
+)
 
 
 # ----------------------------------------------------------------------------- drafters
@@ -124,13 +134,16 @@ def noisy_params(params, noise: float, key):
   ``noise``. Through the tied embedding / LM head this is noise on the draft logits."""
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
-  out = [(w + noise * jnp.std(w.astype(jnp.float32)) * jax.random.normal(kk, w.shape))
-         .astype(w.dtype) for w, kk in zip(leaves, keys, strict=True)]
+  out = [
+    (w + noise * jnp.std(w.astype(jnp.float32)) * jax.random.normal(kk, w.shape)).astype(w.dtype)
+    for w, kk in zip(leaves, keys, strict=True)
+  ]
   return jax.tree.unflatten(treedef, out)
 
 
-def make_drafters(names, noises, cfg, dcfg, params, exit_layers: int, seed: int,
-                  share_kv: bool = False):
+def make_drafters(
+  names, noises, cfg, dcfg, params, exit_layers: int, seed: int, share_kv: bool = False
+):
   """[(label, drafter)] for the requested drafter names. ``share_kv``: drafters with the
   policy's architecture (noisy_policy, self, quantized) read the policy's KV cache instead
   of prefilling and keeping their own (``ModelDrafter(share_kv=True)``)."""
@@ -157,8 +170,9 @@ def make_drafters(names, noises, cfg, dcfg, params, exit_layers: int, seed: int,
 
       from specrl.drafters import quantized
 
-      dc = ml_collections.ConfigDict(dict(drafter=dict(bits=8, group_size=0, backend='jnp',
-                                                       share_kv=share_kv)))
+      dc = ml_collections.ConfigDict(
+        dict(drafter=dict(bits=8, group_size=0, backend='jnp', share_kv=share_kv))
+      )
       out.append((f'int8{tag}', quantized.make_quantized_drafter(dc, cfg)))
     elif name == 'ngram':
       out.append(('ngram', NgramDrafter(cfg.vocab_size, 2)))
@@ -185,8 +199,9 @@ class CacheStep:
   the token back, as decoding does. The KV cache is donated and carried (in place).
   """
 
-  def __init__(self, params, cfg, batch: int, t: int, cache_len: int, pos: int, sp=None,
-               reps: int = 8):
+  def __init__(
+    self, params, cfg, batch: int, t: int, cache_len: int, pos: int, sp=None, reps: int = 8
+  ):
     self.reps = reps
     self.fn = self._jitted(cfg, sp, reps)
     self.params = params
@@ -249,8 +264,9 @@ class ProposeStep:
     self.seq, self.pos, self.key = state.tokens, state.pos, jax.random.key(0)
 
   def __call__(self):
-    out, self.state, self.cache = self.fn(self.dparams, self.state, self.cache, self.seq,
-                                          self.pos, self.key)
+    out, self.state, self.cache = self.fn(
+      self.dparams, self.state, self.cache, self.seq, self.pos, self.key
+    )
     return out
 
 
@@ -289,9 +305,13 @@ class GenerateCall:
     self.calls, self.times, self.accepted, self.rounds, self.iterations = 0, [], 0, 0, []
 
   def __call__(self):
-    out, m = self.engine.generate(self.params, self.prompts, self.lens,
-                                  jax.random.key(self.seed + self.calls),
-                                  draft_params=self.dparams)
+    out, m = self.engine.generate(
+      self.params,
+      self.prompts,
+      self.lens,
+      jax.random.key(self.seed + self.calls),
+      draft_params=self.dparams,
+    )
     self.calls += 1
     n = self.engine.rcfg.max_new_tokens
     length = np.asarray(out.length)
@@ -306,8 +326,7 @@ class GenerateCall:
     return out.length
 
 
-def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, reps, seed,
-                rng):
+def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, reps, seed, rng):
   """Every engine and unit cost at batch ``b``, all timed round-robin (so background load
   hits them alike). Returns (plain row, speculative rows)."""
   plen, nnew = base_rcfg.max_prompt_len, base_rcfg.max_new_tokens
@@ -319,22 +338,22 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
     dparams = drafter.params_from_policy(params)
     for k in ks:
       rcfg = dataclasses.replace(base_rcfg, num_draft=k)
-      engines[label, k] = (rollout_lib.RolloutEngine(cfg, rcfg, drafter=drafter), drafter,
-                           dparams)
+      engines[label, k] = (rollout_lib.RolloutEngine(cfg, rcfg, drafter=drafter), drafter, dparams)
 
   # Whole rollouts (`iters` timed calls each) and unit costs (`step_iters`): prefill of every
   # engine, the target's T=1 step, drafter T=1 steps, verify forwards (T = k + 1), whole
   # drafter proposals.
   mid = plen + nnew // 2
   key0 = jax.random.key(0)
-  units = {('gen', name): GenerateCall(eng, params, dparams, prompts, lens, seed, warmup)
-           for name, (eng, _, dparams) in engines.items()}
+  units = {
+    ('gen', name): GenerateCall(eng, params, dparams, prompts, lens, seed, warmup)
+    for name, (eng, _, dparams) in engines.items()
+  }
   units['t1'] = CacheStep(params, cfg, b, 1, base_rcfg.buffer_len, mid, sp, reps=reps)
   for name, (eng, drafter, dparams) in engines.items():
     units['gen', name]()  # compiles the engine's prefill / decode / finalize
     prefill_j = eng._compiled(b, params, dparams)[0]
-    units['prefill', name] = (
-      lambda f=prefill_j, dp=dparams: f(params, dp, prompts, lens, key0))
+    units['prefill', name] = lambda f=prefill_j, dp=dparams: f(params, dp, prompts, lens, key0)
     if drafter is None:
       continue
     label, k = name
@@ -342,10 +361,12 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
     units['prop', label, k] = ProposeStep(drafter, dparams, state, k, sp, reps)
     if ('ver', k) not in units:
       units['ver', k] = CacheStep(params, cfg, b, k + 1, eng.rcfg.buffer_len, mid, reps=reps)
-    if (isinstance(drafter, ModelDrafter) and drafter.name != 'self'
-        and ('draft', label) not in units):
-      units['draft', label] = CacheStep(dparams, drafter.cfg, b, 1, base_rcfg.buffer_len, mid,
-                                        sp, reps)
+    if (
+      isinstance(drafter, ModelDrafter) and drafter.name != 'self' and ('draft', label) not in units
+    ):
+      units['draft', label] = CacheStep(
+        dparams, drafter.cfg, b, 1, base_rcfg.buffer_len, mid, sp, reps
+      )
   counts = {n: iters if n[0] == 'gen' else step_iters for n in units}
   med = common.interleaved_medians(units, warmup=warmup - 1, iters=counts)
   med = {n: t / getattr(units[n], 'reps', 1) for n, t in med.items()}
@@ -354,9 +375,15 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
   gens = {name: units['gen', name] for name in engines}
   plain_t = statistics.median(gens['plain'].times)
   p_step = (plain_t - med['prefill', 'plain']) / (nnew - 1)
-  plain_row = dict(B=b, tok_s=b * nnew / plain_t, prefill_ms=1e3 * med['prefill', 'plain'],
-                   step_ms=1e3 * p_step, fwd_ms=1e3 * t1, ovh_ms=1e3 * (p_step - t1),
-                   ovh_pct=100 * (p_step - t1) / p_step)
+  plain_row = dict(
+    B=b,
+    tok_s=b * nnew / plain_t,
+    prefill_ms=1e3 * med['prefill', 'plain'],
+    step_ms=1e3 * p_step,
+    fwd_ms=1e3 * t1,
+    ovh_ms=1e3 * (p_step - t1),
+    ovh_pct=100 * (p_step - t1) / p_step,
+  )
   rows = []
   for name, (_, drafter, _) in engines.items():
     if drafter is None:
@@ -377,13 +404,32 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
     n_iter = statistics.mean(g.iterations)
     round_s = (spec_t - med['prefill', name]) / n_iter
     dec_ratio = (plain_t - med['prefill', 'plain']) / (spec_t - med['prefill', name])
-    rows.append(dict(
-      drafter=label, B=b, k=k, plain_tok_s=b * nnew / plain_t, spec_tok_s=b * nnew / spec_t,
-      ratio=ratio, alpha=alpha, tau=tau, c=c, v=v, ideal=ideal, eff=ratio / ideal,
-      ca_ideal=ca_ideal, ca_eff=ratio / ca_ideal, dec_ratio=dec_ratio,
-      dec_eff=dec_ratio / ca_ideal, sync=g.rounds / len(g.times) / b / n_iter,
-      round_ms=1e3 * round_s, prop_ms=1e3 * t_prop, ver_ms=1e3 * t_ver,
-      ovh_ms=1e3 * (round_s - t_prop - t_ver), prefill_ms=1e3 * med['prefill', name]))
+    rows.append(
+      dict(
+        drafter=label,
+        B=b,
+        k=k,
+        plain_tok_s=b * nnew / plain_t,
+        spec_tok_s=b * nnew / spec_t,
+        ratio=ratio,
+        alpha=alpha,
+        tau=tau,
+        c=c,
+        v=v,
+        ideal=ideal,
+        eff=ratio / ideal,
+        ca_ideal=ca_ideal,
+        ca_eff=ratio / ca_ideal,
+        dec_ratio=dec_ratio,
+        dec_eff=dec_ratio / ca_ideal,
+        sync=g.rounds / len(g.times) / b / n_iter,
+        round_ms=1e3 * round_s,
+        prop_ms=1e3 * t_prop,
+        ver_ms=1e3 * t_ver,
+        ovh_ms=1e3 * (round_s - t_prop - t_ver),
+        prefill_ms=1e3 * med['prefill', name],
+      )
+    )
   return plain_row, rows
 
 
@@ -398,24 +444,40 @@ def main(argv=None):
   ap.add_argument('--ks', default=None, help='comma list of draft lengths (default 2,4,8)')
   ap.add_argument('--max_new_tokens', type=int, default=0, help='0: preset / quick default')
   ap.add_argument('--prompt_len', type=int, default=0, help='0: preset default')
-  ap.add_argument('--drafter', default=None,
-                  help=f'comma list of {"|".join(DRAFTERS)} (default noisy_policy,small_model)')
-  ap.add_argument('--noise', default='0.2',
-                  help='noisy_policy weight noise in units of each tensor\'s std (comma list; '
-                  'tiny, T=1: 0.05 -> alpha ~0.95, 0.2 -> ~0.73, 0.5 -> ~0.6)')
+  ap.add_argument(
+    '--drafter',
+    default=None,
+    help=f'comma list of {"|".join(DRAFTERS)} (default noisy_policy,small_model)',
+  )
+  ap.add_argument(
+    '--noise',
+    default='0.2',
+    help="noisy_policy weight noise in units of each tensor's std (comma list; "
+    'tiny, T=1: 0.05 -> alpha ~0.95, 0.2 -> ~0.73, 0.5 -> ~0.6)',
+  )
   ap.add_argument('--exit_layers', type=int, default=1, help='early_exit drafter depth')
-  ap.add_argument('--share_kv', action='store_true',
-                  help='noisy_policy / self / quantized drafters read the policy KV cache')
+  ap.add_argument(
+    '--share_kv',
+    action='store_true',
+    help='noisy_policy / self / quantized drafters read the policy KV cache',
+  )
   ap.add_argument('--temperature', type=float, default=1.0)
   ap.add_argument('--iters', type=int, default=0, help='timed generate() calls (0: auto)')
   ap.add_argument('--step_iters', type=int, default=0, help='timed unit-cost calls (0: auto)')
-  ap.add_argument('--unit_reps', type=int, default=8,
-                  help='unit-cost steps per timed call (one jitted loop: no dispatch cost)')
+  ap.add_argument(
+    '--unit_reps',
+    type=int,
+    default=8,
+    help='unit-cost steps per timed call (one jitted loop: no dispatch cost)',
+  )
   ap.add_argument('--seed', type=int, default=0)
-  ap.add_argument('--compile_cache',
-                  default=os.environ.get('SPECRL_JAX_CACHE', os.path.join(tempfile.gettempdir(),
-                                                                          'specrl_jax_cache')),
-                  help='persistent compilation cache dir (re-runs skip compiling; "" = off)')
+  ap.add_argument(
+    '--compile_cache',
+    default=os.environ.get(
+      'SPECRL_JAX_CACHE', os.path.join(tempfile.gettempdir(), 'specrl_jax_cache')
+    ),
+    help='persistent compilation cache dir (re-runs skip compiling; "" = off)',
+  )
   args = ap.parse_args(argv)
 
   grid = QUICK if args.quick else FULL
@@ -440,48 +502,101 @@ def main(argv=None):
   cfg = model_lib.ModelConfig(**pdims, param_dtype=dtype, compute_dtype=dtype)
   dcfg = dataclasses.replace(cfg, **ddims)
   params = model_lib.init_params(cfg, jax.random.key(args.seed))
-  drafters = make_drafters(names, noises, cfg, dcfg, params, args.exit_layers, args.seed,
-                           args.share_kv)
+  drafters = make_drafters(
+    names, noises, cfg, dcfg, params, args.exit_layers, args.seed, args.share_kv
+  )
   info = common.device_info()
-  dsize = sum(int(np.prod(s)) for s in jax.tree.leaves(
-    model_lib.param_shapes(dcfg), is_leaf=lambda x: isinstance(x, tuple)))
-  print(f'device: {info["device"]} ({info["backend"]}); model {args.model}: '
-        f'{model_lib.count_params(params) / 1e6:.2f}M params {dtype} '
-        f'(small_model drafter {dsize / 1e6:.2f}M)')
-  print(f'prompt {plen} + {nnew} new tokens (eos off), temperature {sp.temperature}; '
-        f'median of {iters} generate() calls and of {step_iters} unit-cost calls (x '
-        f'{args.unit_reps} steps) after warm-up, timed round-robin per batch size', flush=True)
+  dsize = sum(
+    int(np.prod(s))
+    for s in jax.tree.leaves(model_lib.param_shapes(dcfg), is_leaf=lambda x: isinstance(x, tuple))
+  )
+  print(
+    f'device: {info["device"]} ({info["backend"]}); model {args.model}: '
+    f'{model_lib.count_params(params) / 1e6:.2f}M params {dtype} '
+    f'(small_model drafter {dsize / 1e6:.2f}M)'
+  )
+  print(
+    f'prompt {plen} + {nnew} new tokens (eos off), temperature {sp.temperature}; '
+    f'median of {iters} generate() calls and of {step_iters} unit-cost calls (x '
+    f'{args.unit_reps} steps) after warm-up, timed round-robin per batch size',
+    flush=True,
+  )
 
-  base_rcfg = rollout_lib.RolloutConfig(max_new_tokens=nnew, max_prompt_len=plen, sampling=sp,
-                                        eos_id=-1)
+  base_rcfg = rollout_lib.RolloutConfig(
+    max_new_tokens=nnew, max_prompt_len=plen, sampling=sp, eos_id=-1
+  )
   rng = np.random.default_rng(args.seed)
   plain_rows, rows = [], []
   for b in batches:
-    plain_row, spec_rows = bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters,
-                                       step_iters, args.unit_reps, args.seed, rng)
+    plain_row, spec_rows = bench_batch(
+      b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, args.unit_reps, args.seed, rng
+    )
     plain_rows.append(plain_row)
     rows += spec_rows
-    print(f'  B={b} done: best ratio {max(r["ratio"] for r in spec_rows):.2f}', file=sys.stderr,
-          flush=True)
+    print(
+      f'  B={b} done: best ratio {max(r["ratio"] for r in spec_rows):.2f}',
+      file=sys.stderr,
+      flush=True,
+    )
 
   print('\nplain decoding (step = (time - prefill) / (N - 1); fwd = T=1 forward + sample):')
-  common.print_table([('B', 'd'), ('tok_s', '.0f'), ('prefill_ms', '.2f'), ('step_ms', '.3f'),
-                      ('fwd_ms', '.3f'), ('ovh_ms', '.3f'), ('ovh_pct', '.0f')], plain_rows)
+  common.print_table(
+    [
+      ('B', 'd'),
+      ('tok_s', '.0f'),
+      ('prefill_ms', '.2f'),
+      ('step_ms', '.3f'),
+      ('fwd_ms', '.3f'),
+      ('ovh_ms', '.3f'),
+      ('ovh_pct', '.0f'),
+    ],
+    plain_rows,
+  )
   print('\nspeculative decoding (per-round times in ms; see the module docstring):')
-  common.print_table([
-    ('drafter', ''), ('B', 'd'), ('k', 'd'), ('plain_tok_s', '.0f'), ('spec_tok_s', '.0f'),
-    ('ratio', '.2f'), ('alpha', '.2f'), ('tau', '.2f'), ('c', '.2f'), ('v', '.2f'),
-    ('ideal', '.2f'), ('eff', '.0%'), ('ca_ideal', '.2f'), ('ca_eff', '.0%'),
-    ('dec_ratio', '.2f'), ('dec_eff', '.0%'), ('sync', '.2f'),
-    ('round_ms', '.2f'), ('prop_ms', '.2f'), ('ver_ms', '.2f'), ('ovh_ms', '.2f')], rows)
+  common.print_table(
+    [
+      ('drafter', ''),
+      ('B', 'd'),
+      ('k', 'd'),
+      ('plain_tok_s', '.0f'),
+      ('spec_tok_s', '.0f'),
+      ('ratio', '.2f'),
+      ('alpha', '.2f'),
+      ('tau', '.2f'),
+      ('c', '.2f'),
+      ('v', '.2f'),
+      ('ideal', '.2f'),
+      ('eff', '.0%'),
+      ('ca_ideal', '.2f'),
+      ('ca_eff', '.0%'),
+      ('dec_ratio', '.2f'),
+      ('dec_eff', '.0%'),
+      ('sync', '.2f'),
+      ('round_ms', '.2f'),
+      ('prop_ms', '.2f'),
+      ('ver_ms', '.2f'),
+      ('ovh_ms', '.2f'),
+    ],
+    rows,
+  )
 
   small = [r for r in rows if r['B'] <= 4]
   best = max(rows, key=lambda r: r['ratio']) if rows else None
   summary = dict(
-    bench='speculative', **info, model=args.model, params=model_lib.count_params(params),
-    dtype=dtype, temperature=sp.temperature, prompt_len=plen, max_new_tokens=nnew, iters=iters,
-    step_iters=step_iters, unit_reps=args.unit_reps, drafters=[d for d, _ in drafters],
-    plain=plain_rows, rows=rows,
+    bench='speculative',
+    **info,
+    model=args.model,
+    params=model_lib.count_params(params),
+    dtype=dtype,
+    temperature=sp.temperature,
+    prompt_len=plen,
+    max_new_tokens=nnew,
+    iters=iters,
+    step_iters=step_iters,
+    unit_reps=args.unit_reps,
+    drafters=[d for d, _ in drafters],
+    plain=plain_rows,
+    rows=rows,
     best_ratio=best and best['ratio'],
     best=best and dict(drafter=best['drafter'], B=best['B'], k=best['k']),
     mean_efficiency_b1_4=statistics.mean(r['eff'] for r in small) if small else None,

@@ -239,11 +239,13 @@ CELLS = [
 
 def build() -> nbformat.NotebookNode:
   nb = nbformat.v4.new_notebook()
-  nb.metadata.update({
-    'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'},
-    'language_info': {'name': 'python'},
-    'colab': {'name': 'quickstart.ipynb', 'provenance': []},
-  })
+  nb.metadata.update(
+    {
+      'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'},
+      'language_info': {'name': 'python'},
+      'colab': {'name': 'quickstart.ipynb', 'provenance': []},
+    }
+  )
   for cell_id, kind, source, tags in CELLS:
     new = nbformat.v4.new_markdown_cell if kind == 'markdown' else nbformat.v4.new_code_cell
     cell = new(source, id=cell_id)

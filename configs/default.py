@@ -1,8 +1,8 @@
 """Default: a ~0.4M-parameter policy learns the running-sum task on a 2-core CPU in minutes.
 
-  python main.py --config=configs/default.py --workdir=/tmp/specrl
-  python main.py --config=configs/default.py:smoke --workdir=/tmp/smoke   # seconds
-  python main.py --config=configs/default.py --workdir=/tmp/q --config.rollout.drafter=quantized
+python main.py --config=configs/default.py --workdir=/tmp/specrl
+python main.py --config=configs/default.py:smoke --workdir=/tmp/smoke   # seconds
+python main.py --config=configs/default.py --workdir=/tmp/q --config.rollout.drafter=quantized
 """
 
 import ml_collections
@@ -12,47 +12,100 @@ def get_config(arg: str | None = None):
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  c.model = ml_collections.ConfigDict(dict(
-    vocab_size=32, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384,
-    rope_theta=10000.0, norm_eps=1e-6, qkv_bias=False, tie_embeddings=True, qk_norm=False,
-    param_dtype='float32', compute_dtype='float32'))
+  c.model = ml_collections.ConfigDict(
+    dict(
+      vocab_size=32,
+      d_model=128,
+      n_layers=2,
+      n_heads=4,
+      n_kv_heads=2,
+      head_dim=32,
+      d_ff=384,
+      rope_theta=10000.0,
+      norm_eps=1e-6,
+      qkv_bias=False,
+      tie_embeddings=True,
+      qk_norm=False,
+      param_dtype='float32',
+      compute_dtype='float32',
+    )
+  )
 
-  c.task = ml_collections.ConfigDict(dict(
-    name='running_sum', min_terms=2, max_terms=16, tail_exponent=1.3,
-    path='', tokenizer_path='', max_prompt_len=0, max_response_len=0))
+  c.task = ml_collections.ConfigDict(
+    dict(
+      name='running_sum',
+      min_terms=2,
+      max_terms=16,
+      tail_exponent=1.3,
+      path='',
+      tokenizer_path='',
+      max_prompt_len=0,
+      max_response_len=0,
+    )
+  )
 
-  c.rollout = ml_collections.ConfigDict(dict(
-    temperature=1.0, top_k=0, top_p=1.0,
-    max_new_tokens=0,  # 0 = the task's longest answer
-    cache_len=0,
-    drafter='none',  # none | self | small_model | ngram | quantized
-    num_draft=4,  # k, used when drafter != 'none'
-    verify_impl='jnp',  # jnp | pallas
-  ))
+  c.rollout = ml_collections.ConfigDict(
+    dict(
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      max_new_tokens=0,  # 0 = the task's longest answer
+      cache_len=0,
+      drafter='none',  # none | self | small_model | ngram | quantized
+      num_draft=4,  # k, used when drafter != 'none'
+      verify_impl='jnp',  # jnp | pallas
+    )
+  )
 
-  c.drafter = ml_collections.ConfigDict(dict(
-    ngram=2,
-    # small_model: architecture (vocab must match the policy) and optional HF checkpoint dir
-    model=ml_collections.ConfigDict(dict(
-      d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128)),
-    checkpoint='',
-    # quantized self-drafter (int8 per-channel; int4 uses groups of 128 when group_size=0)
-    bits=8, group_size=0, backend='jnp', quantize_embeddings=False, act_bits=0,
-    share_kv=False,
-  ))
+  c.drafter = ml_collections.ConfigDict(
+    dict(
+      ngram=2,
+      # small_model: architecture (vocab must match the policy) and optional HF checkpoint dir
+      model=ml_collections.ConfigDict(
+        dict(d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128)
+      ),
+      checkpoint='',
+      # quantized self-drafter (int8 per-channel; int4 uses groups of 128 when group_size=0)
+      bits=8,
+      group_size=0,
+      backend='jnp',
+      quantize_embeddings=False,
+      act_bits=0,
+      share_kv=False,
+    )
+  )
 
   # Adaptive long-tail rollout (specrl/adaptive.py): compaction into power-of-two buckets
   # and a per-phase choice between plain and speculative decoding.
-  c.adaptive = ml_collections.ConfigDict(dict(
-    enabled=False, policy='cost_model',  # cost_model | tlt | roofline | always | never
-    chunk_steps=16, tlt_threshold=32))
+  c.adaptive = ml_collections.ConfigDict(
+    dict(
+      enabled=False,
+      policy='cost_model',  # cost_model | tlt | roofline | always | never
+      chunk_steps=16,
+      tlt_threshold=32,
+    )
+  )
 
   c.sft = ml_collections.ConfigDict(dict(steps=200, batch_size=64, lr=3e-3, warmup_steps=20))
 
-  c.rl = ml_collections.ConfigDict(dict(
-    steps=60, num_prompts=32, num_generations=8, lr=3e-4, warmup_steps=5,
-    weight_decay=0.0, grad_clip=1.0, clip_eps=0.2, clip_eps_high=0.0, kl_coef=0.0,
-    aggregation='sequence', scale_advantages=True, num_minibatches=1, num_epochs=1))
+  c.rl = ml_collections.ConfigDict(
+    dict(
+      steps=60,
+      num_prompts=32,
+      num_generations=8,
+      lr=3e-4,
+      warmup_steps=5,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      clip_eps=0.2,
+      clip_eps_high=0.0,
+      kl_coef=0.0,
+      aggregation='sequence',
+      scale_advantages=True,
+      num_minibatches=1,
+      num_epochs=1,
+    )
+  )
 
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
   c.log_every = 1
@@ -72,7 +125,9 @@ def get_config(arg: str | None = None):
 
 def get_hyper(hyper):
   """Sweep for big_vision-style launchers: speculation on/off and draft lengths."""
-  return hyper.product([
-    hyper.sweep('config.rollout.drafter', ['none', 'self', 'ngram']),
-    hyper.sweep('config.rollout.num_draft', [2, 4]),
-  ])
+  return hyper.product(
+    [
+      hyper.sweep('config.rollout.drafter', ['none', 'self', 'ngram']),
+      hyper.sweep('config.rollout.num_draft', [2, 4]),
+    ]
+  )

@@ -93,8 +93,17 @@ POLICIES = ('cost_model', 'tlt', 'roofline', 'always', 'never')
 PLAIN = 0  # strategy id of plain decoding; k >= 1 = speculation with k drafts
 
 # RolloutState fields with a batch axis that the output needs (scattered back).
-_OUT_FIELDS = ('tokens', 'logprobs', 'pos', 'prompt_len', 'num_generated', 'done', 'finish',
-               'num_rounds', 'num_accepted')
+_OUT_FIELDS = (
+  'tokens',
+  'logprobs',
+  'pos',
+  'prompt_len',
+  'num_generated',
+  'done',
+  'finish',
+  'num_rounds',
+  'num_accepted',
+)
 # Layout of the per-chunk stats vector (int32 [6]).
 _ST_STEPS, _ST_ACTIVE, _ST_TOKENS, _ST_ROUNDS, _ST_ACCEPTED, _ST_STEP = range(6)
 
@@ -174,15 +183,21 @@ class AdaptiveConfig:
     if self.alpha_optimism < 0:
       bad('alpha_optimism', 'must be >= 0')
     if self.k_max and self.k_max < self.policy_k_max():
-      bad('k_max', f'must be 0 or >= {self.policy_k_max()}, the largest k policy '
-          f'{self.policy!r} can choose')
+      bad(
+        'k_max',
+        f'must be 0 or >= {self.policy_k_max()}, the largest k policy {self.policy!r} can choose',
+      )
 
   def policy_k_max(self) -> int:
     """Largest draft length the policy can choose."""
     if self.policy == 'never':
       return 0
-    return {'cost_model': max(self.arms), 'tlt': max(self.arms),
-            'roofline': max(self.roofline_ladder), 'always': self.always_k}[self.policy]
+    return {
+      'cost_model': max(self.arms),
+      'tlt': max(self.arms),
+      'roofline': max(self.roofline_ladder),
+      'always': self.always_k,
+    }[self.policy]
 
   def buffer_k(self) -> int:
     """The k the state buffer is laid out for (its scratch slots: ``k + 1``)."""
@@ -291,8 +306,9 @@ class ChunkObs:
 # ----------------------------------------------------------------------------- policies
 
 
-def cost_model_choose(costs: Mapping[int, float], alpha: float, current: int | None,
-                      hysteresis: float) -> tuple[int, dict[int, float]]:
+def cost_model_choose(
+  costs: Mapping[int, float], alpha: float, current: int | None, hysteresis: float
+) -> tuple[int, dict[int, float]]:
   """Strategy with the highest expected tokens/s per active row, with hysteresis.
 
   Args:
@@ -323,8 +339,14 @@ def tlt_reset(state: TltState) -> TltState:
   return state.replace(below_steps=0, on=False)
 
 
-def tlt_update(state: TltState, obs: ChunkObs | None, n_active: int, bucket: int,
-               acfg: AdaptiveConfig, u: tuple[float, float]) -> tuple[TltState, int, int]:
+def tlt_update(
+  state: TltState,
+  obs: ChunkObs | None,
+  n_active: int,
+  bucket: int,
+  acfg: AdaptiveConfig,
+  u: tuple[float, float],
+) -> tuple[TltState, int, int]:
   """One TLT decision for the next chunk.
 
   Args:
@@ -340,7 +362,7 @@ def tlt_update(state: TltState, obs: ChunkObs | None, n_active: int, bucket: int
   if obs is not None:
     if obs.strategy != PLAIN and obs.steps > 0 and obs.seconds > 0:
       key = (obs.bucket, obs.strategy)
-      rewards[key] = (rewards.get(key, ()) + (obs.tokens / obs.seconds,))[-acfg.tlt_window:]
+      rewards[key] = (rewards.get(key, ()) + (obs.tokens / obs.seconds,))[-acfg.tlt_window :]
     if obs.active_start <= acfg.tlt_threshold:
       below += obs.steps
   if n_active > acfg.tlt_threshold:
@@ -369,9 +391,13 @@ class RooflineState:
   index: int = 0
 
 
-def roofline_update(state: RooflineState, alpha: float, measured_alpha: float | None,
-                    ratios: Mapping[int, tuple[float, float]],
-                    acfg: AdaptiveConfig) -> tuple[RooflineState, int, float]:
+def roofline_update(
+  state: RooflineState,
+  alpha: float,
+  measured_alpha: float | None,
+  ratios: Mapping[int, tuple[float, float]],
+  acfg: AdaptiveConfig,
+) -> tuple[RooflineState, int, float]:
   """Move the ladder on the last chunk's measured acceptance, then decide on/off.
 
   Args:
@@ -414,8 +440,9 @@ class Memory:
   roofline: RooflineState = dataclasses.field(default_factory=RooflineState)
 
 
-def memory_observe(mem: Memory, obs: ChunkObs, profile: CostProfile | None,
-                   acfg: AdaptiveConfig) -> Memory:
+def memory_observe(
+  mem: Memory, obs: ChunkObs, profile: CostProfile | None, acfg: AdaptiveConfig
+) -> Memory:
   """Fold one chunk into the running acceptance and the measured round costs."""
   alpha, alpha_n = mem.alpha, mem.alpha_n
   a = obs.alpha
@@ -437,8 +464,13 @@ def memory_observe(mem: Memory, obs: ChunkObs, profile: CostProfile | None,
   return mem.replace(alpha=alpha, alpha_n=alpha_n, costs=costs, corr=corr)
 
 
-def round_costs(mem: Memory, profile: CostProfile, bucket: int,
-                strategies: Sequence[int], learn_online: bool = True) -> dict[int, float]:
+def round_costs(
+  mem: Memory,
+  profile: CostProfile,
+  bucket: int,
+  strategies: Sequence[int],
+  learn_online: bool = True,
+) -> dict[int, float]:
   """Seconds per round of each strategy at ``bucket``: measured if seen, else profiled and
   scaled by the measured/profiled ratio of its kind (spec falls back to plain's ratio:
   the engine overhead a profile of bare forwards misses)."""
@@ -464,12 +496,12 @@ def batch_axes(drafter) -> Any:
   """Pytree like RolloutState: each leaf's batch axis (-1 = none), from logical axes."""
   draft_axes = drafter.state_logical_axes() if drafter is not None else None
   axes = rollout_lib.state_logical_axes(draft_axes)
-  return jax.tree.map(lambda t: t.index('batch') if 'batch' in t else -1, axes,
-                      is_leaf=lambda t: isinstance(t, tuple))
+  return jax.tree.map(
+    lambda t: t.index('batch') if 'batch' in t else -1, axes, is_leaf=lambda t: isinstance(t, tuple)
+  )
 
 
-def gather_rows(state: rollout_lib.RolloutState, idx: jax.Array,
-                axes) -> rollout_lib.RolloutState:
+def gather_rows(state: rollout_lib.RolloutState, idx: jax.Array, axes) -> rollout_lib.RolloutState:
   """Rows ``idx`` (int32 [b]) of every batched leaf: a state of batch b.
 
   KV caches ``[L, B, S, K, Dh]`` are gathered on axis 1, ``[B, ...]`` leaves on axis 0;
@@ -478,12 +510,12 @@ def gather_rows(state: rollout_lib.RolloutState, idx: jax.Array,
   return jax.tree.map(lambda ax, x: x if ax < 0 else jnp.take(x, idx, axis=ax), axes, state)
 
 
-def scatter_rows(acc: rollout_lib.RolloutState, state: rollout_lib.RolloutState,
-                 origin: jax.Array) -> rollout_lib.RolloutState:
+def scatter_rows(
+  acc: rollout_lib.RolloutState, state: rollout_lib.RolloutState, origin: jax.Array
+) -> rollout_lib.RolloutState:
   """Write the output fields of ``state`` (batch b) into ``acc`` (batch B) at rows
   ``origin`` (int32 [b]; B = padding row, dropped)."""
-  upd = {f: getattr(acc, f).at[origin].set(getattr(state, f), mode='drop')
-         for f in _OUT_FIELDS}
+  upd = {f: getattr(acc, f).at[origin].set(getattr(state, f), mode='drop') for f in _OUT_FIELDS}
   return acc.replace(**upd)
 
 
@@ -492,8 +524,9 @@ def strip(state: rollout_lib.RolloutState) -> rollout_lib.RolloutState:
   return state.replace(cache=None, draft=None)
 
 
-def clear_scratch(out: rollout_lib.RolloutOutput, seq_len: int, width: int,
-                  pad_id: int) -> rollout_lib.RolloutOutput:
+def clear_scratch(
+  out: rollout_lib.RolloutOutput, seq_len: int, width: int, pad_id: int
+) -> rollout_lib.RolloutOutput:
   """Blank the buffer's scratch slots ``>= seq_len`` (never committed; see the module
   docstring) and cut ``tokens``/``logprobs`` ``[B, S]`` to ``[B, width]``."""
   s = out.tokens.shape[1]
@@ -508,13 +541,31 @@ def clear_scratch(out: rollout_lib.RolloutOutput, seq_len: int, width: int,
 
 def state_stats(state: rollout_lib.RolloutState, steps) -> jax.Array:
   """int32 [6]: steps, active, sum generated, sum rounds, sum accepted, global step."""
-  return jnp.stack([jnp.asarray(steps, jnp.int32), jnp.sum(~state.done).astype(jnp.int32),
-                    jnp.sum(state.num_generated), jnp.sum(state.num_rounds),
-                    jnp.sum(state.num_accepted), state.step])
+  return jnp.stack(
+    [
+      jnp.asarray(steps, jnp.int32),
+      jnp.sum(~state.done).astype(jnp.int32),
+      jnp.sum(state.num_generated),
+      jnp.sum(state.num_rounds),
+      jnp.sum(state.num_accepted),
+      state.step,
+    ]
+  )
 
 
-def decode_chunk(params, draft_params, state: rollout_lib.RolloutState, min_active, max_steps,
-                 *, cfg, rcfg: rollout_lib.RolloutConfig, drafter, mesh, limit: int):
+def decode_chunk(
+  params,
+  draft_params,
+  state: rollout_lib.RolloutState,
+  min_active,
+  max_steps,
+  *,
+  cfg,
+  rcfg: rollout_lib.RolloutConfig,
+  drafter,
+  mesh,
+  limit: int,
+):
   """At most ``max_steps`` rounds (plain if ``rcfg.num_draft == 0``, else speculative with
   k = ``rcfg.num_draft``), stopping once ``active <= min_active`` or the global step
   reaches ``limit``. ``min_active``/``max_steps`` are traced int32 scalars: one compile
@@ -522,8 +573,9 @@ def decode_chunk(params, draft_params, state: rollout_lib.RolloutState, min_acti
   if rcfg.num_draft:
 
     def step_fn(s):
-      return speculative.speculative_step(params, draft_params, s, cfg=cfg, rcfg=rcfg,
-                                          drafter=drafter, mesh=mesh)
+      return speculative.speculative_step(
+        params, draft_params, s, cfg=cfg, rcfg=rcfg, drafter=drafter, mesh=mesh
+      )
   else:
 
     def step_fn(s):
@@ -573,8 +625,15 @@ class AdaptiveReport:
   def phase_table(self) -> list[dict]:
     rows = []
     for name, p in self.phases.items():
-      rows.append(dict(phase=name, time_s=p['time_s'], tokens=p['tokens'], steps=p['steps'],
-                       tokens_per_s=p['tokens'] / max(p['time_s'], 1e-9)))
+      rows.append(
+        dict(
+          phase=name,
+          time_s=p['time_s'],
+          tokens=p['tokens'],
+          steps=p['steps'],
+          tokens_per_s=p['tokens'] / max(p['time_s'], 1e-9),
+        )
+      )
     return rows
 
 
@@ -590,17 +649,26 @@ class AdaptiveRolloutEngine:
   the compiled functions and profiles.
   """
 
-  def __init__(self, cfg: model_lib.ModelConfig, rcfg: rollout_lib.RolloutConfig,
-               acfg: AdaptiveConfig | None = None, drafter=None, mesh=None,
-               _shared: AdaptiveRolloutEngine | None = None):
+  def __init__(
+    self,
+    cfg: model_lib.ModelConfig,
+    rcfg: rollout_lib.RolloutConfig,
+    acfg: AdaptiveConfig | None = None,
+    drafter=None,
+    mesh=None,
+    _shared: AdaptiveRolloutEngine | None = None,
+  ):
     acfg = AdaptiveConfig() if acfg is None else acfg
     if not acfg.enabled:
       static = 'always' if rcfg.num_draft else 'never'
-      acfg = dataclasses.replace(acfg, compaction=False, policy=static,
-                                 always_k=max(rcfg.num_draft, 1), k_max=rcfg.num_draft)
+      acfg = dataclasses.replace(
+        acfg, compaction=False, policy=static, always_k=max(rcfg.num_draft, 1), k_max=rcfg.num_draft
+      )
     if acfg.policy != 'never' and drafter is None:
-      raise ValueError(f"adaptive.policy {acfg.policy!r} needs a drafter (use 'never' for "
-                       'plain decoding with compaction)')
+      raise ValueError(
+        f"adaptive.policy {acfg.policy!r} needs a drafter (use 'never' for "
+        'plain decoding with compaction)'
+      )
     self.cfg, self.rcfg, self.acfg, self.drafter = cfg, rcfg, acfg, drafter
     self.mesh = mesh if mesh is not None else shd.make_mesh((1, 1, 1), jax.devices()[:1])
     self.k_max = acfg.buffer_k()
@@ -609,8 +677,9 @@ class AdaptiveRolloutEngine:
     # Drafter state (e.g. its own KV cache) exists only for drafters that keep one, and is
     # built lazily (:meth:`_attach_draft`) when a rollout first speculates -- usually late,
     # at a small compacted batch -- except for the 'always' policy (built at prefill).
-    self._stateful = (drafter is not None and self.k_max > 0
-                      and drafter.state_logical_axes() is not None)
+    self._stateful = (
+      drafter is not None and self.k_max > 0 and drafter.state_logical_axes() is not None
+    )
     self._eager_draft = self._stateful and acfg.policy == 'always'
     self._fns: dict = _shared._fns if _shared is not None else {}
     self._profiles: dict = _shared._profiles if _shared is not None else {}
@@ -624,8 +693,7 @@ class AdaptiveRolloutEngine:
     return dict(self._profiles)
 
   def with_config(self, acfg: AdaptiveConfig) -> AdaptiveRolloutEngine:
-    return AdaptiveRolloutEngine(self.cfg, self.rcfg, acfg, self.drafter, self.mesh,
-                                 _shared=self)
+    return AdaptiveRolloutEngine(self.cfg, self.rcfg, acfg, self.drafter, self.mesh, _shared=self)
 
   # -- profiles
 
@@ -665,11 +733,13 @@ class AdaptiveRolloutEngine:
 
         def body(_, carry):
           cache, tok = carry
-          logits, cache = model_lib.forward(params, cfg, tok, positions, cache, mesh=mesh,
-                                            rules=rules)
+          logits, cache = model_lib.forward(
+            params, cfg, tok, positions, cache, mesh=mesh, rules=rules
+          )
           return cache, tok + _never(logits).astype(jnp.int32)[:, None]
 
         return jax.lax.fori_loop(0, reps, body, (cache, tok))[1]
+
       return fn
 
     cache = model_lib.init_cache(cfg, b, s)
@@ -678,8 +748,11 @@ class AdaptiveRolloutEngine:
     drafter, sp = self.drafter, self.rcfg.sampling
     p = self.rcfg.max_prompt_len
     dstate_abs = jax.eval_shape(
-      lambda dp: drafter.prefill(dp, jnp.zeros((b, p), jnp.int32), jnp.ones((b,), jnp.int32),
-                                 s, mesh=mesh), dparams)
+      lambda dp: drafter.prefill(
+        dp, jnp.zeros((b, p), jnp.int32), jnp.ones((b,), jnp.int32), s, mesh=mesh
+      ),
+      dparams,
+    )
     dstate = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), dstate_abs)
 
     def prop_loop(k):
@@ -690,18 +763,28 @@ class AdaptiveRolloutEngine:
         def body(i, carry):
           dstate, cache, seq = carry
           toks, logits, dstate, cache = drafter.propose(
-            dp, dstate, seq, pos, k, jax.random.fold_in(jax.random.key(0), i), sp, mesh=mesh,
-            policy_cache=cache)
+            dp,
+            dstate,
+            seq,
+            pos,
+            k,
+            jax.random.fold_in(jax.random.key(0), i),
+            sp,
+            mesh=mesh,
+            policy_cache=cache,
+          )
           return dstate, cache, seq.at[:, 0].add(_never(logits).astype(jnp.int32))
 
         return jax.lax.fori_loop(0, reps, body, (dstate, cache, seq))[2]
+
       return fn
 
     prop1 = timed(prop_loop(1), dparams, dstate, cache)
     kp = min(kr, 2)
     prop_ref = timed(prop_loop(kp), dparams, dstate, cache) if kp > 1 else prop1
-    return CostProfile(batch=b, k_ref=kr, fwd1=fwd1, fwd_ref=fwd_ref, prop1=prop1,
-                       prop_ref=prop_ref, k_prop=kp)
+    return CostProfile(
+      batch=b, k_ref=kr, fwd1=fwd1, fwd_ref=fwd_ref, prop1=prop1, prop_ref=prop_ref, k_prop=kp
+    )
 
   # -- compiled functions (AOT, cached per shape; compile time reported per bucket)
 
@@ -720,8 +803,18 @@ class AdaptiveRolloutEngine:
     limit = rollout_lib.max_loop_steps(self.rcfg)
 
     def fn(params, dparams, state, min_active, max_steps):
-      return decode_chunk(params, dparams, state, min_active, max_steps, cfg=cfg, rcfg=rcfg,
-                          drafter=drafter if strategy else None, mesh=mesh, limit=limit)
+      return decode_chunk(
+        params,
+        dparams,
+        state,
+        min_active,
+        max_steps,
+        cfg=cfg,
+        rcfg=rcfg,
+        drafter=drafter if strategy else None,
+        mesh=mesh,
+        limit=limit,
+      )
 
     key = ('chunk', b, strategy, self.buffer_len, has_draft)
     return self._compiled(key, fn, args, (2,), report, b)
@@ -743,8 +836,16 @@ class AdaptiveRolloutEngine:
 
   # -- decisions
 
-  def _decide(self, obs: ChunkObs | None, b: int, n_active: int, current: int | None,
-              params, dparams, report: AdaptiveReport) -> tuple[int, int, dict]:
+  def _decide(
+    self,
+    obs: ChunkObs | None,
+    b: int,
+    n_active: int,
+    current: int | None,
+    params,
+    dparams,
+    report: AdaptiveReport,
+  ) -> tuple[int, int, dict]:
     """(strategy, max_steps, info) for the next chunk at batch ``b``."""
     acfg, mem = self.acfg, self.memory
     steps = acfg.chunk_steps
@@ -767,8 +868,7 @@ class AdaptiveRolloutEngine:
     # roofline
     ladder = tuple(acfg.roofline_ladder)
     costs = round_costs(mem, prof, b, (PLAIN,) + ladder, acfg.learn_online)
-    corr = mem.corr.get((b, 'spec'), mem.corr.get((b, 'plain'), 1.0)) \
-        if acfg.learn_online else 1.0
+    corr = mem.corr.get((b, 'spec'), mem.corr.get((b, 'plain'), 1.0)) if acfg.learn_online else 1.0
     ratios = {}
     for g in ladder:
       draft = prof.propose(g) * corr
@@ -798,16 +898,20 @@ class AdaptiveRolloutEngine:
     prompt_len = np.asarray(prompt_len, np.int32)
     bsz, p = prompt_tokens.shape
     if p > rcfg.max_prompt_len:
-      raise ValueError(f'prompt batch is {p} tokens wide but rollout.max_prompt_len is '
-                       f'{rcfg.max_prompt_len}')
+      raise ValueError(
+        f'prompt batch is {p} tokens wide but rollout.max_prompt_len is {rcfg.max_prompt_len}'
+      )
     if p < rcfg.max_prompt_len:
-      prompt_tokens = np.pad(prompt_tokens, ((0, 0), (0, rcfg.max_prompt_len - p)),
-                             constant_values=rcfg.pad_id)
+      prompt_tokens = np.pad(
+        prompt_tokens, ((0, 0), (0, rcfg.max_prompt_len - p)), constant_values=rcfg.pad_id
+      )
     if prompt_len.min() < 1:
       raise ValueError('every prompt needs at least one token')
     if prompt_len.max() >= rcfg.seq_len:
-      raise ValueError(f'a prompt of {int(prompt_len.max())} tokens does not fit the cache '
-                       f'(rollout cache holds {rcfg.seq_len} positions)')
+      raise ValueError(
+        f'a prompt of {int(prompt_len.max())} tokens does not fit the cache '
+        f'(rollout cache holds {rcfg.seq_len} positions)'
+      )
     if self.drafter is not None and draft_params is None:
       key = ('derive',)
       if key not in self._fns:
@@ -827,14 +931,23 @@ class AdaptiveRolloutEngine:
       return time.perf_counter() - t_start - extra
 
     def prefill_fn(params, dparams, toks, lens, rng):
-      state = rollout_lib.prefill(params, toks, lens, rng, cfg=cfg, rcfg=srcfg, mesh=mesh,
-                                  drafter=sdrafter, draft_params=dparams)
+      state = rollout_lib.prefill(
+        params,
+        toks,
+        lens,
+        rng,
+        cfg=cfg,
+        rcfg=srcfg,
+        mesh=mesh,
+        drafter=sdrafter,
+        draft_params=dparams,
+      )
       return state, state_stats(state, 0)
 
     args = (params, draft_params, prompt_tokens, prompt_len, rng)
-    prefill_j = self._compiled(('prefill', bsz, 0, self.buffer_len, self._eager_draft),
-                               prefill_fn, args, (),
-                               report, bsz)
+    prefill_j = self._compiled(
+      ('prefill', bsz, 0, self.buffer_len, self._eager_draft), prefill_fn, args, (), report, bsz
+    )
     state, stats = prefill_j(*args)
     stats = np.asarray(jax.device_get(stats))
     n_active, step = int(stats[_ST_ACTIVE]), int(stats[_ST_STEP])
@@ -848,13 +961,20 @@ class AdaptiveRolloutEngine:
         state, origin, acc = self._compact(state, origin, acc, target, bsz, report)
         report.compactions.append((now(), b, target, n_active))
         b = target
-      strategy, max_steps, info = self._decide(obs, b, n_active, current, params,
-                                               draft_params, report)
+      strategy, max_steps, info = self._decide(
+        obs, b, n_active, current, params, draft_params, report
+      )
       if strategy != current:
         d = dict(t=now(), bucket=b, active=n_active, strategy=strategy, **info)
         report.decisions.append(d)
-        log.info('adaptive[%s]: bucket %d, %d active -> %s %s', acfg.policy, b, n_active,
-                 strategy_name(strategy), info)
+        log.info(
+          'adaptive[%s]: bucket %d, %d active -> %s %s',
+          acfg.policy,
+          b,
+          n_active,
+          strategy_name(strategy),
+          info,
+        )
       report.chosen.setdefault(b, [])
       if not report.chosen[b] or report.chosen[b][-1] != strategy:
         report.chosen[b].append(strategy)
@@ -869,13 +989,21 @@ class AdaptiveRolloutEngine:
       st0, stats = np.asarray(jax.device_get(both))
       t1 = now()
       delta = stats - st0
-      obs = ChunkObs(bucket=b, strategy=strategy, steps=int(stats[_ST_STEPS]), seconds=t1 - t0,
-                     tokens=int(delta[_ST_TOKENS]), rounds=int(delta[_ST_ROUNDS]),
-                     accepted=int(delta[_ST_ACCEPTED]), active_start=n_active,
-                     active_end=int(stats[_ST_ACTIVE]))
+      obs = ChunkObs(
+        bucket=b,
+        strategy=strategy,
+        steps=int(stats[_ST_STEPS]),
+        seconds=t1 - t0,
+        tokens=int(delta[_ST_TOKENS]),
+        rounds=int(delta[_ST_ROUNDS]),
+        accepted=int(delta[_ST_ACCEPTED]),
+        active_start=n_active,
+        active_end=int(stats[_ST_ACTIVE]),
+      )
       report.trace.append((t1, obs.active_end, b, strategy))
-      ph = report.phases.setdefault(f'b{b}/{strategy_name(strategy)}',
-                                    dict(time_s=0.0, tokens=0, steps=0))
+      ph = report.phases.setdefault(
+        f'b{b}/{strategy_name(strategy)}', dict(time_s=0.0, tokens=0, steps=0)
+      )
       ph['time_s'] += obs.seconds
       ph['tokens'] += obs.tokens
       ph['steps'] += obs.steps
@@ -894,8 +1022,9 @@ class AdaptiveRolloutEngine:
       return clear_scratch(rollout_lib.finalize(st, srcfg), seq_len, width, pad)
 
     fargs = (acc, strip(state), origin)
-    fin = self._compiled(('final', bsz, None if acc is None else b, self.buffer_len), fin_fn,
-                         fargs, (), report, bsz)
+    fin = self._compiled(
+      ('final', bsz, None if acc is None else b, self.buffer_len), fin_fn, fargs, (), report, bsz
+    )
     out = jax.block_until_ready(fin(*fargs))
     dt = time.perf_counter() - t_start
     self.last_report = report
@@ -918,8 +1047,14 @@ class AdaptiveRolloutEngine:
     has_draft = state.draft is not None
     axes = batch_axes(self.drafter if has_draft else None)
     if acc is None:  # still at the original batch: every row's home is itself
-      g = self._compiled(('gather', b, target, self.buffer_len, has_draft),
-                         lambda st, i: gather_rows(st, i, axes), (state, idx), (), report, target)
+      g = self._compiled(
+        ('gather', b, target, self.buffer_len, has_draft),
+        lambda st, i: gather_rows(st, i, axes),
+        (state, idx),
+        (),
+        report,
+        target,
+      )
       return g(state, idx), new_origin, strip(state)
 
     def fn(acc, st, idx, origin):  # one compile per (b, target): scatter the old, gather
@@ -931,24 +1066,27 @@ class AdaptiveRolloutEngine:
     acc, state = f(*args)
     return state, new_origin, acc
 
-  def _metrics(self, out: rollout_lib.RolloutOutput, seconds: float,
-               report: AdaptiveReport) -> dict:
+  def _metrics(
+    self, out: rollout_lib.RolloutOutput, seconds: float, report: AdaptiveReport
+  ) -> dict:
     m = rollout_lib.rollout_metrics(out, seconds, dataclasses.replace(self.rcfg, num_draft=0))
     rounds = int(np.asarray(out.num_rounds).sum())
     acc = int(np.asarray(out.num_accepted).sum())
     spec_time = sum(p['time_s'] for n, p in report.phases.items() if not n.endswith('plain'))
     decode_time = sum(p['time_s'] for p in report.phases.values())
-    m.update({
-      'adaptive/compile_s': float(sum(report.compile_s.values())),
-      'adaptive/profile_s': float(sum(report.profile_s.values())),
-      'adaptive/decode_s': float(decode_time),
-      'adaptive/spec_time_frac': float(spec_time / max(decode_time, 1e-9)),
-      'adaptive/compactions': len(report.compactions),
-      'adaptive/chunks': len(report.trace) // 2,
-      'adaptive/alpha': float(self.memory.alpha),
-      'spec/verify_passes': rounds,
-      'spec/accepted': acc,
-    })
+    m.update(
+      {
+        'adaptive/compile_s': float(sum(report.compile_s.values())),
+        'adaptive/profile_s': float(sum(report.profile_s.values())),
+        'adaptive/decode_s': float(decode_time),
+        'adaptive/spec_time_frac': float(spec_time / max(decode_time, 1e-9)),
+        'adaptive/compactions': len(report.compactions),
+        'adaptive/chunks': len(report.trace) // 2,
+        'adaptive/alpha': float(self.memory.alpha),
+        'spec/verify_passes': rounds,
+        'spec/accepted': acc,
+      }
+    )
     for name, p in report.phases.items():
       m[f'adaptive/phase/{name}/time_s'] = float(p['time_s'])
       m[f'adaptive/phase/{name}/tokens_per_s'] = float(p['tokens'] / max(p['time_s'], 1e-9))
@@ -961,12 +1099,28 @@ class AdaptiveRolloutEngine:
 
 def policy_info(acfg: AdaptiveConfig) -> str:
   """One line describing a config, for logs."""
-  extra = {'always': f'k={acfg.always_k}', 'tlt': f'thr={acfg.tlt_threshold}',
-           'roofline': f'ladder={acfg.roofline_ladder}'}.get(acfg.policy, '')
+  extra = {
+    'always': f'k={acfg.always_k}',
+    'tlt': f'thr={acfg.tlt_threshold}',
+    'roofline': f'ladder={acfg.roofline_ladder}',
+  }.get(acfg.policy, '')
   return f'{acfg.policy}{" " + extra if extra else ""}, compaction={acfg.compaction}'
 
 
-__all__ = ['AdaptiveConfig', 'AdaptiveReport', 'AdaptiveRolloutEngine', 'ChunkObs',
-           'CostProfile', 'Memory', 'RooflineState', 'TltState', 'alpha_from_tokens_per_round',
-           'cost_model_choose', 'expected_tokens', 'optimistic_alpha', 'roofline_update',
-           'round_costs', 'tlt_update']
+__all__ = [
+  'AdaptiveConfig',
+  'AdaptiveReport',
+  'AdaptiveRolloutEngine',
+  'ChunkObs',
+  'CostProfile',
+  'Memory',
+  'RooflineState',
+  'TltState',
+  'alpha_from_tokens_per_round',
+  'cost_model_choose',
+  'expected_tokens',
+  'optimistic_alpha',
+  'roofline_update',
+  'round_costs',
+  'tlt_update',
+]

@@ -32,8 +32,10 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 2):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.manager = ocp.CheckpointManager(
-      self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-      item_handlers=ocp.StandardCheckpointHandler())
+      self.directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      item_handlers=ocp.StandardCheckpointHandler(),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -57,7 +59,8 @@ class Checkpointer:
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
 
     restored = self.manager.restore(
-      step, args=ocp.args.StandardRestore(jax.tree.map(abstract, target)))
+      step, args=ocp.args.StandardRestore(jax.tree.map(abstract, target))
+    )
     return _from_saveable(restored)
 
   def close(self):
@@ -80,23 +83,28 @@ def _path_name(path) -> str:
 
 def _validate(meta, target, where: str):
   """Compare the saved tree's shapes/dtypes to the target's, naming the first mismatch."""
-  meta_flat = {_path_name(p): m for p, m in jax.tree_util.tree_flatten_with_path(
-    meta, is_leaf=lambda m: hasattr(m, 'shape'))[0]}
+  meta_flat = {
+    _path_name(p): m
+    for p, m in jax.tree_util.tree_flatten_with_path(meta, is_leaf=lambda m: hasattr(m, 'shape'))[0]
+  }
   tgt_flat = {_path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
   missing = sorted(set(tgt_flat) - set(meta_flat))
   extra = sorted(set(meta_flat) - set(tgt_flat))
   if missing or extra:
     raise ValueError(
       f'checkpoint {where} does not match the configured model: '
-      f'missing tensors {missing[:5]}, unexpected tensors {extra[:5]}')
+      f'missing tensors {missing[:5]}, unexpected tensors {extra[:5]}'
+    )
   for name, x in tgt_flat.items():
     m = meta_flat[name]
     shape = tuple(getattr(m, 'shape', ()) or ())
     if shape != tuple(np.shape(x)):
       raise ValueError(
         f'checkpoint {where}: tensor {name} has shape {shape}, but the config expects '
-        f'{tuple(np.shape(x))}')
+        f'{tuple(np.shape(x))}'
+      )
     dtype = getattr(m, 'dtype', None)
     if dtype is not None and jnp.dtype(dtype) != jnp.dtype(x.dtype):
       raise ValueError(
-        f'checkpoint {where}: tensor {name} has dtype {dtype}, but the config expects {x.dtype}')
+        f'checkpoint {where}: tensor {name} has dtype {dtype}, but the config expects {x.dtype}'
+      )

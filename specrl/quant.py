@@ -343,14 +343,17 @@ def _matmul_qwix(w: QWeight, x2: jax.Array) -> jax.Array:
 
   kn = (w.k, w.n) if w.contract_first else (w.n, w.k)
   rhs = qwix.QArray(
-    qvalue=w.qvalue.reshape(kn), scale=w.scale.astype(x2.dtype), zero_point=None,
+    qvalue=w.qvalue.reshape(kn),
+    scale=w.scale.astype(x2.dtype),
+    zero_point=None,
     qtype=w.qvalue.dtype,
   )
   lhs = x2
   if w.act_bits is not None:
     tiles = {1: w.group_size} if w.groups > 1 else None
-    lhs = qwix.quantize(x2, jnp.int8, channelwise_axes=[0], tiled_axes=tiles,
-                        scale_dtype=jnp.float32)
+    lhs = qwix.quantize(
+      x2, jnp.int8, channelwise_axes=[0], tiled_axes=tiles, scale_dtype=jnp.float32
+    )
   dims = (((1,), (0,) if w.contract_first else (1,)), ((), ()))
   return qwix.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
 
@@ -384,7 +387,12 @@ def _group_size(k: int, group_size: int | None, name: str) -> int:
 
 
 def quantize_weight(
-  w: jax.Array, qcfg: QuantConfig, *, rank: int, n_contract: int, contract_first: bool,
+  w: jax.Array,
+  qcfg: QuantConfig,
+  *,
+  rank: int,
+  n_contract: int,
+  contract_first: bool,
   name: str = 'weight',
 ) -> QWeight:
   """Quantize one float weight ``[*lead, *shape]`` (``len(shape) == rank``) -> QWeight."""

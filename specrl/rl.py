@@ -41,8 +41,9 @@ class RLConfig:
 
   def __post_init__(self):
     if self.num_generations < 2:
-      raise ValueError(f'rl.num_generations must be >= 2 for group advantages, '
-                       f'got {self.num_generations}')
+      raise ValueError(
+        f'rl.num_generations must be >= 2 for group advantages, got {self.num_generations}'
+      )
     if self.aggregation not in ('token', 'sequence'):
       raise ValueError(f"rl.aggregation must be 'token' or 'sequence', got {self.aggregation!r}")
     if not 0 < self.clip_eps < 1:
@@ -73,15 +74,20 @@ def make_optimizer(lr_schedule, weight_decay: float, grad_clip: float, b2: float
 
 def init_train_state(params, optimizer, rng, keep_reference: bool) -> TrainState:
   return TrainState(
-    step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-    ref_params=jax.tree.map(jnp.copy, params) if keep_reference else None, rng=rng)
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    ref_params=jax.tree.map(jnp.copy, params) if keep_reference else None,
+    rng=rng,
+  )
 
 
 # ----------------------------------------------------------------------------- pieces
 
 
-def grpo_advantages(rewards: jax.Array, group_size: int, scale: bool = True,
-                    eps: float = 1e-6) -> jax.Array:
+def grpo_advantages(
+  rewards: jax.Array, group_size: int, scale: bool = True, eps: float = 1e-6
+) -> jax.Array:
   """(r - mean_group) / (std_group + eps); rewards [N * G] grouped contiguously."""
   r = rewards.reshape(-1, group_size).astype(jnp.float32)
   adv = r - r.mean(axis=1, keepdims=True)
@@ -90,13 +96,15 @@ def grpo_advantages(rewards: jax.Array, group_size: int, scale: bool = True,
   return adv.reshape(-1)
 
 
-def sequence_logprobs(params, cfg: model_lib.ModelConfig, tokens: jax.Array, temperature: float,
-                      mesh=None) -> jax.Array:
+def sequence_logprobs(
+  params, cfg: model_lib.ModelConfig, tokens: jax.Array, temperature: float, mesh=None
+) -> jax.Array:
   """Logprob of every token given its prefix. tokens [B, S] -> f32 [B, S] (0 at t = 0)."""
   b, s = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
-  logits, _ = model_lib.forward(params, cfg, tokens[:, :-1], positions, mesh=mesh,
-                                rules=shd.TRAIN_RULES)
+  logits, _ = model_lib.forward(
+    params, cfg, tokens[:, :-1], positions, mesh=mesh, rules=shd.TRAIN_RULES
+  )
   logp = jax.nn.log_softmax(logits / temperature, axis=-1)
   lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
   return jnp.pad(lp, ((0, 0), (1, 0)))
@@ -110,8 +118,7 @@ def _aggregate(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
   return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
 
 
-def grpo_loss_from_logprobs(logprobs, old_logprobs, ref_logprobs, advantages, mask,
-                            rl: RLConfig):
+def grpo_loss_from_logprobs(logprobs, old_logprobs, ref_logprobs, advantages, mask, rl: RLConfig):
   """PPO-clipped GRPO loss from per-token logprobs (all [B, S]); returns (loss, metrics)."""
   ratio = jnp.exp(logprobs - old_logprobs)
   adv = advantages[:, None]
@@ -140,9 +147,11 @@ def grpo_loss(params, batch: dict, ref_params, cfg, rl: RLConfig, mesh=None):
   ref_lp = None
   if ref_params is not None and rl.kl_coef > 0:
     ref_lp = jax.lax.stop_gradient(
-      sequence_logprobs(ref_params, cfg, batch['tokens'], rl.temperature, mesh))
-  return grpo_loss_from_logprobs(lp, batch['old_logprobs'], ref_lp, batch['advantages'],
-                                 batch['response_mask'], rl)
+      sequence_logprobs(ref_params, cfg, batch['tokens'], rl.temperature, mesh)
+    )
+  return grpo_loss_from_logprobs(
+    lp, batch['old_logprobs'], ref_lp, batch['advantages'], batch['response_mask'], rl
+  )
 
 
 def _minibatches(batch: dict, n: int, rng) -> dict:
@@ -160,7 +169,8 @@ def train_step(state: TrainState, batch: dict, *, cfg, rl: RLConfig, optimizer, 
   def update(carry, mb):
     params, opt_state = carry
     (_, metrics), grads = jax.value_and_grad(grpo_loss, has_aux=True)(
-      params, mb, state.ref_params, cfg, rl, mesh)
+      params, mb, state.ref_params, cfg, rl, mesh
+    )
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics['grad_norm'] = optax.tree.norm(grads)
@@ -190,4 +200,6 @@ def sft_step(state: TrainState, tokens, loss_mask, *, cfg, optimizer, mesh=None)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {
-    'sft_loss': loss, 'grad_norm': optax.tree.norm(grads)}
+    'sft_loss': loss,
+    'grad_norm': optax.tree.norm(grads),
+  }

@@ -36,8 +36,12 @@ from specrl import sampling
 from specrl import sharding as shd
 
 FINISH_NONE, FINISH_EOS, FINISH_LENGTH, FINISH_CACHE = 0, 1, 2, 3
-FINISH_NAMES = {FINISH_NONE: 'none', FINISH_EOS: 'eos', FINISH_LENGTH: 'length',
-                FINISH_CACHE: 'cache'}
+FINISH_NAMES = {
+  FINISH_NONE: 'none',
+  FINISH_EOS: 'eos',
+  FINISH_LENGTH: 'length',
+  FINISH_CACHE: 'cache',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +126,19 @@ class RolloutOutput:
 def state_logical_axes(draft_axes=None) -> RolloutState:
   b, bs = ('batch',), ('batch', 'cache_seq')
   return RolloutState(
-    tokens=bs, logprobs=bs, pos=b, prompt_len=b, num_generated=b, done=b, finish=b,
-    cache=model_lib.cache_logical_axes(), draft=draft_axes, rng=(), step=(),
-    num_rounds=b, num_accepted=b,
+    tokens=bs,
+    logprobs=bs,
+    pos=b,
+    prompt_len=b,
+    num_generated=b,
+    done=b,
+    finish=b,
+    cache=model_lib.cache_logical_axes(),
+    draft=draft_axes,
+    rng=(),
+    step=(),
+    num_rounds=b,
+    num_accepted=b,
   )
 
 
@@ -158,12 +172,21 @@ def commit(state: RolloutState, new_tokens, new_logprobs, count, rcfg: RolloutCo
   hit_len = num_generated >= rcfg.max_new_tokens
   hit_cache = pos >= rcfg.seq_len - 1
   finish = jnp.where(
-    active & has_eos, FINISH_EOS,
-    jnp.where(active & hit_len, FINISH_LENGTH,
-              jnp.where(active & hit_cache, FINISH_CACHE, state.finish)))
+    active & has_eos,
+    FINISH_EOS,
+    jnp.where(
+      active & hit_len, FINISH_LENGTH, jnp.where(active & hit_cache, FINISH_CACHE, state.finish)
+    ),
+  )
   done = state.done | (active & (has_eos | hit_len | hit_cache))
-  return state.replace(tokens=tokens, logprobs=logprobs, pos=pos, num_generated=num_generated,
-                       done=done, finish=finish.astype(jnp.int32))
+  return state.replace(
+    tokens=tokens,
+    logprobs=logprobs,
+    pos=pos,
+    num_generated=num_generated,
+    done=done,
+    finish=finish.astype(jnp.int32),
+  )
 
 
 def current_tokens(state: RolloutState) -> jax.Array:
@@ -174,8 +197,18 @@ def current_tokens(state: RolloutState) -> jax.Array:
 # ----------------------------------------------------------------------------- steps
 
 
-def prefill(params, prompt_tokens, prompt_len, rng, *, cfg: model_lib.ModelConfig,
-            rcfg: RolloutConfig, mesh=None, drafter=None, draft_params=None) -> RolloutState:
+def prefill(
+  params,
+  prompt_tokens,
+  prompt_len,
+  rng,
+  *,
+  cfg: model_lib.ModelConfig,
+  rcfg: RolloutConfig,
+  mesh=None,
+  drafter=None,
+  draft_params=None,
+) -> RolloutState:
   """Prefill the policy (and drafter) caches and commit the first sampled token.
 
   prompt_tokens: int32 [B, P] right-padded (P = rcfg.max_prompt_len); prompt_len [B].
@@ -184,11 +217,16 @@ def prefill(params, prompt_tokens, prompt_len, rng, *, cfg: model_lib.ModelConfi
   s = rcfg.buffer_len
   rules = shd.DECODE_RULES
   cache = model_lib.init_cache(cfg, b, s)
-  cache = jax.tree.map(lambda x, ax: shd.constrain(x, ax, mesh, rules), cache,
-                       model_lib.cache_logical_axes(), is_leaf=lambda t: isinstance(t, tuple))
+  cache = jax.tree.map(
+    lambda x, ax: shd.constrain(x, ax, mesh, rules),
+    cache,
+    model_lib.cache_logical_axes(),
+    is_leaf=lambda t: isinstance(t, tuple),
+  )
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-  logits, cache = model_lib.forward(params, cfg, prompt_tokens, positions, cache, mesh=mesh,
-                                    rules=rules)
+  logits, cache = model_lib.forward(
+    params, cfg, prompt_tokens, positions, cache, mesh=mesh, rules=rules
+  )
   last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
   rng, sub = jax.random.split(rng)
   tok = sampling.sample(last, sub, rcfg.sampling)
@@ -199,10 +237,19 @@ def prefill(params, prompt_tokens, prompt_len, rng, *, cfg: model_lib.ModelConfi
     draft_state = drafter.prefill(draft_params, prompt_tokens, prompt_len, s, mesh=mesh)
   zeros = jnp.zeros((b,), jnp.int32)
   state = RolloutState(
-    tokens=tokens, logprobs=jnp.zeros((b, s), jnp.float32), pos=prompt_len - 1,
-    prompt_len=prompt_len, num_generated=zeros, done=jnp.zeros((b,), bool), finish=zeros,
-    cache=cache, draft=draft_state, rng=rng, step=jnp.zeros((), jnp.int32),
-    num_rounds=zeros, num_accepted=zeros,
+    tokens=tokens,
+    logprobs=jnp.zeros((b, s), jnp.float32),
+    pos=prompt_len - 1,
+    prompt_len=prompt_len,
+    num_generated=zeros,
+    done=jnp.zeros((b,), bool),
+    finish=zeros,
+    cache=cache,
+    draft=draft_state,
+    rng=rng,
+    step=jnp.zeros((), jnp.int32),
+    num_rounds=zeros,
+    num_accepted=zeros,
   )
   return commit(state, tok[:, None], lp[:, None], jnp.ones((b,), jnp.int32), rcfg)
 
@@ -210,8 +257,9 @@ def prefill(params, prompt_tokens, prompt_len, rng, *, cfg: model_lib.ModelConfi
 def plain_step(params, state: RolloutState, *, cfg, rcfg: RolloutConfig, mesh=None):
   """One autoregressive step: feed the current token, sample the next."""
   cur = current_tokens(state)
-  logits, cache = model_lib.forward(params, cfg, cur[:, None], state.pos[:, None], state.cache,
-                                    mesh=mesh, rules=shd.DECODE_RULES)
+  logits, cache = model_lib.forward(
+    params, cfg, cur[:, None], state.pos[:, None], state.cache, mesh=mesh, rules=shd.DECODE_RULES
+  )
   key = jax.random.fold_in(state.rng, state.step)
   tok = sampling.sample(logits[:, 0], key, rcfg.sampling)
   lp = sampling.token_logprobs(logits[:, 0], tok, rcfg.sampling)
@@ -223,16 +271,26 @@ def max_loop_steps(rcfg: RolloutConfig) -> int:
   return rcfg.max_steps or rcfg.max_new_tokens + 1
 
 
-def decode(params, state: RolloutState, *, cfg, rcfg: RolloutConfig, mesh=None, drafter=None,
-           draft_params=None, min_active: int = 0) -> RolloutState:
+def decode(
+  params,
+  state: RolloutState,
+  *,
+  cfg,
+  rcfg: RolloutConfig,
+  mesh=None,
+  drafter=None,
+  draft_params=None,
+  min_active: int = 0,
+) -> RolloutState:
   """Run decode steps in a ``lax.while_loop`` until all sequences are done (or until the
   number of active sequences drops to ``min_active``, for compaction)."""
   if rcfg.num_draft and drafter is not None:
     from specrl import speculative
 
     def step_fn(s):
-      return speculative.speculative_step(params, draft_params, s, cfg=cfg, rcfg=rcfg,
-                                          drafter=drafter, mesh=mesh)
+      return speculative.speculative_step(
+        params, draft_params, s, cfg=cfg, rcfg=rcfg, drafter=drafter, mesh=mesh
+      )
   else:
 
     def step_fn(s):
@@ -256,9 +314,15 @@ def finalize(state: RolloutState, rcfg: RolloutConfig) -> RolloutOutput:
   resp = jnp.where(valid, jnp.take_along_axis(state.tokens, idx, axis=1), rcfg.pad_id)
   resp_lp = jnp.where(valid, jnp.take_along_axis(state.logprobs, idx, axis=1), 0.0)
   return RolloutOutput(
-    tokens=state.tokens, logprobs=state.logprobs, prompt_len=state.prompt_len, response=resp,
-    response_logprobs=resp_lp, length=state.num_generated, finish=state.finish,
-    num_rounds=state.num_rounds, num_accepted=state.num_accepted,
+    tokens=state.tokens,
+    logprobs=state.logprobs,
+    prompt_len=state.prompt_len,
+    response=resp,
+    response_logprobs=resp_lp,
+    length=state.num_generated,
+    finish=state.finish,
+    num_rounds=state.num_rounds,
+    num_accepted=state.num_accepted,
   )
 
 
@@ -272,8 +336,9 @@ class RolloutEngine:
   (device arrays) and a dict of host-side metrics.
   """
 
-  def __init__(self, cfg: model_lib.ModelConfig, rcfg: RolloutConfig, mesh: Mesh | None = None,
-               drafter=None):
+  def __init__(
+    self, cfg: model_lib.ModelConfig, rcfg: RolloutConfig, mesh: Mesh | None = None, drafter=None
+  ):
     self.cfg, self.rcfg, self.drafter = cfg, rcfg, drafter
     self.mesh = mesh if mesh is not None else shd.make_mesh((1, 1, 1), jax.devices()[:1])
     if rcfg.num_draft and drafter is None:
@@ -286,8 +351,9 @@ class RolloutEngine:
     return shd.tree_shardings(axes, params, self.mesh, shd.PARAM_RULES)
 
   def _batch_sharding(self, ndim):
-    spec = shd.logical_to_spec(('batch',) + (None,) * (ndim - 1), (0,) * ndim, self.mesh,
-                               shd.DECODE_RULES)
+    spec = shd.logical_to_spec(
+      ('batch',) + (None,) * (ndim - 1), (0,) * ndim, self.mesh, shd.DECODE_RULES
+    )
     return NamedSharding(self.mesh, spec)
 
   def _state_shardings(self, abstract_state):
@@ -302,17 +368,32 @@ class RolloutEngine:
     cfg, rcfg, mesh, drafter = self.cfg, self.rcfg, self.mesh, self.drafter
 
     def prefill_fn(params, draft_params, toks, lens, rng):
-      return prefill(params, toks, lens, rng, cfg=cfg, rcfg=rcfg, mesh=mesh, drafter=drafter,
-                     draft_params=draft_params)
+      return prefill(
+        params,
+        toks,
+        lens,
+        rng,
+        cfg=cfg,
+        rcfg=rcfg,
+        mesh=mesh,
+        drafter=drafter,
+        draft_params=draft_params,
+      )
 
     def decode_fn(params, draft_params, state):
-      return decode(params, state, cfg=cfg, rcfg=rcfg, mesh=mesh, drafter=drafter,
-                    draft_params=draft_params)
+      return decode(
+        params, state, cfg=cfg, rcfg=rcfg, mesh=mesh, drafter=drafter, draft_params=draft_params
+      )
 
     p = rcfg.max_prompt_len
     abstract = jax.eval_shape(
-      prefill_fn, params, draft_params, jax.ShapeDtypeStruct((batch, p), jnp.int32),
-      jax.ShapeDtypeStruct((batch,), jnp.int32), jax.random.key(0))
+      prefill_fn,
+      params,
+      draft_params,
+      jax.ShapeDtypeStruct((batch, p), jnp.int32),
+      jax.ShapeDtypeStruct((batch,), jnp.int32),
+      jax.random.key(0),
+    )
     st_sh = self._state_shardings(abstract)
     psh = self.param_shardings(params)
     dsh = None if draft_params is None else jax.tree.map(lambda x: x.sharding, draft_params)
@@ -320,9 +401,11 @@ class RolloutEngine:
     prefill_j = jax.jit(
       prefill_fn,
       in_shardings=(psh, dsh, self._batch_sharding(2), self._batch_sharding(1), rep),
-      out_shardings=st_sh)
-    decode_j = jax.jit(decode_fn, in_shardings=(psh, dsh, st_sh), out_shardings=st_sh,
-                       donate_argnums=(2,))
+      out_shardings=st_sh,
+    )
+    decode_j = jax.jit(
+      decode_fn, in_shardings=(psh, dsh, st_sh), out_shardings=st_sh, donate_argnums=(2,)
+    )
     finalize_j = jax.jit(lambda s: finalize(s, rcfg))
     self._fns[key] = (prefill_j, decode_j, finalize_j)
     return self._fns[key]
@@ -355,43 +438,52 @@ class RolloutEngine:
       return float(np.median(ts))
 
     def plain(p, s):
-      return model_lib.forward(p, cfg, current_tokens(s)[:, None], s.pos[:, None], s.cache,
-                               mesh=mesh)[0]
+      return model_lib.forward(
+        p, cfg, current_tokens(s)[:, None], s.pos[:, None], s.cache, mesh=mesh
+      )[0]
 
     costs = {'plain_step_s': timed(jax.jit(plain), params, state)}
     k = rcfg.num_draft
     if k and drafter is not None:
+
       def verify_pass(p, s):
         t = jnp.broadcast_to(current_tokens(s)[:, None], (batch, k + 1))
         pos = s.pos[:, None] + jnp.arange(k + 1)[None]
         return model_lib.forward(p, cfg, t, pos, s.cache, mesh=mesh)[0]
 
       def propose(dp, s):
-        return drafter.propose(dp, s.draft, s.tokens, s.pos, k, s.rng, rcfg.sampling,
-                               mesh=mesh, policy_cache=s.cache)[:2]
+        return drafter.propose(
+          dp, s.draft, s.tokens, s.pos, k, s.rng, rcfg.sampling, mesh=mesh, policy_cache=s.cache
+        )[:2]
 
       costs['verify_pass_s'] = timed(jax.jit(verify_pass), params, state)
       costs['draft_k_s'] = timed(jax.jit(propose), draft_params, state)
     self._fns[key] = costs
     return costs
 
-  def generate(self, params, prompt_tokens, prompt_len, rng, draft_params=None,
-               estimate_costs: bool = False):
+  def generate(
+    self, params, prompt_tokens, prompt_len, rng, draft_params=None, estimate_costs: bool = False
+  ):
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_len = np.asarray(prompt_len, np.int32)
     b, p = prompt_tokens.shape
     if p > self.rcfg.max_prompt_len:
-      raise ValueError(f'prompt batch is {p} tokens wide but rollout.max_prompt_len is '
-                       f'{self.rcfg.max_prompt_len} (the KV cache holds {self.rcfg.seq_len} '
-                       'positions): shorten the prompts or raise rollout.max_prompt_len')
+      raise ValueError(
+        f'prompt batch is {p} tokens wide but rollout.max_prompt_len is '
+        f'{self.rcfg.max_prompt_len} (the KV cache holds {self.rcfg.seq_len} '
+        'positions): shorten the prompts or raise rollout.max_prompt_len'
+      )
     if p < self.rcfg.max_prompt_len:
-      prompt_tokens = np.pad(prompt_tokens, ((0, 0), (0, self.rcfg.max_prompt_len - p)),
-                             constant_values=self.rcfg.pad_id)
+      prompt_tokens = np.pad(
+        prompt_tokens, ((0, 0), (0, self.rcfg.max_prompt_len - p)), constant_values=self.rcfg.pad_id
+      )
     if prompt_len.min() < 1:
       raise ValueError('every prompt needs at least one token')
     if prompt_len.max() >= self.rcfg.seq_len:
-      raise ValueError(f'a prompt of {int(prompt_len.max())} tokens does not fit the cache '
-                       f'(rollout cache holds {self.rcfg.seq_len} positions)')
+      raise ValueError(
+        f'a prompt of {int(prompt_len.max())} tokens does not fit the cache '
+        f'(rollout cache holds {self.rcfg.seq_len} positions)'
+      )
     if self.drafter is not None and draft_params is None:
       draft_params = self.drafter.params_from_policy(params)
     prefill_j, decode_j, finalize_j = self._compiled(b, params, draft_params)
@@ -408,7 +500,8 @@ class RolloutEngine:
       metrics['spec/draft_time_est_s'] = passes * costs['draft_k_s']
       metrics['spec/verify_time_est_s'] = passes * costs['verify_pass_s']
       metrics['spec/draft_cost_ratio'] = costs['draft_k_s'] / (
-        self.rcfg.num_draft * costs['plain_step_s'])
+        self.rcfg.num_draft * costs['plain_step_s']
+      )
     return out, metrics
 
 

@@ -30,27 +30,44 @@ def round_seeds(rng: jax.Array, step: jax.Array, batch: int) -> jax.Array:
   return jax.random.bits(jax.random.fold_in(rng, step), (batch,), jnp.uint32)
 
 
-def speculative_step(params, draft_params, state: rollout_lib.RolloutState, *, cfg, rcfg,
-                     drafter, mesh=None) -> rollout_lib.RolloutState:
+def speculative_step(
+  params, draft_params, state: rollout_lib.RolloutState, *, cfg, rcfg, drafter, mesh=None
+) -> rollout_lib.RolloutState:
   """One propose / verify / commit round (shapes static: k = rcfg.num_draft)."""
   k = rcfg.num_draft
   b = state.pos.shape[0]
   key = jax.random.fold_in(state.rng, state.step)
   draft_key, verify_key = jax.random.split(key)
   draft_tokens, draft_logits, draft_state, policy_cache = drafter.propose(
-    draft_params, state.draft, state.tokens, state.pos, k, draft_key, rcfg.sampling, mesh=mesh,
-    policy_cache=state.cache)
+    draft_params,
+    state.draft,
+    state.tokens,
+    state.pos,
+    k,
+    draft_key,
+    rcfg.sampling,
+    mesh=mesh,
+    policy_cache=state.cache,
+  )
   cur = rollout_lib.current_tokens(state)
   verify_tokens = jnp.concatenate([cur[:, None], draft_tokens], axis=1)  # [B, k+1]
   positions = state.pos[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
-  target_logits, cache = model_lib.forward(params, cfg, verify_tokens, positions, policy_cache,
-                                           mesh=mesh, rules=shd.DECODE_RULES)
-  res = verify_lib.verify(target_logits, draft_logits, draft_tokens,
-                          round_seeds(verify_key, state.step, b), rcfg.sampling,
-                          impl=rcfg.verify_impl)
+  target_logits, cache = model_lib.forward(
+    params, cfg, verify_tokens, positions, policy_cache, mesh=mesh, rules=shd.DECODE_RULES
+  )
+  res = verify_lib.verify(
+    target_logits,
+    draft_logits,
+    draft_tokens,
+    round_seeds(verify_key, state.step, b),
+    rcfg.sampling,
+    impl=rcfg.verify_impl,
+  )
   active = ~state.done
   state = state.replace(
-    cache=cache, draft=draft_state, step=state.step + 1,
+    cache=cache,
+    draft=draft_state,
+    step=state.step + 1,
     num_rounds=state.num_rounds + active.astype(jnp.int32),
     num_accepted=state.num_accepted + jnp.where(active, res.num_accepted, 0),
   )

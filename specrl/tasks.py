@@ -248,8 +248,14 @@ class MathJsonlTask:
 
   name = 'math_jsonl'
 
-  def __init__(self, path: str, tokenizer, max_prompt_len: int, max_response_len: int,
-               prompt_template: str = '{question}\n'):
+  def __init__(
+    self,
+    path: str,
+    tokenizer,
+    max_prompt_len: int,
+    max_response_len: int,
+    prompt_template: str = '{question}\n',
+  ):
     self.problems = read_math_jsonl(path)
     self.tokenizer = tokenizer
     self.max_prompt_len, self.max_response_len = max_prompt_len, max_response_len
@@ -278,6 +284,7 @@ def make_task(cfg):
   if cfg.name == 'math_jsonl':
     from specrl.checkpoints import hf
 
-    return MathJsonlTask(cfg.path, hf.load_tokenizer(cfg.tokenizer_path),
-                         cfg.max_prompt_len, cfg.max_response_len)
+    return MathJsonlTask(
+      cfg.path, hf.load_tokenizer(cfg.tokenizer_path), cfg.max_prompt_len, cfg.max_response_len
+    )
   raise ValueError(f"task.name must be 'running_sum' or 'math_jsonl', got {cfg.name!r}")

@@ -69,45 +69,63 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
   model_cfg = model_lib.ModelConfig.from_config(config.model)
   task = tasks_lib.make_task(config.task)
   if task.tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f'config.model.vocab_size={model_cfg.vocab_size} is smaller than the '
-                     f"task tokenizer's {task.tokenizer.vocab_size}")
-  sp = sampling.SamplingParams(config.rollout.temperature, config.rollout.top_k,
-                               config.rollout.top_p)
+    raise ValueError(
+      f'config.model.vocab_size={model_cfg.vocab_size} is smaller than the '
+      f"task tokenizer's {task.tokenizer.vocab_size}"
+    )
+  sp = sampling.SamplingParams(
+    config.rollout.temperature, config.rollout.top_k, config.rollout.top_p
+  )
   rl_cfg = rl_lib.RLConfig(
-    num_generations=config.rl.num_generations, clip_eps=config.rl.clip_eps,
-    clip_eps_high=config.rl.clip_eps_high, kl_coef=config.rl.kl_coef,
-    aggregation=config.rl.aggregation, scale_advantages=config.rl.scale_advantages,
-    temperature=sp.logprob_temperature, num_minibatches=config.rl.num_minibatches,
-    num_epochs=config.rl.num_epochs)
+    num_generations=config.rl.num_generations,
+    clip_eps=config.rl.clip_eps,
+    clip_eps_high=config.rl.clip_eps_high,
+    kl_coef=config.rl.kl_coef,
+    aggregation=config.rl.aggregation,
+    scale_advantages=config.rl.scale_advantages,
+    temperature=sp.logprob_temperature,
+    num_minibatches=config.rl.num_minibatches,
+    num_epochs=config.rl.num_epochs,
+  )
   drafter = drafters.make_drafter(config, model_cfg)
   num_draft = config.rollout.num_draft if drafter is not None else 0
   if drafter is not None and num_draft < 1:
     raise ValueError(f'config.rollout.num_draft must be >= 1 with a drafter, got {num_draft}')
   rollout_cfg = rollout_lib.RolloutConfig(
     max_new_tokens=config.rollout.max_new_tokens or task.max_response_len,
-    max_prompt_len=task.max_prompt_len, cache_len=config.rollout.cache_len, sampling=sp,
-    eos_id=task.tokenizer.eos_id, pad_id=task.tokenizer.pad_id, num_draft=num_draft,
-    verify_impl=config.rollout.verify_impl)
+    max_prompt_len=task.max_prompt_len,
+    cache_len=config.rollout.cache_len,
+    sampling=sp,
+    eos_id=task.tokenizer.eos_id,
+    pad_id=task.tokenizer.pad_id,
+    num_draft=num_draft,
+    verify_impl=config.rollout.verify_impl,
+  )
   if mesh is None:
     mesh = shd.make_mesh(tuple(config.mesh_shape))
   sft_steps = config.sft.steps
   schedule = optax.join_schedules(
-    [optax.linear_schedule(0.0, config.sft.lr, max(config.sft.warmup_steps, 1)),
-     optax.linear_schedule(0.0, config.rl.lr, max(config.rl.warmup_steps, 1))],
-    boundaries=[sft_steps])
+    [
+      optax.linear_schedule(0.0, config.sft.lr, max(config.sft.warmup_steps, 1)),
+      optax.linear_schedule(0.0, config.rl.lr, max(config.rl.warmup_steps, 1)),
+    ],
+    boundaries=[sft_steps],
+  )
   optimizer = rl_lib.make_optimizer(schedule, config.rl.weight_decay, config.rl.grad_clip)
   if config.adaptive.enabled:
     from specrl import adaptive
 
     policy = config.adaptive.policy if drafter is not None else 'never'
-    acfg = adaptive.AdaptiveConfig(policy=policy, chunk_steps=config.adaptive.chunk_steps,
-                                   tlt_threshold=config.adaptive.tlt_threshold,
-                                   seed=config.seed)
+    acfg = adaptive.AdaptiveConfig(
+      policy=policy,
+      chunk_steps=config.adaptive.chunk_steps,
+      tlt_threshold=config.adaptive.tlt_threshold,
+      seed=config.seed,
+    )
     engine = adaptive.AdaptiveRolloutEngine(model_cfg, rollout_cfg, acfg, drafter, mesh)
   else:
     engine = rollout_lib.RolloutEngine(model_cfg, rollout_cfg, mesh, drafter)
-  return Experiment(config, model_cfg, rl_cfg, rollout_cfg, task, mesh, optimizer, drafter,
-                    engine)
+  return Experiment(config, model_cfg, rl_cfg, rollout_cfg, task, mesh, optimizer, drafter, engine)
 
 
 # ----------------------------------------------------------------------------- state
@@ -119,11 +137,15 @@ def state_shardings(exp: Experiment, abstract_state: rl_lib.TrainState):
   psh = shd.tree_shardings(axes, abstract_state.params, exp.mesh, shd.PARAM_RULES)
   rep = shd.replicated(exp.mesh)
   opt_sh = optax.tree_map_params(
-    exp.optimizer, lambda _, s: s, abstract_state.opt_state, psh,
-    transform_non_params=lambda _: rep)
-  return rl_lib.TrainState(step=rep, params=psh, opt_state=opt_sh,
-                           ref_params=psh if abstract_state.ref_params is not None else None,
-                           rng=rep)
+    exp.optimizer, lambda _, s: s, abstract_state.opt_state, psh, transform_non_params=lambda _: rep
+  )
+  return rl_lib.TrainState(
+    step=rep,
+    params=psh,
+    opt_state=opt_sh,
+    ref_params=psh if abstract_state.ref_params is not None else None,
+    rng=rep,
+  )
 
 
 def init_state(exp: Experiment) -> rl_lib.TrainState:
@@ -135,13 +157,15 @@ def init_state(exp: Experiment) -> rl_lib.TrainState:
     return rl_lib.init_train_state(params, exp.optimizer, jax.random.fold_in(rng, 2), keep_ref)
 
   abstract = jax.eval_shape(init_fn, 0)
-  return jax.jit(init_fn, static_argnums=0,
-                 out_shardings=state_shardings(exp, abstract))(exp.config.seed)
+  return jax.jit(init_fn, static_argnums=0, out_shardings=state_shardings(exp, abstract))(
+    exp.config.seed
+  )
 
 
 def _batch_sharding(exp: Experiment, ndim: int) -> NamedSharding:
-  spec = shd.logical_to_spec(('batch',) + (None,) * (ndim - 1), (0,) * ndim, exp.mesh,
-                             shd.TRAIN_RULES)
+  spec = shd.logical_to_spec(
+    ('batch',) + (None,) * (ndim - 1), (0,) * ndim, exp.mesh, shd.TRAIN_RULES
+  )
   return NamedSharding(exp.mesh, spec)
 
 
@@ -150,10 +174,14 @@ def _jitted_steps(exp: Experiment, state_sh):
   b2, b1 = _batch_sharding(exp, 2), _batch_sharding(exp, 1)
   sft = jax.jit(
     functools.partial(rl_lib.sft_step, cfg=cfg, optimizer=exp.optimizer, mesh=mesh),
-    in_shardings=(state_sh, b2, b2), out_shardings=(state_sh, None), donate_argnums=(0,))
+    in_shardings=(state_sh, b2, b2),
+    out_shardings=(state_sh, None),
+    donate_argnums=(0,),
+  )
   batch_sh = {'tokens': b2, 'response_mask': b2, 'old_logprobs': b2, 'advantages': b1}
-  step_fn = functools.partial(rl_lib.train_step, cfg=cfg, rl=exp.rl_cfg,
-                              optimizer=exp.optimizer, mesh=mesh)
+  step_fn = functools.partial(
+    rl_lib.train_step, cfg=cfg, rl=exp.rl_cfg, optimizer=exp.optimizer, mesh=mesh
+  )
   if derives_draft_params(exp):
     # The next rollout's drafter is derived from the new params inside the same jitted
     # step: no separate drafter state to save, load or keep in sync.
@@ -161,11 +189,19 @@ def _jitted_steps(exp: Experiment, state_sh):
       state, metrics = step_fn(state, batch)
       return state, metrics, exp.drafter.params_from_policy(state.params)
 
-    grpo = jax.jit(grpo_fn, in_shardings=(state_sh, batch_sh), donate_argnums=(0,),
-                   out_shardings=(state_sh, None, None))
+    grpo = jax.jit(
+      grpo_fn,
+      in_shardings=(state_sh, batch_sh),
+      donate_argnums=(0,),
+      out_shardings=(state_sh, None, None),
+    )
   else:
-    grpo = jax.jit(lambda st, b: (*step_fn(st, b), None), in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, None, None), donate_argnums=(0,))
+    grpo = jax.jit(
+      lambda st, b: (*step_fn(st, b), None),
+      in_shardings=(state_sh, batch_sh),
+      out_shardings=(state_sh, None, None),
+      donate_argnums=(0,),
+    )
   return sft, grpo
 
 
@@ -193,31 +229,39 @@ def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
   lens = np.repeat(prompts.lengths, g, axis=0)
   answers = [a for a in prompts.answers for _ in range(g)]
   extra = {'estimate_costs': True} if isinstance(exp.engine, rollout_lib.RolloutEngine) else {}
-  out, metrics = exp.engine.generate(params, toks, lens, jax.random.fold_in(rng, step),
-                                     draft_params=draft_params, **extra)
+  out, metrics = exp.engine.generate(
+    params, toks, lens, jax.random.fold_in(rng, step), draft_params=draft_params, **extra
+  )
   resp = np.asarray(out.response)
   length = np.asarray(out.length)
-  rewards = np.array([exp.task.reward(resp[i, : length[i]], answers[i])
-                      for i in range(len(answers))], np.float32)
+  rewards = np.array(
+    [exp.task.reward(resp[i, : length[i]], answers[i]) for i in range(len(answers))], np.float32
+  )
   s = exp.rollout_cfg.seq_len
   pos = np.arange(s)[None, :]
   plen = np.asarray(out.prompt_len)[:, None]
   mask = ((pos >= plen) & (pos < plen + length[:, None])).astype(np.float32)
-  adv = np.asarray(rl_lib.grpo_advantages(jnp.asarray(rewards), g,
-                                          exp.rl_cfg.scale_advantages))
-  batch = {'tokens': np.asarray(out.tokens)[:, :s], 'response_mask': mask,
-           'old_logprobs': np.asarray(out.logprobs)[:, :s] * mask, 'advantages': adv}
+  adv = np.asarray(rl_lib.grpo_advantages(jnp.asarray(rewards), g, exp.rl_cfg.scale_advantages))
+  batch = {
+    'tokens': np.asarray(out.tokens)[:, :s],
+    'response_mask': mask,
+    'old_logprobs': np.asarray(out.logprobs)[:, :s] * mask,
+    'advantages': adv,
+  }
   correct = [exp.task.is_correct(resp[i, : length[i]], answers[i]) for i in range(len(answers))]
-  metrics.update({
-    'reward': float(rewards.mean()), 'accuracy': float(np.mean(correct)),
-    'response_len_mean': float(length.mean()), 'response_len_max': int(length.max()),
-    'finish_eos_frac': float((np.asarray(out.finish) == rollout_lib.FINISH_EOS).mean()),
-  })
+  metrics.update(
+    {
+      'reward': float(rewards.mean()),
+      'accuracy': float(np.mean(correct)),
+      'response_len_mean': float(length.mean()),
+      'response_len_max': int(length.max()),
+      'finish_eos_frac': float((np.asarray(out.finish) == rollout_lib.FINISH_EOS).mean()),
+    }
+  )
   return batch, rewards, out, metrics
 
 
-def run_step(exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns,
-             draft_params=None):
+def run_step(exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns, draft_params=None):
   """One step of the loop (warm-up or GRPO).
 
   ``draft_params``: drafter params derived from ``state.params`` by the previous GRPO step
@@ -227,8 +271,9 @@ def run_step(exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns,
   c = exp.config
   t0 = time.perf_counter()
   if step < c.sft.steps:
-    toks, mask = exp.task.sample_sft(data_rng(c.seed, step), c.sft.batch_size,
-                                     exp.rollout_cfg.seq_len)
+    toks, mask = exp.task.sample_sft(
+      data_rng(c.seed, step), c.sft.batch_size, exp.rollout_cfg.seq_len
+    )
     state, m = sft_fn(state, toks, mask)
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     m['phase'] = 0.0
@@ -260,10 +305,12 @@ def _writer(workdir):
 def _log_line(step, total, m) -> str:
   if m.get('phase', 0) == 0:
     return f'[{step + 1}/{total}] sft loss {m["sft_loss"]:.4f}  {m["step_time_s"]:.2f}s'
-  line = (f'[{step + 1}/{total}] reward {m["reward"]:.3f} acc {m["accuracy"]:.3f} '
-          f'len {m["response_len_mean"]:.1f}/{m["response_len_max"]} '
-          f'rollout {m["rollout/time_s"]:.2f}s ({m["rollout/tokens_per_s"]:.0f} tok/s) '
-          f'train {m["train/time_s"]:.2f}s')
+  line = (
+    f'[{step + 1}/{total}] reward {m["reward"]:.3f} acc {m["accuracy"]:.3f} '
+    f'len {m["response_len_mean"]:.1f}/{m["response_len_max"]} '
+    f'rollout {m["rollout/time_s"]:.2f}s ({m["rollout/tokens_per_s"]:.0f} tok/s) '
+    f'train {m["train/time_s"]:.2f}s'
+  )
   if 'spec/acceptance' in m:
     line += f' | accept {m["spec/acceptance"]:.2f} tok/pass {m["spec/tokens_per_pass"]:.2f}'
   if 'spec/draft_time_est_s' in m:
@@ -271,8 +318,9 @@ def _log_line(step, total, m) -> str:
   return line
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=None,
-                       max_steps: int | None = None):
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, mesh=None, max_steps: int | None = None
+):
   """Run (or resume) the experiment in ``workdir``. Returns (final state, metric history).
 
   ``max_steps`` stops early after that global step (used by tests and notebooks).
@@ -288,8 +336,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh=Non
     state = checkpointer.restore(state)
     start = int(state.step)
     logging.info('resumed from %s at step %d', checkpointer.directory, start)
-  logging.info('model: %d params; devices: %s; mesh %s', model_lib.count_params(state.params),
-               jax.device_count(), dict(exp.mesh.shape))
+  logging.info(
+    'model: %d params; devices: %s; mesh %s',
+    model_lib.count_params(state.params),
+    jax.device_count(),
+    dict(exp.mesh.shape),
+  )
   fns = _jitted_steps(exp, sh)
   writer = _writer(workdir)
   history = []

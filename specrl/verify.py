@@ -287,8 +287,10 @@ def verify(
     # fixed-size chunks (results are per row, so chunking changes nothing but speed).
     c = INTERPRET_BATCH_CHUNK
     pad = -b % c
-    args = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-            for a in (target_logits, draft_logits, draft_tokens, seeds)]
+    args = [
+      jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+      for a in (target_logits, draft_logits, draft_tokens, seeds)
+    ]
     args = [a.reshape((-1, c) + a.shape[1:]) for a in args]
     out = lax.map(lambda a: run(*a), args)
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:b], out)

@@ -6,9 +6,10 @@ import sys
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Tests are dominated by XLA compile time on a 2-core CPU; cheap compiles cut it ~3x.
 # (Inherited by the subprocess tests.) Benchmarks never run under these flags.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_backend_optimization_level=0'
-                           ' --xla_llvm_disable_expensive_passes=true')
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
+  ' --xla_llvm_disable_expensive_passes=true'
+)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -23,8 +24,9 @@ def pytest_configure(config):
 
 @pytest.fixture(scope='session')
 def tiny_cfg():
-  return model_lib.ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                               head_dim=8, d_ff=64)
+  return model_lib.ModelConfig(
+    vocab_size=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+  )
 
 
 @pytest.fixture(scope='session')

@@ -6,8 +6,9 @@ import json
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8')
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+)
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,8 +46,10 @@ def main():
     res[drafter] = {
       'tokens_equal': bool(np.array_equal(t8, t1)),
       'logprob_maxdiff': float(np.max(np.abs(l8 - l1))),
-      'param_maxdiff': max(float(np.max(np.abs(a - b)))
-                           for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True)),
+      'param_maxdiff': max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True)
+      ),
       'sharded_specs': sorted(sh8),
     }
   print(json.dumps(res))

@@ -40,26 +40,42 @@ def init_params(cfg, seed):
       fan_in = shape[-3] if name in ('wq', 'wk', 'wv') else shape[-2]
     return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
 
-  return jax.tree_util.tree_map_with_path(leaf, model_lib.param_shapes(cfg),
-                                          is_leaf=lambda t: isinstance(t, tuple))
+  return jax.tree_util.tree_map_with_path(
+    leaf, model_lib.param_shapes(cfg), is_leaf=lambda t: isinstance(t, tuple)
+  )
 
 
 GREEDY = SamplingParams(temperature=0.0)
-CFG = model_lib.ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
-                            head_dim=8, d_ff=64)
+CFG = model_lib.ModelConfig(
+  vocab_size=16, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+)
 PARAMS = init_params(CFG, 3)
-DCFG = model_lib.ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
-                             head_dim=8, d_ff=32)
+DCFG = model_lib.ModelConfig(
+  vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32
+)
 DRAFTER = ModelDrafter('small_model', DCFG, own_params=init_params(DCFG, 9))
 CACHE = 20
 # generated tokens per row: ragged, rows finishing out of order, one long straggler
 LENGTHS = np.array([8, 3, 18, 5, 9, 4, 7, 6])
-RCFG = rollout_lib.RolloutConfig(max_new_tokens=18, max_prompt_len=17, cache_len=CACHE,
-                                 eos_id=-1, sampling=GREEDY)
+RCFG = rollout_lib.RolloutConfig(
+  max_new_tokens=18, max_prompt_len=17, cache_len=CACHE, eos_id=-1, sampling=GREEDY
+)
 # all engines here lay out the buffer for k <= 2 and share their compiled functions
-BASE = AdaptiveConfig(policy='never', buckets=(8, 4, 1), chunk_steps=3, arms=(1, 2), k_max=2,
-                      learn_online=False, alpha_prior=0.5, alpha_memory=1e12, alpha_optimism=0,
-                      tlt_threshold=4, tlt_patience=2, tlt_default_k=1, tlt_epsilon=0.0)
+BASE = AdaptiveConfig(
+  policy='never',
+  buckets=(8, 4, 1),
+  chunk_steps=3,
+  arms=(1, 2),
+  k_max=2,
+  learn_online=False,
+  alpha_prior=0.5,
+  alpha_memory=1e12,
+  alpha_optimism=0,
+  tlt_threshold=4,
+  tlt_patience=2,
+  tlt_default_k=1,
+  tlt_epsilon=0.0,
+)
 _ROOT = []
 
 
@@ -120,15 +136,16 @@ def test_compaction_changes_nothing_but_the_batch_greedy_plain():
 
 
 def _profile(b, fwd1, fwd_ref, prop1, prop_ref):
-  return CostProfile(batch=b, k_ref=2, fwd1=fwd1, fwd_ref=fwd_ref, prop1=prop1,
-                     prop_ref=prop_ref)
+  return CostProfile(batch=b, k_ref=2, fwd1=fwd1, fwd_ref=fwd_ref, prop1=prop1, prop_ref=prop_ref)
 
 
 # Synthetic unit costs (alpha fixed at 0.5: E[tokens] = 1, 1.5, 1.75 for plain, k=1, k=2):
 # at batch 8 speculation cannot pay; at 4, k = 1 is best; at 1, k = 2 is.
-SYNTHETIC = [_profile(8, 1.0, 20.0, 1.0, 2.0),  # rounds: plain 1, k1 11.5, k2 22
-             _profile(4, 1.0, 1.2, 0.1, 5.0),  # plain 1, k1 1.2, k2 6.2
-             _profile(1, 1.0, 1.0, 0.6, 0.6)]  # plain 1, k1 1.6, k2 1.6
+SYNTHETIC = [
+  _profile(8, 1.0, 20.0, 1.0, 2.0),  # rounds: plain 1, k1 11.5, k2 22
+  _profile(4, 1.0, 1.2, 0.1, 5.0),  # plain 1, k1 1.2, k2 6.2
+  _profile(1, 1.0, 1.0, 0.6, 0.6),
+]  # plain 1, k1 1.6, k2 1.6
 
 
 def cost_model_engine():
@@ -183,10 +200,12 @@ def test_batch_finishing_at_once_never_speculates(policy):
 # ----------------------------------------------------------------------------- lossless
 
 V = 5
-SCFG = model_lib.ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
-                             head_dim=8, d_ff=32)
-SDCFG = model_lib.ModelConfig(vocab_size=V, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1,
-                              head_dim=8, d_ff=16)
+SCFG = model_lib.ModelConfig(
+  vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32
+)
+SDCFG = model_lib.ModelConfig(
+  vocab_size=V, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8, d_ff=16
+)
 PROMPT = [1, 3, 2]
 
 
@@ -200,8 +219,9 @@ def test_sampled_outputs_stay_lossless_after_compaction():
   poor = ModelDrafter('small_model', SDCFG, own_params=init_params(SDCFG, 42))
   sp = SamplingParams(1.0)
   m_new = 3
-  rcfg = rollout_lib.RolloutConfig(max_new_tokens=m_new, max_prompt_len=5, cache_len=6,
-                                   eos_id=-1, sampling=sp)
+  rcfg = rollout_lib.RolloutConfig(
+    max_new_tokens=m_new, max_prompt_len=5, cache_len=6, eos_id=-1, sampling=sp
+  )
   acfg = AdaptiveConfig(policy='always', always_k=2, buckets=(16384, 12288), chunk_steps=8)
   n, d = 12000, 4384
   toks = np.zeros((n + d, 5), np.int32)
@@ -234,16 +254,26 @@ def test_expected_tokens_and_acceptance_inverse():
     for k in (1, 4):
       tau = adaptive.expected_tokens(a, k)
       assert adaptive.alpha_from_tokens_per_round(tau, k) == pytest.approx(a, abs=1e-6)
-  obs = ChunkObs(bucket=4, strategy=3, steps=10, seconds=1.0, tokens=0, rounds=40,
-                 accepted=40 * 3, active_start=4, active_end=4)
+  obs = ChunkObs(
+    bucket=4,
+    strategy=3,
+    steps=10,
+    seconds=1.0,
+    tokens=0,
+    rounds=40,
+    accepted=40 * 3,
+    active_start=4,
+    active_end=4,
+  )
   assert obs.alpha == pytest.approx(1.0, abs=1e-6)
   # optimism while unmeasured: 1 before any round, -> the estimate as rounds accumulate
   assert adaptive.optimistic_alpha(0.5, 0, 16) == 1.0
   assert adaptive.optimistic_alpha(0.5, 16, 16) == pytest.approx(0.75)
   assert adaptive.optimistic_alpha(0.5, 1e9, 16) == pytest.approx(0.5)
   assert adaptive.optimistic_alpha(0.5, 0, 0) == 0.5
-  mem = adaptive.memory_observe(adaptive.Memory(alpha=0.5), obs, None,
-                                AdaptiveConfig(alpha_memory=40.0))
+  mem = adaptive.memory_observe(
+    adaptive.Memory(alpha=0.5), obs, None, AdaptiveConfig(alpha_memory=40.0)
+  )
   assert mem.alpha == pytest.approx(0.75, abs=1e-6) and mem.alpha_n == 40
 
 
@@ -279,11 +309,19 @@ def test_cost_model_picks_the_largest_expected_throughput_k():
 def test_round_costs_profile_then_measured():
   prof = _profile(4, 1.0, 1.2, 0.1, 5.0)
   mem = adaptive.Memory(alpha=0.5)
-  assert adaptive.round_costs(mem, prof, 4, (0, 1, 2)) == pytest.approx(
-    {0: 1.0, 1: 1.2, 2: 6.2})
+  assert adaptive.round_costs(mem, prof, 4, (0, 1, 2)) == pytest.approx({0: 1.0, 1: 1.2, 2: 6.2})
   acfg = AdaptiveConfig(cost_memory=0.0)
-  obs = ChunkObs(bucket=4, strategy=0, steps=10, seconds=20.0, tokens=40, rounds=0,
-                 accepted=0, active_start=4, active_end=4)
+  obs = ChunkObs(
+    bucket=4,
+    strategy=0,
+    steps=10,
+    seconds=20.0,
+    tokens=40,
+    rounds=0,
+    accepted=0,
+    active_start=4,
+    active_end=4,
+  )
   mem = adaptive.memory_observe(mem, obs, prof, acfg)  # plain measured at 2.0 s / round
   got = adaptive.round_costs(mem, prof, 4, (0, 1, 2))
   assert got == pytest.approx({0: 2.0, 1: 2.4, 2: 12.4})  # spec scaled by plain's ratio
@@ -291,14 +329,23 @@ def test_round_costs_profile_then_measured():
 
 
 def _obs(active_start, active_end, steps=4, strategy=0, tokens=0, seconds=1.0, bucket=4):
-  return ChunkObs(bucket=bucket, strategy=strategy, steps=steps, seconds=seconds,
-                  tokens=tokens, rounds=0, accepted=0, active_start=active_start,
-                  active_end=active_end)
+  return ChunkObs(
+    bucket=bucket,
+    strategy=strategy,
+    steps=steps,
+    seconds=seconds,
+    tokens=tokens,
+    rounds=0,
+    accepted=0,
+    active_start=active_start,
+    active_end=active_end,
+  )
 
 
 def test_tlt_turns_on_after_patience_at_or_below_threshold():
-  acfg = AdaptiveConfig(policy='tlt', tlt_threshold=32, tlt_patience=8, chunk_steps=16,
-                        tlt_epsilon=0.0, tlt_default_k=4)
+  acfg = AdaptiveConfig(
+    policy='tlt', tlt_threshold=32, tlt_patience=8, chunk_steps=16, tlt_epsilon=0.0, tlt_default_k=4
+  )
   st = adaptive.TltState()
   no_explore = (0.99, 0.0)
   st, s, _ = adaptive.tlt_update(st, None, 64, 64, acfg, no_explore)
@@ -310,8 +357,7 @@ def test_tlt_turns_on_after_patience_at_or_below_threshold():
   st, s, _ = adaptive.tlt_update(st, _obs(28, 27, steps=3), 27, 32, acfg, no_explore)
   assert st.on and s == 4  # on, no rewards yet: the default arm
   # once on it stays on (the batch only shrinks)
-  st, s, _ = adaptive.tlt_update(st, _obs(27, 20, strategy=4, tokens=100), 20, 32, acfg,
-                                 no_explore)
+  st, s, _ = adaptive.tlt_update(st, _obs(27, 20, strategy=4, tokens=100), 20, 32, acfg, no_explore)
   assert st.on and s == 4
   # a batch above the threshold never turns on, however long it runs
   st2 = adaptive.TltState()
@@ -321,8 +367,9 @@ def test_tlt_turns_on_after_patience_at_or_below_threshold():
 
 
 def test_tlt_epsilon_greedy_median_reward_per_bucket():
-  acfg = AdaptiveConfig(policy='tlt', arms=(1, 2, 3, 4), tlt_threshold=32, tlt_patience=0,
-                        tlt_epsilon=0.1, tlt_window=3)
+  acfg = AdaptiveConfig(
+    policy='tlt', arms=(1, 2, 3, 4), tlt_threshold=32, tlt_patience=0, tlt_epsilon=0.1, tlt_window=3
+  )
   st = adaptive.TltState(on=True)
   # arm 2: rewards 10, 100, 11 (median 11); arm 3: 12, 12, 1 (median 12) in bucket 8
   for k, r in [(2, 10), (3, 12), (2, 100), (3, 12), (2, 11), (3, 1)]:

@@ -17,8 +17,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.slow
 def test_default_config_grpo_raises_reward():
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  r = subprocess.run([sys.executable, os.path.join(HERE, 'e2e_check.py')], env=env,
-                     capture_output=True, text=True, timeout=1500)
+  r = subprocess.run(
+    [sys.executable, os.path.join(HERE, 'e2e_check.py')],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1500,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.strip().splitlines()[-1])
   before, after = res['before'], res['after']

@@ -15,13 +15,11 @@ VARIANTS = {
 
 
 def _setup(variant, seed=0):
-  base = dict(vocab_size=24, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-              d_ff=64)
+  base = dict(vocab_size=24, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
   cfg = model_lib.ModelConfig(**{**base, **VARIANTS[variant]})
   params = model_lib.init_params(cfg, jax.random.key(seed))
   # random biases / norms so those code paths matter
-  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(7), x.shape),
-                        params)
+  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(7), x.shape), params)
   return cfg, params
 
 
@@ -46,8 +44,9 @@ def test_prefill_and_ragged_extension_match_full_sequence(variant):
   for width in (4, 2):  # T > 1 extensions at ragged positions
     p = cur[:, None] + jnp.arange(width)[None]
     lg, cache = fwd(params, cfg, jnp.take_along_axis(toks, p, 1), p, cache)
-    np.testing.assert_allclose(lg, jnp.take_along_axis(full, p[:, :, None], 1), atol=2e-5,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      lg, jnp.take_along_axis(full, p[:, :, None], 1), atol=2e-5, rtol=1e-5
+    )
     cur = cur + width
 
 
@@ -76,9 +75,17 @@ def test_bad_config_values_name_the_field():
 
 
 def test_bf16_params_run():
-  cfg = model_lib.ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                              head_dim=16, d_ff=64, param_dtype='bfloat16',
-                              compute_dtype='bfloat16')
+  cfg = model_lib.ModelConfig(
+    vocab_size=16,
+    d_model=32,
+    n_layers=1,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=16,
+    d_ff=64,
+    param_dtype='bfloat16',
+    compute_dtype='bfloat16',
+  )
   params = model_lib.init_params(cfg, jax.random.key(0))
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
   toks = jnp.zeros((2, 5), jnp.int32)

@@ -47,15 +47,16 @@ def _outputs(nb):
 
 
 def test_notebook_matches_generator():
-  spec = importlib.util.spec_from_file_location('make_quickstart',
-                                                os.path.join(COLABS, 'make_quickstart.py'))
+  spec = importlib.util.spec_from_file_location(
+    'make_quickstart', os.path.join(COLABS, 'make_quickstart.py')
+  )
   gen = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(gen)
   want = gen.build()
   got = nbformat.read(NOTEBOOK, as_version=4)
-  assert [(c.cell_type, c.source, c.metadata.get('tags', [])) for c in got.cells] == \
-    [(c.cell_type, c.source, c.metadata.get('tags', [])) for c in want.cells], \
-    'colabs/quickstart.ipynb is stale: run python colabs/make_quickstart.py'
+  assert [(c.cell_type, c.source, c.metadata.get('tags', [])) for c in got.cells] == [
+    (c.cell_type, c.source, c.metadata.get('tags', [])) for c in want.cells
+  ], 'colabs/quickstart.ipynb is stale: run python colabs/make_quickstart.py'
   assert not _outputs(got), 'commit the notebook without outputs'
   assert 'SMOKE = False' in _parameters_cell(got).source
 
@@ -74,16 +75,25 @@ def test_notebook_runs(monkeypatch, tmp_path):
   monkeypatch.setenv('XLA_FLAGS', ' '.join([os.environ.get('XLA_FLAGS', ''), *FAST_COMPILE]))
   monkeypatch.setenv('TMPDIR', str(tmp_path))  # the notebook's tempfile.mkdtemp() workdir
   # Started in colabs/, as Jupyter would: the notebook finds the repo root itself.
-  client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=300,
-                                   startup_timeout=120,
-                                   resources={'metadata': {'path': COLABS}})
+  client = nbclient.NotebookClient(
+    nb,
+    kernel_name='python3',
+    timeout=300,
+    startup_timeout=120,
+    resources={'metadata': {'path': COLABS}},
+  )
   client.execute()  # raises CellExecutionError, with the traceback, if a cell fails
 
   outputs = _outputs(nb)
   assert not [o for o in outputs if o.output_type == 'error']
   assert any('image/png' in o.get('data', {}) for o in outputs), 'no plot was produced'
-  lines = [line for o in outputs if o.output_type == 'stream'
-           for line in o.text.splitlines() if line.startswith('SUMMARY ')]
+  lines = [
+    line
+    for o in outputs
+    if o.output_type == 'stream'
+    for line in o.text.splitlines()
+    if line.startswith('SUMMARY ')
+  ]
   assert len(lines) == 1
   summary = json.loads(lines[0].removeprefix('SUMMARY '))
   assert summary['phases'] == [0.0, 0.0, 1.0, 1.0]  # 2 warm-up steps, then 2 GRPO steps

@@ -17,8 +17,16 @@ BACKENDS = tuple(b for b in ('jnp', 'aqt', 'qwix') if importlib.util.find_spec(_
 
 
 def _cfg(**kw):
-  base = dict(vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
-              d_ff=384, tie_embeddings=False)
+  base = dict(
+    vocab_size=256,
+    d_model=128,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=32,
+    d_ff=384,
+    tie_embeddings=False,
+  )
   base.update(kw)
   return model_lib.ModelConfig(**base)
 
@@ -71,18 +79,30 @@ def _full_scale(qw: quant.QWeight) -> np.ndarray:
 
 
 @pytest.mark.parametrize('name', ['wq', 'wo', 'w_down', 'embed'])
-@pytest.mark.parametrize('bits,group_size,scale_dtype', [
-  (8, None, 'float32'), (8, 128, 'float32'), (4, None, 'float32'), (4, 128, 'float32'),
-  (4, 64, 'bfloat16'), (8, None, 'bfloat16'),
-])
+@pytest.mark.parametrize(
+  'bits,group_size,scale_dtype',
+  [
+    (8, None, 'float32'),
+    (8, 128, 'float32'),
+    (4, None, 'float32'),
+    (4, 128, 'float32'),
+    (4, 64, 'bfloat16'),
+    (8, None, 'bfloat16'),
+  ],
+)
 def test_round_to_nearest_bound(bits, group_size, name, scale_dtype):
   """|w - dq(w)| <= s / 2 elementwise, with s the element's own channel / group scale."""
-  shapes = {'wq': (2, 256, 4, 32), 'wo': (2, 4, 64, 96), 'w_down': (2, 384, 128),
-            'embed': (64, 256)}
+  shapes = {
+    'wq': (2, 256, 4, 32),
+    'wo': (2, 4, 64, 96),
+    'w_down': (2, 384, 128),
+    'embed': (64, 256),
+  }
   w = jax.random.normal(jax.random.key(0), shapes[name]) * 0.05
   w = w.at[..., 0].multiply(20.0)  # an outlier channel / group
-  qw = _qweight(w, quant.QuantConfig(bits=bits, group_size=group_size, scale_dtype=scale_dtype),
-               name)
+  qw = _qweight(
+    w, quant.QuantConfig(bits=bits, group_size=group_size, scale_dtype=scale_dtype), name
+  )
   expect_gs = qw.k if group_size is None else min(group_size, qw.k)
   assert qw.group_size == expect_gs
   err = np.abs(np.asarray(w) - np.asarray(qw.dequantize()))
@@ -113,13 +133,15 @@ def test_zero_weight_is_exact():
 # ----------------------------------------------------------------------------- storage
 
 
-@pytest.mark.parametrize('bits,fp8,dtype', [(8, None, jnp.int8), (4, None, jnp.int4),
-                                            (8, 'e4m3', jnp.float8_e4m3fn)])
+@pytest.mark.parametrize(
+  'bits,fp8,dtype', [(8, None, jnp.int8), (4, None, jnp.int4), (8, 'e4m3', jnp.float8_e4m3fn)]
+)
 def test_storage_dtypes(bits, fp8, dtype):
   cfg = _cfg()
   params = _abstract_params(cfg)  # shapes and dtypes only: nothing is computed
-  qp = jax.eval_shape(lambda p: quant.quantize_params(p, quant.QuantConfig(bits=bits, fp8=fp8)),
-                      params)
+  qp = jax.eval_shape(
+    lambda p: quant.quantize_params(p, quant.QuantConfig(bits=bits, fp8=fp8)), params
+  )
   for name in ('wq', 'wk', 'wv', 'wo', 'w_gate', 'w_up', 'w_down'):
     qw = qp['layers'][name]
     assert isinstance(qw, quant.QWeight), name
@@ -143,8 +165,15 @@ def test_int4_is_packed_by_xla():
 
 
 def test_param_bytes_ratios():
-  cfg = _cfg(vocab_size=512, d_model=256, d_ff=512, head_dim=64, tie_embeddings=True,
-             param_dtype='bfloat16', compute_dtype='bfloat16')
+  cfg = _cfg(
+    vocab_size=512,
+    d_model=256,
+    d_ff=512,
+    head_dim=64,
+    tie_embeddings=True,
+    param_dtype='bfloat16',
+    compute_dtype='bfloat16',
+  )
   params = _abstract_params(cfg)
   pb = quant.param_bytes(params)
   assert pb == 2 * model_lib.count_params(params)
@@ -166,8 +195,9 @@ def test_embedding_flags():
   def q(p, qcfg):
     return jax.eval_shape(lambda p: quant.quantize_params(p, qcfg), p)
 
-  assert not isinstance(q(tied, quant.QuantConfig(quantize_lm_head=False))['embed'],
-                        quant.QWeight)  # tied table is also the head
+  assert not isinstance(
+    q(tied, quant.QuantConfig(quantize_lm_head=False))['embed'], quant.QWeight
+  )  # tied table is also the head
   assert isinstance(q(tied, quant.QuantConfig())['embed'], quant.QWeight)
   qp = q(untied, quant.QuantConfig(quantize_embeddings=False))
   assert not isinstance(qp['embed'], quant.QWeight) and isinstance(qp['lm_head'], quant.QWeight)
@@ -180,9 +210,11 @@ def test_embedding_flags():
 # ----------------------------------------------------------------------------- model
 
 
-@pytest.mark.parametrize('backend,bits,act_bits,bound', [
-  (b, bits, None, bound) for b in BACKENDS for bits, bound in ((8, 0.05), (4, 0.5))
-] + [('jnp', 8, 8, 0.08)])
+@pytest.mark.parametrize(
+  'backend,bits,act_bits,bound',
+  [(b, bits, None, bound) for b in BACKENDS for bits, bound in ((8, 0.05), (4, 0.5))]
+  + [('jnp', 8, 8, 0.08)],
+)
 def test_forward_close_to_policy(tiny, backend, bits, act_bits, bound):
   cfg, params, toks, pos, ref = tiny
   qp = _quantize_params(params, quant.QuantConfig(bits=bits, backend=backend, act_bits=act_bits))
@@ -225,8 +257,9 @@ def test_quantize_params_jit_equals_eager(tiny):
     assert jax.tree.structure(eager) == jax.tree.structure(jitted)
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
       assert a.dtype == b.dtype and a.shape == b.shape
-      np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
-                                    np.asarray(b.astype(jnp.float32)))
+      np.testing.assert_array_equal(
+        np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
+      )
 
 
 # ----------------------------------------------------------------------------- backends
@@ -242,14 +275,20 @@ _EINSUMS = [  # (eq, x shape, param name, weight shape)
 
 
 _QCFGS = {
-  'int8': dict(bits=8), 'int4': dict(bits=4), 'w8a8': dict(bits=8, act_bits=8),
-  'w4a8': dict(bits=4, act_bits=8), 'fp8': dict(fp8='e4m3'),
+  'int8': dict(bits=8),
+  'int4': dict(bits=4),
+  'w8a8': dict(bits=8, act_bits=8),
+  'w4a8': dict(bits=4, act_bits=8),
+  'fp8': dict(fp8='e4m3'),
 }
 
 
-@pytest.mark.parametrize('eq,xs,name,ws,kind', [e + ('int8',) for e in _EINSUMS[:2]] + [
-  e + (k,) for k in ('int4', 'w8a8', 'w4a8', 'fp8') for e in (_EINSUMS[1], _EINSUMS[4])
-] + [e + ('int8',) for e in _EINSUMS[2:]])
+@pytest.mark.parametrize(
+  'eq,xs,name,ws,kind',
+  [e + ('int8',) for e in _EINSUMS[:2]]
+  + [e + (k,) for k in ('int4', 'w8a8', 'w4a8', 'fp8') for e in (_EINSUMS[1], _EINSUMS[4])]
+  + [e + ('int8',) for e in _EINSUMS[2:]],
+)
 def test_qeinsum_backends_agree(eq, xs, name, ws, kind):
   x = jax.random.normal(jax.random.key(1), xs)
   w = jax.random.normal(jax.random.key(2), ws) / np.sqrt(xs[-1])
@@ -271,8 +310,9 @@ def test_qeinsum_fallback_and_qtake():
   w = jax.random.normal(jax.random.key(2), (96, 256))
   qw = _qweight(w, quant.QuantConfig(bits=4), 'embed')
   x = jax.random.normal(jax.random.key(1), (3, 96))
-  np.testing.assert_allclose(qw.qeinsum('sv,vd->sd', x), x @ qw.dequantize(), rtol=1e-5,
-                             atol=1e-5)  # not the stored contraction: dequantized fallback
+  np.testing.assert_allclose(
+    qw.qeinsum('sv,vd->sd', x), x @ qw.dequantize(), rtol=1e-5, atol=1e-5
+  )  # not the stored contraction: dequantized fallback
   ids = jnp.array([[0, 5, 95], [7, 7, 1]])
   np.testing.assert_array_equal(qw.qtake(ids), jnp.take(qw.dequantize(), ids, axis=0))
 
@@ -287,11 +327,22 @@ def test_with_backend_keeps_weights(tiny):
 # ----------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize('field,value', [
-  ('bits', 3), ('bits', True), ('bits', '8'), ('group_size', -1), ('group_size', 1.5),
-  ('backend', 'tflite'), ('quantize_embeddings', 1), ('quantize_lm_head', 'yes'),
-  ('act_bits', 4), ('fp8', 'e5m3'), ('scale_dtype', 'float16'),
-])
+@pytest.mark.parametrize(
+  'field,value',
+  [
+    ('bits', 3),
+    ('bits', True),
+    ('bits', '8'),
+    ('group_size', -1),
+    ('group_size', 1.5),
+    ('backend', 'tflite'),
+    ('quantize_embeddings', 1),
+    ('quantize_lm_head', 'yes'),
+    ('act_bits', 4),
+    ('fp8', 'e5m3'),
+    ('scale_dtype', 'float16'),
+  ],
+)
 def test_bad_config_names_field(field, value):
   with pytest.raises(ValueError, match=rf'quant\.{field}'):
     quant.QuantConfig(**{field: value})
@@ -309,5 +360,11 @@ def test_config_combinations_and_defaults():
   assert (c.bits, c.group_size) == (4, 64)
   assert dataclasses.replace(c, bits=8).group_size == 64
   with pytest.raises(ValueError, match=r'quant\.group_size'):
-    quant.quantize_weight(jnp.ones((192, 8)), quant.QuantConfig(bits=4), rank=2, n_contract=1,
-                          contract_first=True, name='w_down')
+    quant.quantize_weight(
+      jnp.ones((192, 8)),
+      quant.QuantConfig(bits=4),
+      rank=2,
+      n_contract=1,
+      contract_first=True,
+      name='w_down',
+    )

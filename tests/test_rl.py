@@ -32,8 +32,9 @@ def test_clipped_loss_hand_computed():
   # per token: -min(r*A, clip(r)*A): seq0 r=1.5 -> -1.2 ; r=0.5 -> -0.5 ; seq1 r=0.9,A=-2 -> 1.8
   np.testing.assert_allclose(loss, (-1.2 - 0.5 + 1.8) / 3, rtol=1e-6)
   np.testing.assert_allclose(m['clip_frac'], 2 / 3, rtol=1e-6)
-  loss_s, _ = rl_lib.grpo_loss_from_logprobs(new, old, None, adv, mask,
-                                             _rl(clip_eps=0.2, aggregation='sequence'))
+  loss_s, _ = rl_lib.grpo_loss_from_logprobs(
+    new, old, None, adv, mask, _rl(clip_eps=0.2, aggregation='sequence')
+  )
   np.testing.assert_allclose(loss_s, ((-1.2 - 0.5) / 2 + 1.8) / 2, rtol=1e-6)
 
 
@@ -41,8 +42,7 @@ def test_k3_kl_term():
   mask = jnp.ones((1, 2))
   lp = jnp.log(jnp.array([[0.5, 0.25]]))
   ref = jnp.log(jnp.array([[0.25, 0.25]]))
-  loss, m = rl_lib.grpo_loss_from_logprobs(lp, lp, ref, jnp.zeros(1), mask,
-                                           _rl(kl_coef=0.5))
+  loss, m = rl_lib.grpo_loss_from_logprobs(lp, lp, ref, jnp.zeros(1), mask, _rl(kl_coef=0.5))
   d = np.log(0.5)  # ref - lp at position 0; 0 at position 1
   kl = (np.exp(d) - d - 1) / 2
   np.testing.assert_allclose(m['kl'], kl, rtol=1e-6)
@@ -57,8 +57,9 @@ def test_bad_rl_config_values():
 
 
 def test_train_step_lowers_loss_on_fixed_batch():
-  cfg = model_lib.ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                              head_dim=16, d_ff=64)
+  cfg = model_lib.ModelConfig(
+    vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64
+  )
   params = model_lib.init_params(cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
   b, s = 8, 10
@@ -66,8 +67,12 @@ def test_train_step_lowers_loss_on_fixed_batch():
   mask = jnp.asarray(np.arange(s)[None] >= 4, jnp.float32) * jnp.ones((b, 1))
   rl = rl_lib.RLConfig(num_generations=4, kl_coef=0.1)
   old = rl_lib.sequence_logprobs(params, cfg, tokens, 1.0) * mask
-  batch = {'tokens': tokens, 'response_mask': mask, 'old_logprobs': old,
-           'advantages': jnp.asarray(rng.normal(size=b), jnp.float32)}
+  batch = {
+    'tokens': tokens,
+    'response_mask': mask,
+    'old_logprobs': old,
+    'advantages': jnp.asarray(rng.normal(size=b), jnp.float32),
+  }
   opt = rl_lib.make_optimizer(1e-2, 0.0, 1.0)
   state = rl_lib.init_train_state(params, opt, jax.random.key(1), keep_reference=True)
   step = jax.jit(lambda st, bt: rl_lib.train_step(st, bt, cfg=cfg, rl=rl, optimizer=opt))
@@ -86,14 +91,16 @@ def test_grpo_loop_raises_reward_on_a_toy_task():
   from specrl import rollout as rollout_lib
   from specrl.sampling import SamplingParams
 
-  cfg = model_lib.ModelConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
-                              head_dim=8, d_ff=32)
+  cfg = model_lib.ModelConfig(
+    vocab_size=8, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32
+  )
   params = model_lib.init_params(cfg, jax.random.key(0))
   rl = rl_lib.RLConfig(num_generations=8)
   opt = rl_lib.make_optimizer(3e-2, 0.0, 1.0)
   state = rl_lib.init_train_state(params, opt, jax.random.key(1), keep_reference=False)
-  rcfg = rollout_lib.RolloutConfig(max_new_tokens=2, max_prompt_len=2, eos_id=-1,
-                                   sampling=SamplingParams(1.0))
+  rcfg = rollout_lib.RolloutConfig(
+    max_new_tokens=2, max_prompt_len=2, eos_id=-1, sampling=SamplingParams(1.0)
+  )
   eng = rollout_lib.RolloutEngine(cfg, rcfg)
   step = jax.jit(lambda st, bt: rl_lib.train_step(st, bt, cfg=cfg, rl=rl, optimizer=opt))
   toks = np.tile(np.array([[1, 2]], np.int32), (32, 1))
@@ -109,8 +116,11 @@ def test_grpo_loop_raises_reward_on_a_toy_task():
     reward = (np.asarray(out.response[:, 0]) == 5).astype(np.float32)
     pos = np.arange(rcfg.seq_len)[None]
     mask = ((pos >= 2) & (pos < 2 + np.asarray(out.length)[:, None])).astype(np.float32)
-    batch = {'tokens': out.tokens[:, : rcfg.seq_len], 'response_mask': mask,
-             'old_logprobs': out.logprobs[:, : rcfg.seq_len] * mask,
-             'advantages': rl_lib.grpo_advantages(jnp.asarray(reward), 8)}
+    batch = {
+      'tokens': out.tokens[:, : rcfg.seq_len],
+      'response_mask': mask,
+      'old_logprobs': out.logprobs[:, : rcfg.seq_len] * mask,
+      'advantages': rl_lib.grpo_advantages(jnp.asarray(reward), 8),
+    }
     state, _ = step(state, batch)
   assert start < 0.3 and p5(state.params) > start + 0.3, (start, p5(state.params))

@@ -10,8 +10,9 @@ from specrl import rl as rl_lib
 from specrl import rollout as rollout_lib
 from specrl.sampling import SamplingParams
 
-CFG = model_lib.ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
-                            head_dim=8, d_ff=64)
+CFG = model_lib.ModelConfig(
+  vocab_size=16, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+)
 PARAMS = None
 
 
@@ -49,14 +50,15 @@ def greedy_reference(toks, lens, n):
       x = np.asarray(seq, np.int32)[None]
       lg, _ = fwd(params(), CFG, x, np.arange(len(seq))[None])
       seq.append(int(np.argmax(lg[0, -1])))
-    out.append(seq[lens[b]:])
+    out.append(seq[lens[b] :])
   return np.array(out)
 
 
 def test_greedy_matches_uncached_reference_and_lengths():
   toks, lens = prompts()
-  rcfg = rollout_lib.RolloutConfig(max_new_tokens=7, max_prompt_len=6, eos_id=-1,
-                                   sampling=SamplingParams(temperature=0.0))
+  rcfg = rollout_lib.RolloutConfig(
+    max_new_tokens=7, max_prompt_len=6, eos_id=-1, sampling=SamplingParams(temperature=0.0)
+  )
   out, m = run(rcfg, toks, lens)
   np.testing.assert_array_equal(out.response, greedy_reference(toks, lens, 7))
   assert (out.length == 7).all() and (out.finish == rollout_lib.FINISH_LENGTH).all()
@@ -67,8 +69,9 @@ def test_eos_stops_sequence_and_pads():
   toks, lens = prompts()
   ref = greedy_reference(toks, lens, 7)
   eos = int(ref[0, 3])  # a token greedy decoding emits at step 3 of sequence 0
-  rcfg = rollout_lib.RolloutConfig(max_new_tokens=7, max_prompt_len=6, eos_id=eos,
-                                   sampling=SamplingParams(temperature=0.0))
+  rcfg = rollout_lib.RolloutConfig(
+    max_new_tokens=7, max_prompt_len=6, eos_id=eos, sampling=SamplingParams(temperature=0.0)
+  )
   out, _ = run(rcfg, toks, lens)
   for b in range(len(lens)):
     hits = np.nonzero(ref[b] == eos)[0]
@@ -82,10 +85,21 @@ def test_eos_stops_sequence_and_pads():
 
 def test_top_k_one_equals_greedy():
   toks, lens = prompts()
-  g, _ = run(rollout_lib.RolloutConfig(max_new_tokens=6, max_prompt_len=6, eos_id=-1,
-                                       sampling=SamplingParams(temperature=0.0)), toks, lens)
-  k1, _ = run(rollout_lib.RolloutConfig(max_new_tokens=6, max_prompt_len=6, eos_id=-1,
-                                        sampling=SamplingParams(1.0, top_k=1)), toks, lens, 3)
+  g, _ = run(
+    rollout_lib.RolloutConfig(
+      max_new_tokens=6, max_prompt_len=6, eos_id=-1, sampling=SamplingParams(temperature=0.0)
+    ),
+    toks,
+    lens,
+  )
+  k1, _ = run(
+    rollout_lib.RolloutConfig(
+      max_new_tokens=6, max_prompt_len=6, eos_id=-1, sampling=SamplingParams(1.0, top_k=1)
+    ),
+    toks,
+    lens,
+    3,
+  )
   np.testing.assert_array_equal(g.response, k1.response)
 
 
@@ -94,37 +108,51 @@ def test_top_k_and_top_p_restrict_support():
   toks[:] = toks[0]
   lens[:] = lens[0]
   sp = SamplingParams(1.0, top_k=3)
-  out, _ = run(rollout_lib.RolloutConfig(max_new_tokens=1, max_prompt_len=6, eos_id=-1,
-                                         sampling=sp), toks, lens, 5)
-  lg, _ = model_lib.forward(params(), CFG, toks[:1, : lens[0]],
-                            np.arange(lens[0])[None])
+  out, _ = run(
+    rollout_lib.RolloutConfig(max_new_tokens=1, max_prompt_len=6, eos_id=-1, sampling=sp),
+    toks,
+    lens,
+    5,
+  )
+  lg, _ = model_lib.forward(params(), CFG, toks[:1, : lens[0]], np.arange(lens[0])[None])
   top3 = set(np.argsort(-np.asarray(lg[0, -1]))[:3].tolist())
   assert set(out.response[:, 0].tolist()) <= top3
   assert len(set(out.response[:, 0].tolist())) > 1  # it does sample
   sp = SamplingParams(1.0, top_p=1e-6)  # nucleus of one token == greedy
-  out, _ = run(rollout_lib.RolloutConfig(max_new_tokens=1, max_prompt_len=6, eos_id=-1,
-                                         sampling=sp), toks, lens, 6)
+  out, _ = run(
+    rollout_lib.RolloutConfig(max_new_tokens=1, max_prompt_len=6, eos_id=-1, sampling=sp),
+    toks,
+    lens,
+    6,
+  )
   assert set(out.response[:, 0].tolist()) == {int(np.argmax(lg[0, -1]))}
 
 
 @pytest.mark.parametrize('temperature', [1.0, 0.7])
 def test_rollout_logprobs_equal_train_logprobs(temperature):
   toks, lens = prompts(b=6, seed=2)
-  rcfg = rollout_lib.RolloutConfig(max_new_tokens=6, max_prompt_len=6, eos_id=-1,
-                                   sampling=SamplingParams(temperature, top_k=8))
+  rcfg = rollout_lib.RolloutConfig(
+    max_new_tokens=6, max_prompt_len=6, eos_id=-1, sampling=SamplingParams(temperature, top_k=8)
+  )
   out, _ = run(rcfg, toks, lens, 4)
   lp = rl_lib.sequence_logprobs(params(), CFG, jnp.asarray(out.tokens), temperature)
   for b in range(6):
     sl = slice(lens[b], lens[b] + out.length[b])
     np.testing.assert_allclose(out.logprobs[b, sl], lp[b, sl], atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(out.response_logprobs[b, : out.length[b]], lp[b, sl],
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+      out.response_logprobs[b, : out.length[b]], lp[b, sl], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_cache_end_finishes_sequences():
   toks, lens = prompts()
-  rcfg = rollout_lib.RolloutConfig(max_new_tokens=20, max_prompt_len=6, cache_len=9,
-                                   eos_id=-1, sampling=SamplingParams(temperature=0.0))
+  rcfg = rollout_lib.RolloutConfig(
+    max_new_tokens=20,
+    max_prompt_len=6,
+    cache_len=9,
+    eos_id=-1,
+    sampling=SamplingParams(temperature=0.0),
+  )
   out, _ = run(rcfg, toks, lens)
   np.testing.assert_array_equal(out.length, 9 - lens)  # positions 0..8 hold everything
   assert (out.finish == rollout_lib.FINISH_CACHE).all()

@@ -15,8 +15,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_sharded_matches_single_device():
-  r = subprocess.run([sys.executable, os.path.join(HERE, 'sharded_check.py')],
-                     capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [sys.executable, os.path.join(HERE, 'sharded_check.py')],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.strip().splitlines()[-1])
   for drafter, d in res.items():

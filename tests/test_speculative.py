@@ -20,10 +20,12 @@ from specrl.sampling import SamplingParams
 from tests import stats
 
 V = 5
-CFG = model_lib.ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
-                            head_dim=8, d_ff=32)
-DCFG = model_lib.ModelConfig(vocab_size=V, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1,
-                             head_dim=8, d_ff=16)
+CFG = model_lib.ModelConfig(
+  vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32
+)
+DCFG = model_lib.ModelConfig(
+  vocab_size=V, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8, d_ff=16
+)
 PROMPT = [1, 3, 2]
 N_SAMPLES = 12000
 M = 3  # generated tokens compared (the first comes from prefill, then verify rounds)
@@ -39,8 +41,14 @@ POOR = _sharpen(model_lib.init_params(DCFG, jax.random.key(42)), 1.0)
 
 
 def _spec_samples(sp, drafter, k, seed=0, verify_impl='jnp'):
-  rcfg = rollout_lib.RolloutConfig(max_new_tokens=M, max_prompt_len=len(PROMPT), eos_id=-1,
-                                   sampling=sp, num_draft=k, verify_impl=verify_impl)
+  rcfg = rollout_lib.RolloutConfig(
+    max_new_tokens=M,
+    max_prompt_len=len(PROMPT),
+    eos_id=-1,
+    sampling=sp,
+    num_draft=k,
+    verify_impl=verify_impl,
+  )
   eng = rollout_lib.RolloutEngine(CFG, rcfg, drafter=drafter)
   toks = np.tile(np.asarray(PROMPT, np.int32), (N_SAMPLES, 1))
   lens = np.full((N_SAMPLES,), len(PROMPT), np.int32)
@@ -80,8 +88,7 @@ def test_lossless_with_the_pallas_verify_kernel_in_the_loop():
 
 
 def test_good_noisy_policy_drafter_is_lossless():
-  noisy = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape),
-                       POLICY)
+  noisy = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape), POLICY)
   drafter = ModelDrafter('small_model', CFG, own_params=noisy)
   p, m = _pvalue(SETTINGS['T1'], drafter, k=3, seed=2)
   assert 0.5 < m['spec/acceptance'] < 1.0
@@ -113,8 +120,9 @@ def test_chi_square_rejects_broken_verifier(monkeypatch):
 
 # ----------------------------------------------------------------------------- exact checks
 
-GCFG = model_lib.ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                             head_dim=8, d_ff=64)
+GCFG = model_lib.ModelConfig(
+  vocab_size=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+)
 GPARAMS = model_lib.init_params(GCFG, jax.random.key(3))
 
 
@@ -129,8 +137,13 @@ def _prompts(b=6, p=5, seed=0):
 def _gen(drafter, k, sp, n_new=9, eos=-1, seed=0, toks=None, lens=None):
   if toks is None:
     toks, lens = _prompts()
-  rcfg = rollout_lib.RolloutConfig(max_new_tokens=n_new, max_prompt_len=toks.shape[1],
-                                   eos_id=eos, sampling=sp, num_draft=k if drafter else 0)
+  rcfg = rollout_lib.RolloutConfig(
+    max_new_tokens=n_new,
+    max_prompt_len=toks.shape[1],
+    eos_id=eos,
+    sampling=sp,
+    num_draft=k if drafter else 0,
+  )
   eng = rollout_lib.RolloutEngine(GCFG, rcfg, drafter=drafter)
   out, m = eng.generate(GPARAMS, toks, lens, jax.random.key(seed))
   return jax.device_get(out), m
@@ -140,10 +153,12 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 def test_greedy_speculative_equals_greedy_plain_with_poor_drafter():
-  dcfg = model_lib.ModelConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2,
-                               n_kv_heads=1, head_dim=8, d_ff=32)
-  drafter = ModelDrafter('small_model', dcfg,
-                         own_params=model_lib.init_params(dcfg, jax.random.key(9)))
+  dcfg = model_lib.ModelConfig(
+    vocab_size=16, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32
+  )
+  drafter = ModelDrafter(
+    'small_model', dcfg, own_params=model_lib.init_params(dcfg, jax.random.key(9))
+  )
   plain, _ = _gen(None, 0, GREEDY)
   spec, m = _gen(drafter, 3, GREEDY)
   np.testing.assert_array_equal(spec.response, plain.response)
@@ -176,8 +191,13 @@ def test_eos_inside_accepted_run_and_max_new_tokens_inside_draft():
 
 
 def test_speculative_logprobs_are_the_policys():
-  drafter = ModelDrafter('small_model', GCFG, own_params=jax.tree.map(
-    lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), GPARAMS))
+  drafter = ModelDrafter(
+    'small_model',
+    GCFG,
+    own_params=jax.tree.map(
+      lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), GPARAMS
+    ),
+  )
   sp = SamplingParams(0.8, top_k=6)
   spec, _ = _gen(drafter, 3, sp, seed=7)
   from specrl import rl as rl_lib
@@ -195,10 +215,15 @@ def test_speculative_logprobs_are_the_policys():
 def _quantized(bits, share_kv, cfg):
   from specrl import quant
 
-  qcfg = quant.QuantConfig(bits=bits, group_size=8 if bits == 4 else None,
-                           quantize_embeddings=False, quantize_lm_head=False)
-  return ModelDrafter('quantized', cfg, derive=lambda p: quant.quantize_params(p, qcfg),
-                      share_kv=share_kv)
+  qcfg = quant.QuantConfig(
+    bits=bits,
+    group_size=8 if bits == 4 else None,
+    quantize_embeddings=False,
+    quantize_lm_head=False,
+  )
+  return ModelDrafter(
+    'quantized', cfg, derive=lambda p: quant.quantize_params(p, qcfg), share_kv=share_kv
+  )
 
 
 @pytest.mark.parametrize('share_kv', [False, True], ids=['own_cache', 'shared_kv'])

@@ -32,15 +32,19 @@ def test_sft_batch_masks_the_response():
     text = t.tokenizer.decode(row[m > 0])
     assert '#' in text and tasks.EOS_ID in row[m > 0]
     assert t.tokenizer.decode(row[: int(np.argmax(m))]).endswith('.') or '=' in t.tokenizer.decode(
-      row[: int(np.argmax(m))])
+      row[: int(np.argmax(m))]
+    )
 
 
-@pytest.mark.parametrize('text,ans', [
-  ('so the answer is \\boxed{42}.', '42'),
-  ('work ... #### 1,234', '1,234'),
-  ('\\boxed{\\frac{1}{2}} then \\boxed{7}', '7'),
-  ('no answer here', None),
-])
+@pytest.mark.parametrize(
+  'text,ans',
+  [
+    ('so the answer is \\boxed{42}.', '42'),
+    ('work ... #### 1,234', '1,234'),
+    ('\\boxed{\\frac{1}{2}} then \\boxed{7}', '7'),
+    ('no answer here', None),
+  ],
+)
 def test_extract_answer(text, ans):
   assert tasks.extract_answer(text) == ans
 
@@ -55,8 +59,12 @@ def test_answers_match_numeric():
 
 def test_read_math_jsonl(tmp_path):
   p = tmp_path / 'math.jsonl'
-  p.write_text(json.dumps({'question': 'What is 2+3?', 'answer': 'She adds.\n#### 5'}) + '\n'
-               + json.dumps({'question': 'Q2', 'answer': 7}) + '\n')
+  p.write_text(
+    json.dumps({'question': 'What is 2+3?', 'answer': 'She adds.\n#### 5'})
+    + '\n'
+    + json.dumps({'question': 'Q2', 'answer': 7})
+    + '\n'
+  )
   probs = tasks.read_math_jsonl(str(p))
   assert probs == [('What is 2+3?', '5'), ('Q2', '7')]
   bad = tmp_path / 'bad.jsonl'

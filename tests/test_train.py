@@ -52,16 +52,19 @@ def test_checkpoint_of_wrong_shape_is_refused(tmp_path):
   assert checkpointing.Checkpointer(str(tmp_path)).latest_step() == 4
 
 
-@pytest.mark.parametrize('field,value,match', [
-  ('rollout.drafter', 'magic', 'rollout.drafter'),
-  ('rl.num_generations', 1, 'num_generations'),
-  ('rl.aggregation', 'avg', 'aggregation'),
-  ('rollout.top_p', 1.5, 'top_p'),
-  ('model.n_kv_heads', 3, 'n_kv_heads'),
-  ('rollout.verify_impl', 'cuda', 'verify_impl'),
-  ('task.name', 'chess', 'task.name'),
-  ('rl.num_prompts', 0, 'num_prompts'),
-])
+@pytest.mark.parametrize(
+  'field,value,match',
+  [
+    ('rollout.drafter', 'magic', 'rollout.drafter'),
+    ('rl.num_generations', 1, 'num_generations'),
+    ('rl.aggregation', 'avg', 'aggregation'),
+    ('rollout.top_p', 1.5, 'top_p'),
+    ('model.n_kv_heads', 3, 'n_kv_heads'),
+    ('rollout.verify_impl', 'cuda', 'verify_impl'),
+    ('task.name', 'chess', 'task.name'),
+    ('rl.num_prompts', 0, 'num_prompts'),
+  ],
+)
 def test_bad_config_values_fail_naming_the_field(field, value, match):
   c = smoke()
   section, name = field.split('.')
@@ -72,10 +75,19 @@ def test_bad_config_values_fail_naming_the_field(field, value, match):
 
 def test_main_rejects_unknown_config_key(tmp_path):
   r = subprocess.run(
-    [sys.executable, 'main.py', '--config=configs/default.py:smoke',
-     f'--workdir={tmp_path}', '--config.rl.learning_rate=3'],
-    cwd=ROOT, capture_output=True, text=True, timeout=300,
-    env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    [
+      sys.executable,
+      'main.py',
+      '--config=configs/default.py:smoke',
+      f'--workdir={tmp_path}',
+      '--config.rl.learning_rate=3',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert r.returncode != 0
   assert 'learning_rate' in r.stderr
 
@@ -103,5 +115,7 @@ def test_quantized_drafter_is_derived_from_the_new_params_inside_the_step():
   for a, b in zip(leaves, jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   stale = quant.quantize_params(old, quantized.quant_config(c.drafter))
-  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(leaves, jax.tree.leaves(stale), strict=True))
+  assert any(
+    not np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(leaves, jax.tree.leaves(stale), strict=True)
+  )

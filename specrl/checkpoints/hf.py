@@ -101,9 +101,10 @@ def _sliding_window_active(c: dict, n_layers: int) -> bool:
   if model_type == 'mistral':
     return True
   if model_type in ('qwen2', 'qwen3'):
-    return bool(c.get('use_sliding_window', False)) and int(
-      c.get('max_window_layers', n_layers)
-    ) < n_layers
+    return (
+      bool(c.get('use_sliding_window', False))
+      and int(c.get('max_window_layers', n_layers)) < n_layers
+    )
   return False
 
 
@@ -517,9 +518,7 @@ def hf_state_dict(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
       raise ValueError(f'param {"/".join(key)} is quantized; dequantize before exporting')
     flat[key] = leaf
   if set(flat) != set(flat_shapes):
-    raise ValueError(
-      f'params keys {sorted(flat)} do not match config keys {sorted(flat_shapes)}'
-    )
+    raise ValueError(f'params keys {sorted(flat)} do not match config keys {sorted(flat_shapes)}')
   np_dtype = _NP_DTYPES[cfg.param_dtype]
   host = {}
   for key, leaf in flat.items():

@@ -47,8 +47,10 @@ def make_drafter(config, model_cfg: model_lib.ModelConfig):
       dcfg = dataclasses.replace(model_cfg, **dict(dc.model))
       dparams = model_lib.init_params(dcfg, jax.random.key(config.seed + 1))
     if dcfg.vocab_size != model_cfg.vocab_size:
-      raise ValueError(f'drafter vocab_size {dcfg.vocab_size} != policy vocab_size '
-                       f'{model_cfg.vocab_size}: a drafter must share the tokenizer')
+      raise ValueError(
+        f'drafter vocab_size {dcfg.vocab_size} != policy vocab_size '
+        f'{model_cfg.vocab_size}: a drafter must share the tokenizer'
+      )
     return ModelDrafter('small_model', dcfg, own_params=dparams)
   from specrl.drafters import quantized
 

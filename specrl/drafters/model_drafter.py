@@ -31,8 +31,14 @@ class ModelDrafter:
   only changes acceptance, never the output distribution.
   """
 
-  def __init__(self, name: str, cfg: model_lib.ModelConfig, own_params=None, derive=None,
-               share_kv: bool = False):
+  def __init__(
+    self,
+    name: str,
+    cfg: model_lib.ModelConfig,
+    own_params=None,
+    derive=None,
+    share_kv: bool = False,
+  ):
     self.name, self.cfg = name, cfg
     self.own_params, self.derive = own_params, derive
     self.share_kv = share_kv
@@ -53,12 +59,12 @@ class ModelDrafter:
     b, p = prompt_tokens.shape
     cache = model_lib.init_cache(self.cfg, b, buffer_len)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    _, cache = model_lib.forward(draft_params, self.cfg, prompt_tokens, positions, cache,
-                                 mesh=mesh, rules=shd.DECODE_RULES)
+    _, cache = model_lib.forward(
+      draft_params, self.cfg, prompt_tokens, positions, cache, mesh=mesh, rules=shd.DECODE_RULES
+    )
     return {'cache': cache}
 
-  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None,
-              policy_cache=None):
+  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None, policy_cache=None):
     cfg = self.cfg
     if self.share_kv:  # policy cache holds every slot < pos: feed only the current token
       first_pos = pos[:, None]
@@ -67,8 +73,9 @@ class ModelDrafter:
       first_pos = jnp.stack([jnp.maximum(pos - 1, 0), pos], axis=1)
       cache = state['cache']
     first_tok = jnp.take_along_axis(seq_tokens, first_pos, axis=1)
-    logits, cache = model_lib.forward(draft_params, cfg, first_tok, first_pos, cache,
-                                      mesh=mesh, rules=shd.DECODE_RULES)
+    logits, cache = model_lib.forward(
+      draft_params, cfg, first_tok, first_pos, cache, mesh=mesh, rules=shd.DECODE_RULES
+    )
     keys = jax.random.split(rng, k)
     logit0 = logits[:, -1]
     tok0 = sampling.sample(logit0, keys[0], sp)
@@ -76,14 +83,22 @@ class ModelDrafter:
     def body(carry, xs):
       cache, tok = carry
       i, key = xs
-      lg, cache = model_lib.forward(draft_params, cfg, tok[:, None], (pos + i)[:, None], cache,
-                                    mesh=mesh, rules=shd.DECODE_RULES)
+      lg, cache = model_lib.forward(
+        draft_params,
+        cfg,
+        tok[:, None],
+        (pos + i)[:, None],
+        cache,
+        mesh=mesh,
+        rules=shd.DECODE_RULES,
+      )
       nxt = sampling.sample(lg[:, 0], key, sp)
       return (cache, nxt), (nxt, lg[:, 0])
 
     if k > 1:
-      (cache, _), (toks, lgs) = jax.lax.scan(body, (cache, tok0),
-                                            (jnp.arange(1, k, dtype=jnp.int32), keys[1:]))
+      (cache, _), (toks, lgs) = jax.lax.scan(
+        body, (cache, tok0), (jnp.arange(1, k, dtype=jnp.int32), keys[1:])
+      )
       draft_tokens = jnp.concatenate([tok0[:, None], toks.T], axis=1)
       draft_logits = jnp.concatenate([logit0[:, None], jnp.swapaxes(lgs, 0, 1)], axis=1)
     else:

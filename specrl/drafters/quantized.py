@@ -23,16 +23,18 @@ def quant_config(dc) -> quant.QuantConfig:
   d = dict(dc)
   group = d.get('group_size', 0)
   return quant.QuantConfig(
-    bits=d.get('bits', 8), group_size=('auto' if group == 0 and d.get('bits') == 4 else
-                                       (group or None)),
+    bits=d.get('bits', 8),
+    group_size=('auto' if group == 0 and d.get('bits') == 4 else (group or None)),
     backend=d.get('backend', 'jnp'),
     quantize_embeddings=d.get('quantize_embeddings', False),
     quantize_lm_head=d.get('quantize_embeddings', False),
-    act_bits=d.get('act_bits') or None)
+    act_bits=d.get('act_bits') or None,
+  )
 
 
 def make_quantized_drafter(config, model_cfg: model_lib.ModelConfig) -> ModelDrafter:
   qcfg = quant_config(config.drafter)
   share = bool(config.drafter.get('share_kv', False))
-  return ModelDrafter('quantized', model_cfg, derive=lambda p: quant.quantize_params(p, qcfg),
-                      share_kv=share)
+  return ModelDrafter(
+    'quantized', model_cfg, derive=lambda p: quant.quantize_params(p, qcfg), share_kv=share
+  )

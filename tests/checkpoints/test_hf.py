@@ -410,8 +410,12 @@ def test_config_from_hf_qwen2_style():
     ({'rope_scaling': {'type': 'linear', 'factor': 2.0}}, 'rope_scaling'),
     ({'model_type': 'mistral', 'sliding_window': 16}, 'sliding_window'),
     (
-      {'model_type': 'qwen2', 'use_sliding_window': True, 'sliding_window': 16,
-       'max_window_layers': 1},
+      {
+        'model_type': 'qwen2',
+        'use_sliding_window': True,
+        'sliding_window': 16,
+        'max_window_layers': 1,
+      },
       'sliding_window',
     ),
     ({'hidden_act': 'gelu'}, 'hidden_act'),
