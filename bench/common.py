@@ -76,6 +76,19 @@ def interleaved_medians(
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+def add_compile_cache_flag(ap) -> None:
+  """``--compile_cache DIR`` on an argparse parser (env SPECRL_JAX_CACHE; "" = off)."""
+  import tempfile
+
+  ap.add_argument(
+    '--compile_cache',
+    default=os.environ.get(
+      'SPECRL_JAX_CACHE', os.path.join(tempfile.gettempdir(), 'specrl_jax_cache')
+    ),
+    help='persistent compilation cache dir (re-runs skip compiling; "" = off)',
+  )
+
+
 def enable_compile_cache(path: str) -> None:
   """Persist compiled executables under ``path`` (re-runs skip compilation); '' = off."""
   if path:

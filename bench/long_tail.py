@@ -41,7 +41,6 @@ import dataclasses
 import os
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -235,13 +234,7 @@ def main(argv=None):
   ap.add_argument('--iters', type=int, default=0, help='timed rollouts per variant (0: auto)')
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--plot', default='/tmp/long_tail.png', help='PNG path ("" = no plot)')
-  ap.add_argument(
-    '--compile_cache',
-    default=os.environ.get(
-      'SPECRL_JAX_CACHE', os.path.join(tempfile.gettempdir(), 'specrl_jax_cache')
-    ),
-    help='persistent compilation cache dir (re-runs skip compiling; "" = off)',
-  )
+  common.add_compile_cache_flag(ap)
   args = ap.parse_args(argv)
   common.enable_compile_cache(args.compile_cache)
   grid = QUICK if args.quick else FULL

@@ -74,7 +74,6 @@ import inspect
 import os
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -471,13 +470,7 @@ def main(argv=None):
     help='unit-cost steps per timed call (one jitted loop: no dispatch cost)',
   )
   ap.add_argument('--seed', type=int, default=0)
-  ap.add_argument(
-    '--compile_cache',
-    default=os.environ.get(
-      'SPECRL_JAX_CACHE', os.path.join(tempfile.gettempdir(), 'specrl_jax_cache')
-    ),
-    help='persistent compilation cache dir (re-runs skip compiling; "" = off)',
-  )
+  common.add_compile_cache_flag(ap)
   args = ap.parse_args(argv)
 
   grid = QUICK if args.quick else FULL

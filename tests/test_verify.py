@@ -7,8 +7,6 @@ broken verifier (samples p_n instead of the residual on rejection) must fail the
 test, so the test demonstrably has power.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +15,7 @@ import scipy.stats
 
 from specrl import verify as verify_lib
 from specrl.sampling import NEG_INF, SamplingParams, processed_logits
+from tests.jit_util import run
 
 N_SEEDS = 20000
 PASS_P = 1e-3  # a correct verifier must give p-value > PASS_P (fixed seeds: deterministic)
@@ -42,16 +41,6 @@ Q_LOGITS = np.log(
     np.float32,
   )
 )  # draft, k = 2
-
-# Many small programs: XLA CPU compile time dominates, so compile cheaply.
-FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
-
-
-def run(f, *args, **static):
-  """jit f with keyword static args, compile with FAST_COMPILE on CPU, run."""
-  lowered = jax.jit(functools.partial(f, **static)).lower(*args)
-  opts = FAST_COMPILE if jax.default_backend() == 'cpu' else {}
-  return lowered.compile(opts)(*args)
 
 
 def _ref(*args):
