@@ -27,15 +27,24 @@ Drafter state (a drafter's own KV cache) is built lazily, by a drafter prefill o
 committed tokens when a rollout first speculates -- typically in the tail, at a small
 compacted batch -- so plain phases pay nothing for it (``always`` builds it at prefill).
 
-Buffer layout. ``RolloutConfig.buffer_len = seq_len + k + 1`` depends on ``num_draft``;
-the state is built once with ``k_max`` (the largest k any policy here may choose), and a
-chunk with draft length ``k < k_max`` runs with ``replace(rcfg, num_draft=k)`` on that
-wider buffer. Only one thing depends on the config's (narrower) ``buffer_len`` inside a
-step: :func:`specrl.rollout.commit` sends not-taken tokens to index ``rcfg.buffer_len`` to
-be dropped as out of bounds, which on the wider buffer is a real scratch slot
-``>= seq_len``. Nothing reads scratch slots (every reader stays at ``<= pos < seq_len``;
-the KV cache masks by position), and the final output clears them
-(:func:`clear_scratch`), so outputs are identical to the static engine's.
+Buffer layout. ``RolloutConfig.buffer_len = seq_len + k + 1`` depends on ``num_draft``.
+A rollout starts on the *narrow* buffer of plain decoding (``seq_len`` slots), so a batch
+that never speculates pays exactly what the static plain engine pays; the first
+speculative chunk widens the state once (:func:`widen`, one copy of the caches, usually
+at a small compacted batch) to ``seq_len + k_max + 1`` slots, ``k_max`` being the largest
+k the policy may choose. A chunk with draft length ``k < k_max`` runs with
+``replace(rcfg, num_draft=k)`` on that wider buffer: :func:`specrl.rollout.commit` drops
+not-taken tokens at index ``state.tokens.shape[1]``, and nothing reads the scratch slots
+``>= seq_len`` (every reader stays at ``<= pos < seq_len``; the KV cache masks by
+position); the final output clears them and is cut or padded to the static engine's
+``rcfg.buffer_len`` (:func:`clear_scratch`), so outputs are identical to the static
+engine's.
+
+Host syncs. A plain chunk whose decision cannot change before the next bucket boundary
+(every policy but TLT's patience count: plain phases learn nothing that moves them) runs
+to that boundary in one ``while_loop``; the prefill is not synced at all. A batch that
+never compacts and never speculates is thus prefill + one loop + finalize, as in the
+static engine.
 
 RNG. Per-round randomness is ``fold_in(state.rng, state.step)``, shared by the rows of a
 ``[B, V]`` categorical. Compaction changes B, so sampled tokens differ from an uncompacted
@@ -501,6 +510,32 @@ def batch_axes(drafter) -> Any:
   )
 
 
+def seq_axes(drafter) -> Any:
+  """Pytree like RolloutState: each leaf's buffer-slot (``cache_seq``) axis, -1 = none."""
+  draft_axes = drafter.state_logical_axes() if drafter is not None else None
+  axes = rollout_lib.state_logical_axes(draft_axes)
+  return jax.tree.map(
+    lambda t: t.index('cache_seq') if 'cache_seq' in t else -1,
+    axes,
+    is_leaf=lambda t: isinstance(t, tuple),
+  )
+
+
+def widen(state: rollout_lib.RolloutState, axes, extra: int, pad_id: int):
+  """Append ``extra`` scratch slots to every buffer-slot axis (``tokens`` gets
+  ``pad_id``, logprobs and KV caches zeros). Slots past ``seq_len`` are never read."""
+
+  def one(ax, x):
+    if x is None or ax < 0:
+      return x
+    widths = [(0, 0)] * x.ndim
+    widths[ax] = (0, extra)
+    fill = pad_id if x.dtype == jnp.int32 else 0
+    return jnp.pad(x, widths, constant_values=jnp.asarray(fill, x.dtype))
+
+  return jax.tree.map(one, axes, state)
+
+
 def gather_rows(state: rollout_lib.RolloutState, idx: jax.Array, axes) -> rollout_lib.RolloutState:
   """Rows ``idx`` (int32 [b]) of every batched leaf: a state of batch b.
 
@@ -672,8 +707,10 @@ class AdaptiveRolloutEngine:
     self.cfg, self.rcfg, self.acfg, self.drafter = cfg, rcfg, acfg, drafter
     self.mesh = mesh if mesh is not None else shd.make_mesh((1, 1, 1), jax.devices()[:1])
     self.k_max = acfg.buffer_k()
-    self.state_rcfg = dataclasses.replace(rcfg, num_draft=self.k_max)
-    self.buffer_len = self.state_rcfg.buffer_len
+    # The state starts narrow (plain decoding's ``seq_len`` slots) and is widened to
+    # ``buffer_len`` when a rollout first speculates (see the module docstring).
+    self.narrow_len = rcfg.seq_len
+    self.buffer_len = dataclasses.replace(rcfg, num_draft=self.k_max).buffer_len
     # Drafter state (e.g. its own KV cache) exists only for drafters that keep one, and is
     # built lazily (:meth:`_attach_draft`) when a rollout first speculates -- usually late,
     # at a small compacted batch -- except for the 'always' policy (built at prefill).
@@ -681,6 +718,7 @@ class AdaptiveRolloutEngine:
       drafter is not None and self.k_max > 0 and drafter.state_logical_axes() is not None
     )
     self._eager_draft = self._stateful and acfg.policy == 'always'
+    self._prefill_len = self.buffer_len if acfg.policy == 'always' else self.narrow_len
     self._fns: dict = _shared._fns if _shared is not None else {}
     self._profiles: dict = _shared._profiles if _shared is not None else {}
     self.memory = Memory(alpha=acfg.alpha_prior)
@@ -701,9 +739,12 @@ class AdaptiveRolloutEngine:
     """Use ``profile`` for its batch size instead of measuring (tests, offline tables)."""
     self._profiles[(profile.batch, self.buffer_len)] = profile
 
-  def _profile(self, b: int, params, dparams, report: AdaptiveReport) -> CostProfile:
+  def _profile(self, b: int, params, dparams_fn, report: AdaptiveReport) -> CostProfile:
+    """The cost profile at batch b (measured on first use; ``dparams_fn()`` gives the
+    drafter's params, derived outside the profiling time)."""
     key = (b, self.buffer_len)
     if key not in self._profiles:
+      dparams = dparams_fn()
       t0 = time.perf_counter()
       self._profiles[key] = self._measure_profile(b, params, dparams)
       report.profile_s[b] = report.profile_s.get(b, 0.0) + time.perf_counter() - t0
@@ -816,16 +857,38 @@ class AdaptiveRolloutEngine:
         limit=limit,
       )
 
-    key = ('chunk', b, strategy, self.buffer_len, has_draft)
+    key = ('chunk', b, strategy, args[2].tokens.shape[1], has_draft)
     return self._compiled(key, fn, args, (2,), report, b)
+
+  def _width_rcfg(self, width: int) -> rollout_lib.RolloutConfig:
+    """The rollout config whose ``buffer_len`` is ``width`` (narrow or widened)."""
+    k = width - self.rcfg.seq_len - 1 if width > self.rcfg.seq_len else 0
+    return dataclasses.replace(self.rcfg, num_draft=max(k, 0))
+
+  def _widen(self, state, report):
+    """The state on the wide buffer (``buffer_len`` slots), for speculation."""
+    b, s = state.tokens.shape
+    axes = seq_axes(self.drafter if state.draft is not None else None)
+    if state.cache is None:  # a stripped accumulator (see :func:`strip`)
+      axes = axes.replace(cache=None)
+    extra, pad = self.buffer_len - s, self.rcfg.pad_id
+    f = self._compiled(
+      ('widen', b, 0, s, state.cache is None, state.draft is not None),
+      lambda st: widen(st, axes, extra, pad),
+      (state,),
+      (),  # new shapes: nothing to donate into
+      report,
+      b,
+    )
+    return f(state)
 
   def _attach_draft(self, state, dparams, report):
     """Build the drafter's state for a running batch: its prefill over every committed
     token (positions ``0..pos``; slots beyond hold stale tokens that the drafter's causal
     mask hides until its proposals overwrite them). Why lazily: a drafter cache for the
     full batch is wasted work when speculation only pays in the small-batch tail."""
-    b = state.pos.shape[0]
-    drafter, seq_len, s, mesh = self.drafter, self.rcfg.seq_len, self.buffer_len, self.mesh
+    b, s = state.tokens.shape
+    drafter, seq_len, mesh = self.drafter, self.rcfg.seq_len, self.mesh
 
     def fn(dp, st):
       ds = drafter.prefill(dp, st.tokens[:, :seq_len], st.pos + 1, s, mesh=mesh)
@@ -843,14 +906,18 @@ class AdaptiveRolloutEngine:
     n_active: int,
     current: int | None,
     params,
-    dparams,
+    dparams_fn,
     report: AdaptiveReport,
   ) -> tuple[int, int, dict]:
     """(strategy, max_steps, info) for the next chunk at batch ``b``."""
     acfg, mem = self.acfg, self.memory
     steps = acfg.chunk_steps
+    # A plain chunk learns nothing that could change a cost-model / roofline decision at
+    # this bucket (acceptance is only measured while speculating; plain's measured cost
+    # rescales the speculative estimates alike), so it runs to the bucket boundary.
+    to_boundary = rollout_lib.max_loop_steps(self.rcfg)
     if acfg.policy == 'never':
-      return PLAIN, steps, {}
+      return PLAIN, to_boundary, {}
     if acfg.policy == 'always':
       return acfg.always_k, steps, {}
     if acfg.policy == 'tlt':
@@ -858,12 +925,13 @@ class AdaptiveRolloutEngine:
       tlt, s, steps = tlt_update(mem.tlt, obs, n_active, b, acfg, u)
       self.memory = mem.replace(tlt=tlt)
       return s, steps, dict(below_steps=tlt.below_steps)
-    prof = self._profile(b, params, dparams, report)
+    prof = self._profile(b, params, dparams_fn, report)
     if acfg.policy == 'cost_model':
       arms = tuple(k for k in acfg.arms if k <= self.k_max)
       costs = round_costs(mem, prof, b, (PLAIN,) + arms, acfg.learn_online)
       alpha = optimistic_alpha(mem.alpha, mem.alpha_n, acfg.alpha_optimism)
       s, rates = cost_model_choose(costs, alpha, current, acfg.hysteresis)
+      steps = to_boundary if s == PLAIN else steps
       return s, steps, dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
     # roofline
     ladder = tuple(acfg.roofline_ladder)
@@ -876,6 +944,7 @@ class AdaptiveRolloutEngine:
     measured = obs.alpha if obs is not None else None
     rs, s, speedup = roofline_update(mem.roofline, mem.alpha, measured, ratios, acfg)
     self.memory = mem.replace(roofline=rs)
+    steps = to_boundary if s == PLAIN else steps
     return s, steps, dict(alpha=mem.alpha, gamma=ladder[rs.index], speedup=speedup)
 
   def _bucket_for(self, n_active: int, b: int) -> int:
@@ -893,7 +962,8 @@ class AdaptiveRolloutEngine:
   # -- the rollout
 
   def generate(self, params, prompt_tokens, prompt_len, rng, draft_params=None):
-    rcfg, srcfg = self.rcfg, self.state_rcfg
+    rcfg = self.rcfg
+    srcfg = self._width_rcfg(self._prefill_len)
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     prompt_len = np.asarray(prompt_len, np.int32)
     bsz, p = prompt_tokens.shape
@@ -912,11 +982,19 @@ class AdaptiveRolloutEngine:
         f'a prompt of {int(prompt_len.max())} tokens does not fit the cache '
         f'(rollout cache holds {rcfg.seq_len} positions)'
       )
-    if self.drafter is not None and draft_params is None:
-      key = ('derive',)
-      if key not in self._fns:
-        self._fns[key] = jax.jit(self.drafter.params_from_policy)
-      draft_params = self._fns[key](params)
+    derived = []
+
+    def dparams_fn():
+      """The drafter's params, derived from the policy on first use only (a rollout that
+      never speculates never pays for them)."""
+      if draft_params is not None or self.drafter is None:
+        return draft_params
+      if not derived:
+        if ('derive',) not in self._fns:
+          self._fns[('derive',)] = jax.jit(self.drafter.params_from_policy)
+        derived.append(self._fns[('derive',)](params))
+      return derived[0]
+
     acfg = self.acfg
     report = AdaptiveReport(batch=bsz, policy=acfg.policy)
     self.memory = self.memory.replace(tlt=tlt_reset(self.memory.tlt))
@@ -944,13 +1022,14 @@ class AdaptiveRolloutEngine:
       )
       return state, state_stats(state, 0)
 
-    args = (params, draft_params, prompt_tokens, prompt_len, rng)
+    args = (params, dparams_fn() if sdrafter else None, prompt_tokens, prompt_len, rng)
     prefill_j = self._compiled(
-      ('prefill', bsz, 0, self.buffer_len, self._eager_draft), prefill_fn, args, (), report, bsz
+      ('prefill', bsz, 0, self._prefill_len, self._eager_draft), prefill_fn, args, (), report, bsz
     )
-    state, stats = prefill_j(*args)
-    stats = np.asarray(jax.device_get(stats))
-    n_active, step = int(stats[_ST_ACTIVE]), int(stats[_ST_STEP])
+    # Not synced: the first chunk runs at the full batch whatever finished at prefill (a
+    # row done at its first token only shows up as a smaller active count after it).
+    state, _ = prefill_j(*args)
+    n_active, step = bsz, 0
     limit = rollout_lib.max_loop_steps(rcfg)
     b, origin, acc = bsz, None, None
     current: int | None = None
@@ -962,7 +1041,7 @@ class AdaptiveRolloutEngine:
         report.compactions.append((now(), b, target, n_active))
         b = target
       strategy, max_steps, info = self._decide(
-        obs, b, n_active, current, params, draft_params, report
+        obs, b, n_active, current, params, dparams_fn, report
       )
       if strategy != current:
         d = dict(t=now(), bucket=b, active=n_active, strategy=strategy, **info)
@@ -978,10 +1057,13 @@ class AdaptiveRolloutEngine:
       report.chosen.setdefault(b, [])
       if not report.chosen[b] or report.chosen[b][-1] != strategy:
         report.chosen[b].append(strategy)
-      cargs = (params, draft_params, state, i32(self._boundary(b)), i32(max_steps))
+      dparams = None if strategy == PLAIN else dparams_fn()
+      cargs = (params, dparams, state, i32(self._boundary(b)), i32(max_steps))
+      if strategy != PLAIN and state.tokens.shape[1] < self.buffer_len:
+        state = self._widen(state, report)
       if strategy != PLAIN and self._stateful and state.draft is None:
-        state = self._attach_draft(state, draft_params, report)
-        cargs = (params, draft_params, state) + cargs[3:]
+        state = self._attach_draft(state, dparams, report)
+      cargs = (params, dparams, state) + cargs[3:]
       chunk = self._chunk_fn(b, strategy, cargs, report, state.draft is not None)
       t0 = now()
       report.trace.append((t0, n_active, b, strategy))
@@ -1011,20 +1093,23 @@ class AdaptiveRolloutEngine:
       self.memory = memory_observe(self.memory, obs, prof, acfg)
       current = strategy
       n_active, step = obs.active_end, int(stats[_ST_STEP])
-      if obs.steps == 0:  # nothing can progress (step cap)
+      if obs.steps == 0 and self._bucket_for(n_active, b) == b:  # no progress possible
         break
 
     seq_len, width, pad = rcfg.seq_len, rcfg.buffer_len, rcfg.pad_id
+    fin_width = state.tokens.shape[1]
+    frcfg = self._width_rcfg(fin_width)
 
     def fin_fn(acc, st, origin):
       if acc is not None:
         st = scatter_rows(acc, st, origin)
-      return clear_scratch(rollout_lib.finalize(st, srcfg), seq_len, width, pad)
+      return clear_scratch(rollout_lib.finalize(st, frcfg), seq_len, width, pad)
 
+    if acc is not None and acc.tokens.shape[1] < fin_width:  # rows left before widening
+      acc = self._widen(acc, report)
     fargs = (acc, strip(state), origin)
-    fin = self._compiled(
-      ('final', bsz, None if acc is None else b, self.buffer_len), fin_fn, fargs, (), report, bsz
-    )
+    key = ('final', bsz, None if acc is None else b, fin_width)
+    fin = self._compiled(key, fin_fn, fargs, (), report, bsz)
     out = jax.block_until_ready(fin(*fargs))
     dt = time.perf_counter() - t_start
     self.last_report = report
@@ -1048,7 +1133,7 @@ class AdaptiveRolloutEngine:
     axes = batch_axes(self.drafter if has_draft else None)
     if acc is None:  # still at the original batch: every row's home is itself
       g = self._compiled(
-        ('gather', b, target, self.buffer_len, has_draft),
+        ('gather', b, target, state.tokens.shape[1], has_draft),
         lambda st, i: gather_rows(st, i, axes),
         (state, idx),
         (),
@@ -1057,11 +1142,14 @@ class AdaptiveRolloutEngine:
       )
       return g(state, idx), new_origin, strip(state)
 
+    if acc.tokens.shape[1] < state.tokens.shape[1]:  # rows left before widening
+      acc = self._widen(acc, report)
+
     def fn(acc, st, idx, origin):  # one compile per (b, target): scatter the old, gather
       return scatter_rows(acc, strip(st), origin), gather_rows(st, idx, axes)
 
     args = (acc, state, idx, cur_origin)
-    key = ('compact', b, target, self.buffer_len, bsz, has_draft)
+    key = ('compact', b, target, state.tokens.shape[1], acc.tokens.shape[1], bsz, has_draft)
     f = self._compiled(key, fn, args, (0,), report, target)
     acc, state = f(*args)
     return state, new_origin, acc
