@@ -21,7 +21,10 @@ Variants (one engine each, all on the same prompts; (c)-(f) share compiled funct
 
 Timing: one warm-up rollout per variant (compiles and, for the cost model / roofline,
 profiles each bucket; both reported), then ``--iters`` timed rollouts, variants
-interleaved round-robin so background load hits them alike; the median is reported.
+interleaved round-robin (the order rotated every iteration) so background load and
+cache effects hit them alike; the median time is reported,
+and the speedup is the median of the paired per-iteration ratios ``static_i / variant_i``
+(with their min and max, a noise band).
 ``time_s`` excludes compile/profiling time that happens inside a timed rollout (reported
 as ``late_compile_s``; nonzero when a policy explores a new (bucket, k) late).
 
@@ -70,9 +73,9 @@ PRESETS = {
   ),
 }
 VARIANTS = ('static', 'compact', 'adaptive', 'always', 'tlt', 'roofline')
-FULL = dict(batch_sizes='64,256', median=16, iters=3, buckets='256,128,64,32,16,8,4,2,1')
+FULL = dict(batch_sizes='64,256', median=16, iters=5, buckets='256,128,64,32,16,8,4,2,1')
 # quick: factor-4 buckets halve the (bucket, strategy) compiles on a cold compile cache
-QUICK = dict(batch_sizes='16,32', median=8, iters=3, buckets='32,8,2')
+QUICK = dict(batch_sizes='16,32', median=8, iters=5, buckets='32,8,2')
 
 
 def long_tail_lengths(b: int, median: int, ratio: float, seed: int) -> np.ndarray:
@@ -94,6 +97,29 @@ def make_prompts(lengths: np.ndarray, cache_len: int, max_prompt: int, vocab: in
   toks = rng.integers(3, vocab, size=(len(plen), max_prompt)).astype(np.int32)
   toks[np.arange(max_prompt)[None, :] >= plen[:, None]] = 0
   return toks, plen
+
+
+def task_workload(args):
+  """(cfg, params, rcfg, make_batch) for the default config's running-sum task: the
+  policy after ``--sft_steps`` warm-up steps (trained once into ``--workdir``, then
+  restored), GRPO-style batches: prompts x ``num_generations``, sampled at T."""
+  from configs import default
+  from specrl import train
+
+  c = default.get_config()
+  c.sft.steps = args.sft_steps
+  c.rollout.temperature = args.temperature
+  state, _ = train.train_and_evaluate(c, args.workdir, max_steps=args.sft_steps)
+  exp = train.build_experiment(c)
+  g = exp.rl_cfg.num_generations
+
+  def make_batch(b):
+    if b % g:
+      raise SystemExit(f'--batch_sizes: {b} is not a multiple of num_generations={g}')
+    prompts = exp.task.sample_prompts(np.random.default_rng([args.seed, b]), b // g)
+    return np.repeat(prompts.tokens, g, axis=0), np.repeat(prompts.lengths, g, axis=0), None
+
+  return exp.model_cfg, state.params, exp.rollout_cfg, make_batch
 
 
 def make_engines(cfg, rcfg, args):
@@ -219,6 +245,19 @@ def plot(path: str, results: dict, variants, k_max: int):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true', help='B 16, 32; median 8 tokens (CPU)')
+  ap.add_argument(
+    '--workload',
+    default='lognormal',
+    choices=('lognormal', 'task'),
+    help='lognormal: synthetic lengths, identical work per variant; task: the default '
+    "config's running-sum task, sampled by its policy after --sft_steps warm-up steps",
+  )
+  ap.add_argument('--sft_steps', type=int, default=200, help='task workload: warm-up steps')
+  ap.add_argument(
+    '--workdir',
+    default='/tmp/specrl_bench_warm',
+    help='task workload: checkpoint dir of the warm-up run (reused when present)',
+  )
   ap.add_argument('--model', default='tiny', choices=sorted(PRESETS))
   ap.add_argument('--batch_sizes', default=None, help='comma list (default 64,256)')
   ap.add_argument('--median', type=int, default=0, help='median response length (0: auto)')
@@ -247,40 +286,52 @@ def main(argv=None):
   if unknown:
     raise SystemExit(f'--variants: unknown {sorted(unknown)} (known: {", ".join(VARIANTS)})')
 
-  cfg = model_lib.ModelConfig(**PRESETS[args.model])
-  params = model_lib.init_params(cfg, jax.random.key(args.seed))
-  longest = int(round(args.tail_ratio * median))
-  cache_len = args.min_prompt + longest
-  rcfg = rollout_lib.RolloutConfig(
-    max_new_tokens=longest,
-    max_prompt_len=cache_len - 1,
-    cache_len=cache_len,
-    eos_id=-1,
-    sampling=SamplingParams(args.temperature),
-  )
+  if args.workload == 'task':
+    cfg, params, rcfg, make_batch = task_workload(args)
+    median, longest = None, rcfg.max_new_tokens
+    desc = f'default task after {args.sft_steps} warm-up steps, up to {longest} tokens'
+  else:
+    cfg = model_lib.ModelConfig(**PRESETS[args.model])
+    params = model_lib.init_params(cfg, jax.random.key(args.seed))
+    longest = int(round(args.tail_ratio * median))
+    cache_len = args.min_prompt + longest
+    rcfg = rollout_lib.RolloutConfig(
+      max_new_tokens=longest,
+      max_prompt_len=cache_len - 1,
+      cache_len=cache_len,
+      eos_id=-1,
+      sampling=SamplingParams(args.temperature),
+    )
+    desc = f'lognormal, median {median} / longest {longest} tokens, cache {cache_len}'
+
+    def make_batch(b):
+      lengths = long_tail_lengths(b, median, args.tail_ratio, args.seed)
+      toks, plen = make_prompts(
+        lengths, cache_len, rcfg.max_prompt_len, cfg.vocab_size, args.seed + b
+      )
+      return toks, plen, lengths
+
   engines = make_engines(cfg, rcfg, args)
   info = common.device_info()
   print(
-    f'# long-tail rollouts: {info}, model {args.model} '
-    f'({model_lib.count_params(params) / 1e6:.1f}M params), T={args.temperature}, '
-    f'median {median} / longest {longest} tokens, cache {cache_len}',
+    f'# long-tail rollouts: {info}, model {args.model if args.workload != "task" else "default"} '
+    f'({model_lib.count_params(params) / 1e6:.2f}M params), T={rcfg.sampling.temperature}, '
+    f'{desc}',
     flush=True,
   )
 
   results: dict = {}
   rows = []
   for b in batches:
-    lengths = long_tail_lengths(b, median, args.tail_ratio, args.seed)
-    toks, plen = make_prompts(
-      lengths, cache_len, rcfg.max_prompt_len, cfg.vocab_size, args.seed + b
-    )
+    toks, plen, lengths = make_batch(b)
     warm = {}
     for v in variants:
       warm[v] = run_once(engines[v], params, toks, plen, args.seed)
-      np.testing.assert_array_equal(warm[v]['length'], lengths)  # identical work
+      if lengths is not None:
+        np.testing.assert_array_equal(warm[v]['length'], lengths)  # identical work
     runs = {v: [] for v in variants}
     for it in range(iters):
-      for v in variants:
+      for v in variants[it % len(variants) :] + variants[: it % len(variants)]:  # rotate
         runs[v].append(run_once(engines[v], params, toks, plen, args.seed + 1 + it))
     results[b] = {}
     for v in variants:
@@ -295,6 +346,7 @@ def main(argv=None):
           variant=v,
           time_s=best['time_s'],
           tok_s=best['tokens'] / best['time_s'],
+          len_mean=float(np.mean([r['length'].mean() for r in runs[v]])),
           compile_s=warm[v]['late'],
           late_compile_s=results[b][v]['late_compile_s'],
           spec_frac=m.get('adaptive/spec_time_frac'),
@@ -304,17 +356,25 @@ def main(argv=None):
           k_warm=k_summary(warm[v]['report']),
         )
       )
-    base = results[b].get('static', results[b][variants[0]])['time_s']
+    # Paired ratios: iteration i of every variant ran back to back, so static_i / v_i
+    # cancels slow drifts in background load; the median over iterations is reported.
+    ref = 'static' if 'static' in variants else variants[0]
     for r in rows:
       if r['B'] == b:
-        r['speedup'] = base / r['time_s']
+        mine = runs[r['variant']]
+        pairs = [a['time_s'] / c['time_s'] for a, c in zip(runs[ref], mine, strict=True)]
+        r['speedup'] = statistics.median(pairs)
+        r['speedup_lo'], r['speedup_hi'] = min(pairs), max(pairs)
   common.print_table(
     [
       ('B', 'd'),
       ('variant', ''),
       ('time_s', '.3f'),
       ('speedup', '.2f'),
+      ('speedup_lo', '.2f'),
+      ('speedup_hi', '.2f'),
       ('tok_s', '.0f'),
+      ('len_mean', '.1f'),
       ('compile_s', '.1f'),
       ('late_compile_s', '.2f'),
       ('spec_frac', '.2f'),
@@ -378,6 +438,7 @@ def main(argv=None):
     quick=args.quick,
     **info,
     model=args.model,
+    workload=args.workload,
     median=median,
     longest=longest,
     plot=args.plot or None,

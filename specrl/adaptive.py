@@ -829,10 +829,47 @@ class AdaptiveRolloutEngine:
 
   # -- compiled functions (AOT, cached per shape; compile time reported per bucket)
 
+  def _state_shardings(self, state: rollout_lib.RolloutState):
+    """Decode-layout shardings of a state of any batch and width (``DECODE_RULES``: a
+    batch that the batch mesh axes do not divide -- a small compacted bucket -- is
+    replicated); a stripped state (no caches) gets its fields' shardings only."""
+    draft_axes = self.drafter.state_logical_axes() if state.draft is not None else None
+    axes = rollout_lib.state_logical_axes(draft_axes)
+    if state.cache is None:
+      axes = axes.replace(cache=None)
+    return shd.tree_shardings(axes, state, self.mesh, shd.DECODE_RULES)
+
+  def _shardings(self, tree):
+    """Shardings for an argument or result pytree: states get their canonical decode
+    layout (so every function that passes a state on agrees on it, whatever XLA would
+    have picked), device arrays keep theirs, host values are replicated."""
+    rep = shd.replicated(self.mesh)
+    mesh_devices = set(self.mesh.devices.flat)
+
+    def one(x):
+      if isinstance(x, rollout_lib.RolloutState):
+        return self._state_shardings(x)
+      if isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices:
+        return x.sharding
+      return rep  # host values, and arrays placed elsewhere (e.g. a key on device 0)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, rollout_lib.RolloutState))
+
   def _compiled(self, key, fn, args, donate, report: AdaptiveReport, bucket: int):
+    """AOT-compile ``fn`` for ``args`` once per ``key`` (compile time reported per bucket).
+    States in and out use :meth:`_state_shardings`, so functions compiled separately
+    (prefill, chunks, compaction, widening) hand states to each other without resharding
+    or layout mismatches on a multi-device mesh."""
     if key not in self._fns:
       t0 = time.perf_counter()
-      self._fns[key] = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+      out_abs = jax.eval_shape(fn, *args)
+      jitted = jax.jit(
+        fn,
+        donate_argnums=donate,
+        in_shardings=self._shardings(args),
+        out_shardings=self._shardings(out_abs),
+      )
+      self._fns[key] = jitted.lower(*args).compile()
       dt = time.perf_counter() - t0
       report.compile_s[bucket] = report.compile_s.get(bucket, 0.0) + dt
       log.info('adaptive: compiled %s in %.2fs', key[:3], dt)
@@ -977,6 +1014,11 @@ class AdaptiveRolloutEngine:
       )
     if prompt_len.min() < 1:
       raise ValueError('every prompt needs at least one token')
+    if prompt_len.shape != (prompt_tokens.shape[0],) or prompt_len.max() > p:
+      raise ValueError(
+        f'prompt_len must be [{prompt_tokens.shape[0]}] lengths <= the {p} prompt tokens '
+        f'given, got shape {prompt_len.shape}, max {int(prompt_len.max())}'
+      )
     if prompt_len.max() >= rcfg.seq_len:
       raise ValueError(
         f'a prompt of {int(prompt_len.max())} tokens does not fit the cache '

@@ -479,6 +479,11 @@ class RolloutEngine:
       )
     if prompt_len.min() < 1:
       raise ValueError('every prompt needs at least one token')
+    if prompt_len.shape != (prompt_tokens.shape[0],) or prompt_len.max() > p:
+      raise ValueError(
+        f'prompt_len must be [{prompt_tokens.shape[0]}] lengths <= the {p} prompt tokens '
+        f'given, got shape {prompt_len.shape}, max {int(prompt_len.max())}'
+      )
     if prompt_len.max() >= self.rcfg.seq_len:
       raise ValueError(
         f'a prompt of {int(prompt_len.max())} tokens does not fit the cache '

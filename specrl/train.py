@@ -116,10 +116,17 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
     from specrl import adaptive
 
     policy = config.adaptive.policy if drafter is not None else 'never'
+    a = config.adaptive
     acfg = adaptive.AdaptiveConfig(
       policy=policy,
-      chunk_steps=config.adaptive.chunk_steps,
-      tlt_threshold=config.adaptive.tlt_threshold,
+      buckets=tuple(a.buckets),
+      compaction=a.compaction,
+      arms=tuple(a.arms),
+      chunk_steps=a.chunk_steps,
+      hysteresis=a.hysteresis,
+      always_k=a.always_k,
+      tlt_threshold=a.tlt_threshold,
+      roofline_ladder=tuple(a.roofline_ladder),
       seed=config.seed,
     )
     engine = adaptive.AdaptiveRolloutEngine(model_cfg, rollout_cfg, acfg, drafter, mesh)

@@ -20,14 +20,21 @@ from specrl import sharding as shd  # noqa: E402
 from specrl import train  # noqa: E402
 
 
-def run(mesh, drafter):
+def config(drafter, adaptive_policy=None):
   c = default.get_config('smoke')
+  if adaptive_policy:  # compaction through buckets 8..1 (below the 4-way batch sharding too)
+    c.adaptive.enabled, c.adaptive.policy = True, adaptive_policy
+    c.adaptive.buckets, c.adaptive.always_k, c.adaptive.chunk_steps = (8, 4, 2, 1), 2, 3
   c.model.update(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, n_layers=1)
   c.rl.num_prompts, c.rl.num_generations = 2, 4  # 8 sequences: divisible by data*fsdp
   c.rollout.temperature = 0.0  # greedy: identical tokens expected
   c.rollout.drafter, c.rollout.num_draft = drafter, 2
   c.sft.batch_size = 8
-  exp = train.build_experiment(c, mesh)
+  return c
+
+
+def run(mesh, drafter):
+  exp = train.build_experiment(config(drafter), mesh)
   state = train.init_state(exp)
   fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
   state, _, _ = train.run_step(exp, state, 0, fns)  # one warm-up step
@@ -35,6 +42,22 @@ def run(mesh, drafter):
   state, m, _ = fns[1](state, batch)
   shardings = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
   return jax.device_get((state.params, out.tokens, out.logprobs)), shardings
+
+
+def rollout(mesh, drafter, adaptive_policy=None):
+  """Greedy rollout of 8 prompts of lengths 1..12 into a 26-slot cache, so rows stop at
+  the cache end after 14..24 tokens (random params rarely emit EOS): rows finish at
+  different times and the batch compacts. Returns (tokens, logprobs, report or None)."""
+  c = config(drafter, adaptive_policy)
+  c.rollout.cache_len, c.rollout.max_new_tokens = 26, 24
+  exp = train.build_experiment(c, mesh)
+  state = train.init_state(exp)
+  plen = np.array([1, 12, 3, 12, 12, 11, 12, 10], np.int32)
+  p = exp.rollout_cfg.max_prompt_len
+  toks = np.where(np.arange(p)[None] < plen[:, None], 5 + np.arange(p)[None] % 7, 0)
+  out, _ = exp.engine.generate(state.params, toks.astype(np.int32), plen, jax.random.key(1))
+  report = getattr(exp.engine, 'last_report', None)
+  return np.asarray(out.tokens), np.asarray(out.logprobs), report
 
 
 def main():
@@ -51,6 +74,19 @@ def main():
         for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True)
       ),
       'sharded_specs': sorted(sh8),
+    }
+  # Adaptive engine (compaction, widening, speculation) on the 8-device mesh vs the static
+  # plain engine on 1 device: greedy, so tokens must be identical.
+  t1, l1, _ = rollout(shd.make_mesh((1, 1, 1), jax.devices()[:1]), 'none')
+  for drafter, policy in (('none', 'never'), ('self', 'always'), ('quantized', 'cost_model')):
+    t8, l8, report = rollout(shd.make_mesh((2, 2, 2)), drafter, policy)
+    w = t1.shape[1]  # seq_len; a speculative config's buffer has scratch slots beyond
+    t8, l8 = t8[:, :w], l8[:, :w]
+    res[f'adaptive_{policy}'] = {
+      'tokens_equal': bool(np.array_equal(t8, t1)),
+      'logprob_maxdiff': float(np.max(np.abs(l8 - l1))),
+      'buckets': [b for _, _, b, _ in report.compactions] if report else [],
+      'strategies': sorted({x[3] for x in report.trace}) if report else [],
     }
   print(json.dumps(res))
 

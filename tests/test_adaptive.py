@@ -191,6 +191,8 @@ def test_batch_finishing_at_once_never_speculates(policy):
   _, m = generate(eng, lengths=np.full(8, 12))
   assert m['spec/verify_passes'] == 0 and m['adaptive/compactions'] == 0
   assert all(k.endswith('plain') for k in eng.last_report.phases)
+  if policy == 'cost_model':  # adaptivity costs nothing: prefill, one while_loop, finalize
+    assert m['adaptive/chunks'] == 1, eng.last_report.trace
   # the same policy on the ragged batch does speculate in the tail (the test can fail)
   out, m = generate(eng)
   assert m['spec/verify_passes'] > 0

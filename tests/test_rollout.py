@@ -165,6 +165,10 @@ def test_prompt_longer_than_cache_is_refused():
     run(rcfg, toks, lens)
   with pytest.raises(ValueError, match='cache_len'):
     rollout_lib.RolloutConfig(max_new_tokens=4, max_prompt_len=6, cache_len=6)
+  # a length beyond the prompt tokens given would read past them (NaN logprobs): refused
+  rcfg = rollout_lib.RolloutConfig(max_new_tokens=4, max_prompt_len=8, eos_id=-1)
+  with pytest.raises(ValueError, match='prompt_len'):
+    run(rcfg, toks, np.full_like(lens, 7))
 
 
 def test_bad_rollout_config_values():
