@@ -279,7 +279,7 @@ def main(argv=None):
   grid = QUICK if args.quick else FULL
   batches = common.ints(args.batch_sizes or grid['batch_sizes'])
   median = args.median or grid['median']
-  iters = args.iters or grid['iters']
+  iters = args.iters or (15 if args.workload == 'task' and not args.quick else grid['iters'])
   args.buckets = args.buckets or grid['buckets']
   variants = [v for v in args.variants.split(',') if v]
   unknown = set(variants) - set(VARIANTS)
@@ -365,6 +365,16 @@ def main(argv=None):
         pairs = [a['time_s'] / c['time_s'] for a, c in zip(runs[ref], mine, strict=True)]
         r['speedup'] = statistics.median(pairs)
         r['speedup_lo'], r['speedup_hi'] = min(pairs), max(pairs)
+    # The goal "(c) at least as fast as the better of (e) and (f)", paired per iteration:
+    # min(tlt_i, roofline_i) / adaptive_i (>= 1: adaptive won that iteration).
+    if {'adaptive', 'tlt', 'roofline'} <= set(variants):
+      best = [
+        min(t['time_s'], f['time_s']) for t, f in zip(runs['tlt'], runs['roofline'], strict=True)
+      ]
+      vs = [x / a['time_s'] for x, a in zip(best, runs['adaptive'], strict=True)]
+      results[b]['adaptive']['vs_best_baseline'] = statistics.median(vs)
+      results[b]['adaptive']['vs_best_baseline_band'] = (min(vs), max(vs))
+      results[b]['adaptive']['wins'] = sum(v >= 1.0 for v in vs)
   common.print_table(
     [
       ('B', 'd'),
@@ -383,6 +393,17 @@ def main(argv=None):
     ],
     rows,
   )
+  if {'adaptive', 'tlt', 'roofline'} <= set(variants):
+    print(
+      '\n# adaptive vs the better of tlt and roofline, paired per iteration (>= 1: ours faster)'
+    )
+    for b in batches:
+      a = results[b]['adaptive']
+      lo, hi = a['vs_best_baseline_band']
+      print(
+        f'B={b:<4d} median {a["vs_best_baseline"]:.3f}  band [{lo:.3f}, {hi:.3f}]  '
+        f'adaptive faster in {a["wins"]}/{iters} iterations'
+      )
   print('\n# strategy per bucket (in order of use): timed median run | warm-up run')
   for r in rows:
     if r['k'] != '-':
@@ -448,6 +469,11 @@ def main(argv=None):
           time_s=results[b][v]['time_s'],
           speedup_vs_static=next(r['speedup'] for r in rows if r['B'] == b and r['variant'] == v),
           k=k_summary(results[b][v]['report']),
+          **(
+            {'vs_best_baseline': results[b][v]['vs_best_baseline']}
+            if 'vs_best_baseline' in results[b][v]
+            else {}
+          ),
         )
         for v in variants
       }

@@ -656,6 +656,7 @@ class AdaptiveReport:
   profile_s: dict = dataclasses.field(default_factory=dict)
   compactions: list = dataclasses.field(default_factory=list)  # (t, from, to, active)
   chosen: dict = dataclasses.field(default_factory=dict)  # bucket -> strategies in order
+  drafted: int = 0  # draft tokens proposed to active rows (sum of k x sequence-rounds)
 
   def phase_table(self) -> list[dict]:
     rows = []
@@ -1131,6 +1132,7 @@ class AdaptiveRolloutEngine:
       ph['time_s'] += obs.seconds
       ph['tokens'] += obs.tokens
       ph['steps'] += obs.steps
+      report.drafted += obs.rounds * obs.strategy
       prof = self._profiles.get((b, self.buffer_len))
       self.memory = memory_observe(self.memory, obs, prof, acfg)
       current = strategy
@@ -1215,6 +1217,8 @@ class AdaptiveRolloutEngine:
         'adaptive/alpha': float(self.memory.alpha),
         'spec/verify_passes': rounds,
         'spec/accepted': acc,
+        'spec/acceptance': float(acc / max(report.drafted, 1)),
+        'spec/tokens_per_pass': float((acc + rounds) / max(rounds, 1)),
       }
     )
     for name, p in report.phases.items():

@@ -322,6 +322,18 @@ def _log_line(step, total, m) -> str:
     line += f' | accept {m["spec/acceptance"]:.2f} tok/pass {m["spec/tokens_per_pass"]:.2f}'
   if 'spec/draft_time_est_s' in m:
     line += f' draft/verify {m["spec/draft_time_est_s"]:.2f}/{m["spec/verify_time_est_s"]:.2f}s'
+  if 'adaptive/chunks' in m:
+    ks = ' '.join(
+      f'{k.split("/")[-1]}:{"plain" if v == 0 else f"k{v}"}'
+      for k, v in m.items()
+      if k.startswith('adaptive/k/')
+    )
+    line += (
+      f' | adaptive {m["adaptive/compactions"]} compactions, spec '
+      f'{100 * m["adaptive/spec_time_frac"]:.0f}% of decode, {ks}'
+    )
+    if m.get('adaptive/compile_s', 0) > 0:
+      line += f' (compiled {m["adaptive/compile_s"]:.1f}s)'
   return line
 
 

@@ -182,6 +182,8 @@ def test_speculative_greedy_with_and_without_compaction():
   assert_same(comp, static)
   np.testing.assert_array_equal(comp.num_accepted, static.num_accepted)
   assert 0 < m['spec/accepted'] < m['spec/verify_passes']  # a poor drafter: some rejected
+  # k = 1 throughout: accepted / drafted = accepted / verify passes
+  assert m['spec/acceptance'] == pytest.approx(m['spec/accepted'] / m['spec/verify_passes'])
   np.testing.assert_array_equal(comp.response, reference().response)
 
 

@@ -1,0 +1,161 @@
+"""End-to-end GRPO step time (rollout + train) with and without the adaptive rollout.
+
+The number the issue asks for besides rollout speed: what one RL step of the default
+config costs, side by side in one run. Every variant starts from the same warm-up
+checkpoint (``--sft_steps`` supervised steps, trained once into ``--workdir`` and then
+restored) and runs its own GRPO trajectory for ``--rl_steps`` steps; the variants' steps
+are interleaved (step i of every variant back to back, order rotated), the first step of
+each is a compile warm-up and is not timed.
+
+Variants (config overrides of ``configs/default.py``):
+
+- ``static``: plain decoding, static batch (the default config);
+- ``compact``: ``adaptive.enabled`` without a drafter: compaction only;
+- ``adaptive``: ``adaptive.enabled`` + int8 quantized self-drafter (derived inside the
+  train step) + the cost-model chooser;
+- ``spec``: static batch, int8 quantized drafter always on (k = 4).
+
+Reported per variant: median step / rollout / train time (an adaptive engine's
+first-time compiles of a (bucket, strategy) inside a timed step are excluded and summed
+in ``late_compile_s``), the median of the paired
+per-step ratios ``static_i / variant_i``, and the mean reward and accuracy over the
+timed steps (lossless rollouts: the same distribution, so learning is unaffected up to
+sampling noise).
+
+  python bench/rl_step.py --quick       # ~1 minute on a 2-core CPU
+  python bench/rl_step.py               # 200 warm-up steps, 8 timed GRPO steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import common  # noqa: E402
+from configs import default  # noqa: E402
+from specrl import train  # noqa: E402
+
+VARIANTS = ('static', 'compact', 'adaptive', 'spec')
+
+
+def variant_config(name: str, base):
+  c = base.copy_and_resolve_references()
+  if name in ('compact', 'adaptive'):
+    c.adaptive.enabled = True
+  if name in ('adaptive', 'spec'):
+    c.rollout.drafter, c.rollout.num_draft = 'quantized', 4
+  return c
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--quick', action='store_true', help='smoke-sized run (~1 minute)')
+  ap.add_argument('--sft_steps', type=int, default=200)
+  ap.add_argument('--rl_steps', type=int, default=8, help='timed GRPO steps per variant')
+  ap.add_argument('--variants', default=','.join(VARIANTS))
+  ap.add_argument('--workdir', default='/tmp/specrl_bench_warm')
+  common.add_compile_cache_flag(ap)
+  args = ap.parse_args(argv)
+  common.enable_compile_cache(args.compile_cache)
+  variants = [v for v in args.variants.split(',') if v]
+  unknown = set(variants) - set(VARIANTS)
+  if unknown:
+    raise SystemExit(f'--variants: unknown {sorted(unknown)} (known: {", ".join(VARIANTS)})')
+  base = default.get_config()
+  if args.quick:
+    args.sft_steps, args.rl_steps = 30, 3
+    base.rl.num_prompts = 8
+    args.workdir += '_quick'
+  base.sft.steps = args.sft_steps
+  base.rl.steps = args.rl_steps + 1
+  warm, _ = train.train_and_evaluate(base, args.workdir, max_steps=args.sft_steps)
+
+  exps, states, fns, dparams = {}, {}, {}, {}
+  for v in variants:
+    exps[v] = train.build_experiment(variant_config(v, base))
+    sh = jax.tree.map(lambda x: x.sharding, train.init_state(exps[v]))
+    states[v] = jax.device_put(jax.tree.map(jnp.copy, warm), sh)  # steps donate theirs
+    fns[v] = train._jitted_steps(exps[v], sh)
+    dparams[v] = None
+  info = common.device_info()
+  print(
+    f'# GRPO step time: {info}, default config ({base.rl.num_prompts} prompts x '
+    f'{base.rl.num_generations}), warm-up {args.sft_steps} steps, {args.rl_steps} timed steps',
+    flush=True,
+  )
+  hist = {v: [] for v in variants}
+  for i in range(args.rl_steps + 1):
+    step = args.sft_steps + i
+    for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
+      states[v], m, dparams[v] = train.run_step(exps[v], states[v], step, fns[v], dparams[v])
+      # One-off costs inside a timed step: an adaptive engine compiles (and profiles) each
+      # (bucket, strategy) the first time a rollout reaches it. Reported, then excluded.
+      once = m.get('adaptive/compile_s', 0.0) + m.get('adaptive/profile_s', 0.0)
+      m['once_s'] = once
+      m['step_time_s'] -= once
+      m['rollout/time_s'] -= once
+      if i > 0:  # step 0 compiles everything else
+        hist[v].append(m)
+
+  def med(v, key):
+    return statistics.median(m[key] for m in hist[v])
+
+  rows = []
+  for v in variants:
+    ref = hist['static'] if 'static' in variants else hist[variants[0]]
+    pairs = [a['step_time_s'] / b['step_time_s'] for a, b in zip(ref, hist[v], strict=True)]
+    rows.append(
+      dict(
+        variant=v,
+        step_s=med(v, 'step_time_s'),
+        rollout_s=med(v, 'rollout/time_s'),
+        train_s=med(v, 'train/time_s'),
+        speedup=statistics.median(pairs),
+        speedup_lo=min(pairs),
+        speedup_hi=max(pairs),
+        reward=float(np.mean([m['reward'] for m in hist[v]])),
+        accuracy=float(np.mean([m['accuracy'] for m in hist[v]])),
+        len_mean=float(np.mean([m['response_len_mean'] for m in hist[v]])),
+        spec_frac=float(np.mean([m.get('adaptive/spec_time_frac', 0.0) for m in hist[v]])),
+        late_compile_s=float(sum(m['once_s'] for m in hist[v])),
+      )
+    )
+  common.print_table(
+    [
+      ('variant', ''),
+      ('step_s', '.3f'),
+      ('rollout_s', '.3f'),
+      ('train_s', '.3f'),
+      ('speedup', '.2f'),
+      ('speedup_lo', '.2f'),
+      ('speedup_hi', '.2f'),
+      ('reward', '.3f'),
+      ('accuracy', '.3f'),
+      ('len_mean', '.1f'),
+      ('spec_frac', '.2f'),
+      ('late_compile_s', '.1f'),
+    ],
+    rows,
+  )
+  common.emit_json(
+    dict(
+      bench='rl_step',
+      quick=args.quick,
+      **info,
+      sft_steps=args.sft_steps,
+      rl_steps=args.rl_steps,
+      results={r['variant']: {k: x for k, x in r.items() if k != 'variant'} for r in rows},
+    )
+  )
+
+
+if __name__ == '__main__':
+  main()
