@@ -59,10 +59,13 @@ Policies (``AdaptiveConfig.policy``):
   ``E[tokens/round] / time/round``, with ``E = (1 - a^(k+1)) / (1 - a)`` (1 for plain) and
   time/round from a per-bucket :class:`CostProfile` (policy forward at T = 1 and
   T = k_max + 1, drafter ``propose`` at k = 1 and 2, timed when a bucket is first used;
-  linear in k) corrected online by measured chunk times; ``a`` is the running
-  per-token acceptance, raised towards 1 while few rounds were observed (optimism: else a
-  low prior never speculates and never learns ``a``). Hysteresis: switch only for a
-  ``1 + hysteresis`` better rate.
+  linear in k) corrected online by measured chunk times (not the first chunk of a
+  rollout, which also waits for the prefill); ``a`` is the running per-token acceptance,
+  raised towards 1 while few rounds were observed (optimism: else a low prior never
+  speculates and never learns ``a``); a speculative round's cost is divided by the
+  measured *yield* at that (bucket, k) -- committed / emitted tokens, < 1 when rows
+  finish mid-run and waste the rest of their drafts, which acceptance alone misses.
+  Hysteresis: switch only for a ``1 + hysteresis`` better rate.
 - ``tlt``: speculation on once the active count stays ``<= tlt_threshold`` for
   ``tlt_patience`` steps; then epsilon-greedy over ``arms`` per bucket, reward = tokens
   per second of the chunk (= accepted tokens x batch / step time), median over a window.
@@ -303,6 +306,19 @@ class ChunkObs:
   accepted: int  # accepted drafts over those rounds
   active_start: int
   active_end: int
+  # False for a rollout's first chunk: it also waited for the (unsynced) prefill, so its
+  # seconds are no per-round cost and are not learned from.
+  timed: bool = True
+
+  @property
+  def yield_(self) -> float | None:
+    """Committed / emitted tokens over this chunk's verify passes (None when it did not
+    speculate): a pass emits accepted + 1 tokens per row, but a row that reaches EOS,
+    ``max_new_tokens`` or the cache end mid-run commits fewer -- short tails waste
+    long drafts, which the acceptance alone does not show."""
+    if self.strategy == PLAIN or self.rounds <= 0:
+      return None
+    return min(max(self.tokens / (self.accepted + self.rounds), 0.0), 1.0)
 
   @property
   def alpha(self) -> float | None:
@@ -445,6 +461,8 @@ class Memory:
   alpha_n: float = 0.0  # sequence-rounds of speculation observed (all rollouts)
   costs: dict = flax.struct.field(pytree_node=False, default_factory=dict)
   corr: dict = flax.struct.field(pytree_node=False, default_factory=dict)
+  # (bucket, k) -> measured committed / emitted tokens of speculation (ChunkObs.yield_)
+  yields: dict = flax.struct.field(pytree_node=False, default_factory=dict)
   tlt: TltState = dataclasses.field(default_factory=TltState)
   roofline: RooflineState = dataclasses.field(default_factory=RooflineState)
 
@@ -459,8 +477,13 @@ def memory_observe(
     w = obs.rounds / (obs.rounds + acfg.alpha_memory)
     alpha = (1.0 - w) * alpha + w * a
     alpha_n += obs.rounds
-  costs, corr = dict(mem.costs), dict(mem.corr)
-  if acfg.learn_online and obs.steps > 0 and obs.seconds > 0:
+  costs, corr, yields = dict(mem.costs), dict(mem.corr), dict(mem.yields)
+  y = obs.yield_
+  if y is not None:
+    w = obs.rounds / (obs.rounds + acfg.alpha_memory)
+    key = (obs.bucket, obs.strategy)
+    yields[key] = y if key not in yields else (1.0 - w) * yields[key] + w * y
+  if acfg.learn_online and obs.timed and obs.steps > 0 and obs.seconds > 0:
     per_round = obs.seconds / obs.steps
     w = obs.steps / (obs.steps + acfg.cost_memory)
     key = (obs.bucket, obs.strategy)
@@ -470,7 +493,7 @@ def memory_observe(
       ratio = per_round / max(profile.round(obs.strategy), 1e-12)
       ck = (obs.bucket, kind)
       corr[ck] = ratio if ck not in corr else (1 - w) * corr[ck] + w * ratio
-  return mem.replace(alpha=alpha, alpha_n=alpha_n, costs=costs, corr=corr)
+  return mem.replace(alpha=alpha, alpha_n=alpha_n, costs=costs, corr=corr, yields=yields)
 
 
 def round_costs(
@@ -967,6 +990,9 @@ class AdaptiveRolloutEngine:
     if acfg.policy == 'cost_model':
       arms = tuple(k for k in acfg.arms if k <= self.k_max)
       costs = round_costs(mem, prof, b, (PLAIN,) + arms, acfg.learn_online)
+      # seconds per round -> per *committed* round: a measured yield < 1 (rows finishing
+      # mid-run) makes long drafts at this bucket proportionally dearer
+      costs = {k: c / max(mem.yields.get((b, k), 1.0), 1e-3) for k, c in costs.items()}
       alpha = optimistic_alpha(mem.alpha, mem.alpha_n, acfg.alpha_optimism)
       s, rates = cost_model_choose(costs, alpha, current, acfg.hysteresis)
       steps = to_boundary if s == PLAIN else steps
@@ -1124,6 +1150,7 @@ class AdaptiveRolloutEngine:
         accepted=int(delta[_ST_ACCEPTED]),
         active_start=n_active,
         active_end=int(stats[_ST_ACTIVE]),
+        timed=obs is not None,  # the first chunk's time includes the prefill
       )
       report.trace.append((t1, obs.active_end, b, strategy))
       ph = report.phases.setdefault(
@@ -1217,10 +1244,11 @@ class AdaptiveRolloutEngine:
         'adaptive/alpha': float(self.memory.alpha),
         'spec/verify_passes': rounds,
         'spec/accepted': acc,
-        'spec/acceptance': float(acc / max(report.drafted, 1)),
-        'spec/tokens_per_pass': float((acc + rounds) / max(rounds, 1)),
       }
     )
+    if report.drafted:  # only rollouts that speculated have an acceptance to report
+      m['spec/acceptance'] = float(acc / report.drafted)
+      m['spec/tokens_per_pass'] = float((acc + rounds) / max(rounds, 1))
     for name, p in report.phases.items():
       m[f'adaptive/phase/{name}/time_s'] = float(p['time_s'])
       m[f'adaptive/phase/{name}/tokens_per_s'] = float(p['tokens'] / max(p['time_s'], 1e-9))

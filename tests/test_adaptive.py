@@ -426,3 +426,40 @@ def test_config_validation():
     adaptive.AdaptiveRolloutEngine(CFG, RCFG, AdaptiveConfig(policy='tlt'))
   assert AdaptiveConfig(policy='roofline').buffer_k() == 11
   assert AdaptiveConfig(policy='never').buffer_k() == 0
+
+
+def test_cost_model_learns_yield_and_skips_the_prefill_chunk():
+  """Two ways the measured costs can mislead, each checked: a rollout's first chunk also
+  waits for the unsynced prefill (its time is not a round cost), and a speculative chunk
+  whose rows finish mid-run commits fewer tokens than its acceptance predicts."""
+  prof = _profile(4, 1.0, 1.2, 0.1, 0.2)  # plain 1.0 s/round; k2: 0.2 + 1.04 = 1.24
+  acfg = AdaptiveConfig(cost_memory=0.0, alpha_memory=0.0)
+  mem = adaptive.Memory(alpha=0.99)
+  first = dataclasses.replace(
+    _obs(4, 4, steps=2, seconds=10.0, tokens=8), timed=False
+  )  # 5 s/"round": prefill inside
+  mem = adaptive.memory_observe(mem, first, prof, acfg)
+  assert mem.costs == {} and mem.corr == {}
+  costs = adaptive.round_costs(mem, prof, 4, (0, 2))
+  assert adaptive.cost_model_choose(costs, 0.99, None, 0.1)[0] == 2  # ~3 tokens / 1.24 s
+  # k = 2 at acceptance ~1, but rows stop after ~1 token: 40 committed of 120 emitted
+  spec = ChunkObs(
+    bucket=4,
+    strategy=2,
+    steps=10,
+    seconds=12.4,
+    tokens=40,
+    rounds=40,
+    accepted=80,
+    active_start=4,
+    active_end=4,
+  )
+  assert spec.yield_ == pytest.approx(1 / 3)
+  mem = adaptive.memory_observe(mem, spec, prof, acfg)
+  assert mem.yields[(4, 2)] == pytest.approx(1 / 3)
+  eng = adaptive.AdaptiveRolloutEngine(CFG, RCFG, AdaptiveConfig(arms=(2,)), drafter=DRAFTER)
+  eng.set_profile(prof)
+  eng.memory = mem
+  report = adaptive.AdaptiveReport(batch=4, policy='cost_model')
+  s, _, info = eng._decide(None, 4, 4, 2, PARAMS, lambda: None, report)
+  assert s == 0, info  # 3 x 1/3 tokens per 1.24 s < 1 token per 1.0 s: back to plain
