@@ -309,6 +309,7 @@ class ChunkObs:
   # False for a rollout's first chunk: it also waited for the (unsynced) prefill, so its
   # seconds are no per-round cost and are not learned from.
   timed: bool = True
+  global_step: int = 0  # the rollout's loop iterations after the chunk
 
   @property
   def yield_(self) -> float | None:
@@ -1100,6 +1101,7 @@ class AdaptiveRolloutEngine:
     state, _ = prefill_j(*args)
     n_active, step = bsz, 0
     limit = rollout_lib.max_loop_steps(rcfg)
+    pending = None  # a chunk whose stats are not read yet
     b, origin, acc = bsz, None, None
     current: int | None = None
     obs: ChunkObs | None = None
@@ -1137,33 +1139,17 @@ class AdaptiveRolloutEngine:
       t0 = now()
       report.trace.append((t0, n_active, b, strategy))
       state, both = chunk(*cargs)
-      st0, stats = np.asarray(jax.device_get(both))
-      t1 = now()
-      delta = stats - st0
-      obs = ChunkObs(
-        bucket=b,
-        strategy=strategy,
-        steps=int(stats[_ST_STEPS]),
-        seconds=t1 - t0,
-        tokens=int(delta[_ST_TOKENS]),
-        rounds=int(delta[_ST_ROUNDS]),
-        accepted=int(delta[_ST_ACCEPTED]),
-        active_start=n_active,
-        active_end=int(stats[_ST_ACTIVE]),
-        timed=obs is not None,  # the first chunk's time includes the prefill
-      )
-      report.trace.append((t1, obs.active_end, b, strategy))
-      ph = report.phases.setdefault(
-        f'b{b}/{strategy_name(strategy)}', dict(time_s=0.0, tokens=0, steps=0)
-      )
-      ph['time_s'] += obs.seconds
-      ph['tokens'] += obs.tokens
-      ph['steps'] += obs.steps
-      report.drafted += obs.rounds * obs.strategy
-      prof = self._profiles.get((b, self.buffer_len))
-      self.memory = memory_observe(self.memory, obs, prof, acfg)
+      # A plain chunk with nothing left to compact into and no step cap ends the rollout
+      # (all done, or the global step limit): finalize without waiting on its stats, so
+      # the host sync does not sit between the loop and the finalize (as in the static
+      # engine); the stats are read after the finalize is dispatched.
+      last = strategy == PLAIN and self._boundary(b) == 0 and max_steps >= limit
+      pending = (both, t0, b, strategy, n_active, obs is not None)
+      if last:
+        break
+      obs, pending = self._observe(pending, report, now), None
       current = strategy
-      n_active, step = obs.active_end, int(stats[_ST_STEP])
+      n_active, step = obs.active_end, obs.global_step
       if obs.steps == 0 and self._bucket_for(n_active, b) == b:  # no progress possible
         break
 
@@ -1181,10 +1167,44 @@ class AdaptiveRolloutEngine:
     fargs = (acc, strip(state), origin)
     key = ('final', bsz, None if acc is None else b, fin_width)
     fin = self._compiled(key, fin_fn, fargs, (), report, bsz)
-    out = jax.block_until_ready(fin(*fargs))
+    out = fin(*fargs)
+    if pending is not None:
+      self._observe(pending, report, now)
+    out = jax.block_until_ready(out)
     dt = time.perf_counter() - t_start
     self.last_report = report
     return out, self._metrics(out, dt, report)
+
+  def _observe(self, pending, report: AdaptiveReport, now) -> ChunkObs:
+    """Read a chunk's stats (a host sync), record it and fold it into the memory."""
+    both, t0, b, strategy, n_active, timed = pending
+    st0, stats = np.asarray(jax.device_get(both))
+    t1 = now()
+    delta = stats - st0
+    obs = ChunkObs(
+      bucket=b,
+      strategy=strategy,
+      steps=int(stats[_ST_STEPS]),
+      seconds=t1 - t0,
+      tokens=int(delta[_ST_TOKENS]),
+      rounds=int(delta[_ST_ROUNDS]),
+      accepted=int(delta[_ST_ACCEPTED]),
+      active_start=n_active,
+      active_end=int(stats[_ST_ACTIVE]),
+      timed=timed,  # False for the first chunk: its time includes the prefill
+      global_step=int(stats[_ST_STEP]),
+    )
+    report.trace.append((t1, obs.active_end, b, strategy))
+    ph = report.phases.setdefault(
+      f'b{b}/{strategy_name(strategy)}', dict(time_s=0.0, tokens=0, steps=0)
+    )
+    ph['time_s'] += obs.seconds
+    ph['tokens'] += obs.tokens
+    ph['steps'] += obs.steps
+    report.drafted += obs.rounds * obs.strategy
+    prof = self._profiles.get((b, self.buffer_len))
+    self.memory = memory_observe(self.memory, obs, prof, self.acfg)
+    return obs
 
   def _compact(self, state, origin, acc, target, bsz, report):
     """Gather the active rows into batch ``target``; write the rows leaving into ``acc``.
