@@ -59,12 +59,13 @@ Policies (``AdaptiveConfig.policy``):
   ``E[tokens/round] / time/round``, with ``E = (1 - a^(k+1)) / (1 - a)`` (1 for plain) and
   time/round from a per-bucket :class:`CostProfile` (policy forward at T = 1 and
   T = k_max + 1, drafter ``propose`` at k = 1 and 2, timed when a bucket is first used;
-  linear in k) corrected online by measured chunk times (not the first chunk of a
-  rollout, which also waits for the prefill); ``a`` is the running per-token acceptance,
-  raised towards 1 while few rounds were observed (optimism: else a low prior never
-  speculates and never learns ``a``); a speculative round's cost is divided by the
-  measured *yield* at that (bucket, k) -- committed / emitted tokens, < 1 when rows
-  finish mid-run and waste the rest of their drafts, which acceptance alone misses.
+  linear in k) corrected online by measured chunk times (the first chunk of a rollout
+  also waits for the unsynced prefill: its measured time is taken off); ``a`` is the
+  running per-token acceptance, raised towards 1 while few rounds were observed
+  (optimism: else a low prior never speculates and never learns ``a``); a speculative
+  round's cost is divided by the measured *yield* at that (bucket, k) -- committed /
+  emitted tokens, < 1 when rows finish mid-run and waste the rest of their drafts,
+  which acceptance alone misses.
   Hysteresis: switch only for a ``1 + hysteresis`` better rate.
 - ``tlt``: speculation on once the active count stays ``<= tlt_threshold`` for
   ``tlt_patience`` steps; then epsilon-greedy over ``arms`` per bucket, reward = tokens
@@ -306,8 +307,8 @@ class ChunkObs:
   accepted: int  # accepted drafts over those rounds
   active_start: int
   active_end: int
-  # False for a rollout's first chunk: it also waited for the (unsynced) prefill, so its
-  # seconds are no per-round cost and are not learned from.
+  # False: ``seconds`` is no per-round cost (e.g. it includes other work), so it is not
+  # learned from. (The engine takes the prefill off a rollout's first chunk instead.)
   timed: bool = True
   global_step: int = 0  # the rollout's loop iterations after the chunk
 
@@ -746,6 +747,7 @@ class AdaptiveRolloutEngine:
     self._prefill_len = self.buffer_len if acfg.policy == 'always' else self.narrow_len
     self._fns: dict = _shared._fns if _shared is not None else {}
     self._profiles: dict = _shared._profiles if _shared is not None else {}
+    self._prefill_s: dict = _shared._prefill_s if _shared is not None else {}  # batch -> s
     self.memory = Memory(alpha=acfg.alpha_prior)
     self._rng = np.random.default_rng(acfg.seed)
     self.last_report: AdaptiveReport | None = None
@@ -1096,9 +1098,18 @@ class AdaptiveRolloutEngine:
     prefill_j = self._compiled(
       ('prefill', bsz, 0, self._prefill_len, self._eager_draft), prefill_fn, args, (), report, bsz
     )
-    # Not synced: the first chunk runs at the full batch whatever finished at prefill (a
-    # row done at its first token only shows up as a smaller active count after it).
-    state, _ = prefill_j(*args)
+    # Not synced (after the first rollout at this batch size, which measures the prefill
+    # once): the first chunk runs at the full batch whatever finished at prefill (a row
+    # done at its first token only shows up as a smaller active count after it), and the
+    # prefill's measured time is taken off that chunk's time before it is learned from.
+    state, pstats = prefill_j(*args)
+    if bsz not in self._prefill_s:
+      t0 = now()
+      jax.block_until_ready(pstats)
+      self._prefill_s[bsz] = now() - t0
+      prefill_left = 0.0
+    else:
+      prefill_left = self._prefill_s[bsz]
     n_active, step = bsz, 0
     limit = rollout_lib.max_loop_steps(rcfg)
     pending = None  # a chunk whose stats are not read yet
@@ -1144,7 +1155,7 @@ class AdaptiveRolloutEngine:
       # the host sync does not sit between the loop and the finalize (as in the static
       # engine); the stats are read after the finalize is dispatched.
       last = strategy == PLAIN and self._boundary(b) == 0 and max_steps >= limit
-      pending = (both, t0, b, strategy, n_active, obs is not None)
+      pending = (both, t0, b, strategy, n_active, 0.0 if obs is not None else prefill_left)
       if last:
         break
       obs, pending = self._observe(pending, report, now), None
@@ -1177,28 +1188,31 @@ class AdaptiveRolloutEngine:
 
   def _observe(self, pending, report: AdaptiveReport, now) -> ChunkObs:
     """Read a chunk's stats (a host sync), record it and fold it into the memory."""
-    both, t0, b, strategy, n_active, timed = pending
+    both, t0, b, strategy, n_active, prefill_s = pending
     st0, stats = np.asarray(jax.device_get(both))
     t1 = now()
+    # The first chunk also waited for the prefill: learn from its time without it (not at
+    # all if that leaves too little to be a measurement); the report keeps the wall time.
+    learn_s = t1 - t0 - prefill_s
     delta = stats - st0
     obs = ChunkObs(
       bucket=b,
       strategy=strategy,
       steps=int(stats[_ST_STEPS]),
-      seconds=t1 - t0,
+      seconds=max(learn_s, 0.0),
       tokens=int(delta[_ST_TOKENS]),
       rounds=int(delta[_ST_ROUNDS]),
       accepted=int(delta[_ST_ACCEPTED]),
       active_start=n_active,
       active_end=int(stats[_ST_ACTIVE]),
-      timed=timed,  # False for the first chunk: its time includes the prefill
       global_step=int(stats[_ST_STEP]),
+      timed=learn_s > 0.25 * (t1 - t0),
     )
     report.trace.append((t1, obs.active_end, b, strategy))
     ph = report.phases.setdefault(
       f'b{b}/{strategy_name(strategy)}', dict(time_s=0.0, tokens=0, steps=0)
     )
-    ph['time_s'] += obs.seconds
+    ph['time_s'] += t1 - t0
     ph['tokens'] += obs.tokens
     ph['steps'] += obs.steps
     report.drafted += obs.rounds * obs.strategy

@@ -429,15 +429,15 @@ def test_config_validation():
 
 
 def test_cost_model_learns_yield_and_skips_the_prefill_chunk():
-  """Two ways the measured costs can mislead, each checked: a rollout's first chunk also
-  waits for the unsynced prefill (its time is not a round cost), and a speculative chunk
+  """Two ways the measured costs can mislead, each checked: a chunk whose time is not a
+  round cost (``timed=False``) is not learned from, and a speculative chunk
   whose rows finish mid-run commits fewer tokens than its acceptance predicts."""
   prof = _profile(4, 1.0, 1.2, 0.1, 0.2)  # plain 1.0 s/round; k2: 0.2 + 1.04 = 1.24
   acfg = AdaptiveConfig(cost_memory=0.0, alpha_memory=0.0)
   mem = adaptive.Memory(alpha=0.99)
   first = dataclasses.replace(
     _obs(4, 4, steps=2, seconds=10.0, tokens=8), timed=False
-  )  # 5 s/"round": prefill inside
+  )  # 5 s/"round": other work inside
   mem = adaptive.memory_observe(mem, first, prof, acfg)
   assert mem.costs == {} and mem.corr == {}
   costs = adaptive.round_costs(mem, prof, 4, (0, 2))
