@@ -526,23 +526,19 @@ def strategy_name(s: int) -> str:
 # ----------------------------------------------------------------------------- device fns
 
 
-def batch_axes(drafter) -> Any:
-  """Pytree like RolloutState: each leaf's batch axis (-1 = none), from logical axes."""
-  draft_axes = drafter.state_logical_axes() if drafter is not None else None
+def state_axes(state: rollout_lib.RolloutState, drafter) -> rollout_lib.RolloutState:
+  """Logical axes matching ``state``: the drafter's state axes only if it carries one, no
+  caches for a stripped accumulator (see :func:`strip`)."""
+  draft_axes = drafter.state_logical_axes() if state.draft is not None else None
   axes = rollout_lib.state_logical_axes(draft_axes)
-  return jax.tree.map(
-    lambda t: t.index('batch') if 'batch' in t else -1, axes, is_leaf=lambda t: isinstance(t, tuple)
-  )
+  return axes.replace(cache=None) if state.cache is None else axes
 
 
-def seq_axes(drafter) -> Any:
-  """Pytree like RolloutState: each leaf's buffer-slot (``cache_seq``) axis, -1 = none."""
-  draft_axes = drafter.state_logical_axes() if drafter is not None else None
-  axes = rollout_lib.state_logical_axes(draft_axes)
+def axis_positions(axes, name: str) -> Any:
+  """Pytree like ``axes`` (logical-axis tuples): the position of ``name`` in each, -1 = none
+  (e.g. ``'batch'``: axis 1 of a KV cache ``[L, B, S, K, Dh]``, axis 0 elsewhere)."""
   return jax.tree.map(
-    lambda t: t.index('cache_seq') if 'cache_seq' in t else -1,
-    axes,
-    is_leaf=lambda t: isinstance(t, tuple),
+    lambda t: t.index(name) if name in t else -1, axes, is_leaf=lambda t: isinstance(t, tuple)
   )
 
 
@@ -860,11 +856,7 @@ class AdaptiveRolloutEngine:
     """Decode-layout shardings of a state of any batch and width (``DECODE_RULES``: a
     batch that the batch mesh axes do not divide -- a small compacted bucket -- is
     replicated); a stripped state (no caches) gets its fields' shardings only."""
-    draft_axes = self.drafter.state_logical_axes() if state.draft is not None else None
-    axes = rollout_lib.state_logical_axes(draft_axes)
-    if state.cache is None:
-      axes = axes.replace(cache=None)
-    return shd.tree_shardings(axes, state, self.mesh, shd.DECODE_RULES)
+    return shd.tree_shardings(state_axes(state, self.drafter), state, self.mesh, shd.DECODE_RULES)
 
   def _shardings(self, tree):
     """Shardings for an argument or result pytree: states get their canonical decode
@@ -932,9 +924,7 @@ class AdaptiveRolloutEngine:
   def _widen(self, state, report):
     """The state on the wide buffer (``buffer_len`` slots), for speculation."""
     b, s = state.tokens.shape
-    axes = seq_axes(self.drafter if state.draft is not None else None)
-    if state.cache is None:  # a stripped accumulator (see :func:`strip`)
-      axes = axes.replace(cache=None)
+    axes = axis_positions(state_axes(state, self.drafter), 'cache_seq')
     extra, pad = self.buffer_len - s, self.rcfg.pad_id
     f = self._compiled(
       ('widen', b, 0, s, state.cache is None, state.draft is not None),
@@ -1031,29 +1021,8 @@ class AdaptiveRolloutEngine:
   def generate(self, params, prompt_tokens, prompt_len, rng, draft_params=None):
     rcfg = self.rcfg
     srcfg = self._width_rcfg(self._prefill_len)
-    prompt_tokens = np.asarray(prompt_tokens, np.int32)
-    prompt_len = np.asarray(prompt_len, np.int32)
-    bsz, p = prompt_tokens.shape
-    if p > rcfg.max_prompt_len:
-      raise ValueError(
-        f'prompt batch is {p} tokens wide but rollout.max_prompt_len is {rcfg.max_prompt_len}'
-      )
-    if p < rcfg.max_prompt_len:
-      prompt_tokens = np.pad(
-        prompt_tokens, ((0, 0), (0, rcfg.max_prompt_len - p)), constant_values=rcfg.pad_id
-      )
-    if prompt_len.min() < 1:
-      raise ValueError('every prompt needs at least one token')
-    if prompt_len.shape != (prompt_tokens.shape[0],) or prompt_len.max() > p:
-      raise ValueError(
-        f'prompt_len must be [{prompt_tokens.shape[0]}] lengths <= the {p} prompt tokens '
-        f'given, got shape {prompt_len.shape}, max {int(prompt_len.max())}'
-      )
-    if prompt_len.max() >= rcfg.seq_len:
-      raise ValueError(
-        f'a prompt of {int(prompt_len.max())} tokens does not fit the cache '
-        f'(rollout cache holds {rcfg.seq_len} positions)'
-      )
+    prompt_tokens, prompt_len = rollout_lib.prepare_prompts(prompt_tokens, prompt_len, rcfg)
+    bsz = prompt_tokens.shape[0]
     derived = []
 
     def dparams_fn():
@@ -1235,7 +1204,7 @@ class AdaptiveRolloutEngine:
     cur_origin = np.arange(b, dtype=np.int32) if origin is None else origin
     new_origin = np.where(np.arange(target) < len(active), cur_origin[idx], bsz).astype(np.int32)
     has_draft = state.draft is not None
-    axes = batch_axes(self.drafter if has_draft else None)
+    axes = axis_positions(state_axes(state, self.drafter), 'batch')
     if acc is None:  # still at the original batch: every row's home is itself
       g = self._compiled(
         ('gather', b, target, state.tokens.shape[1], has_draft),

@@ -464,31 +464,8 @@ class RolloutEngine:
   def generate(
     self, params, prompt_tokens, prompt_len, rng, draft_params=None, estimate_costs: bool = False
   ):
-    prompt_tokens = np.asarray(prompt_tokens, np.int32)
-    prompt_len = np.asarray(prompt_len, np.int32)
-    b, p = prompt_tokens.shape
-    if p > self.rcfg.max_prompt_len:
-      raise ValueError(
-        f'prompt batch is {p} tokens wide but rollout.max_prompt_len is '
-        f'{self.rcfg.max_prompt_len} (the KV cache holds {self.rcfg.seq_len} '
-        'positions): shorten the prompts or raise rollout.max_prompt_len'
-      )
-    if p < self.rcfg.max_prompt_len:
-      prompt_tokens = np.pad(
-        prompt_tokens, ((0, 0), (0, self.rcfg.max_prompt_len - p)), constant_values=self.rcfg.pad_id
-      )
-    if prompt_len.min() < 1:
-      raise ValueError('every prompt needs at least one token')
-    if prompt_len.shape != (prompt_tokens.shape[0],) or prompt_len.max() > p:
-      raise ValueError(
-        f'prompt_len must be [{prompt_tokens.shape[0]}] lengths <= the {p} prompt tokens '
-        f'given, got shape {prompt_len.shape}, max {int(prompt_len.max())}'
-      )
-    if prompt_len.max() >= self.rcfg.seq_len:
-      raise ValueError(
-        f'a prompt of {int(prompt_len.max())} tokens does not fit the cache '
-        f'(rollout cache holds {self.rcfg.seq_len} positions)'
-      )
+    prompt_tokens, prompt_len = prepare_prompts(prompt_tokens, prompt_len, self.rcfg)
+    b = prompt_tokens.shape[0]
     if self.drafter is not None and draft_params is None:
       draft_params = self.drafter.params_from_policy(params)
     prefill_j, decode_j, finalize_j = self._compiled(b, params, draft_params)
@@ -508,6 +485,42 @@ class RolloutEngine:
         self.rcfg.num_draft * costs['plain_step_s']
       )
     return out, metrics
+
+
+def prepare_prompts(prompt_tokens, prompt_len, rcfg: RolloutConfig):
+  """Validate a prompt batch and right-pad it to ``rcfg.max_prompt_len``.
+
+  Every engine goes through here, so bad input fails the same way everywhere: a batch
+  wider than ``max_prompt_len``, an empty prompt, lengths that do not match the tokens
+  given, or a prompt that leaves no room in the cache. Returns int32 numpy
+  (tokens [B, max_prompt_len], lengths [B]).
+  """
+  prompt_tokens = np.asarray(prompt_tokens, np.int32)
+  prompt_len = np.asarray(prompt_len, np.int32)
+  b, p = prompt_tokens.shape
+  if p > rcfg.max_prompt_len:
+    raise ValueError(
+      f'prompt batch is {p} tokens wide but rollout.max_prompt_len is '
+      f'{rcfg.max_prompt_len} (the KV cache holds {rcfg.seq_len} '
+      'positions): shorten the prompts or raise rollout.max_prompt_len'
+    )
+  if p < rcfg.max_prompt_len:
+    prompt_tokens = np.pad(
+      prompt_tokens, ((0, 0), (0, rcfg.max_prompt_len - p)), constant_values=rcfg.pad_id
+    )
+  if prompt_len.min() < 1:
+    raise ValueError('every prompt needs at least one token')
+  if prompt_len.shape != (b,) or prompt_len.max() > p:
+    raise ValueError(
+      f'prompt_len must be [{b}] lengths <= the {p} prompt tokens '
+      f'given, got shape {prompt_len.shape}, max {int(prompt_len.max())}'
+    )
+  if prompt_len.max() >= rcfg.seq_len:
+    raise ValueError(
+      f'a prompt of {int(prompt_len.max())} tokens does not fit the cache '
+      f'(rollout cache holds {rcfg.seq_len} positions)'
+    )
+  return prompt_tokens, prompt_len
 
 
 def rollout_metrics(out: RolloutOutput, seconds: float, rcfg: RolloutConfig) -> dict:
