@@ -68,8 +68,8 @@ def main(_):
     rows.append(
       {
         'step': step - c.sft.steps,
-        'fresh': m_fresh['spec/acceptance'],
-        'stale': m_stale['spec/acceptance'],
+        'fresh': m_fresh['spec/alpha'],
+        'stale': m_stale['spec/alpha'],
         'reward': m_fresh['reward'],
       }
     )

@@ -34,8 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from specrl import verify as verify_lib  # noqa: E402
 from specrl.kernels import verify as kernel_lib  # noqa: E402
+from specrl.kernels import verify_reference as verify_lib  # noqa: E402
 from specrl.sampling import SamplingParams  # noqa: E402
 
 FULL = dict(batches='1,16,64,256', ks='4,8', vocabs='32000,152064')

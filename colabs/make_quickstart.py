@@ -203,7 +203,7 @@ label = f'{SPEC_DRAFTER}, k={NUM_DRAFT}:'
 print(f"{'plain:':<20}{plain_m['rollout/tokens_per_s']:9.0f} tok/s  "
       f"accuracy {plain_m['accuracy']:.3f}")
 print(f"{label:<20}{spec_m['rollout/tokens_per_s']:9.0f} tok/s  "
-      f"accuracy {spec_m['accuracy']:.3f}  acceptance {spec_m['spec/acceptance']:.2f}  "
+      f"accuracy {spec_m['accuracy']:.3f}  acceptance {spec_m['spec/alpha']:.2f}  "
       f"{spec_m['spec/tokens_per_pass']:.2f} tokens per pass")
 print(f"speedup: {spec_m['rollout/tokens_per_s'] / plain_m['rollout/tokens_per_s']:.2f}x")"""
 

@@ -83,12 +83,10 @@ def get_config(arg: str | None = None):
       policy='cost_model',  # cost_model | tlt | roofline | always | never
       buckets=(256, 128, 64, 32, 16, 8, 4, 2, 1),  # compaction batch sizes, descending
       compaction=True,
-      arms=(1, 2, 3, 4, 5, 6, 7, 8),  # draft lengths cost_model / tlt choose from
+      arms=(1, 2, 3, 4, 5, 6, 7, 8),  # draft lengths (roofline: its ladder; always: the max)
       chunk_steps=16,  # rounds between host decisions while speculating
       hysteresis=0.1,  # cost_model: switch only for a > 10% better expected rate
-      always_k=4,  # policy 'always'
       tlt_threshold=32,
-      roofline_ladder=(5, 7, 9, 11),
     )
   )
 

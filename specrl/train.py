@@ -88,8 +88,9 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
     num_epochs=config.rl.num_epochs,
   )
   drafter = drafters.make_drafter(config, model_cfg)
-  num_draft = config.rollout.num_draft if drafter is not None else 0
-  if drafter is not None and num_draft < 1:
+  # one source of k per engine: the static engine's num_draft, the adaptive engine's arms
+  num_draft = config.rollout.num_draft if drafter is not None and not config.adaptive.enabled else 0
+  if drafter is not None and not config.adaptive.enabled and num_draft < 1:
     raise ValueError(f'config.rollout.num_draft must be >= 1 with a drafter, got {num_draft}')
   rollout_cfg = rollout_lib.RolloutConfig(
     max_new_tokens=config.rollout.max_new_tokens or task.max_response_len,
@@ -124,9 +125,7 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
       arms=tuple(a.arms),
       chunk_steps=a.chunk_steps,
       hysteresis=a.hysteresis,
-      always_k=a.always_k,
       tlt_threshold=a.tlt_threshold,
-      roofline_ladder=tuple(a.roofline_ladder),
       seed=config.seed,
     )
     engine = adaptive.AdaptiveRolloutEngine(model_cfg, rollout_cfg, acfg, drafter, mesh)
@@ -318,8 +317,8 @@ def _log_line(step, total, m) -> str:
     f'rollout {m["rollout/time_s"]:.2f}s ({m["rollout/tokens_per_s"]:.0f} tok/s) '
     f'train {m["train/time_s"]:.2f}s'
   )
-  if 'spec/acceptance' in m:
-    line += f' | accept {m["spec/acceptance"]:.2f} tok/pass {m["spec/tokens_per_pass"]:.2f}'
+  if 'spec/alpha' in m:
+    line += f' | accept {m["spec/alpha"]:.2f} tok/pass {m["spec/tokens_per_pass"]:.2f}'
   if 'spec/draft_time_est_s' in m:
     line += f' draft/verify {m["spec/draft_time_est_s"]:.2f}/{m["spec/verify_time_est_s"]:.2f}s'
   if 'adaptive/chunks' in m:

@@ -24,7 +24,7 @@ def config(drafter, adaptive_policy=None):
   c = default.get_config('smoke')
   if adaptive_policy:  # compaction through buckets 8..1 (below the 4-way batch sharding too)
     c.adaptive.enabled, c.adaptive.policy = True, adaptive_policy
-    c.adaptive.buckets, c.adaptive.always_k, c.adaptive.chunk_steps = (8, 4, 2, 1), 2, 3
+    c.adaptive.buckets, c.adaptive.arms, c.adaptive.chunk_steps = (8, 4, 2, 1), (2,), 3
   c.model.update(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, n_layers=1)
   c.rl.num_prompts, c.rl.num_generations = 2, 4  # 8 sequences: divisible by data*fsdp
   c.rollout.temperature = 0.0  # greedy: identical tokens expected

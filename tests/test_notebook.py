@@ -30,7 +30,7 @@ SUMMARY_CELL = """\
 import json
 print('SUMMARY ' + json.dumps({
   'phases': [m['phase'] for m in history],
-  'acceptance': spec_m['spec/acceptance'],
+  'acceptance': spec_m['spec/alpha'],
   'tokens_per_pass': spec_m['spec/tokens_per_pass'],
 }))
 """

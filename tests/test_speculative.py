@@ -14,8 +14,9 @@ import pytest
 from specrl import model as model_lib
 from specrl import rollout as rollout_lib
 from specrl import sampling
-from specrl import verify as verify_lib
+from specrl.decoding import verify as dispatch
 from specrl.drafters import ModelDrafter, NgramDrafter
+from specrl.kernels import verify_reference as verify_lib
 from specrl.sampling import SamplingParams
 from tests import stats
 
@@ -75,7 +76,7 @@ SETTINGS = {
 def test_poor_small_model_drafter_is_lossless(setting):
   drafter = ModelDrafter('small_model', DCFG, own_params=POOR)
   p, m = _pvalue(SETTINGS[setting], drafter, k=2, seed=1)
-  assert m['spec/acceptance'] < 0.9  # the drafter really is poor: rejections happen
+  assert m['spec/alpha'] < 0.9  # the drafter really is poor: rejections happen
   assert p > 1e-3, f'speculative samples do not follow the policy (p={p:.2e})'
 
 
@@ -83,7 +84,7 @@ def test_lossless_with_the_pallas_verify_kernel_in_the_loop():
   """The Pallas kernel (interpret mode on CPU) inside the speculative rollout."""
   drafter = ModelDrafter('small_model', DCFG, own_params=POOR)
   p, m = _pvalue(SETTINGS['T0.7-topk3'], drafter, k=2, seed=8, verify_impl='pallas')
-  assert m['spec/acceptance'] < 0.9
+  assert m['spec/alpha'] < 0.9
   assert p > 1e-3, f'p={p:.2e}'
 
 
@@ -91,7 +92,7 @@ def test_good_noisy_policy_drafter_is_lossless():
   noisy = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape), POLICY)
   drafter = ModelDrafter('small_model', CFG, own_params=noisy)
   p, m = _pvalue(SETTINGS['T1'], drafter, k=3, seed=2)
-  assert 0.5 < m['spec/acceptance'] < 1.0
+  assert 0.5 < m['spec/alpha'] < 1.0
   assert p > 1e-3, f'p={p:.2e}'
 
 
@@ -112,7 +113,7 @@ def _broken_verify(target_logits, draft_logits, draft_tokens, seeds, sp, impl='j
 
 
 def test_chi_square_rejects_broken_verifier(monkeypatch):
-  monkeypatch.setattr(verify_lib, 'verify', _broken_verify)
+  monkeypatch.setattr(dispatch, 'verify', _broken_verify)
   drafter = ModelDrafter('small_model', DCFG, own_params=POOR)
   p, _ = _pvalue(SETTINGS['T1'], drafter, k=2, seed=1)
   assert p < 1e-6, f'the test failed to detect a broken verifier (p={p:.2e})'
@@ -165,14 +166,14 @@ def test_greedy_speculative_equals_greedy_plain_with_poor_drafter():
   np.testing.assert_array_equal(spec.length, plain.length)
   np.testing.assert_allclose(spec.response_logprobs, plain.response_logprobs, atol=1e-5)
   # ragged acceptance across the batch: sequences did not all advance alike
-  assert len(set(spec.num_rounds.tolist())) > 1 or m['spec/acceptance'] < 1.0
+  assert len(set(spec.num_rounds.tolist())) > 1 or m['spec/alpha'] < 1.0
 
 
 @pytest.mark.parametrize('sp', [GREEDY, SamplingParams(1.0)], ids=['greedy', 'T1'])
 def test_self_drafter_accepts_everything(sp):
   k, n_new = 4, 11  # 1 token from prefill, then 2 full rounds of 5, so exactly 2 passes
   spec, m = _gen(ModelDrafter('self', GCFG, derive=lambda p: p), k, sp, n_new=n_new, seed=4)
-  assert m['spec/acceptance'] == 1.0
+  assert m['spec/alpha'] == 1.0
   assert m['spec/tokens_per_pass'] == k + 1
   assert (spec.num_rounds == 2).all() and (spec.length == n_new).all()
 
@@ -229,7 +230,7 @@ def _quantized(bits, share_kv, cfg):
 @pytest.mark.parametrize('share_kv', [False, True], ids=['own_cache', 'shared_kv'])
 def test_quantized_drafter_is_lossless(share_kv):
   p, m = _pvalue(SETTINGS['T0.7-topk3'], _quantized(4, share_kv, CFG), k=2, seed=11)
-  assert m['spec/acceptance'] < 1.0
+  assert m['spec/alpha'] < 1.0
   assert p > 1e-3, f'p={p:.2e}'
 
 
@@ -239,4 +240,4 @@ def test_quantized_drafter_greedy_equals_plain(share_kv):
   spec, m = _gen(_quantized(8, share_kv, GCFG), 3, GREEDY)
   np.testing.assert_array_equal(spec.response, plain.response)
   np.testing.assert_array_equal(spec.length, plain.length)
-  assert m['spec/acceptance'] > 0.5  # int8 of the policy itself mostly agrees
+  assert m['spec/alpha'] > 0.5  # int8 of the policy itself mostly agrees

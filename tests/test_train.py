@@ -104,7 +104,7 @@ def test_quantized_drafter_is_derived_from_the_new_params_inside_the_step():
   fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
   old = jax.device_get(state.params)
   batch, _, _, m = train.rollout_batch(exp, state.params, 5, state.rng)
-  assert 'spec/acceptance' in m
+  assert 'spec/alpha' in m
   # an untrained policy scores 0 everywhere (zero advantages): force a real update
   batch['advantages'] = np.random.default_rng(0).normal(size=batch['advantages'].shape)
   for _ in range(2):  # the first step has learning rate 0 (warm-up)

@@ -1,4 +1,4 @@
-"""Tests of the jnp speculative-verification reference (specrl.verify).
+"""Tests of the jnp speculative-verification reference (specrl.kernels.verify_reference).
 
 Hand cases pin the deterministic parts (greedy, certain accepts/rejects, zeros after n);
 chi-square tests check losslessness: the emitted tokens of one batched verify call over
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from specrl import verify as verify_lib
+from specrl.decoding import verify as dispatch
+from specrl.kernels import verify_reference as verify_lib
 from specrl.sampling import NEG_INF, SamplingParams, processed_logits
 from tests.jit_util import run
 
@@ -285,8 +286,8 @@ def test_acceptance_rate_matches_theory():
 
 def test_dispatcher():
   t, d, x, seeds = _batch(P_LOGITS, Q_LOGITS, SamplingParams(), n=4)
-  a = run(verify_lib.verify, t, d, x, seeds, sp=SamplingParams(), impl='jnp')
+  a = run(dispatch.verify, t, d, x, seeds, sp=SamplingParams(), impl='jnp')
   b = _ref(t, d, x, seeds, SamplingParams())
   np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
   with pytest.raises(ValueError, match='impl'):
-    verify_lib.verify(t, d, x, seeds, SamplingParams(), impl='cuda')
+    dispatch.verify(t, d, x, seeds, SamplingParams(), impl='cuda')

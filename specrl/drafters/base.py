@@ -17,6 +17,10 @@ state are pytrees passed through the jitted rollout (never closed over):
   (then it may write only at the draft positions ``pos..pos+k-1``, which verification
   rewrites).
 - ``state_logical_axes()``: logical axes of the state pytree, for sharding.
+- ``derived``: True when ``params_from_policy`` computes the draft params from the policy
+  params (run inside jit, policy params as arguments); False when it returns the
+  drafter's own params (or None), which engines then pass to jitted steps as arguments --
+  never closed over as compile-time constants.
 
 Rollback is by position: the engine passes the committed ``pos`` every round and a
 drafter must not assume its previous proposals were accepted.
@@ -29,6 +33,7 @@ from typing import Any, Protocol
 
 class Drafter(Protocol):
   name: str
+  derived: bool
 
   def params_from_policy(self, policy_params) -> Any: ...
 

@@ -43,6 +43,10 @@ class ModelDrafter:
     self.own_params, self.derive = own_params, derive
     self.share_kv = share_kv
 
+  @property
+  def derived(self) -> bool:
+    return self.derive is not None
+
   def params_from_policy(self, policy_params):
     if self.derive is not None:
       return self.derive(policy_params)

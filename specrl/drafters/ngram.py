@@ -16,6 +16,7 @@ from specrl import sampling
 
 class NgramDrafter:
   name = 'ngram'
+  derived = False  # model-free: no params
 
   def __init__(self, vocab_size: int, ngram: int = 2):
     if ngram < 1:

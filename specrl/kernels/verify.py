@@ -1,11 +1,11 @@
-"""Pallas kernel for speculative verification (same contract as specrl.verify).
+"""Pallas kernel for speculative verification (contract: :mod:`.verify_reference`).
 
-:func:`verify_pallas` returns what :func:`specrl.verify.verify_reference` returns on
+:func:`verify_pallas` returns what :func:`.verify_reference.verify_reference` returns on
 the same seeds (identical ``num_accepted`` / ``tokens``; ``logprobs`` equal up to f32
 rounding of the normalisers) without materialising probabilities or ``[B, k+1, V]``
 noise: logits are streamed through on-chip memory in vocabulary blocks with
 flash-softmax-style running statistics. Both compute every decision with the same
-formulas (:func:`specrl.verify.residual_score` etc.); only the normalisers are summed
+formulas (:func:`.verify_reference.residual_score` etc.); only the normalisers are summed
 in a different order (and, compiled for a GPU/TPU, exp/log may round differently by an
 ulp), so a decision can differ only if ``u * q(x)`` and ``p(x)`` (or the two best Gumbel
 scores) coincide to within that rounding - probability of order 1e-7 per decision,
@@ -49,7 +49,7 @@ rounds differently from XLA's (division by ``T > 0`` is monotone, so the two tes
 equivalent). Without top-k/top-p there is no pre-pass. The temperature itself is
 applied in the kernel.
 
-Randomness is :mod:`specrl.verify`'s counter-based hash: the Gumbel noise of token
+Randomness is :mod:`specrl.kernels.verify_reference`'s counter-based hash: the Gumbel noise of token
 ``v`` in row ``n`` is recomputed from ``(seed_b, n, v)`` inside the kernel.
 
 GPU / TPU split (one kernel body, a small layout switch)
@@ -85,7 +85,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from specrl import verify as ref_lib
+from specrl.kernels import verify_reference as ref_lib
 from specrl.sampling import NEG_INF, SamplingParams, filter_threshold, scale_logits
 
 _NSTAT = 8  # statistics lanes per program output

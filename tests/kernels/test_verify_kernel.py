@@ -15,8 +15,9 @@ import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
-from specrl import verify as verify_lib
+from specrl.decoding import verify as dispatch
 from specrl.kernels import verify as kernel_lib
+from specrl.kernels import verify_reference as verify_lib
 from specrl.sampling import NEG_INF, SamplingParams
 from tests.jit_util import run
 
@@ -113,7 +114,7 @@ class TestVerifyKernel:
       same=kind == 'same',
     )
     got = run(
-      verify_lib.verify,
+      dispatch.verify,
       *args,
       sp=sp,
       impl='pallas',

@@ -27,13 +27,13 @@ A deterministic (model-free, e.g. n-gram) proposal is a one-hot ``q``: pass
 
 Randomness: a counter-based integer hash, no ``jax.random`` state
 ------------------------------------------------------------------
-The Pallas kernel (:mod:`specrl.kernels.verify`) must reproduce this reference bit
-for bit without materialising ``[B, k+1, V]`` noise, and it visits the vocabulary in
-blocks whose size and order are kernel choices. So every random number is a pure
-function of ``(seed_b, row j, column v, stream)``: a murmur3 ``fmix32`` finaliser
-chain (:func:`row_key`, :func:`element_bits`), computed with int32 two's-complement
-arithmetic (wrapping multiply + logical shifts), which lowers identically in XLA,
-Triton and Mosaic TPU without unsigned-type support. Bits map to uniforms in the
+The Pallas kernel (:mod:`specrl.kernels.verify`; :mod:`specrl.decoding.verify` dispatches)
+must reproduce this reference bit for bit without materialising ``[B, k+1, V]`` noise,
+and it visits the vocabulary in blocks whose size and order are kernel choices. So every
+random number is a pure function of ``(seed_b, row j, column v, stream)``: a murmur3
+``fmix32`` finaliser chain (:func:`row_key`, :func:`element_bits`), computed with int32
+two's-complement arithmetic (wrapping multiply + logical shifts), which lowers
+identically in XLA, Triton and Mosaic TPU without unsigned-type support. Bits map to uniforms in the
 *open* interval ``(0, 1)`` (:func:`uniform_from_bits`), so ``log(u)`` and
 ``log(-log(u))`` are always finite.
 
@@ -68,7 +68,6 @@ from specrl.sampling import (
   token_logprobs,
 )
 
-INTERPRET_BATCH_CHUNK = 32  # rows per kernel call in CPU interpret mode (speed only)
 STREAM_ACCEPT = 1  # acceptance uniforms u_i
 STREAM_SAMPLE = 2  # Gumbel noise of the residual / bonus row
 
@@ -254,44 +253,3 @@ def verify_reference(
   j = jnp.arange(k1)[None, :]
   logprobs = jnp.where(j <= n[:, None], token_logprobs(target_logits, tokens, sp), 0.0)
   return VerifyResult(num_accepted=n, tokens=tokens, logprobs=logprobs.astype(jnp.float32))
-
-
-def verify(
-  target_logits: jax.Array,
-  draft_logits: jax.Array,
-  draft_tokens: jax.Array,
-  seeds: jax.Array,
-  sp: SamplingParams,
-  impl: str = 'jnp',
-  interpret=None,
-  **kernel_options,
-) -> VerifyResult:
-  """Dispatch to the jnp reference or the Pallas kernel (same contract, same seeds).
-
-  ``interpret`` / ``kernel_options`` (block sizes, layout) only apply to
-  ``impl='pallas'``; see :func:`specrl.kernels.verify.verify_pallas`.
-  """
-  if impl == 'jnp':
-    return verify_reference(target_logits, draft_logits, draft_tokens, seeds, sp)
-  if impl == 'pallas':
-    from specrl.kernels import verify as kernel_lib  # lazy: Pallas import is heavier
-
-    def run(t, d, x, s):
-      return kernel_lib.verify_pallas(t, d, x, s, sp, interpret=interpret, **kernel_options)
-
-    b = target_logits.shape[0]
-    interpreting = interpret if interpret is not None else jax.default_backend() == 'cpu'
-    if not interpreting or b <= INTERPRET_BATCH_CHUNK:
-      return run(target_logits, draft_logits, draft_tokens, seeds)
-    # Interpret mode costs grow faster than linearly with the grid on CPU: run the batch in
-    # fixed-size chunks (results are per row, so chunking changes nothing but speed).
-    c = INTERPRET_BATCH_CHUNK
-    pad = -b % c
-    args = [
-      jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-      for a in (target_logits, draft_logits, draft_tokens, seeds)
-    ]
-    args = [a.reshape((-1, c) + a.shape[1:]) for a in args]
-    out = lax.map(lambda a: run(*a), args)
-    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:b], out)
-  raise ValueError(f"verify impl must be 'jnp' or 'pallas', got {impl!r}")

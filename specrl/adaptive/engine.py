@@ -1,0 +1,600 @@
+"""Adaptive long-tail rollout engine: batch compaction, and speculation only when it pays.
+
+Why. RL rollouts have long-tailed response lengths: most sequences finish early and the
+batch then decodes a handful of stragglers at the cost of the full static batch. Two
+remedies, both lossless:
+
+- *Compaction*: when the number of active sequences falls to a bucket boundary
+  (``AdaptiveConfig.buckets``, powers of two by default), the active rows of every
+  ``[B, ...]`` leaf of the state (tokens, logprobs, positions, flags, counters, the policy
+  KV cache and the drafter's state) are gathered into the smallest bucket that holds them
+  (:mod:`specrl.adaptive.state_ops`); results are scattered back into the original
+  ``[B, ...]`` layout when rows leave (at the next compaction and at the end).
+- *Strategy per phase*: a small batch is memory/latency bound, which is where speculative
+  decoding pays; a full batch usually is not. At every chunk boundary a policy
+  (:mod:`specrl.adaptive.policies`) chooses plain decoding (``0``) or speculation with a
+  draft length ``k`` from ``AdaptiveConfig.arms`` for the next chunk.
+
+Decoding runs in *chunks*: one jitted ``lax.while_loop`` of the shared step chooser
+(:func:`specrl.decoding.steps.decode_step`) for at most ``chunk_steps`` rounds that also
+stops when the active count reaches the next bucket boundary. The host only syncs at
+chunk boundaries (a 6-int stats vector), never per token. Jitted functions are compiled
+ahead of time per (bucket, strategy) and cached on the engine.
+
+Drafter state (a drafter's own KV cache) is built lazily, by a drafter prefill over the
+committed tokens when a rollout first speculates -- typically in the tail, at a small
+compacted batch -- so plain phases pay nothing for it (``always`` builds it at prefill).
+
+Buffer layout. A rollout starts on the *narrow* buffer of plain decoding (``seq_len``
+slots), so a batch that never speculates pays exactly what the static plain engine pays;
+the first speculative chunk widens the state once to ``seq_len + k_max + 1`` slots
+(``k_max = max(arms)``; ``RolloutConfig.max_draft``). A chunk with ``k < k_max`` runs on
+that wider buffer: nothing reads the scratch slots ``>= seq_len`` (every reader stays at
+``<= pos < seq_len``; the KV cache masks by position); the final output clears them and is
+cut or padded to ``rcfg.buffer_len`` (:func:`~specrl.adaptive.state_ops.clear_scratch`),
+so outputs are laid out as the static engine's.
+
+Host syncs. A plain chunk whose decision cannot change before the next bucket boundary
+(every policy but TLT's patience count) runs to that boundary in one ``while_loop``; the
+prefill is not synced at all. A batch that never compacts and never speculates is thus
+prefill + one loop + finalize, as in the static engine.
+
+RNG. Per-round randomness is ``fold_in(state.rng, state.step)``, shared by the rows of a
+``[B, V]`` categorical. Compaction changes B, so sampled tokens differ from an uncompacted
+run (each row still samples the policy exactly: lossless, checked statistically in the
+tests). Greedy tokens are identical; logprobs too, up to XLA's batch-size-dependent
+rounding.
+
+Entry point: :class:`AdaptiveRolloutEngine` -- same ``generate`` signature and output as
+:class:`specrl.rollout.RolloutEngine`, plus ``engine.last_report`` (phases, decisions,
+compile times, a trace for plotting) and the host-state hook (``host_state`` /
+``load_host_state``) that puts what it learned into checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import numpy as np
+
+from specrl import model as model_lib
+from specrl import sharding as shd
+from specrl.adaptive.config import PLAIN, AdaptiveConfig
+from specrl.adaptive.policies import (
+  ChunkObs,
+  Memory,
+  cost_model_choose,
+  memory_from_json,
+  memory_observe,
+  memory_to_json,
+  roofline_update,
+  round_costs,
+  strategy_name,
+  tlt_reset,
+  tlt_update,
+)
+from specrl.adaptive.report import AdaptiveReport
+from specrl.adaptive.state_ops import (
+  ST_ACCEPTED,
+  ST_ACTIVE,
+  ST_ROUNDS,
+  ST_STEP,
+  ST_STEPS,
+  ST_TOKENS,
+  axis_positions,
+  clear_scratch,
+  decode_chunk,
+  gather_rows,
+  scatter_rows,
+  state_axes,
+  state_stats,
+  strip,
+  widen,
+)
+from specrl.decoding import profile as profile_lib
+from specrl.decoding.spec_math import CostProfile, optimistic_alpha
+from specrl.decoding.state import RolloutConfig, RolloutOutput, RolloutState, finalize
+from specrl.decoding.steps import max_loop_steps, prefill
+from specrl.rollout import prepare_prompts, rollout_metrics
+
+log = logging.getLogger(__name__)
+
+
+class AdaptiveRolloutEngine:
+  """Rollout with compaction and a per-phase plain/speculative choice.
+
+  Same interface as :class:`specrl.rollout.RolloutEngine`: ``generate(params,
+  prompt_tokens, prompt_len, rng, draft_params=None) -> (RolloutOutput, metrics)``;
+  ``rcfg.num_draft`` is ignored unless ``acfg.enabled`` is False (the policy picks k).
+  The output buffer is ``rcfg.buffer_len`` wide, as the static engine's. Compiled
+  functions, profiles and what the policy has learned persist across calls;
+  :meth:`with_config` makes an engine with another :class:`AdaptiveConfig` that shares
+  the compiled functions and profiles.
+  """
+
+  def __init__(
+    self,
+    cfg: model_lib.ModelConfig,
+    rcfg: RolloutConfig,
+    acfg: AdaptiveConfig | None = None,
+    drafter=None,
+    mesh=None,
+    _shared: AdaptiveRolloutEngine | None = None,
+  ):
+    acfg = AdaptiveConfig() if acfg is None else acfg
+    if rcfg.num_draft:
+      raise ValueError(
+        f"rollout.num_draft={rcfg.num_draft} is the static engine's draft length; the "
+        'adaptive engine takes its draft lengths from adaptive.arms (set rollout.num_draft=0)'
+      )
+    if acfg.policy != 'never' and drafter is None:
+      raise ValueError(
+        f"adaptive.policy {acfg.policy!r} needs a drafter (use 'never' for "
+        'plain decoding with compaction)'
+      )
+    self.cfg, self.rcfg, self.acfg, self.drafter = cfg, rcfg, acfg, drafter
+    self.mesh = mesh if mesh is not None else shd.make_mesh((1, 1, 1), jax.devices()[:1])
+    self.k_max = acfg.k_max
+    # One config for every chunk: scratch laid out for the largest arm; each chunk's k is
+    # a static argument of the step chooser. The state starts narrow (plain decoding's
+    # ``seq_len`` slots) and is widened to ``buffer_len`` when a rollout first speculates.
+    # Laid out for every arm (a 'never' engine never widens, so this costs it nothing) and,
+    # for engines made by :meth:`with_config`, at least as wide as the engine they share
+    # compiled functions and profiles with.
+    scratch = max(max(acfg.arms), _shared._wrcfg.max_draft if _shared is not None else 0)
+    self._wrcfg = dataclasses.replace(rcfg, max_draft=scratch)
+    self.narrow_len = rcfg.seq_len
+    self.buffer_len = self._wrcfg.buffer_len
+    # Drafter state (e.g. its own KV cache) exists only for drafters that keep one, and is
+    # built lazily (:meth:`_attach_draft`) when a rollout first speculates -- usually late,
+    # at a small compacted batch -- except for the 'always' policy (built at prefill).
+    self._stateful = (
+      drafter is not None and self.k_max > 0 and drafter.state_logical_axes() is not None
+    )
+    self._eager_draft = self._stateful and acfg.policy == 'always'
+    self._prefill_len = self.buffer_len if acfg.policy == 'always' else self.narrow_len
+    self._fns: dict = _shared._fns if _shared is not None else {}
+    self._profiles: dict = _shared._profiles if _shared is not None else {}
+    self._prefill_s: dict = _shared._prefill_s if _shared is not None else {}  # batch -> s
+    self.memory = Memory(alpha=acfg.alpha_prior)
+    self._rng = np.random.default_rng(acfg.seed)
+    self.last_report: AdaptiveReport | None = None
+
+  @property
+  def profiles(self) -> dict:
+    """(batch, buffer_len) -> :class:`CostProfile` measured (or set) so far."""
+    return dict(self._profiles)
+
+  def with_config(self, acfg: AdaptiveConfig) -> AdaptiveRolloutEngine:
+    return AdaptiveRolloutEngine(self.cfg, self.rcfg, acfg, self.drafter, self.mesh, _shared=self)
+
+  # -- profiles
+
+  def set_profile(self, profile: CostProfile) -> None:
+    """Use ``profile`` for its batch size instead of measuring (tests, offline tables)."""
+    self._profiles[(profile.batch, self.buffer_len)] = profile
+
+  def _profile(self, b: int, params, dparams_fn, report: AdaptiveReport) -> CostProfile:
+    """The cost profile at batch b (measured on first use; ``dparams_fn()`` gives the
+    drafter's params, derived outside the profiling time)."""
+    key = (b, self.buffer_len)
+    if key not in self._profiles:
+      dparams = dparams_fn()
+      t0 = time.perf_counter()
+      self._profiles[key] = self._measure_profile(b, params, dparams)
+      report.profile_s[b] = report.profile_s.get(b, 0.0) + time.perf_counter() - t0
+    return self._profiles[key]
+
+  def _measure_profile(self, b: int, params, dparams) -> CostProfile:
+    """Time the unit costs at batch b on synthetic inputs of the real shapes."""
+    return profile_lib.measure_profile(
+      self.cfg,
+      params,
+      self.drafter,
+      dparams,
+      batch=b,
+      buffer_len=self.buffer_len,
+      k_ref=self._wrcfg.max_draft,
+      sp=self.rcfg.sampling,
+      max_prompt_len=self.rcfg.max_prompt_len,
+      pos0=self.rcfg.seq_len // 2,
+      reps=self.acfg.profile_reps,
+      iters=self.acfg.profile_iters,
+      mesh=self.mesh,
+    )
+
+  # -- compiled functions (AOT, cached per shape; compile time reported per bucket)
+
+  def _state_shardings(self, state: RolloutState):
+    """Decode-layout shardings of a state of any batch and width (``DECODE_RULES``: a
+    batch that the batch mesh axes do not divide -- a small compacted bucket -- is
+    replicated); a stripped state (no caches) gets its fields' shardings only."""
+    return shd.tree_shardings(state_axes(state, self.drafter), state, self.mesh, shd.DECODE_RULES)
+
+  def _shardings(self, tree):
+    """Shardings for an argument or result pytree: states get their canonical decode
+    layout (so every function that passes a state on agrees on it, whatever XLA would
+    have picked), device arrays keep theirs, host values are replicated."""
+    rep = shd.replicated(self.mesh)
+    mesh_devices = set(self.mesh.devices.flat)
+
+    def one(x):
+      if isinstance(x, RolloutState):
+        return self._state_shardings(x)
+      if isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices:
+        return x.sharding
+      return rep  # host values, and arrays placed elsewhere (e.g. a key on device 0)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, RolloutState))
+
+  def _compiled(self, key, fn, args, donate, report: AdaptiveReport, bucket: int):
+    """AOT-compile ``fn`` for ``args`` once per ``key`` (compile time reported per bucket).
+    States in and out use :meth:`_state_shardings`, so functions compiled separately
+    (prefill, chunks, compaction, widening) hand states to each other without resharding
+    or layout mismatches on a multi-device mesh."""
+    if key not in self._fns:
+      t0 = time.perf_counter()
+      out_abs = jax.eval_shape(fn, *args)
+      jitted = jax.jit(
+        fn,
+        donate_argnums=donate,
+        in_shardings=self._shardings(args),
+        out_shardings=self._shardings(out_abs),
+      )
+      self._fns[key] = jitted.lower(*args).compile()
+      dt = time.perf_counter() - t0
+      report.compile_s[bucket] = report.compile_s.get(bucket, 0.0) + dt
+      log.info('adaptive: compiled %s in %.2fs', key[:3], dt)
+    return self._fns[key]
+
+  def _chunk_fn(self, b, strategy, args, report, has_draft):
+    cfg, rcfg, drafter, mesh = self.cfg, self._wrcfg, self.drafter, self.mesh
+    limit = max_loop_steps(self.rcfg)
+
+    def fn(params, dparams, state, min_active, max_steps):
+      return decode_chunk(
+        params,
+        dparams,
+        state,
+        min_active,
+        max_steps,
+        k=strategy,
+        cfg=cfg,
+        rcfg=rcfg,
+        drafter=drafter if strategy else None,
+        mesh=mesh,
+        limit=limit,
+      )
+
+    key = ('chunk', b, strategy, args[2].tokens.shape[1], has_draft)
+    return self._compiled(key, fn, args, (2,), report, b)
+
+  def _widen(self, state, report):
+    """The state on the wide buffer (``buffer_len`` slots), for speculation."""
+    b, s = state.tokens.shape
+    axes = axis_positions(state_axes(state, self.drafter), 'cache_seq')
+    extra, pad = self.buffer_len - s, self.rcfg.pad_id
+    f = self._compiled(
+      ('widen', b, 0, s, state.cache is None, state.draft is not None),
+      lambda st: widen(st, axes, extra, pad),
+      (state,),
+      (),  # new shapes: nothing to donate into
+      report,
+      b,
+    )
+    return f(state)
+
+  def _attach_draft(self, state, dparams, report):
+    """Build the drafter's state for a running batch: its prefill over every committed
+    token (positions ``0..pos``; slots beyond hold stale tokens that the drafter's causal
+    mask hides until its proposals overwrite them). Why lazily: a drafter cache for the
+    full batch is wasted work when speculation only pays in the small-batch tail."""
+    b, s = state.tokens.shape
+    drafter, seq_len, mesh = self.drafter, self.rcfg.seq_len, self.mesh
+
+    def fn(dp, st):
+      ds = drafter.prefill(dp, st.tokens[:, :seq_len], st.pos + 1, s, mesh=mesh)
+      return st.replace(draft=ds)
+
+    f = self._compiled(('attach', b, 0, s), fn, (dparams, state), (1,), report, b)
+    return f(dparams, state)
+
+  # -- decisions
+
+  def _decide(
+    self,
+    obs: ChunkObs | None,
+    b: int,
+    n_active: int,
+    current: int | None,
+    params,
+    dparams_fn,
+    report: AdaptiveReport,
+  ) -> tuple[int, int, dict]:
+    """(strategy, max_steps, info) for the next chunk at batch ``b``."""
+    acfg, mem = self.acfg, self.memory
+    steps = acfg.chunk_steps
+    # A plain chunk learns nothing that could change a cost-model / roofline decision at
+    # this bucket (acceptance is only measured while speculating; plain's measured cost
+    # rescales the speculative estimates alike), so it runs to the bucket boundary.
+    to_boundary = max_loop_steps(self.rcfg)
+    if acfg.policy == 'never':
+      return PLAIN, to_boundary, {}
+    if acfg.policy == 'always':
+      return self.k_max, steps, {}
+    if acfg.policy == 'tlt':
+      u = (float(self._rng.random()), float(self._rng.random()))
+      tlt, s, steps = tlt_update(mem.tlt, obs, n_active, b, acfg, u)
+      self.memory = dataclasses.replace(mem, tlt=tlt)
+      return s, steps, dict(below_steps=tlt.below_steps)
+    prof = self._profile(b, params, dparams_fn, report)
+    if acfg.policy == 'cost_model':
+      arms = tuple(k for k in acfg.arms if k <= self.k_max)
+      costs = round_costs(mem, prof, b, (PLAIN,) + arms, acfg.learn_online)
+      # seconds per round -> per *committed* round: a measured yield < 1 (rows finishing
+      # mid-run) makes long drafts at this bucket proportionally dearer
+      costs = {k: c / max(mem.yields.get((b, k), 1.0), 1e-3) for k, c in costs.items()}
+      alpha = optimistic_alpha(mem.alpha, mem.alpha_n, acfg.alpha_optimism)
+      s, rates = cost_model_choose(costs, alpha, current, acfg.hysteresis)
+      steps = to_boundary if s == PLAIN else steps
+      return s, steps, dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
+    # roofline
+    ladder = acfg.ladder
+    costs = round_costs(mem, prof, b, (PLAIN,) + ladder, acfg.learn_online)
+    corr = mem.corr.get((b, 'spec'), mem.corr.get((b, 'plain'), 1.0)) if acfg.learn_online else 1.0
+    ratios = {}
+    for g in ladder:
+      draft = prof.propose(g) * corr
+      ratios[g] = (draft / g / costs[PLAIN], max(costs[g] - draft, 0.0) / costs[PLAIN])
+    measured = obs.alpha if obs is not None else None
+    rs, s, speedup = roofline_update(mem.roofline, mem.alpha, measured, ratios, acfg)
+    self.memory = dataclasses.replace(mem, roofline=rs)
+    steps = to_boundary if s == PLAIN else steps
+    return s, steps, dict(alpha=mem.alpha, gamma=ladder[rs.index], speedup=speedup)
+
+  def _bucket_for(self, n_active: int, b: int) -> int:
+    """Smallest bucket >= n_active (b itself when no bucket below b fits)."""
+    fits = [x for x in self.acfg.buckets if n_active <= x < b]
+    return min(fits) if fits else b
+
+  def _boundary(self, b: int) -> int:
+    """Active count at which a chunk at batch b stops for compaction (0: none)."""
+    if not self.acfg.compaction:
+      return 0
+    below = [x for x in self.acfg.buckets if x < b]
+    return max(below) if below else 0
+
+  # -- the rollout
+
+  def generate(self, params, prompt_tokens, prompt_len, rng, draft_params=None):
+    rcfg = self.rcfg
+    prompt_tokens, prompt_len = prepare_prompts(prompt_tokens, prompt_len, rcfg)
+    bsz = prompt_tokens.shape[0]
+    derived = []
+
+    def dparams_fn():
+      """The drafter's params on first use only (a rollout that never speculates never
+      pays for them): derived from the policy inside jit (params are arguments), or the
+      drafter's own params as they are -- never closed over as jit constants."""
+      if draft_params is not None or self.drafter is None:
+        return draft_params
+      if not derived:
+        if not self.drafter.derived:
+          derived.append(self.drafter.params_from_policy(params))
+        else:
+          if ('derive',) not in self._fns:
+            self._fns[('derive',)] = jax.jit(self.drafter.params_from_policy)
+          derived.append(self._fns[('derive',)](params))
+      return derived[0]
+
+    acfg = self.acfg
+    report = AdaptiveReport(batch=bsz, policy=acfg.policy)
+    self.memory = dataclasses.replace(self.memory, tlt=tlt_reset(self.memory.tlt))
+    cfg, mesh, wrcfg = self.cfg, self.mesh, self._wrcfg
+    sdrafter = self.drafter if self._eager_draft else None
+    i32 = np.int32
+
+    t_start = time.perf_counter()
+
+    def now():  # seconds since the start, compile and profiling time excluded
+      extra = sum(report.compile_s.values()) + sum(report.profile_s.values())
+      return time.perf_counter() - t_start - extra
+
+    def prefill_fn(params, dparams, toks, lens, rng):
+      state = prefill(
+        params,
+        toks,
+        lens,
+        rng,
+        cfg=cfg,
+        rcfg=wrcfg,
+        mesh=mesh,
+        drafter=sdrafter,
+        draft_params=dparams,
+        buffer_len=self._prefill_len,
+      )
+      return state, state_stats(state, 0)
+
+    args = (params, dparams_fn() if sdrafter else None, prompt_tokens, prompt_len, rng)
+    prefill_j = self._compiled(
+      ('prefill', bsz, 0, self._prefill_len, self._eager_draft), prefill_fn, args, (), report, bsz
+    )
+    # Not synced (after the first rollout at this batch size, which measures the prefill
+    # once): the first chunk runs at the full batch whatever finished at prefill (a row
+    # done at its first token only shows up as a smaller active count after it), and the
+    # prefill's measured time is taken off that chunk's time before it is learned from.
+    state, pstats = prefill_j(*args)
+    if bsz not in self._prefill_s:
+      t0 = now()
+      jax.block_until_ready(pstats)
+      self._prefill_s[bsz] = now() - t0
+      prefill_left = 0.0
+    else:
+      prefill_left = self._prefill_s[bsz]
+    n_active, step = bsz, 0
+    limit = max_loop_steps(rcfg)
+    pending = None  # a chunk whose stats are not read yet
+    b, origin, acc = bsz, None, None
+    current: int | None = None
+    obs: ChunkObs | None = None
+    while n_active > 0 and step < limit:
+      target = self._bucket_for(n_active, b) if acfg.compaction else b
+      if target < b:
+        state, origin, acc = self._compact(state, origin, acc, target, bsz, report)
+        report.compactions.append((now(), b, target, n_active))
+        b = target
+      strategy, max_steps, info = self._decide(
+        obs, b, n_active, current, params, dparams_fn, report
+      )
+      if strategy != current:
+        d = dict(t=now(), bucket=b, active=n_active, strategy=strategy, **info)
+        report.decisions.append(d)
+        log.info(
+          'adaptive[%s]: bucket %d, %d active -> %s %s',
+          acfg.policy,
+          b,
+          n_active,
+          strategy_name(strategy),
+          info,
+        )
+      report.chosen.setdefault(b, [])
+      if not report.chosen[b] or report.chosen[b][-1] != strategy:
+        report.chosen[b].append(strategy)
+      dparams = None if strategy == PLAIN else dparams_fn()
+      cargs = (params, dparams, state, i32(self._boundary(b)), i32(max_steps))
+      if strategy != PLAIN and state.tokens.shape[1] < self.buffer_len:
+        state = self._widen(state, report)
+      if strategy != PLAIN and self._stateful and state.draft is None:
+        state = self._attach_draft(state, dparams, report)
+      cargs = (params, dparams, state) + cargs[3:]
+      chunk = self._chunk_fn(b, strategy, cargs, report, state.draft is not None)
+      t0 = now()
+      report.trace.append((t0, n_active, b, strategy))
+      state, both = chunk(*cargs)
+      # A plain chunk with nothing left to compact into and no step cap ends the rollout
+      # (all done, or the global step limit): finalize without waiting on its stats, so
+      # the host sync does not sit between the loop and the finalize (as in the static
+      # engine); the stats are read after the finalize is dispatched.
+      last = strategy == PLAIN and self._boundary(b) == 0 and max_steps >= limit
+      pending = (both, t0, b, strategy, n_active, 0.0 if obs is not None else prefill_left)
+      if last:
+        break
+      obs, pending = self._observe(pending, report, now), None
+      current = strategy
+      n_active, step = obs.active_end, obs.global_step
+      if obs.steps == 0 and self._bucket_for(n_active, b) == b:  # no progress possible
+        break
+
+    seq_len, width, pad = rcfg.seq_len, rcfg.buffer_len, rcfg.pad_id
+    fin_width = state.tokens.shape[1]
+
+    def fin_fn(acc, st, origin):
+      if acc is not None:
+        st = scatter_rows(acc, st, origin)
+      return clear_scratch(finalize(st, wrcfg), seq_len, width, pad)
+
+    if acc is not None and acc.tokens.shape[1] < fin_width:  # rows left before widening
+      acc = self._widen(acc, report)
+    fargs = (acc, strip(state), origin)
+    key = ('final', bsz, None if acc is None else b, fin_width)
+    fin = self._compiled(key, fin_fn, fargs, (), report, bsz)
+    out = fin(*fargs)
+    if pending is not None:
+      self._observe(pending, report, now)
+    out = jax.block_until_ready(out)
+    dt = time.perf_counter() - t_start
+    self.last_report = report
+    return out, self._metrics(out, dt, report)
+
+  def _observe(self, pending, report: AdaptiveReport, now) -> ChunkObs:
+    """Read a chunk's stats (a host sync), record it and fold it into the memory."""
+    both, t0, b, strategy, n_active, prefill_s = pending
+    st0, stats = np.asarray(jax.device_get(both))
+    t1 = now()
+    # The first chunk also waited for the prefill: learn from its time without it (not at
+    # all if that leaves too little to be a measurement); the report keeps the wall time.
+    learn_s = t1 - t0 - prefill_s
+    delta = stats - st0
+    obs = ChunkObs(
+      bucket=b,
+      strategy=strategy,
+      steps=int(stats[ST_STEPS]),
+      seconds=max(learn_s, 0.0),
+      tokens=int(delta[ST_TOKENS]),
+      rounds=int(delta[ST_ROUNDS]),
+      accepted=int(delta[ST_ACCEPTED]),
+      active_start=n_active,
+      active_end=int(stats[ST_ACTIVE]),
+      global_step=int(stats[ST_STEP]),
+      timed=learn_s > 0.25 * (t1 - t0),
+    )
+    report.trace.append((t1, obs.active_end, b, strategy))
+    ph = report.phases.setdefault(
+      f'b{b}/{strategy_name(strategy)}', dict(time_s=0.0, tokens=0, steps=0)
+    )
+    ph['time_s'] += t1 - t0
+    ph['tokens'] += obs.tokens
+    ph['steps'] += obs.steps
+    report.drafted += obs.rounds * obs.strategy
+    prof = self._profiles.get((b, self.buffer_len))
+    self.memory = memory_observe(self.memory, obs, prof, self.acfg)
+    return obs
+
+  def _compact(self, state, origin, acc, target, bsz, report):
+    """Gather the active rows into batch ``target``; write the rows leaving into ``acc``.
+
+    Returns (state, origin, acc): ``origin`` int32 [target] maps rows to the original
+    batch (``bsz`` for padding rows, which repeat a finished row and are never written
+    back).
+    """
+    b = state.pos.shape[0]
+    done = np.asarray(jax.device_get(state.done))
+    active = np.nonzero(~done)[0]
+    finished = np.nonzero(done)[0]
+    idx = np.concatenate([active, np.full(target - len(active), finished[0])]).astype(np.int32)
+    cur_origin = np.arange(b, dtype=np.int32) if origin is None else origin
+    new_origin = np.where(np.arange(target) < len(active), cur_origin[idx], bsz).astype(np.int32)
+    has_draft = state.draft is not None
+    axes = axis_positions(state_axes(state, self.drafter), 'batch')
+    if acc is None:  # still at the original batch: every row's home is itself
+      g = self._compiled(
+        ('gather', b, target, state.tokens.shape[1], has_draft),
+        lambda st, i: gather_rows(st, i, axes),
+        (state, idx),
+        (),
+        report,
+        target,
+      )
+      return g(state, idx), new_origin, strip(state)
+
+    if acc.tokens.shape[1] < state.tokens.shape[1]:  # rows left before widening
+      acc = self._widen(acc, report)
+
+    def fn(acc, st, idx, origin):  # one compile per (b, target): scatter the old, gather
+      return scatter_rows(acc, strip(st), origin), gather_rows(st, idx, axes)
+
+    args = (acc, state, idx, cur_origin)
+    key = ('compact', b, target, state.tokens.shape[1], acc.tokens.shape[1], bsz, has_draft)
+    f = self._compiled(key, fn, args, (0,), report, target)
+    acc, state = f(*args)
+    return state, new_origin, acc
+
+  def _metrics(self, out: RolloutOutput, seconds: float, report: AdaptiveReport) -> dict:
+    m = rollout_metrics(out, seconds)
+    m.update(report.metrics())
+    m['adaptive/alpha'] = float(self.memory.alpha)
+    return m
+
+  # -- host state (checkpointed with the train state)
+
+  def host_state(self) -> dict:
+    """What the engine has learned across rollouts, as JSON-able data: the policy's
+    memory and the TLT bandit's RNG. Profiles are re-measured after a restart."""
+    return dict(memory=memory_to_json(self.memory), rng=self._rng.bit_generator.state)
+
+  def load_host_state(self, d: dict) -> None:
+    self.memory = memory_from_json(d['memory'])
+    self._rng.bit_generator.state = d['rng']

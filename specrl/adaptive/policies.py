@@ -1,0 +1,308 @@
+"""The adaptive engine's decision policies and what it learns: pure host maths.
+
+No JAX here (not even NumPy): every function maps plain numbers and frozen dataclasses to
+new ones, so the policies are unit-tested with hand-made inputs, and what the engine has
+learned (:class:`Memory`) is plain data that goes into checkpoints
+(:func:`memory_to_json` / :func:`memory_from_json`).
+
+- ``cost_model`` (:func:`cost_model_choose`): maximise expected tokens/s per active row,
+  ``expected_tokens(a, k) / seconds per round``, with hysteresis.
+- ``tlt`` (:func:`tlt_update`): speculation on once the active count stays
+  ``<= tlt_threshold`` for ``tlt_patience`` steps; then epsilon-greedy over the arms per
+  bucket, reward = tokens per second of the chunk, median over a window.
+- ``roofline`` (:func:`roofline_update`): on iff predicted speedup ``L / (g r + v)`` beats
+  ``roofline_min_speedup``; ``g`` climbs the ladder (the arms) on measured acceptance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Mapping, Sequence
+
+from specrl.adaptive.config import PLAIN, AdaptiveConfig
+from specrl.decoding.spec_math import (
+  CostProfile,
+  alpha_from_tokens_per_round,
+  expected_tokens,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkObs:
+  """What the host learns from one chunk: the policies' only input from the device."""
+
+  bucket: int  # batch size the chunk ran at
+  strategy: int  # 0 = plain, else k
+  steps: int  # rounds run
+  seconds: float  # wall time of the chunk (dispatch to stats on the host)
+  tokens: int  # tokens committed (all rows)
+  rounds: int  # sequence-rounds of verification (speculative only)
+  accepted: int  # accepted drafts over those rounds
+  active_start: int
+  active_end: int
+  # False: ``seconds`` is no per-round cost (e.g. it includes other work), so it is not
+  # learned from. (The engine takes the prefill off a rollout's first chunk instead.)
+  timed: bool = True
+  global_step: int = 0  # the rollout's loop iterations after the chunk
+
+  @property
+  def yield_(self) -> float | None:
+    """Committed / emitted tokens over this chunk's verify passes (None when it did not
+    speculate): a pass emits accepted + 1 tokens per row, but a row that reaches EOS,
+    ``max_new_tokens`` or the cache end mid-run commits fewer -- short tails waste
+    long drafts, which the acceptance alone does not show."""
+    if self.strategy == PLAIN or self.rounds <= 0:
+      return None
+    return min(max(self.tokens / (self.accepted + self.rounds), 0.0), 1.0)
+
+  @property
+  def alpha(self) -> float | None:
+    """Per-token acceptance measured in this chunk (None when it did not speculate)."""
+    if self.strategy == PLAIN or self.rounds <= 0:
+      return None
+    return alpha_from_tokens_per_round(1.0 + self.accepted / self.rounds, self.strategy)
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def cost_model_choose(
+  costs: Mapping[int, float], alpha: float, current: int | None, hysteresis: float
+) -> tuple[int, dict[int, float]]:
+  """Strategy with the highest expected tokens/s per active row, with hysteresis.
+
+  Args:
+    costs: strategy (0 = plain, k = speculative) -> seconds per round at this bucket.
+    alpha: running per-token acceptance.
+    current: the strategy in use (kept unless another is ``> 1 + hysteresis`` better).
+  Returns:
+    (strategy, rates {strategy: expected tokens per second per row}).
+  """
+  rates = {s: expected_tokens(alpha, s) / max(t, 1e-12) for s, t in costs.items()}
+  best = max(sorted(rates), key=lambda s: rates[s])  # ties: the smallest k (plain first)
+  if current in rates and rates[best] <= rates[current] * (1.0 + hysteresis):
+    return current, rates
+  return best, rates
+
+
+@dataclasses.dataclass(frozen=True)
+class TltState:
+  """TLT-style policy state. ``rewards`` ((bucket, k) -> recent rewards) persists across
+  rollouts; ``below_steps`` / ``on`` are per rollout (see :func:`tlt_reset`)."""
+
+  below_steps: int = 0
+  on: bool = False
+  rewards: dict = dataclasses.field(default_factory=dict)
+
+
+def tlt_reset(state: TltState) -> TltState:
+  return dataclasses.replace(state, below_steps=0, on=False)
+
+
+def tlt_update(
+  state: TltState,
+  obs: ChunkObs | None,
+  n_active: int,
+  bucket: int,
+  acfg: AdaptiveConfig,
+  u: tuple[float, float],
+) -> tuple[TltState, int, int]:
+  """One TLT decision for the next chunk.
+
+  Args:
+    obs: the chunk just run (None before the first).
+    n_active: active sequences now; bucket: the batch size the next chunk runs at.
+    u: two uniforms in [0, 1) (explore?, which arm) -- passed in to keep this pure.
+  Returns:
+    (state, strategy, max_steps): ``max_steps`` caps the next chunk so that the patience
+    count is checked on time (``acfg.chunk_steps`` otherwise).
+  """
+  rewards = dict(state.rewards)
+  below = state.below_steps
+  if obs is not None:
+    if obs.strategy != PLAIN and obs.steps > 0 and obs.seconds > 0:
+      key = (obs.bucket, obs.strategy)
+      rewards[key] = (rewards.get(key, ()) + (obs.tokens / obs.seconds,))[-acfg.tlt_window :]
+    if obs.active_start <= acfg.tlt_threshold:
+      below += obs.steps
+  if n_active > acfg.tlt_threshold:
+    below = 0
+  on = state.on or (n_active <= acfg.tlt_threshold and below >= acfg.tlt_patience)
+  state = dataclasses.replace(state, below_steps=below, on=on, rewards=rewards)
+  if not on:
+    room = acfg.tlt_patience - below if n_active <= acfg.tlt_threshold else acfg.chunk_steps
+    return state, PLAIN, max(1, min(acfg.chunk_steps, room))
+  arms = tuple(acfg.arms)
+  if u[0] < acfg.tlt_epsilon:
+    return state, arms[min(int(u[1] * len(arms)), len(arms) - 1)], acfg.chunk_steps
+  # exploit: best median reward in this bucket, else in the nearest larger bucket with data
+  for b in sorted({bk for bk, _ in rewards if bk >= bucket}):
+    scored = {k: statistics.median(rewards[(b, k)]) for k in arms if (b, k) in rewards}
+    if scored:
+      return state, max(sorted(scored), key=lambda k: scored[k]), acfg.chunk_steps
+  default = acfg.tlt_default_k if acfg.tlt_default_k in arms else arms[len(arms) // 2]
+  return state, default, acfg.chunk_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class RooflineState:
+  """Roofline policy state: position on the draft-length ladder (persists)."""
+
+  index: int = 0
+
+
+def roofline_update(
+  state: RooflineState,
+  alpha: float,
+  measured_alpha: float | None,
+  ratios: Mapping[int, tuple[float, float]],
+  acfg: AdaptiveConfig,
+) -> tuple[RooflineState, int, float]:
+  """Move the ladder on the last chunk's measured acceptance, then decide on/off.
+
+  Args:
+    alpha: running per-token acceptance (for the predicted L).
+    measured_alpha: acceptance measured by the chunk just run (None if it did not
+      speculate: the ladder stays).
+    ratios: gamma -> (r, v): draft cost per token and verify cost per round, both
+      relative to one plain step, at the bucket of the next chunk.
+  Returns:
+    (state, strategy (gamma or 0), predicted speedup).
+  """
+  ladder = acfg.ladder
+  idx = min(state.index, len(ladder) - 1)
+  if measured_alpha is not None:
+    if measured_alpha >= acfg.roofline_up:
+      idx = min(idx + 1, len(ladder) - 1)
+    elif measured_alpha <= acfg.roofline_down:
+      idx = max(idx - 1, 0)
+  g = ladder[idx]
+  r, v = ratios[g]
+  speedup = expected_tokens(alpha, g) / max(g * r + v, 1e-12)
+  strategy = g if speedup > acfg.roofline_min_speedup else PLAIN
+  return dataclasses.replace(state, index=idx), strategy, speedup
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+  """What an engine learns across rollouts (host-side; all updates are pure ``replace``).
+
+  ``costs``: (bucket, strategy) -> measured seconds per round; ``corr``: (bucket, 'plain'
+  | 'spec') -> measured / profiled; ``alpha``: running per-token acceptance, measured over
+  ``alpha_n`` sequence-rounds.
+  """
+
+  alpha: float
+  alpha_n: float = 0.0  # sequence-rounds of speculation observed (all rollouts)
+  costs: dict = dataclasses.field(default_factory=dict)
+  corr: dict = dataclasses.field(default_factory=dict)
+  # (bucket, k) -> measured committed / emitted tokens of speculation (ChunkObs.yield_)
+  yields: dict = dataclasses.field(default_factory=dict)
+  tlt: TltState = dataclasses.field(default_factory=TltState)
+  roofline: RooflineState = dataclasses.field(default_factory=RooflineState)
+
+
+def memory_observe(
+  mem: Memory, obs: ChunkObs, profile: CostProfile | None, acfg: AdaptiveConfig
+) -> Memory:
+  """Fold one chunk into the running acceptance and the measured round costs."""
+  alpha, alpha_n = mem.alpha, mem.alpha_n
+  a = obs.alpha
+  if a is not None:
+    w = obs.rounds / (obs.rounds + acfg.alpha_memory)
+    alpha = (1.0 - w) * alpha + w * a
+    alpha_n += obs.rounds
+  costs, corr, yields = dict(mem.costs), dict(mem.corr), dict(mem.yields)
+  y = obs.yield_
+  if y is not None:
+    w = obs.rounds / (obs.rounds + acfg.alpha_memory)
+    key = (obs.bucket, obs.strategy)
+    yields[key] = y if key not in yields else (1.0 - w) * yields[key] + w * y
+  if acfg.learn_online and obs.timed and obs.steps > 0 and obs.seconds > 0:
+    per_round = obs.seconds / obs.steps
+    w = obs.steps / (obs.steps + acfg.cost_memory)
+    key = (obs.bucket, obs.strategy)
+    costs[key] = per_round if key not in costs else (1 - w) * costs[key] + w * per_round
+    if profile is not None:
+      kind = 'plain' if obs.strategy == PLAIN else 'spec'
+      ratio = per_round / max(profile.round(obs.strategy), 1e-12)
+      ck = (obs.bucket, kind)
+      corr[ck] = ratio if ck not in corr else (1 - w) * corr[ck] + w * ratio
+  return dataclasses.replace(
+    mem, alpha=alpha, alpha_n=alpha_n, costs=costs, corr=corr, yields=yields
+  )
+
+
+def round_costs(
+  mem: Memory,
+  profile: CostProfile,
+  bucket: int,
+  strategies: Sequence[int],
+  learn_online: bool = True,
+) -> dict[int, float]:
+  """Seconds per round of each strategy at ``bucket``: measured if seen, else profiled and
+  scaled by the measured/profiled ratio of its kind (spec falls back to plain's ratio:
+  the engine overhead a profile of bare forwards misses)."""
+  out = {}
+  for s in strategies:
+    if learn_online and (bucket, s) in mem.costs:
+      out[s] = mem.costs[(bucket, s)]
+      continue
+    kind = 'plain' if s == PLAIN else 'spec'
+    c = mem.corr.get((bucket, kind), mem.corr.get((bucket, 'plain'), 1.0))
+    out[s] = profile.round(s) * (c if learn_online else 1.0)
+  return out
+
+
+def strategy_name(s: int) -> str:
+  return 'plain' if s == PLAIN else f'k{s}'
+
+
+def policy_info(acfg: AdaptiveConfig) -> str:
+  """One line describing a config, for logs."""
+  extra = {
+    'always': f'k={acfg.k_max}',
+    'tlt': f'thr={acfg.tlt_threshold}',
+    'roofline': f'ladder={acfg.ladder}',
+  }.get(acfg.policy, '')
+  return f'{acfg.policy}{" " + extra if extra else ""}, compaction={acfg.compaction}'
+
+
+def _pairs(d: dict) -> list:
+  """A dict with tuple keys as a JSON-able list of [key..., value]."""
+  return [[*k, v] if isinstance(k, tuple) else [k, v] for k, v in sorted(d.items(), key=str)]
+
+
+def memory_to_json(mem: Memory) -> dict:
+  """What the engine has learned, as JSON-able data (for the host-state checkpoint)."""
+  return dict(
+    alpha=mem.alpha,
+    alpha_n=mem.alpha_n,
+    costs=_pairs(mem.costs),
+    corr=_pairs(mem.corr),
+    yields=_pairs(mem.yields),
+    tlt=dict(
+      below_steps=mem.tlt.below_steps,
+      on=mem.tlt.on,
+      rewards=[[b, k, list(r)] for (b, k), r in sorted(mem.tlt.rewards.items())],
+    ),
+    roofline_index=mem.roofline.index,
+  )
+
+
+def memory_from_json(d: dict) -> Memory:
+  """Inverse of :func:`memory_to_json`."""
+  return Memory(
+    alpha=float(d['alpha']),
+    alpha_n=float(d['alpha_n']),
+    costs={(int(b), int(s)): float(v) for b, s, v in d['costs']},
+    corr={(int(b), str(kind)): float(v) for b, kind, v in d['corr']},
+    yields={(int(b), int(k)): float(v) for b, k, v in d['yields']},
+    tlt=TltState(
+      below_steps=int(d['tlt']['below_steps']),
+      on=bool(d['tlt']['on']),
+      rewards={(int(b), int(k)): tuple(float(x) for x in r) for b, k, r in d['tlt']['rewards']},
+    ),
+    roofline=RooflineState(index=int(d['roofline_index'])),
+  )

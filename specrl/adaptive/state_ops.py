@@ -1,0 +1,141 @@
+"""Device-state surgery for the adaptive engine: widen, compact (gather / scatter rows),
+strip, clear scratch, chunk statistics, and the jitted decode chunk.
+
+Which axis of each leaf is the batch (or buffer-slot) axis comes from the logical axes
+(:func:`specrl.decoding.state.state_logical_axes`), so any drafter state that declares its
+axes is compacted and widened correctly: KV caches ``[L, B, S, K, Dh]`` on axis 1,
+``[B, ...]`` leaves on axis 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from specrl.decoding import steps as steps_lib
+from specrl.decoding.state import (
+  OUTPUT_FIELDS,
+  RolloutConfig,
+  RolloutOutput,
+  RolloutState,
+  state_logical_axes,
+)
+
+# Layout of the per-chunk stats vector (int32 [6]).
+ST_STEPS, ST_ACTIVE, ST_TOKENS, ST_ROUNDS, ST_ACCEPTED, ST_STEP = range(6)
+
+
+def state_axes(state: RolloutState, drafter) -> RolloutState:
+  """Logical axes matching ``state``: the drafter's state axes only if it carries one, no
+  caches for a stripped accumulator (see :func:`strip`)."""
+  draft_axes = drafter.state_logical_axes() if state.draft is not None else None
+  axes = state_logical_axes(draft_axes)
+  return axes.replace(cache=None) if state.cache is None else axes
+
+
+def axis_positions(axes, name: str) -> Any:
+  """Pytree like ``axes`` (logical-axis tuples): the position of ``name`` in each, -1 = none
+  (e.g. ``'batch'``: axis 1 of a KV cache ``[L, B, S, K, Dh]``, axis 0 elsewhere)."""
+  return jax.tree.map(
+    lambda t: t.index(name) if name in t else -1, axes, is_leaf=lambda t: isinstance(t, tuple)
+  )
+
+
+def widen(state: RolloutState, axes, extra: int, pad_id: int):
+  """Append ``extra`` scratch slots to every buffer-slot axis (``tokens`` gets
+  ``pad_id``, logprobs and KV caches zeros). Slots past ``seq_len`` are never read."""
+
+  def one(ax, x):
+    if x is None or ax < 0:
+      return x
+    widths = [(0, 0)] * x.ndim
+    widths[ax] = (0, extra)
+    fill = pad_id if x.dtype == jnp.int32 else 0
+    return jnp.pad(x, widths, constant_values=jnp.asarray(fill, x.dtype))
+
+  return jax.tree.map(one, axes, state)
+
+
+def gather_rows(state: RolloutState, idx: jax.Array, axes) -> RolloutState:
+  """Rows ``idx`` (int32 [b]) of every batched leaf: a state of batch b.
+
+  KV caches ``[L, B, S, K, Dh]`` are gathered on axis 1, ``[B, ...]`` leaves on axis 0;
+  ``rng`` and ``step`` (no batch axis) are shared.
+  """
+  return jax.tree.map(lambda ax, x: x if ax < 0 else jnp.take(x, idx, axis=ax), axes, state)
+
+
+def scatter_rows(acc: RolloutState, state: RolloutState, origin: jax.Array) -> RolloutState:
+  """Write the output fields of ``state`` (batch b) into ``acc`` (batch B) at rows
+  ``origin`` (int32 [b]; B = padding row, dropped)."""
+  upd = {f: getattr(acc, f).at[origin].set(getattr(state, f), mode='drop') for f in OUTPUT_FIELDS}
+  return acc.replace(**upd)
+
+
+def strip(state: RolloutState) -> RolloutState:
+  """The state without caches: what the output needs."""
+  return state.replace(cache=None, draft=None)
+
+
+def clear_scratch(out: RolloutOutput, seq_len: int, width: int, pad_id: int) -> RolloutOutput:
+  """Blank the buffer's scratch slots ``>= seq_len`` (never committed; see the module
+  docstring) and cut ``tokens``/``logprobs`` ``[B, S]`` to ``[B, width]``."""
+  s = out.tokens.shape[1]
+  scratch = jnp.arange(s)[None, :] >= seq_len
+  toks = jnp.where(scratch, pad_id, out.tokens)[:, :width]
+  lps = jnp.where(scratch, 0.0, out.logprobs)[:, :width]
+  if width > s:
+    toks = jnp.pad(toks, ((0, 0), (0, width - s)), constant_values=pad_id)
+    lps = jnp.pad(lps, ((0, 0), (0, width - s)))
+  return out.replace(tokens=toks, logprobs=lps)
+
+
+def state_stats(state: RolloutState, steps) -> jax.Array:
+  """int32 [6]: steps, active, sum generated, sum rounds, sum accepted, global step."""
+  return jnp.stack(
+    [
+      jnp.asarray(steps, jnp.int32),
+      jnp.sum(~state.done).astype(jnp.int32),
+      jnp.sum(state.num_generated),
+      jnp.sum(state.num_rounds),
+      jnp.sum(state.num_accepted),
+      state.step,
+    ]
+  )
+
+
+def decode_chunk(
+  params,
+  draft_params,
+  state: RolloutState,
+  min_active,
+  max_steps,
+  *,
+  k: int,
+  cfg,
+  rcfg: RolloutConfig,
+  drafter,
+  mesh,
+  limit: int,
+):
+  """At most ``max_steps`` rounds of :func:`specrl.decoding.steps.decode_step` with ``k``
+  drafts (0 = plain), stopping once ``active <= min_active`` or the global step reaches
+  ``limit``. ``min_active``/``max_steps`` are traced int32 scalars: one compile per
+  (batch, k). Returns (state, int32 [2, 6] :func:`state_stats` before and after)."""
+  before = state_stats(state, 0)
+  state, n = steps_lib.decode(
+    params,
+    state,
+    k,
+    cfg=cfg,
+    rcfg=rcfg,
+    mesh=mesh,
+    drafter=drafter,
+    draft_params=draft_params,
+    min_active=min_active,
+    max_steps=max_steps,
+    limit=limit,
+  )
+  return state, jnp.stack([before, state_stats(state, n)])

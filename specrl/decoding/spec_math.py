@@ -1,0 +1,147 @@
+"""Speculation maths, defined once (pure Python: no JAX, no NumPy).
+
+Acceptance, as every metric, benchmark and doc of specrl uses it:
+
+- ``alpha`` = committed accepted drafts / drafts proposed to active rows. A draft that
+  the verifier accepted but that :func:`specrl.decoding.state.commit` cut off (EOS earlier
+  in the run, ``max_new_tokens``, the cache end) is *not* accepted: the row did not get it.
+- ``per_position[i]`` (i = 0 for the first draft) = P(draft i accepted | drafts < i
+  accepted): rounds where draft i was accepted and committed / rounds where it was
+  proposed with every earlier draft accepted.
+
+Under the i.i.d. model of Leviathan et al. (2023), a round with k drafts emits
+:func:`expected_tokens` ``(1 - a^(k+1)) / (1 - a)`` tokens; the adaptive engine's cost model
+and the benchmarks' ideal speedups use it, and :func:`alpha_from_tokens_per_round`
+inverts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+  """Expected tokens per round, ``(1 - a^(k+1)) / (1 - a)``; 1 for plain (k = 0).
+
+  k drafts with i.i.d. per-token acceptance ``a``: the accepted prefix, plus the one
+  token the verify pass always emits.
+  """
+  if k <= 0:
+    return 1.0
+  a = min(max(float(alpha), 0.0), 1.0)
+  if a >= 1.0 - 1e-12:
+    return float(k + 1)
+  return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def alpha_from_tokens_per_round(tau: float, k: int) -> float:
+  """Invert :func:`expected_tokens`: the per-token acceptance giving ``tau`` tokens per
+  round at draft length k (bisection; ``tau`` clipped to ``[1, k + 1]``)."""
+  if k <= 0:
+    raise ValueError('acceptance is only defined for k >= 1')
+  tau = min(max(float(tau), 1.0), k + 1.0)
+  lo, hi = 0.0, 1.0
+  for _ in range(60):
+    mid = 0.5 * (lo + hi)
+    if expected_tokens(mid, k) < tau:
+      lo = mid
+    else:
+      hi = mid
+  return 0.5 * (lo + hi)
+
+
+def optimistic_alpha(alpha: float, n: float, optimism: float) -> float:
+  """Acceptance to decide with after ``n`` observed sequence-rounds: ``alpha`` raised
+  towards 1 by ``optimism / (optimism + n)`` (1 before any observation, -> alpha as n
+  grows): optimism in the face of uncertainty, so speculation is tried where it would
+  pay at a high acceptance, and dropped once measured not to pay."""
+  if optimism <= 0:
+    return alpha
+  return alpha + (1.0 - alpha) * optimism / (optimism + n)
+
+
+def ideal_speedup(alpha: float, k: int, c: float, v: float = 1.0) -> float:
+  """Leviathan et al.: expected tokens per round over a round's cost in plain steps
+  (``c`` = one drafter token / one plain step, ``v`` = verify pass / plain step)."""
+  return expected_tokens(alpha, k) / (k * c + v)
+
+
+def acceptance(
+  accepted: int, drafted: int, reached: Sequence[int] = (), accepted_at: Sequence[int] = ()
+) -> tuple[float | None, list[float | None]]:
+  """(alpha, per_position) from the rollout counters (see the module docstring).
+
+  Args:
+    accepted: committed accepted drafts (all rows); drafted: drafts proposed to active rows.
+    reached[i]: rounds where draft i was proposed with drafts < i accepted.
+    accepted_at[i]: rounds where draft i was accepted and committed.
+  Returns:
+    alpha (None if nothing was drafted) and per-position acceptances (None where
+    position i was never reached).
+  """
+  alpha = accepted / drafted if drafted > 0 else None
+  per_position = [a / r if r > 0 else None for a, r in zip(accepted_at, reached, strict=True)]
+  return alpha, per_position
+
+
+def speculation_metrics(
+  rounds: int,
+  accepted: int,
+  drafted: int,
+  reached: Sequence[int] = (),
+  accepted_at: Sequence[int] = (),
+  prefix: str = 'spec',
+) -> dict:
+  """The speculation metrics every engine, the train loop and the benchmarks report:
+  ``spec/alpha``, ``spec/per_position/<i>`` (1-based), ``spec/verify_passes``,
+  ``spec/accepted``, ``spec/drafted``, ``spec/tokens_per_pass`` (committed accepted drafts
+  + 1 per pass). Empty when nothing was drafted."""
+  if drafted <= 0:
+    return {}
+  alpha, per_pos = acceptance(accepted, drafted, reached, accepted_at)
+  m = {
+    f'{prefix}/alpha': float(alpha),
+    f'{prefix}/verify_passes': int(rounds),
+    f'{prefix}/accepted': int(accepted),
+    f'{prefix}/drafted': int(drafted),
+    f'{prefix}/tokens_per_pass': float((accepted + rounds) / max(rounds, 1)),
+  }
+  for i, a in enumerate(per_pos):
+    if a is not None:
+      m[f'{prefix}/per_position/{i + 1}'] = float(a)
+  return m
+
+
+@dataclasses.dataclass(frozen=True)
+class CostProfile:
+  """Measured unit costs (seconds) at one batch size and buffer length.
+
+  ``fwd1``/``fwd_ref``: one policy cache-extending forward at T = 1 / T = ``k_ref + 1``;
+  ``prop1``/``prop_ref``: one drafter ``propose`` of 1 / ``k_prop`` tokens (0: ``k_ref``).
+  Costs at other k are linear inter/extrapolations: a forward's cost is affine in T over
+  this small range, and ``propose`` is one T <= 2 step plus k - 1 T = 1 steps (so two
+  points pin it down; :func:`specrl.decoding.profile.measure_profile` measures k = 1, 2).
+  """
+
+  batch: int
+  k_ref: int
+  fwd1: float
+  fwd_ref: float
+  prop1: float
+  prop_ref: float
+  k_prop: int = 0
+
+  def verify(self, k: int) -> float:
+    """Policy forward over the k + 1 verify tokens."""
+    return self.fwd1 + (self.fwd_ref - self.fwd1) * k / max(self.k_ref, 1)
+
+  def propose(self, k: int) -> float:
+    kp = self.k_prop or self.k_ref
+    if kp <= 1:
+      return self.prop1 * k
+    return self.prop1 + (self.prop_ref - self.prop1) * (k - 1) / (kp - 1)
+
+  def round(self, k: int) -> float:
+    """Profiled seconds per round with k drafts (0 = plain), engine overhead excluded."""
+    return self.fwd1 if k == 0 else self.propose(k) + self.verify(k)

@@ -1,0 +1,246 @@
+"""Rollout config, decode-loop state and :func:`commit`.
+
+Layout. A sequence's tokens live in a buffer ``tokens [B, S]`` indexed by position;
+the prompt occupies ``0..L-1`` (right-padded prompt batch), generated tokens follow. The
+state invariant, for plain and speculative decoding alike:
+
+  ``pos[b]`` is the position of the last committed token ``tokens[b, pos[b]]``; the
+  policy KV cache holds every slot ``< pos[b]``; that token is fed at the next step.
+
+:func:`commit` appends ``count[b]`` new tokens per sequence after ``pos[b]``, cutting at
+EOS, ``max_new_tokens`` and the cache end -- the one place finish rules live, so plain
+decoding (1 token per step) and speculative decoding (``n + 1`` per verify pass) cannot
+disagree about them.
+
+Draft length. ``RolloutConfig.num_draft`` is the static engine's k (0 = plain). The buffer's
+scratch (the ``k + 1`` slots a verify pass writes past ``seq_len``) is laid out for
+``draft_width = max(num_draft, max_draft)``: the adaptive engine sets ``max_draft`` to the
+largest of its arms and runs chunks of any ``k <= max_draft`` on the same buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from specrl import model as model_lib
+from specrl import sampling
+
+FINISH_NONE, FINISH_EOS, FINISH_LENGTH, FINISH_CACHE = 0, 1, 2, 3
+FINISH_NAMES = {
+  FINISH_NONE: 'none',
+  FINISH_EOS: 'eos',
+  FINISH_LENGTH: 'length',
+  FINISH_CACHE: 'cache',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """Static rollout settings (hashable)."""
+
+  max_new_tokens: int = 64
+  max_prompt_len: int = 32
+  cache_len: int = 0  # 0 = max_prompt_len + max_new_tokens (+ draft scratch)
+  sampling: sampling.SamplingParams = sampling.SamplingParams()
+  eos_id: int = 2
+  pad_id: int = 0
+  num_draft: int = 0  # k of the static engine; 0 = plain decoding
+  max_draft: int = 0  # scratch laid out for this k too (adaptive engine: its largest arm)
+  verify_impl: str = 'jnp'
+  max_steps: int = 0  # safety cap on loop iterations; 0 = derived
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f'rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}')
+    if self.max_prompt_len < 1:
+      raise ValueError(f'rollout.max_prompt_len must be >= 1, got {self.max_prompt_len}')
+    if self.num_draft < 0 or self.max_draft < 0:
+      raise ValueError(
+        f'rollout.num_draft and max_draft must be >= 0, got {self.num_draft}, {self.max_draft}'
+      )
+    if self.verify_impl not in ('jnp', 'pallas'):
+      raise ValueError(f"rollout.verify_impl must be 'jnp' or 'pallas', got {self.verify_impl!r}")
+    if self.cache_len and self.cache_len <= self.max_prompt_len:
+      raise ValueError(
+        f'rollout.cache_len ({self.cache_len}) must exceed rollout.max_prompt_len '
+        f'({self.max_prompt_len}) to leave room for generation'
+      )
+
+  @property
+  def seq_len(self) -> int:
+    """Committed-token capacity per sequence (buffer positions that can be committed)."""
+    return self.cache_len or (self.max_prompt_len + self.max_new_tokens)
+
+  @property
+  def draft_width(self) -> int:
+    """The largest k a state of this config can run (scratch and acceptance counters)."""
+    return max(self.num_draft, self.max_draft)
+
+  @property
+  def buffer_len(self) -> int:
+    """Cache/buffer slots: capacity plus scratch for the k + 1 speculative positions."""
+    w = self.draft_width
+    return self.seq_len + (w + 1 if w else 0)
+
+
+@flax.struct.dataclass
+class RolloutState:
+  """Decode-loop carry. B = batch, S = buffer slots, K = ``rcfg.draft_width`` (>= 1)."""
+
+  tokens: jax.Array  # int32 [B, S] prompt + committed tokens, by position
+  logprobs: jax.Array  # f32 [B, S] reported logprob of the token at each position
+  pos: jax.Array  # int32 [B] position of the last committed token
+  prompt_len: jax.Array  # int32 [B]
+  num_generated: jax.Array  # int32 [B]
+  done: jax.Array  # bool [B]
+  finish: jax.Array  # int32 [B] FINISH_*
+  cache: dict  # policy KV cache {'k','v'}: [L, B, S, K, Dh]
+  draft: Any  # drafter state pytree (None for plain decoding)
+  rng: jax.Array  # key
+  step: jax.Array  # int32 [] loop iterations so far
+  # speculative statistics, per sequence (see specrl.decoding.spec_math for alpha)
+  num_rounds: jax.Array  # int32 [B] verify passes while active
+  num_accepted: jax.Array  # int32 [B] accepted drafts that were committed
+  num_drafted: jax.Array  # int32 [B] drafts proposed to the row while active
+  reached: jax.Array  # int32 [B, K] rounds where draft i was proposed, drafts < i accepted
+  accepted_at: jax.Array  # int32 [B, K] rounds where draft i was accepted and committed
+
+
+@flax.struct.dataclass
+class RolloutOutput:
+  """What a rollout returns. N = max_new_tokens.
+
+  ``tokens`` is the full buffer (prompt + response, by position) for training;
+  ``response``/``response_logprobs`` are right-padded per-sequence responses.
+  """
+
+  tokens: jax.Array  # int32 [B, S]
+  logprobs: jax.Array  # f32 [B, S]
+  prompt_len: jax.Array  # int32 [B]
+  response: jax.Array  # int32 [B, N]
+  response_logprobs: jax.Array  # f32 [B, N]
+  length: jax.Array  # int32 [B]
+  finish: jax.Array  # int32 [B]
+  num_rounds: jax.Array  # int32 [B]
+  num_accepted: jax.Array  # int32 [B]
+  num_drafted: jax.Array  # int32 [B]
+  reached: jax.Array  # int32 [B, K]
+  accepted_at: jax.Array  # int32 [B, K]
+
+
+# RolloutState fields that a RolloutOutput is made of (with a batch axis).
+OUTPUT_FIELDS = (
+  'tokens',
+  'logprobs',
+  'pos',
+  'prompt_len',
+  'num_generated',
+  'done',
+  'finish',
+  'num_rounds',
+  'num_accepted',
+  'num_drafted',
+  'reached',
+  'accepted_at',
+)
+
+
+def state_logical_axes(draft_axes=None) -> RolloutState:
+  """Logical axes of every state leaf (``sharding.DECODE_RULES`` maps them to the mesh)."""
+  b, bs, bk = ('batch',), ('batch', 'cache_seq'), ('batch', None)
+  return RolloutState(
+    tokens=bs,
+    logprobs=bs,
+    pos=b,
+    prompt_len=b,
+    num_generated=b,
+    done=b,
+    finish=b,
+    cache=model_lib.cache_logical_axes(),
+    draft=draft_axes,
+    rng=(),
+    step=(),
+    num_rounds=b,
+    num_accepted=b,
+    num_drafted=b,
+    reached=bk,
+    accepted_at=bk,
+  )
+
+
+def commit(state: RolloutState, new_tokens, new_logprobs, count, rcfg: RolloutConfig):
+  """Append up to ``count[b]`` tokens of ``new_tokens [B, M]`` after ``pos[b]``.
+
+  Cuts at the first EOS (kept), at ``max_new_tokens`` and at the buffer capacity; done
+  sequences take nothing. Returns the new state.
+  """
+  b, m = new_tokens.shape
+  active = ~state.done
+  room_new = rcfg.max_new_tokens - state.num_generated
+  room_cache = rcfg.seq_len - 1 - state.pos
+  take = jnp.minimum(jnp.minimum(count, room_new), room_cache)
+  take = jnp.where(active, jnp.maximum(take, 0), 0)
+  j = jnp.arange(m)[None, :]
+  is_eos = (new_tokens == rcfg.eos_id) & (j < take[:, None])
+  first_eos = jnp.argmax(is_eos, axis=1)
+  has_eos = jnp.any(is_eos, axis=1)
+  take = jnp.where(has_eos, first_eos + 1, take)
+  valid = j < take[:, None]
+  write_pos = jnp.where(valid, state.pos[:, None] + 1 + j, state.tokens.shape[1])  # OOB: dropped
+  bidx = jnp.arange(b)[:, None]
+  tokens = state.tokens.at[bidx, write_pos].set(new_tokens.astype(jnp.int32), mode='drop')
+  logprobs = state.logprobs.at[bidx, write_pos].set(new_logprobs, mode='drop')
+  num_generated = state.num_generated + take
+  pos = state.pos + take
+  hit_len = num_generated >= rcfg.max_new_tokens
+  hit_cache = pos >= rcfg.seq_len - 1
+  finish = jnp.where(
+    active & has_eos,
+    FINISH_EOS,
+    jnp.where(
+      active & hit_len, FINISH_LENGTH, jnp.where(active & hit_cache, FINISH_CACHE, state.finish)
+    ),
+  )
+  done = state.done | (active & (has_eos | hit_len | hit_cache))
+  return state.replace(
+    tokens=tokens,
+    logprobs=logprobs,
+    pos=pos,
+    num_generated=num_generated,
+    done=done,
+    finish=finish.astype(jnp.int32),
+  )
+
+
+def current_tokens(state: RolloutState) -> jax.Array:
+  """The last committed token of each sequence, int32 [B]."""
+  return jnp.take_along_axis(state.tokens, state.pos[:, None], axis=1)[:, 0]
+
+
+def finalize(state: RolloutState, rcfg: RolloutConfig) -> RolloutOutput:
+  """Gather right-padded responses out of the position-indexed buffer."""
+  n = rcfg.max_new_tokens
+  idx = state.prompt_len[:, None] + jnp.arange(n)[None, :]
+  valid = jnp.arange(n)[None, :] < state.num_generated[:, None]
+  idx = jnp.minimum(idx, state.tokens.shape[1] - 1)
+  resp = jnp.where(valid, jnp.take_along_axis(state.tokens, idx, axis=1), rcfg.pad_id)
+  resp_lp = jnp.where(valid, jnp.take_along_axis(state.logprobs, idx, axis=1), 0.0)
+  return RolloutOutput(
+    tokens=state.tokens,
+    logprobs=state.logprobs,
+    prompt_len=state.prompt_len,
+    response=resp,
+    response_logprobs=resp_lp,
+    length=state.num_generated,
+    finish=state.finish,
+    num_rounds=state.num_rounds,
+    num_accepted=state.num_accepted,
+    num_drafted=state.num_drafted,
+    reached=state.reached,
+    accepted_at=state.accepted_at,
+  )

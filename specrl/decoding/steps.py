@@ -1,0 +1,222 @@
+"""Prefill, the plain step, the speculative round, and the one step chooser.
+
+Both engines decode with :func:`decode_step`: the static engine inside one
+``lax.while_loop`` (:func:`decode`) with ``k = rcfg.num_draft``, the adaptive engine in
+chunks whose k its policy picks. ``k`` is static (a Python int): one compile per k.
+
+A speculative round at state (``pos`` = position of the last committed token ``c``, policy
+cache holding slots ``< pos``):
+
+1. the drafter proposes ``x_1..x_k`` with their (raw) logits, sampling from its own
+   processed distribution ``q`` (:mod:`specrl.drafters`);
+2. the policy runs *one* cache-extending forward pass over ``[c, x_1..x_k]`` at
+   positions ``pos..pos+k``, giving ``p_1..p_{k+1}``;
+3. :func:`specrl.decoding.verify.verify` accepts a prefix of ``n`` drafts by rejection
+   sampling and emits ``n + 1`` tokens whose distribution is exactly the policy's;
+4. :func:`specrl.decoding.state.commit` appends them (EOS / ``max_new_tokens`` / cache end
+   cut the run). Cache slots of rejected drafts are stale but lie beyond the new ``pos``,
+   where the position mask hides them until they are overwritten: rollback by position.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from specrl import model as model_lib
+from specrl import sampling
+from specrl import sharding as shd
+from specrl.decoding import verify as verify_lib
+from specrl.decoding.state import RolloutConfig, RolloutState, commit, current_tokens
+
+
+def prefill(
+  params,
+  prompt_tokens,
+  prompt_len,
+  rng,
+  *,
+  cfg: model_lib.ModelConfig,
+  rcfg: RolloutConfig,
+  mesh=None,
+  drafter=None,
+  draft_params=None,
+  buffer_len: int | None = None,
+) -> RolloutState:
+  """Prefill the policy (and drafter) caches and commit the first sampled token.
+
+  prompt_tokens: int32 [B, P] right-padded (P = rcfg.max_prompt_len); prompt_len [B].
+  ``buffer_len`` (default ``rcfg.buffer_len``): slots of the buffer and caches; the
+  adaptive engine starts narrow (``rcfg.seq_len``) and widens when it first speculates.
+  """
+  b, p = prompt_tokens.shape
+  s = buffer_len or rcfg.buffer_len
+  rules = shd.DECODE_RULES
+  cache = model_lib.init_cache(cfg, b, s)
+  cache = jax.tree.map(
+    lambda x, ax: shd.constrain(x, ax, mesh, rules),
+    cache,
+    model_lib.cache_logical_axes(),
+    is_leaf=lambda t: isinstance(t, tuple),
+  )
+  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+  logits, cache = model_lib.forward(
+    params, cfg, prompt_tokens, positions, cache, mesh=mesh, rules=rules
+  )
+  last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+  rng, sub = jax.random.split(rng)
+  tok = sampling.sample(last, sub, rcfg.sampling)
+  lp = sampling.token_logprobs(last, tok, rcfg.sampling)
+  tokens = jnp.full((b, s), rcfg.pad_id, jnp.int32).at[:, :p].set(prompt_tokens)
+  draft_state = None
+  if drafter is not None:
+    draft_state = drafter.prefill(draft_params, prompt_tokens, prompt_len, s, mesh=mesh)
+  zeros = jnp.zeros((b,), jnp.int32)
+  kw = jnp.zeros((b, max(rcfg.draft_width, 1)), jnp.int32)
+  state = RolloutState(
+    tokens=tokens,
+    logprobs=jnp.zeros((b, s), jnp.float32),
+    pos=prompt_len - 1,
+    prompt_len=prompt_len,
+    num_generated=zeros,
+    done=jnp.zeros((b,), bool),
+    finish=zeros,
+    cache=cache,
+    draft=draft_state,
+    rng=rng,
+    step=jnp.zeros((), jnp.int32),
+    num_rounds=zeros,
+    num_accepted=zeros,
+    num_drafted=zeros,
+    reached=kw,
+    accepted_at=kw,
+  )
+  return commit(state, tok[:, None], lp[:, None], jnp.ones((b,), jnp.int32), rcfg)
+
+
+def plain_step(params, state: RolloutState, *, cfg, rcfg: RolloutConfig, mesh=None):
+  """One autoregressive step: feed the current token, sample the next."""
+  cur = current_tokens(state)
+  logits, cache = model_lib.forward(
+    params, cfg, cur[:, None], state.pos[:, None], state.cache, mesh=mesh, rules=shd.DECODE_RULES
+  )
+  key = jax.random.fold_in(state.rng, state.step)
+  tok = sampling.sample(logits[:, 0], key, rcfg.sampling)
+  lp = sampling.token_logprobs(logits[:, 0], tok, rcfg.sampling)
+  state = state.replace(cache=cache, step=state.step + 1)
+  return commit(state, tok[:, None], lp[:, None], jnp.ones_like(state.pos), rcfg)
+
+
+def round_seeds(rng: jax.Array, step: jax.Array, batch: int) -> jax.Array:
+  """Per-sequence uint32 seeds for the verify PRNG of this round. [B]."""
+  return jax.random.bits(jax.random.fold_in(rng, step), (batch,), jnp.uint32)
+
+
+def _count_acceptance(state: RolloutState, before: RolloutState, n, k: int) -> RolloutState:
+  """Add one round's acceptance counters (``spec_math``'s definitions): drafts proposed to
+  active rows, and per position the rounds that reached / committed-accepted it."""
+  active = ~before.done
+  take = state.num_generated - before.num_generated  # tokens committed this round
+  n_committed = jnp.where(active, jnp.minimum(n, take), 0)  # accepted drafts the row got
+  i = jnp.arange(state.reached.shape[1])[None, :]
+  on = active[:, None] & (i < k)
+  reached = on & (i <= n_committed[:, None])
+  accepted = on & (i < n_committed[:, None])
+  return state.replace(
+    num_rounds=state.num_rounds + active.astype(jnp.int32),
+    num_accepted=state.num_accepted + n_committed,
+    num_drafted=state.num_drafted + k * active.astype(jnp.int32),
+    reached=state.reached + reached.astype(jnp.int32),
+    accepted_at=state.accepted_at + accepted.astype(jnp.int32),
+  )
+
+
+def speculative_round(
+  params, draft_params, state: RolloutState, k: int, *, cfg, rcfg, drafter, mesh=None
+) -> RolloutState:
+  """One propose / verify / commit round with ``k`` drafts (static)."""
+  b = state.pos.shape[0]
+  key = jax.random.fold_in(state.rng, state.step)
+  draft_key, verify_key = jax.random.split(key)
+  draft_tokens, draft_logits, draft_state, policy_cache = drafter.propose(
+    draft_params,
+    state.draft,
+    state.tokens,
+    state.pos,
+    k,
+    draft_key,
+    rcfg.sampling,
+    mesh=mesh,
+    policy_cache=state.cache,
+  )
+  cur = current_tokens(state)
+  verify_tokens = jnp.concatenate([cur[:, None], draft_tokens], axis=1)  # [B, k+1]
+  positions = state.pos[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
+  target_logits, cache = model_lib.forward(
+    params, cfg, verify_tokens, positions, policy_cache, mesh=mesh, rules=shd.DECODE_RULES
+  )
+  res = verify_lib.verify(
+    target_logits,
+    draft_logits,
+    draft_tokens,
+    round_seeds(verify_key, state.step, b),
+    rcfg.sampling,
+    impl=rcfg.verify_impl,
+  )
+  before = state
+  state = state.replace(cache=cache, draft=draft_state, step=state.step + 1)
+  state = commit(state, res.tokens, res.logprobs, res.num_accepted + 1, rcfg)
+  return _count_acceptance(state, before, res.num_accepted, k)
+
+
+def decode_step(
+  params, draft_params, state: RolloutState, k: int, *, cfg, rcfg, drafter=None, mesh=None
+) -> RolloutState:
+  """The step chooser both engines use: plain for ``k == 0``, else a speculative round
+  with ``k`` drafts (``k <= rcfg.draft_width``, the buffer's scratch)."""
+  if k == 0:
+    return plain_step(params, state, cfg=cfg, rcfg=rcfg, mesh=mesh)
+  if drafter is None:
+    raise ValueError(f'a speculative step (k={k}) needs a drafter')
+  if k > rcfg.draft_width:
+    raise ValueError(f'k={k} exceeds the buffer scratch laid out for {rcfg.draft_width}')
+  return speculative_round(
+    params, draft_params, state, k, cfg=cfg, rcfg=rcfg, drafter=drafter, mesh=mesh
+  )
+
+
+def max_loop_steps(rcfg: RolloutConfig) -> int:
+  return rcfg.max_steps or rcfg.max_new_tokens + 1
+
+
+def decode(
+  params,
+  state: RolloutState,
+  k: int,
+  *,
+  cfg,
+  rcfg: RolloutConfig,
+  mesh=None,
+  drafter=None,
+  draft_params=None,
+  min_active=0,
+  max_steps=None,
+  limit: int | None = None,
+) -> tuple[RolloutState, jax.Array]:
+  """Run :func:`decode_step` with ``k`` drafts in a ``lax.while_loop`` until every sequence
+  is done, the active count drops to ``min_active`` (compaction), ``max_steps`` rounds ran
+  (a chunk), or the global step reaches ``limit`` (default :func:`max_loop_steps`).
+  ``min_active`` / ``max_steps`` may be traced int32 scalars. Returns (state, rounds run)."""
+  limit = max_loop_steps(rcfg) if limit is None else limit
+
+  def cond(c):
+    s, i = c
+    go = (jnp.sum(~s.done) > min_active) & (s.step < limit)
+    return go if max_steps is None else go & (i < max_steps)
+
+  def body(c):
+    s, i = c
+    s = decode_step(params, draft_params, s, k, cfg=cfg, rcfg=rcfg, drafter=drafter, mesh=mesh)
+    return s, i + 1
+
+  return jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))

@@ -1,0 +1,62 @@
+"""Verify dispatcher: the jnp reference or the Pallas kernel, one contract.
+
+The contract (and its readable spec) is :mod:`specrl.kernels.verify_reference`; the kernel
+(:mod:`specrl.kernels.verify`) reproduces it bit for bit from the same seeds. This module
+only chooses between them (``rollout.verify_impl``) and, in CPU interpret mode, chunks
+the batch for speed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from specrl.kernels import verify as kernel_lib
+from specrl.kernels.verify_reference import VerifyResult, verify_reference
+from specrl.sampling import SamplingParams
+
+INTERPRET_BATCH_CHUNK = 32  # rows per kernel call in CPU interpret mode (speed only)
+IMPLS = ('jnp', 'pallas')
+
+__all__ = ['IMPLS', 'VerifyResult', 'verify']
+
+
+def verify(
+  target_logits: jax.Array,
+  draft_logits: jax.Array,
+  draft_tokens: jax.Array,
+  seeds: jax.Array,
+  sp: SamplingParams,
+  impl: str = 'jnp',
+  interpret=None,
+  **kernel_options,
+) -> VerifyResult:
+  """Dispatch to the jnp reference or the Pallas kernel (same contract, same seeds).
+
+  ``interpret`` / ``kernel_options`` (block sizes, layout) only apply to
+  ``impl='pallas'``; see :func:`specrl.kernels.verify.verify_pallas`.
+  """
+  if impl == 'jnp':
+    return verify_reference(target_logits, draft_logits, draft_tokens, seeds, sp)
+  if impl == 'pallas':
+
+    def run(t, d, x, s):
+      return kernel_lib.verify_pallas(t, d, x, s, sp, interpret=interpret, **kernel_options)
+
+    b = target_logits.shape[0]
+    interpreting = interpret if interpret is not None else jax.default_backend() == 'cpu'
+    if not interpreting or b <= INTERPRET_BATCH_CHUNK:
+      return run(target_logits, draft_logits, draft_tokens, seeds)
+    # Interpret mode costs grow faster than linearly with the grid on CPU: run the batch in
+    # fixed-size chunks (results are per row, so chunking changes nothing but speed).
+    c = INTERPRET_BATCH_CHUNK
+    pad = -b % c
+    args = [
+      jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+      for a in (target_logits, draft_logits, draft_tokens, seeds)
+    ]
+    args = [a.reshape((-1, c) + a.shape[1:]) for a in args]
+    out = lax.map(lambda a: run(*a), args)
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:b], out)
+  raise ValueError(f"verify impl must be 'jnp' or 'pallas', got {impl!r}")
