@@ -248,7 +248,7 @@ class ProposeStep:
       def body(i, carry):
         st, cache, pos = carry
         kw = dict(policy_cache=cache) if share else {}
-        res = drafter.propose(dp, st, seq, pos, k, jax.random.fold_in(key, i), sp, **kw)
+        res = drafter.propose(dp, st, seq, pos, k, jnp.full(pos.shape, i, jnp.int32), sp, **kw)
         toks, logits, st = res[:3]
         cache = res[3] if share else cache
         dep = _never(logits) | (toks[:, 0] < 0)

@@ -23,6 +23,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from specrl import prng
+
 NEG_INF = -1e30  # finite stand-in for -inf: keeps max/exp free of NaNs.
 
 
@@ -111,6 +113,16 @@ def sample(logits: jax.Array, rng: jax.Array, sp: SamplingParams) -> jax.Array:
   if sp.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, processed_logits(logits, sp), axis=-1).astype(jnp.int32)
+
+
+def sample_seeded(logits: jax.Array, seeds: jax.Array, sp: SamplingParams, row: int = 0):
+  """Draw one token per sequence from per-sequence seeds: Gumbel-max over the processed
+  logits with :func:`specrl.prng.row_gumbels` noise, so a row's draw depends on its seed
+  only, never on its place in the batch. logits [B, V], seeds int32 [B] -> int32 [B]."""
+  if sp.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  g = prng.row_gumbels(seeds, row, logits.shape[-1])
+  return jnp.argmax(processed_logits(logits, sp) + g, axis=-1).astype(jnp.int32)
 
 
 def draft_distribution(logits: jax.Array, sp: SamplingParams) -> jax.Array:

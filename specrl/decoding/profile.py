@@ -71,7 +71,7 @@ def propose_loop(drafter, batch: int, buffer_len: int, k: int, pos0: int, sp, re
         seq,
         pos,
         k,
-        jax.random.fold_in(jax.random.key(0), i),
+        jnp.full((batch,), i, jnp.int32),  # per-row seeds
         sp,
         mesh=mesh,
         policy_cache=cache,

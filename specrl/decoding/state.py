@@ -101,7 +101,8 @@ class RolloutState:
   finish: jax.Array  # int32 [B] FINISH_*
   cache: dict  # policy KV cache {'k','v'}: [L, B, S, K, Dh]
   draft: Any  # drafter state pytree (None for plain decoding)
-  rng: jax.Array  # key
+  seq_id: jax.Array  # int32 [B] row in the original batch (moves with the row on compaction)
+  seed: jax.Array  # int32 [] rollout seed: every draw is keyed by (seed, seq_id, pos)
   step: jax.Array  # int32 [] loop iterations so far
   # speculative statistics, per sequence (see specrl.decoding.spec_math for alpha)
   num_rounds: jax.Array  # int32 [B] verify passes while active
@@ -163,7 +164,8 @@ def state_logical_axes(draft_axes=None) -> RolloutState:
     finish=b,
     cache=model_lib.cache_logical_axes(),
     draft=draft_axes,
-    rng=(),
+    seq_id=b,
+    seed=(),
     step=(),
     num_rounds=b,
     num_accepted=b,

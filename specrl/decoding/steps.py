@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from specrl import model as model_lib
-from specrl import sampling
+from specrl import prng, sampling
 from specrl import sharding as shd
 from specrl.decoding import verify as verify_lib
 from specrl.decoding.state import RolloutConfig, RolloutState, commit, current_tokens
@@ -64,8 +64,10 @@ def prefill(
     params, cfg, prompt_tokens, positions, cache, mesh=mesh, rules=rules
   )
   last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
-  rng, sub = jax.random.split(rng)
-  tok = sampling.sample(last, sub, rcfg.sampling)
+  seed = prng.rollout_seed(rng)
+  seq_id = jnp.arange(b, dtype=jnp.int32)
+  seeds = prng.event_seeds(seed, seq_id, prompt_len - 1, prng.STREAM_PLAIN)
+  tok = sampling.sample_seeded(last, seeds, rcfg.sampling)
   lp = sampling.token_logprobs(last, tok, rcfg.sampling)
   tokens = jnp.full((b, s), rcfg.pad_id, jnp.int32).at[:, :p].set(prompt_tokens)
   draft_state = None
@@ -83,7 +85,8 @@ def prefill(
     finish=zeros,
     cache=cache,
     draft=draft_state,
-    rng=rng,
+    seq_id=seq_id,
+    seed=seed,
     step=jnp.zeros((), jnp.int32),
     num_rounds=zeros,
     num_accepted=zeros,
@@ -100,16 +103,11 @@ def plain_step(params, state: RolloutState, *, cfg, rcfg: RolloutConfig, mesh=No
   logits, cache = model_lib.forward(
     params, cfg, cur[:, None], state.pos[:, None], state.cache, mesh=mesh, rules=shd.DECODE_RULES
   )
-  key = jax.random.fold_in(state.rng, state.step)
-  tok = sampling.sample(logits[:, 0], key, rcfg.sampling)
+  seeds = prng.event_seeds(state.seed, state.seq_id, state.pos, prng.STREAM_PLAIN)
+  tok = sampling.sample_seeded(logits[:, 0], seeds, rcfg.sampling)
   lp = sampling.token_logprobs(logits[:, 0], tok, rcfg.sampling)
   state = state.replace(cache=cache, step=state.step + 1)
   return commit(state, tok[:, None], lp[:, None], jnp.ones_like(state.pos), rcfg)
-
-
-def round_seeds(rng: jax.Array, step: jax.Array, batch: int) -> jax.Array:
-  """Per-sequence uint32 seeds for the verify PRNG of this round. [B]."""
-  return jax.random.bits(jax.random.fold_in(rng, step), (batch,), jnp.uint32)
 
 
 def _count_acceptance(state: RolloutState, before: RolloutState, n, k: int) -> RolloutState:
@@ -135,16 +133,14 @@ def speculative_round(
   params, draft_params, state: RolloutState, k: int, *, cfg, rcfg, drafter, mesh=None
 ) -> RolloutState:
   """One propose / verify / commit round with ``k`` drafts (static)."""
-  b = state.pos.shape[0]
-  key = jax.random.fold_in(state.rng, state.step)
-  draft_key, verify_key = jax.random.split(key)
+  draft_seeds = prng.event_seeds(state.seed, state.seq_id, state.pos, prng.STREAM_DRAFT)
   draft_tokens, draft_logits, draft_state, policy_cache = drafter.propose(
     draft_params,
     state.draft,
     state.tokens,
     state.pos,
     k,
-    draft_key,
+    draft_seeds,
     rcfg.sampling,
     mesh=mesh,
     policy_cache=state.cache,
@@ -159,7 +155,7 @@ def speculative_round(
     target_logits,
     draft_logits,
     draft_tokens,
-    round_seeds(verify_key, state.step, b),
+    prng.event_seeds(state.seed, state.seq_id, state.pos, prng.STREAM_VERIFY),
     rcfg.sampling,
     impl=rcfg.verify_impl,
   )

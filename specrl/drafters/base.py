@@ -7,11 +7,14 @@ state are pytrees passed through the jitted rollout (never closed over):
   *live* policy (identity for ``self``, quantization for ``quantized``, the drafter's own
   weights for ``small_model``). Called inside the jitted step where possible.
 - ``prefill(draft_params, prompt_tokens [B,P], prompt_len [B], buffer_len, mesh) -> state``
-- ``propose(draft_params, state, seq_tokens [B,S], pos [B], k, rng, sampling, mesh,
+- ``propose(draft_params, state, seq_tokens [B,S], pos [B], k, seeds, sampling, mesh,
   policy_cache) -> (draft_tokens int32 [B,k], draft_logits f32 [B,k,V], state,
   policy_cache)``: proposals x_1..x_k
   sampled from the drafter's *processed* distribution (same temperature/top-k/top-p as
   the policy; see :mod:`specrl.sampling`), continuing after ``seq_tokens[b, pos[b]]``.
+  ``seeds`` int32 [B]: this round's per-sequence seeds; draw draft i with
+  ``sampling.sample_seeded(logits, seeds, sp, row=i)`` so a row's proposals do not depend
+  on its place in the batch (compaction, resume; :mod:`specrl.prng`).
   ``draft_logits`` are raw logits; verification processes them exactly as sampling did.
   ``policy_cache`` is returned unchanged unless the drafter shares the policy's KV cache
   (then it may write only at the draft positions ``pos..pos+k-1``, which verification
@@ -40,7 +43,7 @@ class Drafter(Protocol):
   def prefill(self, draft_params, prompt_tokens, prompt_len, buffer_len, mesh=None) -> Any: ...
 
   def propose(
-    self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None, policy_cache=None
+    self, draft_params, state, seq_tokens, pos, k, seeds, sp, mesh=None, policy_cache=None
   ): ...
 
   def state_logical_axes(self) -> Any: ...

@@ -68,7 +68,9 @@ class ModelDrafter:
     )
     return {'cache': cache}
 
-  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None, policy_cache=None):
+  def propose(
+    self, draft_params, state, seq_tokens, pos, k, seeds, sp, mesh=None, policy_cache=None
+  ):
     cfg = self.cfg
     if self.share_kv:  # policy cache holds every slot < pos: feed only the current token
       first_pos = pos[:, None]
@@ -80,13 +82,11 @@ class ModelDrafter:
     logits, cache = model_lib.forward(
       draft_params, cfg, first_tok, first_pos, cache, mesh=mesh, rules=shd.DECODE_RULES
     )
-    keys = jax.random.split(rng, k)
     logit0 = logits[:, -1]
-    tok0 = sampling.sample(logit0, keys[0], sp)
+    tok0 = sampling.sample_seeded(logit0, seeds, sp, row=0)
 
-    def body(carry, xs):
+    def body(carry, i):
       cache, tok = carry
-      i, key = xs
       lg, cache = model_lib.forward(
         draft_params,
         cfg,
@@ -96,13 +96,11 @@ class ModelDrafter:
         mesh=mesh,
         rules=shd.DECODE_RULES,
       )
-      nxt = sampling.sample(lg[:, 0], key, sp)
+      nxt = sampling.sample_seeded(lg[:, 0], seeds, sp, row=i)
       return (cache, nxt), (nxt, lg[:, 0])
 
     if k > 1:
-      (cache, _), (toks, lgs) = jax.lax.scan(
-        body, (cache, tok0), (jnp.arange(1, k, dtype=jnp.int32), keys[1:])
-      )
+      (cache, _), (toks, lgs) = jax.lax.scan(body, (cache, tok0), jnp.arange(1, k, dtype=jnp.int32))
       draft_tokens = jnp.concatenate([tok0[:, None], toks.T], axis=1)
       draft_logits = jnp.concatenate([logit0[:, None], jnp.swapaxes(lgs, 0, 1)], axis=1)
     else:

@@ -32,7 +32,9 @@ class NgramDrafter:
   def prefill(self, draft_params, prompt_tokens, prompt_len, buffer_len, mesh=None):
     return None
 
-  def propose(self, draft_params, state, seq_tokens, pos, k, rng, sp, mesh=None, policy_cache=None):
+  def propose(
+    self, draft_params, state, seq_tokens, pos, k, seeds, sp, mesh=None, policy_cache=None
+  ):
     b, s = seq_tokens.shape
     n = self.n
     j = jnp.arange(s)[None, :]  # candidate end position of an earlier match

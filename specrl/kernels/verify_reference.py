@@ -57,9 +57,17 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
+from specrl.prng import (  # noqa: F401 (re-exported: the kernel uses them from here)
+  STREAM_ACCEPT,
+  STREAM_SAMPLE,
+  element_bits,
+  fmix32,
+  gumbel_from_bits,
+  row_key,
+  seeds_to_i32,
+  uniform_from_bits,
+)
 from specrl.sampling import (
   NEG_INF,
   SamplingParams,
@@ -67,9 +75,6 @@ from specrl.sampling import (
   scale_logits,
   token_logprobs,
 )
-
-STREAM_ACCEPT = 1  # acceptance uniforms u_i
-STREAM_SAMPLE = 2  # Gumbel noise of the residual / bonus row
 
 
 @flax.struct.dataclass
@@ -84,62 +89,6 @@ class VerifyResult:
   num_accepted: jax.Array
   tokens: jax.Array
   logprobs: jax.Array
-
-
-# ----------------------------------------------------------------------------------
-# Counter-based hash PRNG (int32 arithmetic; usable in jnp and inside Pallas kernels).
-# ----------------------------------------------------------------------------------
-
-
-def _i32(c: int) -> np.int32:
-  """A uint32 constant as the int32 with the same bits (two's complement)."""
-  return np.array(c & 0xFFFFFFFF, dtype=np.uint32).view(np.int32)[()]
-
-
-_M1 = _i32(0x85EBCA6B)  # murmur3 fmix32 multipliers
-_M2 = _i32(0xC2B2AE35)
-_GOLDEN = _i32(0x9E3779B9)
-_ROW = _i32(0x632BE5AB)
-_COL = _i32(0x27D4EB2F)
-
-
-def fmix32(h: jax.Array) -> jax.Array:
-  """murmur3 32-bit finaliser (a bijection) on int32 bits. Shape preserved."""
-  h = h ^ lax.shift_right_logical(h, jnp.int32(16))
-  h = h * _M1
-  h = h ^ lax.shift_right_logical(h, jnp.int32(13))
-  h = h * _M2
-  return h ^ lax.shift_right_logical(h, jnp.int32(16))
-
-
-def seeds_to_i32(seeds: jax.Array) -> jax.Array:
-  """uint32 (or int32) seeds [B] -> int32 with the same bits."""
-  seeds = jnp.asarray(seeds)
-  if seeds.dtype == jnp.int32:
-    return seeds
-  return lax.bitcast_convert_type(seeds.astype(jnp.uint32), jnp.int32)
-
-
-def row_key(seed: jax.Array, row: jax.Array, stream: int) -> jax.Array:
-  """Per-(sequence, row, stream) key. seed int32 [...], row int [...] -> int32 [...]."""
-  h = fmix32(seed + _GOLDEN * jnp.int32(stream))
-  return fmix32(h ^ (row.astype(jnp.int32) * _ROW))
-
-
-def element_bits(key: jax.Array, col: jax.Array) -> jax.Array:
-  """32 random bits for column ``col`` of the row with ``key`` (broadcasting)."""
-  return fmix32(key ^ (col * _COL))
-
-
-def uniform_from_bits(h: jax.Array) -> jax.Array:
-  """Top 23 bits -> f32 uniform in the open interval (0, 1): (m + 0.5) / 2^23."""
-  m = lax.shift_right_logical(h, jnp.int32(9))  # in [0, 2^23): exact in f32
-  return (m.astype(jnp.float32) + jnp.float32(0.5)) * jnp.float32(2.0**-23)
-
-
-def gumbel_from_bits(h: jax.Array) -> jax.Array:
-  """Standard Gumbel noise -log(-log(u)); finite because u is in (0, 1)."""
-  return -jnp.log(-jnp.log(uniform_from_bits(h)))
 
 
 def accept_uniforms(seeds: jax.Array, k: int) -> jax.Array:
