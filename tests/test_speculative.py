@@ -54,7 +54,7 @@ def _noisy_drafter():
   return ModelDrafter('small_model', CFG, own_params=NOISY)
 
 
-def _spec_samples(sp, drafter, seed=0, verify_impl='jnp'):
+def _spec_samples(sp, drafter, seed=0, verify_impl='jnp', n=N_SAMPLES):
   """(first M generated tokens [N, M], RolloutOutput on host, metrics)."""
   rcfg = rollout_lib.RolloutConfig(
     max_new_tokens=MAX_NEW,
@@ -65,17 +65,17 @@ def _spec_samples(sp, drafter, seed=0, verify_impl='jnp'):
     verify_impl=verify_impl,
   )
   eng = rollout_lib.RolloutEngine(CFG, rcfg, drafter=drafter)
-  toks = np.tile(np.asarray(PROMPT, np.int32), (N_SAMPLES, 1))
-  lens = np.full((N_SAMPLES,), len(PROMPT), np.int32)
+  toks = np.tile(np.asarray(PROMPT, np.int32), (n, 1))
+  lens = np.full((n,), len(PROMPT), np.int32)
   out, m = eng.generate(POLICY, toks, lens, jax.random.key(seed))
   out = jax.device_get(out)
   assert (out.length == MAX_NEW).all()
   return out.response[:, :M], out, m
 
 
-def _pvalue(sp, drafter, seed=0, verify_impl='jnp'):
+def _pvalue(sp, drafter, seed=0, verify_impl='jnp', n=N_SAMPLES):
   """Chi-square p-value of the first M tokens against the policy, and the rollout output."""
-  samples, out, _ = _spec_samples(sp, drafter, seed, verify_impl)
+  samples, out, _ = _spec_samples(sp, drafter, seed, verify_impl, n)
   conts, probs = stats.exact_joint(POLICY, CFG, PROMPT, M, sp)
   return stats.chi2_pvalue(samples, conts, probs), out
 
@@ -114,8 +114,14 @@ def test_poor_small_model_drafter_is_lossless(setting):
 
 
 def test_lossless_with_the_pallas_verify_kernel_in_the_loop():
-  """The Pallas kernel (interpret mode on CPU) inside the speculative rollout."""
-  p, out = _pvalue(SETTINGS['T0.7-topk2'], _noisy_drafter(), seed=8, verify_impl='pallas')
+  """The Pallas kernel (interpret mode on CPU) inside the speculative rollout.
+
+  Fewer samples: the interpreted kernel's run time (not compile time) grows with the batch;
+  the kernel's bit-exactness against the reference is tested in tests/kernels.
+  """
+  p, out = _pvalue(
+    SETTINGS['T0.7-topk2'], _noisy_drafter(), seed=8, verify_impl='pallas', n=N_SAMPLES // 3
+  )
   assert _all_accepted_rows(out) > 0.2 and _rejecting_rows(out) > 0.2
   assert p > PASS_P, f'p={p:.2e}'
 
