@@ -2,9 +2,10 @@
 
 Hand cases pin the deterministic parts (greedy, certain accepts/rejects, zeros after n);
 chi-square tests check losslessness: the emitted tokens of one batched verify call over
-many seeds are distributed as the target's processed distribution p. A deliberately
-broken verifier (samples p_n instead of the residual on rejection) must fail the same
-test, so the test demonstrably has power.
+many seeds are distributed as the target's processed distribution p. Every deliberately
+broken verifier of :mod:`tests.broken_verifiers` (no residual correction, unfiltered draft
+q, wrong temperature, target off by one) must fail the same test, so the test demonstrably
+has power.
 """
 
 import jax
@@ -16,6 +17,7 @@ import scipy.stats
 from specrl.decoding import verify as dispatch
 from specrl.kernels import verify_reference as verify_lib
 from specrl.sampling import NEG_INF, SamplingParams, processed_logits
+from tests import broken_verifiers
 from tests.jit_util import run
 
 N_SEEDS = 20000
@@ -86,21 +88,6 @@ def _loss_p_values(verifier, target, draft, sp):
   n, toks = np.asarray(res.num_accepted), np.asarray(res.tokens)
   p = _probs(target, sp)
   return (_chisq(toks[:, 0], p[0]), _chisq(toks[n >= 1, 1], p[1]), _chisq(toks[n == 2, 2], p[2]))
-
-
-def _broken_verifier(target_logits, draft_logits, draft_tokens, seeds, sp):
-  """Like the reference, but on rejection samples p_n instead of max(0, p_n - q_n)."""
-  ok = verify_lib.verify_reference(target_logits, draft_logits, draft_tokens, seeds, sp)
-  n = ok.num_accepted
-  a = processed_logits(target_logits, sp)
-  a_n = jnp.take_along_axis(a, n[:, None, None], axis=1)[:, 0]
-  key = verify_lib.row_key(verify_lib.seeds_to_i32(seeds), n, verify_lib.STREAM_SAMPLE)
-  g = verify_lib.gumbel_from_bits(
-    verify_lib.element_bits(key[:, None], jnp.arange(a.shape[-1], dtype=jnp.int32)[None])
-  )
-  token_n = jnp.argmax(a_n + g, axis=-1).astype(jnp.int32)
-  tokens = verify_lib.assemble(n, draft_tokens, token_n)
-  return verify_lib.VerifyResult(num_accepted=n, tokens=tokens, logprobs=ok.logprobs)
 
 
 # ----------------------------------------------------------------------------------
@@ -262,14 +249,28 @@ def test_emitted_tokens_follow_target(sp, same_q):
   assert min(pvals) > PASS_P, pvals
 
 
-@pytest.mark.parametrize('sp', SETTINGS, ids=_sp_id)
-def test_broken_verifier_is_caught(sp):
+# Each broken verifier (tests/broken_verifiers.py) under settings where its defect matters.
+BROKEN = [
+  ('no_residual', SETTINGS[0]),
+  ('no_residual', SETTINGS[1]),
+  ('no_residual', SETTINGS[2]),
+  ('unfiltered_draft', SETTINGS[1]),
+  ('unfiltered_draft', SETTINGS[2]),
+  ('wrong_temperature', SETTINGS[1]),
+  ('target_off_by_one', SETTINGS[0]),
+]
+
+
+@pytest.mark.parametrize('mutant,sp', BROKEN, ids=[f'{m}-{_sp_id(sp)}' for m, sp in BROKEN])
+def test_broken_verifier_is_caught(monkeypatch, mutant, sp):
+  broken_verifiers.install(mutant, monkeypatch, k=Q_LOGITS.shape[0])
+
   def broken(*args):
     *arrays, sp_ = args
-    return run(_broken_verifier, *arrays, sp=sp_)
+    return run(broken_verifiers.VERIFY_MOD.verify_reference, *arrays, sp=sp_)
 
   pvals = _loss_p_values(broken, P_LOGITS, Q_LOGITS, sp)
-  assert pvals[0] < FAIL_P, pvals
+  assert min(pvals) < FAIL_P, f'{mutant} verifier not caught: {pvals}'
 
 
 def test_acceptance_rate_matches_theory():

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from specrl.kernels import verify as kernel_lib
-from specrl.kernels.verify_reference import VerifyResult, verify_reference
+from specrl.kernels import verify_reference as reference_lib
+from specrl.kernels.verify_reference import VerifyResult
 from specrl.sampling import SamplingParams
 
 INTERPRET_BATCH_CHUNK = 32  # rows per kernel call in CPU interpret mode (speed only)
@@ -38,7 +39,7 @@ def verify(
   ``impl='pallas'``; see :func:`specrl.kernels.verify.verify_pallas`.
   """
   if impl == 'jnp':
-    return verify_reference(target_logits, draft_logits, draft_tokens, seeds, sp)
+    return reference_lib.verify_reference(target_logits, draft_logits, draft_tokens, seeds, sp)
   if impl == 'pallas':
 
     def run(t, d, x, s):

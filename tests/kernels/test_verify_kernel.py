@@ -7,12 +7,14 @@ layout lowers for its hardware target (Triton for CUDA, Mosaic for TPU) without 
 """
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from specrl.decoding import verify as dispatch
@@ -146,6 +148,7 @@ class TestVerifyKernelTPUInterpret:
     args = make_inputs(
       batch, k, vocab, seed=7 + k, dtype=dtype, greedy=sp.greedy, ties=kind == 'ties'
     )
+    pltpu.reset_tpu_interpret_mode_state()  # no race state left from an earlier kernel
     got = run(
       kernel_lib.verify_pallas,
       *args,
@@ -156,17 +159,57 @@ class TestVerifyKernelTPUInterpret:
       chunk_v=chunk_v,
     )
     assert_same(got, _ref(*args, sp), k, check_mix=False)
-    assert not _races_found(), 'the TPU interpreter detected a data race'
+    races = _race_detection_state()
+    assert not races.races_found, 'the TPU interpreter detected a data race'
+
+  def test_race_detector_sees_a_race(self):
+    """Positive control: the same flag goes up for a kernel with a deliberate race (a VMEM
+    buffer read while the DMA that writes it is still in flight), so a clean verdict above
+    is the detector's, not a flag that can never be set."""
+
+    def racy(x_hbm, o_ref, buf, sem):
+      copy = pltpu.make_async_copy(x_hbm, buf, sem)
+      copy.start()
+      o_ref[...] = buf[...]  # read before copy.wait(): races with the DMA's write
+      copy.wait()
+
+    x = jnp.arange(8 * 128, dtype=jnp.float32).reshape(8, 128)
+    call = pl.pallas_call(
+      racy,
+      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+      in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+      scratch_shapes=[pltpu.VMEM(x.shape, x.dtype), pltpu.SemaphoreType.DMA],
+      interpret=self.INTERPRET,
+    )
+    pltpu.reset_tpu_interpret_mode_state()
+    jax.block_until_ready(jax.jit(call)(x))
+    assert _race_detection_state().races_found, 'the race detector missed a deliberate race'
 
 
-def _races_found() -> bool:
-  """The TPU interpreter's race flag (a private module: False if it has moved)."""
+# The TPU interpreter exposes its race verdict only through this private module's global.
+TPU_INTERPRET_MODULE = 'jax._src.pallas.mosaic.interpret.interpret_pallas_call'
+
+
+def _race_detection_state():
+  """The TPU interpreter's race-detection state after a kernel ran with detect_races=True.
+
+  Skips (naming the module) when this jax has moved the private module, so the race check is
+  reported as not done rather than passing vacuously; fails when the module is there but no
+  detection state was recorded (the check would otherwise prove nothing).
+  """
   try:
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
-  except ImportError:
-    return False
+    tpu_interpret = importlib.import_module(TPU_INTERPRET_MODULE)
+  except ImportError as e:
+    pytest.skip(
+      f'race check not run: jax {jax.__version__} has no private module {TPU_INTERPRET_MODULE} '
+      f'(the TPU interpreter race flag moved): {e}'
+    )
   races = getattr(tpu_interpret, 'races', None)
-  return bool(getattr(races, 'races_found', False))
+  assert races is not None and hasattr(races, 'races_found'), (
+    f'{TPU_INTERPRET_MODULE}.races holds no race-detection state after an interpreted kernel '
+    f'with detect_races=True (got {races!r}): the race check cannot be trusted'
+  )
+  return races
 
 
 # ----------------------------------------------------------------------------------

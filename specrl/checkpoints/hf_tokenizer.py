@@ -1,0 +1,103 @@
+"""Hugging Face tokenizer loading with the special ids RL rollouts need (EOS set, pad, BOS).
+
+Why this is its own module: it needs the optional ``tokenizers`` package and nothing from the
+tensor side, so tasks can load a tokenizer without touching safetensors or the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTokenizer:
+  """Thin wrapper over a ``tokenizers.Tokenizer`` with the special ids RL rollouts need.
+
+  ``encode`` does *not* add special tokens by default: prompts are usually rendered from a
+  chat template that already contains BOS, and a double BOS silently shifts the
+  distribution. Prepend ``bos_id`` yourself when a raw-text prompt needs it.
+
+  ``eos_ids`` is every id that ends generation (tokenizer_config eos plus all of
+  generation_config's ``eos_token_id``, e.g. Llama-3-Instruct's ``<|eot_id|>``);
+  ``eos_id`` is the primary one. ``pad_id``/``bos_id`` are None when the checkpoint does not
+  define them.
+  """
+
+  tokenizer: Any
+  eos_id: int | None
+  pad_id: int | None
+  bos_id: int | None
+  eos_ids: tuple[int, ...]
+
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+  def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def token_to_id(self, token: str) -> int | None:
+    return self.tokenizer.token_to_id(token)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _token_content(v) -> str | None:
+  """tokenizer_config stores special tokens as a string or an AddedToken dict."""
+  if isinstance(v, dict):
+    return v.get('content')
+  return v
+
+
+def load_tokenizer(path: str) -> HFTokenizer:
+  """Load ``tokenizer.json`` (+ special tokens from ``tokenizer_config.json``,
+  ``special_tokens_map.json`` and ``generation_config.json``) from a checkpoint directory.
+
+  Requires the HF ``tokenizers`` package (imported lazily so the rest of specrl does not).
+  """
+  try:
+    from tokenizers import Tokenizer
+  except ImportError as e:
+    raise ImportError(
+      'load_tokenizer needs the Hugging Face tokenizers package: pip install tokenizers'
+    ) from e
+  tok = Tokenizer.from_file(os.path.join(path, 'tokenizer.json'))
+  tcfg = _read_json(os.path.join(path, 'tokenizer_config.json'))
+  smap = _read_json(os.path.join(path, 'special_tokens_map.json'))
+  gcfg = _read_json(os.path.join(path, 'generation_config.json'))
+
+  def special(field: str) -> int | None:
+    for src, fname in ((tcfg, 'tokenizer_config.json'), (smap, 'special_tokens_map.json')):
+      content = _token_content(src.get(field))
+      if content is not None:
+        tid = tok.token_to_id(content)
+        if tid is None:
+          raise ValueError(f'{fname} {field}={content!r} is not in tokenizer.json')
+        return int(tid)
+    gid = gcfg.get(f'{field}_id')
+    if isinstance(gid, list):
+      gid = gid[0] if gid else None
+    return None if gid is None else int(gid)
+
+  eos_id = special('eos_token')
+  gen_eos = gcfg.get('eos_token_id')
+  gen_eos = [] if gen_eos is None else gen_eos if isinstance(gen_eos, list) else [gen_eos]
+  eos_ids = tuple(dict.fromkeys([i for i in [eos_id, *gen_eos] if i is not None]))
+  return HFTokenizer(
+    tokenizer=tok,
+    eos_id=eos_id,
+    pad_id=special('pad_token'),
+    bos_id=special('bos_token'),
+    eos_ids=tuple(int(i) for i in eos_ids),
+  )
