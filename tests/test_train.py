@@ -109,12 +109,12 @@ def test_quantized_drafter_is_derived_from_the_new_params_inside_the_step():
   batch['advantages'] = np.random.default_rng(0).normal(size=batch['advantages'].shape)
   for _ in range(2):  # the first step has learning rate 0 (warm-up)
     state, _, draft = fns[1](state, batch)
-  expected = quant.quantize_params(state.params, quantized.quant_config(c.drafter))
+  expected = quant.quantize_params(state.params, quantized.quant_config(c.drafter.quantized))
   leaves = jax.tree.leaves(draft)
   assert any(x.dtype == np.int8 for x in leaves)  # stored as int8
   for a, b in zip(leaves, jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  stale = quant.quantize_params(old, quantized.quant_config(c.drafter))
+  stale = quant.quantize_params(old, quantized.quant_config(c.drafter.quantized))
   assert any(
     not np.array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(leaves, jax.tree.leaves(stale), strict=True)
