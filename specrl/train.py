@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 
@@ -405,6 +406,20 @@ def evaluate(exp: Experiment, params, num_batches: int = 4) -> dict[str, float]:
 # ----------------------------------------------------------------------------- loop
 
 
+METRICS_FILE = 'metrics.jsonl'  # one JSON object per step: the TensorBoard scalars + 'step'
+
+
+def _json_number(v):
+  """numpy / jax scalars in a metrics dict -> Python numbers."""
+  return v.item() if hasattr(v, 'item') else float(v)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The lines of ``<workdir>/metrics.jsonl`` (a resumed run appends after its restart)."""
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def _writer(workdir):
   try:
     from tensorboardX import SummaryWriter
@@ -455,6 +470,8 @@ def train_and_evaluate(
   state = init_state(exp)
   sh = jax.tree.map(lambda x: x.sharding, state)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+  if getattr(exp.engine, 'host_state', None) is not None:  # engine memory, host RNGs
+    checkpointer.register('engine', exp.engine)
   start = 0
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state)
@@ -468,6 +485,7 @@ def train_and_evaluate(
   )
   fns = _jitted_steps(exp, sh)
   writer = _writer(workdir)
+  metrics_file = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115
   history = []
   end = total if max_steps is None else min(total, max_steps)
   draft_params = None
@@ -479,6 +497,8 @@ def train_and_evaluate(
       if writer is not None:
         for k, v in m.items():
           writer.add_scalar(k, v, step)
+      metrics_file.write(json.dumps(m, default=_json_number) + '\n')
+      metrics_file.flush()
       if step % config.log_every == 0 or step == end - 1:
         logging.info(_log_line(step, total, m))
       if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
@@ -495,5 +515,6 @@ def train_and_evaluate(
   finally:
     if writer is not None:
       writer.close()
+    metrics_file.close()
     checkpointer.close()
   return state, history
