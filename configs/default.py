@@ -161,10 +161,14 @@ def get_config(arg: str | None = None):
 
 
 def get_hyper(hyper):
-  """Sweep for big_vision-style launchers: speculation on/off and draft lengths."""
-  return hyper.product(
-    [
-      hyper.sweep('config.rollout.drafter', ['none', 'self', 'ngram']),
-      hyper.sweep('config.rollout.num_draft', [0, 2]),  # 0 = the mode's default
-    ]
+  """Sweep (python -m specrl.sweep --config=configs/default.py:smoke --workdir=DIR): plain
+  rollouts, then the self and ngram drafters at two draft lengths."""
+  return hyper.chain(
+    hyper.sweep('config.rollout.drafter', ['none']),
+    hyper.product(
+      [
+        hyper.sweep('config.rollout.drafter', ['self', 'ngram']),
+        hyper.sweep('config.rollout.num_draft', [2, 4]),
+      ]
+    ),
   )
