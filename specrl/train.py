@@ -8,7 +8,7 @@ notebook. One readable loop:
     GRPO:    prompts(step) -> rollout(params) -> rewards -> advantages -> train_step
 
 Determinism: prompts for step t come from ``np.random.default_rng([seed, t])`` and device
-randomness from independent streams split once from the seed (:class:`RngStreams`: the
+randomness from independent streams derived once from the seed (:class:`RngStreams`: the
 rollout at step t uses ``fold_in(rollout, t)``, the GRPO shuffle ``fold_in(state.rng, t)``
 with ``state.rng`` the train stream), so a run resumed from a checkpoint continues
 exactly as the uninterrupted run would.
@@ -39,12 +39,14 @@ from specrl import rollout as rollout_lib
 from specrl import sharding as shd
 from specrl import tasks as tasks_lib
 
-STREAMS = ('params', 'train', 'rollout', 'drafter', 'eval')
+# stream -> fold_in constant of the root key jax.random.key(config.seed). params and train
+# keep the constants they always had, so initialisation and warm-up are unchanged.
+STREAMS = {'params': 1, 'train': 2, 'rollout': 3, 'drafter': 4, 'eval': 5}
 
 
 @dataclasses.dataclass(frozen=True)
 class RngStreams:
-  """Independent device-randomness streams, split ONCE from ``config.seed``.
+  """Independent device-randomness streams, derived ONCE from ``config.seed``.
 
   Step ``t`` of a stream uses ``fold_in(stream, t)``; no stream's keys are derived from
   another's, so e.g. the GRPO minibatch shuffle (``train``: ``fold_in(fold_in(train, t),
@@ -64,9 +66,10 @@ class RngStreams:
 
 
 def rng_streams(seed) -> RngStreams:
-  """The five streams of :class:`RngStreams` from ``seed`` (pure; jittable)."""
-  keys = jax.random.split(jax.random.key(seed), len(STREAMS))
-  return RngStreams(*(keys[i] for i in range(len(STREAMS))))
+  """The streams of :class:`RngStreams`: ``fold_in(key(seed), STREAMS[name])`` (pure;
+  jittable). Distinct constants give distinct, independent keys."""
+  root = jax.random.key(seed)
+  return RngStreams(**{name: jax.random.fold_in(root, c) for name, c in STREAMS.items()})
 
 
 @dataclasses.dataclass
