@@ -50,7 +50,7 @@ def main(_):
   c.rl.lr = FLAGS.rl_lr
   c.rollout.drafter, c.rollout.num_draft = 'quantized', 4
   c.rollout.temperature = FLAGS.temperature
-  c.drafter.bits = FLAGS.bits
+  c.drafter.quantized.bits = FLAGS.bits
   exp = train.build_experiment(c)
   rows = []
   state = train.init_state(exp)

@@ -129,7 +129,9 @@ def main(argv=None):
       if kw is None:
         p = params
       else:
-        qcfg = quant.QuantConfig(**kw)
+        # whole-model quantization (embedding table and head too), as before the drafter
+        # default became float embeddings
+        qcfg = quant.QuantConfig(**{'quantize_embeddings': True, 'quantize_lm_head': True, **kw})
         p = jax.jit(quant.quantize_params, static_argnums=1)(params, qcfg)
         qms[row] = round(_time_quantize(params, qcfg, max(3, iters // 2)), 2)
       nbytes[row] = quant.param_bytes(p)

@@ -51,7 +51,9 @@ def variant_config(name: str, base):
   if name in ('compact', 'adaptive'):
     c.adaptive.enabled = True
   if name in ('adaptive', 'spec'):
-    c.rollout.drafter, c.rollout.num_draft = 'quantized', 4
+    # k = 4 for the static engine; the adaptive engine picks k from adaptive.arms
+    c.rollout.drafter = 'quantized'
+    c.rollout.num_draft = 0 if c.adaptive.enabled else 4
   return c
 
 

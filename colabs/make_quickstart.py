@@ -64,7 +64,7 @@ SFT_STEPS = 200  # supervised warm-up steps on generated worked solutions
 RL_STEPS = 60  # GRPO steps after the warm-up
 DRAFTER = 'none'  # drafter for the training rollouts: none | self | ngram | quantized
 SPEC_DRAFTER = 'quantized'  # drafter for the speculative rollout at the end
-NUM_DRAFT = 4  # k: draft tokens proposed per verify pass"""
+NUM_DRAFT = 4  # k: draft tokens proposed per verify pass (used when a drafter is on)"""
 
 CONFIG = """\
 import logging as pylogging
@@ -83,7 +83,7 @@ config = default.get_config('smoke' if SMOKE else None)
 config.sft.steps = SFT_STEPS
 config.rl.steps = RL_STEPS
 config.rollout.drafter = DRAFTER
-config.rollout.num_draft = NUM_DRAFT
+config.rollout.num_draft = NUM_DRAFT if DRAFTER != 'none' else 0
 config.log_every = 1 if SMOKE else 10
 
 # One log line per `log_every` steps (orbax's per-checkpoint INFO lines filtered out).
@@ -156,6 +156,7 @@ rng = jax.random.key(1234)
 def rollout_config(drafter):
   c = config.copy_and_resolve_references()
   c.rollout.drafter = drafter
+  c.rollout.num_draft = NUM_DRAFT if drafter != 'none' else 0
   return c
 
 
@@ -216,7 +217,7 @@ NEXT_MD = """\
   python main.py --config=configs/default.py --workdir=/tmp/r \\
     --config.rollout.drafter=quantized
   ```
-- Try `--config.drafter.bits=4`, `--config.rollout.num_draft=2`, or the `ngram` drafter.
+- Try `--config.drafter.quantized.bits=4`, `--config.rollout.num_draft=2`, or the `ngram` drafter.
 - `bench/` measures rollout throughput and acceptance (`--quick` for under a minute).
 - TensorBoard: `tensorboard --logdir <workdir>/tb`."""
 

@@ -52,41 +52,74 @@ def get_config(arg: str | None = None):
       max_new_tokens=0,  # 0 = the task's longest answer
       cache_len=0,
       drafter='none',  # none | self | small_model | ngram | quantized
-      num_draft=4,  # k, used when drafter != 'none'
+      # k of the static engine; 0 = the mode's default (4 with a drafter, 0 without). The
+      # adaptive engine takes its draft lengths from adaptive.arms instead.
+      num_draft=0,
       verify_impl='jnp',  # jnp | pallas
+      max_steps=0,  # safety cap on decode-loop iterations; 0 = derived
     )
   )
 
+  # Per-drafter options, one section per drafter (rollout.drafter picks which is used).
   c.drafter = ml_collections.ConfigDict(
     dict(
-      ngram=2,
-      # small_model: architecture (vocab must match the policy) and optional HF checkpoint dir
-      model=ml_collections.ConfigDict(
-        dict(d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128)
+      ngram=ml_collections.ConfigDict(dict(n=2)),  # match length of the lookup
+      small_model=ml_collections.ConfigDict(
+        dict(
+          # architecture overrides of the policy's model section (vocab must match)
+          model=ml_collections.ConfigDict(
+            dict(d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128)
+          ),
+          checkpoint='',  # HF checkpoint directory; '' = random init from the drafter stream
+        )
       ),
-      checkpoint='',
-      # quantized self-drafter (int8 per-channel; int4 uses groups of 128 when group_size=0)
-      bits=8,
-      group_size=0,
-      backend='jnp',
-      quantize_embeddings=False,
-      act_bits=0,
-      share_kv=False,
+      # the quantized self-drafter: every field of specrl.quant.QuantConfig, plus share_kv
+      quantized=ml_collections.ConfigDict(
+        dict(
+          bits=8,  # 8 | 4
+          group_size=0,  # 0 = auto (int4: largest divisor of each K <= 128; int8: per channel)
+          backend='jnp',  # jnp | aqt | qwix
+          quantize_embeddings=False,
+          quantize_lm_head=False,
+          act_bits=0,  # 0 = weight-only | 8
+          fp8='',  # '' | e4m3
+          scale_dtype='float32',
+          share_kv=False,  # read the policy's KV cache instead of keeping a second one
+        )
+      ),
     )
   )
 
-  # Adaptive long-tail rollout (specrl/adaptive.py): compaction into power-of-two buckets
-  # and a per-phase choice between plain and speculative decoding.
+  # Adaptive long-tail rollout (specrl/adaptive): compaction into power-of-two buckets
+  # and a per-phase choice between plain and speculative decoding. Every AdaptiveConfig
+  # field is here (its seed comes from config.seed).
   c.adaptive = ml_collections.ConfigDict(
     dict(
       enabled=False,
       policy='cost_model',  # cost_model | tlt | roofline | always | never
       buckets=(256, 128, 64, 32, 16, 8, 4, 2, 1),  # compaction batch sizes, descending
       compaction=True,
-      arms=(1, 2, 3, 4, 5, 6, 7, 8),  # draft lengths (roofline: its ladder; always: the max)
+      arms=(1, 2, 3, 4, 5, 6, 7, 8),  # the draft lengths k the policy chooses from
       chunk_steps=16,  # rounds between host decisions while speculating
-      hysteresis=0.1,  # cost_model: switch only for a > 10% better expected rate
+      # cost model
+      hysteresis=0.1,  # switch only for a > 10% better expected rate
+      alpha_prior=0.7,  # per-token acceptance assumed before any is measured
+      alpha_memory=64.0,  # inertia of the running acceptance, in sequence-rounds
+      alpha_optimism=16.0,  # optimism while acceptance is unmeasured (0 = off)
+      learn_online=True,  # correct profiled costs with measured chunk times
+      cost_memory=8.0,  # inertia of measured round times, in rounds
+      profile_reps=4,  # steps per timed profiling call
+      profile_iters=3,  # timed profiling calls (median)
+      # TLT bandit
       tlt_threshold=32,
+      tlt_patience=8,
+      tlt_epsilon=0.1,
+      tlt_window=8,
+      tlt_default_k=4,
+      # roofline
+      roofline_up=0.94,
+      roofline_down=0.85,
+      roofline_min_speedup=1.05,
     )
   )
 
@@ -128,10 +161,14 @@ def get_config(arg: str | None = None):
 
 
 def get_hyper(hyper):
-  """Sweep for big_vision-style launchers: speculation on/off and draft lengths."""
-  return hyper.product(
-    [
-      hyper.sweep('config.rollout.drafter', ['none', 'self', 'ngram']),
-      hyper.sweep('config.rollout.num_draft', [2, 4]),
-    ]
+  """Sweep (python -m specrl.sweep --config=configs/default.py:smoke --workdir=DIR): plain
+  rollouts, then the self and ngram drafters at two draft lengths."""
+  return hyper.chain(
+    hyper.sweep('config.rollout.drafter', ['none']),
+    hyper.product(
+      [
+        hyper.sweep('config.rollout.drafter', ['self', 'ngram']),
+        hyper.sweep('config.rollout.num_draft', [2, 4]),
+      ]
+    ),
   )

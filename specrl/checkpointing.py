@@ -6,11 +6,19 @@ Drafter params are never stored: they are derived from the policy params.
 
 Restoring validates every tensor's shape and dtype against the state the config
 describes, and refuses a mismatch with a message naming the tensor.
+
+Host state (the contract for state that lives outside the jitted train state: the adaptive
+engine's online memory, host policy RNGs, later drafter buffers) goes into the same orbax
+checkpoint through one interface, :class:`HostState`: an object registered under a name
+with ``Checkpointer.register(name, obj)`` provides ``host_state() -> dict`` (JSON values and
+numpy arrays) and ``load_host_state(d)``; every save stores all registered objects' dicts as
+the checkpoint's ``host`` item and every restore hands each object its dict back.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -28,20 +36,75 @@ def _from_saveable(state: TrainState) -> TrainState:
   return state.replace(rng=jax.random.wrap_key_data(state.rng))
 
 
+class HostState(Protocol):
+  """Host-side state that must survive a restart (see the module docstring)."""
+
+  def host_state(self) -> dict[str, Any]: ...
+
+  def load_host_state(self, state: dict[str, Any]) -> None: ...
+
+
+_ARRAY_TAG = '__ndarray__'
+
+
+def _to_json(x):
+  """numpy arrays / scalars -> JSON-able values (arrays tagged with dtype and shape)."""
+  if isinstance(x, dict):
+    return {str(k): _to_json(v) for k, v in x.items()}
+  if isinstance(x, list | tuple):
+    return [_to_json(v) for v in x]
+  if isinstance(x, np.ndarray | jax.Array):
+    a = np.asarray(x)
+    return {_ARRAY_TAG: a.ravel().tolist(), 'dtype': str(a.dtype), 'shape': list(a.shape)}
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
+
+
+def _from_json(x):
+  if isinstance(x, dict):
+    if _ARRAY_TAG in x:
+      return np.asarray(x[_ARRAY_TAG], dtype=x['dtype']).reshape(x['shape'])
+    return {k: _from_json(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_from_json(v) for v in x]
+  return x
+
+
 class Checkpointer:
+  """Orbax checkpoints of the train state (item ``state``) and registered host state
+  (item ``host``: ``{name: obj.host_state()}``) in ``<workdir>/checkpoints/<step>``."""
+
   def __init__(self, workdir: str, keep: int = 2):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-      item_handlers=ocp.StandardCheckpointHandler(),
+      item_names=('state', 'host'),
+      item_handlers={
+        'state': ocp.StandardCheckpointHandler(),
+        'host': ocp.JsonCheckpointHandler(),
+      },
     )
+    self.host_objects: dict[str, HostState] = {}
+
+  def register(self, name: str, obj: HostState) -> None:
+    """Save ``obj.host_state()`` with every checkpoint under ``name``; restore hands it back."""
+    if name in self.host_objects:
+      raise ValueError(f'host state {name!r} is already registered')
+    self.host_objects[name] = obj
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: TrainState, wait: bool = True):
-    self.manager.save(step, args=ocp.args.StandardSave(_to_saveable(state)))
+    host = {name: _to_json(obj.host_state()) for name, obj in self.host_objects.items()}
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_to_saveable(state)), host=ocp.args.JsonSave(host)
+      ),
+    )
     if wait:
       self.manager.wait_until_finished()
 
@@ -51,7 +114,7 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
     target = _to_saveable(target)
-    meta = self.manager.item_metadata(step)
+    meta = self.manager.item_metadata(step)['state']
     _validate(getattr(meta, 'tree', meta), target, f'{self.directory}/{step}')
 
     def abstract(x):
@@ -59,9 +122,19 @@ class Checkpointer:
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
 
     restored = self.manager.restore(
-      step, args=ocp.args.StandardRestore(jax.tree.map(abstract, target))
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(jax.tree.map(abstract, target)), host=ocp.args.JsonRestore()
+      ),
     )
-    return _from_saveable(restored)
+    host = restored['host'] or {}
+    for name, obj in self.host_objects.items():
+      if name not in host:
+        raise ValueError(
+          f'checkpoint {self.directory}/{step} has no host state {name!r} (saved: {sorted(host)})'
+        )
+      obj.load_host_state(_from_json(host[name]))
+    return _from_saveable(restored['state'])
 
   def close(self):
     self.manager.wait_until_finished()

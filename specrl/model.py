@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from specrl import config as config_lib
 from specrl import sharding as shd
 
 Params = dict[str, Any]
@@ -85,13 +86,8 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, cfg) -> ModelConfig:
-    """From an ml_collections ConfigDict (or any mapping) with these field names."""
-    d = dict(cfg)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-      raise ValueError(f'unknown model config field(s): {sorted(unknown)}; known: {sorted(names)}')
-    return cls(**d)
+    """From the ``model`` config section (see :func:`specrl.config.from_config`)."""
+    return config_lib.from_config(cls, cfg, 'model')
 
 
 # ----------------------------------------------------------------------------- params

@@ -48,7 +48,6 @@ import dataclasses
 import functools
 import importlib.util
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
@@ -86,8 +85,10 @@ class QuantConfig:
   Attributes:
     bits: 8 or 4 (storage bits of the weights; 8 with ``fp8`` set means fp8).
     group_size: scales per ``group_size`` elements of the contracting dim; ``None`` (or 0)
-      means one scale per output channel; ``'auto'`` resolves to 128 for int4, else None
-      (resolved at construction, so ``dataclasses.replace`` keeps the resolved value).
+      means one scale per output channel; ``'auto'`` (the default) picks, per weight, the
+      largest divisor of its contracting dim that is <= 128 for int4 (e.g. 96 for
+      d_model 576), and per-channel scales for int8 / fp8. An explicit size must divide
+      every contracting dim it is smaller than (:func:`check_group_size` says which fit).
     backend: 'aqt' | 'qwix' | 'jnp' (see the module docstring).
     quantize_embeddings: quantize the ``[V, D]`` embedding table. A *tied* table is also
       the output head, so it is quantized only if ``quantize_lm_head`` is also True.
@@ -100,8 +101,8 @@ class QuantConfig:
   bits: int = 8
   group_size: int | None | str = 'auto'
   backend: str = 'jnp'
-  quantize_embeddings: bool = True
-  quantize_lm_head: bool = True
+  quantize_embeddings: bool = False
+  quantize_lm_head: bool = False
   act_bits: int | None = None
   fp8: str | None = None
   scale_dtype: str = 'float32'
@@ -114,7 +115,7 @@ class QuantConfig:
       bad('bits', 'must be 8 or 4')
     gs = self.group_size
     if gs == 'auto':
-      object.__setattr__(self, 'group_size', 128 if self.bits == 4 and not self.fp8 else None)
+      pass  # resolved per weight by _group_size
     elif gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 0):
       bad('group_size', "must be None, 0 (per-channel), 'auto' or a positive int")
     elif gs == 0:
@@ -139,16 +140,6 @@ class QuantConfig:
     if needed and importlib.util.find_spec(needed) is None:
       pkg = {'aqt': 'aqtp', 'qwix': 'qwix'}[self.backend]
       bad('backend', f'needs the {pkg!r} package (pip install {pkg})')
-
-  @classmethod
-  def from_config(cls, cfg: Mapping) -> QuantConfig:
-    """From an ml_collections ConfigDict (or mapping); keys that are not fields are ignored.
-
-    The drafter config section is shared with other drafters (``ngram``, ``model``, ...),
-    hence ignoring rather than rejecting unknown keys.
-    """
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in dict(cfg).items() if k in names})
 
 
 # ----------------------------------------------------------------------------- QWeight
@@ -375,15 +366,51 @@ def _store_scale(absmax: jax.Array, qmax: float, dtype) -> jax.Array:
   return sd
 
 
-def _group_size(k: int, group_size: int | None, name: str) -> int:
-  if group_size is None or k <= group_size:
+AUTO_GROUP_LIMIT = 128  # 'auto' int4 groups: the largest divisor of K up to this size
+
+
+def largest_divisor_at_most(k: int, limit: int) -> int:
+  """Largest ``g <= limit`` dividing ``k`` (1 always qualifies)."""
+  return max(g for g in range(1, min(k, limit) + 1) if k % g == 0)
+
+
+def fits_group_size(k: int, group_size: int) -> bool:
+  """A group size works for contracting dim ``k`` if it divides it or covers all of it."""
+  return k <= group_size or k % group_size == 0
+
+
+def check_group_size(qcfg: QuantConfig, contracting_dims, field: str = 'quant.group_size'):
+  """Refuse (at config time) an explicit group size that does not fit every contracting
+  dim of the model, naming ``field`` and the sizes that do fit (divisors of the dims' gcd,
+  up to the largest dim)."""
+  gs = qcfg.group_size
+  dims = sorted({int(k) for k in contracting_dims})
+  if not isinstance(gs, int) or all(fits_group_size(k, gs) for k in dims):
+    return
+  g = math.gcd(*dims)
+  valid = [d for d in range(1, g + 1) if g % d == 0 and d >= 8] or [g]
+  raise ValueError(
+    f'{field}={gs} does not divide the contracting dims {dims} of the model; valid choices: '
+    f'0 (auto: largest divisor <= {AUTO_GROUP_LIMIT} per weight), '
+    f'{", ".join(map(str, valid))}, or >= {dims[-1]} (one group)'
+  )
+
+
+def _group_size(k: int, qcfg: QuantConfig, name: str) -> int:
+  """Elements per scale group along contracting dim ``k`` for ``qcfg``."""
+  gs = qcfg.group_size
+  if gs == 'auto':
+    if qcfg.bits == 4 and not qcfg.fp8:
+      return largest_divisor_at_most(k, AUTO_GROUP_LIMIT)
     return k
-  if k % group_size:
+  if gs is None or k <= gs:
+    return k
+  if k % gs:
     raise ValueError(
-      f'quant.group_size={group_size} does not divide the contracting dim {k} of param '
-      f'{name!r}; use a divisor of {k} or None (per-channel)'
+      f'quant.group_size={gs} does not divide the contracting dim {k} of param '
+      f"{name!r}; use a divisor of {k}, 'auto' or None (per-channel)"
     )
-  return group_size
+  return gs
 
 
 def quantize_weight(
@@ -403,7 +430,7 @@ def quantize_weight(
   nc = n_contract
   k = _prod(shape[:nc] if contract_first else shape[rank - nc :])
   n = _prod(shape) // k
-  gs = _group_size(k, qcfg.group_size, name)
+  gs = _group_size(k, qcfg, name)
   g = k // gs
   wf = w.astype(jnp.float32)
   wg = wf.reshape(lead + ((g, gs, n) if contract_first else (n, g, gs)))

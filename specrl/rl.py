@@ -33,7 +33,7 @@ class RLConfig:
   clip_eps: float = 0.2
   clip_eps_high: float = 0.0  # 0 = symmetric; > 0 gives DAPO-style clip-higher
   kl_coef: float = 0.0  # k3 KL to the frozen reference; 0 = no reference kept
-  aggregation: str = 'token'  # 'token' | 'sequence'
+  aggregation: str = 'sequence'  # 'token' | 'sequence'
   scale_advantages: bool = True  # divide by the group std (Dr.GRPO sets False)
   temperature: float = 1.0  # must equal the rollout temperature (1 for greedy)
   num_minibatches: int = 1

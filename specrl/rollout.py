@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from specrl import drafters as drafters_lib
 from specrl import model as model_lib
 from specrl import sharding as shd
 from specrl.decoding import profile as profile_lib
@@ -179,6 +180,7 @@ class RolloutEngine:
     b = prompt_tokens.shape[0]
     if self.drafter is not None and draft_params is None:
       draft_params = self.drafter.params_from_policy(params)
+    draft_params = drafters_lib.place_draft_params(self.drafter, draft_params, self.mesh)
     prefill_j, decode_j, finalize_j = self._compiled(b, params, draft_params)
     t0 = time.perf_counter()
     state = prefill_j(params, draft_params, prompt_tokens, prompt_len, rng)

@@ -8,7 +8,9 @@ notebook. One readable loop:
     GRPO:    prompts(step) -> rollout(params) -> rewards -> advantages -> train_step
 
 Determinism: prompts for step t come from ``np.random.default_rng([seed, t])`` and device
-randomness from ``fold_in(state.rng, t)``, so a run resumed from a checkpoint continues
+randomness from independent streams derived once from the seed (:class:`RngStreams`: the
+rollout at step t uses ``fold_in(rollout, t)``, the GRPO shuffle ``fold_in(state.rng, t)``
+with ``state.rng`` the train stream), so a run resumed from a checkpoint continues
 exactly as the uninterrupted run would.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 
@@ -27,13 +30,46 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding
 
+from specrl import adaptive, drafters, sampling
 from specrl import checkpointing as ckpt_lib
-from specrl import drafters, sampling
+from specrl import config as config_lib
 from specrl import model as model_lib
 from specrl import rl as rl_lib
 from specrl import rollout as rollout_lib
 from specrl import sharding as shd
 from specrl import tasks as tasks_lib
+
+# stream -> fold_in constant of the root key jax.random.key(config.seed). params and train
+# keep the constants they always had, so initialisation and warm-up are unchanged.
+STREAMS = {'params': 1, 'train': 2, 'rollout': 3, 'drafter': 4, 'eval': 5}
+
+
+@dataclasses.dataclass(frozen=True)
+class RngStreams:
+  """Independent device-randomness streams, derived ONCE from ``config.seed``.
+
+  Step ``t`` of a stream uses ``fold_in(stream, t)``; no stream's keys are derived from
+  another's, so e.g. the GRPO minibatch shuffle (``train``: ``fold_in(fold_in(train, t),
+  epoch)`` in :func:`specrl.rl.train_step`) never reuses a key the rollout derives from
+  ``fold_in(rollout, t)`` (its prefill ``split`` and per-round ``fold_in``).
+
+  - params: policy initialisation;  train: ``TrainState.rng`` (minibatch shuffles);
+  - rollout: GRPO rollouts;  drafter: drafter init (small_model without a checkpoint);
+  - eval: held-out evaluation rollouts (:func:`evaluate`), never shared with training.
+  """
+
+  params: jax.Array
+  train: jax.Array
+  rollout: jax.Array
+  drafter: jax.Array
+  eval: jax.Array
+
+
+def rng_streams(seed) -> RngStreams:
+  """The streams of :class:`RngStreams`: ``fold_in(key(seed), STREAMS[name])`` (pure;
+  jittable). Distinct constants give distinct, independent keys."""
+  root = jax.random.key(seed)
+  return RngStreams(**{name: jax.random.fold_in(root, c) for name, c in STREAMS.items()})
 
 
 @dataclasses.dataclass
@@ -49,6 +85,7 @@ class Experiment:
   optimizer: optax.GradientTransformation
   drafter: object
   engine: object  # rollout.RolloutEngine or adaptive.AdaptiveRolloutEngine
+  rngs: RngStreams  # independent rollout / train / drafter / eval key streams
 
 
 def _check_positive(config, names):
@@ -59,48 +96,97 @@ def _check_positive(config, names):
       raise ValueError(f'config.{name} must be > 0, got {v}')
 
 
+TOP_LEVEL_KEYS = (
+  'seed', 'model', 'task', 'rollout', 'drafter', 'adaptive', 'sft', 'rl', 'mesh_shape',
+  'log_every', 'checkpoint_every', 'keep_checkpoints',
+)  # fmt: skip
+SFT_KEYS = ('steps', 'batch_size', 'lr', 'warmup_steps')
+# rl section keys read by the loop / optimizer rather than RLConfig
+RL_LOOP_KEYS = ('steps', 'num_prompts', 'lr', 'warmup_steps', 'weight_decay', 'grad_clip')
+# rollout section keys that are not RolloutConfig fields
+ROLLOUT_OTHER_KEYS = ('drafter', 'temperature', 'top_k', 'top_p')
+DEFAULT_NUM_DRAFT = 4  # the static engine's k with a drafter when rollout.num_draft = 0
+# AdaptiveConfig fields the adaptive section does not set: seed comes from config.seed.
+ADAPTIVE_NOT_IN_SECTION = ('seed',)
+# adaptive section keys that are not AdaptiveConfig fields: the engine switch
+ADAPTIVE_OTHER_KEYS = ('enabled',)
+# RolloutConfig fields derived from the task and the sampling keys, not set in the section
+ROLLOUT_DERIVED = ('sampling', 'eos_id', 'pad_id', 'max_prompt_len', 'max_draft')
+
+
+def resolve_num_draft(config: ml_collections.ConfigDict, has_drafter: bool) -> int:
+  """The static engine's k: ``rollout.num_draft``, 0 meaning the mode's default (4 with a
+  drafter, 0 without). A value the chosen mode would ignore is refused naming the knob
+  that applies (the adaptive engine's draft lengths are ``adaptive.arms``)."""
+  k = config.rollout.num_draft
+  if k < 0:
+    raise ValueError(f'config.rollout.num_draft must be >= 0 (0 = default), got {k}')
+  if config.adaptive.enabled:
+    if k:
+      raise ValueError(
+        f'config.rollout.num_draft={k} is ignored by the adaptive engine: set its draft '
+        'lengths with config.adaptive.arms (and leave rollout.num_draft=0)'
+      )
+    return 0
+  if not has_drafter:
+    if k:
+      raise ValueError(
+        f"config.rollout.num_draft={k} needs a drafter: set config.rollout.drafter (it is 'none')"
+      )
+    return 0
+  return k or DEFAULT_NUM_DRAFT
+
+
 def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment:
   """Validates the whole config up front: a bad value fails here, naming the field."""
+  config_lib.check_keys(config, '', TOP_LEVEL_KEYS)
+  config_lib.check_keys(config.sft, 'sft', SFT_KEYS)
   _check_positive(config, ['rl.num_prompts', 'rl.lr', 'sft.batch_size', 'rl.grad_clip'])
   if config.sft.steps < 0 or config.rl.steps < 0:
     raise ValueError('config.sft.steps and config.rl.steps must be >= 0')
   if config.log_every <= 0 or config.checkpoint_every <= 0:
     raise ValueError('config.log_every and config.checkpoint_every must be > 0')
-  model_cfg = model_lib.ModelConfig.from_config(config.model)
+  streams = rng_streams(config.seed)
+  model_cfg = config_lib.from_config(model_lib.ModelConfig, config.model, 'model')
   task = tasks_lib.make_task(config.task)
+  if config.sft.steps > 0 and not hasattr(task, 'sample_sft'):
+    raise ValueError(
+      f'task {config.task.name} has no SFT data: set --config.sft.steps=0 '
+      f'(it is {config.sft.steps})'
+    )
   if task.tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(
       f'config.model.vocab_size={model_cfg.vocab_size} is smaller than the '
       f"task tokenizer's {task.tokenizer.vocab_size}"
     )
-  sp = sampling.SamplingParams(
-    config.rollout.temperature, config.rollout.top_k, config.rollout.top_p
+  rollout_fields = config_lib.init_field_names(rollout_lib.RolloutConfig)
+  sp = config_lib.from_config(
+    sampling.SamplingParams,
+    config.rollout,
+    'rollout',
+    ignore=[*(set(rollout_fields) - set(ROLLOUT_DERIVED)), 'drafter'],
   )
-  rl_cfg = rl_lib.RLConfig(
-    num_generations=config.rl.num_generations,
-    clip_eps=config.rl.clip_eps,
-    clip_eps_high=config.rl.clip_eps_high,
-    kl_coef=config.rl.kl_coef,
-    aggregation=config.rl.aggregation,
-    scale_advantages=config.rl.scale_advantages,
+  rl_cfg = config_lib.from_config(
+    rl_lib.RLConfig,
+    config.rl,
+    'rl',
+    ignore=RL_LOOP_KEYS,
+    exclude=('temperature',),
     temperature=sp.logprob_temperature,
-    num_minibatches=config.rl.num_minibatches,
-    num_epochs=config.rl.num_epochs,
   )
-  drafter = drafters.make_drafter(config, model_cfg)
-  # one source of k per engine: the static engine's num_draft, the adaptive engine's arms
-  num_draft = config.rollout.num_draft if drafter is not None and not config.adaptive.enabled else 0
-  if drafter is not None and not config.adaptive.enabled and num_draft < 1:
-    raise ValueError(f'config.rollout.num_draft must be >= 1 with a drafter, got {num_draft}')
-  rollout_cfg = rollout_lib.RolloutConfig(
+  drafter = drafters.make_drafter(config, model_cfg, streams.drafter)
+  rollout_cfg = config_lib.from_config(
+    rollout_lib.RolloutConfig,
+    config.rollout,
+    'rollout',
+    ignore=ROLLOUT_OTHER_KEYS,
+    exclude=ROLLOUT_DERIVED,
     max_new_tokens=config.rollout.max_new_tokens or task.max_response_len,
     max_prompt_len=task.max_prompt_len,
-    cache_len=config.rollout.cache_len,
     sampling=sp,
     eos_id=task.tokenizer.eos_id,
     pad_id=task.tokenizer.pad_id,
-    num_draft=num_draft,
-    verify_impl=config.rollout.verify_impl,
+    num_draft=resolve_num_draft(config, drafter is not None),
   )
   if mesh is None:
     mesh = shd.make_mesh(tuple(config.mesh_shape))
@@ -113,25 +199,30 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
     boundaries=[sft_steps],
   )
   optimizer = rl_lib.make_optimizer(schedule, config.rl.weight_decay, config.rl.grad_clip)
+  acfg = adaptive_config(config, drafter is not None)
   if config.adaptive.enabled:
-    from specrl import adaptive
-
-    policy = config.adaptive.policy if drafter is not None else 'never'
-    a = config.adaptive
-    acfg = adaptive.AdaptiveConfig(
-      policy=policy,
-      buckets=tuple(a.buckets),
-      compaction=a.compaction,
-      arms=tuple(a.arms),
-      chunk_steps=a.chunk_steps,
-      hysteresis=a.hysteresis,
-      tlt_threshold=a.tlt_threshold,
-      seed=config.seed,
-    )
     engine = adaptive.AdaptiveRolloutEngine(model_cfg, rollout_cfg, acfg, drafter, mesh)
   else:
     engine = rollout_lib.RolloutEngine(model_cfg, rollout_cfg, mesh, drafter)
-  return Experiment(config, model_cfg, rl_cfg, rollout_cfg, task, mesh, optimizer, drafter, engine)
+  return Experiment(
+    config, model_cfg, rl_cfg, rollout_cfg, task, mesh, optimizer, drafter, engine, streams
+  )
+
+
+def adaptive_config(config: ml_collections.ConfigDict, has_drafter: bool):
+  """AdaptiveConfig from the ``adaptive`` section (validated even when the static engine
+  runs, so a typo never waits for the day adaptive is switched on). Without a drafter the
+  policy is 'never' (compaction only)."""
+  a = config.adaptive
+  return config_lib.from_config(
+    adaptive.AdaptiveConfig,
+    a,
+    'adaptive',
+    ignore=ADAPTIVE_OTHER_KEYS,
+    exclude=ADAPTIVE_NOT_IN_SECTION,
+    policy=a.policy if has_drafter else 'never',
+    seed=config.seed,
+  )
 
 
 # ----------------------------------------------------------------------------- state
@@ -158,9 +249,9 @@ def init_state(exp: Experiment) -> rl_lib.TrainState:
   keep_ref = exp.rl_cfg.kl_coef > 0
 
   def init_fn(seed):
-    rng = jax.random.key(seed)
-    params = model_lib.init_params(exp.model_cfg, jax.random.fold_in(rng, 1))
-    return rl_lib.init_train_state(params, exp.optimizer, jax.random.fold_in(rng, 2), keep_ref)
+    streams = rng_streams(seed)
+    params = model_lib.init_params(exp.model_cfg, streams.params)
+    return rl_lib.init_train_state(params, exp.optimizer, streams.train, keep_ref)
 
   abstract = jax.eval_shape(init_fn, 0)
   return jax.jit(init_fn, static_argnums=0, out_shardings=state_shardings(exp, abstract))(
@@ -223,8 +314,16 @@ def data_rng(seed: int, step: int) -> np.random.Generator:
   return np.random.default_rng([seed, step])
 
 
+def rollout_key(exp: Experiment, step: int) -> jax.Array:
+  """The key of the GRPO rollout at ``step``: step ``step`` of the rollout stream."""
+  return jax.random.fold_in(exp.rngs.rollout, step)
+
+
 def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
   """Sample prompts for ``step``, roll out G generations each, score them.
+
+  ``rng``: a stream key (``exp.rngs.rollout`` in training, ``exp.rngs.eval`` for held-out
+  evaluation); the rollout uses ``fold_in(rng, step)``.
 
   Returns (training batch dict of numpy arrays, rewards [N*G], rollout output, metrics).
   """
@@ -285,7 +384,7 @@ def run_step(exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns, dr
     m['phase'] = 0.0
     draft_params = None
   else:
-    batch, _, _, m = rollout_batch(exp, state.params, step, state.rng, draft_params)
+    batch, _, _, m = rollout_batch(exp, state.params, step, exp.rngs.rollout, draft_params)
     t1 = time.perf_counter()
     state, tm, draft_params = grpo_fn(state, batch)
     tm = jax.device_get(tm)
@@ -296,7 +395,33 @@ def run_step(exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns, dr
   return state, m, draft_params
 
 
+EVAL_FIRST_STEP = 10**6  # held-out prompts: data steps no training run reaches
+
+
+def evaluate(exp: Experiment, params, num_batches: int = 4) -> dict[str, float]:
+  """Mean reward / accuracy on ``num_batches`` fixed held-out prompt batches, rolled out
+  with the eval RNG stream (independent of training's, so evaluating changes nothing)."""
+  ms = [
+    rollout_batch(exp, params, EVAL_FIRST_STEP + i, exp.rngs.eval)[3] for i in range(num_batches)
+  ]
+  return {k: float(np.mean([m[k] for m in ms])) for k in ('reward', 'accuracy')}
+
+
 # ----------------------------------------------------------------------------- loop
+
+
+METRICS_FILE = 'metrics.jsonl'  # one JSON object per step: the TensorBoard scalars + 'step'
+
+
+def _json_number(v):
+  """numpy / jax scalars in a metrics dict -> Python numbers."""
+  return v.item() if hasattr(v, 'item') else float(v)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The lines of ``<workdir>/metrics.jsonl`` (a resumed run appends after its restart)."""
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def _writer(workdir):
@@ -318,7 +443,7 @@ def _log_line(step, total, m) -> str:
     f'train {m["train/time_s"]:.2f}s'
   )
   if 'spec/alpha' in m:
-    line += f' | accept {m["spec/alpha"]:.2f} tok/pass {m["spec/tokens_per_pass"]:.2f}'
+    line += f' | alpha {m["spec/alpha"]:.2f} tok/pass {m["spec/tokens_per_pass"]:.2f}'
   if 'spec/draft_time_est_s' in m:
     line += f' draft/verify {m["spec/draft_time_est_s"]:.2f}/{m["spec/verify_time_est_s"]:.2f}s'
   if 'adaptive/chunks' in m:
@@ -349,6 +474,8 @@ def train_and_evaluate(
   state = init_state(exp)
   sh = jax.tree.map(lambda x: x.sharding, state)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+  if getattr(exp.engine, 'host_state', None) is not None:  # engine memory, host RNGs
+    checkpointer.register('engine', exp.engine)
   start = 0
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state)
@@ -362,6 +489,7 @@ def train_and_evaluate(
   )
   fns = _jitted_steps(exp, sh)
   writer = _writer(workdir)
+  metrics_file = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115
   history = []
   end = total if max_steps is None else min(total, max_steps)
   draft_params = None
@@ -373,6 +501,8 @@ def train_and_evaluate(
       if writer is not None:
         for k, v in m.items():
           writer.add_scalar(k, v, step)
+      metrics_file.write(json.dumps(m, default=_json_number) + '\n')
+      metrics_file.flush()
       if step % config.log_every == 0 or step == end - 1:
         logging.info(_log_line(step, total, m))
       if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
@@ -389,5 +519,6 @@ def train_and_evaluate(
   finally:
     if writer is not None:
       writer.close()
+    metrics_file.close()
     checkpointer.close()
   return state, history

@@ -28,9 +28,21 @@ def config(drafter, adaptive_policy=None):
   c.model.update(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, n_layers=1)
   c.rl.num_prompts, c.rl.num_generations = 2, 4  # 8 sequences: divisible by data*fsdp
   c.rollout.temperature = 0.0  # greedy: identical tokens expected
-  c.rollout.drafter, c.rollout.num_draft = drafter, 2
+  static_k = 2 if drafter != 'none' else 0
+  c.rollout.drafter, c.rollout.num_draft = drafter, 0 if adaptive_policy else static_k
   c.sft.batch_size = 8
   return c
+
+
+DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'quantized')
+# every drafter on the adaptive engine too (policy 'always' forces speculation)
+ADAPTIVE_CASES = (
+  ('none', 'never'),
+  ('self', 'always'),
+  ('small_model', 'always'),
+  ('ngram', 'always'),
+  ('quantized', 'cost_model'),
+)
 
 
 def run(mesh, drafter):
@@ -63,7 +75,9 @@ def rollout(mesh, drafter, adaptive_policy=None):
 def main():
   assert jax.device_count() == 8, jax.devices()
   res = {}
-  for drafter in ('none', 'self'):
+  # every drafter on the static engine (rollout + GRPO step, drafter params placed with their
+  # shardings: small_model's own, quantized derived by the jitted step)
+  for drafter in DRAFTERS:
     (p8, t8, l8), sh8 = run(shd.make_mesh((2, 2, 2)), drafter)
     (p1, t1, l1), _ = run(shd.make_mesh((1, 1, 1), jax.devices()[:1]), drafter)
     res[drafter] = {
@@ -78,11 +92,11 @@ def main():
   # Adaptive engine (compaction, widening, speculation) on the 8-device mesh vs the static
   # plain engine on 1 device: greedy, so tokens must be identical.
   t1, l1, _ = rollout(shd.make_mesh((1, 1, 1), jax.devices()[:1]), 'none')
-  for drafter, policy in (('none', 'never'), ('self', 'always'), ('quantized', 'cost_model')):
+  for drafter, policy in ADAPTIVE_CASES:
     t8, l8, report = rollout(shd.make_mesh((2, 2, 2)), drafter, policy)
     w = t1.shape[1]  # seq_len; a speculative config's buffer has scratch slots beyond
     t8, l8 = t8[:, :w], l8[:, :w]
-    res[f'adaptive_{policy}'] = {
+    res[f'adaptive_{drafter}_{policy}'] = {
       'tokens_equal': bool(np.array_equal(t8, t1)),
       'logprob_maxdiff': float(np.max(np.abs(l8 - l1))),
       'buckets': [b for _, _, b, _ in report.compactions] if report else [],

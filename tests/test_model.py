@@ -70,7 +70,7 @@ def test_bad_config_values_name_the_field():
     model_lib.ModelConfig(n_heads=4, n_kv_heads=3)
   with pytest.raises(ValueError, match='param_dtype'):
     model_lib.ModelConfig(param_dtype='float64x')
-  with pytest.raises(ValueError, match='unknown model config field'):
+  with pytest.raises(ValueError, match=r'unknown key config\.model\.d_modle; valid keys: '):
     model_lib.ModelConfig.from_config({'d_modle': 3})
 
 

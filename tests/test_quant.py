@@ -140,7 +140,10 @@ def test_storage_dtypes(bits, fp8, dtype):
   cfg = _cfg()
   params = _abstract_params(cfg)  # shapes and dtypes only: nothing is computed
   qp = jax.eval_shape(
-    lambda p: quant.quantize_params(p, quant.QuantConfig(bits=bits, fp8=fp8)), params
+    lambda p: quant.quantize_params(
+      p, quant.QuantConfig(bits=bits, fp8=fp8, quantize_embeddings=True, quantize_lm_head=True)
+    ),
+    params,
   )
   for name in ('wq', 'wk', 'wv', 'wo', 'w_gate', 'w_up', 'w_down'):
     qw = qp['layers'][name]
@@ -179,7 +182,7 @@ def test_param_bytes_ratios():
   assert pb == 2 * model_lib.count_params(params)
 
   def qbytes(**kw):
-    qcfg = quant.QuantConfig(**kw)
+    qcfg = quant.QuantConfig(quantize_embeddings=True, quantize_lm_head=True, **kw)
     return quant.param_bytes(jax.eval_shape(lambda p: quant.quantize_params(p, qcfg), params))
 
   b8, b4, b4c = qbytes(bits=8), qbytes(bits=4), qbytes(bits=4, group_size=None)
@@ -198,10 +201,12 @@ def test_embedding_flags():
   assert not isinstance(
     q(tied, quant.QuantConfig(quantize_lm_head=False))['embed'], quant.QWeight
   )  # tied table is also the head
-  assert isinstance(q(tied, quant.QuantConfig())['embed'], quant.QWeight)
-  qp = q(untied, quant.QuantConfig(quantize_embeddings=False))
+  both = dict(quantize_embeddings=True, quantize_lm_head=True)
+  assert not isinstance(q(tied, quant.QuantConfig())['embed'], quant.QWeight)  # default: float
+  assert isinstance(q(tied, quant.QuantConfig(**both))['embed'], quant.QWeight)
+  qp = q(untied, quant.QuantConfig(quantize_embeddings=False, quantize_lm_head=True))
   assert not isinstance(qp['embed'], quant.QWeight) and isinstance(qp['lm_head'], quant.QWeight)
-  qp = q(untied, quant.QuantConfig(quantize_lm_head=False))
+  qp = q(untied, quant.QuantConfig(quantize_embeddings=True, quantize_lm_head=False))
   assert isinstance(qp['embed'], quant.QWeight) and not isinstance(qp['lm_head'], quant.QWeight)
   with pytest.raises(TypeError, match='already quantized'):
     quant.quantize_params(qp, quant.QuantConfig())
@@ -353,16 +358,22 @@ def test_config_combinations_and_defaults():
     quant.QuantConfig(bits=4, fp8='e4m3')
   with pytest.raises(ValueError, match=r'quant\.fp8'):
     quant.QuantConfig(fp8='e4m3', act_bits=8)
-  assert quant.QuantConfig(bits=4).group_size == 128
-  assert quant.QuantConfig(bits=8).group_size is None
+
+  # 'auto': int4 takes the largest divisor of K <= 128 per weight (96 for K = 576, 128 for
+  # 1536), int8 one scale per channel
+  def gs(k, **kw):
+    w = jnp.ones((k, 8))
+    qcfg = quant.QuantConfig(**kw)
+    return quant.quantize_weight(w, qcfg, rank=2, n_contract=1, contract_first=True).group_size
+
+  assert (gs(576, bits=4), gs(1536, bits=4), gs(576, bits=8)) == (96, 128, 576)
   assert quant.QuantConfig(bits=4, group_size=0).group_size is None
-  c = quant.QuantConfig.from_config({'bits': 4, 'group_size': 64, 'ngram': 2})
-  assert (c.bits, c.group_size) == (4, 64)
+  c = quant.QuantConfig(bits=4, group_size=64)
   assert dataclasses.replace(c, bits=8).group_size == 64
   with pytest.raises(ValueError, match=r'quant\.group_size'):
     quant.quantize_weight(
       jnp.ones((192, 8)),
-      quant.QuantConfig(bits=4),
+      quant.QuantConfig(bits=4, group_size=128),
       rank=2,
       n_contract=1,
       contract_first=True,

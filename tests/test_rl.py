@@ -28,7 +28,9 @@ def test_clipped_loss_hand_computed():
   old = jnp.zeros((2, 3))
   new = jnp.log(jnp.array([[1.0, 1.5, 0.5], [1.0, 0.9, 1.0]]))
   adv = jnp.array([1.0, -2.0])
-  loss, m = rl_lib.grpo_loss_from_logprobs(new, old, None, adv, mask, _rl(clip_eps=0.2))
+  loss, m = rl_lib.grpo_loss_from_logprobs(
+    new, old, None, adv, mask, _rl(clip_eps=0.2, aggregation='token')
+  )
   # per token: -min(r*A, clip(r)*A): seq0 r=1.5 -> -1.2 ; r=0.5 -> -0.5 ; seq1 r=0.9,A=-2 -> 1.8
   np.testing.assert_allclose(loss, (-1.2 - 0.5 + 1.8) / 3, rtol=1e-6)
   np.testing.assert_allclose(m['clip_frac'], 2 / 3, rtol=1e-6)

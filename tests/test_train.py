@@ -1,5 +1,6 @@
 """The loop: config validation, exact resume, checkpoint validation, main.py errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -109,13 +110,161 @@ def test_quantized_drafter_is_derived_from_the_new_params_inside_the_step():
   batch['advantages'] = np.random.default_rng(0).normal(size=batch['advantages'].shape)
   for _ in range(2):  # the first step has learning rate 0 (warm-up)
     state, _, draft = fns[1](state, batch)
-  expected = quant.quantize_params(state.params, quantized.quant_config(c.drafter))
+  expected = quant.quantize_params(state.params, quantized.quant_config(c.drafter.quantized))
   leaves = jax.tree.leaves(draft)
   assert any(x.dtype == np.int8 for x in leaves)  # stored as int8
   for a, b in zip(leaves, jax.tree.leaves(expected), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  stale = quant.quantize_params(old, quantized.quant_config(c.drafter))
+  stale = quant.quantize_params(old, quantized.quant_config(c.drafter.quantized))
   assert any(
     not np.array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(leaves, jax.tree.leaves(stale), strict=True)
   )
+
+
+# ----------------------------------------------------------------------------- RNG streams
+
+
+def _key_bytes(k) -> bytes:
+  return np.asarray(jax.random.key_data(k)).tobytes()
+
+
+def test_rng_streams_are_independent():
+  """Defect a: the rollout key at step t was R = fold_in(state.rng, t) and the GRPO shuffle
+  fold_in(fold_in(state.rng, t), epoch) = fold_in(R, epoch), a child of the decode key."""
+  c = smoke()
+  exp = train.build_experiment(c)
+  state = train.init_state(exp)
+  step = 5
+  r = train.rollout_key(exp, step)
+  # the keys the rollout derives: prefill's split, then per-round fold_in(rng, round)
+  rng, sub = jax.random.split(r)
+  rollout_keys = {_key_bytes(k) for k in (r, rng, sub)}
+  rollout_keys |= {_key_bytes(jax.random.fold_in(rng, i)) for i in range(64)}
+  # rl.train_step: fold_in(fold_in(state.rng, state.step), epoch)
+  train_keys = {
+    _key_bytes(jax.random.fold_in(jax.random.fold_in(state.rng, step), e)) for e in range(4)
+  }
+  assert not rollout_keys & train_keys
+  # nor is any train key a child of the rollout key
+  assert not {_key_bytes(jax.random.fold_in(r, e)) for e in range(4)} & train_keys
+  eval_key = jax.random.fold_in(exp.rngs.eval, step)
+  assert _key_bytes(eval_key) not in rollout_keys | train_keys
+  streams = [_key_bytes(getattr(exp.rngs, n)) for n in train.STREAMS]
+  assert len(set(streams)) == len(streams)
+  assert _key_bytes(state.rng) == _key_bytes(exp.rngs.train)
+
+
+def test_evaluation_uses_its_own_stream_and_changes_nothing():
+  c = smoke()
+  exp = train.build_experiment(c)
+  state = train.init_state(exp)
+  first = train.evaluate(exp, state.params, num_batches=1)
+  assert set(first) == {'reward', 'accuracy'}
+  assert train.evaluate(exp, state.params, num_batches=1) == first  # fixed held-out stream
+
+
+# ----------------------------------------------------------------------------- contracts
+
+
+def test_metrics_jsonl_has_one_line_per_step_with_the_tensorboard_keys(tmp_path):
+  c = smoke()
+  c.sft.steps, c.rl.steps = 1, 1
+  _, hist = train.train_and_evaluate(c, str(tmp_path))
+  lines = train.read_metrics(str(tmp_path))
+  assert [m['step'] for m in lines] == [0, 1]
+  for line, m in zip(lines, hist, strict=True):
+    assert set(line) == set(m)  # the keys written to TensorBoard
+    assert line['step'] == m['step'] and line['phase'] == m['phase']
+  assert lines[1]['reward'] == hist[1]['reward'] and 'rollout/tokens_per_s' in lines[1]
+
+
+class _HostMemory:
+  """A stand-in for an engine's host state (online memory + a numpy RNG)."""
+
+  def __init__(self, seed):
+    self.table = np.arange(6, dtype=np.float32).reshape(2, 3) * seed
+    self.rng = np.random.default_rng(seed)
+    self.count = seed
+
+  def host_state(self):
+    return {'table': self.table, 'rng': self.rng.bit_generator.state, 'count': self.count}
+
+  def load_host_state(self, d):
+    self.table, self.count = d['table'], d['count']
+    self.rng.bit_generator.state = d['rng']
+
+
+def test_host_state_hook_round_trips_through_the_checkpoint(tmp_path):
+  c = smoke()
+  c.rl.steps = 0
+  exp = train.build_experiment(c)
+  state = train.init_state(exp)
+  saver = checkpointing.Checkpointer(str(tmp_path))
+  mem = _HostMemory(3)
+  mem.rng.random(5)  # advance the generator: its position must come back
+  saver.register('engine', mem)
+  saver.save(4, state)
+  saver.close()
+  loader = checkpointing.Checkpointer(str(tmp_path))
+  fresh = _HostMemory(7)
+  loader.register('engine', fresh)
+  restored = loader.restore(state)
+  assert int(restored.step) == int(state.step)
+  np.testing.assert_array_equal(fresh.table, mem.table)
+  assert fresh.table.dtype == np.float32 and fresh.count == 3
+  assert fresh.rng.random() == mem.rng.random()
+  other = checkpointing.Checkpointer(str(tmp_path))
+  other.register('drafter', _HostMemory(1))
+  with pytest.raises(ValueError, match="no host state 'drafter'"):
+    other.restore(state)
+  loader.close()
+  other.close()
+
+
+# ----------------------------------------------------------------------------- math_jsonl
+
+
+def _char_tokenizer_dir(path, alphabet):
+  """A character-level HF tokenizer (BPE with no merges) with <pad>, <s>, </s>."""
+  tokenizers = pytest.importorskip('tokenizers')
+  from tokenizers import models
+
+  vocab = {'<pad>': 0, '<s>': 1, '</s>': 2, **{ch: i + 3 for i, ch in enumerate(alphabet)}}
+  tok = tokenizers.Tokenizer(models.BPE(vocab, merges=[], unk_token=None))
+  tok.save(str(path / 'tokenizer.json'))
+  with open(path / 'tokenizer_config.json', 'w') as f:
+    json.dump({'eos_token': '</s>', 'pad_token': '<pad>', 'bos_token': '<s>'}, f)
+  return len(vocab)
+
+
+def _math_jsonl_config(tmp_path):
+  vocab = _char_tokenizer_dir(tmp_path, '0123456789+=? #\nQ')
+  with open(tmp_path / 'problems.jsonl', 'w') as f:
+    for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]:
+      f.write(json.dumps({'question': f'Q {a}+{b}=?', 'answer': f'#### {a + b}'}) + '\n')
+  c = smoke()
+  c.task.update(
+    name='math_jsonl',
+    path=str(tmp_path / 'problems.jsonl'),
+    tokenizer_path=str(tmp_path),
+    max_prompt_len=12,
+    max_response_len=6,
+  )
+  c.model.vocab_size = vocab
+  return c
+
+
+def test_math_jsonl_without_sft_data_is_refused_naming_the_fix(tmp_path):
+  """Defect b: the task has no SFT source; step 0 used to crash in the loop."""
+  c = _math_jsonl_config(tmp_path)
+  with pytest.raises(ValueError, match=r'math_jsonl has no SFT data: set --config\.sft\.steps=0'):
+    train.build_experiment(c)
+
+
+def test_math_jsonl_trains_two_grpo_steps(tmp_path):
+  c = _math_jsonl_config(tmp_path)
+  c.sft.steps, c.rl.steps = 0, 2
+  state, hist = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert int(state.step) == 2 and [m['phase'] for m in hist] == [1.0, 1.0]
+  assert all(0.0 <= m['reward'] <= 1.0 for m in hist)

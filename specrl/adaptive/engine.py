@@ -60,6 +60,7 @@ import time
 import jax
 import numpy as np
 
+from specrl import drafters as drafters_lib
 from specrl import model as model_lib
 from specrl import sharding as shd
 from specrl.adaptive.config import PLAIN, AdaptiveConfig
@@ -379,15 +380,17 @@ class AdaptiveRolloutEngine:
       """The drafter's params on first use only (a rollout that never speculates never
       pays for them): derived from the policy inside jit (params are arguments), or the
       drafter's own params as they are -- never closed over as jit constants."""
-      if draft_params is not None or self.drafter is None:
-        return draft_params
+      if self.drafter is None:
+        return None
       if not derived:
-        if not self.drafter.derived:
-          derived.append(self.drafter.params_from_policy(params))
-        else:
+        dp = draft_params
+        if dp is None and not self.drafter.derived:
+          dp = self.drafter.params_from_policy(params)
+        elif dp is None:
           if ('derive',) not in self._fns:
             self._fns[('derive',)] = jax.jit(self.drafter.params_from_policy)
-          derived.append(self._fns[('derive',)](params))
+          dp = self._fns[('derive',)](params)
+        derived.append(drafters_lib.place_draft_params(self.drafter, dp, self.mesh))
       return derived[0]
 
     acfg = self.acfg

@@ -3,11 +3,14 @@
 - ``none``: plain decoding.
 - ``self``: the policy drafts for itself (acceptance 1.0 -- an engine correctness check).
 - ``small_model``: a separate small transformer sharing the tokenizer, from an HF
-  checkpoint directory (``drafter.checkpoint``) or initialised from ``drafter.model``.
-- ``ngram``: model-free prompt/response lookup.
-- ``quantized``: an int8/int4 copy of the live policy (:mod:`specrl.drafters.quantized`).
+  checkpoint directory (``drafter.small_model.checkpoint``) or initialised from the drafter
+  RNG stream with the architecture ``drafter.small_model.model`` (overrides of ``model``).
+- ``ngram``: model-free prompt/response lookup (``drafter.ngram.n``).
+- ``quantized``: an int8/int4 copy of the live policy (``drafter.quantized.*``,
+  :mod:`specrl.drafters.quantized`).
 
-See :mod:`specrl.drafters.base` for the protocol.
+Each drafter reads only its own section ``config.drafter.<name>``; the sections of the
+other drafters are ignored. See :mod:`specrl.drafters.base` for the protocol.
 """
 
 from __future__ import annotations
@@ -16,42 +19,87 @@ import dataclasses
 
 import jax
 
+from specrl import config as config_lib
 from specrl import model as model_lib
+from specrl import sharding as shd
+from specrl.checkpoints import hf
+from specrl.drafters import quantized
 from specrl.drafters.base import Drafter
 from specrl.drafters.model_drafter import ModelDrafter
 from specrl.drafters.ngram import NgramDrafter
 
 DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'quantized')
 
-__all__ = ['DRAFTERS', 'Drafter', 'ModelDrafter', 'NgramDrafter', 'make_drafter']
+__all__ = [
+  'DRAFTERS',
+  'Drafter',
+  'ModelDrafter',
+  'NgramDrafter',
+  'make_drafter',
+  'place_draft_params',
+]
 
 
-def make_drafter(config, model_cfg: model_lib.ModelConfig):
-  """Drafter named by ``config.rollout.drafter`` (None for 'none')."""
+def place_draft_params(drafter, draft_params, mesh):
+  """Draft params on ``mesh``, ready to be jit arguments of the rollout's steps.
+
+  Derived params (``self``, ``quantized``) come out of jitted functions of the policy
+  params and are on the mesh already. A drafter's own params (``small_model``) are loaded
+  or initialised on one device: they get the policy's sharding rules (``PARAM_RULES``)
+  applied to their own architecture, like the policy's params.
+  """
+  if drafter is None or draft_params is None:
+    return draft_params
+  devices = set(mesh.devices.flat)
+  leaves = jax.tree.leaves(draft_params)
+  if all(getattr(x, 'sharding', None) and x.sharding.device_set == devices for x in leaves):
+    return draft_params
+  cfg = getattr(drafter, 'cfg', None)
+  if not drafter.derived and cfg is not None:
+    axes = model_lib.param_logical_axes(cfg)
+    return jax.device_put(
+      draft_params, shd.tree_shardings(axes, draft_params, mesh, shd.PARAM_RULES)
+    )
+  return jax.device_put(draft_params, shd.replicated(mesh))
+
+
+def _small_model(section, model_cfg: model_lib.ModelConfig, rng) -> ModelDrafter:
+  config_lib.check_keys(section, 'drafter.small_model', ('model', 'checkpoint'))
+  if section.checkpoint:
+    dcfg, dparams = hf.load_hf_checkpoint(section.checkpoint)
+  else:
+    overrides = config_lib.section_dict(section.model)
+    config_lib.check_keys(
+      overrides, 'drafter.small_model.model', config_lib.init_field_names(model_lib.ModelConfig)
+    )
+    dcfg = dataclasses.replace(model_cfg, **overrides)
+    dparams = model_lib.init_params(dcfg, rng)
+  if dcfg.vocab_size != model_cfg.vocab_size:
+    raise ValueError(
+      f'drafter vocab_size {dcfg.vocab_size} != policy vocab_size '
+      f'{model_cfg.vocab_size}: a drafter must share the tokenizer'
+    )
+  return ModelDrafter('small_model', dcfg, own_params=dparams)
+
+
+def make_drafter(config, model_cfg: model_lib.ModelConfig, rng=None):
+  """Drafter named by ``config.rollout.drafter`` (None for 'none').
+
+  ``rng``: the drafter RNG stream (initialises a ``small_model`` without a checkpoint);
+  defaults to ``jax.random.key(config.seed)``.
+  """
   name = config.rollout.drafter
   if name not in DRAFTERS:
     raise ValueError(f'config.rollout.drafter must be one of {DRAFTERS}, got {name!r}')
+  config_lib.check_keys(config.drafter, 'drafter', ('ngram', 'small_model', 'quantized'))
   if name == 'none':
     return None
   if name == 'self':
     return ModelDrafter('self', model_cfg, derive=lambda p: p)
   if name == 'ngram':
-    return NgramDrafter(model_cfg.vocab_size, config.drafter.ngram)
+    config_lib.check_keys(config.drafter.ngram, 'drafter.ngram', ('n',))
+    return NgramDrafter(model_cfg.vocab_size, config.drafter.ngram.n)
   if name == 'small_model':
-    dc = config.drafter
-    if dc.checkpoint:
-      from specrl.checkpoints import hf
-
-      dcfg, dparams = hf.load_hf_checkpoint(dc.checkpoint)
-    else:
-      dcfg = dataclasses.replace(model_cfg, **dict(dc.model))
-      dparams = model_lib.init_params(dcfg, jax.random.key(config.seed + 1))
-    if dcfg.vocab_size != model_cfg.vocab_size:
-      raise ValueError(
-        f'drafter vocab_size {dcfg.vocab_size} != policy vocab_size '
-        f'{model_cfg.vocab_size}: a drafter must share the tokenizer'
-      )
-    return ModelDrafter('small_model', dcfg, own_params=dparams)
-  from specrl.drafters import quantized
-
-  return quantized.make_quantized_drafter(config, model_cfg)
+    rng = jax.random.key(config.seed) if rng is None else rng
+    return _small_model(config.drafter.small_model, model_cfg, rng)
+  return quantized.make_quantized_drafter(config.drafter.quantized, model_cfg)

@@ -20,7 +20,7 @@ class NgramDrafter:
 
   def __init__(self, vocab_size: int, ngram: int = 2):
     if ngram < 1:
-      raise ValueError(f'drafter.ngram must be >= 1, got {ngram}')
+      raise ValueError(f'drafter.ngram.n must be >= 1, got {ngram}')
     self.vocab_size, self.n = vocab_size, ngram
 
   def params_from_policy(self, policy_params):

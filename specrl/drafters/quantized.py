@@ -2,39 +2,55 @@
 
 ``draft_params = quantize_params(policy_params)`` is a pure function of the policy
 params, evaluated inside the jitted step that produces the next rollout's params (see
-:func:`specrl.train.derive_draft_params`), so the drafter never drifts from the policy,
+:func:`specrl.train.derives_draft_params`), so the drafter never drifts from the policy,
 needs no training, and is never checkpointed. The drafter runs the *same* model code
 (:func:`specrl.model.forward`): quantized leaves carry their own ``qeinsum``.
 
-Options (config ``drafter.*``): ``bits`` 8|4, ``group_size`` (0 = per channel; int4
-defaults to 128), ``backend`` jnp|aqt|qwix, ``quantize_embeddings``, ``act_bits``,
-``share_kv`` (read the policy's KV cache instead of keeping a second one).
+Options (config ``drafter.quantized.*``): every field of :class:`specrl.quant.QuantConfig`
+(``bits`` 8|4, ``group_size`` (0 = auto: int4 takes the largest divisor <= 128 of each
+contracting dim, int8 one scale per channel), ``backend`` jnp|aqt|qwix,
+``quantize_embeddings``, ``quantize_lm_head``, ``act_bits`` (0 = weight-only), ``fp8``
+('' = off), ``scale_dtype``), plus ``share_kv`` (read the policy's KV cache instead of
+keeping a second one).
 """
 
 from __future__ import annotations
 
+from specrl import config as config_lib
 from specrl import model as model_lib
 from specrl import quant
 from specrl.drafters.model_drafter import ModelDrafter
 
+SECTION = 'drafter.quantized'
 
-def quant_config(dc) -> quant.QuantConfig:
-  """QuantConfig from the ``drafter`` config section (other drafters' keys ignored)."""
-  d = dict(dc)
-  group = d.get('group_size', 0)
-  return quant.QuantConfig(
-    bits=d.get('bits', 8),
-    group_size=('auto' if group == 0 and d.get('bits') == 4 else (group or None)),
-    backend=d.get('backend', 'jnp'),
-    quantize_embeddings=d.get('quantize_embeddings', False),
-    quantize_lm_head=d.get('quantize_embeddings', False),
-    act_bits=d.get('act_bits') or None,
+
+def quant_config(section) -> quant.QuantConfig:
+  """QuantConfig from the ``drafter.quantized`` section (0 / '' mean auto / off there,
+  since ml_collections fields cannot be None and still be set from the command line)."""
+  return config_lib.from_config(
+    quant.QuantConfig,
+    section,
+    SECTION,
+    ignore=('share_kv',),
+    group_size=section.get('group_size', 0) or 'auto',
+    act_bits=section.get('act_bits', 0) or None,
+    fp8=section.get('fp8', '') or None,
   )
 
 
-def make_quantized_drafter(config, model_cfg: model_lib.ModelConfig) -> ModelDrafter:
-  qcfg = quant_config(config.drafter)
-  share = bool(config.drafter.get('share_kv', False))
+def contracting_dims(cfg: model_lib.ModelConfig) -> tuple[int, ...]:
+  """The dims the policy's matmuls contract over: d_model (wq/wk/wv/w_gate/w_up, the
+  embedding table and head), heads * head_dim (wo), d_ff (w_down)."""
+  return (cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.d_ff)
+
+
+def make_quantized_drafter(section, model_cfg: model_lib.ModelConfig) -> ModelDrafter:
+  """The drafter, with the quantization settings validated against the model's shapes."""
+  qcfg = quant_config(section)
+  quant.check_group_size(qcfg, contracting_dims(model_cfg), f'{SECTION}.group_size')
   return ModelDrafter(
-    'quantized', model_cfg, derive=lambda p: quant.quantize_params(p, qcfg), share_kv=share
+    'quantized',
+    model_cfg,
+    derive=lambda p: quant.quantize_params(p, qcfg),
+    share_kv=bool(section.get('share_kv', False)),
   )
