@@ -8,8 +8,9 @@ remedies, both lossless:
   (``AdaptiveConfig.buckets``, powers of two by default), the active rows of every
   ``[B, ...]`` leaf of the state (tokens, logprobs, positions, flags, counters, the policy
   KV cache and the drafter's state) are gathered into the smallest bucket that holds them
-  (:mod:`specrl.adaptive.state_ops`); results are scattered back into the original
-  ``[B, ...]`` layout when rows leave (at the next compaction and at the end).
+  (:mod:`specrl.adaptive.state_ops`; a drafter's shared ``'rows'`` state stays whole);
+  results are scattered back into the original ``[B, ...]`` layout when rows leave (at the
+  next compaction and at the end).
 - *Strategy per phase*: a small batch is memory/latency bound, which is where speculative
   decoding pays; a full batch usually is not. At every chunk boundary a policy
   (:mod:`specrl.adaptive.policies`) chooses plain decoding (``0``) or speculation with a

@@ -16,6 +16,12 @@ Draft length. ``RolloutConfig.num_draft`` is the static engine's k (0 = plain). 
 scratch (the ``k + 1`` slots a verify pass writes past ``seq_len``) is laid out for
 ``draft_width = max(num_draft, max_draft)``: the adaptive engine sets ``max_draft`` to the
 largest of its arms and runs chunks of any ``k <= max_draft`` on the same buffer.
+
+Row ids and drafter extras. Every row carries ``seq_id`` / ``group_ids`` / ``prompt_ids``
+(compacted with the row); a drafter may keep a shared state over the original batch
+(``draft_shared``, logical axis ``'rows'``: never compacted) and ask for the policy's hidden
+states (``hidden``/``hidden_from``). The contract is in :mod:`specrl.drafters.base`; the
+fields are None unless a drafter asks for them.
 """
 
 from __future__ import annotations
