@@ -53,6 +53,7 @@ __all__ = [
   'RolloutOutput',
   'RolloutState',
   'prepare_prompts',
+  'prepare_row_ids',
   'rollout_metrics',
 ]
 
@@ -60,8 +61,11 @@ __all__ = [
 class RolloutEngine:
   """Jitted, sharded rollout for one model config, rollout config, mesh and drafter.
 
-  ``generate(params, prompt_tokens, prompt_len, rng)`` returns a :class:`RolloutOutput`
-  (device arrays) and a dict of host-side metrics.
+  ``generate(params, prompt_tokens, prompt_len, rng, draft_params=None, group_ids=None,
+  prompt_ids=None)`` returns a :class:`RolloutOutput` (device arrays) and a dict of
+  host-side metrics (row ids: :func:`prepare_row_ids`). ``last_draft_shared``: the
+  drafter's shared state (``init_shared``, :mod:`specrl.drafters.hooks`) at the end of the
+  last rollout, rows of the original batch; None for drafters without one.
   """
 
   def __init__(
@@ -72,6 +76,7 @@ class RolloutEngine:
     if rcfg.num_draft and drafter is None:
       raise ValueError('rollout.num_draft > 0 needs a drafter (rollout.drafter != "none")')
     self._fns: dict = {}
+    self.last_draft_shared = None
 
   # -- shardings
   def param_shardings(self, params):
@@ -86,7 +91,7 @@ class RolloutEngine:
 
   def _state_shardings(self, abstract_state):
     draft_axes = self.drafter.state_logical_axes() if self.drafter is not None else None
-    axes = state_logical_axes(draft_axes)
+    axes = state_logical_axes(draft_axes, like=abstract_state)
     return shd.tree_shardings(axes, abstract_state, self.mesh, shd.DECODE_RULES)
 
   def _compiled(self, batch: int, params, draft_params):
@@ -95,7 +100,7 @@ class RolloutEngine:
       return self._fns[key]
     cfg, rcfg, mesh, drafter = self.cfg, self.rcfg, self.mesh, self.drafter
 
-    def prefill_fn(params, draft_params, toks, lens, rng):
+    def prefill_fn(params, draft_params, toks, lens, rng, group_ids, prompt_ids):
       return prefill(
         params,
         toks,
@@ -106,6 +111,8 @@ class RolloutEngine:
         mesh=mesh,
         drafter=drafter,
         draft_params=draft_params,
+        group_ids=group_ids,
+        prompt_ids=prompt_ids,
       )
 
     k = rcfg.num_draft if drafter is not None else 0
@@ -123,14 +130,16 @@ class RolloutEngine:
       jax.ShapeDtypeStruct((batch, p), jnp.int32),
       jax.ShapeDtypeStruct((batch,), jnp.int32),
       jax.random.key(0),
+      jax.ShapeDtypeStruct((batch,), jnp.int32),
+      jax.ShapeDtypeStruct((batch,), jnp.int32),
     )
     st_sh = self._state_shardings(abstract)
     psh = self.param_shardings(params)
     dsh = None if draft_params is None else jax.tree.map(lambda x: x.sharding, draft_params)
-    rep = shd.replicated(mesh)
+    rep, row = shd.replicated(mesh), self._batch_sharding(1)
     prefill_j = jax.jit(
       prefill_fn,
-      in_shardings=(psh, dsh, self._batch_sharding(2), self._batch_sharding(1), rep),
+      in_shardings=(psh, dsh, self._batch_sharding(2), row, rep, row, row),
       out_shardings=st_sh,
     )
     decode_j = jax.jit(
@@ -174,17 +183,27 @@ class RolloutEngine:
     return costs
 
   def generate(
-    self, params, prompt_tokens, prompt_len, rng, draft_params=None, estimate_costs: bool = False
+    self,
+    params,
+    prompt_tokens,
+    prompt_len,
+    rng,
+    draft_params=None,
+    group_ids=None,
+    prompt_ids=None,
+    estimate_costs: bool = False,
   ):
     prompt_tokens, prompt_len = prepare_prompts(prompt_tokens, prompt_len, self.rcfg)
     b = prompt_tokens.shape[0]
+    group_ids, prompt_ids = prepare_row_ids(group_ids, prompt_ids, b)
     if self.drafter is not None and draft_params is None:
       draft_params = self.drafter.params_from_policy(params)
     draft_params = drafters_lib.place_draft_params(self.drafter, draft_params, self.mesh)
     prefill_j, decode_j, finalize_j = self._compiled(b, params, draft_params)
     t0 = time.perf_counter()
-    state = prefill_j(params, draft_params, prompt_tokens, prompt_len, rng)
+    state = prefill_j(params, draft_params, prompt_tokens, prompt_len, rng, group_ids, prompt_ids)
     state = decode_j(params, draft_params, state)
+    self.last_draft_shared = state.draft_shared
     out = finalize_j(state)
     out = jax.block_until_ready(out)
     dt = time.perf_counter() - t0
@@ -234,6 +253,27 @@ def prepare_prompts(prompt_tokens, prompt_len, rcfg: RolloutConfig):
       f'(rollout cache holds {rcfg.seq_len} positions)'
     )
   return prompt_tokens, prompt_len
+
+
+def prepare_row_ids(group_ids, prompt_ids, batch: int):
+  """Validate the row ids of a batch of ``batch`` prompts (both engines). Returns int32
+  numpy ``(group_ids [B], prompt_ids [B])``.
+
+  ``group_ids``: rows with the same id share a prompt (e.g. GRPO's G generations of one
+  prompt); default: every row its own group. ``prompt_ids``: a stable id of each row's
+  prompt across RL steps (e.g. the dataset index); default -1 = unknown. Drafters see both
+  (:class:`specrl.drafters.hooks.DraftContext`); decoding itself never reads them.
+  """
+  ids = []
+  for name, x, default in (
+    ('group_ids', group_ids, np.arange(batch)),
+    ('prompt_ids', prompt_ids, np.full(batch, -1)),
+  ):
+    x = np.asarray(default if x is None else x)
+    if x.shape != (batch,) or not np.issubdtype(x.dtype, np.integer):
+      raise ValueError(f'{name} must be {batch} integers (one per row), got {x.dtype} {x.shape}')
+    ids.append(x.astype(np.int32))
+  return tuple(ids)
 
 
 def rollout_metrics(out: RolloutOutput, seconds: float) -> dict:

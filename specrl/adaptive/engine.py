@@ -8,8 +8,9 @@ remedies, both lossless:
   (``AdaptiveConfig.buckets``, powers of two by default), the active rows of every
   ``[B, ...]`` leaf of the state (tokens, logprobs, positions, flags, counters, the policy
   KV cache and the drafter's state) are gathered into the smallest bucket that holds them
-  (:mod:`specrl.adaptive.state_ops`); results are scattered back into the original
-  ``[B, ...]`` layout when rows leave (at the next compaction and at the end).
+  (:mod:`specrl.adaptive.state_ops`; a drafter's shared ``'rows'`` state stays whole);
+  results are scattered back into the original ``[B, ...]`` layout when rows leave (at the
+  next compaction and at the end).
 - *Strategy per phase*: a small batch is memory/latency bound, which is where speculative
   decoding pays; a full batch usually is not. At every chunk boundary a policy
   (:mod:`specrl.adaptive.policies`) chooses plain decoding (``0``) or speculation with a
@@ -87,8 +88,9 @@ from specrl.adaptive.state_ops import (
   ST_TOKENS,
   axis_positions,
   clear_scratch,
+  compact_rows,
+  compaction_plan,
   decode_chunk,
-  gather_rows,
   scatter_rows,
   state_axes,
   state_stats,
@@ -99,7 +101,7 @@ from specrl.decoding import profile as profile_lib
 from specrl.decoding.spec_math import CostProfile, optimistic_alpha
 from specrl.decoding.state import RolloutConfig, RolloutOutput, RolloutState, finalize
 from specrl.decoding.steps import max_loop_steps, prefill
-from specrl.rollout import prepare_prompts, rollout_metrics
+from specrl.rollout import prepare_prompts, prepare_row_ids, rollout_metrics
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +109,8 @@ log = logging.getLogger(__name__)
 class AdaptiveRolloutEngine:
   """Rollout with compaction and a per-phase plain/speculative choice.
 
-  Same interface as :class:`specrl.rollout.RolloutEngine`: ``generate(params,
-  prompt_tokens, prompt_len, rng, draft_params=None) -> (RolloutOutput, metrics)``;
+  Same interface as :class:`specrl.rollout.RolloutEngine` (``generate``, row ids,
+  ``last_draft_shared``) and output;
   ``rcfg.num_draft`` is ignored unless ``acfg.enabled`` is False (the policy picks k).
   The output buffer is ``rcfg.buffer_len`` wide, as the static engine's. Compiled
   functions, profiles and what the policy has learned persist across calls;
@@ -163,6 +165,7 @@ class AdaptiveRolloutEngine:
     self.memory = Memory(alpha=acfg.alpha_prior)
     self._rng = np.random.default_rng(acfg.seed)
     self.last_report: AdaptiveReport | None = None
+    self.last_draft_shared = None  # as RolloutEngine's
 
   @property
   def profiles(self) -> dict:
@@ -265,7 +268,7 @@ class AdaptiveRolloutEngine:
         k=strategy,
         cfg=cfg,
         rcfg=rcfg,
-        drafter=drafter if strategy else None,
+        drafter=drafter,  # plain steps only use its optional hooks (observe, hidden)
         mesh=mesh,
         limit=limit,
       )
@@ -370,10 +373,13 @@ class AdaptiveRolloutEngine:
 
   # -- the rollout
 
-  def generate(self, params, prompt_tokens, prompt_len, rng, draft_params=None):
+  def generate(
+    self, params, prompt_tokens, prompt_len, rng, draft_params=None, group_ids=None, prompt_ids=None
+  ):
     rcfg = self.rcfg
     prompt_tokens, prompt_len = prepare_prompts(prompt_tokens, prompt_len, rcfg)
     bsz = prompt_tokens.shape[0]
+    row_ids = prepare_row_ids(group_ids, prompt_ids, bsz)
     derived = []
 
     def dparams_fn():
@@ -397,7 +403,6 @@ class AdaptiveRolloutEngine:
     report = AdaptiveReport(batch=bsz, policy=acfg.policy)
     self.memory = dataclasses.replace(self.memory, tlt=tlt_reset(self.memory.tlt))
     cfg, mesh, wrcfg = self.cfg, self.mesh, self._wrcfg
-    sdrafter = self.drafter if self._eager_draft else None
     i32 = np.int32
 
     t_start = time.perf_counter()
@@ -406,22 +411,14 @@ class AdaptiveRolloutEngine:
       extra = sum(report.compile_s.values()) + sum(report.profile_s.values())
       return time.perf_counter() - t_start - extra
 
-    def prefill_fn(params, dparams, toks, lens, rng):
-      state = prefill(
-        params,
-        toks,
-        lens,
-        rng,
-        cfg=cfg,
-        rcfg=wrcfg,
-        mesh=mesh,
-        drafter=sdrafter,
-        draft_params=dparams,
-        buffer_len=self._prefill_len,
-      )
+    def prefill_fn(params, dparams, toks, lens, rng, group_ids, prompt_ids):
+      pkw = dict(drafter=self.drafter, draft_params=dparams, buffer_len=self._prefill_len)
+      pkw.update(group_ids=group_ids, prompt_ids=prompt_ids, build_draft=self._eager_draft)
+      state = prefill(params, toks, lens, rng, cfg=cfg, rcfg=wrcfg, mesh=mesh, **pkw)
       return state, state_stats(state, 0)
 
-    args = (params, dparams_fn() if sdrafter else None, prompt_tokens, prompt_len, rng)
+    dp0 = dparams_fn() if self._eager_draft else None
+    args = (params, dp0, prompt_tokens, prompt_len, rng) + row_ids
     prefill_j = self._compiled(
       ('prefill', bsz, 0, self._prefill_len, self._eager_draft), prefill_fn, args, (), report, bsz
     )
@@ -499,6 +496,7 @@ class AdaptiveRolloutEngine:
         st = scatter_rows(acc, st, origin)
       return clear_scratch(finalize(st, wrcfg), seq_len, width, pad)
 
+    self.last_draft_shared = state.draft_shared  # rows of the original batch: not compacted
     if acc is not None and acc.tokens.shape[1] < fin_width:  # rows left before widening
       acc = self._widen(acc, report)
     fargs = (acc, strip(state), origin)
@@ -555,31 +553,27 @@ class AdaptiveRolloutEngine:
     """
     b = state.pos.shape[0]
     done = np.asarray(jax.device_get(state.done))
-    active = np.nonzero(~done)[0]
-    finished = np.nonzero(done)[0]
-    idx = np.concatenate([active, np.full(target - len(active), finished[0])]).astype(np.int32)
-    cur_origin = np.arange(b, dtype=np.int32) if origin is None else origin
-    new_origin = np.where(np.arange(target) < len(active), cur_origin[idx], bsz).astype(np.int32)
+    idx, cur_origin, new_origin = compaction_plan(done, origin, target, bsz)
     has_draft = state.draft is not None
     axes = axis_positions(state_axes(state, self.drafter), 'batch')
     if acc is None:  # still at the original batch: every row's home is itself
       g = self._compiled(
         ('gather', b, target, state.tokens.shape[1], has_draft),
-        lambda st, i: gather_rows(st, i, axes),
-        (state, idx),
+        lambda st, i, o: compact_rows(st, i, o, axes),
+        (state, idx, new_origin),
         (),
         report,
         target,
       )
-      return g(state, idx), new_origin, strip(state)
+      return g(state, idx, new_origin), new_origin, strip(state)
 
     if acc.tokens.shape[1] < state.tokens.shape[1]:  # rows left before widening
       acc = self._widen(acc, report)
 
-    def fn(acc, st, idx, origin):  # one compile per (b, target): scatter the old, gather
-      return scatter_rows(acc, strip(st), origin), gather_rows(st, idx, axes)
+    def fn(acc, st, idx, origin, new_origin):  # one compile per (b, target): scatter, gather
+      return scatter_rows(acc, strip(st), origin), compact_rows(st, idx, new_origin, axes)
 
-    args = (acc, state, idx, cur_origin)
+    args = (acc, state, idx, cur_origin, new_origin)
     key = ('compact', b, target, state.tokens.shape[1], acc.tokens.shape[1], bsz, has_draft)
     f = self._compiled(key, fn, args, (0,), report, target)
     acc, state = f(*args)

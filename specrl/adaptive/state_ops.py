@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from specrl.decoding import steps as steps_lib
 from specrl.decoding.state import (
@@ -28,10 +29,11 @@ ST_STEPS, ST_ACTIVE, ST_TOKENS, ST_ROUNDS, ST_ACCEPTED, ST_STEP = range(6)
 
 
 def state_axes(state: RolloutState, drafter) -> RolloutState:
-  """Logical axes matching ``state``: the drafter's state axes only if it carries one, no
-  caches for a stripped accumulator (see :func:`strip`)."""
+  """Logical axes matching ``state``: the drafter's state axes only if it carries one, its
+  shared state and hidden states only if present, no caches for a stripped accumulator
+  (see :func:`strip`)."""
   draft_axes = drafter.state_logical_axes() if state.draft is not None else None
-  axes = state_logical_axes(draft_axes)
+  axes = state_logical_axes(draft_axes, like=state)
   return axes.replace(cache=None) if state.cache is None else axes
 
 
@@ -62,9 +64,31 @@ def gather_rows(state: RolloutState, idx: jax.Array, axes) -> RolloutState:
   """Rows ``idx`` (int32 [b]) of every batched leaf: a state of batch b.
 
   KV caches ``[L, B, S, K, Dh]`` are gathered on axis 1, ``[B, ...]`` leaves on axis 0;
-  ``rng`` and ``step`` (no batch axis) are shared.
+  ``rng`` and ``step`` (no batch axis) are shared, and so is a drafter's shared state
+  (axis ``'rows'``: every row of the original batch, never compacted).
   """
   return jax.tree.map(lambda ax, x: x if ax < 0 else jnp.take(x, idx, axis=ax), axes, state)
+
+
+def compaction_plan(done: np.ndarray, origin, target: int, bsz: int):
+  """Host-side plan of a compaction to batch ``target``: (idx, origin, new_origin), int32.
+
+  ``idx`` [target]: the active rows of the current batch, then copies of a finished row as
+  padding; ``origin`` [b]: each current row's original index (``None`` = identity);
+  ``new_origin`` [target]: the same for the compacted rows, ``bsz`` for padding rows.
+  """
+  active, finished = np.nonzero(~done)[0], np.nonzero(done)[0]
+  idx = np.concatenate([active, np.full(target - len(active), finished[0])]).astype(np.int32)
+  cur = np.arange(len(done), dtype=np.int32) if origin is None else origin
+  new_origin = np.where(np.arange(target) < len(active), cur[idx], bsz).astype(np.int32)
+  return idx, cur, new_origin
+
+
+def compact_rows(state: RolloutState, idx: jax.Array, origin: jax.Array, axes) -> RolloutState:
+  """:func:`gather_rows` for compaction: rows ``idx`` with ``seq_id = origin`` (int32 [b]:
+  each row's original index, B_orig for the padding rows that repeat a finished row, so
+  a drafter writing into its shared state at ``seq_id`` with ``mode='drop'`` skips them)."""
+  return gather_rows(state, idx, axes).replace(seq_id=origin)
 
 
 def scatter_rows(acc: RolloutState, state: RolloutState, origin: jax.Array) -> RolloutState:
@@ -75,8 +99,8 @@ def scatter_rows(acc: RolloutState, state: RolloutState, origin: jax.Array) -> R
 
 
 def strip(state: RolloutState) -> RolloutState:
-  """The state without caches: what the output needs."""
-  return state.replace(cache=None, draft=None)
+  """The state without caches and drafter extras: what the output needs."""
+  return state.replace(cache=None, draft=None, draft_shared=None, hidden=None, hidden_from=None)
 
 
 def clear_scratch(out: RolloutOutput, seq_len: int, width: int, pad_id: int) -> RolloutOutput:

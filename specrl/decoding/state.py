@@ -16,6 +16,12 @@ Draft length. ``RolloutConfig.num_draft`` is the static engine's k (0 = plain). 
 scratch (the ``k + 1`` slots a verify pass writes past ``seq_len``) is laid out for
 ``draft_width = max(num_draft, max_draft)``: the adaptive engine sets ``max_draft`` to the
 largest of its arms and runs chunks of any ``k <= max_draft`` on the same buffer.
+
+Row ids and drafter extras. Every row carries ``seq_id`` / ``group_ids`` / ``prompt_ids``
+(compacted with the row); a drafter may keep a shared state over the original batch
+(``draft_shared``, logical axis ``'rows'``: never compacted) and ask for the policy's hidden
+states (``hidden``/``hidden_from``). The contract is in :mod:`specrl.drafters.base`; the
+fields are None unless a drafter asks for them.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import jax.numpy as jnp
 
 from specrl import model as model_lib
 from specrl import sampling
+from specrl.drafters import hooks
 
 FINISH_NONE, FINISH_EOS, FINISH_LENGTH, FINISH_CACHE = 0, 1, 2, 3
 FINISH_NAMES = {
@@ -110,6 +117,13 @@ class RolloutState:
   num_drafted: jax.Array  # int32 [B] drafts proposed to the row while active
   reached: jax.Array  # int32 [B, K] rounds where draft i was proposed, drafts < i accepted
   accepted_at: jax.Array  # int32 [B, K] rounds where draft i was accepted and committed
+  # Row ids and the drafter's optional extras (:mod:`specrl.drafters.hooks`); set by prefill.
+  seq_id: Any = None  # int32 [B] row in the original batch (B_orig: a padding row)
+  group_ids: Any = None  # int32 [B] rows that share a prompt
+  prompt_ids: Any = None  # int32 [B] stable prompt id across RL steps (-1 = unknown)
+  draft_shared: Any = None  # drafter state NOT compacted: leaves [B_orig, ...] ('rows')
+  hidden: Any = None  # [B, W, D] policy hidden states at positions hidden_from + j ...
+  hidden_from: Any = None  # int32 [B] ... valid for j < pos - hidden_from (W = K + 1)
 
 
 @flax.struct.dataclass
@@ -151,9 +165,14 @@ OUTPUT_FIELDS = (
 )
 
 
-def state_logical_axes(draft_axes=None) -> RolloutState:
-  """Logical axes of every state leaf (``sharding.DECODE_RULES`` maps them to the mesh)."""
+def state_logical_axes(draft_axes=None, like: RolloutState | None = None) -> RolloutState:
+  """Logical axes of every state leaf (``sharding.DECODE_RULES`` maps them to the mesh).
+
+  ``like``: a (possibly abstract) state whose optional leaves -- the drafter's shared state
+  and hidden states -- get axes only where it has them (None: it has none)."""
   b, bs, bk = ('batch',), ('batch', 'cache_seq'), ('batch', None)
+  shared = None if like is None else like.draft_shared
+  has_hidden = like is not None and like.hidden is not None
   return RolloutState(
     tokens=bs,
     logprobs=bs,
@@ -172,6 +191,12 @@ def state_logical_axes(draft_axes=None) -> RolloutState:
     num_drafted=b,
     reached=bk,
     accepted_at=bk,
+    seq_id=b,
+    group_ids=b,
+    prompt_ids=b,
+    draft_shared=None if shared is None else hooks.shared_logical_axes(shared),
+    hidden=hooks.HIDDEN_AXES if has_hidden else None,
+    hidden_from=b if has_hidden else None,
   )
 
 

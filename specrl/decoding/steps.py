@@ -28,6 +28,7 @@ from specrl import prng, sampling
 from specrl import sharding as shd
 from specrl.decoding import verify as verify_lib
 from specrl.decoding.state import RolloutConfig, RolloutState, commit, current_tokens
+from specrl.drafters import hooks
 
 
 def prefill(
@@ -42,12 +43,19 @@ def prefill(
   drafter=None,
   draft_params=None,
   buffer_len: int | None = None,
+  group_ids=None,
+  prompt_ids=None,
+  build_draft: bool = True,
 ) -> RolloutState:
   """Prefill the policy (and drafter) caches and commit the first sampled token.
 
   prompt_tokens: int32 [B, P] right-padded (P = rcfg.max_prompt_len); prompt_len [B].
   ``buffer_len`` (default ``rcfg.buffer_len``): slots of the buffer and caches; the
   adaptive engine starts narrow (``rcfg.seq_len``) and widens when it first speculates.
+  ``group_ids`` / ``prompt_ids`` int32 [B] (default: each row its own group; -1 = unknown
+  prompt). ``build_draft=False``: the drafter's optional hooks (shared state, hidden states,
+  ``observe``; :mod:`specrl.drafters.hooks`) are set up but not its own state (the adaptive
+  engine builds that lazily).
   """
   b, p = prompt_tokens.shape
   s = buffer_len or rcfg.buffer_len
@@ -60,8 +68,15 @@ def prefill(
     is_leaf=lambda t: isinstance(t, tuple),
   )
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-  logits, cache = model_lib.forward(
-    params, cfg, prompt_tokens, positions, cache, mesh=mesh, rules=rules
+  logits, cache, *hidden = model_lib.forward(
+    params,
+    cfg,
+    prompt_tokens,
+    positions,
+    cache,
+    mesh=mesh,
+    rules=rules,
+    return_hidden=hooks.wants_hidden(drafter),
   )
   last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
   seed = prng.rollout_seed(rng)
@@ -71,7 +86,7 @@ def prefill(
   lp = sampling.token_logprobs(last, tok, rcfg.sampling)
   tokens = jnp.full((b, s), rcfg.pad_id, jnp.int32).at[:, :p].set(prompt_tokens)
   draft_state = None
-  if drafter is not None:
+  if drafter is not None and build_draft:
     draft_state = drafter.prefill(draft_params, prompt_tokens, prompt_len, s, mesh=mesh)
   zeros = jnp.zeros((b,), jnp.int32)
   kw = jnp.zeros((b, max(rcfg.draft_width, 1)), jnp.int32)
@@ -94,20 +109,42 @@ def prefill(
     reached=kw,
     accepted_at=kw,
   )
-  return commit(state, tok[:, None], lp[:, None], jnp.ones((b,), jnp.int32), rcfg)
+  state = hooks.start(drafter, state, group_ids, prompt_ids, rcfg.seq_len)
+  if hidden:
+    state = hooks.record_prefill_hidden(state, hidden[0], prompt_len, rcfg.draft_width + 1)
+  state = commit(state, tok[:, None], lp[:, None], jnp.ones((b,), jnp.int32), rcfg)
+  return hooks.observe(drafter, draft_params, state, prompt_len - 1)
 
 
-def plain_step(params, state: RolloutState, *, cfg, rcfg: RolloutConfig, mesh=None):
-  """One autoregressive step: feed the current token, sample the next."""
+def plain_step(
+  params,
+  state: RolloutState,
+  *,
+  cfg,
+  rcfg: RolloutConfig,
+  mesh=None,
+  drafter=None,
+  draft_params=None,
+):
+  """One autoregressive step: feed the current token, sample the next. A drafter is only
+  told what was committed and given the hidden state, if it asks (``drafters.hooks``)."""
   cur = current_tokens(state)
-  logits, cache = model_lib.forward(
-    params, cfg, cur[:, None], state.pos[:, None], state.cache, mesh=mesh, rules=shd.DECODE_RULES
+  logits, cache, *hidden = model_lib.forward(
+    params,
+    cfg,
+    cur[:, None],
+    state.pos[:, None],
+    state.cache,
+    mesh=mesh,
+    rules=shd.DECODE_RULES,
+    return_hidden=hooks.wants_hidden(drafter),
   )
   seeds = prng.event_seeds(state.seed, state.seq_id, state.pos, prng.STREAM_PLAIN)
   tok = sampling.sample_seeded(logits[:, 0], seeds, rcfg.sampling)
   lp = sampling.token_logprobs(logits[:, 0], tok, rcfg.sampling)
   state = state.replace(cache=cache, step=state.step + 1)
-  return commit(state, tok[:, None], lp[:, None], jnp.ones_like(state.pos), rcfg)
+  new = commit(state, tok[:, None], lp[:, None], jnp.ones_like(state.pos), rcfg)
+  return hooks.after_commit(drafter, draft_params, new, state.pos, hidden)
 
 
 def _count_acceptance(state: RolloutState, before: RolloutState, n, k: int) -> RolloutState:
@@ -144,12 +181,20 @@ def speculative_round(
     rcfg.sampling,
     mesh=mesh,
     policy_cache=state.cache,
+    **hooks.propose_kwargs(drafter, state),
   )
   cur = current_tokens(state)
   verify_tokens = jnp.concatenate([cur[:, None], draft_tokens], axis=1)  # [B, k+1]
   positions = state.pos[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
-  target_logits, cache = model_lib.forward(
-    params, cfg, verify_tokens, positions, policy_cache, mesh=mesh, rules=shd.DECODE_RULES
+  target_logits, cache, *hidden = model_lib.forward(
+    params,
+    cfg,
+    verify_tokens,
+    positions,
+    policy_cache,
+    mesh=mesh,
+    rules=shd.DECODE_RULES,
+    return_hidden=hooks.wants_hidden(drafter),
   )
   res = verify_lib.verify(
     target_logits,
@@ -162,6 +207,7 @@ def speculative_round(
   before = state
   state = state.replace(cache=cache, draft=draft_state, step=state.step + 1)
   state = commit(state, res.tokens, res.logprobs, res.num_accepted + 1, rcfg)
+  state = hooks.after_commit(drafter, draft_params, state, before.pos, hidden)
   return _count_acceptance(state, before, res.num_accepted, k)
 
 
@@ -169,9 +215,12 @@ def decode_step(
   params, draft_params, state: RolloutState, k: int, *, cfg, rcfg, drafter=None, mesh=None
 ) -> RolloutState:
   """The step chooser both engines use: plain for ``k == 0``, else a speculative round
-  with ``k`` drafts (``k <= rcfg.draft_width``, the buffer's scratch)."""
+  with ``k`` drafts (``k <= rcfg.draft_width``, the buffer's scratch). A plain step uses the
+  drafter only for its optional hooks (observe, hidden states), at no cost without them."""
   if k == 0:
-    return plain_step(params, state, cfg=cfg, rcfg=rcfg, mesh=mesh)
+    return plain_step(
+      params, state, cfg=cfg, rcfg=rcfg, mesh=mesh, drafter=drafter, draft_params=draft_params
+    )
   if drafter is None:
     raise ValueError(f'a speculative step (k={k}) needs a drafter')
   if k > rcfg.draft_width:

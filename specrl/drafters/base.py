@@ -27,6 +27,45 @@ state are pytrees passed through the jitted rollout (never closed over):
 
 Rollback is by position: the engine passes the committed ``pos`` every round and a
 drafter must not assume its previous proposals were accepted.
+
+Optional parts (:mod:`specrl.drafters.hooks`; checked at trace time, so a drafter without
+them traces exactly what it would without them: no extra state, outputs or work):
+
+- Row ids. Every row has ``seq_id`` (its row in the batch ``generate`` was called with;
+  it moves with the row when the adaptive engine compacts, and is ``B_orig`` on a padding
+  row of a compacted batch), ``group_ids`` (rows that share a prompt, e.g. GRPO's G
+  generations; default each row its own group) and ``prompt_ids`` (a stable id of the
+  prompt across RL steps; default -1 = unknown), all int32 [B]; both engines take the
+  last two as ``generate(..., group_ids=, prompt_ids=)``.
+- ``wants_context = True``: ``propose`` gets a keyword ``ctx``
+  (:class:`~specrl.drafters.hooks.DraftContext`: the row ids, the shared state, the hidden
+  states). Drafters without it are called exactly as above. ``ctx`` is None outside a
+  rollout (the step-cost profiler, benchmarks).
+- ``init_shared(batch, seq_len) -> pytree``: state that is *not* compacted, built at the
+  prefill: leaves ``[B_orig, ...]`` whose leading axis has logical name ``'rows'`` (in no
+  sharding rule: replicated), so every row of the original batch -- finished rows
+  included -- stays visible to every row. Index it with ``seq_id``; write with
+  ``mode='drop'`` (padding rows carry ``B_orig``). It reaches ``propose`` as
+  ``ctx.shared`` and is only updated by ``observe``; ``engine.last_draft_shared`` holds it
+  after a rollout. ``seq_len``: committed positions are ``< seq_len``.
+- ``observe(draft_params, shared, tokens [B,S], pos_before [B], pos_after [B], seq_id,
+  group_ids, prompt_ids) -> shared``: called after every commit -- the prefill's first
+  token, every plain step (also in the adaptive engine's plain chunks and the static
+  engine's plain decoding) and every speculative round. Row b committed
+  ``tokens[b, pos_before[b] + 1 : pos_after[b] + 1]`` (none when equal: a finished or
+  padding row); after the prefill ``pos_before = prompt_len - 1``, so the prompt is
+  ``tokens[b, :pos_before[b] + 1]``. ``draft_params`` may be None (the adaptive engine
+  does not derive the drafter's params for plain chunks).
+- ``wants_hidden = True`` (implies ``wants_context``): the policy's passes (prefill, plain
+  step, verify) also return the final-norm hidden state, kept as ``ctx.hidden [B, W, D]``
+  (W = ``rcfg.draft_width + 1``, the compute dtype) with ``ctx.hidden_from [B]``:
+  ``hidden[b, j]`` is the hidden state at position ``hidden_from[b] + j``, valid for
+  ``j < pos[b] - hidden_from[b]`` -- the committed positions fed by the last pass (a plain
+  step: ``pos - 1``; a verify pass: ``c, x_1..x_n`` of the committed ones; the prefill: the
+  prompt's last ``min(L, W)`` positions). The token at ``pos`` has not been fed: its hidden
+  state comes with the next pass. A row that was done during the last pass has none valid.
+  The adaptive engine's lazy drafter prefill (:meth:`prefill` over committed tokens) gets
+  no hidden states.
 """
 
 from __future__ import annotations

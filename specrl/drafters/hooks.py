@@ -1,0 +1,155 @@
+"""The optional parts of the drafter protocol, and the helpers the decoding core calls them by.
+
+Every part here is opt-in: the core checks for it in Python, at trace time, so a drafter
+that defines none of them traces exactly what it traced before (no extra state, outputs or
+work). See :mod:`specrl.drafters.base` for the contract of each part:
+
+- ``wants_context = True``: ``propose`` also gets ``ctx=``:class:`DraftContext` (row ids,
+  the drafter's shared state, the policy's hidden states);
+- ``wants_hidden = True``: the policy passes return their last hidden state and the state
+  keeps it (``RolloutState.hidden``); implies ``wants_context``;
+- ``init_shared(batch, seq_len) -> pytree``: state that is *not* compacted, leaves
+  ``[B_orig, ...]`` (logical axis ``'rows'``), indexed by ``seq_id``;
+- ``observe(draft_params, shared, tokens, pos_before, pos_after, seq_id, group_ids,
+  prompt_ids) -> shared``: called after every commit, plain steps included.
+
+The helpers take the decode-loop state duck-typed (fields ``pos``, ``tokens``, ``seq_id``,
+``group_ids``, ``prompt_ids``, ``draft_shared``, ``hidden``, ``hidden_from``), so this
+module imports nothing from :mod:`specrl.decoding` (no import circle).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+ROWS = 'rows'  # logical axis of the original batch (shared drafter state: never compacted)
+HIDDEN_AXES = ('batch', None, 'embed')  # RolloutState.hidden [B, W, D]
+
+
+@flax.struct.dataclass
+class DraftContext:
+  """What ``propose(..., ctx=)`` sees besides the tokens. B = the (possibly compacted)
+  batch, B_orig = the batch ``generate`` was called with, W = ``rcfg.draft_width + 1``."""
+
+  seq_id: jax.Array  # int32 [B] row of the original batch; B_orig marks a padding row
+  group_ids: jax.Array  # int32 [B] rows with the same id share a prompt (GRPO's G samples)
+  prompt_ids: jax.Array  # int32 [B] stable id of the prompt across RL steps; -1 = unknown
+  shared: Any  # the drafter's ``init_shared`` pytree, leaves [B_orig, ...]; or None
+  hidden: Any  # [B, W, D] policy's final-norm hidden states (``wants_hidden``); or None
+  hidden_from: Any  # int32 [B] position of hidden[:, 0]; valid j < pos - hidden_from
+
+
+def wants_hidden(drafter) -> bool:
+  return drafter is not None and bool(getattr(drafter, 'wants_hidden', False))
+
+
+def wants_context(drafter) -> bool:
+  return drafter is not None and (
+    bool(getattr(drafter, 'wants_context', False)) or wants_hidden(drafter)
+  )
+
+
+def observes(drafter) -> bool:
+  return drafter is not None and hasattr(drafter, 'observe')
+
+
+def init_shared(drafter, batch: int, seq_len: int):
+  """The drafter's uncompacted state for a batch of ``batch`` rows, or None."""
+  if drafter is None or not hasattr(drafter, 'init_shared'):
+    return None
+  return drafter.init_shared(batch, seq_len)
+
+
+def shared_logical_axes(shared) -> Any:
+  """Logical axes of a shared pytree: ``'rows'`` on the leading axis, nothing else named
+  (``'rows'`` is in no rule table, so the shared state is replicated on every device and
+  compaction, which moves ``'batch'`` axes only, leaves it alone)."""
+  return jax.tree.map(lambda x: (ROWS,) + (None,) * (x.ndim - 1), shared)
+
+
+def start(drafter, state, group_ids, prompt_ids, seq_len: int):
+  """Set the row ids (``seq_id`` = row index; ``group_ids`` default: each row its own group;
+  ``prompt_ids`` default -1) and the drafter's shared state on a freshly built state."""
+  b = state.pos.shape[0]
+  seq_id = jnp.arange(b, dtype=jnp.int32)
+  group_ids = seq_id if group_ids is None else jnp.asarray(group_ids, jnp.int32)
+  prompt_ids = jnp.full((b,), -1, jnp.int32) if prompt_ids is None else prompt_ids
+  return state.replace(
+    seq_id=seq_id,
+    group_ids=group_ids,
+    prompt_ids=jnp.asarray(prompt_ids, jnp.int32),
+    draft_shared=init_shared(drafter, b, seq_len),
+  )
+
+
+def context(state) -> DraftContext:
+  """The :class:`DraftContext` of a decode-loop state."""
+  return DraftContext(
+    seq_id=state.seq_id,
+    group_ids=state.group_ids,
+    prompt_ids=state.prompt_ids,
+    shared=state.draft_shared,
+    hidden=state.hidden,
+    hidden_from=state.hidden_from,
+  )
+
+
+def propose_kwargs(drafter, state) -> dict:
+  """Extra keyword arguments for ``drafter.propose``: ``ctx`` for drafters that want it."""
+  return {'ctx': context(state)} if wants_context(drafter) else {}
+
+
+def observe(drafter, draft_params, state, pos_before: jax.Array):
+  """Tell an observing drafter what was committed since ``pos_before`` [B] (the state
+  after the commit); the state unchanged for other drafters."""
+  if not observes(drafter):
+    return state
+  shared = drafter.observe(
+    draft_params,
+    state.draft_shared,
+    state.tokens,
+    pos_before,
+    state.pos,
+    state.seq_id,
+    state.group_ids,
+    state.prompt_ids,
+  )
+  return state.replace(draft_shared=shared)
+
+
+def record_hidden(state, hidden: jax.Array, first_pos: jax.Array):
+  """Keep a pass's hidden states ``[B, T, D]`` (T <= W) fed at positions ``first_pos + j``.
+
+  Only the committed positions are valid afterwards: the pass fed the committed token at
+  ``first_pos`` and the drafts after it, of which exactly those at positions ``< pos`` (the
+  new position of the last committed token, itself not fed yet) were committed.
+  """
+  b, t, _ = hidden.shape
+  w = state.hidden.shape[1]
+  if t > w:
+    raise ValueError(f'a pass of {t} positions does not fit hidden width {w}')
+  h = jnp.pad(hidden.astype(state.hidden.dtype), ((0, 0), (0, w - t), (0, 0)))
+  return state.replace(hidden=h, hidden_from=first_pos.astype(jnp.int32))
+
+
+def record_prefill_hidden(state, hidden: jax.Array, prompt_len: jax.Array, width: int):
+  """Start ``state.hidden [B, W=width, D]`` from the prompt pass's hidden states ``[B, P, D]``:
+  its last W committed positions ``max(L - W, 0) .. L - 1`` (L = ``prompt_len``; the first
+  sampled token then sits at ``pos = L``, not fed yet). Slots past L - 1 are not valid."""
+  w = width
+  first = jnp.maximum(prompt_len - w, 0)
+  idx = jnp.minimum(first[:, None] + jnp.arange(w)[None, :], hidden.shape[1] - 1)
+  h = jnp.take_along_axis(hidden, idx[:, :, None], axis=1)
+  return state.replace(hidden=h, hidden_from=first.astype(jnp.int32))
+
+
+def after_commit(drafter, draft_params, state, pos_before: jax.Array, hidden: list):
+  """After a pass committed (``pos_before`` [B]: positions fed first; ``hidden``: the pass's
+  ``[hidden [B, T, D]]`` if it returned one, else ``[]``): keep the hidden states, observe."""
+  if hidden:
+    state = record_hidden(state, hidden[0], pos_before)
+  return observe(drafter, draft_params, state, pos_before)
