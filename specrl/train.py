@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -314,6 +315,18 @@ def data_rng(seed: int, step: int) -> np.random.Generator:
   return np.random.default_rng([seed, step])
 
 
+def prompt_ids(prompts: tasks_lib.PromptBatch) -> np.ndarray:
+  """A stable id per prompt across RL steps: a hash of its tokens (int32 >= 0), so a
+  drafter that learns from earlier rollouts of the same prompt can find them."""
+  return np.array(
+    [
+      zlib.crc32(np.ascontiguousarray(t[:n], np.int32).tobytes()) & 0x7FFFFFFF
+      for t, n in zip(prompts.tokens, prompts.lengths, strict=True)
+    ],
+    np.int32,
+  )
+
+
 def rollout_key(exp: Experiment, step: int) -> jax.Array:
   """The key of the GRPO rollout at ``step``: step ``step`` of the rollout stream."""
   return jax.random.fold_in(exp.rngs.rollout, step)
@@ -335,7 +348,14 @@ def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
   answers = [a for a in prompts.answers for _ in range(g)]
   extra = {'estimate_costs': True} if isinstance(exp.engine, rollout_lib.RolloutEngine) else {}
   out, metrics = exp.engine.generate(
-    params, toks, lens, jax.random.fold_in(rng, step), draft_params=draft_params, **extra
+    params,
+    toks,
+    lens,
+    jax.random.fold_in(rng, step),
+    draft_params=draft_params,
+    group_ids=np.repeat(np.arange(len(prompts.lengths), dtype=np.int32), g),
+    prompt_ids=np.repeat(prompt_ids(prompts), g),
+    **extra,
   )
   resp = np.asarray(out.response)
   length = np.asarray(out.length)

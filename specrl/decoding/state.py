@@ -118,7 +118,6 @@ class RolloutState:
   reached: jax.Array  # int32 [B, K] rounds where draft i was proposed, drafts < i accepted
   accepted_at: jax.Array  # int32 [B, K] rounds where draft i was accepted and committed
   # Row ids and the drafter's optional extras (:mod:`specrl.drafters.hooks`); set by prefill.
-  seq_id: Any = None  # int32 [B] row in the original batch (B_orig: a padding row)
   group_ids: Any = None  # int32 [B] rows that share a prompt
   prompt_ids: Any = None  # int32 [B] stable prompt id across RL steps (-1 = unknown)
   draft_shared: Any = None  # drafter state NOT compacted: leaves [B_orig, ...] ('rows')
@@ -191,7 +190,6 @@ def state_logical_axes(draft_axes=None, like: RolloutState | None = None) -> Rol
     num_drafted=b,
     reached=bk,
     accepted_at=bk,
-    seq_id=b,
     group_ids=b,
     prompt_ids=b,
     draft_shared=None if shared is None else hooks.shared_logical_axes(shared),
