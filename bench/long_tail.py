@@ -123,15 +123,14 @@ def task_workload(args):
 
 
 def make_engines(cfg, rcfg, args):
-  """variant -> engine. The speculative variants share one buffer layout (k_max = the
-  roofline ladder's top) and so their compiled functions and profiles."""
+  """variant -> engine. Each policy's draft lengths are its ``arms`` (cost_model / tlt:
+  1..8; always: ``--always_k``; roofline: the ladder 5, 7, 9, 11); the speculative variants
+  share compiled functions and profiles through ``with_config``."""
   import ml_collections
 
   from specrl.drafters import quantized
 
-  dc = ml_collections.ConfigDict(
-    dict(drafter=dict(bits=8, group_size=0, backend='jnp', share_kv=args.share_kv))
-  )
+  dc = ml_collections.ConfigDict(dict(bits=8, backend='jnp', share_kv=args.share_kv))
   drafter = quantized.make_quantized_drafter(dc, cfg)
   buckets = tuple(common.ints(args.buckets))
   if not buckets:
@@ -139,22 +138,19 @@ def make_engines(cfg, rcfg, args):
   base = adaptive.AdaptiveConfig(
     buckets=buckets,
     chunk_steps=args.chunk_steps,
-    k_max=11,
-    always_k=args.always_k,
     tlt_threshold=args.tlt_threshold,
   )
   engines = {
     'static': rollout_lib.RolloutEngine(cfg, rcfg),
-    'compact': adaptive.AdaptiveRolloutEngine(
-      cfg, rcfg, dataclasses.replace(base, policy='never', k_max=0)
-    ),
+    'compact': adaptive.AdaptiveRolloutEngine(cfg, rcfg, dataclasses.replace(base, policy='never')),
   }
   root = adaptive.AdaptiveRolloutEngine(
     cfg, rcfg, dataclasses.replace(base, policy='cost_model'), drafter=drafter
   )
   engines['adaptive'] = root
-  for name in ('always', 'tlt', 'roofline'):
-    engines[name] = root.with_config(dataclasses.replace(base, policy=name))
+  arms = {'always': (args.always_k,), 'tlt': base.arms, 'roofline': (5, 7, 9, 11)}
+  for name, a in arms.items():
+    engines[name] = root.with_config(dataclasses.replace(base, policy=name, arms=a))
   return engines
 
 

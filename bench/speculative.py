@@ -8,8 +8,8 @@ reports (one row per drafter, B, k):
 - ``plain_tok_s``, ``spec_tok_s``, ``ratio``: tokens/s from the engine's own
   ``rollout/time_s`` (prefill included; median of ``--iters`` ``generate()`` calls after
   compiling ones) and their ratio, the speedup an RL step sees;
-- ``alpha``: the per-token acceptance rate, inferred from the measured mean tokens per
-  verify pass ``tau = 1 + E[accepted drafts] = (1 - alpha^(k+1)) / (1 - alpha)``;
+- ``alpha``: committed accepted drafts / drafts proposed (:mod:`specrl.decoding.spec_math`),
+  ``tau`` the measured tokens per verify pass;
 - ``c = t_draft / t_1``: ``t_1`` is one target decode step (a T = 1 cache-extending
   forward + sampling), ``t_draft`` one drafter step (the same on the drafter's model; for
   the model-free n-gram drafter, its ``propose`` time / k); ``v = t_verify / t_1``, the
@@ -70,7 +70,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import inspect
 import os
 import statistics
 import sys
@@ -85,6 +84,8 @@ from bench import common  # noqa: E402
 from specrl import model as model_lib  # noqa: E402
 from specrl import rollout as rollout_lib  # noqa: E402
 from specrl import sampling  # noqa: E402
+from specrl.decoding import profile as profile_lib  # noqa: E402
+from specrl.decoding import spec_math  # noqa: E402
 from specrl.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 
 DRAFTERS = ('noisy_policy', 'small_model', 'early_exit', 'quantized', 'ngram', 'self')
@@ -169,9 +170,7 @@ def make_drafters(
 
       from specrl.drafters import quantized
 
-      dc = ml_collections.ConfigDict(
-        dict(drafter=dict(bits=8, group_size=0, backend='jnp', share_kv=share_kv))
-      )
+      dc = ml_collections.ConfigDict(dict(bits=8, backend='jnp', share_kv=share_kv))
       out.append((f'int8{tag}', quantized.make_quantized_drafter(dc, cfg)))
     elif name == 'ngram':
       out.append(('ngram', NgramDrafter(cfg.vocab_size, 2)))
@@ -181,114 +180,22 @@ def make_drafters(
 
 
 # ----------------------------------------------------------------------------- unit costs
+# Timed with specrl.decoding.profile (the profiler the engines use): ``reps`` steps per
+# jitted fori_loop call, caches carried and donated.
 
 
-def _never(x):
-  """A data dependency on all of ``x`` that is always False (keeps XLA from dropping or
-  hoisting work out of a timing loop). [B, ...] -> bool [B]."""
-  return jnp.max(x.reshape(x.shape[0], -1), axis=1) > 1e30
+def cache_step(params, cfg, batch: int, t: int, cache_len: int, pos: int, sp=None, reps=8):
+  """``reps`` cache-extending forwards over T tokens (with ``sp``: sampling fed back)."""
+  fn = profile_lib.forward_loop(cfg, batch, t, pos, reps, sp=sp)
+  return profile_lib.LoopTimer(fn, (params,), (model_lib.init_cache(cfg, batch, cache_len),), reps)
 
 
-class CacheStep:
-  """``reps`` cache-extending forwards over T tokens inside one jitted ``fori_loop``.
-
-  Timing a loop rather than one call excludes the per-call dispatch and host sync, which
-  the rollout's ``while_loop`` does not pay either (and which, on a loaded CPU, can rival a
-  small model's step). With ``sp``, each step also samples the last position and feeds
-  the token back, as decoding does. The KV cache is donated and carried (in place).
-  """
-
-  def __init__(
-    self, params, cfg, batch: int, t: int, cache_len: int, pos: int, sp=None, reps: int = 8
-  ):
-    self.reps = reps
-    self.fn = self._jitted(cfg, sp, reps)
-    self.params = params
-    self.cache = model_lib.init_cache(cfg, batch, cache_len)
-    self.tok = jnp.full((batch, t), 3, jnp.int32)
-    self.pos = jnp.broadcast_to(pos + jnp.arange(t, dtype=jnp.int32), (batch, t))
-    self.key = jax.random.key(0)
-
-  @staticmethod
-  @functools.cache
-  def _jitted(cfg, sp, reps: int):
-    """One jitted function per static setting: same-architecture drafters (noisy policy,
-    self) reuse the target step's executable (params are arguments)."""
-
-    def fn(params, cache, tok, positions, key):
-      def body(i, carry):
-        cache, tok = carry
-        logits, cache = model_lib.forward(params, cfg, tok, positions, cache)
-        if sp is None:
-          return cache, tok + _never(logits).astype(jnp.int32)[:, None]
-        nxt = sampling.sample(logits[:, -1], jax.random.fold_in(key, i), sp)
-        return cache, jnp.broadcast_to(nxt[:, None], tok.shape)
-
-      cache, tok = jax.lax.fori_loop(0, reps, body, (cache, tok))
-      return tok, cache
-
-    return jax.jit(fn, donate_argnums=1)
-
-  def __call__(self):
-    out, self.cache = self.fn(self.params, self.cache, self.tok, self.pos, self.key)
-    return out
-
-
-class ProposeStep:
-  """``reps`` whole drafter ``propose`` calls (k tokens each) in one jitted ``fori_loop``,
-  from a rollout state after prefill (drafter state and policy cache donated, carried).
-
-  Called the way :func:`specrl.speculative.speculative_step` calls it (``policy_cache``
-  for drafters that share the policy's KV cache, when the protocol has it)."""
-
-  def __init__(self, drafter, dparams, state: rollout_lib.RolloutState, k, sp, reps: int = 8):
-    share = 'policy_cache' in inspect.signature(drafter.propose).parameters
-
-    def fn(dp, st, cache, seq, pos, key):
-      def body(i, carry):
-        st, cache, pos = carry
-        kw = dict(policy_cache=cache) if share else {}
-        res = drafter.propose(dp, st, seq, pos, k, jnp.full(pos.shape, i, jnp.int32), sp, **kw)
-        toks, logits, st = res[:3]
-        cache = res[3] if share else cache
-        dep = _never(logits) | (toks[:, 0] < 0)
-        return st, cache, pos + dep.astype(pos.dtype)
-
-      st, cache, pos = jax.lax.fori_loop(0, reps, body, (st, cache, pos))
-      return pos, st, cache
-
-    self.reps = reps
-    self.fn = jax.jit(fn, donate_argnums=(1, 2))
-    self.dparams, self.state, self.cache = dparams, state.draft, state.cache
-    self.seq, self.pos, self.key = state.tokens, state.pos, jax.random.key(0)
-
-  def __call__(self):
-    out, self.state, self.cache = self.fn(
-      self.dparams, self.state, self.cache, self.seq, self.pos, self.key
-    )
-    return out
-
-
-# ----------------------------------------------------------------------------- formulas
-
-
-def alpha_from_tau(tau: float, k: int) -> float:
-  """Solve ``sum_{i=0..k} alpha^i = tau`` for alpha in [0, 1] (bisection)."""
-  tau = min(max(tau, 1.0), k + 1.0)
-  lo, hi = 0.0, 1.0
-  for _ in range(60):
-    mid = 0.5 * (lo + hi)
-    if sum(mid**i for i in range(k + 1)) < tau:
-      lo = mid
-    else:
-      hi = mid
-  return 0.5 * (lo + hi)
-
-
-def ideal_speedup(alpha: float, k: int, c: float, v: float = 1.0) -> float:
-  """Leviathan et al.: expected tokens per round / cost of a round in target steps."""
-  tau = k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
-  return tau / (k * c + v)
+def propose_step(drafter, dparams, state: rollout_lib.RolloutState, k, sp, reps: int = 8):
+  """``reps`` whole drafter ``propose`` calls (k tokens each) from a state after prefill."""
+  fn = profile_lib.propose_loop(drafter, k, sp, reps)
+  return profile_lib.LoopTimer(
+    fn, (dparams, state.tokens, state.pos), (state.draft, state.cache), reps
+  )
 
 
 # ----------------------------------------------------------------------------- one batch
@@ -301,7 +208,8 @@ class GenerateCall:
   def __init__(self, engine, params, dparams, prompts, lens, seed: int, skip: int):
     self.engine, self.params, self.dparams = engine, params, dparams
     self.prompts, self.lens, self.seed, self.skip = prompts, lens, seed, skip
-    self.calls, self.times, self.accepted, self.rounds, self.iterations = 0, [], 0, 0, []
+    self.calls, self.times, self.iterations = 0, [], []
+    self.accepted = self.rounds = self.drafted = 0
 
   def __call__(self):
     out, m = self.engine.generate(
@@ -320,6 +228,7 @@ class GenerateCall:
       r = np.asarray(out.num_rounds)
       self.times.append(m['rollout/time_s'])
       self.accepted += int(np.asarray(out.num_accepted).sum())
+      self.drafted += int(np.asarray(out.num_drafted).sum())
       self.rounds += int(r.sum())
       self.iterations.append(int(r.max()) if self.engine.rcfg.num_draft else n - 1)
     return out.length
@@ -348,7 +257,7 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
     ('gen', name): GenerateCall(eng, params, dparams, prompts, lens, seed, warmup)
     for name, (eng, _, dparams) in engines.items()
   }
-  units['t1'] = CacheStep(params, cfg, b, 1, base_rcfg.buffer_len, mid, sp, reps=reps)
+  units['t1'] = cache_step(params, cfg, b, 1, base_rcfg.buffer_len, mid, sp, reps=reps)
   for name, (eng, drafter, dparams) in engines.items():
     units['gen', name]()  # compiles the engine's prefill / decode / finalize
     prefill_j = eng._compiled(b, params, dparams)[0]
@@ -357,13 +266,13 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
       continue
     label, k = name
     state = prefill_j(params, dparams, prompts, lens, key0)
-    units['prop', label, k] = ProposeStep(drafter, dparams, state, k, sp, reps)
+    units['prop', label, k] = propose_step(drafter, dparams, state, k, sp, reps)
     if ('ver', k) not in units:
-      units['ver', k] = CacheStep(params, cfg, b, k + 1, eng.rcfg.buffer_len, mid, reps=reps)
+      units['ver', k] = cache_step(params, cfg, b, k + 1, eng.rcfg.buffer_len, mid, reps=reps)
     if (
       isinstance(drafter, ModelDrafter) and drafter.name != 'self' and ('draft', label) not in units
     ):
-      units['draft', label] = CacheStep(
+      units['draft', label] = cache_step(
         dparams, drafter.cfg, b, 1, base_rcfg.buffer_len, mid, sp, reps
       )
   counts = {n: iters if n[0] == 'gen' else step_iters for n in units}
@@ -397,9 +306,10 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
       t_draft = t_prop / k
     c, v = t_draft / t1, t_ver / t1
     tau = 1.0 + g.accepted / max(g.rounds, 1)
-    alpha = alpha_from_tau(tau, k)
+    alpha = g.accepted / max(g.drafted, 1)  # spec_math's alpha: committed accepted / drafted
     ratio = plain_t / spec_t
-    ideal, ca_ideal = ideal_speedup(alpha, k, c), ideal_speedup(alpha, k, c, v)
+    ideal = spec_math.ideal_speedup(alpha, k, c)
+    ca_ideal = spec_math.ideal_speedup(alpha, k, c, v)
     n_iter = statistics.mean(g.iterations)
     round_s = (spec_t - med['prefill', name]) / n_iter
     dec_ratio = (plain_t - med['prefill', 'plain']) / (spec_t - med['prefill', name])

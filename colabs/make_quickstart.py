@@ -183,7 +183,7 @@ The same rollout with a drafter. `quantized` drafts with an int8 copy of the liv
 so every draft is accepted (a correctness check, never faster). The samples follow the
 policy's distribution either way, so accuracy only differs by sampling noise.
 
-- **acceptance**: the fraction of draft tokens the policy accepted;
+- **alpha** (acceptance): accepted draft tokens that were committed / draft tokens proposed;
 - **tokens per pass**: tokens committed per policy forward pass (plain decoding: 1).
 
 Acceptance and tokens per pass are properties of the policy and the drafter; tokens/s
@@ -204,7 +204,7 @@ label = f'{SPEC_DRAFTER}, k={NUM_DRAFT}:'
 print(f"{'plain:':<20}{plain_m['rollout/tokens_per_s']:9.0f} tok/s  "
       f"accuracy {plain_m['accuracy']:.3f}")
 print(f"{label:<20}{spec_m['rollout/tokens_per_s']:9.0f} tok/s  "
-      f"accuracy {spec_m['accuracy']:.3f}  acceptance {spec_m['spec/alpha']:.2f}  "
+      f"accuracy {spec_m['accuracy']:.3f}  alpha {spec_m['spec/alpha']:.2f}  "
       f"{spec_m['spec/tokens_per_pass']:.2f} tokens per pass")
 print(f"speedup: {spec_m['rollout/tokens_per_s'] / plain_m['rollout/tokens_per_s']:.2f}x")"""
 

@@ -25,8 +25,15 @@ def _leaves(state):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize('engine', ['static', 'adaptive_always'])
+def test_resume_continues_exactly(tmp_path, engine):
+  """Also with the adaptive engine (compaction 8 -> 4 -> 2 -> 1 and speculation with the
+  deterministic 'always' policy): sampling is keyed by (seed, sequence id, position), so
+  neither compaction nor a restart changes what a row samples."""
   c = smoke()  # 4 warm-up steps + 3 GRPO steps
+  if engine == 'adaptive_always':
+    c.adaptive.enabled, c.adaptive.policy, c.adaptive.arms = True, 'always', (2,)
+    c.rollout.drafter = 'ngram'
   full, hist = train.train_and_evaluate(c, str(tmp_path / 'a'))
   assert int(full.step) == 7 and len(hist) == 7
   part, _ = train.train_and_evaluate(c, str(tmp_path / 'b'), max_steps=5)  # stops mid-GRPO

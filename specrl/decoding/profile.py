@@ -2,9 +2,9 @@
 draft/verify time estimates and the benchmarks all time steps here.
 
 Steps inside a ``while_loop`` cannot be timed one by one, so unit costs are measured on
-synthetic inputs of the real shapes: each timed call runs ``reps`` steps in a jitted
-``fori_loop`` with the cache carried (no per-call dispatch or host sync, as inside the
-rollout's loop), and the median of ``iters`` calls is taken.
+inputs of the real shapes: each timed call runs ``reps`` steps in a jitted ``fori_loop``
+with the cache carried and donated (no per-call dispatch, host sync or cache copy, as inside
+the rollout's loop; :class:`LoopTimer`), and the median of ``iters`` calls is taken.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from specrl import model as model_lib
+from specrl import sampling
 from specrl import sharding as shd
 from specrl.decoding.spec_math import CostProfile
 
@@ -37,49 +38,73 @@ def median_seconds(fn, *args, iters: int = 3) -> float:
   return statistics.median(ts)
 
 
-def forward_loop(cfg, batch: int, t: int, pos0: int, reps: int, mesh=None):
-  """fn(params, cache) running ``reps`` cache-extending policy forwards over T = t tokens."""
+class LoopTimer:
+  """A jitted ``fn(*fixed, *carried) -> (out, *carried)`` called again and again with its
+  carried state (KV caches, drafter state) donated and fed back, so it is updated in place
+  as inside the rollout's ``while_loop``. ``timer()`` runs one call (``reps`` steps) and
+  returns ``out`` (block on it to time)."""
+
+  def __init__(self, fn, fixed, carried, reps: int):
+    n = len(fixed)
+    self.fn = jax.jit(fn, donate_argnums=tuple(range(n, n + len(carried))))
+    self.fixed, self.carried, self.reps = tuple(fixed), tuple(carried), reps
+
+  def __call__(self):
+    out, *carried = self.fn(*self.fixed, *self.carried)
+    self.carried = tuple(carried)
+    return out
+
+
+def forward_loop(cfg, batch: int, t: int, pos0: int, reps: int, mesh=None, sp=None):
+  """fn(params, cache) -> (tokens, cache): ``reps`` cache-extending policy forwards over
+  T = t tokens at positions ``pos0..pos0+t-1``. With ``sp``, each step samples the last
+  position and feeds the token back, as decoding does."""
 
   def fn(params, cache):
     tok = jnp.full((batch, t), 3, jnp.int32)
     positions = jnp.broadcast_to(pos0 + jnp.arange(t, dtype=jnp.int32), (batch, t))
 
-    def body(_, carry):
+    def body(i, carry):
       cache, tok = carry
       logits, cache = model_lib.forward(
         params, cfg, tok, positions, cache, mesh=mesh, rules=shd.DECODE_RULES
       )
-      return cache, tok + never(logits).astype(jnp.int32)[:, None]
+      if sp is None:
+        return cache, tok + never(logits).astype(jnp.int32)[:, None]
+      seeds = jnp.full((batch,), i, jnp.int32)
+      nxt = sampling.sample_seeded(logits[:, -1], seeds, sp)
+      return cache, jnp.broadcast_to(nxt[:, None], tok.shape)
 
-    return jax.lax.fori_loop(0, reps, body, (cache, tok))[1]
+    cache, tok = jax.lax.fori_loop(0, reps, body, (cache, tok))
+    return tok, cache
 
   return fn
 
 
-def propose_loop(drafter, batch: int, buffer_len: int, k: int, pos0: int, sp, reps, mesh=None):
-  """fn(draft_params, draft_state, cache) running ``reps`` drafter proposals of k tokens."""
+def propose_loop(drafter, k: int, sp, reps: int, mesh=None):
+  """fn(draft_params, seq [B, S], pos [B], draft_state, cache) -> (pos, draft_state, cache):
+  ``reps`` drafter proposals of k tokens after ``pos`` (called as the speculative round
+  calls it)."""
 
-  def fn(dp, dstate, cache):
-    seq = jnp.full((batch, buffer_len), 3, jnp.int32)
-    pos = jnp.full((batch,), pos0, jnp.int32)
-
+  def fn(dp, seq, pos, dstate, cache):
     def body(i, carry):
-      dstate, cache, seq = carry
+      dstate, cache, pos = carry
       toks, logits, dstate, cache = drafter.propose(
         dp,
         dstate,
         seq,
         pos,
         k,
-        jnp.full((batch,), i, jnp.int32),  # per-row seeds
+        jnp.full(pos.shape, i, jnp.int32),  # per-row seeds
         sp,
         mesh=mesh,
         policy_cache=cache,
       )
       dep = never(logits) | (toks[:, 0] < 0)
-      return dstate, cache, seq.at[:, 0].add(dep.astype(jnp.int32))
+      return dstate, cache, pos + dep.astype(pos.dtype)
 
-    return jax.lax.fori_loop(0, reps, body, (dstate, cache, seq))[2]
+    dstate, cache, pos = jax.lax.fori_loop(0, reps, body, (dstate, cache, pos))
+    return pos, dstate, cache
 
   return fn
 
@@ -105,15 +130,19 @@ def measure_profile(
   only the plain forward is timed. ``pos0``: the position the timed steps write at
   (default mid-buffer: attention over a typical live prefix)."""
   pos0 = buffer_len // 2 if pos0 is None else pos0
-  cache = model_lib.init_cache(cfg, batch, buffer_len)
 
-  def timed(fn, *args):
-    return median_seconds(jax.jit(fn), *args, iters=iters) / reps
+  def timed(fn, fixed, carried):
+    return median_seconds(LoopTimer(fn, fixed, carried, reps), iters=iters) / reps
 
-  fwd1 = timed(forward_loop(cfg, batch, 1, pos0, reps, mesh), params, cache)
+  def fresh_cache():
+    return model_lib.init_cache(cfg, batch, buffer_len)
+
+  fwd1 = timed(forward_loop(cfg, batch, 1, pos0, reps, mesh), (params,), (fresh_cache(),))
   if drafter is None or k_ref < 1:
     return CostProfile(batch=batch, k_ref=0, fwd1=fwd1, fwd_ref=fwd1, prop1=0.0, prop_ref=0.0)
-  fwd_ref = timed(forward_loop(cfg, batch, k_ref + 1, pos0, reps, mesh), params, cache)
+  fwd_ref = timed(
+    forward_loop(cfg, batch, k_ref + 1, pos0, reps, mesh), (params,), (fresh_cache(),)
+  )
   dstate_abs = jax.eval_shape(
     lambda dp: drafter.prefill(
       dp,
@@ -124,11 +153,13 @@ def measure_profile(
     ),
     draft_params,
   )
-  dstate = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), dstate_abs)
+  seq = jnp.full((batch, buffer_len), 3, jnp.int32)
+  pos = jnp.full((batch,), pos0, jnp.int32)
 
   def prop(k):
-    fn = propose_loop(drafter, batch, buffer_len, k, pos0, sp, reps, mesh)
-    return timed(fn, draft_params, dstate, cache)
+    dstate = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), dstate_abs)
+    fn = propose_loop(drafter, k, sp, reps, mesh)
+    return timed(fn, (draft_params, seq, pos), (dstate, fresh_cache()))
 
   prop1 = prop(1)
   kp = min(k_ref, 2)
