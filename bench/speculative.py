@@ -261,11 +261,14 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
   for name, (eng, drafter, dparams) in engines.items():
     units['gen', name]()  # compiles the engine's prefill / decode / finalize
     prefill_j = eng._compiled(b, params, dparams)[0]
-    units['prefill', name] = lambda f=prefill_j, dp=dparams: f(params, dp, prompts, lens, key0)
+    ids = (np.arange(b, dtype=np.int32), np.full((b,), -1, np.int32))  # group / prompt ids
+    units['prefill', name] = lambda f=prefill_j, dp=dparams: f(
+      params, dp, prompts, lens, key0, *ids
+    )
     if drafter is None:
       continue
     label, k = name
-    state = prefill_j(params, dparams, prompts, lens, key0)
+    state = prefill_j(params, dparams, prompts, lens, key0, *ids)
     units['prop', label, k] = propose_step(drafter, dparams, state, k, sp, reps)
     if ('ver', k) not in units:
       units['ver', k] = cache_step(params, cfg, b, k + 1, eng.rcfg.buffer_len, mid, reps=reps)
