@@ -40,6 +40,12 @@ Backends (static, per :class:`QuantConfig.backend`), all consuming the *same* st
   native sub-channel layout: qvalue ``[K, N]``, scale ``[K / gs, N]``). For a float lhs
   qwix always dequantizes the weight first ("slow path"); with ``act_bits=8`` it runs the
   int8 x int8 "fast path" when groups are >= 128 wide (or per-channel).
+- ``'pallas'``: weight-only int8 through the Pallas (Triton) kernel
+  :func:`specrl.kernels.weight_only_matmul.weight_only_matmul`, which reads the int8 bytes
+  and dequantizes on chip (scale applied to each group's partial sum in f32, so results
+  match 'jnp' to bf16 rounding, not bitwise). Anything the kernel does not cover (int4,
+  fp8, ``act_bits=8``, shapes it cannot tile, a TPU backend) runs the 'jnp' path. On CPU
+  it runs in Pallas interpret mode (slow: for tests).
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ('aqt', 'qwix', 'jnp')
+from specrl.kernels import weight_only_matmul as wom
+
+BACKENDS = ('aqt', 'qwix', 'jnp', 'pallas')
 _SCALE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _FP8 = {'e4m3': (jnp.float8_e4m3fn, 448.0)}
 _INT_DTYPES = {8: jnp.int8, 4: jnp.int4}
@@ -88,7 +96,7 @@ class QuantConfig:
     group_size: scales per ``group_size`` elements of the contracting dim; ``None`` (or 0)
       means one scale per output channel; ``'auto'`` resolves to 128 for int4, else None
       (resolved at construction, so ``dataclasses.replace`` keeps the resolved value).
-    backend: 'aqt' | 'qwix' | 'jnp' (see the module docstring).
+    backend: 'aqt' | 'qwix' | 'jnp' | 'pallas' (see the module docstring).
     quantize_embeddings: quantize the ``[V, D]`` embedding table. A *tied* table is also
       the output head, so it is quantized only if ``quantize_lm_head`` is also True.
     quantize_lm_head: quantize an untied ``lm_head`` ``[D, V]``.
@@ -358,7 +366,27 @@ def _matmul_qwix(w: QWeight, x2: jax.Array) -> jax.Array:
   return qwix.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
 
 
-_MATMUL_IMPLS = {'jnp': _matmul_jnp, 'aqt': _matmul_aqt, 'qwix': _matmul_qwix}
+def _matmul_pallas(w: QWeight, x2: jax.Array) -> jax.Array:
+  """Weight-only int8 through the Pallas kernel; the 'jnp' path where it does not apply."""
+  covered = (
+    w.fmt == 'int'
+    and w.act_bits is None
+    and jax.default_backend() != 'tpu'
+    and wom.supported(w.k, w.n, w.groups, w.qvalue.dtype)
+  )
+  if not covered:
+    return _matmul_jnp(w, x2)
+  q = w.qvalue.reshape((w.k, w.n) if w.contract_first else (w.n, w.k))
+  scale = w.scale if w.contract_first else w.scale.T  # -> [G, N]
+  return wom.weight_only_matmul(x2, q, scale, transposed=not w.contract_first)
+
+
+_MATMUL_IMPLS = {
+  'jnp': _matmul_jnp,
+  'aqt': _matmul_aqt,
+  'qwix': _matmul_qwix,
+  'pallas': _matmul_pallas,
+}
 
 
 # ----------------------------------------------------------------------------- quantize
