@@ -67,8 +67,8 @@ def test_scales_are_per_group():
 
 def test_tiling_fills_gpu_and_bounds_partials():
   t = wom.choose_tiling(1, 1536, 1536, 1)  # few N blocks at batch 1: split K
-  assert t.splits > 1 and (1536 // t.bn) * t.splits >= wom._TARGET_PROGRAMS or t.splits == (
-    1536 // t.bk
+  assert (
+    t.splits > 1 and (1536 // t.bn) * t.splits >= wom._TARGET_PROGRAMS or t.splits == (1536 // t.bk)
   )
   t = wom.choose_tiling(256, 1536, 8960, 1)  # many rows: partials would cost too much
   assert t.splits == 1 and t.bm == 128 and t.stages(3) == 2
@@ -92,7 +92,9 @@ def test_exports_for_cuda():
   target = '__gpu$xla.gpu.triton'
   try:
     exp = export.export(
-      jax.jit(f), platforms=['cuda'], disabled_checks=[export.DisabledSafetyCheck.custom_call(target)]
+      jax.jit(f),
+      platforms=['cuda'],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(target)],
     )(*shapes)
   except Exception as e:  # pylint: disable=broad-except
     if 'Cannot lower pallas_call on platform' in str(e) or isinstance(e, ImportError):
