@@ -225,6 +225,44 @@ def matmul_bench(cfg, batches, reps: int, rotate_mib: int) -> list[dict]:
   return rows
 
 
+SWEEP = {  # kernel tiling variants timed by --sweep (defaults: choose_tiling, 3 stages)
+  'auto': {},
+  'stages4': dict(num_stages=4),
+  'bn64': dict(block_n=64),
+  'nosplit': dict(splits=1),
+}
+
+
+def kernel_sweep(cfg, batches, reps: int, rotate_mib: int) -> list[dict]:
+  """The kernel alone under a few tilings (data for tuning), weight copies rotated."""
+  d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+  rows = []
+  for name, k, n, tr in [('gate', d, f, False), ('down', f, d, False), ('head', d, v, True)]:
+    copies = max(1, -(-rotate_mib * 2**20 // (k * n)))
+    rng = np.random.default_rng(0)
+    qs = [
+      jnp.asarray(rng.integers(-127, 128, (n, k) if tr else (k, n), dtype=np.int8))
+      for _ in range(copies)
+    ]
+    s = jnp.asarray(0.001 + 0.01 * rng.random((1, n)), jnp.float32)
+    for m in batches:
+      x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+      row = dict(matmul=name, m=m, k=k, n=n)
+      for label, kw in SWEEP.items():
+        fn = functools.partial(wom.weight_only_matmul, transposed=tr, **kw)
+        it = iter(range(10**9))
+        call = lambda fn=fn, it=it, x=x, qs=qs, s=s: fn(x, qs[next(it) % len(qs)], s)
+        try:
+          ms = median_ms(call, reps, warmup=2)
+        except Exception as e:  # pylint: disable=broad-except
+          print(f'sweep {name} M={m} {label} failed: {type(e).__name__}: {str(e)[:300]}')
+          continue
+        row[label + '_us'] = 1e3 * ms
+        row[label + '_GBps'] = k * n / (ms * 1e-3) / 1e9
+      rows.append(row)
+  return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -243,6 +281,7 @@ def main(argv=None):
   ap.add_argument('--copy_mib', type=int, default=None, help='copy-bandwidth array size')
   ap.add_argument('--check', action='store_true', help='kernel vs reference (first model)')
   ap.add_argument('--matmul', action='store_true', help='single-matmul timings (first model)')
+  ap.add_argument('--sweep', default='', help='batch sizes for a kernel tiling sweep')
   ap.add_argument('--rotate_mib', type=int, default=256, help='--matmul weight copies')
   ap.add_argument('--time_budget', type=float, default=0.0, help='seconds; 0 = none')
   common.add_compile_cache_flag(ap)
@@ -280,6 +319,30 @@ def main(argv=None):
     summary['kernel_check_ok'] = all(r['ok'] for r in checks)
     summary['kernel_check_max_err'] = max(r['rel_err'] for r in checks)
     summary['kernel_check_seconds'] = time.perf_counter() - t_start
+
+  mm = []
+  if args.matmul:
+    mm = [
+      dict(r, model=models[0])
+      for r in matmul_bench(model_config(models[0]), batches, max(args.reps, 20), args.rotate_mib)
+    ]
+    print()
+    cols = [('model', ''), ('matmul', ''), ('m', 'd'), ('k', 'd'), ('n', 'd')]
+    for key in ('bf16', 'int8', 'int8-pallas'):
+      cols += [(key + '_us', '.1f'), (key + '_GBps', '.0f')]
+    common.print_table(cols, mm)
+  sw = []
+  if args.sweep:
+    sw = kernel_sweep(model_config(models[0]), common.ints(args.sweep), 20, args.rotate_mib)
+    print()
+    cols = [('matmul', ''), ('m', 'd'), ('k', 'd'), ('n', 'd')]
+    for key in SWEEP:
+      cols += [(key + '_us', '.1f'), (key + '_GBps', '.0f')]
+    common.print_table(cols, sw)
+    summary['sweep_us'] = {
+      f'{r["matmul"]}/M{r["m"]}': {key: r.get(key + '_us') for key in SWEEP} for r in sw
+    }
+  summary['prep_seconds'] = time.perf_counter() - t_start
 
   rows = []
   live = args.prompt + args.new // 2 + args.steps / 2
@@ -323,7 +386,7 @@ def main(argv=None):
         print(
           f'  B={b:4d} {v:12s} {ms:8.3f} ms/step  floor {floor_ms:7.3f}  c {row["c"]}', flush=True
         )
-    del params, vparams
+    del params, vparams, stored
 
   print()
   common.print_table(
@@ -331,17 +394,6 @@ def main(argv=None):
     + [('x_floor', '.2f'), ('GBps', '.0f'), ('weight_GB', '.2f'), ('c', '.3f')],
     rows,
   )
-  mm = []
-  if args.matmul and not over():
-    mm = [
-      dict(r, model=models[0])
-      for r in matmul_bench(model_config(models[0]), batches, max(args.reps, 20), args.rotate_mib)
-    ]
-    print()
-    cols = [('model', ''), ('matmul', ''), ('m', 'd'), ('k', 'd'), ('n', 'd')]
-    for key in ('bf16', 'int8', 'int8-pallas'):
-      cols += [(key + '_us', '.1f'), (key + '_GBps', '.0f')]
-    common.print_table(cols, mm)
   summary['x_floor'] = {f'{r["model"]}/B{r["B"]}/{r["variant"]}': r['x_floor'] for r in rows}
   summary['ms'] = {f'{r["model"]}/B{r["B"]}/{r["variant"]}': r['ms'] for r in rows}
   summary['c'] = {f'{r["model"]}/B{r["B"]}/{r["variant"]}': r['c'] for r in rows if r['c']}
