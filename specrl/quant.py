@@ -44,7 +44,8 @@ Backends (static, per :class:`QuantConfig.backend`), all consuming the *same* st
   :func:`specrl.kernels.weight_only_matmul.weight_only_matmul`, which reads the int8 bytes
   and dequantizes on chip (scale applied to each group's partial sum in f32, so results
   match 'jnp' to bf16 rounding, not bitwise). Anything the kernel does not cover (int4,
-  fp8, ``act_bits=8``, shapes it cannot tile, a TPU backend) runs the 'jnp' path. On CPU
+  fp8, ``act_bits=8``, shapes it cannot tile, more than ``PALLAS_MAX_ROWS`` rows, where
+  it measured slower, a TPU backend) runs the 'jnp' path. On CPU
   it runs in Pallas interpret mode (slow: for tests).
 """
 
@@ -366,10 +367,18 @@ def _matmul_qwix(w: QWeight, x2: jax.Array) -> jax.Array:
   return qwix.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
 
 
+# Rows (tokens) above which 'pallas' takes the 'jnp' path: measured on an H200 (jax 0.11.2,
+# Qwen2.5-1.5B shapes, docs/benchmarks.md), the kernel's drafter step cost c was 1.05 / 0.99
+# at B = 1 / 16 (jnp int8: 1.19 / 1.16) but 1.35 / 1.68 at B = 64 / 256 (jnp: 1.14 / 1.16).
+PALLAS_MAX_ROWS = 32
+
+
 def _matmul_pallas(w: QWeight, x2: jax.Array) -> jax.Array:
-  """Weight-only int8 through the Pallas kernel; the 'jnp' path where it does not apply."""
+  """Weight-only int8 through the Pallas kernel for decode-sized ``x2 [M <= 32, K]``; the
+  'jnp' path where the kernel does not apply or was measured slower."""
   covered = (
-    w.fmt == 'int'
+    x2.shape[0] <= PALLAS_MAX_ROWS
+    and w.fmt == 'int'
     and w.act_bits is None
     and jax.default_backend() != 'tpu'
     and wom.supported(w.k, w.n, w.groups, w.qvalue.dtype)

@@ -118,3 +118,16 @@ def test_quant_backend_pallas_matches_jnp():
     want, _ = model_lib.forward(qp, cfg, tokens, pos)
     got, _ = model_lib.forward(quant.with_backend(qp, 'pallas'), cfg, tokens, pos)
     assert rel_err(got, want) <= tol, bits
+
+
+def test_quant_backend_pallas_uses_kernel_for_decode_rows_only():
+  w = jax.random.normal(jax.random.key(1), (64, 32), jnp.float32)
+  qw = quant.quantize_weight(
+    w, quant.QuantConfig(bits=8, backend='pallas'), rank=2, n_contract=1, contract_first=True
+  )
+
+  def jaxpr(m):
+    return str(jax.make_jaxpr(lambda x: qw.qeinsum('mk,kn->mn', x))(jnp.ones((m, 64))))
+
+  assert 'pallas_call' in jaxpr(quant.PALLAS_MAX_ROWS)
+  assert 'pallas_call' not in jaxpr(quant.PALLAS_MAX_ROWS + 1)
