@@ -183,38 +183,52 @@ def kernel_check(cfg: model_lib.ModelConfig, batches, interpret: bool) -> list[d
   return rows
 
 
-def matmul_bench(cfg, batches, reps: int, rotate_mib: int) -> list[dict]:
+def _scan_matmuls(x, stack, matmul):
+  """``matmul(x, w)`` for every weight of a stacked pytree, in one jitted loop.
+
+  The carry is each result (overwritten), so no iteration is dead code and no reduction
+  over the output is added; the per-call host dispatch is paid once for the whole stack.
+  """
+
+  def body(_, w):
+    return matmul(x, w), None
+
+  out0 = jax.eval_shape(matmul, x, jax.tree.map(lambda a: a[0], stack))
+  out, _ = jax.lax.scan(body, jnp.zeros(out0.shape, out0.dtype), stack)
+  return out
+
+
+def matmul_bench(cfg, batches, reps: int, rotate_mib: int, min_copies: int = 8) -> list[dict]:
   """One matmul per shape: bf16 dot vs int8 'jnp' vs int8 'pallas'; GB/s of weight bytes.
 
-  Calls rotate over enough weight copies (>= ``rotate_mib`` of bf16) that consecutive
-  calls do not find their weight in L2 (60 MB on an H200).
+  Each timed call runs the matmul over a stack of >= ``min_copies`` distinct weights (and
+  >= ``rotate_mib`` of bf16, so consecutive matmuls do not find theirs in L2, 60 MB on an
+  H200) inside one jitted ``lax.scan``; the per-matmul time is the call over the copies.
   """
   d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
   shapes = [('gate', d, f, True), ('down', f, d, True), ('head', d, v, False)]
   rows = []
   for name, k, n, first in shapes:
     shape = (k, n) if first else (n, k)
-    copies = max(1, -(-rotate_mib * 2**20 // (2 * k * n)))
-    ws = [jax.random.normal(jax.random.key(i), shape, jnp.bfloat16) * 0.02 for i in range(copies)]
+    copies = max(min_copies, -(-rotate_mib * 2**20 // (2 * k * n)))
+    ws = 0.02 * jax.random.normal(jax.random.key(n), (copies,) + shape, jnp.bfloat16)
     eq = 'mk,kn->mn' if first else 'mk,nk->mn'
-    qws = {}
-    for b in ('jnp', 'pallas'):
-      qcfg = quant.QuantConfig(bits=8, backend=b)
-      qws[b] = [
-        quant.quantize_weight(w, qcfg, rank=2, n_contract=1, contract_first=first) for w in ws
-      ]
-    weights = {'bf16': ws, 'int8': qws['jnp'], 'int8-pallas': qws['pallas']}
-    dot = jax.jit(lambda x, w, eq=eq: jnp.einsum(eq, x, w))
-    qdot = jax.jit(lambda x, q, eq=eq: q.qeinsum(eq, x))
+    stacks = {'bf16': ws}
+    for key, backend in (('int8', 'jnp'), ('int8-pallas', 'pallas')):
+      qcfg = quant.QuantConfig(bits=8, backend=backend)
+      stacks[key] = quant.quantize_weight(ws, qcfg, rank=2, n_contract=1, contract_first=first)
+    mms = {
+      'bf16': lambda x, w, eq=eq: jnp.einsum(eq, x, w),
+      'int8': lambda x, q, eq=eq: q.qeinsum(eq, x),
+      'int8-pallas': lambda x, q, eq=eq: q.qeinsum(eq, x),
+    }
     for m in batches:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
       row = dict(matmul=name, m=m, k=k, n=n)
-      for key, wl in weights.items():
-        fn = dot if key == 'bf16' else qdot
-        it = iter(range(10**9))
-        call = lambda fn=fn, wl=wl, it=it, x=x: fn(x, wl[next(it) % len(wl)])
+      for key, stack in stacks.items():
+        fn = jax.jit(functools.partial(_scan_matmuls, matmul=mms[key]))
         try:
-          ms = median_ms(call, reps, warmup=2)
+          ms = median_ms(lambda fn=fn, x=x, stack=stack: fn(x, stack), reps, warmup=1) / copies
         except Exception as e:  # pylint: disable=broad-except
           print(f'matmul {name} M={m} {key} failed: {type(e).__name__}: {str(e)[:500]}')
           continue
@@ -233,27 +247,23 @@ SWEEP = {  # kernel tiling variants timed by --sweep (defaults: choose_tiling, 3
 }
 
 
-def kernel_sweep(cfg, batches, reps: int, rotate_mib: int) -> list[dict]:
-  """The kernel alone under a few tilings (data for tuning), weight copies rotated."""
+def kernel_sweep(cfg, batches, reps: int, rotate_mib: int, min_copies: int = 8) -> list[dict]:
+  """The kernel alone under a few tilings (data for tuning), timed like :func:`matmul_bench`."""
   d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
   rows = []
   for name, k, n, tr in [('gate', d, f, False), ('down', f, d, False), ('head', d, v, True)]:
-    copies = max(1, -(-rotate_mib * 2**20 // (k * n)))
-    rng = np.random.default_rng(0)
-    qs = [
-      jnp.asarray(rng.integers(-127, 128, (n, k) if tr else (k, n), dtype=np.int8))
-      for _ in range(copies)
-    ]
-    s = jnp.asarray(0.001 + 0.01 * rng.random((1, n)), jnp.float32)
+    copies = max(min_copies, -(-rotate_mib * 2**20 // (k * n)))
+    shape = (copies,) + ((n, k) if tr else (k, n))
+    qs = jax.random.randint(jax.random.key(n), shape, -127, 128, jnp.int32).astype(jnp.int8)
+    s = 0.001 + 0.01 * jax.random.uniform(jax.random.key(k), (1, n), jnp.float32)
     for m in batches:
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
       row = dict(matmul=name, m=m, k=k, n=n)
       for label, kw in SWEEP.items():
-        fn = functools.partial(wom.weight_only_matmul, transposed=tr, **kw)
-        it = iter(range(10**9))
-        call = lambda fn=fn, it=it, x=x, qs=qs, s=s: fn(x, qs[next(it) % len(qs)], s)
+        mm = lambda x, q, kw=kw, s=s, tr=tr: wom.weight_only_matmul(x, q, s, transposed=tr, **kw)
+        fn = jax.jit(functools.partial(_scan_matmuls, matmul=mm))
         try:
-          ms = median_ms(call, reps, warmup=2)
+          ms = median_ms(lambda fn=fn, x=x, qs=qs: fn(x, qs), reps, warmup=1) / copies
         except Exception as e:  # pylint: disable=broad-except
           print(f'sweep {name} M={m} {label} failed: {type(e).__name__}: {str(e)[:300]}')
           continue
@@ -324,7 +334,7 @@ def main(argv=None):
   if args.matmul:
     mm = [
       dict(r, model=models[0])
-      for r in matmul_bench(model_config(models[0]), batches, max(args.reps, 20), args.rotate_mib)
+      for r in matmul_bench(model_config(models[0]), batches, max(args.reps, 5), args.rotate_mib)
     ]
     print()
     cols = [('model', ''), ('matmul', ''), ('m', 'd'), ('k', 'd'), ('n', 'd')]
@@ -333,7 +343,7 @@ def main(argv=None):
     common.print_table(cols, mm)
   sw = []
   if args.sweep:
-    sw = kernel_sweep(model_config(models[0]), common.ints(args.sweep), 20, args.rotate_mib)
+    sw = kernel_sweep(model_config(models[0]), common.ints(args.sweep), 5, args.rotate_mib)
     print()
     cols = [('matmul', ''), ('m', 'd'), ('k', 'd'), ('n', 'd')]
     for key in SWEEP:
