@@ -244,6 +244,7 @@ SWEEP = {  # kernel tiling variants timed by --sweep (defaults: choose_tiling, 3
   'stages4': dict(num_stages=4),
   'bn64': dict(block_n=64),
   'nosplit': dict(splits=1),
+  'gemv': dict(gemv=True),  # M <= 8 only
 }
 
 
@@ -260,6 +261,8 @@ def kernel_sweep(cfg, batches, reps: int, rotate_mib: int, min_copies: int = 8) 
       x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
       row = dict(matmul=name, m=m, k=k, n=n)
       for label, kw in SWEEP.items():
+        if kw.get('gemv') and m > 8:
+          continue
         mm = lambda x, q, kw=kw, s=s, tr=tr: wom.weight_only_matmul(x, q, s, transposed=tr, **kw)
         fn = jax.jit(functools.partial(_scan_matmuls, matmul=mm))
         try:

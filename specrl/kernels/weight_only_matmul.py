@@ -56,6 +56,8 @@ class Tiling:
   splits: int
   m_pad: int
   grouped: bool
+  steps_per_group: int = 1  # bk steps sharing one scale row (grouped)
+  gemv: bool = False  # multiply-and-reduce on CUDA cores instead of a tensor-core dot
 
   @property
   def num_warps(self) -> int:
@@ -71,10 +73,11 @@ def _pow2_at_least(x: int) -> int:
 
 
 def _block_k(k: int, groups: int, cap: int = _BLOCK_K[0]) -> int | None:
-  """One group per step when grouped; else the largest power of two <= cap dividing K."""
+  """Grouped: the group size (a power of two >= 16) capped at ``cap``, so a step never
+  spans two groups; else the largest power of two <= cap dividing K."""
   if groups > 1:
     gs = k // groups
-    return gs if gs >= 16 and gs & (gs - 1) == 0 else None
+    return min(gs, cap) if gs >= 16 and gs & (gs - 1) == 0 else None
   return next((b for b in _BLOCK_K if b <= cap and k % b == 0), None)
 
 
@@ -86,33 +89,62 @@ def supported(k: int, n: int, groups: int, dtype) -> bool:
 
 
 def choose_tiling(
-  m: int, k: int, n: int, groups: int, block_n: int | None = None, splits: int | None = None
+  m: int,
+  k: int,
+  n: int,
+  groups: int,
+  block_n: int | None = None,
+  splits: int | None = None,
+  gemv: bool = False,
 ) -> Tiling:
-  """Block sizes for ``[M, K] x [K, N]`` with ``groups`` scale groups along K."""
-  bm = min(max(16, _pow2_at_least(m)), 128)
-  # Shared memory per pipeline stage is ~bm*bk*2 + bk*bn bytes: keep wide K steps for
-  # the few-row (decode) case only.
-  bk = _block_k(k, groups, cap=256 if bm <= 32 else 128)
-  bn = block_n or next((b for b in _BLOCK_N if n % b == 0), None)
+  """Block sizes for ``[M, K] x [K, N]`` with ``groups`` scale groups along K.
+
+  ``gemv`` (M <= 8 only): no tensor-core dot (whose smallest M is 16) but a broadcast
+  multiply and a reduction over a ``[bm, bk, bn]`` register tile, so bk and bn are kept
+  at 64.
+  """
+  if gemv:
+    if m > 8:
+      raise ValueError(f'gemv tiling needs M <= 8, got {m}')
+    bm = _pow2_at_least(m)
+    bk = _block_k(k, groups, cap=64)
+    bn = block_n or next((b for b in _BLOCK_N if b <= 64 and n % b == 0), None)
+  else:
+    bm = min(max(16, _pow2_at_least(m)), 128)
+    # Shared memory per pipeline stage is ~bm*bk*2 + bk*bn bytes: keep wide K steps for
+    # the few-row (decode) case only.
+    bk = _block_k(k, groups, cap=256 if bm <= 32 else 128)
+    bn = block_n or next((b for b in _BLOCK_N if n % b == 0), None)
   if bk is None or bn is None or n % bn:
     raise ValueError(f'unsupported weight-only matmul shape K={k} N={n} groups={groups}')
   m_pad = -(-m // bm) * bm
   nk = k // bk
-  if splits is None:
+  spg = (k // groups) // bk if groups > 1 else 1
+  if splits is None:  # splits hold whole groups
     programs = (n // bn) * (m_pad // bm)
     max_splits = max(1, int(_MAX_PARTIAL_FRACTION * k / (4 * m_pad)))
-    divisors = [d for d in range(1, nk + 1) if nk % d == 0 and d <= max_splits]
+    divisors = [d for d in range(1, nk + 1) if nk % (d * spg) == 0 and d <= max_splits]
     splits = next((d for d in divisors if programs * d >= _TARGET_PROGRAMS), divisors[-1])
-  if nk % splits:
-    raise ValueError(f'splits={splits} must divide K / bk = {nk}')
-  return Tiling(bm=bm, bn=bn, bk=bk, splits=splits, m_pad=m_pad, grouped=groups > 1)
+  if nk % (splits * spg):
+    raise ValueError(f'splits={splits} must divide K / bk = {nk} into whole scale groups')
+  return Tiling(
+    bm=bm,
+    bn=bn,
+    bk=bk,
+    splits=splits,
+    m_pad=m_pad,
+    grouped=groups > 1,
+    steps_per_group=spg,
+    gemv=gemv,
+  )
 
 
 def _kernel(x_ref, q_ref, s_ref, o_ref, *, t: Tiling, steps: int, transposed: bool):
   """One (N block, M block, K split) program.
 
-  x_ref [bm, K/splits]; q_ref [K/splits, bn] (or [bn, K/splits]); s_ref [steps, bn] when
-  grouped (one row per bk step) else [1, bn]; o_ref [bm, bn] f32.
+  x_ref [bm, K/splits]; q_ref [K/splits, bn] (or [bn, K/splits]); s_ref
+  [steps / steps_per_group, bn] when grouped (one row per group) else [1, bn]; o_ref
+  [bm, bn] f32.
   """
 
   def body(i, acc):
@@ -120,13 +152,20 @@ def _kernel(x_ref, q_ref, s_ref, o_ref, *, t: Tiling, steps: int, transposed: bo
     x = x_ref[:, pl.ds(off, t.bk)]
     if transposed:
       w = q_ref[:, pl.ds(off, t.bk)].astype(x.dtype)  # [bn, bk]
-      dims = (((1,), (1,)), ((), ()))
     else:
       w = q_ref[pl.ds(off, t.bk), :].astype(x.dtype)  # [bk, bn]
-      dims = (((1,), (0,)), ((), ()))
-    part = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+    if t.gemv:  # [bm, bk, bn] products, reduced over bk
+      xf, wf = x.astype(jnp.float32), w.astype(jnp.float32)
+      if transposed:
+        part = jnp.sum(xf[:, None, :] * wf[None, :, :], axis=2)
+      else:
+        part = jnp.sum(xf[:, :, None] * wf[None, :, :], axis=1)
+    else:
+      dims = (((1,), (1 if transposed else 0,)), ((), ()))
+      part = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
     if t.grouped:
-      part = part * s_ref[pl.ds(i, 1), :].astype(jnp.float32)
+      row = i // t.steps_per_group if t.steps_per_group > 1 else i
+      part = part * s_ref[pl.ds(row, 1), :].astype(jnp.float32)
     return acc + part
 
   acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((t.bm, t.bn), jnp.float32))
@@ -136,7 +175,7 @@ def _kernel(x_ref, q_ref, s_ref, o_ref, *, t: Tiling, steps: int, transposed: bo
 
 
 @functools.partial(
-  jax.jit, static_argnames=('transposed', 'interpret', 'block_n', 'splits', 'num_stages')
+  jax.jit, static_argnames=('transposed', 'interpret', 'block_n', 'splits', 'num_stages', 'gemv')
 )
 def weight_only_matmul(
   x: jax.Array,
@@ -148,11 +187,13 @@ def weight_only_matmul(
   block_n: int | None = None,
   splits: int | None = None,
   num_stages: int = 3,
+  gemv: bool = False,
 ) -> jax.Array:
   """``x [M, K]`` times int8 ``q [K, N]`` (``[N, K]`` if transposed), scales ``[G, N]``.
 
   Returns f32 ``[M, N]`` (see the module docstring for the contract). ``interpret``:
-  None -> interpret mode iff the default backend is CPU.
+  None -> interpret mode iff the default backend is CPU. ``gemv``: the CUDA-core
+  multiply-and-reduce tiling for M <= 8 (see :func:`choose_tiling`; not yet timed on a GPU).
   """
   m, k = x.shape
   n = q.shape[0] if transposed else q.shape[1]
@@ -163,7 +204,7 @@ def weight_only_matmul(
     raise ValueError(f'scale {scale.shape} must be [G, {n}] with G dividing K = {k}')
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
-  t = choose_tiling(m, k, n, groups, block_n, splits)
+  t = choose_tiling(m, k, n, groups, block_n, splits, gemv)
   ks = k // t.splits
   steps = ks // t.bk
   if t.m_pad != m:
@@ -173,7 +214,7 @@ def weight_only_matmul(
   else:
     q_spec = pl.BlockSpec((ks, t.bn), lambda j, i, s: (s, j))
   if t.grouped:
-    s_spec = pl.BlockSpec((steps, t.bn), lambda j, i, s: (s, j))
+    s_spec = pl.BlockSpec((steps // t.steps_per_group, t.bn), lambda j, i, s: (s, j))
   else:
     s_spec = pl.BlockSpec((1, t.bn), lambda j, i, s: (0, j))
   out = pl.pallas_call(

@@ -34,20 +34,26 @@ def rel_err(got, want):
 
 
 CASES = [
-  # m, k, n, groups, transposed, dtype, splits
-  (1, 256, 128, 1, False, jnp.bfloat16, None),  # decode row, per-channel
-  (1, 384, 96, 3, True, jnp.bfloat16, None),  # tied head layout, groups of 128, N % 128 != 0
-  (5, 512, 64, 4, False, jnp.float32, 2),  # forced K split with groups
-  (7, 768, 48, 1, True, jnp.float32, 3),  # K split, per-channel, transposed
-  (33, 256, 32, 1, False, jnp.bfloat16, None),  # 64-row tile, padded M
-  (130, 128, 16, 1, False, jnp.bfloat16, None),  # 128-row tiles, two M blocks
+  # m, k, n, groups, transposed, dtype, splits, gemv
+  (1, 256, 128, 1, False, jnp.bfloat16, None, False),  # decode row, per-channel
+  (1, 384, 96, 3, True, jnp.bfloat16, None, False),  # tied head layout, groups of 128
+  (5, 512, 64, 4, False, jnp.float32, 2, False),  # forced K split with groups
+  (7, 768, 48, 1, True, jnp.float32, 3, False),  # K split, per-channel, transposed
+  (33, 256, 32, 1, False, jnp.bfloat16, None, False),  # 64-row tile, padded M
+  (40, 512, 32, 2, False, jnp.float32, None, False),  # groups of 256 over two 128-wide steps
+  (130, 128, 16, 1, False, jnp.bfloat16, None, False),  # 128-row tiles, two M blocks
+  (1, 256, 128, 1, False, jnp.bfloat16, None, True),  # gemv: one row
+  (3, 384, 96, 3, True, jnp.float32, None, True),  # gemv, head layout, 2 steps per group
+  (8, 512, 64, 2, False, jnp.bfloat16, 2, True),  # gemv, K split of whole groups
 ]
 
 
-@pytest.mark.parametrize('m,k,n,groups,transposed,dtype,splits', CASES)
-def test_matches_reference(m, k, n, groups, transposed, dtype, splits):
+@pytest.mark.parametrize('m,k,n,groups,transposed,dtype,splits,gemv', CASES)
+def test_matches_reference(m, k, n, groups, transposed, dtype, splits, gemv):
   x, q, s = make_inputs(m, k, n, groups, transposed, dtype, seed=m * 1000 + k)
-  got = wom.weight_only_matmul(x, q, s, transposed=transposed, splits=splits, interpret=True)
+  got = wom.weight_only_matmul(
+    x, q, s, transposed=transposed, splits=splits, gemv=gemv, interpret=True
+  )
   want = weight_only_matmul_reference(x, q, s, transposed=transposed)
   assert got.shape == (m, n) and got.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(got)))
@@ -80,15 +86,22 @@ def test_tiling_fills_gpu_and_bounds_partials():
   assert not wom.supported(96, 64, 2, jnp.int8)  # groups of 48: not a power of two
   with pytest.raises(ValueError):
     wom.choose_tiling(1, 256, 128, 1, splits=3)
+  with pytest.raises(ValueError):  # a split would cut a group of 256 in two
+    wom.choose_tiling(1, 512, 128, 2, splits=4, gemv=True)
+  with pytest.raises(ValueError):
+    wom.choose_tiling(16, 256, 128, 1, gemv=True)
+  t = wom.choose_tiling(3, 384, 96, 3, gemv=True)
+  assert (t.bm, t.bk, t.steps_per_group) == (4, 64, 2)
 
 
-def test_exports_for_cuda():
+@pytest.mark.parametrize('m,gemv', [(64, False), (1, True)])
+def test_exports_for_cuda(m, gemv):
   shapes = (
-    jax.ShapeDtypeStruct((64, 1536), jnp.bfloat16),
+    jax.ShapeDtypeStruct((m, 1536), jnp.bfloat16),
     jax.ShapeDtypeStruct((151936, 1536), jnp.int8),
     jax.ShapeDtypeStruct((1, 151936), jnp.float32),
   )
-  f = functools.partial(wom.weight_only_matmul, transposed=True, interpret=False)
+  f = functools.partial(wom.weight_only_matmul, transposed=True, gemv=gemv, interpret=False)
   target = '__gpu$xla.gpu.triton'
   try:
     exp = export.export(
