@@ -258,10 +258,10 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
     for name, (eng, _, dparams) in engines.items()
   }
   units['t1'] = cache_step(params, cfg, b, 1, base_rcfg.buffer_len, mid, sp, reps=reps)
+  ids = (np.arange(b, dtype=np.int32), np.full((b,), -1, np.int32))  # group / prompt ids
   for name, (eng, drafter, dparams) in engines.items():
     units['gen', name]()  # compiles the engine's prefill / decode / finalize
     prefill_j = eng._compiled(b, params, dparams)[0]
-    ids = (np.arange(b, dtype=np.int32), np.full((b,), -1, np.int32))  # group / prompt ids
     units['prefill', name] = lambda f=prefill_j, dp=dparams: f(
       params, dp, prompts, lens, key0, *ids
     )

@@ -348,3 +348,48 @@ def forward(
   if return_hidden:
     return logits, new_cache, x
   return logits, new_cache
+
+
+# ----------------------------------------------------------------------------- presets
+
+_BF16 = dict(param_dtype='bfloat16', compute_dtype='bfloat16')
+
+# Architecture shapes for benchmarks (random weights; no checkpoint is implied). The Qwen2.5
+# entries copy the Hugging Face configs' shapes: tied embeddings, qkv bias, RoPE theta 1e6.
+PRESETS: dict[str, dict] = {
+  'gpu': dict(  # ~215M params
+    vocab_size=32000, d_model=1024, n_layers=12, n_heads=16, n_kv_heads=4, head_dim=64, d_ff=4096
+  )
+  | _BF16,
+  'qwen2.5-0.5b': dict(  # 494M params, 0.99 GB in bf16
+    vocab_size=151936,
+    d_model=896,
+    n_layers=24,
+    n_heads=14,
+    n_kv_heads=2,
+    head_dim=64,
+    d_ff=4864,
+    rope_theta=1e6,
+    qkv_bias=True,
+  )
+  | _BF16,
+  'qwen2.5-1.5b': dict(  # 1.54B params, 3.09 GB in bf16
+    vocab_size=151936,
+    d_model=1536,
+    n_layers=28,
+    n_heads=12,
+    n_kv_heads=2,
+    head_dim=128,
+    d_ff=8960,
+    rope_theta=1e6,
+    qkv_bias=True,
+  )
+  | _BF16,
+}
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+  """The :data:`PRESETS` entry ``name`` as a ModelConfig (fields overridable)."""
+  if name not in PRESETS:
+    raise ValueError(f'unknown model preset {name!r}; known: {sorted(PRESETS)}')
+  return ModelConfig(**(PRESETS[name] | overrides))

@@ -40,6 +40,13 @@ Backends (static, per :class:`QuantConfig.backend`), all consuming the *same* st
   native sub-channel layout: qvalue ``[K, N]``, scale ``[K / gs, N]``). For a float lhs
   qwix always dequantizes the weight first ("slow path"); with ``act_bits=8`` it runs the
   int8 x int8 "fast path" when groups are >= 128 wide (or per-channel).
+- ``'pallas'``: weight-only int8 through the Pallas (Triton) kernel
+  :func:`specrl.kernels.weight_only_matmul.weight_only_matmul`, which reads the int8 bytes
+  and dequantizes on chip (scale applied to each group's partial sum in f32, so results
+  match 'jnp' to bf16 rounding, not bitwise). Anything the kernel does not cover (int4,
+  fp8, ``act_bits=8``, shapes it cannot tile, more than ``PALLAS_MAX_ROWS`` rows, where
+  it measured slower, a TPU backend) runs the 'jnp' path. On CPU
+  it runs in Pallas interpret mode (slow: for tests).
 """
 
 from __future__ import annotations
@@ -54,7 +61,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ('aqt', 'qwix', 'jnp')
+from specrl.kernels import weight_only_matmul as wom
+
+BACKENDS = ('aqt', 'qwix', 'jnp', 'pallas')
 _SCALE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _FP8 = {'e4m3': (jnp.float8_e4m3fn, 448.0)}
 _INT_DTYPES = {8: jnp.int8, 4: jnp.int4}
@@ -89,7 +98,7 @@ class QuantConfig:
       largest divisor of its contracting dim that is <= 128 for int4 (e.g. 96 for
       d_model 576), and per-channel scales for int8 / fp8. An explicit size must divide
       every contracting dim it is smaller than (:func:`check_group_size` says which fit).
-    backend: 'aqt' | 'qwix' | 'jnp' (see the module docstring).
+    backend: 'aqt' | 'qwix' | 'jnp' | 'pallas' (see the module docstring).
     quantize_embeddings: quantize the ``[V, D]`` embedding table. A *tied* table is also
       the output head, so it is quantized only if ``quantize_lm_head`` is also True.
     quantize_lm_head: quantize an untied ``lm_head`` ``[D, V]``.
@@ -349,7 +358,35 @@ def _matmul_qwix(w: QWeight, x2: jax.Array) -> jax.Array:
   return qwix.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
 
 
-_MATMUL_IMPLS = {'jnp': _matmul_jnp, 'aqt': _matmul_aqt, 'qwix': _matmul_qwix}
+# Rows (tokens) above which 'pallas' takes the 'jnp' path: measured on an H200 (jax 0.11.2,
+# Qwen2.5-1.5B shapes, docs/benchmarks.md), the kernel's drafter step cost c was 1.05 / 0.99
+# at B = 1 / 16 (jnp int8: 1.19 / 1.16) but 1.35 / 1.68 at B = 64 / 256 (jnp: 1.14 / 1.16).
+PALLAS_MAX_ROWS = 32
+
+
+def _matmul_pallas(w: QWeight, x2: jax.Array) -> jax.Array:
+  """Weight-only int8 through the Pallas kernel for decode-sized ``x2 [M <= 32, K]``; the
+  'jnp' path where the kernel does not apply or was measured slower."""
+  covered = (
+    x2.shape[0] <= PALLAS_MAX_ROWS
+    and w.fmt == 'int'
+    and w.act_bits is None
+    and jax.default_backend() != 'tpu'
+    and wom.supported(w.k, w.n, w.groups, w.qvalue.dtype)
+  )
+  if not covered:
+    return _matmul_jnp(w, x2)
+  q = w.qvalue.reshape((w.k, w.n) if w.contract_first else (w.n, w.k))
+  scale = w.scale if w.contract_first else w.scale.T  # -> [G, N]
+  return wom.weight_only_matmul(x2, q, scale, transposed=not w.contract_first)
+
+
+_MATMUL_IMPLS = {
+  'jnp': _matmul_jnp,
+  'aqt': _matmul_aqt,
+  'qwix': _matmul_qwix,
+  'pallas': _matmul_pallas,
+}
 
 
 # ----------------------------------------------------------------------------- quantize
