@@ -469,3 +469,26 @@ def test_cost_model_learns_yield_and_skips_the_prefill_chunk():
   report = adaptive.AdaptiveReport(batch=4, policy='cost_model')
   s, _, info = eng._decide(None, 4, 4, 2, PARAMS, lambda: None, report)
   assert s == 0, info  # 3 x 1/3 tokens per 1.24 s < 1 token per 1.0 s: back to plain
+
+
+def test_memory_and_host_state_round_trip_through_json():
+  """What the engine learned goes into checkpoints as JSON (the host-state hook)."""
+  import json
+
+  mem = adaptive.Memory(
+    alpha=0.61,
+    alpha_n=12.0,
+    costs={(8, 0): 0.01, (4, 2): 0.02},
+    corr={(8, 'plain'): 1.1, (4, 'spec'): 0.9},
+    yields={(4, 2): 0.8},
+    tlt=adaptive.TltState(below_steps=3, on=True, rewards={(4, 2): (1.0, 2.0)}),
+    roofline=adaptive.RooflineState(index=2),
+  )
+  assert adaptive.memory_from_json(json.loads(json.dumps(adaptive.memory_to_json(mem)))) == mem
+  eng = engine(policy='tlt')
+  eng.memory = mem
+  eng._rng.random()
+  state = json.loads(json.dumps(eng.host_state()))
+  fresh = engine(policy='tlt')
+  fresh.load_host_state(state)
+  assert fresh.memory == mem and fresh._rng.random() == eng._rng.random()

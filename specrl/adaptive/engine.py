@@ -40,11 +40,12 @@ Host syncs. A plain chunk whose decision cannot change before the next bucket bo
 prefill is not synced at all. A batch that never compacts and never speculates is thus
 prefill + one loop + finalize, as in the static engine.
 
-RNG. Per-round randomness is ``fold_in(state.rng, state.step)``, shared by the rows of a
-``[B, V]`` categorical. Compaction changes B, so sampled tokens differ from an uncompacted
-run (each row still samples the policy exactly: lossless, checked statistically in the
-tests). Greedy tokens are identical; logprobs too, up to XLA's batch-size-dependent
-rounding.
+RNG. Every draw is keyed by (rollout seed, sequence id, position) (:mod:`specrl.prng`),
+so compaction never changes what a row samples: plain phases give the static engine's
+tokens for the same key (logprobs agree up to XLA's batch-size-dependent rounding), and
+with a deterministic policy (``never``, ``always``) a rollout is a function of its inputs.
+``cost_model`` and ``tlt`` decide from measured times, so which k runs when can vary
+between runs (every run is still lossless).
 
 Entry point: :class:`AdaptiveRolloutEngine` -- same ``generate`` signature and output as
 :class:`specrl.rollout.RolloutEngine`, plus ``engine.last_report`` (phases, decisions,
