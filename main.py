@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from specrl import config as config_lib
+from specrl import faults
 from specrl import train
 
 FLAGS = flags.FLAGS
@@ -65,7 +66,11 @@ def main(argv):
   logging.info(
     'JAX %s, %d devices (%s)', jax.__version__, jax.device_count(), jax.devices()[0].platform
   )
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except faults.FatalError as e:  # halted run, bad data, no restorable checkpoint
+    logging.error('%s', e)
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
