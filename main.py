@@ -14,8 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from specrl import config as config_lib
-from specrl import faults
-from specrl import train
+from specrl import faults, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard events.')

@@ -31,10 +31,9 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding
 
-from specrl import adaptive, drafters, sampling
+from specrl import adaptive, drafters, faults, sampling
 from specrl import checkpointing as ckpt_lib
 from specrl import config as config_lib
-from specrl import faults
 from specrl import model as model_lib
 from specrl import rl as rl_lib
 from specrl import rollout as rollout_lib

@@ -3,7 +3,6 @@ fallback (a truncated latest checkpoint), kill-anywhere resume through fault poi
 one-line errors for bad data."""
 
 import glob
-import json
 import logging
 import math
 import os
@@ -154,7 +153,8 @@ def test_lr_1e6_halt_exits_nonzero_naming_step_metric_and_checkpoint(tmp_path):
       '--config.sft.lr=1e6', '--config.rl.lr=1e6', '--config.checkpoint_every=1',
       '--config.train.nonfinite=halt',
     ],
-    cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    cwd=ROOT, capture_output=True, text=True, timeout=300,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
   )  # fmt: skip
   assert r.returncode != 0
   last = r.stderr.strip().splitlines()[-1]
@@ -223,7 +223,8 @@ def _main(workdir, flags, env, fault=None):
   if fault:
     env[faults.FAULT_ENV] = fault
   return subprocess.run(
-    [sys.executable, 'main.py', '--config=configs/default.py:smoke', f'--workdir={workdir}', *flags],
+    [sys.executable, 'main.py', '--config=configs/default.py:smoke', f'--workdir={workdir}',
+     *flags],
     cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
   )  # fmt: skip
 
