@@ -94,12 +94,6 @@ def all_finite(*xs) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def select_tree(ok: jax.Array, new, old):
-  """``new`` where ``ok`` else ``old``, leaf by leaf (same structure). An elementwise
-  select rather than ``lax.cond`` so donated buffers are reused and sharding is kept."""
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-
 # ----------------------------------------------------------------------------- host side
 
 SKIP_KEY = 'skipped_updates'  # jitted-step metric; 'train/skipped_updates' for GRPO
