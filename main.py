@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from specrl import config as config_lib
-from specrl import train
+from specrl import faults, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard events.')
@@ -65,7 +65,11 @@ def main(argv):
   logging.info(
     'JAX %s, %d devices (%s)', jax.__version__, jax.device_count(), jax.devices()[0].platform
   )
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except faults.FatalError as e:  # halted run, bad data, no restorable checkpoint
+    logging.error('%s', e)
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -144,6 +144,11 @@ def get_config(arg: str | None = None):
     )
   )
 
+  # Faults (specrl/faults.py): a non-finite loss / grad norm / update is always skipped
+  # (params and optimizer state unchanged); 'halt' stops at the first, 'skip' after
+  # max_skips consecutive ones. Either way the message names the checkpoint to resume from.
+  c.train = ml_collections.ConfigDict(dict(nonfinite='skip', max_skips=3))
+
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
   c.log_every = 1
   c.checkpoint_every = 20

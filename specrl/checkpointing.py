@@ -13,19 +13,83 @@ checkpoint through one interface, :class:`HostState`: an object registered under
 with ``Checkpointer.register(name, obj)`` provides ``host_state() -> dict`` (JSON values and
 numpy arrays) and ``load_host_state(d)``; every save stores all registered objects' dicts as
 the checkpoint's ``host`` item and every restore hands each object its dict back.
+
+Faults (see :mod:`specrl.faults`): a checkpoint is never written from non-finite params;
+steps passed to ``keep`` (the last good checkpoint before a run of skipped updates) are
+never rotated out; if the latest checkpoint cannot be restored (truncated, corrupted,
+partial) it is moved to ``checkpoints/quarantine/<step>`` with one warning line and the
+newest one that restores is used; saves pass the fault points ``save:<step>:before``,
+``:after_arrays`` (array files written, checkpoint not committed) and ``:after_commit``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 
+from specrl import faults
 from specrl.rl import TrainState
+
+QUARANTINE = 'quarantine'  # checkpoints/quarantine/<step>: checkpoints that did not restore
+_SELF = '_checkpointer'  # the checkpointer's own entry in the host item (kept steps)
+
+
+class CheckpointMismatch(faults.FatalError, ValueError):
+  """The checkpoint is readable but does not fit the config (shape, dtype, host state):
+  refused as is, never quarantined."""
+
+
+class NoRestorableCheckpoint(faults.FatalError):
+  """Every checkpoint in the directory failed to restore (each moved to quarantine)."""
+
+
+@dataclasses.dataclass
+class _KeptSteps(pp.PreservationPolicy):
+  """Preserves the steps in a live set (``Checkpointer.keep``), whatever their age."""
+
+  steps: set
+
+  def should_preserve(self, checkpoints: Sequence, *, context) -> Sequence[bool]:
+    return [c.step in self.steps for c in checkpoints]
+
+
+class _StateHandler(ocp.StandardCheckpointHandler):
+  """The train-state handler with the ``after_arrays`` fault point: ``finalize`` runs once
+  every array file is written and before the checkpoint is committed (renamed)."""
+
+  saving_step: int | None = None
+
+  def finalize(self, directory) -> None:
+    if self.saving_step is not None:
+      faults.fault_point('save', self.saving_step, 'after_arrays')
+    super().finalize(directory)
+
+
+@ocp.args.register_with_handler(_StateHandler, for_save=True)
+@dataclasses.dataclass
+class _StateSave(ocp.args.StandardSave):
+  """StandardSave, routed to :class:`_StateHandler`."""
+
+
+@ocp.args.register_with_handler(_StateHandler, for_restore=True)
+@dataclasses.dataclass
+class _StateRestore(ocp.args.StandardRestore):
+  """StandardRestore, routed to :class:`_StateHandler`."""
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  msg = f'{type(e).__name__}: {lines[0] if lines else ""}'
+  return msg if len(msg) <= limit else msg[: limit - 3] + '...'
 
 
 def _to_saveable(state: TrainState):
@@ -77,44 +141,107 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 2):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.kept: set[int] = set()
+    self._state_handler = _StateHandler()
+    policy = pp.AnyPreservationPolicy([pp.LatestN(n=keep), _KeptSteps(self.kept)])
     self.manager = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      options=ocp.CheckpointManagerOptions(
+        create=True, preservation_policy=policy, enable_async_checkpointing=False
+      ),
       item_names=('state', 'host'),
-      item_handlers={
-        'state': ocp.StandardCheckpointHandler(),
-        'host': ocp.JsonCheckpointHandler(),
-      },
+      item_handlers={'state': self._state_handler, 'host': ocp.JsonCheckpointHandler()},
     )
     self.host_objects: dict[str, HostState] = {}
+    self.optional: set[str] = set()
 
-  def register(self, name: str, obj: HostState) -> None:
-    """Save ``obj.host_state()`` with every checkpoint under ``name``; restore hands it back."""
-    if name in self.host_objects:
+  def register(self, name: str, obj: HostState, required: bool = True) -> None:
+    """Save ``obj.host_state()`` with every checkpoint under ``name``; restore hands it back.
+    ``required=False``: a checkpoint without it (older code) leaves ``obj`` as it is."""
+    if name in self.host_objects or name == _SELF:
       raise ValueError(f'host state {name!r} is already registered')
     self.host_objects[name] = obj
+    if not required:
+      self.optional.add(name)
+
+  def keep(self, step: int) -> None:
+    """Never rotate checkpoint ``step`` out (remembered in later checkpoints)."""
+    self.kept.add(int(step))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: TrainState, wait: bool = True):
+    """Save (synchronously: ``wait`` is kept for callers). Refuses non-finite params."""
+    del wait
+    if not faults.tree_is_finite(state.params):
+      raise faults.FatalError(
+        f'refusing to write checkpoint {self.directory}/{step}: the params are not finite'
+      )
+    faults.fault_point('save', step, 'before')
     host = {name: _to_json(obj.host_state()) for name, obj in self.host_objects.items()}
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_saveable(state)), host=ocp.args.JsonSave(host)
-      ),
-    )
-    if wait:
+    host[_SELF] = {'kept': sorted(self.kept)}
+    self._state_handler.saving_step = step
+    try:
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=_StateSave(_to_saveable(state)), host=ocp.args.JsonSave(host)
+        ),
+      )
       self.manager.wait_until_finished()
+    finally:
+      self._state_handler.saving_step = None
+    faults.fault_point('save', step, 'after_commit')
 
   def restore(self, target: TrainState, step: int | None = None) -> TrainState:
-    """Restore into the structure/shardings of ``target`` after validating shapes."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    """Restore into the structure/shardings of ``target`` after validating shapes.
+
+    Without ``step``: the newest checkpoint that restores. One that fails to read is
+    moved to ``quarantine/<step>`` with one warning line; a config mismatch
+    (:class:`CheckpointMismatch`) is raised as is; if none restores,
+    :class:`NoRestorableCheckpoint` names the directory and every failure.
+    """
+    if step is not None:
+      return self._restore_step(target, step)
+    failures = []
+    while (step := self.latest_step()) is not None:
+      try:
+        return self._restore_step(target, step)
+      except CheckpointMismatch:
+        raise
+      except Exception as e:  # noqa: BLE001 - any read failure means a bad checkpoint
+        reason = _one_line(e)
+        dest = self._quarantine(step)
+        logging.warning(
+          'checkpoint %s/%d cannot be restored (%s): moved to %s, trying the previous one',
+          self.directory, step, reason, dest,
+        )  # fmt: skip
+        failures.append(f'step {step}: {reason}')
+    if failures:
+      raise NoRestorableCheckpoint(
+        f'no checkpoint in {self.directory} could be restored (each moved to '
+        f'{QUARANTINE}/): ' + '; '.join(failures)
+      )
+    raise FileNotFoundError(f'no checkpoint in {self.directory}')
+
+  def _quarantine(self, step: int) -> str:
+    """Move ``<dir>/<step>`` to ``<dir>/quarantine/<step>`` (never deleted) and forget it,
+    so the step can be saved again and rotation never counts it."""
+    qdir = os.path.join(self.directory, QUARANTINE)
+    os.makedirs(qdir, exist_ok=True)
+    dest, n = os.path.join(qdir, str(step)), 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(qdir, f'{step}.{n}'), n + 1
+    os.rename(os.path.join(self.directory, str(step)), dest)
+    self.manager.reload()
+    return dest
+
+  def _restore_step(self, target: TrainState, step: int) -> TrainState:
     target = _to_saveable(target)
     meta = self.manager.item_metadata(step)['state']
+    if meta is None:
+      raise FileNotFoundError(f'checkpoint {self.directory}/{step} has no state item')
     _validate(getattr(meta, 'tree', meta), target, f'{self.directory}/{step}')
 
     def abstract(x):
@@ -124,13 +251,16 @@ class Checkpointer:
     restored = self.manager.restore(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(jax.tree.map(abstract, target)), host=ocp.args.JsonRestore()
+        state=_StateRestore(jax.tree.map(abstract, target)), host=ocp.args.JsonRestore()
       ),
     )
     host = restored['host'] or {}
+    self.kept.update(int(s) for s in host.get(_SELF, {}).get('kept', []))
     for name, obj in self.host_objects.items():
+      if name not in host and name in self.optional:
+        continue
       if name not in host:
-        raise ValueError(
+        raise CheckpointMismatch(
           f'checkpoint {self.directory}/{step} has no host state {name!r} (saved: {sorted(host)})'
         )
       obj.load_host_state(_from_json(host[name]))
@@ -164,7 +294,7 @@ def _validate(meta, target, where: str):
   missing = sorted(set(tgt_flat) - set(meta_flat))
   extra = sorted(set(meta_flat) - set(tgt_flat))
   if missing or extra:
-    raise ValueError(
+    raise CheckpointMismatch(
       f'checkpoint {where} does not match the configured model: '
       f'missing tensors {missing[:5]}, unexpected tensors {extra[:5]}'
     )
@@ -172,12 +302,12 @@ def _validate(meta, target, where: str):
     m = meta_flat[name]
     shape = tuple(getattr(m, 'shape', ()) or ())
     if shape != tuple(np.shape(x)):
-      raise ValueError(
+      raise CheckpointMismatch(
         f'checkpoint {where}: tensor {name} has shape {shape}, but the config expects '
         f'{tuple(np.shape(x))}'
       )
     dtype = getattr(m, 'dtype', None)
     if dtype is not None and jnp.dtype(dtype) != jnp.dtype(x.dtype):
-      raise ValueError(
+      raise CheckpointMismatch(
         f'checkpoint {where}: tensor {name} has dtype {dtype}, but the config expects {x.dtype}'
       )

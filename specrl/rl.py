@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from specrl import faults
 from specrl import model as model_lib
 from specrl import sharding as shd
 
@@ -163,17 +164,45 @@ def _minibatches(batch: dict, n: int, rng) -> dict:
   return jax.tree.map(lambda x: x[perm].reshape((n, b // n) + x.shape[1:]), batch)
 
 
-def train_step(state: TrainState, batch: dict, *, cfg, rl: RLConfig, optimizer, mesh=None):
-  """``num_epochs`` x ``num_minibatches`` PPO updates on one rollout batch. Pure."""
+def guarded_update(optimizer, loss, grads, params, opt_state, guard: bool = True):
+  """One optimizer update that is skipped when anything in it is non-finite.
+
+  A non-finite loss, gradient norm or updated params leaves ``params`` and ``opt_state``
+  exactly as they were (a ``lax.cond`` between the new and the old buffers: measured
+  cheaper than an elementwise select when the optimizer dominates the step, see
+  ``bench/nonfinite_guard.py``), so a NaN never reaches them. Returns (params,
+  opt_state, grad_norm f32 [], skipped f32 [] in {0, 1}). ``guard=False`` (benchmarks
+  only: ``bench/nonfinite_guard.py``) applies every update unchecked.
+  """
+  grad_norm = optax.tree.norm(grads)
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  if not guard:
+    return new_params, new_opt_state, grad_norm, jnp.float32(0.0)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & faults.all_finite(new_params)
+  params, opt_state = jax.lax.cond(
+    ok, lambda: (new_params, new_opt_state), lambda: (params, opt_state)
+  )
+  return params, opt_state, grad_norm, 1.0 - ok.astype(jnp.float32)
+
+
+def train_step(
+  state: TrainState, batch: dict, *, cfg, rl: RLConfig, optimizer, mesh=None, guard: bool = True
+):
+  """``num_epochs`` x ``num_minibatches`` PPO updates on one rollout batch. Pure.
+
+  Each minibatch update goes through :func:`guarded_update`; ``skipped_updates`` in the
+  metrics counts the skipped ones (the other metrics are means over all updates).
+  """
 
   def update(carry, mb):
     params, opt_state = carry
-    (_, metrics), grads = jax.value_and_grad(grpo_loss, has_aux=True)(
+    (loss, metrics), grads = jax.value_and_grad(grpo_loss, has_aux=True)(
       params, mb, state.ref_params, cfg, rl, mesh
     )
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics['grad_norm'] = optax.tree.norm(grads)
+    params, opt_state, metrics['grad_norm'], metrics[faults.SKIP_KEY] = guarded_update(
+      optimizer, loss, grads, params, opt_state, guard
+    )
     return (params, opt_state), metrics
 
   carry = (state.params, state.opt_state)
@@ -183,7 +212,9 @@ def train_step(state: TrainState, batch: dict, *, cfg, rl: RLConfig, optimizer, 
     mbs = _minibatches(batch, rl.num_minibatches, key)
     carry, metrics = jax.lax.scan(update, carry, mbs)
     all_metrics.append(metrics)
+  skipped = sum(jnp.sum(m.pop(faults.SKIP_KEY)) for m in all_metrics)
   metrics = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *all_metrics)
+  metrics[faults.SKIP_KEY] = skipped
   params, opt_state = carry
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -195,11 +226,13 @@ def sft_loss(params, tokens, loss_mask, cfg, mesh=None):
 
 
 def sft_step(state: TrainState, tokens, loss_mask, *, cfg, optimizer, mesh=None):
-  """Supervised warm-up step on worked solutions. Pure."""
+  """Supervised warm-up step on worked solutions (a guarded update). Pure."""
   loss, grads = jax.value_and_grad(sft_loss)(state.params, tokens, loss_mask, cfg, mesh)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params, opt_state, grad_norm, skipped = guarded_update(
+    optimizer, loss, grads, state.params, state.opt_state
+  )
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {
     'sft_loss': loss,
-    'grad_norm': optax.tree.norm(grads),
+    'grad_norm': grad_norm,
+    faults.SKIP_KEY: skipped,
   }

@@ -24,10 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 
 import numpy as np
+
+from specrl.faults import DataError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -220,7 +223,12 @@ def answers_match(predicted: str | None, reference: str) -> bool:
 def read_math_jsonl(path: str, question_key: str = 'question', answer_key: str = 'answer'):
   """Reads ``{"question": ..., "answer": ...}`` lines. GSM8K-style answers ('... #### 42')
   are reduced to their final value. Returns a list of (question, answer) string pairs.
+
+  Bad input is a one-line :class:`~specrl.faults.DataError` naming the file (and line):
+  a missing or empty file, a malformed line, a line without the keys.
   """
+  if not path or not os.path.isfile(path):
+    raise DataError(f'task file {path!r} not found (config.task.path)')
   out = []
   with open(path) as f:
     for lineno, line in enumerate(f, 1):
@@ -230,15 +238,17 @@ def read_math_jsonl(path: str, question_key: str = 'question', answer_key: str =
       try:
         rec = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{lineno}: not valid JSON ({e.msg})') from e
+        raise DataError(f'{path}:{lineno}: not valid JSON ({e.msg})') from e
+      if not isinstance(rec, dict):
+        raise DataError(f'{path}:{lineno}: expected a JSON object, got {type(rec).__name__}')
       for key in (question_key, answer_key):
         if key not in rec:
-          raise ValueError(f'{path}:{lineno}: missing key {key!r}')
+          raise DataError(f'{path}:{lineno}: missing key {key!r}')
       ans = str(rec[answer_key])
       ex = extract_answer(ans)
       out.append((str(rec[question_key]), ex if ex is not None else ans.strip()))
   if not out:
-    raise ValueError(f'{path}: no problems found')
+    raise DataError(f'{path}: empty task file (no problems found)')
   return out
 
 

@@ -31,7 +31,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding
 
-from specrl import adaptive, drafters, sampling
+from specrl import adaptive, drafters, faults, sampling
 from specrl import checkpointing as ckpt_lib
 from specrl import config as config_lib
 from specrl import model as model_lib
@@ -99,7 +99,7 @@ def _check_positive(config, names):
 
 TOP_LEVEL_KEYS = (
   'seed', 'model', 'task', 'rollout', 'drafter', 'adaptive', 'sft', 'rl', 'mesh_shape',
-  'log_every', 'checkpoint_every', 'keep_checkpoints',
+  'log_every', 'checkpoint_every', 'keep_checkpoints', 'train',
 )  # fmt: skip
 SFT_KEYS = ('steps', 'batch_size', 'lr', 'warmup_steps')
 # rl section keys read by the loop / optimizer rather than RLConfig
@@ -147,6 +147,7 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
     raise ValueError('config.sft.steps and config.rl.steps must be >= 0')
   if config.log_every <= 0 or config.checkpoint_every <= 0:
     raise ValueError('config.log_every and config.checkpoint_every must be > 0')
+  faults.fault_config(config)  # train.nonfinite / max_skips, validated up front
   streams = rng_streams(config.seed)
   model_cfg = config_lib.from_config(model_lib.ModelConfig, config.model, 'model')
   task = tasks_lib.make_task(config.task)
@@ -362,6 +363,7 @@ def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
   rewards = np.array(
     [exp.task.reward(resp[i, : length[i]], answers[i]) for i in range(len(answers))], np.float32
   )
+  faults.check_rewards(exp.task.name, rewards, answers)
   s = exp.rollout_cfg.seq_len
   pos = np.arange(s)[None, :]
   plen = np.asarray(out.prompt_len)[:, None]
@@ -405,6 +407,7 @@ def run_step(exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns, dr
     draft_params = None
   else:
     batch, _, _, m = rollout_batch(exp, state.params, step, exp.rngs.rollout, draft_params)
+    faults.fault_point('step', step, 'after_rollout')
     t1 = time.perf_counter()
     state, tm, draft_params = grpo_fn(state, batch)
     tm = jax.device_get(tm)
@@ -496,6 +499,8 @@ def train_and_evaluate(
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
   if getattr(exp.engine, 'host_state', None) is not None:  # engine memory, host RNGs
     checkpointer.register('engine', exp.engine)
+  guard = faults.NonFiniteGuard(faults.fault_config(config), checkpointer)
+  checkpointer.register('nonfinite', guard, required=False)
   start = 0
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state)
@@ -516,6 +521,7 @@ def train_and_evaluate(
   try:
     for step in range(start, end):
       state, m, draft_params = run_step(exp, state, step, fns, draft_params)
+      faults.fault_point('step', step, 'after_update')
       m['step'] = step
       history.append(m)
       if writer is not None:
@@ -525,6 +531,8 @@ def train_and_evaluate(
       metrics_file.flush()
       if step % config.log_every == 0 or step == end - 1:
         logging.info(_log_line(step, total, m))
+      guard.after_step(step, m, logging.warning)  # raises faults.TrainingHalted
+      faults.fault_point('step', step, 'after_metrics')
       if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
         checkpointer.save(step + 1, state)
   except KeyboardInterrupt:

@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from specrl.faults import DataError
+
 
 @dataclasses.dataclass(frozen=True)
 class HFTokenizer:
@@ -72,7 +74,14 @@ def load_tokenizer(path: str) -> HFTokenizer:
     raise ImportError(
       'load_tokenizer needs the Hugging Face tokenizers package: pip install tokenizers'
     ) from e
-  tok = Tokenizer.from_file(os.path.join(path, 'tokenizer.json'))
+  tok_file = os.path.join(path, 'tokenizer.json')
+  if not os.path.isfile(tok_file):
+    raise DataError(f'tokenizer file {tok_file} not found (no tokenizer.json in {path!r})')
+  try:
+    tok = Tokenizer.from_file(tok_file)
+  except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
+    first = (str(e).splitlines() or [''])[0]
+    raise DataError(f'tokenizer file {tok_file} cannot be read: {first}') from e
   tcfg = _read_json(os.path.join(path, 'tokenizer_config.json'))
   smap = _read_json(os.path.join(path, 'special_tokens_map.json'))
   gcfg = _read_json(os.path.join(path, 'generation_config.json'))

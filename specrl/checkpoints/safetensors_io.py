@@ -14,6 +14,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from specrl.faults import DataError
+
 # safetensors header dtype codes -> numpy dtypes (for the raw fallback reader).
 _ST_DTYPES = {
   'F64': np.float64,
@@ -31,9 +33,29 @@ INDEX_NAME = 'model.safetensors.index.json'
 
 
 def _read_header(path: str) -> tuple[dict, int]:
+  """(header dict, byte offset of the tensor data). A truncated or malformed file is a
+  one-line :class:`~specrl.faults.DataError` naming it: the file must hold the 8-byte
+  length, the JSON header and every tensor's bytes (checked against its size, no data read).
+  """
+  size = os.path.getsize(path)
   with open(path, 'rb') as f:
+    if size < 8:
+      raise DataError(f'{path}: truncated safetensors file ({size} bytes, no header)')
     (n,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(n))
+    if 8 + n > size:
+      raise DataError(
+        f'{path}: truncated safetensors file (header of {n} bytes, file has {size} bytes)'
+      )
+    try:
+      header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise DataError(f'{path}: corrupted safetensors header ({e})') from e
+  ends = [v['data_offsets'][1] for k, v in header.items() if k != '__metadata__']
+  need = 8 + n + max(ends, default=0)
+  if need > size:
+    raise DataError(
+      f'{path}: truncated safetensors file (its header needs {need} bytes, file has {size})'
+    )
   return header, 8 + n
 
 
@@ -95,6 +117,7 @@ def tensor_index(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
 def read_tensors(fpath: str, names: list[str]) -> dict[str, np.ndarray]:
   from safetensors import safe_open
 
+  _read_header(fpath)  # a truncated file fails here in one line, not inside safetensors
   try:
     with safe_open(fpath, framework='np') as f:
       return {n: f.get_tensor(n) for n in names}
