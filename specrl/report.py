@@ -171,7 +171,8 @@ def figure(steps: list[dict], path: str) -> None:
       label='greedy accuracy',
     )
   ax.set(title='validation (95% CI)', xlabel='step', ylim=(-0.02, 1.02))
-  ax.legend(fontsize=8)
+  if evals:
+    ax.legend(fontsize=8)
   ax = axes[1]
   ax.plot([m['step'] for m in grpo], [m['response_len_mean'] for m in grpo], label='GRPO')
   if evals:
