@@ -24,10 +24,9 @@ import math
 import os
 import sys
 
-import matplotlib
-
-matplotlib.use('Agg')  # files only: no display needed, safe in notebooks and CI
-import matplotlib.pyplot as plt  # noqa: E402
+# The object-oriented Figure renders with Agg whatever pyplot's backend is: importing this
+# module never changes a notebook's or a script's plotting backend.
+from matplotlib.figure import Figure
 
 METRICS_FILE = 'metrics.jsonl'  # == specrl.train.METRICS_FILE (checked by the tests)
 REPORT_MD, REPORT_PNG = 'report.md', 'report.png'
@@ -150,7 +149,8 @@ def figure(steps: list[dict], path: str) -> None:
   acceptance against the step."""
   grpo = [m for m in steps if m.get('phase') == 1.0]
   evals = _evals(steps)
-  fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+  fig = Figure(figsize=(18, 3.6))
+  axes = fig.subplots(1, 4)
   ax = axes[0]
   for key, label in (('eval/reward', 'reward'), ('eval/accuracy', 'accuracy')):
     if evals:
@@ -200,7 +200,6 @@ def figure(steps: list[dict], path: str) -> None:
   ax.set(title='acceptance alpha', xlabel='step')
   fig.tight_layout()
   fig.savefig(path, dpi=90)
-  plt.close(fig)
 
 
 def write_report(workdir: str) -> str:
