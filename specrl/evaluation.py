@@ -17,7 +17,8 @@ keys (``eval/time_s``, ``eval/tokens_per_s``) are the only ones that vary betwee
 
 Prompts are rolled out ``chunk_prompts`` at a time (the GRPO batch's prompt count, so with
 ``eval.generations == rl.num_generations`` the rollout reuses the training compile); the
-last chunk is filled by repeating prompts, whose rows are dropped.
+last chunk is filled by repeating prompts, whose rows are dropped. Chunks are rounded up so
+their rows divide the devices the mesh shards the batch over.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 from specrl import config as config_lib
 from specrl import rollout as rollout_lib
 from specrl import sampling
+from specrl import sharding as shd
 from specrl import tasks as tasks_lib
 
 PREFIX = 'eval/'
@@ -90,6 +92,20 @@ def mean_ci(x) -> tuple[float, float]:
   return float(x.mean()), float(Z95 * x.std(ddof=1) / np.sqrt(x.size))
 
 
+def batch_devices(mesh) -> int:
+  """Devices a rollout batch is split over (``sharding.DECODE_RULES``' batch axes)."""
+  spec = shd.logical_to_spec(('batch',), (0,), mesh, shd.DECODE_RULES)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+  return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
+def round_chunk(prompts: int, g: int, devices: int) -> int:
+  """The smallest chunk ``>= prompts`` whose ``chunk * g`` rows ``devices`` divides."""
+  return next(
+    p for p in range(max(prompts, 1), max(prompts, 1) + devices + 1) if p * g % devices == 0
+  )
+
+
 def _take(prompts: tasks_lib.PromptBatch, idx) -> tasks_lib.PromptBatch:
   return tasks_lib.PromptBatch(
     prompts.tokens[idx], prompts.lengths[idx], [prompts.answers[i] for i in idx]
@@ -135,12 +151,16 @@ class Evaluator:
   of ``eval/...`` floats (see the module doc). Holds the greedy engine, so build one per
   experiment and reuse it (its rollouts compile once)."""
 
-  def __init__(self, cfg: EvalConfig, task, engine, rng, chunk_prompts: int, greedy_engine=None):
+  def __init__(
+    self, cfg: EvalConfig, task, engine, rng, chunk_prompts: int, greedy_engine=None, devices=1
+  ):
     if not cfg.enabled:
       raise ValueError('config.eval.prompts = 0: validation is off')
     self.cfg, self.task, self.engine, self.rng = cfg, task, engine, rng
     self.prompts = task.heldout_prompts(cfg.prompts)
-    self.chunk_prompts = max(1, min(chunk_prompts, len(self.prompts.lengths)))
+    n = len(self.prompts.lengths)
+    self.chunk_prompts = round_chunk(min(chunk_prompts, n), cfg.generations, devices)
+    self.greedy_chunk = round_chunk(n, 1, devices)
     self.greedy_engine = greedy_engine
 
   @classmethod
@@ -154,7 +174,8 @@ class Evaluator:
         exp.rollout_cfg, sampling=sampling.SamplingParams(temperature=0.0), num_draft=0
       )
       greedy = rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.mesh)
-    return cls(cfg, exp.task, exp.engine, exp.rngs.eval, exp.config.rl.num_prompts, greedy)
+    devices = batch_devices(exp.mesh)
+    return cls(cfg, exp.task, exp.engine, exp.rngs.eval, exp.config.rl.num_prompts, greedy, devices)
 
   def _correct_and_reward(self, responses, owner):
     answers = self.prompts.answers
@@ -193,7 +214,7 @@ class Evaluator:
     if self.greedy_engine is not None:
       t0 = time.perf_counter()
       gr, gowner, _, _ = _rollout_rows(
-        self.greedy_engine, params, self.prompts, 1, n, self.rng, None
+        self.greedy_engine, params, self.prompts, 1, self.greedy_chunk, self.rng, None
       )
       greward, gcorrect = self._correct_and_reward(gr, gowner)
       (m['greedy_accuracy'], m['greedy_accuracy_ci95']) = mean_ci(gcorrect)

@@ -73,6 +73,9 @@ def test_validation_schedule():
   assert [n for n in range(40) if evaluation.due_after(n, 10, 30, 0)] == [10, 30]
   assert [n for n in range(5) if evaluation.due_after(n, 0, 3, 0)] == [0, 3]
   assert not any(evaluation.due_after(n, 5, 5, 1) for n in range(8))  # no GRPO: none
+  # eval chunks: rows divisible by the batch devices (e.g. 4 greedy prompts on 8 devices)
+  assert evaluation.round_chunk(4, 1, 8) == 8 and evaluation.round_chunk(3, 2, 4) == 4
+  assert evaluation.round_chunk(32, 8, 8) == 32
   m, ci = evaluation.mean_ci([0.0, 1.0, 0.0, 1.0])
   assert m == 0.5 and ci == pytest.approx(1.96 * np.std([0, 1, 0, 1], ddof=1) / 2, rel=1e-3)
 
