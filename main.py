@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from specrl import config as config_lib
-from specrl import faults, train
+from specrl import faults, progress, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard events.')
@@ -58,6 +58,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  progress.quiet_backend_probe()  # no 'Unable to initialize backend tpu' line on CPU
   # Multi-host: jax.distributed picks up the cluster from the environment (TPU pods,
   # SLURM, ...); a single process needs nothing.
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):

@@ -20,7 +20,9 @@ first-time compiles of a (bucket, strategy) inside a timed step are excluded and
 in ``late_compile_s``), the median of the paired
 per-step ratios ``static_i / variant_i``, and the mean reward and accuracy over the
 timed steps (lossless rollouts: the same distribution, so learning is unaffected up to
-sampling noise).
+sampling noise), and each variant's final policy validated on the task's held-out prompts
+(``specrl.evaluation``: ``val_acc`` with its 95% interval ``val_ci``, ``val_alpha`` with a
+drafter); the JSON line also has the warm-up policy's validation (``warmup_eval``).
 
   python bench/rl_step.py --quick       # ~1 minute on a 2-core CPU
   python bench/rl_step.py               # 200 warm-up steps, 8 timed GRPO steps
@@ -41,7 +43,7 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from configs import default  # noqa: E402
-from specrl import train  # noqa: E402
+from specrl import evaluation, train  # noqa: E402
 
 VARIANTS = ('static', 'compact', 'adaptive', 'spec')
 
@@ -75,10 +77,13 @@ def main(argv=None):
   if args.quick:
     args.sft_steps, args.rl_steps = 30, 3
     base.rl.num_prompts = 8
+    base.eval.prompts = 16
     args.workdir += '_quick'
   base.sft.steps = args.sft_steps
   base.rl.steps = args.rl_steps + 1
-  warm, _ = train.train_and_evaluate(base, args.workdir, max_steps=args.sft_steps)
+  # validates the warm-up policy at its last step (the start of GRPO), unless restored
+  warm, warm_hist = train.train_and_evaluate(base, args.workdir, max_steps=args.sft_steps)
+  warmup_eval = next((m for m in warm_hist if 'eval/step' in m), None)
 
   exps, states, fns, dparams = {}, {}, {}, {}
   for v in variants:
@@ -107,6 +112,10 @@ def main(argv=None):
       if i > 0:  # step 0 compiles everything else
         hist[v].append(m)
 
+  val = {}
+  for v in variants:  # the same held-out prompts and keys for every variant
+    val[v] = evaluation.Evaluator.from_experiment(exps[v])(states[v].params, dparams[v])
+
   def med(v, key):
     return statistics.median(m[key] for m in hist[v])
 
@@ -128,6 +137,9 @@ def main(argv=None):
         len_mean=float(np.mean([m['response_len_mean'] for m in hist[v]])),
         spec_frac=float(np.mean([m.get('adaptive/spec_time_frac', 0.0) for m in hist[v]])),
         late_compile_s=float(sum(m['once_s'] for m in hist[v])),
+        val_acc=val[v]['eval/accuracy'],
+        val_ci=val[v]['eval/accuracy_ci95'],
+        val_alpha=val[v].get('eval/spec/alpha', float('nan')),
       )
     )
   common.print_table(
@@ -144,6 +156,9 @@ def main(argv=None):
       ('len_mean', '.1f'),
       ('spec_frac', '.2f'),
       ('late_compile_s', '.1f'),
+      ('val_acc', '.3f'),
+      ('val_ci', '.3f'),
+      ('val_alpha', '.2f'),
     ],
     rows,
   )
@@ -154,6 +169,8 @@ def main(argv=None):
       **info,
       sft_steps=args.sft_steps,
       rl_steps=args.rl_steps,
+      warmup_eval=warmup_eval
+      and {k: v for k, v in warmup_eval.items() if k.startswith('eval/') and '/spec/' not in k},
       results={r['variant']: {k: x for k, x in r.items() if k != 'variant'} for r in rows},
     )
   )

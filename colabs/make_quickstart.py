@@ -31,10 +31,14 @@ rollout batch waiting and that speculative decoding attacks.
 
 This notebook:
 
-1. warms a small policy up on worked solutions (supervised), then trains it with GRPO;
-2. plots the SFT loss, reward, accuracy and response length;
-3. decodes a few sampled responses of the trained policy;
-4. runs the same rollout with a speculative drafter and compares acceptance and tokens/s.
+1. warms a small policy up on worked solutions (supervised), then trains it with GRPO,
+   validating on held-out prompts (which training never sees) at the start of GRPO, every
+   `EVAL_EVERY` steps and at the end;
+2. plots the SFT loss, the validation curve, and the GRPO reward and response length;
+3. shows the run report (validation before/after GRPO with 95% confidence intervals,
+   throughput, time split) and its figure;
+4. decodes a few held-out prompts with the trained policy;
+5. validates with a speculative drafter and compares acceptance and tokens/s.
 
 With the defaults it takes several minutes on a 2-core CPU (most of it the 200 warm-up
 and 60 GRPO steps); set `SMOKE = True` for a run of well under a minute."""
@@ -64,10 +68,10 @@ SFT_STEPS = 200  # supervised warm-up steps on generated worked solutions
 RL_STEPS = 60  # GRPO steps after the warm-up
 DRAFTER = 'none'  # drafter for the training rollouts: none | self | ngram | quantized
 SPEC_DRAFTER = 'quantized'  # drafter for the speculative rollout at the end
-NUM_DRAFT = 4  # k: draft tokens proposed per verify pass (used when a drafter is on)"""
+NUM_DRAFT = 4  # k: draft tokens proposed per verify pass (used when a drafter is on)
+EVAL_EVERY = 20  # GRPO steps between validations on the held-out prompts"""
 
 CONFIG = """\
-import logging as pylogging
 import tempfile
 import time
 
@@ -77,19 +81,20 @@ import numpy as np
 from absl import logging
 
 from configs import default
-from specrl import train
+from specrl import evaluation, progress, report, train
 
 config = default.get_config('smoke' if SMOKE else None)
 config.sft.steps = SFT_STEPS
 config.rl.steps = RL_STEPS
 config.rollout.drafter = DRAFTER
 config.rollout.num_draft = NUM_DRAFT if DRAFTER != 'none' else 0
+config.eval.every = EVAL_EVERY
 config.log_every = 1 if SMOKE else 10
 
-# One log line per `log_every` steps (orbax's per-checkpoint INFO lines filtered out).
-logging.set_verbosity(logging.INFO)
-logging.get_absl_logger().addFilter(
-  lambda r: r.levelno >= pylogging.WARNING or '/orbax/' not in r.pathname)
+# The loop prints a progress line every `log_every` steps and the validation results;
+# library INFO logs (checkpoint saves, backend probes) stay quiet.
+logging.set_verbosity(logging.WARNING)
+progress.quiet_backend_probe()
 print(f'JAX {jax.__version__} on {jax.devices()[0].platform}; '
       f'{config.sft.steps} warm-up + {config.rl.steps} GRPO steps, '
       f'{config.rl.num_prompts} prompts x {config.rl.num_generations} generations each')"""
@@ -99,7 +104,9 @@ TRAIN_MD = """\
 
 `train.train_and_evaluate` is everything `main.py` does: supervised warm-up, then GRPO,
 with checkpoints and TensorBoard events in `workdir` (rerunning with the same `workdir`
-resumes). It returns the final train state and one metric dict per step."""
+resumes). It returns the final train state and one metric dict per step; the steps after
+which the policy was validated also carry `eval/...` metrics (`eval/step`: the optimizer
+steps the validated params had). At the end it writes `report.md` and `report.png`."""
 
 TRAIN = """\
 workdir = tempfile.mkdtemp(prefix='specrl_')
@@ -111,7 +118,10 @@ PLOT_MD = """\
 ## Learning curves
 
 `phase` is 0 for warm-up steps and 1 for GRPO steps. The reward gives partial credit for
-correct worked steps before the first mistake; accuracy is the exact final answer."""
+correct worked steps before the first mistake; accuracy is the exact final answer. The
+validation curve is measured on the task's fixed held-out prompts (`G` samples each, with
+95% confidence intervals over prompts, plus greedy decoding), so unlike the per-step GRPO
+reward it compares like with like from one point to the next."""
 
 PLOT = """\
 sft = [m for m in history if m['phase'] == 0]
@@ -122,63 +132,77 @@ def curve(ax, rows, key, label=None):
   ax.plot([m['step'] for m in rows], [m[key] for m in rows], label=label)
 
 
-fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+evals = [m for m in history if 'eval/step' in m]
+
+fig, axes = plt.subplots(1, 4, figsize=(19, 3.8))
 curve(axes[0], sft, 'sft_loss')
 axes[0].set(title='warm-up: SFT loss', xlabel='step')
-curve(axes[1], rl, 'reward', 'reward')
-curve(axes[1], rl, 'accuracy', 'accuracy')
-axes[1].set(title='GRPO: reward and accuracy', xlabel='step', ylim=(-0.02, 1.02))
-curve(axes[2], rl, 'response_len_mean', 'mean')
-curve(axes[2], rl, 'response_len_max', 'max')
-axes[2].set(title='GRPO: response length (tokens)', xlabel='step')
+for key in ('reward', 'accuracy'):
+  axes[1].errorbar([m['eval/step'] for m in evals], [m[f'eval/{key}'] for m in evals],
+                   yerr=[m[f'eval/{key}_ci95'] for m in evals], marker='o', capsize=3,
+                   label=key)
+axes[1].plot([m['eval/step'] for m in evals], [m['eval/greedy_accuracy'] for m in evals],
+             'k--x', label='greedy accuracy')
+axes[1].set(title='validation (held-out, 95% CI)', xlabel='step', ylim=(-0.02, 1.02))
+curve(axes[2], rl, 'reward', 'reward')
+curve(axes[2], rl, 'accuracy', 'accuracy')
+axes[2].set(title='GRPO batches: reward and accuracy', xlabel='step', ylim=(-0.02, 1.02))
+curve(axes[3], rl, 'response_len_mean', 'mean')
+curve(axes[3], rl, 'response_len_max', 'max')
+axes[3].set(title='GRPO: response length (tokens)', xlabel='step')
 for ax in axes[1:]:
   ax.legend()
 fig.tight_layout()
 plt.show()
-if rl:
-  last = rl[-1]
-  print(f"last GRPO step: reward {last['reward']:.3f}, accuracy {last['accuracy']:.3f}, "
-        f"response length {last['response_len_mean']:.1f} mean / "
-        f"{last['response_len_max']} max")"""
+for m in evals:
+  print(evaluation.format_line(m))"""
+
+REPORT_MD = """\
+## Run report
+
+Written by the loop at the end of the run (`<workdir>/report.md`, `<workdir>/report.png`),
+or on demand for any workdir: `python -m specrl.report <workdir>`."""
+
+REPORT = """\
+from IPython.display import Image, Markdown, display
+
+display(Markdown(open(os.path.join(workdir, report.REPORT_MD)).read()))
+display(Image(filename=os.path.join(workdir, report.REPORT_PNG)))"""
 
 SAMPLES_MD = """\
 ## Samples from the trained policy
 
-A fresh rollout on prompts the policy was not trained on (the prompts of step `t` are a
-function of the seed and `t`; training used steps below `EVAL_STEP`). `rollout_batch`
-returns the GRPO batch, the rewards, the raw rollout output and its metrics."""
+Held-out prompts (`task.heldout_prompts`: a fixed pool that training never draws),
+decoded by the rollout engine with the training temperature."""
 
 SAMPLES = """\
-EVAL_STEP = config.sft.steps + config.rl.steps
-rng = jax.random.key(1234)
-
-
 def rollout_config(drafter):
   c = config.copy_and_resolve_references()
   c.rollout.drafter = drafter
   c.rollout.num_draft = NUM_DRAFT if drafter != 'none' else 0
+  c.eval.greedy = False  # the comparison below needs only the sampled rollouts
   return c
 
 
 plain = train.build_experiment(rollout_config('none'))
-_, rewards, out, _ = train.rollout_batch(plain, state.params, EVAL_STEP, rng)
+held = plain.task.heldout_prompts(6)
+out, _ = plain.engine.generate(state.params, held.tokens, held.lengths, jax.random.key(1))
 tok = plain.task.tokenizer
-tokens, prompt_len = np.asarray(out.tokens), np.asarray(out.prompt_len)
 response, length = np.asarray(out.response), np.asarray(out.length)
 
 print(f"{'prompt':<34}{'response':<36}{'reference':<36}reward")
-for i in range(0, min(len(response), 6 * config.rl.num_generations),
-               config.rl.num_generations):  # the first generation of 6 prompts
-  prompt = tok.decode(tokens[i, :prompt_len[i]]).rstrip('.')
-  terms = [int(t) for t in prompt.rstrip('=').split('+')]
-  reference = plain.task.solution(terms)
-  print(f'{prompt:<34}{tok.decode(response[i, :length[i]]):<36}{reference:<36}'
-        f'{rewards[i]:.2f}')"""
+for i in range(len(held.answers)):
+  prompt = tok.decode(held.tokens[i, :held.lengths[i]]).rstrip('.')
+  reference = plain.task.solution([int(t) for t in held.answers[i]])
+  answer = tok.decode(response[i, :length[i]])
+  print(f'{prompt:<34}{answer:<36}{reference:<36}'
+        f'{plain.task.reward(response[i, :length[i]], held.answers[i]):.2f}')"""
 
 SPEC_MD = """\
 ## Speculative rollouts
 
-The same rollout with a drafter. `quantized` drafts with an int8 copy of the live policy
+Validation again, with a drafter (`evaluation.Evaluator`: the same held-out prompts and
+keys as in training). `quantized` drafts with an int8 copy of the live policy
 (re-derived from the params, so it never drifts); `self` drafts with the policy itself,
 so every draft is accepted (a correctness check, never faster). The samples follow the
 policy's distribution either way, so accuracy only differs by sampling noise.
@@ -192,21 +216,22 @@ your hardware compared with `k + 1` plain decoding steps. Timings exclude compil
 (one untimed call first) and are the median of 3 rollouts."""
 
 SPEC = """\
-def timed_rollout(exp, repeats=3):
-  train.rollout_batch(exp, state.params, EVAL_STEP, rng)  # compiles
-  runs = [train.rollout_batch(exp, state.params, EVAL_STEP, rng)[3] for _ in range(repeats)]
-  return sorted(runs, key=lambda m: m['rollout/tokens_per_s'])[repeats // 2]
+def timed_validation(exp, repeats=3):
+  validate = evaluation.Evaluator.from_experiment(exp)
+  validate(state.params)  # compiles
+  runs = [validate(state.params) for _ in range(repeats)]
+  return sorted(runs, key=lambda m: m['eval/tokens_per_s'])[repeats // 2]
 
 
 spec = train.build_experiment(rollout_config(SPEC_DRAFTER))
-plain_m, spec_m = timed_rollout(plain), timed_rollout(spec)
+plain_m, spec_m = timed_validation(plain), timed_validation(spec)
 label = f'{SPEC_DRAFTER}, k={NUM_DRAFT}:'
-print(f"{'plain:':<20}{plain_m['rollout/tokens_per_s']:9.0f} tok/s  "
-      f"accuracy {plain_m['accuracy']:.3f}")
-print(f"{label:<20}{spec_m['rollout/tokens_per_s']:9.0f} tok/s  "
-      f"accuracy {spec_m['accuracy']:.3f}  alpha {spec_m['spec/alpha']:.2f}  "
-      f"{spec_m['spec/tokens_per_pass']:.2f} tokens per pass")
-print(f"speedup: {spec_m['rollout/tokens_per_s'] / plain_m['rollout/tokens_per_s']:.2f}x")"""
+print(f"{'plain:':<20}{plain_m['eval/tokens_per_s']:9.0f} tok/s  "
+      f"accuracy {plain_m['eval/accuracy']:.3f}")
+print(f"{label:<20}{spec_m['eval/tokens_per_s']:9.0f} tok/s  "
+      f"accuracy {spec_m['eval/accuracy']:.3f}  alpha {spec_m['eval/spec/alpha']:.2f}  "
+      f"{spec_m['eval/spec/tokens_per_pass']:.2f} tokens per pass")
+print(f"speedup: {spec_m['eval/tokens_per_s'] / plain_m['eval/tokens_per_s']:.2f}x")"""
 
 NEXT_MD = """\
 ## Next
@@ -219,7 +244,8 @@ NEXT_MD = """\
   ```
 - Try `--config.drafter.quantized.bits=4`, `--config.rollout.num_draft=2`, or the `ngram` drafter.
 - `bench/` measures rollout throughput and acceptance (`--quick` for under a minute).
-- TensorBoard: `tensorboard --logdir <workdir>/tb`."""
+- TensorBoard: `tensorboard --logdir <workdir>/tb` (validation under `eval/`).
+- The report of any run: `python -m specrl.report <workdir>`."""
 
 CELLS = [
   ('intro', 'markdown', INTRO, []),
@@ -230,6 +256,8 @@ CELLS = [
   ('train', 'code', TRAIN, []),
   ('plot-md', 'markdown', PLOT_MD, []),
   ('plot', 'code', PLOT, []),
+  ('report-md', 'markdown', REPORT_MD, []),
+  ('report', 'code', REPORT, []),
   ('samples-md', 'markdown', SAMPLES_MD, []),
   ('samples', 'code', SAMPLES, []),
   ('spec-md', 'markdown', SPEC_MD, []),

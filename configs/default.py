@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
       tokenizer_path='',
       max_prompt_len=0,
       max_response_len=0,
+      eval_path='',  # math_jsonl: held-out problems ('' = 1 in 16 questions by hash)
     )
   )
 
@@ -149,8 +150,12 @@ def get_config(arg: str | None = None):
   # max_skips consecutive ones. Either way the message names the checkpoint to resume from.
   c.train = ml_collections.ConfigDict(dict(nonfinite='skip', max_skips=3))
 
+  # Validation on the task's held-out split (specrl/evaluation.py): at the start of GRPO,
+  # every `every` GRPO steps (0 = start and end only) and at the end. prompts = 0: off.
+  c.eval = ml_collections.ConfigDict(dict(every=20, prompts=64, generations=8, greedy=True))
+
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
-  c.log_every = 1
+  c.log_every = 10  # a plain progress line every log_every steps (a live one on a terminal)
   c.checkpoint_every = 20
   c.keep_checkpoints = 2
 
@@ -160,6 +165,7 @@ def get_config(arg: str | None = None):
     c.sft.steps, c.sft.batch_size = 4, 8
     c.rl.steps, c.rl.num_prompts, c.rl.num_generations = 3, 2, 4
     c.checkpoint_every = 3
+    c.eval.prompts, c.eval.generations = 4, 4  # 2 chunks of the GRPO batch shape
   elif arg:
     raise ValueError(f'unknown config argument {arg!r} (known: smoke)')
   return c

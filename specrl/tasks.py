@@ -15,6 +15,14 @@ The number of terms follows a truncated power law, so the longest responses are 
 times the median. Each worked step only needs the previous partial sum and the next
 term, which small transformers learn quickly; the final answer is checked exactly.
 
+**Held-out split.** Every task defines prompts that training can never draw, for
+validation (:mod:`specrl.evaluation`): ``heldout_prompts(n)`` is a fixed pool (the same
+every call, independent of the run's seed) and ``sample_prompts`` / ``sample_sft`` never
+return one of its prompts. ``running_sum`` splits by a hash of the prompt text (1 in
+``HELDOUT_MODULUS`` prompts is held out, the same fraction of every length class);
+``math_jsonl`` by problem: the problems of ``task.eval_path`` if set, else a hash split of
+the questions.
+
 Also here: a reader for jsonl math problems (``question``, numeric ``answer``) and answer
 extraction (``#### 42``, ``\\boxed{42}``) for use with real models and tokenizers.
 """
@@ -26,6 +34,7 @@ import json
 import math
 import os
 import re
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +42,14 @@ import numpy as np
 from specrl.faults import DataError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+HELDOUT_MODULUS = 16  # 1 in 16 prompts (by text hash) is held out from training
+HELDOUT_SEED = 20240613  # the held-out pool's own generator: the same pool in every run
+
+
+def is_heldout_text(text: str) -> bool:
+  """The prompt-hash split: True for the 1 in ``HELDOUT_MODULUS`` prompt texts that only
+  evaluation may use (crc32, so stable across processes and Python versions)."""
+  return zlib.crc32(text.encode()) % HELDOUT_MODULUS == 0
 
 
 class CharTokenizer:
@@ -107,13 +124,35 @@ class RunningSumTask:
     terms = rng.integers(0, 10, size=n)
     return terms
 
+  def _split_problem(self, rng: np.random.Generator, heldout: bool):
+    """A problem from the training side (``heldout=False``) or the held-out side of the
+    split: rejection sampling, so each side keeps the task's length distribution."""
+    for _ in range(100_000):
+      terms = self._problem(rng)
+      if is_heldout_text(self._prompt_text(terms)) == heldout:
+        return terms
+    side = 'held-out' if heldout else 'training'
+    raise ValueError(
+      f'running_sum with {self.min_terms}..{self.max_terms} terms has (almost) no '
+      f'{side} prompts: widen task.min_terms..max_terms'
+    )
+
+  def heldout_prompts(self, n: int) -> PromptBatch:
+    """The first ``n`` prompts of the fixed held-out pool (drawn from ``HELDOUT_SEED``
+    with the task's length distribution; training never draws any of them)."""
+    rng = np.random.default_rng(HELDOUT_SEED)
+    return self._batch([self._split_problem(rng, heldout=True) for _ in range(n)])
+
   @staticmethod
   def solution(terms) -> str:
     sums = np.cumsum(terms) % 10
     return ' '.join(str(s) for s in sums) + f'#{sums[-1]}'
 
   def sample_prompts(self, rng: np.random.Generator, n: int) -> PromptBatch:
-    problems = [self._problem(rng) for _ in range(n)]
+    """``n`` training prompts (never a held-out one)."""
+    return self._batch([self._split_problem(rng, heldout=False) for _ in range(n)])
+
+  def _batch(self, problems) -> PromptBatch:
     texts = [self._prompt_text(p) for p in problems]
     answers = [''.join(str(t) for t in p) for p in problems]  # the terms: verifiable truth
     return _pack(self.tokenizer, texts, answers, self.max_prompt_len)
@@ -127,7 +166,7 @@ class RunningSumTask:
     mask = np.zeros((n, seq_len), np.float32)
     tok = self.tokenizer
     for i in range(n):
-      terms = self._problem(rng)
+      terms = self._split_problem(rng, heldout=False)
       prompt = tok.encode(self._prompt_text(terms))
       resp = tok.encode(self.solution(terms)) + [EOS_ID]
       seq = (prompt + resp)[:seq_len]
@@ -164,6 +203,18 @@ class RunningSumTask:
       return False
     m = re.fullmatch(r'[0-9 ]*#(\d+)', self.tokenizer.decode(ids))
     return m is not None and m.group(1) == str(sum(int(c) for c in answer) % 10)
+
+
+def prompt_ids(prompts: PromptBatch) -> np.ndarray:
+  """A stable id per prompt across RL steps and runs: crc32 of its tokens (int32 >= 0), so
+  a drafter that learns from earlier rollouts of the same prompt can find them. [N]"""
+  return np.array(
+    [
+      zlib.crc32(np.ascontiguousarray(t[:n], np.int32).tobytes()) & 0x7FFFFFFF
+      for t, n in zip(prompts.tokens, prompts.lengths, strict=True)
+    ],
+    np.int32,
+  )
 
 
 def _pack(tokenizer, texts, answers, max_len) -> PromptBatch:
@@ -265,17 +316,39 @@ class MathJsonlTask:
     max_prompt_len: int,
     max_response_len: int,
     prompt_template: str = '{question}\n',
+    eval_path: str = '',
   ):
-    self.problems = read_math_jsonl(path)
+    problems = read_math_jsonl(path)
+    if eval_path:  # a separate held-out file; its questions are removed from training
+      self.heldout = read_math_jsonl(eval_path)
+      held = {q for q, _ in self.heldout}
+      self.problems = [p for p in problems if p[0] not in held]
+    else:  # prompt-id split by a hash of the question
+      self.heldout = [p for p in problems if is_heldout_text(p[0])]
+      self.problems = [p for p in problems if not is_heldout_text(p[0])]
+    if not self.problems:
+      raise ValueError(f'{path}: no training problems left after the held-out split')
     self.tokenizer = tokenizer
     self.max_prompt_len, self.max_response_len = max_prompt_len, max_response_len
     self.template = prompt_template
 
+  def _batch(self, problems) -> PromptBatch:
+    texts = [self.template.format(question=q) for q, _ in problems]
+    return _pack(self.tokenizer, texts, [a for _, a in problems], self.max_prompt_len)
+
   def sample_prompts(self, rng: np.random.Generator, n: int) -> PromptBatch:
+    """``n`` training problems, drawn with replacement (never a held-out one)."""
     idx = rng.integers(0, len(self.problems), size=n)
-    texts = [self.template.format(question=self.problems[i][0]) for i in idx]
-    answers = [self.problems[i][1] for i in idx]
-    return _pack(self.tokenizer, texts, answers, self.max_prompt_len)
+    return self._batch([self.problems[i] for i in idx])
+
+  def heldout_prompts(self, n: int) -> PromptBatch:
+    """The first ``min(n, available)`` held-out problems, in file order."""
+    if not self.heldout:
+      raise ValueError(
+        'math_jsonl has no held-out problems (1 in 16 questions by hash): set task.eval_path '
+        'to a held-out jsonl file, or eval.prompts=0'
+      )
+    return self._batch(self.heldout[:n])
 
   def reward(self, response_ids: Sequence[int], answer: str) -> float:
     ids = [int(i) for i in response_ids]
@@ -295,6 +368,10 @@ def make_task(cfg):
     from specrl.checkpoints import hf
 
     return MathJsonlTask(
-      cfg.path, hf.load_tokenizer(cfg.tokenizer_path), cfg.max_prompt_len, cfg.max_response_len
+      cfg.path,
+      hf.load_tokenizer(cfg.tokenizer_path),
+      cfg.max_prompt_len,
+      cfg.max_response_len,
+      eval_path=cfg.eval_path,
     )
   raise ValueError(f"task.name must be 'running_sum' or 'math_jsonl', got {cfg.name!r}")

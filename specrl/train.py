@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import time
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +30,12 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding
 
-from specrl import adaptive, drafters, faults, sampling
+from specrl import adaptive, drafters, evaluation, faults, sampling
 from specrl import checkpointing as ckpt_lib
 from specrl import config as config_lib
 from specrl import model as model_lib
+from specrl import progress as progress_lib
+from specrl import report as report_lib
 from specrl import rl as rl_lib
 from specrl import rollout as rollout_lib
 from specrl import sharding as shd
@@ -99,7 +100,7 @@ def _check_positive(config, names):
 
 TOP_LEVEL_KEYS = (
   'seed', 'model', 'task', 'rollout', 'drafter', 'adaptive', 'sft', 'rl', 'mesh_shape',
-  'log_every', 'checkpoint_every', 'keep_checkpoints', 'train',
+  'log_every', 'checkpoint_every', 'keep_checkpoints', 'train', 'eval',
 )  # fmt: skip
 SFT_KEYS = ('steps', 'batch_size', 'lr', 'warmup_steps')
 # rl section keys read by the loop / optimizer rather than RLConfig
@@ -148,6 +149,7 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
   if config.log_every <= 0 or config.checkpoint_every <= 0:
     raise ValueError('config.log_every and config.checkpoint_every must be > 0')
   faults.fault_config(config)  # train.nonfinite / max_skips, validated up front
+  evaluation.eval_config(config)  # validates the eval section (the loop builds the Evaluator)
   streams = rng_streams(config.seed)
   model_cfg = config_lib.from_config(model_lib.ModelConfig, config.model, 'model')
   task = tasks_lib.make_task(config.task)
@@ -316,16 +318,7 @@ def data_rng(seed: int, step: int) -> np.random.Generator:
   return np.random.default_rng([seed, step])
 
 
-def prompt_ids(prompts: tasks_lib.PromptBatch) -> np.ndarray:
-  """A stable id per prompt across RL steps: a hash of its tokens (int32 >= 0), so a
-  drafter that learns from earlier rollouts of the same prompt can find them."""
-  return np.array(
-    [
-      zlib.crc32(np.ascontiguousarray(t[:n], np.int32).tobytes()) & 0x7FFFFFFF
-      for t, n in zip(prompts.tokens, prompts.lengths, strict=True)
-    ],
-    np.int32,
-  )
+prompt_ids = tasks_lib.prompt_ids  # crc32 of each prompt's tokens, stable across steps
 
 
 def rollout_key(exp: Experiment, step: int) -> jax.Array:
@@ -418,18 +411,6 @@ def run_step(exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns, dr
   return state, m, draft_params
 
 
-EVAL_FIRST_STEP = 10**6  # held-out prompts: data steps no training run reaches
-
-
-def evaluate(exp: Experiment, params, num_batches: int = 4) -> dict[str, float]:
-  """Mean reward / accuracy on ``num_batches`` fixed held-out prompt batches, rolled out
-  with the eval RNG stream (independent of training's, so evaluating changes nothing)."""
-  ms = [
-    rollout_batch(exp, params, EVAL_FIRST_STEP + i, exp.rngs.eval)[3] for i in range(num_batches)
-  ]
-  return {k: float(np.mean([m[k] for m in ms])) for k in ('reward', 'accuracy')}
-
-
 # ----------------------------------------------------------------------------- loop
 
 
@@ -490,6 +471,11 @@ def train_and_evaluate(
   """Run (or resume) the experiment in ``workdir``. Returns (final state, metric history).
 
   ``max_steps`` stops early after that global step (used by tests and notebooks).
+  Validation (:mod:`specrl.evaluation`, config section ``eval``) runs at the start of
+  GRPO, every ``eval.every`` GRPO steps and at the end; its ``eval/...`` metrics join the
+  dict of the step after which they were taken (``eval/step``: the optimizer steps the
+  evaluated params had). A run that reaches the last step writes ``report.md`` and
+  ``report.png`` (:mod:`specrl.report`).
   """
   exp = build_experiment(config, mesh)
   os.makedirs(workdir, exist_ok=True)
@@ -513,24 +499,33 @@ def train_and_evaluate(
     dict(exp.mesh.shape),
   )
   fns = _jitted_steps(exp, sh)
+  eval_cfg = evaluation.eval_config(config)
+  evaluator = evaluation.Evaluator.from_experiment(exp) if eval_cfg.enabled else None
+  progress = progress_lib.Progress(total, config.sft.steps, config.log_every)
   writer = _writer(workdir)
   metrics_file = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115
   history = []
   end = total if max_steps is None else min(total, max_steps)
   draft_params = None
+  due = functools.partial(evaluation.validate_if_due, evaluator, sft_steps=config.sft.steps,
+                          total=total)  # fmt: skip
+  pending_eval = due(state.params, start) if start == 0 else {}  # GRPO from step 0
   try:
     for step in range(start, end):
       state, m, draft_params = run_step(exp, state, step, fns, draft_params)
       faults.fault_point('step', step, 'after_update')
       m['step'] = step
+      m.update(pending_eval or due(state.params, step + 1, draft_params=draft_params))
+      pending_eval = {}
       history.append(m)
       if writer is not None:
         for k, v in m.items():
-          writer.add_scalar(k, v, step)
+          writer.add_scalar(k, v, m['eval/step'] if k.startswith('eval/') else step)
       metrics_file.write(json.dumps(m, default=_json_number) + '\n')
       metrics_file.flush()
-      if step % config.log_every == 0 or step == end - 1:
-        logging.info(_log_line(step, total, m))
+      progress.update(step, m['step_time_s'], _log_line(step, total, m))
+      if 'eval/step' in m:
+        progress.message(evaluation.format_line(m))
       guard.after_step(step, m, logging.warning)  # raises faults.TrainingHalted
       faults.fault_point('step', step, 'after_metrics')
       if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
@@ -545,8 +540,11 @@ def train_and_evaluate(
       logging.warning('interrupted mid-step: resume from the last periodic checkpoint')
     raise
   finally:
+    progress.close()
     if writer is not None:
       writer.close()
     metrics_file.close()
     checkpointer.close()
+  if end == total and end > start:
+    progress.message(report_lib.write_report(workdir))
   return state, history

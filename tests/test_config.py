@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from specrl import adaptive, quant, sampling, train
+from specrl import adaptive, evaluation, quant, sampling, train
 from specrl import config as config_lib
 from specrl import model as model_lib
 from specrl import rl as rl_lib
@@ -29,6 +29,7 @@ def _defaults(cls):
     # max_new_tokens: 0 in the config means the task's longest answer (resolved by train)
     (rollout_lib.RolloutConfig, 'rollout', (*train.ROLLOUT_DERIVED, 'max_new_tokens')),
     (adaptive.AdaptiveConfig, 'adaptive', train.ADAPTIVE_NOT_IN_SECTION),
+    (evaluation.EvalConfig, 'eval', ()),
   ],
 )
 def test_dataclass_defaults_equal_the_config_file(cls, section, skip):
@@ -64,7 +65,13 @@ def test_from_config_rejects_unknown_keys_in_one_line_and_makes_tuples():
 
 @pytest.mark.parametrize(
   'section,key',
-  [('rl', 'learning_rate'), ('rollout', 'k'), ('drafter.quantized', 'bit'), ('sft', 'epochs')],
+  [
+    ('rl', 'learning_rate'),
+    ('rollout', 'k'),
+    ('drafter.quantized', 'bit'),
+    ('sft', 'epochs'),
+    ('eval', 'eval_every'),
+  ],
 )
 def test_unknown_keys_are_refused_in_every_section(section, key):
   c = default.get_config('smoke')
@@ -88,6 +95,14 @@ def test_unknown_command_line_override_is_one_line():
   )
   argv = ['main.py', '--config=x.py', '--config.rl.lr=3', '--workdir=/tmp']
   assert config_lib.config_overrides(argv) == ['rl.lr']
+
+
+def test_eval_section_is_complete_and_bad_values_name_the_field():
+  c = default.get_config('smoke')
+  assert set(c.eval) == set(config_lib.init_field_names(evaluation.EvalConfig))
+  c.eval.generations = 0
+  with pytest.raises(ValueError, match=r'config\.eval\.generations must be >= 1'):
+    train.build_experiment(c)
 
 
 def test_every_adaptive_and_quant_field_reaches_the_dataclass():

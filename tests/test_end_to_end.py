@@ -1,4 +1,5 @@
-"""End to end: the default config's warm-up + GRPO raises reward on held-out prompts.
+"""End to end: the default config's warm-up + GRPO raises reward on held-out prompts (the
+task's held-out split, scored by the loop's own validation, :mod:`specrl.evaluation`).
 
 Slow (a few minutes on a 2-core CPU) but run in CI: it is the test that the whole loop --
 rollout, rewards, advantages, train_step, the shared param pytree -- actually learns.
@@ -27,6 +28,10 @@ def test_default_config_grpo_raises_reward():
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.strip().splitlines()[-1])
   before, after = res['before'], res['after']
-  assert res['phases'] == [1.0] * 30
-  assert before[1] > 0.05, f'warm-up did not teach the format: {before}'
-  assert after[0] > before[0] + 0.015, f'GRPO did not raise reward: {before} -> {after}'
+  assert res['phases'] == [0.0] * 150 + [1.0] * 30 and res['report']
+  assert (before['step'], after['step']) == (150, 180)  # start and end of GRPO
+  assert before['prompts'] == after['prompts'] == 128  # the held-out pool, 8 samples each
+  assert before['accuracy'] > 0.05, f'warm-up did not teach the format: {before}'
+  assert after['reward'] > before['reward'] + 0.015, (
+    f'GRPO did not raise held-out reward: {before["reward"]} -> {after["reward"]}'
+  )

@@ -21,6 +21,7 @@ RL_STEPS = 2
 DRAFTER = 'none'
 SPEC_DRAFTER = 'quantized'
 NUM_DRAFT = 3
+EVAL_EVERY = 1
 """
 
 FAST_COMPILE = ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
@@ -30,8 +31,9 @@ SUMMARY_CELL = """\
 import json
 print('SUMMARY ' + json.dumps({
   'phases': [m['phase'] for m in history],
-  'acceptance': spec_m['spec/alpha'],
-  'tokens_per_pass': spec_m['spec/tokens_per_pass'],
+  'acceptance': spec_m['eval/spec/alpha'],
+  'tokens_per_pass': spec_m['eval/spec/tokens_per_pass'],
+  'evals': [m['eval/step'] for m in history if 'eval/step' in m],
 }))
 """
 
@@ -86,7 +88,9 @@ def test_notebook_runs(monkeypatch, tmp_path):
 
   outputs = _outputs(nb)
   assert not [o for o in outputs if o.output_type == 'error']
-  assert any('image/png' in o.get('data', {}) for o in outputs), 'no plot was produced'
+  pngs = sum('image/png' in o.get('data', {}) for o in outputs)
+  assert pngs >= 2, 'the learning curves and the report figure were not both shown'
+  assert any('text/markdown' in o.get('data', {}) for o in outputs), 'no report shown'
   lines = [
     line
     for o in outputs
@@ -97,5 +101,6 @@ def test_notebook_runs(monkeypatch, tmp_path):
   assert len(lines) == 1
   summary = json.loads(lines[0].removeprefix('SUMMARY '))
   assert summary['phases'] == [0.0, 0.0, 1.0, 1.0]  # 2 warm-up steps, then 2 GRPO steps
+  assert summary['evals'] == [2, 3, 4]  # the validation curve: start of GRPO, each step
   assert 0.0 <= summary['acceptance'] <= 1.0
   assert 1.0 <= summary['tokens_per_pass'] <= 4.0  # at most k + 1 = 4

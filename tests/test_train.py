@@ -162,15 +162,6 @@ def test_rng_streams_are_independent():
   assert _key_bytes(state.rng) == _key_bytes(exp.rngs.train)
 
 
-def test_evaluation_uses_its_own_stream_and_changes_nothing():
-  c = smoke()
-  exp = train.build_experiment(c)
-  state = train.init_state(exp)
-  first = train.evaluate(exp, state.params, num_batches=1)
-  assert set(first) == {'reward', 'accuracy'}
-  assert train.evaluate(exp, state.params, num_batches=1) == first  # fixed held-out stream
-
-
 # ----------------------------------------------------------------------------- contracts
 
 
@@ -250,10 +241,13 @@ def _math_jsonl_config(tmp_path):
   with open(tmp_path / 'problems.jsonl', 'w') as f:
     for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]:
       f.write(json.dumps({'question': f'Q {a}+{b}=?', 'answer': f'#### {a + b}'}) + '\n')
+  with open(tmp_path / 'heldout.jsonl', 'w') as f:  # the held-out split: validation only
+    f.write(json.dumps({'question': 'Q 3+3=?', 'answer': '6'}) + '\n')
   c = smoke()
   c.task.update(
     name='math_jsonl',
     path=str(tmp_path / 'problems.jsonl'),
+    eval_path=str(tmp_path / 'heldout.jsonl'),
     tokenizer_path=str(tmp_path),
     max_prompt_len=12,
     max_response_len=6,
@@ -275,3 +269,5 @@ def test_math_jsonl_trains_two_grpo_steps(tmp_path):
   state, hist = train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert int(state.step) == 2 and [m['phase'] for m in hist] == [1.0, 1.0]
   assert all(0.0 <= m['reward'] <= 1.0 for m in hist)
+  assert hist[0]['eval/step'] == 0 and hist[-1]['eval/step'] == 2  # start and end of GRPO
+  assert hist[0]['eval/prompts'] == 1  # the one held-out problem
