@@ -139,9 +139,24 @@ class RunningSumTask:
 
   def heldout_prompts(self, n: int) -> PromptBatch:
     """The first ``n`` prompts of the fixed held-out pool (drawn from ``HELDOUT_SEED``
-    with the task's length distribution; training never draws any of them)."""
+    with the task's length distribution; training never draws any of them).
+
+    The pool holds *distinct* prompts: short length classes have few texts (100 with two
+    terms, of which ~6 are held out), so a pool with repeats would be a quarter copies of
+    a handful of prompts, and validation would measure those few rather than the task."""
     rng = np.random.default_rng(HELDOUT_SEED)
-    return self._batch([self._split_problem(rng, heldout=True) for _ in range(n)])
+    seen, problems = set(), []
+    for _ in range(1000 * n):
+      if len(problems) == n:
+        break
+      terms = self._split_problem(rng, heldout=True)
+      text = self._prompt_text(terms)
+      if text not in seen:
+        seen.add(text)
+        problems.append(terms)
+    if len(problems) < n:
+      raise ValueError(f'running_sum has fewer than {n} distinct held-out prompts')
+    return self._batch(problems)
 
   @staticmethod
   def solution(terms) -> str:

