@@ -280,11 +280,13 @@ def export_gguf_to_hf(gguf_path: str, out_dir: str, dtype='float32') -> ModelCon
   """Convert a GGUF file to an HF directory: ``config.json`` + ``model.safetensors`` +
   ``tokenizer.json`` / ``tokenizer_config.json`` (with the chat template) /
   ``generation_config.json``, loadable by :mod:`specrl.checkpoints.hf` and transformers.
+  The tokenizer files are skipped when the GGUF carries no tokenizer.
   """
   cfg, params = load_gguf_checkpoint(gguf_path, dtype, to_device=False)
   reader = gguf.GGUFReader(gguf_path)
   meta = gguf_metadata(reader)
   context = meta.get(f'{meta["general.architecture"]}.context_length')
   save_hf_checkpoint(out_dir, cfg, params, max_position_embeddings=int(context or 32768))
-  tokenizer_from_gguf(reader).save_pretrained(out_dir)
+  if 'tokenizer.ggml.model' in reader.fields:
+    tokenizer_from_gguf(reader).save_pretrained(out_dir)
   return cfg
