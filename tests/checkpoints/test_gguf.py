@@ -203,8 +203,16 @@ def write_tiny_gguf(path, *, skip=(), bad_shape=None, arch='llama', tokenizer=No
     p = f'blk.{i}.'
     add(p + 'attn_norm.weight', (D,), Q.F32, (i, 'attn_norm'))
     add(p + 'ffn_norm.weight', (D,), Q.F32, (i, 'mlp_norm'))
-    add(p + 'attn_q.weight', (H * DH, D), qt['attn_q'], (i, 'q'), H)
-    add(p + 'attn_k.weight', (K * DH, D), qt['attn_k'], (i, 'k'), K)
+    permuted = arch == 'llama'  # llama.cpp permutes q/k rows for Llama only
+    add(p + 'attn_q.weight', (H * DH, D), qt['attn_q'], (i, 'q'), H if permuted else None)
+    add(p + 'attn_k.weight', (K * DH, D), qt['attn_k'], (i, 'k'), K if permuted else None)
+    if arch == 'qwen2':
+      add(p + 'attn_q.bias', (H * DH,), Q.F32, (i, 'bq'))
+      add(p + 'attn_k.bias', (K * DH,), Q.F32, (i, 'bk'))
+      add(p + 'attn_v.bias', (K * DH,), Q.F32, (i, 'bv'))
+    if arch == 'qwen3':
+      add(p + 'attn_q_norm.weight', (DH,), Q.F32, (i, 'q_norm'))
+      add(p + 'attn_k_norm.weight', (DH,), Q.F32, (i, 'k_norm'))
     add(p + 'attn_v.weight', (K * DH, D), qt['attn_v'], (i, 'v'))
     add(p + 'attn_output.weight', (D, H * DH), qt['attn_output'], (i, 'o'))
     add(p + 'ffn_gate.weight', (F, D), qt['ffn_gate'], (i, 'gate'))
@@ -237,9 +245,11 @@ def numpy_llama_forward(w: dict, tokens: np.ndarray) -> np.ndarray:
   causal = np.tril(np.ones((t, t), bool))
   for i in range(L):
     h = norm(x, w[(i, 'attn_norm')])
-    q = rope((h @ w[(i, 'q')].T).reshape(t, H, DH))
-    k = rope((h @ w[(i, 'k')].T).reshape(t, K, DH))
-    v = (h @ w[(i, 'v')].T).reshape(t, K, DH)
+    q, k, v = (h @ w[(i, n)].T + w.get((i, 'b' + n), 0.0) for n in 'qkv')
+    q, k, v = q.reshape(t, H, DH), k.reshape(t, K, DH), v.reshape(t, K, DH)
+    if (i, 'q_norm') in w:
+      q, k = norm(q, w[(i, 'q_norm')]), norm(k, w[(i, 'k_norm')])
+    q, k = rope(q), rope(k)
     k, v = np.repeat(k, H // K, 1), np.repeat(v, H // K, 1)
     s = np.einsum('qhd,khd->hqk', q, k) / np.sqrt(DH)
     s = np.where(causal, s, -np.inf)
@@ -252,10 +262,12 @@ def numpy_llama_forward(w: dict, tokens: np.ndarray) -> np.ndarray:
   return norm(x, w['final_norm']) @ w['lm_head'].T
 
 
-def test_mixed_quant_gguf_matches_numpy_forward(tmp_path):
+@pytest.mark.parametrize('arch', ['llama', 'qwen2', 'qwen3'])
+def test_mixed_quant_gguf_matches_numpy_forward(tmp_path, arch):
   path = tmp_path / 'tiny.gguf'
-  expected = write_tiny_gguf(path)
+  expected = write_tiny_gguf(path, arch=arch)
   cfg, params = load_gguf_checkpoint(str(path))
+  assert (cfg.qkv_bias, cfg.qk_norm) == (arch == 'qwen2', arch == 'qwen3')
   assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads) == (V, D, L, H, K)
   assert (cfg.d_ff, cfg.rope_theta, cfg.tie_embeddings) == (F, THETA, False)
   # Dequantized values per type, tensor by tensor, against the independent dequantizer.
