@@ -248,12 +248,9 @@ def load_gguf_checkpoint(
   meta = gguf_metadata(reader)
   names = {t.name for t in reader.tensors}
   embed = next((t for t in reader.tensors if t.name == 'token_embd.weight'), None)
-  n_tokens = (
-    len(reader.fields['tokenizer.ggml.tokens'].data)
-    if ('tokenizer.ggml.tokens' in reader.fields)
-    else None
-  )
-  vocab = n_tokens or (numpy_shape(embed)[0] if embed is not None else 0)
+  tokens_field = reader.fields.get('tokenizer.ggml.tokens')
+  # The tokenizer's size sets the vocab (as llama.cpp does), so a mismatched embedding is named.
+  vocab = len(tokens_field.data) if tokens_field else numpy_shape(embed)[0] if embed else 0
   cfg = config_from_hf(
     config_json_from_gguf(meta, names, vocab), dtype=dtype, compute_dtype=compute_dtype
   )
