@@ -32,7 +32,7 @@ import numpy as np
 
 from specrl.checkpoints.gguf_tokenizer import gguf_field_value, tokenizer_from_gguf
 from specrl.checkpoints.hf_config import PARAM_NP_DTYPES, config_from_hf
-from specrl.checkpoints.hf_params import _hf_specs, save_hf_checkpoint
+from specrl.checkpoints.hf_params import hf_specs, save_hf_checkpoint
 from specrl.model import ModelConfig, Params, param_shapes
 
 # GGUF architectures we can run, as HF model_type.
@@ -188,7 +188,7 @@ def dequantize_tensor(tensor) -> np.ndarray:
 
 def _hf_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
   """Validate names and shapes of every tensor (before dequantizing any), then dequantize."""
-  specs = _hf_specs(cfg)
+  specs = hf_specs(cfg)
   by_hf = {}
   unexpected = []
   for t in reader.tensors:
@@ -259,7 +259,7 @@ def load_gguf_checkpoint(
   params = jax.tree.map(
     lambda s: np.empty(s, np_dtype), param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple)
   )
-  for name, spec in _hf_specs(cfg).items():
+  for name, spec in hf_specs(cfg).items():
     value = spec.to_ours(hf[name]).astype(np_dtype)
     node = params
     for k in spec.key[:-1]:

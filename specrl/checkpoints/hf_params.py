@@ -47,7 +47,7 @@ from specrl.model import ModelConfig, Params, param_shapes
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class TensorSpec:
   """One HF tensor: where it goes in our tree and how to convert each way."""
 
   key: tuple[str, ...]  # path in our params tree
@@ -65,8 +65,8 @@ def _transpose(a: np.ndarray) -> np.ndarray:
   return a.T
 
 
-def _hf_specs(cfg: ModelConfig) -> dict[str, _Spec]:
-  """HF tensor name -> :class:`_Spec`, for exactly the tensors this config requires."""
+def hf_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
+  """HF tensor name -> :class:`TensorSpec`, for exactly the tensors this config requires."""
   D, H, K, Dh, F, V = (
     cfg.d_model,
     cfg.n_heads,
@@ -85,16 +85,16 @@ def _hf_specs(cfg: ModelConfig) -> dict[str, _Spec]:
   q_in, q_out = in_heads(H)
   kv_in, kv_out = in_heads(K)
   specs = {
-    'model.embed_tokens.weight': _Spec(('embed',), None, (V, D), _identity, _identity),
-    'model.norm.weight': _Spec(('final_norm',), None, (D,), _identity, _identity),
+    'model.embed_tokens.weight': TensorSpec(('embed',), None, (V, D), _identity, _identity),
+    'model.norm.weight': TensorSpec(('final_norm',), None, (D,), _identity, _identity),
   }
   if not cfg.tie_embeddings:
-    specs['lm_head.weight'] = _Spec(('lm_head',), None, (V, D), _transpose, _transpose)
+    specs['lm_head.weight'] = TensorSpec(('lm_head',), None, (V, D), _transpose, _transpose)
   for i in range(cfg.n_layers):
     p = f'model.layers.{i}.'
 
     def add(name, key, shape, to_ours=_identity, to_hf=_identity, p=p, i=i):
-      specs[p + name] = _Spec(('layers', key), i, shape, to_ours, to_hf)
+      specs[p + name] = TensorSpec(('layers', key), i, shape, to_ours, to_hf)
 
     add('input_layernorm.weight', 'attn_norm', (D,))
     add('self_attn.q_proj.weight', 'wq', (H * Dh, D), q_in, q_out)
@@ -149,7 +149,7 @@ def load_hf_checkpoint(
   """
   with open(os.path.join(path, 'config.json')) as f:
     cfg = config_from_hf(json.load(f), dtype=dtype, compute_dtype=compute_dtype)
-  specs = _hf_specs(cfg)
+  specs = hf_specs(cfg)
   where = tensor_index(path)
 
   extra_lm_head = cfg.tie_embeddings and 'lm_head.weight' in where
@@ -245,7 +245,7 @@ def hf_state_dict(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
       raise ValueError(f'param {"/".join(key)} has shape {arr.shape}, expected {flat_shapes[key]}')
     host[key] = arr.astype(np_dtype)
   out = {}
-  for name, spec in _hf_specs(cfg).items():
+  for name, spec in hf_specs(cfg).items():
     a = host[spec.key]
     if spec.layer is not None:
       a = a[spec.layer]
