@@ -28,6 +28,9 @@ def get_config(arg: str | None = None):
       qk_norm=False,
       param_dtype='float32',
       compute_dtype='float32',
+      # a .gguf file or an HF directory: the policy's architecture and initial weights
+      # come from it (an orbax checkpoint in the workdir, to resume, wins)
+      checkpoint='',
     )
   )
 

@@ -86,8 +86,9 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, cfg) -> ModelConfig:
-    """From the ``model`` config section (see :func:`specrl.config.from_config`)."""
-    return config_lib.from_config(cls, cfg, 'model')
+    """From the ``model`` config section (see :func:`specrl.config.from_config`; its
+    ``checkpoint`` key is read by :mod:`specrl.checkpoints.pretrained`)."""
+    return config_lib.from_config(cls, cfg, 'model', ignore=('checkpoint',))
 
 
 # ----------------------------------------------------------------------------- params

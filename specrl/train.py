@@ -40,6 +40,7 @@ from specrl import rl as rl_lib
 from specrl import rollout as rollout_lib
 from specrl import sharding as shd
 from specrl import tasks as tasks_lib
+from specrl.checkpoints import pretrained as pretrained_lib
 
 # stream -> fold_in constant of the root key jax.random.key(config.seed). params and train
 # keep the constants they always had, so initialisation and warm-up are unchanged.
@@ -88,6 +89,7 @@ class Experiment:
   drafter: object
   engine: object  # rollout.RolloutEngine or adaptive.AdaptiveRolloutEngine
   rngs: RngStreams  # independent rollout / train / drafter / eval key streams
+  pretrained: object = None  # host params from config.model.checkpoint, or None
 
 
 def _check_positive(config, names):
@@ -151,7 +153,12 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
   faults.fault_config(config)  # train.nonfinite / max_skips, validated up front
   evaluation.eval_config(config)  # validates the eval section (the loop builds the Evaluator)
   streams = rng_streams(config.seed)
-  model_cfg = config_lib.from_config(model_lib.ModelConfig, config.model, 'model')
+  model_cfg = model_lib.ModelConfig.from_config(config.model)
+  pretrained = None
+  if config.model.checkpoint:  # the architecture is the checkpoint's; dtypes are the config's
+    model_cfg, pretrained = pretrained_lib.load_pretrained(
+      config.model.checkpoint, model_cfg.param_dtype, model_cfg.compute_dtype
+    )
   task = tasks_lib.make_task(config.task)
   if config.sft.steps > 0 and not hasattr(task, 'sample_sft'):
     raise ValueError(
@@ -209,7 +216,17 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
   else:
     engine = rollout_lib.RolloutEngine(model_cfg, rollout_cfg, mesh, drafter)
   return Experiment(
-    config, model_cfg, rl_cfg, rollout_cfg, task, mesh, optimizer, drafter, engine, streams
+    config,
+    model_cfg,
+    rl_cfg,
+    rollout_cfg,
+    task,
+    mesh,
+    optimizer,
+    drafter,
+    engine,
+    streams,
+    pretrained,
   )
 
 
@@ -250,16 +267,20 @@ def state_shardings(exp: Experiment, abstract_state: rl_lib.TrainState):
 
 
 def init_state(exp: Experiment) -> rl_lib.TrainState:
+  """The initial train state: params from ``config.model.checkpoint`` if set (placed with
+  the train shardings), else initialised from the params RNG stream."""
   keep_ref = exp.rl_cfg.kl_coef > 0
 
-  def init_fn(seed):
+  def init_fn(seed, pretrained):
     streams = rng_streams(seed)
-    params = model_lib.init_params(exp.model_cfg, streams.params)
+    params = pretrained
+    if params is None:
+      params = model_lib.init_params(exp.model_cfg, streams.params)
     return rl_lib.init_train_state(params, exp.optimizer, streams.train, keep_ref)
 
-  abstract = jax.eval_shape(init_fn, 0)
+  abstract = jax.eval_shape(init_fn, 0, exp.pretrained)
   return jax.jit(init_fn, static_argnums=0, out_shardings=state_shardings(exp, abstract))(
-    exp.config.seed
+    exp.config.seed, exp.pretrained
   )
 
 
@@ -492,6 +513,10 @@ def train_and_evaluate(
     state = checkpointer.restore(state)
     start = int(state.step)
     logging.info('resumed from %s at step %d', checkpointer.directory, start)
+    if config.model.checkpoint:
+      logging.info('model.checkpoint %s not used: resuming the run', config.model.checkpoint)
+  elif config.model.checkpoint:
+    logging.info('policy initialised from model.checkpoint %s', config.model.checkpoint)
   logging.info(
     'model: %d params; devices: %s; mesh %s',
     model_lib.count_params(state.params),

@@ -1,5 +1,6 @@
 """The loop: config validation, exact resume, checkpoint validation, main.py errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -271,3 +272,34 @@ def test_math_jsonl_trains_two_grpo_steps(tmp_path):
   assert all(0.0 <= m['reward'] <= 1.0 for m in hist)
   assert hist[0]['eval/step'] == 0 and hist[-1]['eval/step'] == 2  # start and end of GRPO
   assert hist[0]['eval/prompts'] == 1  # the one held-out problem
+
+
+def test_model_checkpoint_initialises_the_policy_and_resume_wins(tmp_path):
+  """config.model.checkpoint (an HF directory here; a .gguf file goes the same way): the
+  architecture and the initial params are the checkpoint's; an orbax checkpoint of the run
+  in the workdir wins over it; a bad path is a clear error."""
+  from specrl import model as model_lib
+  from specrl.checkpoints import hf
+
+  c = smoke()
+  src_cfg = dataclasses.replace(
+    model_lib.ModelConfig.from_config(c.model), d_model=48, d_ff=96, n_heads=2, head_dim=24
+  )
+  src = model_lib.init_params(src_cfg, jax.random.key(7))
+  hf.save_hf_checkpoint(str(tmp_path / 'hf'), src_cfg, src)
+  c.model.checkpoint = str(tmp_path / 'hf')
+  exp = train.build_experiment(c)
+  assert (exp.model_cfg.d_model, exp.model_cfg.d_ff) == (48, 96)  # the checkpoint's shape
+  state = train.init_state(exp)
+  for a, b in zip(_leaves(state), jax.tree.leaves(src), strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  c.rl.steps = 1
+  trained, _ = train.train_and_evaluate(c, str(tmp_path / 'w'), max_steps=2)
+  resumed, _ = train.train_and_evaluate(c, str(tmp_path / 'w'), max_steps=2)  # nothing to run
+  for a, b in zip(_leaves(trained), _leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  moved = zip(_leaves(resumed), jax.tree.leaves(src), strict=True)
+  assert any(not np.array_equal(a, np.asarray(b)) for a, b in moved)  # trained, not the source
+  c.model.checkpoint = str(tmp_path / 'nowhere')
+  with pytest.raises(FileNotFoundError, match='config.model.checkpoint'):
+    train.build_experiment(c)
