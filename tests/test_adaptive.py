@@ -492,3 +492,30 @@ def test_memory_and_host_state_round_trip_through_json():
   fresh = engine(policy='tlt')
   fresh.load_host_state(state)
   assert fresh.memory == mem and fresh._rng.random() == eng._rng.random()
+
+
+def test_policies_and_speculation_maths_are_pure_python():
+  """The adaptive engine's decisions are host maths: the modules that make them import no
+  JAX or NumPy (directly or through other specrl modules), so they are unit-tested with
+  plain numbers and can run anywhere."""
+  import ast
+  import pathlib
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  pure = ['specrl/adaptive/config.py', 'specrl/adaptive/policies.py', 'specrl/adaptive/report.py']
+  pure += ['specrl/decoding/spec_math.py']
+  seen, todo = set(), list(pure)
+  while todo:
+    path = todo.pop()
+    if path in seen:
+      continue
+    seen.add(path)
+    for node in ast.walk(ast.parse((root / path).read_text())):
+      names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+      if isinstance(node, ast.ImportFrom) and node.module:
+        names = [node.module]
+      for name in names:
+        assert name.split('.')[0] not in ('jax', 'numpy', 'flax'), (path, name)
+        if name.startswith('specrl.'):
+          todo.append(name.replace('.', '/') + '.py')
+  assert len(seen) == len(pure)  # they import only each other (and the stdlib)
