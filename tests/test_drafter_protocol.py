@@ -247,3 +247,20 @@ def test_compaction_moves_batch_rows_and_leaves_shared_rows():
   np.testing.assert_array_equal(small.pos, np.asarray(state.pos)[idx])
   assert small.draft_shared['count'].shape == (5,)  # all original rows, untouched
   np.testing.assert_array_equal(small.draft_shared['count'], state.draft_shared['count'])
+
+
+@pytest.mark.parametrize('wants_hidden', [False, True])
+def test_cost_profiler_gives_context_drafters_a_context(wants_hidden):
+  """The adaptive engine's cost model times ``propose`` outside a rollout: a drafter that
+  wants a context (row ids, shared state, hidden states) gets one of the right shapes."""
+  from specrl.decoding import profile
+
+  drafter = RecordingDrafter(wants_hidden=wants_hidden)
+  prof = profile.measure_profile(
+    CFG, PARAMS, drafter, None, batch=4, buffer_len=24, k_ref=2, sp=SamplingParams(),
+    max_prompt_len=8, reps=1, iters=1,
+  )  # fmt: skip
+  assert prof.prop1 > 0 and prof.prop_ref > 0
+  seq_id, group_ids, prompt_ids, *_, hidden, _ = drafter.seen[-1]
+  assert (seq_id == np.arange(4)).all() and (prompt_ids == -1).all()
+  assert hidden.shape == ((4, 3, CFG.d_model) if wants_hidden else (4, 1, 1))

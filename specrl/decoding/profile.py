@@ -19,6 +19,7 @@ from specrl import model as model_lib
 from specrl import sampling
 from specrl import sharding as shd
 from specrl.decoding.spec_math import CostProfile
+from specrl.drafters import hooks
 
 
 def never(x: jax.Array) -> jax.Array:
@@ -81,12 +82,38 @@ def forward_loop(cfg, batch: int, t: int, pos0: int, reps: int, mesh=None, sp=No
   return fn
 
 
-def propose_loop(drafter, k: int, sp, reps: int, mesh=None):
+def synthetic_context(drafter, seq, pos, k: int, hidden_dim: int | None):
+  """``propose``'s keyword arguments for timing: a :class:`~specrl.drafters.hooks.DraftContext`
+  of the right shapes (each row its own group, unknown prompt ids, fresh shared state, zero
+  hidden states) for drafters that want one; none for the others."""
+  if not hooks.wants_context(drafter):
+    return {}
+  b, s = seq.shape
+  ids = jnp.arange(b, dtype=jnp.int32)
+  hidden = None
+  if hooks.wants_hidden(drafter):
+    if hidden_dim is None:
+      raise ValueError(f'drafter {drafter.name!r} wants hidden states: pass hidden_dim')
+    hidden = jnp.zeros((b, k + 1, hidden_dim), jnp.float32)
+  ctx = hooks.DraftContext(
+    seq_id=ids,
+    group_ids=ids,
+    prompt_ids=jnp.full((b,), -1, jnp.int32),
+    shared=hooks.init_shared(drafter, b, s),
+    hidden=hidden,
+    hidden_from=pos,
+  )
+  return {'ctx': ctx}
+
+
+def propose_loop(drafter, k: int, sp, reps: int, mesh=None, hidden_dim: int | None = None):
   """fn(draft_params, seq [B, S], pos [B], draft_state, cache) -> (pos, draft_state, cache):
   ``reps`` drafter proposals of k tokens after ``pos`` (called as the speculative round
-  calls it)."""
+  calls it; drafters that want a context get :func:`synthetic_context`)."""
 
   def fn(dp, seq, pos, dstate, cache):
+    kw = synthetic_context(drafter, seq, pos, k, hidden_dim)
+
     def body(i, carry):
       dstate, cache, pos = carry
       toks, logits, dstate, cache = drafter.propose(
@@ -99,6 +126,7 @@ def propose_loop(drafter, k: int, sp, reps: int, mesh=None):
         sp,
         mesh=mesh,
         policy_cache=cache,
+        **kw,
       )
       dep = never(logits) | (toks[:, 0] < 0)
       return dstate, cache, pos + dep.astype(pos.dtype)
@@ -158,7 +186,7 @@ def measure_profile(
 
   def prop(k):
     dstate = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), dstate_abs)
-    fn = propose_loop(drafter, k, sp, reps, mesh)
+    fn = propose_loop(drafter, k, sp, reps, mesh, hidden_dim=cfg.d_model)
     return timed(fn, (draft_params, seq, pos), (dstate, fresh_cache()))
 
   prop1 = prop(1)
