@@ -45,6 +45,14 @@ def get_config(arg: str | None = None):
       max_prompt_len=0,
       max_response_len=0,
       eval_path='',  # math_jsonl: held-out problems ('' = 1 in 16 questions by hash)
+      # math_jsonl / arith: reward of a wrong but parseable answer ('#### N' or \boxed{N})
+      format_reward=0.0,
+      # arith (word problems): a fixed pool of distinct problems drawn from pool_seed (the
+      # same in every run), min_steps..max_steps operations each (P(n) ~ n^-tail_exponent)
+      pool_size=4096,
+      pool_seed=20260101,
+      min_steps=1,
+      max_steps=4,
     )
   )
 

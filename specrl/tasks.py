@@ -39,6 +39,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from specrl import arith_task
+from specrl.checkpoints import hf_tokenizer
 from specrl.faults import DataError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -318,9 +320,143 @@ def read_math_jsonl(path: str, question_key: str = 'question', answer_key: str =
   return out
 
 
-class MathJsonlTask:
-  """Problems from a jsonl file, rewarded by answer extraction; any tokenizer with
-  encode/decode/eos_id/pad_id (e.g. ``specrl.checkpoints.hf.load_tokenizer``)."""
+def epoch_walk(pool_size: int, seed: int, step: int, n: int) -> np.ndarray:
+  """Pool indices [n] of training step ``step``: positions ``step*n .. step*n+n-1`` of an
+  endless walk that visits the pool in epochs, each epoch a fresh permutation drawn from
+  ``(seed, epoch)``. Every index appears once per epoch (prompts recur, as in real RL
+  datasets), the order differs between epochs, and the result is a pure function of
+  ``(seed, step)``, so a resumed run draws exactly the prompts it would have drawn."""
+  if pool_size <= 0:
+    raise ValueError('epoch_walk needs a non-empty pool')
+  pos = step * n + np.arange(n, dtype=np.int64)
+  epochs, offsets = pos // pool_size, pos % pool_size
+  out = np.empty(n, np.int64)
+  for e in np.unique(epochs):
+    perm = np.random.default_rng([seed, int(e), _WALK_SALT]).permutation(pool_size)
+    out[epochs == e] = perm[offsets[epochs == e]]
+  return out
+
+
+_WALK_SALT = 0x5EED  # keeps the walk's streams apart from other uses of (seed, epoch)
+
+
+def _walk_position(rng: np.random.Generator) -> tuple[int, int] | None:
+  """``(seed, step)`` of a generator made as ``np.random.default_rng([seed, step])`` (how
+  training seeds each step's data, ``specrl.train.data_rng``); None for any other one."""
+  seed_seq = getattr(rng.bit_generator, 'seed_seq', None)
+  entropy = getattr(seed_seq, 'entropy', None)
+  if isinstance(entropy, list | tuple) and len(entropy) == 2 and not seed_seq.spawn_key:
+    return int(entropy[0]), int(entropy[1])
+  return None
+
+
+def render_question(tokenizer, question: str, template: str = '{question}\n') -> str:
+  """The prompt text of ``question``: the tokenizer's chat template (one user turn, then
+  the assistant header) when it has one, else ``template`` filled in."""
+  if getattr(tokenizer, 'chat_template', None):
+    return tokenizer.apply_chat_template([{'role': 'user', 'content': question}])
+  return template.format(question=question)
+
+
+class ProblemPoolTask:
+  """A finite pool of (question, answer) problems, split into training and held-out
+  problems, rewarded by answer extraction (``#### N`` or ``\\boxed{N}``).
+
+  Training walks the training problems in epochs (:func:`epoch_walk`), seeded by the
+  ``(seed, step)`` of the generator :meth:`sample_prompts` receives. Prompts are rendered
+  once (:func:`render_question`) and tokenized once; a batch is a gather. Prompt ids
+  (:func:`prompt_ids`, a hash of the tokens) are therefore stable across steps and runs.
+
+  Reward: 1.0 for a correct final answer; else ``format_reward`` when the response has a
+  parseable final answer (``#### ..`` or ``\\boxed{..}``), else 0.0. The response ends at
+  the first end-of-sequence id (every id of ``tokenizer.eos_ids`` when it has them, e.g. a
+  chat model's end-of-turn token).
+  """
+
+  name = 'problem_pool'
+
+  def __init__(
+    self,
+    problems: Sequence[tuple[str, str]],
+    heldout: Sequence[tuple[str, str]],
+    tokenizer,
+    max_prompt_len: int,
+    max_response_len: int,
+    prompt_template: str = '{question}\n',
+    format_reward: float = 0.0,
+  ):
+    if not problems:
+      raise ValueError(f'{self.name}: no training problems left after the held-out split')
+    if not 0.0 <= format_reward < 1.0:
+      raise ValueError(f'task.format_reward must be in [0, 1), got {format_reward}')
+    self.problems, self.heldout = list(problems), list(heldout)
+    self.tokenizer, self.template, self.format_reward = tokenizer, prompt_template, format_reward
+    texts = [render_question(tokenizer, q, prompt_template) for q, _ in self.problems]
+    held_texts = [render_question(tokenizer, q, prompt_template) for q, _ in self.heldout]
+    if max_prompt_len <= 0:  # 0 = the longest prompt of the pool
+      max_prompt_len = max(len(tokenizer.encode(t)) for t in texts + held_texts)
+    self.max_prompt_len, self.max_response_len = max_prompt_len, max_response_len
+    self._train = _pack(tokenizer, texts, [a for _, a in self.problems], max_prompt_len)
+    self._held = (
+      _pack(tokenizer, held_texts, [a for _, a in self.heldout], max_prompt_len)
+      if self.heldout
+      else None
+    )
+    ends = getattr(tokenizer, 'eos_ids', None) or (tokenizer.eos_id,)
+    self._end_ids = {int(i) for i in ends if i is not None}
+
+  @staticmethod
+  def _take(batch: PromptBatch, idx) -> PromptBatch:
+    idx = np.asarray(idx, np.int64)
+    return PromptBatch(batch.tokens[idx], batch.lengths[idx], [batch.answers[i] for i in idx])
+
+  def train_indices(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Training-pool indices [n] for the step ``rng`` was seeded for: the epoch walk at
+    ``(seed, step)`` for a ``default_rng([seed, step])`` generator; for any other
+    generator, a walk seeded from it (still a pure function of the generator's state)."""
+    pos = _walk_position(rng)
+    if pos is None:
+      pos = (int(rng.integers(2**31)), int(rng.integers(2**31 // max(n, 1))))
+    return epoch_walk(len(self.problems), pos[0], pos[1], n)
+
+  def sample_prompts(self, rng: np.random.Generator, n: int) -> PromptBatch:
+    """``n`` training problems, the next ones of the epoch walk (never a held-out one)."""
+    return self._take(self._train, self.train_indices(rng, n))
+
+  def heldout_prompts(self, n: int) -> PromptBatch:
+    """The first ``min(n, available)`` held-out problems, in pool order."""
+    if self._held is None:
+      raise ValueError(
+        f'{self.name} has no held-out problems (1 in 16 questions by hash): set '
+        'task.eval_path to a held-out jsonl file, or eval.prompts=0'
+      )
+    return self._take(self._held, np.arange(min(n, len(self.heldout))))
+
+  def response_text(self, response_ids: Sequence[int]) -> str:
+    """The decoded response up to (not including) its first end-of-sequence id."""
+    ids = [int(i) for i in response_ids]
+    for k, i in enumerate(ids):
+      if i in self._end_ids:
+        ids = ids[:k]
+        break
+    return self.tokenizer.decode(ids)
+
+  def reward(self, response_ids: Sequence[int], answer: str) -> float:
+    predicted = extract_answer(self.response_text(response_ids))
+    if answers_match(predicted, answer):
+      return 1.0
+    return self.format_reward if predicted is not None else 0.0
+
+  def is_correct(self, response_ids: Sequence[int], answer: str) -> bool:
+    return answers_match(extract_answer(self.response_text(response_ids)), answer)
+
+
+class MathJsonlTask(ProblemPoolTask):
+  """Problems from a jsonl file (any local GSM8K-format file), rewarded by answer
+  extraction; any tokenizer with encode/decode/eos_id/pad_id (e.g.
+  ``specrl.checkpoints.hf.load_tokenizer``). Held out: the problems of ``eval_path`` if
+  given (removed from training), else 1 in 16 questions by hash. Training walks the rest
+  in epochs (:class:`ProblemPoolTask`)."""
 
   name = 'math_jsonl'
 
@@ -332,47 +468,71 @@ class MathJsonlTask:
     max_response_len: int,
     prompt_template: str = '{question}\n',
     eval_path: str = '',
+    format_reward: float = 0.0,
   ):
     problems = read_math_jsonl(path)
     if eval_path:  # a separate held-out file; its questions are removed from training
-      self.heldout = read_math_jsonl(eval_path)
-      held = {q for q, _ in self.heldout}
-      self.problems = [p for p in problems if p[0] not in held]
+      heldout = read_math_jsonl(eval_path)
+      held = {q for q, _ in heldout}
+      train = [p for p in problems if p[0] not in held]
     else:  # prompt-id split by a hash of the question
-      self.heldout = [p for p in problems if is_heldout_text(p[0])]
-      self.problems = [p for p in problems if not is_heldout_text(p[0])]
-    if not self.problems:
+      heldout = [p for p in problems if is_heldout_text(p[0])]
+      train = [p for p in problems if not is_heldout_text(p[0])]
+    if not train:
       raise ValueError(f'{path}: no training problems left after the held-out split')
-    self.tokenizer = tokenizer
-    self.max_prompt_len, self.max_response_len = max_prompt_len, max_response_len
-    self.template = prompt_template
+    super().__init__(
+      train,
+      heldout,
+      tokenizer,
+      max_prompt_len,
+      max_response_len,
+      prompt_template,
+      format_reward,
+    )
 
-  def _batch(self, problems) -> PromptBatch:
-    texts = [self.template.format(question=q) for q, _ in problems]
-    return _pack(self.tokenizer, texts, [a for _, a in problems], self.max_prompt_len)
 
-  def sample_prompts(self, rng: np.random.Generator, n: int) -> PromptBatch:
-    """``n`` training problems, drawn with replacement (never a held-out one)."""
-    idx = rng.integers(0, len(self.problems), size=n)
-    return self._batch([self.problems[i] for i in idx])
+class ArithTask(ProblemPoolTask):
+  """Arithmetic word problems (:mod:`specrl.arith_task`) from a fixed, seeded pool of
+  ``pool_size`` distinct problems; 1 in 16 questions (by hash) is held out, training walks
+  the rest in epochs. Asked through the tokenizer's chat template when it has one.
 
-  def heldout_prompts(self, n: int) -> PromptBatch:
-    """The first ``min(n, available)`` held-out problems, in file order."""
-    if not self.heldout:
-      raise ValueError(
-        'math_jsonl has no held-out problems (1 in 16 questions by hash): set task.eval_path '
-        'to a held-out jsonl file, or eval.prompts=0'
-      )
-    return self._batch(self.heldout[:n])
+  ``tokenizer``: an HF tokenizer (``task.tokenizer_path``), or None for a character-level
+  one over :data:`ARITH_ALPHABET` (tiny models, tests). ``max_response_len`` 0 = 64 tokens
+  per operation.
+  """
 
-  def reward(self, response_ids: Sequence[int], answer: str) -> float:
-    ids = [int(i) for i in response_ids]
-    if self.tokenizer.eos_id in ids:
-      ids = ids[: ids.index(self.tokenizer.eos_id)]
-    return 1.0 if answers_match(extract_answer(self.tokenizer.decode(ids)), answer) else 0.0
+  name = 'arith'
 
-  def is_correct(self, response_ids: Sequence[int], answer: str) -> bool:
-    return self.reward(response_ids, answer) >= 1.0
+  def __init__(
+    self,
+    tokenizer=None,
+    pool_size: int = 4096,
+    pool_seed: int = arith_task.POOL_SEED,
+    min_steps: int = 1,
+    max_steps: int = 4,
+    tail_exponent: float = 1.3,
+    max_prompt_len: int = 0,
+    max_response_len: int = 0,
+    format_reward: float = 0.0,
+  ):
+    pool = arith_task.generate_pool(pool_size, pool_seed, min_steps, max_steps, tail_exponent)
+    self.pool = pool
+    held = [(p.question, p.answer) for p in pool if is_heldout_text(p.question)]
+    train = [(p.question, p.answer) for p in pool if not is_heldout_text(p.question)]
+    self.solutions = {p.question: p.solution for p in pool}
+    super().__init__(
+      train,
+      held,
+      tokenizer if tokenizer is not None else CharTokenizer(ARITH_ALPHABET),
+      max_prompt_len,
+      max_response_len or 64 * max_steps,
+      format_reward=format_reward,
+    )
+
+
+ARITH_ALPHABET = (
+  '0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,?!\'"#<>+-*/=:\n\\{}$'
+)
 
 
 def make_task(cfg):
@@ -380,13 +540,24 @@ def make_task(cfg):
   if cfg.name == 'running_sum':
     return RunningSumTask(cfg.min_terms, cfg.max_terms, cfg.tail_exponent)
   if cfg.name == 'math_jsonl':
-    from specrl.checkpoints import hf
-
     return MathJsonlTask(
       cfg.path,
-      hf.load_tokenizer(cfg.tokenizer_path),
+      hf_tokenizer.load_tokenizer(cfg.tokenizer_path),
       cfg.max_prompt_len,
       cfg.max_response_len,
       eval_path=cfg.eval_path,
+      format_reward=cfg.format_reward,
     )
-  raise ValueError(f"task.name must be 'running_sum' or 'math_jsonl', got {cfg.name!r}")
+  if cfg.name == 'arith':
+    return ArithTask(
+      hf_tokenizer.load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path else None,
+      pool_size=cfg.pool_size,
+      pool_seed=cfg.pool_seed,
+      min_steps=cfg.min_steps,
+      max_steps=cfg.max_steps,
+      tail_exponent=cfg.tail_exponent,
+      max_prompt_len=cfg.max_prompt_len,
+      max_response_len=cfg.max_response_len,
+      format_reward=cfg.format_reward,
+    )
+  raise ValueError(f"task.name must be 'running_sum', 'math_jsonl' or 'arith', got {cfg.name!r}")
