@@ -117,7 +117,7 @@ def generate_pool(
   seed: int = POOL_SEED,
   min_steps: int = 1,
   max_steps: int = 4,
-  tail_exponent: float = 1.0,
+  tail_exponent: float = 1.3,
 ) -> list[ArithProblem]:
   """``size`` distinct problems (by question text), a pure function of the arguments."""
   if size <= 0:

@@ -21,10 +21,14 @@ every call, independent of the run's seed) and ``sample_prompts`` / ``sample_sft
 return one of its prompts. ``running_sum`` splits by a hash of the prompt text (1 in
 ``HELDOUT_MODULUS`` prompts is held out, the same fraction of every length class);
 ``math_jsonl`` by problem: the problems of ``task.eval_path`` if set, else a hash split of
-the questions.
+the questions; ``arith`` by a hash of the question too.
 
-Also here: a reader for jsonl math problems (``question``, numeric ``answer``) and answer
-extraction (``#### 42``, ``\\boxed{42}``) for use with real models and tokenizers.
+**Finite pools.** ``math_jsonl`` (any local GSM8K-format jsonl file) and ``arith``
+(templated word problems, :mod:`specrl.arith_task`) are :class:`ProblemPoolTask`
+subclasses: a fixed list of problems that training walks in epochs (:func:`epoch_walk`, a
+pure function of the step's ``(seed, step)``), asked through the tokenizer's chat template
+when it has one, rewarded 1 / 0 by answer extraction (``#### 42``, ``\\boxed{42}``) with an optional
+``task.format_reward`` for a well-formed wrong answer.
 """
 
 from __future__ import annotations
@@ -368,9 +372,9 @@ class ProblemPoolTask:
   (:func:`prompt_ids`, a hash of the tokens) are therefore stable across steps and runs.
 
   Reward: 1.0 for a correct final answer; else ``format_reward`` when the response has a
-  parseable final answer (``#### ..`` or ``\\boxed{..}``), else 0.0. The response ends at
-  the first end-of-sequence id (every id of ``tokenizer.eos_ids`` when it has them, e.g. a
-  chat model's end-of-turn token).
+  well-formed final answer (``#### N`` or ``\\boxed{N}``, N a number), else 0.0. The
+  response ends at the first end-of-sequence id (every id of ``tokenizer.eos_ids`` when it
+  has them, e.g. a chat model's end-of-turn token).
   """
 
   name = 'problem_pool'
@@ -445,7 +449,8 @@ class ProblemPoolTask:
     predicted = extract_answer(self.response_text(response_ids))
     if answers_match(predicted, answer):
       return 1.0
-    return self.format_reward if predicted is not None else 0.0
+    well_formed = predicted is not None and _to_number(predicted) is not None
+    return self.format_reward if well_formed else 0.0
 
   def is_correct(self, response_ids: Sequence[int], answer: str) -> bool:
     return answers_match(extract_answer(self.response_text(response_ids)), answer)
