@@ -524,7 +524,7 @@ class ArithTask(ProblemPoolTask):
     self.pool = pool
     held = [(p.question, p.answer) for p in pool if is_heldout_text(p.question)]
     train = [(p.question, p.answer) for p in pool if not is_heldout_text(p.question)]
-    self.solutions = {p.question: p.solution for p in pool}
+    self.solutions = [p.solution for p in pool if not is_heldout_text(p.question)]
     super().__init__(
       train,
       held,
@@ -533,6 +533,20 @@ class ArithTask(ProblemPoolTask):
       max_response_len or 64 * max_steps,
       format_reward=format_reward,
     )
+
+  def sample_sft(self, rng: np.random.Generator, n: int, seq_len: int):
+    """Teacher-forcing batch of worked solutions of training problems (the epoch walk):
+    (tokens [n, S], loss_mask [n, S]); loss_mask[t] = 1 where token t is a response token
+    (the worked lines, ``#### answer``, EOS)."""
+    toks = np.full((n, seq_len), self.tokenizer.pad_id, np.int32)
+    mask = np.zeros((n, seq_len), np.float32)
+    for row, i in enumerate(self.train_indices(rng, n)):
+      prompt = self._train.tokens[i, : self._train.lengths[i]].tolist()
+      resp = self.tokenizer.encode(self.solutions[i]) + [self.tokenizer.eos_id]
+      seq = (prompt + resp)[:seq_len]
+      toks[row, : len(seq)] = seq
+      mask[row, len(prompt) : len(seq)] = 1.0
+    return toks, mask
 
 
 ARITH_ALPHABET = (

@@ -187,3 +187,16 @@ def test_math_jsonl_walks_its_problems_in_epochs(tmp_path):
     seen.append(int(tasks.prompt_ids(pb)[0]))
   assert sorted(seen) == sorted(tasks.prompt_ids(t._train).tolist())
   assert t.max_prompt_len == max(len(q) + 1 for q in qs)  # 0 = the longest prompt
+
+
+def test_sft_batch_is_the_worked_solution_of_a_training_problem(small):
+  toks, mask = small.sample_sft(np.random.default_rng([0, 1]), 4, 400)
+  train_q = [q for q, _ in small.problems]
+  for row, m in zip(toks, mask, strict=True):
+    start = int(np.argmax(m))
+    question = small.tokenizer.decode(row[:start])[:-1]  # plain template: question + newline
+    assert question in train_q
+    i = train_q.index(question)
+    assert small.tokenizer.decode(row[m > 0]) == small.solutions[i]
+    assert row[m > 0][-1] == small.tokenizer.eos_id  # decode stops at EOS; it is a target
+    assert small.reward(row[m > 0], small.problems[i][1]) == 1.0
