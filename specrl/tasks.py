@@ -173,6 +173,10 @@ class RunningSumTask:
     """``n`` training prompts (never a held-out one)."""
     return self._batch([self._split_problem(rng, heldout=False) for _ in range(n)])
 
+  def prompts_for_step(self, seed: int, step: int, n: int) -> PromptBatch:
+    """The ``n`` training prompts of step ``step`` (a pure function of ``(seed, step)``)."""
+    return self.sample_prompts(np.random.default_rng([seed, step]), n)
+
   def _batch(self, problems) -> PromptBatch:
     texts = [self._prompt_text(p) for p in problems]
     answers = [''.join(str(t) for t in p) for p in problems]  # the terms: verifiable truth
@@ -344,16 +348,6 @@ def epoch_walk(pool_size: int, seed: int, step: int, n: int) -> np.ndarray:
 _WALK_SALT = 0x5EED  # keeps the walk's streams apart from other uses of (seed, epoch)
 
 
-def _walk_position(rng: np.random.Generator) -> tuple[int, int] | None:
-  """``(seed, step)`` of a generator made as ``np.random.default_rng([seed, step])`` (how
-  training seeds each step's data, ``specrl.train.data_rng``); None for any other one."""
-  seed_seq = getattr(rng.bit_generator, 'seed_seq', None)
-  entropy = getattr(seed_seq, 'entropy', None)
-  if isinstance(entropy, list | tuple) and len(entropy) == 2 and not seed_seq.spawn_key:
-    return int(entropy[0]), int(entropy[1])
-  return None
-
-
 def render_question(tokenizer, question: str, template: str = '{question}\n') -> str:
   """The prompt text of ``question``: the tokenizer's chat template (one user turn, then
   the assistant header) when it has one, else ``template`` filled in."""
@@ -366,8 +360,8 @@ class ProblemPoolTask:
   """A finite pool of (question, answer) problems, split into training and held-out
   problems, rewarded by answer extraction (``#### N`` or ``\\boxed{N}``).
 
-  Training walks the training problems in epochs (:func:`epoch_walk`), seeded by the
-  ``(seed, step)`` of the generator :meth:`sample_prompts` receives. Prompts are rendered
+  Training walks the training problems in epochs (:func:`epoch_walk`) by the run's seed and
+  the step (:meth:`prompts_for_step`). Prompts are rendered
   once (:func:`render_question`) and tokenized once; a batch is a gather. Prompt ids
   (:func:`prompt_ids`, a hash of the tokens) are therefore stable across steps and runs.
 
@@ -414,18 +408,15 @@ class ProblemPoolTask:
     idx = np.asarray(idx, np.int64)
     return PromptBatch(batch.tokens[idx], batch.lengths[idx], [batch.answers[i] for i in idx])
 
-  def train_indices(self, rng: np.random.Generator, n: int) -> np.ndarray:
-    """Training-pool indices [n] for the step ``rng`` was seeded for: the epoch walk at
-    ``(seed, step)`` for a ``default_rng([seed, step])`` generator; for any other
-    generator, a walk seeded from it (still a pure function of the generator's state)."""
-    pos = _walk_position(rng)
-    if pos is None:
-      pos = (int(rng.integers(2**31)), int(rng.integers(2**31 // max(n, 1))))
-    return epoch_walk(len(self.problems), pos[0], pos[1], n)
+  def prompts_for_step(self, seed: int, step: int, n: int) -> PromptBatch:
+    """The ``n`` training problems of step ``step``: the next ones of the epoch walk
+    (:func:`epoch_walk`; never a held-out one). A pure function of ``(seed, step)``."""
+    return self._take(self._train, epoch_walk(len(self.problems), seed, step, n))
 
   def sample_prompts(self, rng: np.random.Generator, n: int) -> PromptBatch:
-    """``n`` training problems, the next ones of the epoch walk (never a held-out one)."""
-    return self._take(self._train, self.train_indices(rng, n))
+    """``n`` training problems drawn at random with replacement (benchmarks, tests);
+    training walks the pool in epochs instead (:meth:`prompts_for_step`)."""
+    return self._take(self._train, rng.integers(0, len(self.problems), size=n))
 
   def heldout_prompts(self, n: int) -> PromptBatch:
     """The first ``min(n, available)`` held-out problems, in pool order."""
@@ -535,12 +526,12 @@ class ArithTask(ProblemPoolTask):
     )
 
   def sample_sft(self, rng: np.random.Generator, n: int, seq_len: int):
-    """Teacher-forcing batch of worked solutions of training problems (the epoch walk):
+    """Teacher-forcing batch of worked solutions of training problems (random draws):
     (tokens [n, S], loss_mask [n, S]); loss_mask[t] = 1 where token t is a response token
     (the worked lines, ``#### answer``, EOS)."""
     toks = np.full((n, seq_len), self.tokenizer.pad_id, np.int32)
     mask = np.zeros((n, seq_len), np.float32)
-    for row, i in enumerate(self.train_indices(rng, n)):
+    for row, i in enumerate(rng.integers(0, len(self.problems), size=n)):
       prompt = self._train.tokens[i, : self._train.lengths[i]].tolist()
       resp = self.tokenizer.encode(self.solutions[i]) + [self.tokenizer.eos_id]
       seq = (prompt + resp)[:seq_len]

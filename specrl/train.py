@@ -357,7 +357,7 @@ def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
   """
   c = exp.config
   g = exp.rl_cfg.num_generations
-  prompts = exp.task.sample_prompts(data_rng(c.seed, step), c.rl.num_prompts)
+  prompts = exp.task.prompts_for_step(c.seed, step, c.rl.num_prompts)
   toks = np.repeat(prompts.tokens, g, axis=0)
   lens = np.repeat(prompts.lengths, g, axis=0)
   answers = [a for a in prompts.answers for _ in range(g)]

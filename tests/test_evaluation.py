@@ -31,7 +31,7 @@ def test_heldout_prompts_never_occur_in_the_training_stream():
   assert np.array_equal(task.heldout_prompts(256).tokens, held.tokens)  # a fixed pool
   seen, unsplit = set(), set()
   for step in range(400):  # RL prompts and warm-up prompts of 400 steps
-    pb = task.sample_prompts(train.data_rng(c.seed, step), 32)
+    pb = task.prompts_for_step(c.seed, step, 32)
     seen |= _prompt_texts(task, pb.tokens, pb.lengths)
     toks, mask = task.sample_sft(train.data_rng(c.seed, step), 16, 40)
     plen = np.argmax(mask > 0, axis=1)
