@@ -339,9 +339,6 @@ def data_rng(seed: int, step: int) -> np.random.Generator:
   return np.random.default_rng([seed, step])
 
 
-prompt_ids = tasks_lib.prompt_ids  # crc32 of each prompt's tokens, stable across steps
-
-
 def rollout_key(exp: Experiment, step: int) -> jax.Array:
   """The key of the GRPO rollout at ``step``: step ``step`` of the rollout stream."""
   return jax.random.fold_in(exp.rngs.rollout, step)
@@ -369,7 +366,7 @@ def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
     jax.random.fold_in(rng, step),
     draft_params=draft_params,
     group_ids=np.repeat(np.arange(len(prompts.lengths), dtype=np.int32), g),
-    prompt_ids=np.repeat(prompt_ids(prompts), g),
+    prompt_ids=np.repeat(tasks_lib.prompt_ids(prompts), g),
     **extra,
   )
   resp = np.asarray(out.response)

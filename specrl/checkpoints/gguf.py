@@ -32,7 +32,7 @@ import numpy as np
 
 from specrl.checkpoints.gguf_tokenizer import gguf_field_value, tokenizer_from_gguf
 from specrl.checkpoints.hf_config import PARAM_NP_DTYPES, config_from_hf
-from specrl.checkpoints.hf_params import hf_specs, save_hf_checkpoint
+from specrl.checkpoints.hf_params import hf_specs, put_tensor, save_hf_checkpoint
 from specrl.model import ModelConfig, Params, param_shapes
 
 # GGUF architectures we can run, as HF model_type.
@@ -260,14 +260,7 @@ def load_gguf_checkpoint(
     lambda s: np.empty(s, np_dtype), param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple)
   )
   for name, spec in hf_specs(cfg).items():
-    value = spec.to_ours(hf[name]).astype(np_dtype)
-    node = params
-    for k in spec.key[:-1]:
-      node = node[k]
-    if spec.layer is None:
-      node[spec.key[-1]] = value
-    else:
-      node[spec.key[-1]][spec.layer] = value
+    put_tensor(params, spec, hf[name], np_dtype)
   if to_device:
     params = jax.tree.map(jnp.asarray, params)
   return cfg, params

@@ -65,6 +65,19 @@ def _transpose(a: np.ndarray) -> np.ndarray:
   return a.T
 
 
+def put_tensor(params: dict, spec: TensorSpec, hf_value: np.ndarray, np_dtype) -> None:
+  """Convert one HF-layout tensor to ours and write it into the host param tree in place
+  (a stacked layer tensor's ``spec.layer`` slice, or the whole leaf)."""
+  value = spec.to_ours(hf_value).astype(np_dtype)
+  node = params
+  for k in spec.key[:-1]:
+    node = node[k]
+  if spec.layer is None:
+    node[spec.key[-1]] = value
+  else:
+    node[spec.key[-1]][spec.layer] = value
+
+
 def hf_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
   """HF tensor name -> :class:`TensorSpec`, for exactly the tensors this config requires."""
   D, H, K, Dh, F, V = (
@@ -196,15 +209,7 @@ def load_hf_checkpoint(
       if name == 'lm_head.weight' and extra_lm_head:
         lm_head = tensors.pop(name)
         continue
-      spec = specs[name]
-      value = spec.to_ours(tensors.pop(name)).astype(np_dtype)
-      node = params
-      for k in spec.key[:-1]:
-        node = node[k]
-      if spec.layer is None:
-        node[spec.key[-1]] = value
-      else:
-        node[spec.key[-1]][spec.layer] = value
+      put_tensor(params, specs[name], tensors.pop(name), np_dtype)
   if lm_head is not None and not np.array_equal(lm_head.astype(np_dtype), params['embed']):
     raise ValueError(
       f'{path}: tie_word_embeddings=True but tensor lm_head.weight differs from '
