@@ -40,10 +40,10 @@ def get_config(arg: str | None = None):
 
   c.sft.steps = 0  # the instruct model starts from its own answers; GRPO only
   c.rl.update(
-    steps=40,
+    steps=50,
     num_prompts=4,
     num_generations=4,
-    lr=2e-6,
+    lr=5e-6,
     warmup_steps=2,
     kl_coef=0.0,
     aggregation='token',
