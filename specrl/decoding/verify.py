@@ -14,13 +14,14 @@ from jax import lax
 
 from specrl.kernels import verify as kernel_lib
 from specrl.kernels import verify_reference as reference_lib
+from specrl.kernels import verify_tokens as tokens_kernel_lib
 from specrl.kernels.verify_reference import VerifyResult
 from specrl.sampling import SamplingParams
 
 INTERPRET_BATCH_CHUNK = 32  # rows per kernel call in CPU interpret mode (speed only)
 IMPLS = ('jnp', 'pallas')
 
-__all__ = ['IMPLS', 'VerifyResult', 'verify']
+__all__ = ['IMPLS', 'VerifyResult', 'verify', 'verify_tokens']
 
 
 def verify(
@@ -60,4 +61,25 @@ def verify(
     args = [a.reshape((-1, c) + a.shape[1:]) for a in args]
     out = lax.map(lambda a: run(*a), args)
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:b], out)
+  raise ValueError(f"verify impl must be 'jnp' or 'pallas', got {impl!r}")
+
+
+def verify_tokens(
+  target_logits: jax.Array,
+  draft_tokens: jax.Array,
+  seeds: jax.Array,
+  sp: SamplingParams,
+  impl: str = 'jnp',
+  interpret=None,
+  **kernel_options,
+) -> VerifyResult:
+  """Token-only verification of deterministic (one-hot) drafts, ``draft_tokens < 0`` = not
+  proposed (:func:`specrl.kernels.verify_reference.verify_tokens_reference`: the contract;
+  :func:`specrl.kernels.verify_tokens.verify_tokens_pallas`: the kernel)."""
+  if impl == 'jnp':
+    return reference_lib.verify_tokens_reference(target_logits, draft_tokens, seeds, sp)
+  if impl == 'pallas':
+    return tokens_kernel_lib.verify_tokens_pallas(
+      target_logits, draft_tokens, seeds, sp, interpret=interpret, **kernel_options
+    )
   raise ValueError(f"verify impl must be 'jnp' or 'pallas', got {impl!r}")
