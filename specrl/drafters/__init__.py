@@ -86,7 +86,7 @@ def _small_model(section, model_cfg: model_lib.ModelConfig, rng) -> ModelDrafter
   return ModelDrafter('small_model', dcfg, own_params=dparams)
 
 
-SUFFIX_KEYS = ('n_min', 'n_max', 'history', 'history_prompts', 'fallback')
+SUFFIX_KEYS = ('n_min', 'n_max', 'history', 'history_prompts', 'max_group', 'fallback')
 
 
 def _suffix(section, model_cfg: model_lib.ModelConfig) -> SuffixDrafter:
@@ -102,6 +102,7 @@ def _suffix(section, model_cfg: model_lib.ModelConfig) -> SuffixDrafter:
     n_max=section.n_max,
     history=section.history,
     history_prompts=section.history_prompts,
+    max_group=section.max_group,
   )
 
 

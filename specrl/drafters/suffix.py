@@ -28,9 +28,12 @@ batch still runs ``k + 1`` verify positions for such a row (the round is batch-s
 what it saves is the wasted draft being counted and being accepted by chance into a worse
 alpha estimate.
 
-Cost per proposal: ``k`` lookups of ``O(B * B_orig * S * n_max)`` compares (every row
-against every row's buffer, masked to its group) plus a ``[B, V]`` scatter-add for the
-frequencies; no model.
+Cost per proposal: ``k`` lookups of ``O(B * G * S * n_max)`` compares (every row against
+the buffers of the ``G <= max_group`` rows of its group, gathered by a sort of the group
+ids; plus ``B * H * L * n_max`` for history) and a ``[B, V]`` scatter-add for the
+frequencies; no model. ``observe`` copies each row's committed prefix into the shared
+state after every commit (one ``[B, S]`` scatter: the corpus is current in plain phases
+too, with no rebuild when speculation starts).
 """
 
 from __future__ import annotations
@@ -103,6 +106,20 @@ def suffix_next(window, wlen, corpora, n_min: int, vocab: int):
   return jnp.where(found, token, NO_TOKEN).astype(jnp.int32), found, best
 
 
+def group_members(groups: jax.Array, gid: jax.Array, size: int):
+  """The rows of each query row's group: ``(member int32 [B, size], valid bool [B, size])``,
+  the first ``size`` rows (by row index) with ``groups[r] == gid[b]``. groups [R], gid [B].
+  A stable sort of the group ids and a binary search: ``O(R log R)``, no ``[B, R]`` mask."""
+  r = groups.shape[0]
+  order = jnp.argsort(groups, stable=True)
+  sorted_groups = groups[order]
+  start = jnp.searchsorted(sorted_groups, gid, side='left')
+  idx = start[:, None] + jnp.arange(size)[None, :]
+  at = jnp.minimum(idx, r - 1)
+  valid = (idx < r) & (sorted_groups[at] == gid[:, None])
+  return order[at].astype(jnp.int32), valid
+
+
 class HistoryStore:
   """The last ``per_prompt`` answers to each prompt id, for at most ``max_prompts`` ids
   (least recently recorded dropped first). Host side; checkpointed via
@@ -154,7 +171,8 @@ class HistoryStore:
 
 class SuffixDrafter:
   """``suffix``: see the module docstring. ``history`` answers per prompt id (0 = siblings
-  only), at most ``history_prompts`` prompt ids stored."""
+  only), at most ``history_prompts`` prompt ids stored; each row drafts from at most
+  ``max_group`` rows of its group (the first by row index; GRPO's G, itself included)."""
 
   name = 'suffix'
   derived = False  # model-free; its "params" are the history arrays (or None)
@@ -168,6 +186,7 @@ class SuffixDrafter:
     n_max: int = 8,
     history: int = 0,
     history_prompts: int = 4096,
+    max_group: int = 16,
   ):
     if not 1 <= n_min <= n_max:
       raise ValueError(f'drafter.suffix needs 1 <= n_min <= n_max, got {n_min}, {n_max}')
@@ -176,7 +195,10 @@ class SuffixDrafter:
         f'drafter.suffix.history must be >= 0 and history_prompts >= 1, got {history}, '
         f'{history_prompts}'
       )
+    if max_group < 1:
+      raise ValueError(f'drafter.suffix.max_group must be >= 1, got {max_group}')
     self.vocab_size, self.n_min, self.n_max, self.history = vocab_size, n_min, n_max, history
+    self.max_group = max_group
     self.store = HistoryStore(history, history_prompts)
 
   # -- history (host side)
@@ -239,12 +261,12 @@ class SuffixDrafter:
       shared = {'tokens': text, 'end': pos, 'group': seq_id}
     else:
       seq_id, gid, shared = ctx.seq_id, ctx.group_ids, ctx.shared
+    member, valid = group_members(shared['group'], gid, self.max_group)  # [B, G]
     rows, s = shared['tokens'].shape
-    j = jnp.arange(s, dtype=jnp.int32)
-    ok = (shared['group'][None, :] == gid[:, None])[:, :, None]  # [B, R, 1]
-    ok = ok & (j[None, None, :] < shared['end'][None, :, None])  # next token committed
-    rec = (j[None, :] * rows + jnp.arange(rows)[:, None])[None]  # later position = newer
-    corpora = [(shared['tokens'][None], ok, rec.astype(jnp.int32))]
+    j = jnp.arange(s, dtype=jnp.int32)[None, None, :]
+    ok = valid[:, :, None] & (j < shared['end'][member][:, :, None])  # next token committed
+    rec = j * rows + member[:, :, None]  # later position = newer (then the higher row)
+    corpora = [(shared['tokens'][member], ok, rec.astype(jnp.int32))]
     if dp is not None:
       hist = dp['tokens'][jnp.minimum(seq_id, dp['tokens'].shape[0] - 1)]  # [B, H, L]
       hlen = dp['len'][jnp.minimum(seq_id, dp['len'].shape[0] - 1)]  # [B, H]
