@@ -63,7 +63,7 @@ def get_config(arg: str | None = None):
       top_p=1.0,
       max_new_tokens=0,  # 0 = the task's longest answer
       cache_len=0,
-      drafter='none',  # none | self | small_model | ngram | quantized
+      drafter='none',  # none | self | small_model | ngram | suffix | quantized
       # k of the static engine; 0 = the mode's default (4 with a drafter, 0 without). The
       # adaptive engine takes its draft lengths from adaptive.arms instead.
       num_draft=0,
@@ -76,6 +76,17 @@ def get_config(arg: str | None = None):
   c.drafter = ml_collections.ConfigDict(
     dict(
       ngram=ml_collections.ConfigDict(dict(n=2)),  # match length of the lookup
+      # group-sibling suffix lookup (specrl.drafters.suffix)
+      suffix=ml_collections.ConfigDict(
+        dict(
+          n_min=2,  # shortest suffix match that is drafted from (shorter: row not drafted)
+          n_max=8,  # longest suffix matched
+          history=0,  # earlier answers kept per prompt id and drafted from (0 = siblings only)
+          history_prompts=4096,  # at most this many prompt ids in the history store
+          max_group=16,  # rows of a group drafted from (>= rl.num_generations to see all)
+          fallback='',  # '' (hybrid fallback drafter: not implemented yet)
+        )
+      ),
       small_model=ml_collections.ConfigDict(
         dict(
           # architecture overrides of the policy's model section (vocab must match)

@@ -359,6 +359,10 @@ def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
   lens = np.repeat(prompts.lengths, g, axis=0)
   answers = [a for a in prompts.answers for _ in range(g)]
   extra = {'estimate_costs': True} if isinstance(exp.engine, rollout_lib.RolloutEngine) else {}
+  row_prompt_ids = np.repeat(tasks_lib.prompt_ids(prompts), g)
+  history = hasattr(exp.drafter, 'history_params')  # drafts from earlier answers (suffix)
+  if history and draft_params is None:
+    draft_params = exp.drafter.history_params(row_prompt_ids, exp.rollout_cfg.max_new_tokens)
   out, metrics = exp.engine.generate(
     params,
     toks,
@@ -366,11 +370,14 @@ def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
     jax.random.fold_in(rng, step),
     draft_params=draft_params,
     group_ids=np.repeat(np.arange(len(prompts.lengths), dtype=np.int32), g),
-    prompt_ids=np.repeat(tasks_lib.prompt_ids(prompts), g),
+    prompt_ids=row_prompt_ids,
     **extra,
   )
   resp = np.asarray(out.response)
   length = np.asarray(out.length)
+  if history:
+    exp.drafter.record(row_prompt_ids, resp, length)
+    metrics['spec/history_bytes'] = exp.drafter.memory_bytes()
   rewards = np.array(
     [exp.task.reward(resp[i, : length[i]], answers[i]) for i in range(len(answers))], np.float32
   )
@@ -503,6 +510,8 @@ def train_and_evaluate(
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
   if getattr(exp.engine, 'host_state', None) is not None:  # engine memory, host RNGs
     checkpointer.register('engine', exp.engine)
+  if getattr(exp.drafter, 'host_state', None) is not None:  # e.g. the suffix history
+    checkpointer.register('drafter', exp.drafter)
   guard = faults.NonFiniteGuard(faults.fault_config(config), checkpointer)
   checkpointer.register('nonfinite', guard, required=False)
   start = 0

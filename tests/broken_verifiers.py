@@ -17,6 +17,8 @@ Mutants (``install(name, monkeypatch, k)``; ``k`` = drafts per verify pass):
   from the reference when a filter is on.
 - ``wrong_temperature``: ``p`` and ``q`` are computed at temperature 1 whatever
   ``sp.temperature`` is (reported logprobs stay right). Only differs when ``T != 1``.
+- ``onehot_keeps_draft``: the token-only path (one-hot drafts) samples the residual from
+  ``p_n`` itself instead of ``p_n`` without the rejected draft ``x_n``.
 - ``target_off_by_one``: draft ``i`` is judged (and the residual built) against the target
   distribution one position later, ``p_{i+1}`` instead of ``p_i``.
 """
@@ -69,7 +71,16 @@ def _target_off_by_one(monkeypatch, k):
   monkeypatch.setattr(VERIFY_MOD, 'verify_reference', shifted)
 
 
+def _onehot_keeps_draft(monkeypatch, k):
+  def residual_keeps_x(bonus, cols, x):
+    del cols, x
+    return bonus
+
+  monkeypatch.setattr(VERIFY_MOD, 'onehot_residual_score', residual_keeps_x)
+
+
 MUTANTS = {
+  'onehot_keeps_draft': _onehot_keeps_draft,
   'no_residual': _no_residual,
   'unfiltered_draft': _unfiltered_draft,
   'wrong_temperature': _wrong_temperature,

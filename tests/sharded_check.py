@@ -34,13 +34,14 @@ def config(drafter, adaptive_policy=None):
   return c
 
 
-DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'quantized')
+DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'suffix', 'quantized')
 # every drafter on the adaptive engine too (policy 'always' forces speculation)
 ADAPTIVE_CASES = (
   ('none', 'never'),
   ('self', 'always'),
   ('small_model', 'always'),
   ('ngram', 'always'),
+  ('suffix', 'always'),
   ('quantized', 'cost_model'),
 )
 

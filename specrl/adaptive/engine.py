@@ -69,6 +69,7 @@ from specrl.adaptive.config import PLAIN, AdaptiveConfig
 from specrl.adaptive.policies import (
   ChunkObs,
   Memory,
+  alpha_at,
   cost_model_choose,
   memory_from_json,
   memory_observe,
@@ -342,7 +343,7 @@ class AdaptiveRolloutEngine:
       # seconds per round -> per *committed* round: a measured yield < 1 (rows finishing
       # mid-run) makes long drafts at this bucket proportionally dearer
       costs = {k: c / max(mem.yields.get((b, k), 1.0), 1e-3) for k, c in costs.items()}
-      alpha = optimistic_alpha(mem.alpha, mem.alpha_n, acfg.alpha_optimism)
+      alpha = optimistic_alpha(*alpha_at(mem, b), acfg.alpha_optimism)
       s, rates = cost_model_choose(costs, alpha, current, acfg.hysteresis)
       steps = to_boundary if s == PLAIN else steps
       return s, steps, dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
@@ -355,10 +356,11 @@ class AdaptiveRolloutEngine:
       draft = prof.propose(g) * corr
       ratios[g] = (draft / g / costs[PLAIN], max(costs[g] - draft, 0.0) / costs[PLAIN])
     measured = obs.alpha if obs is not None else None
-    rs, s, speedup = roofline_update(mem.roofline, mem.alpha, measured, ratios, acfg)
+    alpha = alpha_at(mem, b)[0]
+    rs, s, speedup = roofline_update(mem.roofline, alpha, measured, ratios, acfg)
     self.memory = dataclasses.replace(mem, roofline=rs)
     steps = to_boundary if s == PLAIN else steps
-    return s, steps, dict(alpha=mem.alpha, gamma=ladder[rs.index], speedup=speedup)
+    return s, steps, dict(alpha=alpha, gamma=ladder[rs.index], speedup=speedup)
 
   def _bucket_for(self, n_active: int, b: int) -> int:
     """Smallest bucket >= n_active (b itself when no bucket below b fits)."""

@@ -190,11 +190,15 @@ class Memory:
 
   ``costs``: (bucket, strategy) -> measured seconds per round; ``corr``: (bucket, 'plain'
   | 'spec') -> measured / profiled; ``alpha``: running per-token acceptance, measured over
-  ``alpha_n`` sequence-rounds.
+  ``alpha_n`` sequence-rounds; ``bucket_alpha``: bucket -> (alpha, n), the same per bucket
+  (acceptance differs along a rollout: the tail's rows are the long ones, and a drafter that
+  reads finished siblings has more to read there), used where a bucket has been measured
+  (:func:`alpha_at`).
   """
 
   alpha: float
   alpha_n: float = 0.0  # sequence-rounds of speculation observed (all rollouts)
+  bucket_alpha: dict = dataclasses.field(default_factory=dict)
   costs: dict = dataclasses.field(default_factory=dict)
   corr: dict = dataclasses.field(default_factory=dict)
   # (bucket, k) -> measured committed / emitted tokens of speculation (ChunkObs.yield_)
@@ -213,6 +217,11 @@ def memory_observe(
     w = obs.rounds / (obs.rounds + acfg.alpha_memory)
     alpha = (1.0 - w) * alpha + w * a
     alpha_n += obs.rounds
+  bucket_alpha = dict(mem.bucket_alpha)
+  if a is not None:
+    prev, n = bucket_alpha.get(obs.bucket, (mem.alpha, 0.0))
+    w = obs.rounds / (obs.rounds + acfg.alpha_memory)
+    bucket_alpha[obs.bucket] = ((1.0 - w) * prev + w * a, n + obs.rounds)
   costs, corr, yields = dict(mem.costs), dict(mem.corr), dict(mem.yields)
   y = obs.yield_
   if y is not None:
@@ -230,8 +239,20 @@ def memory_observe(
       ck = (obs.bucket, kind)
       corr[ck] = ratio if ck not in corr else (1 - w) * corr[ck] + w * ratio
   return dataclasses.replace(
-    mem, alpha=alpha, alpha_n=alpha_n, costs=costs, corr=corr, yields=yields
+    mem,
+    alpha=alpha,
+    alpha_n=alpha_n,
+    bucket_alpha=bucket_alpha,
+    costs=costs,
+    corr=corr,
+    yields=yields,
   )
+
+
+def alpha_at(mem: Memory, bucket: int) -> tuple[float, float]:
+  """(acceptance, sequence-rounds observed) to decide with at ``bucket``: the bucket's own
+  once it has been measured, else the running acceptance over all buckets."""
+  return mem.bucket_alpha.get(bucket, (mem.alpha, mem.alpha_n))
 
 
 def round_costs(
@@ -279,6 +300,7 @@ def memory_to_json(mem: Memory) -> dict:
   return dict(
     alpha=mem.alpha,
     alpha_n=mem.alpha_n,
+    bucket_alpha=[[b, a, n] for b, (a, n) in sorted(mem.bucket_alpha.items())],
     costs=_pairs(mem.costs),
     corr=_pairs(mem.corr),
     yields=_pairs(mem.yields),
@@ -296,6 +318,7 @@ def memory_from_json(d: dict) -> Memory:
   return Memory(
     alpha=float(d['alpha']),
     alpha_n=float(d['alpha_n']),
+    bucket_alpha={int(b): (float(a), float(n)) for b, a, n in d.get('bucket_alpha', [])},
     costs={(int(b), int(s)): float(v) for b, s, v in d['costs']},
     corr={(int(b), str(kind)): float(v) for b, kind, v in d['corr']},
     yields={(int(b), int(k)): float(v) for b, k, v in d['yields']},

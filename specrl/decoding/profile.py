@@ -128,7 +128,9 @@ def propose_loop(drafter, k: int, sp, reps: int, mesh=None, hidden_dim: int | No
         policy_cache=cache,
         **kw,
       )
-      dep = never(logits) | (toks[:, 0] < 0)
+      dep = toks[:, 0] < -1  # one-hot drafters (logits None) mark no proposal with -1
+      if logits is not None:
+        dep |= never(logits)
       return dstate, cache, pos + dep.astype(pos.dtype)
 
     dstate, cache, pos = jax.lax.fori_loop(0, reps, body, (dstate, cache, pos))

@@ -147,20 +147,25 @@ def plain_step(
   return hooks.after_commit(drafter, draft_params, new, state.pos, hidden)
 
 
-def _count_acceptance(state: RolloutState, before: RolloutState, n, k: int) -> RolloutState:
+def _count_acceptance(
+  state: RolloutState, before: RolloutState, n, k: int, proposed=None
+) -> RolloutState:
   """Add one round's acceptance counters (``spec_math``'s definitions): drafts proposed to
-  active rows, and per position the rounds that reached / committed-accepted it."""
+  active rows, and per position the rounds that reached / committed-accepted it.
+  ``proposed`` int32 [B]: drafts each row was proposed (one-hot drafters may propose fewer
+  than ``k``, or none); None = ``k``."""
   active = ~before.done
   take = state.num_generated - before.num_generated  # tokens committed this round
   n_committed = jnp.where(active, jnp.minimum(n, take), 0)  # accepted drafts the row got
   i = jnp.arange(state.reached.shape[1])[None, :]
-  on = active[:, None] & (i < k)
+  m = jnp.full_like(n, k) if proposed is None else proposed
+  on = active[:, None] & (i < m[:, None])
   reached = on & (i <= n_committed[:, None])
   accepted = on & (i < n_committed[:, None])
   return state.replace(
     num_rounds=state.num_rounds + active.astype(jnp.int32),
     num_accepted=state.num_accepted + n_committed,
-    num_drafted=state.num_drafted + k * active.astype(jnp.int32),
+    num_drafted=state.num_drafted + m * active.astype(jnp.int32),
     reached=state.reached + reached.astype(jnp.int32),
     accepted_at=state.accepted_at + accepted.astype(jnp.int32),
   )
@@ -184,7 +189,11 @@ def speculative_round(
     **hooks.propose_kwargs(drafter, state),
   )
   cur = current_tokens(state)
-  verify_tokens = jnp.concatenate([cur[:, None], draft_tokens], axis=1)  # [B, k+1]
+  # A one-hot drafter (``draft_logits is None``) marks drafts it did not propose with -1:
+  # the pass feeds the current token there (any token would do: nothing after the row's
+  # last proposal can be accepted) and verification skips them.
+  fed = jnp.where(draft_tokens >= 0, draft_tokens, cur[:, None])
+  verify_tokens = jnp.concatenate([cur[:, None], fed], axis=1)  # [B, k+1]
   positions = state.pos[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
   target_logits, cache, *hidden = model_lib.forward(
     params,
@@ -196,19 +205,23 @@ def speculative_round(
     rules=shd.DECODE_RULES,
     return_hidden=hooks.wants_hidden(drafter),
   )
-  res = verify_lib.verify(
-    target_logits,
-    draft_logits,
-    draft_tokens,
-    prng.event_seeds(state.seed, state.seq_id, state.pos, prng.STREAM_VERIFY),
-    rcfg.sampling,
-    impl=rcfg.verify_impl,
-  )
+  verify_seeds = prng.event_seeds(state.seed, state.seq_id, state.pos, prng.STREAM_VERIFY)
+  if draft_logits is None:  # deterministic drafter: token-only verification
+    res = verify_lib.verify_tokens(
+      target_logits, draft_tokens, verify_seeds, rcfg.sampling, impl=rcfg.verify_impl
+    )
+    proposed = jnp.sum(jnp.cumprod(draft_tokens >= 0, axis=1), axis=1).astype(jnp.int32)
+  else:
+    res = verify_lib.verify(
+      target_logits, draft_logits, draft_tokens, verify_seeds, rcfg.sampling,
+      impl=rcfg.verify_impl,
+    )  # fmt: skip
+    proposed = None
   before = state
   state = state.replace(cache=cache, draft=draft_state, step=state.step + 1)
   state = commit(state, res.tokens, res.logprobs, res.num_accepted + 1, rcfg)
   state = hooks.after_commit(drafter, draft_params, state, before.pos, hidden)
-  return _count_acceptance(state, before, res.num_accepted, k)
+  return _count_acceptance(state, before, res.num_accepted, k, proposed)
 
 
 def decode_step(

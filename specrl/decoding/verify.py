@@ -14,13 +14,14 @@ from jax import lax
 
 from specrl.kernels import verify as kernel_lib
 from specrl.kernels import verify_reference as reference_lib
+from specrl.kernels import verify_tokens as tokens_kernel_lib
 from specrl.kernels.verify_reference import VerifyResult
 from specrl.sampling import SamplingParams
 
 INTERPRET_BATCH_CHUNK = 32  # rows per kernel call in CPU interpret mode (speed only)
 IMPLS = ('jnp', 'pallas')
 
-__all__ = ['IMPLS', 'VerifyResult', 'verify']
+__all__ = ['IMPLS', 'VerifyResult', 'verify', 'verify_tokens']
 
 
 def verify(
@@ -45,19 +46,45 @@ def verify(
     def run(t, d, x, s):
       return kernel_lib.verify_pallas(t, d, x, s, sp, interpret=interpret, **kernel_options)
 
-    b = target_logits.shape[0]
-    interpreting = interpret if interpret is not None else jax.default_backend() == 'cpu'
-    if not interpreting or b <= INTERPRET_BATCH_CHUNK:
-      return run(target_logits, draft_logits, draft_tokens, seeds)
-    # Interpret mode costs grow faster than linearly with the grid on CPU: run the batch in
-    # fixed-size chunks (results are per row, so chunking changes nothing but speed).
-    c = INTERPRET_BATCH_CHUNK
-    pad = -b % c
-    args = [
-      jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-      for a in (target_logits, draft_logits, draft_tokens, seeds)
-    ]
-    args = [a.reshape((-1, c) + a.shape[1:]) for a in args]
-    out = lax.map(lambda a: run(*a), args)
-    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:b], out)
+    return _chunked(run, (target_logits, draft_logits, draft_tokens, seeds), interpret)
   raise ValueError(f"verify impl must be 'jnp' or 'pallas', got {impl!r}")
+
+
+def verify_tokens(
+  target_logits: jax.Array,
+  draft_tokens: jax.Array,
+  seeds: jax.Array,
+  sp: SamplingParams,
+  impl: str = 'jnp',
+  interpret=None,
+  **kernel_options,
+) -> VerifyResult:
+  """Token-only verification of deterministic (one-hot) drafts, ``draft_tokens < 0`` = not
+  proposed (:func:`specrl.kernels.verify_reference.verify_tokens_reference`: the contract;
+  :func:`specrl.kernels.verify_tokens.verify_tokens_pallas`: the kernel)."""
+  if impl == 'jnp':
+    return reference_lib.verify_tokens_reference(target_logits, draft_tokens, seeds, sp)
+  if impl == 'pallas':
+
+    def run(t, x, s):
+      return tokens_kernel_lib.verify_tokens_pallas(
+        t, x, s, sp, interpret=interpret, **kernel_options
+      )
+
+    return _chunked(run, (target_logits, draft_tokens, seeds), interpret)
+  raise ValueError(f"verify impl must be 'jnp' or 'pallas', got {impl!r}")
+
+
+def _chunked(run, args, interpret) -> VerifyResult:
+  """``run(*args)``; in CPU interpret mode, whose cost grows faster than linearly with the
+  grid, over fixed-size chunks of the batch (results are per row: only speed changes)."""
+  b = args[0].shape[0]
+  interpreting = interpret if interpret is not None else jax.default_backend() == 'cpu'
+  if not interpreting or b <= INTERPRET_BATCH_CHUNK:
+    return run(*args)
+  c = INTERPRET_BATCH_CHUNK
+  pad = -b % c
+  args = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in args]
+  args = [a.reshape((-1, c) + a.shape[1:]) for a in args]
+  out = lax.map(lambda a: run(*a), args)
+  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:b], out)

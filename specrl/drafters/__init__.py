@@ -6,6 +6,8 @@
   checkpoint directory (``drafter.small_model.checkpoint``) or initialised from the drafter
   RNG stream with the architecture ``drafter.small_model.model`` (overrides of ``model``).
 - ``ngram``: model-free prompt/response lookup (``drafter.ngram.n``).
+- ``suffix``: model-free lookup in the group's sibling answers (and earlier answers to
+  the same prompt): :mod:`specrl.drafters.suffix` (``drafter.suffix.*``).
 - ``quantized``: an int8/int4 copy of the live policy (``drafter.quantized.*``,
   :mod:`specrl.drafters.quantized`).
 
@@ -27,14 +29,16 @@ from specrl.drafters import quantized
 from specrl.drafters.base import Drafter
 from specrl.drafters.model_drafter import ModelDrafter
 from specrl.drafters.ngram import NgramDrafter
+from specrl.drafters.suffix import SuffixDrafter
 
-DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'quantized')
+DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'suffix', 'quantized')
 
 __all__ = [
   'DRAFTERS',
   'Drafter',
   'ModelDrafter',
   'NgramDrafter',
+  'SuffixDrafter',
   'make_drafter',
   'place_draft_params',
 ]
@@ -82,6 +86,26 @@ def _small_model(section, model_cfg: model_lib.ModelConfig, rng) -> ModelDrafter
   return ModelDrafter('small_model', dcfg, own_params=dparams)
 
 
+SUFFIX_KEYS = ('n_min', 'n_max', 'history', 'history_prompts', 'max_group', 'fallback')
+
+
+def _suffix(section, model_cfg: model_lib.ModelConfig) -> SuffixDrafter:
+  config_lib.check_keys(section, 'drafter.suffix', SUFFIX_KEYS)
+  if section.fallback:
+    raise ValueError(
+      f'drafter.suffix.fallback={section.fallback!r}: a hybrid fallback drafter is not '
+      "implemented yet (use '')"
+    )
+  return SuffixDrafter(
+    model_cfg.vocab_size,
+    n_min=section.n_min,
+    n_max=section.n_max,
+    history=section.history,
+    history_prompts=section.history_prompts,
+    max_group=section.max_group,
+  )
+
+
 def make_drafter(config, model_cfg: model_lib.ModelConfig, rng=None):
   """Drafter named by ``config.rollout.drafter`` (None for 'none').
 
@@ -91,7 +115,7 @@ def make_drafter(config, model_cfg: model_lib.ModelConfig, rng=None):
   name = config.rollout.drafter
   if name not in DRAFTERS:
     raise ValueError(f'config.rollout.drafter must be one of {DRAFTERS}, got {name!r}')
-  config_lib.check_keys(config.drafter, 'drafter', ('ngram', 'small_model', 'quantized'))
+  config_lib.check_keys(config.drafter, 'drafter', ('ngram', 'suffix', 'small_model', 'quantized'))
   if name == 'none':
     return None
   if name == 'self':
@@ -99,6 +123,8 @@ def make_drafter(config, model_cfg: model_lib.ModelConfig, rng=None):
   if name == 'ngram':
     config_lib.check_keys(config.drafter.ngram, 'drafter.ngram', ('n',))
     return NgramDrafter(model_cfg.vocab_size, config.drafter.ngram.n)
+  if name == 'suffix':
+    return _suffix(config.drafter.suffix, model_cfg)
   if name == 'small_model':
     rng = jax.random.key(config.seed) if rng is None else rng
     return _small_model(config.drafter.small_model, model_cfg, rng)

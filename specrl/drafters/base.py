@@ -19,6 +19,12 @@ state are pytrees passed through the jitted rollout (never closed over):
   ``policy_cache`` is returned unchanged unless the drafter shares the policy's KV cache
   (then it may write only at the draft positions ``pos..pos+k-1``, which verification
   rewrites).
+- ``one_hot = True`` (optional; deterministic drafters: ``ngram``, ``suffix``): ``propose``
+  returns ``draft_logits = None`` and the round verifies by the token-only path
+  (:func:`specrl.decoding.verify.verify_tokens`: no ``[B, k, V]`` draft logits, no sort of
+  them); ``draft_tokens[b, i] < 0`` marks draft i (and every later one) as not proposed,
+  so a row may get fewer than k drafts, or none (it then samples the policy as a plain
+  step does, and only proposed drafts count in the acceptance statistics).
 - ``state_logical_axes()``: logical axes of the state pytree, for sharding.
 - ``derived``: True when ``params_from_policy`` computes the draft params from the policy
   params (run inside jit, policy params as arguments); False when it returns the

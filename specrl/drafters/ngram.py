@@ -2,8 +2,8 @@
 
 Finds the most recent earlier occurrence of the last ``n`` committed tokens in the
 sequence and proposes the ``k`` tokens that followed it. Proposals are deterministic, so
-the draft distribution is one-hot (``draft_logits`` = 0 at the proposal, NEG_INF
-elsewhere) and verification accepts draft i with probability p_i(x_i): still lossless.
+the drafter is ``one_hot``: it returns no draft logits and verification takes the
+token-only path (draft i accepted with probability p_i(x_i); still lossless).
 With no match it proposes repeats of the last token (cheap, and still lossless).
 """
 
@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from specrl import sampling
-
 
 class NgramDrafter:
   name = 'ngram'
   derived = False  # model-free: no params
+  one_hot = True  # deterministic: token-only verification (no [B, k, V] draft logits)
 
   def __init__(self, vocab_size: int, ngram: int = 2):
     if ngram < 1:
@@ -49,6 +48,4 @@ class NgramDrafter:
     # Only committed tokens can be copied; past pos, or without a match, repeat the last.
     idx = jnp.where((last[:, None] >= 0) & (idx <= pos[:, None]), idx, pos[:, None])
     draft_tokens = jnp.take_along_axis(seq_tokens, idx, axis=1).astype(jnp.int32)
-    onehot = jnp.arange(self.vocab_size)[None, None, :] == draft_tokens[..., None]
-    draft_logits = jnp.where(onehot, 0.0, sampling.NEG_INF).astype(jnp.float32)
-    return draft_tokens, draft_logits, state, policy_cache
+    return draft_tokens, None, state, policy_cache

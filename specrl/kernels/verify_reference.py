@@ -21,9 +21,12 @@ target's (Leviathan et al. 2023; Chen et al. 2023), with processed distributions
 * Greedy (``T == 0``): accept while ``x_i == argmax target_i`` (first index on ties),
   ``tokens[n] = argmax target_n``, logprobs at ``T = 1``.
 
-A deterministic (model-free, e.g. n-gram) proposal is a one-hot ``q``: pass
+A deterministic (model-free, e.g. n-gram or suffix) proposal is a one-hot ``q``: pass
 ``draft_logits = where(v == x, 0, NEG_INF)``; then ``x`` is accepted with probability
-``p(x)`` and the residual is ``p`` without ``x``, renormalised.
+``p(x)`` and the residual is ``p`` without ``x``, renormalised. The *token-only* path
+(:func:`verify_tokens_reference`) computes exactly that without any ``[B, k, V]`` draft
+logits (and without their top-k / top-p sort); it also takes drafts of per-row length
+(``draft_tokens < 0``: not proposed), the row then samples ``p`` where its drafts end.
 
 Randomness: a counter-based integer hash, no ``jax.random`` state
 ------------------------------------------------------------------
@@ -196,6 +199,68 @@ def verify_reference(
     res = residual_score(a_n, keep_pn, lse_pn[:, None], b_n, keep_qn, lse_qn[:, None], g)
     bon = bonus_score(a_n, keep_pn, g)
     use_res = (n < k) & (jnp.max(res, axis=-1) > -jnp.inf)
+    token_n = jnp.where(use_res, jnp.argmax(res, axis=-1), jnp.argmax(bon, axis=-1))
+    token_n = token_n.astype(jnp.int32)
+  tokens = assemble(n, x, token_n)
+  j = jnp.arange(k1)[None, :]
+  logprobs = jnp.where(j <= n[:, None], token_logprobs(target_logits, tokens, sp), 0.0)
+  return VerifyResult(num_accepted=n, tokens=tokens, logprobs=logprobs.astype(jnp.float32))
+
+
+def onehot_residual_score(bonus: jax.Array, cols: jax.Array, x: jax.Array) -> jax.Array:
+  """Gumbel-max score of the residual of a one-hot draft at token ``x``: ``p`` without
+  ``x`` (``max(0, p - q) = p`` off ``x``, ``0`` at ``x``), from ``bonus_score``'s score of
+  ``p`` (argmax needs no normaliser). ``cols``, ``x`` broadcast against ``bonus``."""
+  return jnp.where(cols == x, -jnp.inf, bonus)
+
+
+def verify_tokens_reference(
+  target_logits: jax.Array, draft_tokens: jax.Array, seeds: jax.Array, sp: SamplingParams
+) -> VerifyResult:
+  """Token-only verification of a deterministic (one-hot) proposal: the contract of
+  :func:`verify_reference` with ``draft_logits = where(v == x, 0, NEG_INF)``, without them.
+
+  Draft ``x_i`` is accepted iff ``u_i < p_i(x_i)`` (``q_i(x_i) = 1``; the same uniforms, so
+  the same decisions as the general path). ``n < m``: ``tokens[n] ~ p_n`` without ``x_n``,
+  renormalised; ``n == m``: ``tokens[n] ~ p_n``, where ``m`` [B] is the number of drafts
+  the row was proposed (``draft_tokens[b, i] < 0`` marks draft i and all after it as not
+  proposed; ``m = k`` when all are >= 0). A row with ``m = 0`` samples ``p_0``, as a plain
+  step does (same distribution; the stream differs from the plain step's).
+
+  Args:
+    target_logits: [B, k+1, V]; draft_tokens: int32 [B, k] (< 0: not proposed);
+    seeds: uint32 [B]; sp: sampling settings (static).
+  """
+  _, k1, vocab = target_logits.shape
+  k = k1 - 1
+  if k < 1 or draft_tokens.shape[1] != k:
+    raise ValueError(
+      f'need k >= 1 drafts: target {target_logits.shape}, drafts {draft_tokens.shape}'
+    )
+  proposed = leading_accepts(draft_tokens >= 0)[:, None] > jnp.arange(k)[None, :]  # [B, k]
+  x = jnp.where(proposed, draft_tokens, 0).astype(jnp.int32)
+  if sp.greedy:
+    am = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, k+1]
+    n = leading_accepts(proposed & (x == am[:, :k]))
+    token_n = _take_row(am, n)
+  else:
+    at = scale_logits(target_logits, sp)  # [B, k+1, V]
+    keep_t = keep_mask(at, sp)
+    lse_p = jax.nn.logsumexp(jnp.where(keep_t, at, NEG_INF), axis=-1)  # [B, k+1]
+
+    def at_x(v):
+      return jnp.take_along_axis(v[:, :k], x[..., None], axis=-1)[..., 0]
+
+    p_x = jnp.where(at_x(keep_t), jnp.exp(at_x(at) - lse_p[:, :k]), 0.0)
+    n = leading_accepts(proposed & (accept_uniforms(seeds, k) < p_x))
+    m = jnp.minimum(n, k - 1)
+    rejected = _take_row(proposed, m) & (n < k)  # a proposed draft was rejected at n
+    key = row_key(seeds_to_i32(seeds), n, STREAM_SAMPLE)[:, None]
+    cols = jnp.arange(vocab, dtype=jnp.int32)[None, :]
+    g = gumbel_from_bits(element_bits(key, cols))
+    bon = bonus_score(_take_row(at, n), _take_row(keep_t, n), g)
+    res = onehot_residual_score(bon, cols, _take_row(x, m)[:, None])
+    use_res = rejected & (jnp.max(res, axis=-1) > -jnp.inf)
     token_n = jnp.where(use_res, jnp.argmax(res, axis=-1), jnp.argmax(bon, axis=-1))
     token_n = token_n.astype(jnp.int32)
   tokens = assemble(n, x, token_n)
