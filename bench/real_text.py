@@ -106,8 +106,8 @@ ROW_KEYS = (
   'ratio',
   'ratio_vs_compaction',
 )
-QUICK = dict(batches='1x1,2x8', iters=2)
-FULL = dict(batches='1x1,1x8,2x8,8x8', iters=4)
+QUICK = dict(batches='1x1,2x8', iters=1)
+FULL = dict(batches='1x1,1x8,2x8,8x8', iters=3)
 # A random policy small enough for tests: the arith task's character tokenizer (88 ids).
 TINY = dict(vocab_size=96, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128)
 
@@ -396,7 +396,7 @@ def main(argv=None):
   ap.add_argument('--batches', default=None, help='PxG list: prompts x generations each')
   ap.add_argument('--max_new_tokens', type=int, default=128)
   ap.add_argument('--k', type=int, default=4, help="the static engine's draft length")
-  ap.add_argument('--arms', default='1,2,3,4', help="the adaptive engine's draft lengths")
+  ap.add_argument('--arms', default='2,4', help="the adaptive engine's draft lengths")
   ap.add_argument('--buckets', default='', help='compaction buckets ("" = powers of 4 <= B)')
   ap.add_argument('--chunk_steps', type=int, default=16)
   ap.add_argument('--iters', type=int, default=0, help='timed calls per engine (0: auto)')
