@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import json
 import os
 import re
 import statistics
@@ -445,6 +446,8 @@ def main(argv=None):
       base, cell_rows = setup.run_cell(t, p, g)
       bases.append(base)
       rows += cell_rows
+      for r in [base] + cell_rows:  # partial results as they come (long runs)
+        print('  ' + json.dumps(common.rounded(r)), file=sys.stderr, flush=True)
 
   print('\n# plain baselines (tok/s: median of timed calls; compaction = adaptive, never)')
   common.print_table(
