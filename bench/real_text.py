@@ -85,9 +85,10 @@ VARIANTS = {
   'int4': ('quantized', dict(bits=4)),
   'int4+kv': ('quantized', dict(bits=4, share_kv=True)),
   'ngram': ('ngram', {}),
+  'suffix': ('suffix', {}),  # group siblings (no history: a bench call is one rollout)
   'self': ('self', {}),  # the policy drafting for itself: alpha 1 at greedy (a check)
 }
-DEFAULT_DRAFTERS = 'int8,int8+kv,int4,int4+kv,ngram'
+DEFAULT_DRAFTERS = 'int8,int8+kv,int4,int4+kv,ngram,suffix'
 ENGINES = ('static', 'adaptive')
 ROW_KEYS = (
   'drafter',
