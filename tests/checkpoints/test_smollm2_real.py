@@ -3,7 +3,7 @@
 ``fixtures/smollm2_transformers.json`` was made once with transformers' GGUF reader
 (``fixtures/make_smollm2_fixtures.py``, side environment; neither torch nor transformers is
 a requirement): greedy ids of two chat prompts, top-5 logits at three positions, the ids of
-60 strings and one rendered chat. Here specrl's own path -- GGUF reader, GGUF tokenizer and
+61 strings and one rendered chat. Here specrl's own path -- GGUF reader, GGUF tokenizer and
 chat template, plain greedy decoding in the static rollout engine -- must reproduce them. An
 export -> HF-loader round trip could not catch a wrong GGUF reader; an independent reader can.
 
