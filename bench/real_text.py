@@ -313,6 +313,7 @@ class Setup:
         pos0=rcfg.seq_len // 2,
         reps=self.acfg.profile_reps,
         iters=self.acfg.profile_iters,
+        k_prop=rcfg.max_draft,  # c timed at k itself, not extrapolated from k = 1, 2
       )
     return self.profiles[key]
 

@@ -154,11 +154,15 @@ def measure_profile(
   reps: int = 4,
   iters: int = 3,
   mesh=None,
+  k_prop: int | None = None,
 ) -> CostProfile:
   """Time the unit costs of plain and speculative rounds at ``batch`` (see
   :class:`~specrl.decoding.spec_math.CostProfile`). Without a drafter (or ``k_ref = 0``)
   only the plain forward is timed. ``pos0``: the position the timed steps write at
-  (default mid-buffer: attention over a typical live prefix)."""
+  (default mid-buffer: attention over a typical live prefix). ``k_prop``: the second
+  proposal length timed (default ``min(k_ref, 2)``: two points pin the linear proposal cost
+  down cheaply for the adaptive engine; a benchmark reporting c at k passes ``k_ref``, so
+  c is measured at k, not extrapolated)."""
   pos0 = buffer_len // 2 if pos0 is None else pos0
 
   def timed(fn, fixed, carried):
@@ -192,7 +196,9 @@ def measure_profile(
     return timed(fn, (draft_params, seq, pos), (dstate, fresh_cache()))
 
   prop1 = prop(1)
-  kp = min(k_ref, 2)
+  kp = min(k_ref, 2) if k_prop is None else k_prop
+  if not 1 <= kp <= k_ref:
+    raise ValueError(f'k_prop={kp} must be in [1, k_ref={k_ref}]')
   prop_ref = prop(kp) if kp > 1 else prop1
   return CostProfile(
     batch=batch, k_ref=k_ref, fwd1=fwd1, fwd_ref=fwd_ref, prop1=prop1, prop_ref=prop_ref, k_prop=kp
