@@ -34,7 +34,7 @@ def config(drafter, adaptive_policy=None):
   return c
 
 
-DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'quantized')
+DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'quantized', 'eagle')
 # every drafter on the adaptive engine too (policy 'always' forces speculation)
 ADAPTIVE_CASES = (
   ('none', 'never'),
@@ -42,6 +42,7 @@ ADAPTIVE_CASES = (
   ('small_model', 'always'),
   ('ngram', 'always'),
   ('quantized', 'cost_model'),
+  ('eagle', 'always'),
 )
 
 
