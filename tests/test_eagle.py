@@ -5,6 +5,7 @@ adaptive engine, and its training lowers its loss and leaves the policy's update
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +13,11 @@ import numpy as np
 import pytest
 
 from configs import default
+from specrl import checkpointing as ckpt_lib
 from specrl import model as model_lib
 from specrl import rl as rl_lib
 from specrl import rollout as rollout_lib
+from specrl import train
 from specrl.decoding import steps as steps_lib
 from specrl.drafters import eagle
 from specrl.drafters import eagle_train as et
@@ -244,15 +247,39 @@ def test_cotrain_leaves_the_policy_update_bit_identical():
 
 def test_head_checkpoint_round_trip_is_exact():
   d = make(GCFG, reduced_vocab=4)
-  opt = et.make_optimizer(d.ecfg)
-  hs = et.init_head_state(d.head_params, opt)
-  hs = hs.replace(step=jnp.int32(7), params=jax.tree.map(lambda x: x + 0.5, hs.params))
-  d.vocab_ids = jnp.array([3, 5, 8, 9], jnp.int32)
-  saved = et.HeadCheckpoint(d, hs).host_state()
+  tr = et.trainer(d)
+  hs = tr.hstate.replace(
+    step=jnp.int32(7), params=jax.tree.map(lambda x: x + 0.5, tr.hstate.params)
+  )
+  tr.set_state(hs)
+  tr.observe_tokens(np.array([[3, 5, 8, 9, 9, 1]]), np.array([[1, 1, 1, 1, 1, 0]]))
+  np.testing.assert_array_equal(d.vocab_ids, [3, 5, 8, 9])  # the 4 most frequent responses
+  tr.warmed = True
+  saved = ckpt_lib._from_json(json.loads(json.dumps(ckpt_lib._to_json(tr.host_state()))))
   fresh = make(GCFG, reduced_vocab=4)
-  ck = et.HeadCheckpoint(fresh, et.init_head_state(fresh.head_params, opt))
-  ck.load_host_state(saved)
-  for a, b in zip(jax.tree.leaves(ck.hstate), jax.tree.leaves(hs), strict=True):
+  tr2 = et.trainer(fresh)
+  tr2.load_host_state(saved)
+  for a, b in zip(jax.tree.leaves(tr2.hstate), jax.tree.leaves(hs), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(fresh.vocab_ids, [3, 5, 8, 9])
-  assert fresh.head_params is ck.hstate.params
+  np.testing.assert_array_equal(tr2.counts, tr.counts)
+  assert tr2.warmed and fresh.head_params is tr2.hstate.params
+
+
+def test_cotrain_run_with_warmup_resumes_exactly(tmp_path):
+  """The loop with the head: warm-up before the first GRPO step, cotrain fused into the
+  GRPO step, reduced vocabulary from the rollouts, all in the checkpoint: a run stopped
+  mid-GRPO and resumed ends with the uninterrupted run's params and head metrics."""
+  c = default.get_config('smoke')  # 4 SFT steps + 3 GRPO steps
+  c.log_every = 100
+  c.rollout.drafter = 'eagle'
+  c.drafter.eagle.update(mode='cotrain', warmup_steps=2, reduced_vocab=12)
+  full, hist = train.train_and_evaluate(c, str(tmp_path / 'a'))
+  train.train_and_evaluate(c, str(tmp_path / 'b'), max_steps=5)
+  resumed, hist_b = train.train_and_evaluate(c, str(tmp_path / 'b'))
+  assert [m['step'] for m in hist_b] == [5, 6]
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for key in ('train/head/loss', 'train/head/ce', 'spec/alpha', 'train/loss'):
+    assert hist_b[-1][key] == hist[-1][key], key
+  assert hist[4]['train/head/loss'] > 0 and 'spec/alpha' in hist[4]

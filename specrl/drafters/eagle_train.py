@@ -14,11 +14,13 @@ counts when the token those distributions predict, ``x_{t+2}``, is a response to
   reads the policy's final-norm hidden states at the pre-update params (what the rollout
   used) under a stop-gradient, so the policy's update is the plain step's, bit for bit.
 - :func:`warmup`: head updates on the policy's own generations before RL, under a budget.
-- :class:`HeadCheckpoint`: the head's params and optimizer state as checkpoint host state.
+- :class:`HeadTrainer`: the head in a run: warm-up, reduced vocabulary from recent
+  rollouts, checkpoint host state; :func:`wrap_grpo` fuses ``cotrain`` into the GRPO step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -28,8 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from specrl import model as model_lib
+from specrl import rollout as rollout_lib
 from specrl import sampling
 from specrl import sharding as shd
 from specrl.drafters import eagle
@@ -231,16 +235,85 @@ def warmup(
   return hstate, jax.device_get(m), time.perf_counter() - t0, done
 
 
-class HeadCheckpoint:
-  """The head as checkpoint host state (:class:`specrl.checkpointing.HostState`): params,
-  optimizer state, step and the reduced vocabulary, as numpy arrays; restored exactly."""
+def _plain_engine(exp):
+  rcfg = dataclasses.replace(exp.rollout_cfg, num_draft=0, max_draft=0)
+  return rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.mesh)
 
-  def __init__(self, drafter: eagle.EagleDrafter, hstate: HeadState):
-    self.drafter, self.hstate = drafter, hstate
+
+class HeadTrainer:
+  """The head's training state in a run (:mod:`specrl.train` hooks): params, optimizer state
+  and step (:class:`HeadState`), the decayed token counts that pick the reduced vocabulary,
+  and whether the warm-up ran. Also the checkpoint host state
+  (:class:`specrl.checkpointing.HostState`): restored exactly."""
+
+  COUNT_DECAY = 0.9  # per GRPO step: the reduced vocabulary follows recent rollouts
+
+  def __init__(self, drafter: eagle.EagleDrafter):
+    self.drafter = drafter
+    self.optimizer = make_optimizer(drafter.ecfg)
+    self.hstate = init_head_state(drafter.head_params, self.optimizer)
+    self.counts = np.zeros(drafter.model_cfg.vocab_size, np.float64)
+    self.warmed = False
+
+  def observe_tokens(self, tokens, mask) -> None:
+    """Count response tokens; with a reduced vocabulary, re-pick its N most frequent."""
+    n = self.drafter.ecfg.reduced_vocab
+    if not n:
+      return
+    v = self.counts.shape[0]
+    new = np.bincount(np.asarray(tokens)[np.asarray(mask) > 0].ravel(), minlength=v)
+    self.counts = self.COUNT_DECAY * self.counts + new
+    order = np.lexsort((np.arange(v), -self.counts))
+    self.drafter.vocab_ids = jnp.asarray(np.sort(order[: min(n, v)]), jnp.int32)
+
+  def set_state(self, hstate: HeadState) -> None:
+    self.hstate = hstate
+    self.drafter.head_params = hstate.params
+
+  def before_step(self, exp, params, step: int) -> None:
+    """The warm-up, once, at the first GRPO step (after SFT): ``warmup_steps`` head updates
+    on plain rollouts of the task's training prompts (prompts of steps past the run's
+    end, so not the ones RL will draw) under ``warmup_budget_s``; logged, never hidden."""
+    ecfg = self.drafter.ecfg
+    if self.warmed or step < exp.config.sft.steps or not ecfg.warmup_steps:
+      return
+    engine, c = _plain_engine(exp), exp.config
+    total, n = c.sft.steps + c.rl.steps, c.rl.num_prompts * exp.rl_cfg.num_generations
+    seq_len = exp.rollout_cfg.seq_len
+
+    def sample_batch(i):
+      pr = exp.task.prompts_for_step(c.seed, total + i, n)
+      out, _ = engine.generate(
+        params, pr.tokens, pr.lengths, jax.random.fold_in(exp.rngs.drafter, i)
+      )
+      toks, mask = np.asarray(out.tokens)[:, :seq_len], response_mask(out, seq_len)
+      self.observe_tokens(toks, mask)
+      return toks, mask
+
+    hs, m, secs, done = warmup(
+      self.drafter,
+      self.hstate,
+      params,
+      sample_batch,
+      steps=ecfg.warmup_steps,
+      budget_s=ecfg.warmup_budget_s,
+      optimizer=self.optimizer,
+      mesh=exp.mesh,
+    )
+    self.set_state(hs)
+    self.warmed = True
+    logging.info(
+      'eagle warm-up: %d updates in %.1fs (budget %.0fs), head loss %.4f, top-1 agreement %.3f',
+      done,
+      secs,
+      ecfg.warmup_budget_s,
+      m.get('head/loss', np.nan),
+      m.get('head/top1_agree', np.nan),
+    )
 
   def host_state(self) -> dict:
     leaves = jax.tree.leaves(jax.device_get(self.hstate))
-    d = {'leaves': [np.asarray(x) for x in leaves]}
+    d = {'leaves': [np.asarray(x) for x in leaves], 'counts': self.counts, 'warmed': self.warmed}
     if self.drafter.vocab_ids is not None:
       d['vocab_ids'] = np.asarray(self.drafter.vocab_ids)
     return d
@@ -254,7 +327,49 @@ class HeadCheckpoint:
       if tuple(np.shape(a)) != tuple(b.shape):
         raise ValueError(f'eagle head checkpoint array {np.shape(a)} != expected {b.shape}')
     leaves = [jnp.asarray(a, b.dtype) for a, b in zip(d['leaves'], old, strict=True)]
-    self.hstate = jax.tree.unflatten(treedef, leaves)
-    self.drafter.head_params = self.hstate.params
+    self.set_state(jax.tree.unflatten(treedef, leaves))
+    self.counts = np.asarray(d['counts'], np.float64)
+    self.warmed = bool(d['warmed'])
     if 'vocab_ids' in d:
       self.drafter.vocab_ids = jnp.asarray(d['vocab_ids'], jnp.int32)
+
+
+def trainer(drafter) -> HeadTrainer | None:
+  """The drafter's :class:`HeadTrainer` (made on first use); None for other drafters."""
+  if not isinstance(drafter, eagle.EagleDrafter):
+    return None
+  if getattr(drafter, '_trainer', None) is None:
+    drafter._trainer = HeadTrainer(drafter)
+  return drafter._trainer
+
+
+def wrap_grpo(exp, step_fn, grpo, state_sh, batch_sh):
+  """The train loop's GRPO function with the head fused in (``mode='cotrain'``): one jitted
+  call does the policy's step and the head's update; the head's new params are the next
+  rollout's. Any other drafter or mode: ``grpo`` unchanged (``frozen``: warm-up only)."""
+  tr = trainer(exp.drafter)
+  if tr is None or tr.drafter.ecfg.mode != 'cotrain':
+    return grpo
+  d = tr.drafter
+  fused = jax.jit(
+    functools.partial(
+      cotrain_step,
+      step_fn=step_fn,
+      cfg=d.model_cfg,
+      hcfg=d.hcfg,
+      ecfg=d.ecfg,
+      optimizer=tr.optimizer,
+      mesh=exp.mesh,
+    ),
+    in_shardings=(state_sh, None, batch_sh, None),
+    out_shardings=(state_sh, None, None),
+    donate_argnums=(0,),
+  )
+
+  def fn(state, batch):
+    state, metrics, hs = fused(state, tr.hstate, batch, d.vocab_ids)
+    tr.set_state(hs)
+    tr.observe_tokens(batch['tokens'], batch['response_mask'])
+    return state, metrics, None
+
+  return fn
