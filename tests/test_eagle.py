@@ -59,7 +59,7 @@ def spec_batch(cfg, params, n=64, seed=0):
 _TRAINED = []
 
 
-def trained_drafter(steps=150):
+def trained_drafter(steps=100):
   """A head trained on the policy's own generations (the warm-up path): cached."""
   if not _TRAINED:
     d = make(ts.CFG, lr=3e-3)
@@ -78,7 +78,7 @@ def trained_drafter(steps=150):
 
 def test_head_update_lowers_its_loss_on_a_fixed_buffer():
   d, m0, m1, done = trained_drafter()
-  assert done == 150
+  assert done == 100
   assert m1['head/loss'] < 0.6 * m0['head/loss'], (m0, m1)
   assert m1['head/ce'] < m0['head/ce'] and m1['head/smooth_l1'] < m0['head/smooth_l1']
 
@@ -97,8 +97,8 @@ def test_untrained_head_is_lossless(setting):
 def test_trained_head_is_lossless_through_the_bonus_token(setting):
   d = trained_drafter()[0]
   p, out = ts._pvalue(ts.SETTINGS[setting], d, seed=22)
-  assert ts._all_accepted_rows(out) > 0.1, 'the all-accepted + bonus path was rarely taken'
-  assert ts._rejecting_rows(out) > 0.1
+  assert ts._all_accepted_rows(out) > 0.3, 'the all-accepted + bonus path was rarely taken'
+  assert ts._rejecting_rows(out) > 0.02  # a trained head: rare, but hundreds of rows
   assert p > ts.PASS_P, f'p={p:.2e}'
 
 
@@ -114,7 +114,7 @@ def test_reduced_vocabulary_is_lossless():
   lg = eagle.head_logits(dp, ts.CFG, jnp.ones((3, ts.CFG.d_model)))
   assert (lg[:, jnp.array([0, 3])] < -1e29).all()  # zero draft probability outside
   p, out = ts._pvalue(ts.SETTINGS['T0.7-topk2'], red, seed=23)
-  assert ts._rejecting_rows(out) > 0.1
+  assert ts._rejecting_rows(out) > 0.02
   assert p > ts.PASS_P, f'p={p:.2e}'
 
 
@@ -234,7 +234,8 @@ def test_cotrain_leaves_the_policy_update_bit_identical():
     )
   )
   co_state, cm, hs2 = fused(state, hs, batch)
-  for a, b in zip(jax.tree.leaves(plain_state), jax.tree.leaves(co_state), strict=True):
+  policy = lambda st: jax.tree.leaves((st.step, st.params, st.opt_state))  # noqa: E731
+  for a, b in zip(policy(plain_state), policy(co_state), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert float(pm['loss']) == float(cm['loss'])
   assert int(hs2.step) == 1 and np.isfinite(float(cm['head/loss']))
@@ -274,6 +275,7 @@ def test_cotrain_run_with_warmup_resumes_exactly(tmp_path):
   c.log_every = 100
   c.rollout.drafter = 'eagle'
   c.drafter.eagle.update(mode='cotrain', warmup_steps=2, reduced_vocab=12)
+  c.eval.prompts = 0  # validation is tested elsewhere: keep the three runs short
   full, hist = train.train_and_evaluate(c, str(tmp_path / 'a'))
   train.train_and_evaluate(c, str(tmp_path / 'b'), max_steps=5)
   resumed, hist_b = train.train_and_evaluate(c, str(tmp_path / 'b'))
