@@ -2,7 +2,10 @@
 draft cost c = (propose k) / (k x plain step), on the default tiny task (after SFT), and c on
 SmolLM2-135M (``--real``: cost only; random head, c does not depend on the weights).
 
-python bench/eagle_alpha.py [--quick] [--real]
+python bench/eagle_alpha.py [--quick] [--real] [--real-alpha] [--skip-tiny]
+
+``--real-alpha``: the head warmed up on SmolLM2's own generations of arith prompts
+(budget 600 s, 240 s with --quick), alpha on held-out prompts.
 
 Prints a table; the last line is one JSON object.
 """
@@ -31,7 +34,9 @@ from specrl.drafters import eagle_train as et  # noqa: E402
 
 def alpha(exp, params, prompts, seed):
   _, m = exp.engine.generate(params, prompts.tokens, prompts.lengths, jax.random.key(seed))
-  per = [round(m.get(f'spec/per_position/{i}', float('nan')), 3) for i in range(4)]
+  per = [
+    round(m[f'spec/per_position/{i}'], 3) for i in range(1, 5) if f'spec/per_position/{i}' in m
+  ]
   return m['spec/alpha'], per
 
 
@@ -92,6 +97,63 @@ def tiny(args, res):
   )
 
 
+def real_alpha(args, res):
+  """SmolLM2-135M on arith prompts: warm-up on its own generations, alpha on held-out."""
+  from configs import smollm2_arith
+
+  c = smollm2_arith.get_config()
+  c.rollout.drafter, c.rollout.num_draft = 'eagle', 4
+  c.rollout.max_new_tokens = c.task.max_response_len = 48 if args.quick else 96
+  c.drafter.eagle.lr = 3e-3
+  exp = train.build_experiment(c)
+  state = train.init_state(exp)
+  held = exp.task.heldout_prompts(4 if args.quick else 8)
+  a0, per0 = alpha(exp, state.params, held, 1)
+  rcfg = dataclasses.replace(exp.rollout_cfg, num_draft=0)
+  plain = rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.mesh)
+  cache, reuse, gen_s = {}, 4, [0.0]
+
+  def sample_batch(i):  # a new batch of 4 generations every ``reuse`` updates
+    if i // reuse not in cache:
+      t = time.perf_counter()
+      pr = exp.task.prompts_for_step(c.seed, 10_000 + i // reuse, 4)
+      out, _ = plain.generate(state.params, pr.tokens, pr.lengths, jax.random.key(100 + i))
+      cache.clear()
+      cache[i // reuse] = (
+        np.asarray(out.tokens)[:, : rcfg.seq_len],
+        et.response_mask(out, rcfg.seq_len),
+      )
+      gen_s[0] += time.perf_counter() - t
+    return cache[i // reuse]
+
+  d = exp.drafter
+  opt = et.make_optimizer(d.ecfg)
+  hs = et.init_head_state(d.head_params, opt)
+  budget = 240 if args.quick else 600
+  hs, m, secs, done = et.warmup(
+    d, hs, state.params, sample_batch, steps=10_000, budget_s=budget, optimizer=opt
+  )
+  a1, per1 = alpha(exp, state.params, held, 1)
+  print(
+    f'SmolLM2-135M arith, k=4, T=1, {len(held.lengths)} held-out prompts, '
+    f'max_new_tokens {c.rollout.max_new_tokens}'
+  )
+  print(f'  untrained head: alpha {a0:.3f} per-position {per0}')
+  print(
+    f'  after warm-up ({done} updates, {secs:.0f}s of which generation {gen_s[0]:.0f}s; '
+    f'head loss {m["head/loss"]:.3f}, top1 agree {m["head/top1_agree"]:.3f}): '
+    f'alpha {a1:.3f} per-position {per1}'
+  )
+  res['real_alpha'] = dict(
+    alpha_untrained=a0,
+    alpha_warm=a1,
+    per_warm=per1,
+    updates=done,
+    warmup_s=secs,
+    head_loss=float(m['head/loss']),
+  )
+
+
 def real(args, res):
   from specrl.checkpoints import pretrained
 
@@ -129,6 +191,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--quick', action='store_true')
   ap.add_argument('--real', action='store_true')
+  ap.add_argument('--real-alpha', action='store_true')
   ap.add_argument('--skip-tiny', action='store_true')
   args = ap.parse_args()
   res = {'device': jax.devices()[0].device_kind}
@@ -136,6 +199,8 @@ def main():
     tiny(args, res)
   if args.real:
     real(args, res)
+  if args.real_alpha:
+    real_alpha(args, res)
   print(json.dumps(res))
 
 
