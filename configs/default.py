@@ -63,7 +63,7 @@ def get_config(arg: str | None = None):
       top_p=1.0,
       max_new_tokens=0,  # 0 = the task's longest answer
       cache_len=0,
-      drafter='none',  # none | self | small_model | ngram | suffix | quantized
+      drafter='none',  # none | self | small_model | ngram | suffix | quantized | eagle
       # k of the static engine; 0 = the mode's default (4 with a drafter, 0 without). The
       # adaptive engine takes its draft lengths from adaptive.arms instead.
       num_draft=0,
@@ -108,6 +108,23 @@ def get_config(arg: str | None = None):
           fp8='',  # '' | e4m3
           scale_dtype='float32',
           share_kv=False,  # read the policy's KV cache instead of keeping a second one
+        )
+      ),
+      # EAGLE-style head on the policy's hidden states: every field of
+      # specrl.drafters.eagle.EagleConfig
+      eagle=ml_collections.ConfigDict(
+        dict(
+          n_layers=1,  # decoder layers of the head
+          reduced_vocab=0,  # N > 0: draft over the N most frequent tokens (0 = all)
+          mode='frozen',  # frozen | cotrain (fused into the GRPO step) | spot (not yet)
+          lr=1e-3,
+          weight_decay=0.0,
+          grad_clip=1.0,
+          hidden_weight=0.5,  # SmoothL1(h_hat, h) weight
+          ce_weight=0.5,  # soft CE against the policy's next-token distribution
+          catchup_chunk=32,  # positions per catch-up pass (prompt, plain phases)
+          warmup_steps=0,  # head updates on the policy's generations before RL
+          warmup_budget_s=600.0,  # wall-clock cap of that warm-up
         )
       ),
     )

@@ -41,6 +41,7 @@ from specrl import rollout as rollout_lib
 from specrl import sharding as shd
 from specrl import tasks as tasks_lib
 from specrl.checkpoints import pretrained as pretrained_lib
+from specrl.drafters import eagle_train
 
 # stream -> fold_in constant of the root key jax.random.key(config.seed). params and train
 # keep the constants they always had, so initialisation and warm-up are unchanged.
@@ -324,7 +325,7 @@ def _jitted_steps(exp: Experiment, state_sh):
       out_shardings=(state_sh, None, None),
       donate_argnums=(0,),
     )
-  return sft, grpo
+  return sft, eagle_train.wrap_grpo(exp, step_fn, grpo, state_sh, batch_sh)  # eagle cotrain
 
 
 def derives_draft_params(exp: Experiment) -> bool:
@@ -514,6 +515,9 @@ def train_and_evaluate(
     checkpointer.register('drafter', exp.drafter)
   guard = faults.NonFiniteGuard(faults.fault_config(config), checkpointer)
   checkpointer.register('nonfinite', guard, required=False)
+  head = eagle_train.trainer(exp.drafter)  # the eagle head's training state, or None
+  if head is not None:
+    checkpointer.register('eagle_head', head)
   start = 0
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state)
@@ -543,6 +547,8 @@ def train_and_evaluate(
   pending_eval = due(state.params, start) if start == 0 else {}  # GRPO from step 0
   try:
     for step in range(start, end):
+      if head is not None:  # the head's warm-up, once, before the first GRPO step
+        head.before_step(exp, state.params, step)
       state, m, draft_params = run_step(exp, state, step, fns, draft_params)
       faults.fault_point('step', step, 'after_update')
       m['step'] = step

@@ -34,7 +34,7 @@ def config(drafter, adaptive_policy=None):
   return c
 
 
-DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'suffix', 'quantized')
+DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'suffix', 'quantized', 'eagle')
 # every drafter on the adaptive engine too (policy 'always' forces speculation)
 ADAPTIVE_CASES = (
   ('none', 'never'),
@@ -43,6 +43,7 @@ ADAPTIVE_CASES = (
   ('ngram', 'always'),
   ('suffix', 'always'),
   ('quantized', 'cost_model'),
+  ('eagle', 'always'),
 )
 
 

@@ -91,7 +91,7 @@ def test_unknown_command_line_override_is_one_line():
   msg = config_lib.unknown_override(c, 'rl.learning_rate')
   assert msg.startswith('unknown key config.rl.learning_rate; valid keys: aggregation, ')
   assert config_lib.unknown_override(c, 'drafter.bits').startswith(
-    'unknown key config.drafter.bits; valid keys: ngram, quantized, small_model'
+    'unknown key config.drafter.bits; valid keys: eagle, ngram, quantized, small_model'
   )
   argv = ['main.py', '--config=x.py', '--config.rl.lr=3', '--workdir=/tmp']
   assert config_lib.config_overrides(argv) == ['rl.lr']

@@ -122,6 +122,7 @@ class RolloutState:
   prompt_ids: Any = None  # int32 [B] stable prompt id across RL steps (-1 = unknown)
   draft_shared: Any = None  # drafter state NOT compacted: leaves [B_orig, ...] ('rows')
   hidden: Any = None  # [B, W, D] policy hidden states at positions hidden_from + j ...
+  # (W = S, hidden_from = 0 for a drafter with ``hidden_history``: every position)
   hidden_from: Any = None  # int32 [B] ... valid for j < pos - hidden_from (W = K + 1)
 
 
@@ -193,7 +194,7 @@ def state_logical_axes(draft_axes=None, like: RolloutState | None = None) -> Rol
     group_ids=b,
     prompt_ids=b,
     draft_shared=None if shared is None else hooks.shared_logical_axes(shared),
-    hidden=hooks.HIDDEN_AXES if has_hidden else None,
+    hidden=hooks.hidden_axes(like) if has_hidden else None,
     hidden_from=b if has_hidden else None,
   )
 

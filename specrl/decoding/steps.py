@@ -111,7 +111,8 @@ def prefill(
   )
   state = hooks.start(drafter, state, group_ids, prompt_ids, rcfg.seq_len)
   if hidden:
-    state = hooks.record_prefill_hidden(state, hidden[0], prompt_len, rcfg.draft_width + 1)
+    width = hooks.hidden_width(drafter, rcfg.draft_width + 1, s)
+    state = hooks.record_prefill_hidden(state, hidden[0], prompt_len, width)
   state = commit(state, tok[:, None], lp[:, None], jnp.ones((b,), jnp.int32), rcfg)
   return hooks.observe(drafter, draft_params, state, prompt_len - 1)
 

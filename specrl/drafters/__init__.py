@@ -10,6 +10,8 @@
   the same prompt): :mod:`specrl.drafters.suffix` (``drafter.suffix.*``).
 - ``quantized``: an int8/int4 copy of the live policy (``drafter.quantized.*``,
   :mod:`specrl.drafters.quantized`).
+- ``eagle``: an EAGLE-style head on the live policy's hidden states (``drafter.eagle.*``,
+  :mod:`specrl.drafters.eagle`).
 
 Each drafter reads only its own section ``config.drafter.<name>``; the sections of the
 other drafters are ignored. See :mod:`specrl.drafters.base` for the protocol.
@@ -25,13 +27,13 @@ from specrl import config as config_lib
 from specrl import model as model_lib
 from specrl import sharding as shd
 from specrl.checkpoints import hf
-from specrl.drafters import quantized
+from specrl.drafters import eagle, quantized
 from specrl.drafters.base import Drafter
 from specrl.drafters.model_drafter import ModelDrafter
 from specrl.drafters.ngram import NgramDrafter
 from specrl.drafters.suffix import SuffixDrafter
 
-DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'suffix', 'quantized')
+DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'suffix', 'quantized', 'eagle')
 
 __all__ = [
   'DRAFTERS',
@@ -115,7 +117,9 @@ def make_drafter(config, model_cfg: model_lib.ModelConfig, rng=None):
   name = config.rollout.drafter
   if name not in DRAFTERS:
     raise ValueError(f'config.rollout.drafter must be one of {DRAFTERS}, got {name!r}')
-  config_lib.check_keys(config.drafter, 'drafter', ('ngram', 'suffix', 'small_model', 'quantized'))
+  config_lib.check_keys(
+    config.drafter, 'drafter', ('ngram', 'suffix', 'small_model', 'quantized', 'eagle')
+  )
   if name == 'none':
     return None
   if name == 'self':
@@ -128,4 +132,7 @@ def make_drafter(config, model_cfg: model_lib.ModelConfig, rng=None):
   if name == 'small_model':
     rng = jax.random.key(config.seed) if rng is None else rng
     return _small_model(config.drafter.small_model, model_cfg, rng)
+  if name == 'eagle':
+    rng = jax.random.key(config.seed) if rng is None else rng
+    return eagle.make_eagle_drafter(config.drafter.eagle, model_cfg, rng)
   return quantized.make_quantized_drafter(config.drafter.quantized, model_cfg)

@@ -72,6 +72,10 @@ them traces exactly what it would without them: no extra state, outputs or work)
   state comes with the next pass. A row that was done during the last pass has none valid.
   The adaptive engine's lazy drafter prefill (:meth:`prefill` over committed tokens) gets
   no hidden states.
+- ``hidden_history = True`` (with ``wants_hidden``): ``ctx.hidden`` is ``[B, S, D]`` by
+  position with ``hidden_from = 0`` -- the same contract with W = S: every committed
+  position ``< pos`` is valid, so a drafter can catch up on positions it has not consumed
+  (the prompt, plain phases of the adaptive engine) without an extra policy forward.
 """
 
 from __future__ import annotations

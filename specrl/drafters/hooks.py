@@ -8,6 +8,10 @@ work). See :mod:`specrl.drafters.base` for the contract of each part:
   the drafter's shared state, the policy's hidden states);
 - ``wants_hidden = True``: the policy passes return their last hidden state and the state
   keeps it (``RolloutState.hidden``); implies ``wants_context``;
+- ``hidden_history = True`` (with ``wants_hidden``): keep the hidden state of *every*
+  committed position, not only the last pass's (``hidden [B, S, D]`` by position,
+  ``hidden_from = 0``), for drafters that consume features they may have missed (plain
+  phases, the prompt);
 - ``init_shared(batch, seq_len) -> pytree``: state that is *not* compacted, leaves
   ``[B_orig, ...]`` (logical axis ``'rows'``), indexed by ``seq_id``;
 - ``observe(draft_params, shared, tokens, pos_before, pos_after, seq_id, group_ids,
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 
 ROWS = 'rows'  # logical axis of the original batch (shared drafter state: never compacted)
 HIDDEN_AXES = ('batch', None, 'embed')  # RolloutState.hidden [B, W, D]
+HISTORY_AXES = ('batch', 'cache_seq', 'embed')  # ... [B, S, D] by position (hidden_history)
 
 
 @flax.struct.dataclass
@@ -51,6 +56,29 @@ def wants_context(drafter) -> bool:
   return drafter is not None and (
     bool(getattr(drafter, 'wants_context', False)) or wants_hidden(drafter)
   )
+
+
+def keeps_history(drafter) -> bool:
+  """True for a drafter that wants the hidden state of every committed position."""
+  return wants_hidden(drafter) and bool(getattr(drafter, 'hidden_history', False))
+
+
+def hidden_width(drafter, window: int, buffer_len: int) -> int:
+  """Width of ``RolloutState.hidden``: the buffer (by position) for a drafter that keeps
+  the history, else ``window`` (the last pass's positions)."""
+  return buffer_len if keeps_history(drafter) else window
+
+
+def is_history(state) -> bool:
+  """``state.hidden`` is position-indexed (as wide as the token buffer; the window layout
+  is ``draft_width + 1`` < buffer wide, so the two never coincide)."""
+  return state.hidden.shape[1] == state.tokens.shape[1]
+
+
+def hidden_axes(state):
+  """Logical axes of ``state.hidden``: buffer slots are ``'cache_seq'`` in the history
+  layout (widened and compacted with the caches)."""
+  return HISTORY_AXES if is_history(state) else HIDDEN_AXES
 
 
 def observes(drafter) -> bool:
@@ -130,6 +158,12 @@ def record_hidden(state, hidden: jax.Array, first_pos: jax.Array):
   """
   b, t, _ = hidden.shape
   w = state.hidden.shape[1]
+  if is_history(state):  # by position: write the pass's slots, keep every other one
+    slots = first_pos[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]
+    h = state.hidden.at[jnp.arange(b)[:, None], slots].set(
+      hidden.astype(state.hidden.dtype), mode='drop'
+    )
+    return state.replace(hidden=h)
   if t > w:
     raise ValueError(f'a pass of {t} positions does not fit hidden width {w}')
   h = jnp.pad(hidden.astype(state.hidden.dtype), ((0, 0), (0, w - t), (0, 0)))
@@ -139,7 +173,8 @@ def record_hidden(state, hidden: jax.Array, first_pos: jax.Array):
 def record_prefill_hidden(state, hidden: jax.Array, prompt_len: jax.Array, width: int):
   """Start ``state.hidden [B, W=width, D]`` from the prompt pass's hidden states ``[B, P, D]``:
   its last W committed positions ``max(L - W, 0) .. L - 1`` (L = ``prompt_len``; the first
-  sampled token then sits at ``pos = L``, not fed yet). Slots past L - 1 are not valid."""
+  sampled token then sits at ``pos = L``, not fed yet). Slots past L - 1 are not valid.
+  With W = the buffer length (``hidden_history``) this is the by-position layout."""
   w = width
   first = jnp.maximum(prompt_len - w, 0)
   idx = jnp.minimum(first[:, None] + jnp.arange(w)[None, :], hidden.shape[1] - 1)

@@ -1,0 +1,307 @@
+"""EAGLE-style draft head on the live policy's hidden states (TLT's online drafter).
+
+The head is ``n_layers`` decoder layers of the policy's architecture (the layer function of
+:mod:`specrl.model`, with the head's own weights) on the input
+
+  ``z_t = fc([rms_norm(e(x_{t+1})); h_t])``  (``[2D] -> [D]``)
+
+where ``h_t`` is the policy's *final-norm* hidden state at position ``t`` (the vector its LM
+head reads: :func:`specrl.model.forward` with ``return_hidden``) and ``e`` the policy's
+embedding. The head's output at head position ``t`` is ``ĥ_{t+1}``, a prediction of
+``h_{t+1}``; the draft logits for ``x_{t+2}`` are the policy's LM head applied to it. The
+embedding and LM head are read from the *live* policy params on every call (never copied,
+never trained here); the head's own params are small (``fc`` + its layers).
+
+Proposing at state ``pos`` (last committed token ``x_pos``; the policy's hidden states are
+known for every position ``< pos``, :mod:`specrl.drafters.hooks` ``hidden_history``):
+
+1. catch up: head positions ``fed .. pos - 1`` are fed with *true* features (``fed`` [B] is
+   the head's own counter: its KV cache holds true features below it). After a verify
+   pass ``pos - fed = n + 1 <= k + 1``: one window pass of ``T = k + 1``. After the prompt
+   or a plain phase of the adaptive engine a ``while_loop`` first feeds chunks of
+   ``catchup_chunk`` positions. The window's output at head position ``pos - 1`` is
+   ``ĥ_pos``, whose logits give draft 1.
+2. draft ``i + 1`` comes from head position ``pos - 1 + i`` on ``fc([e(x̂_i); ĥ_{pos-1+i}])``
+   -- the head's own predicted feature, ``T = 1`` each. Those cache slots hold predicted
+   features until the next catch-up rewrites them with true ones (rollback by position,
+   like the policy's cache).
+
+So the head needs no extra policy forward: the prefill, plain steps and verify passes
+already return the hidden states, and the rollout state keeps every committed position's.
+
+Reduced vocabulary (``reduced_vocab = N > 0``): the head's logits are computed only for
+``vocab_ids`` (N ids, e.g. the most frequent tokens of the policy's generations); every other
+token gets ``NEG_INF``, so the draft distribution is exactly zero there. Still lossless:
+rejection sampling only needs the drafts to be sampled from the q it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from specrl import config as config_lib
+from specrl import model as model_lib
+from specrl import sampling
+from specrl import sharding as shd
+
+SECTION = 'drafter.eagle'
+MODES = ('frozen', 'cotrain', 'spot')
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleConfig:
+  """Options of the ``eagle`` drafter (config ``drafter.eagle.*``)."""
+
+  n_layers: int = 1  # decoder layers of the head
+  reduced_vocab: int = 0  # N > 0: draft over the N most frequent tokens only (0 = all)
+  mode: str = 'frozen'  # frozen | cotrain (head update fused into the GRPO step) | spot
+  lr: float = 1e-3  # head optimizer (adamw)
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0
+  hidden_weight: float = 0.5  # weight of SmoothL1(ĥ_{t+1}, h_{t+1})
+  ce_weight: float = 0.5  # weight of the soft CE against the policy's next-token distribution
+  catchup_chunk: int = 32  # positions per catch-up pass (after the prompt / plain phases)
+  warmup_steps: int = 0  # head updates on the policy's own generations before RL
+  warmup_budget_s: float = 600.0  # wall-clock cap of the warm-up (stops early, says so)
+
+  def __post_init__(self):
+    if self.n_layers < 1:
+      raise ValueError(f'{SECTION}.n_layers must be >= 1, got {self.n_layers}')
+    if self.reduced_vocab < 0:
+      raise ValueError(f'{SECTION}.reduced_vocab must be >= 0 (0 = off), got {self.reduced_vocab}')
+    if self.mode not in MODES:
+      raise ValueError(f'{SECTION}.mode must be one of {MODES}, got {self.mode!r}')
+    if self.mode == 'spot':
+      raise ValueError(f"{SECTION}.mode='spot' (TLT long-tail updates) is not implemented yet")
+    if self.lr <= 0 or self.catchup_chunk < 1 or self.warmup_steps < 0:
+      raise ValueError(f'{SECTION}: lr and catchup_chunk must be > 0, warmup_steps >= 0')
+
+  @classmethod
+  def from_config(cls, section) -> EagleConfig:
+    return config_lib.from_config(cls, section, SECTION)
+
+
+def head_config(cfg: model_lib.ModelConfig, n_layers: int) -> model_lib.ModelConfig:
+  """The head's layer shapes: the policy's, with ``n_layers`` layers."""
+  return dataclasses.replace(cfg, n_layers=n_layers)
+
+
+def init_head(cfg: model_lib.ModelConfig, n_layers: int, rng: jax.Array) -> dict:
+  """Head params: ``embed_norm [D]``, ``fc [2D, D]``, ``layers`` (stacked like the policy's)."""
+  k1, k2 = jax.random.split(rng)
+  layers = model_lib.init_params(dataclasses.replace(head_config(cfg, n_layers), vocab_size=1), k1)
+  d = cfg.d_model
+  fc = jax.random.truncated_normal(k2, -2.0, 2.0, (2 * d, d), jnp.float32) / (2 * d) ** 0.5
+  return {
+    'embed_norm': jnp.ones((d,), cfg.pdtype),
+    'fc': fc.astype(cfg.pdtype),
+    'layers': layers['layers'],
+  }
+
+
+def head_logical_axes(cfg: model_lib.ModelConfig) -> dict:
+  return {
+    'embed_norm': ('norm',),
+    'fc': (None, 'embed'),
+    'layers': model_lib.param_logical_axes(cfg)['layers'],
+  }
+
+
+def draft_params(policy_params, head_params, vocab_ids=None) -> dict:
+  """What ``propose`` reads: the head's params and the live policy's embedding / LM head
+  (references to the policy's arrays, not copies); ``vocab_ids`` int32 [N] if reduced."""
+  dp = {'head': head_params, 'embed': policy_params['embed']}
+  if 'lm_head' in policy_params:
+    dp['lm_head'] = policy_params['lm_head']
+  if vocab_ids is not None:
+    dp['vocab_ids'] = jnp.asarray(vocab_ids, jnp.int32)
+  return dp
+
+
+# ----------------------------------------------------------------------------- head math
+
+
+def head_input(dp, cfg, feats, next_tokens):
+  """``fc([rms_norm(e(x_{t+1})); h_t])``: feats [B, T, D], next_tokens int32 [B, T] -> [B, T, D]."""
+  e = model_lib._embed(dp['embed'], next_tokens, cfg.cdtype)
+  e = model_lib.rms_norm(e, dp['head']['embed_norm'], cfg.norm_eps)
+  z = jnp.concatenate([e, feats.astype(cfg.cdtype)], axis=-1)
+  return jnp.einsum('btc,cd->btd', z, dp['head']['fc'].astype(cfg.cdtype))
+
+
+def head_layers(layers, hcfg, x, positions, cache=None, *, mesh=None, rules=None):
+  """The head's decoder layers (:func:`specrl.model._layer`, the policy's block) over
+  x [B, T, D] at ``positions`` [B, T]; with ``cache`` ``[Lh, B, S, K, Dh]`` the new k/v are
+  written at ``positions`` (``>= S``: dropped) as in :func:`specrl.model.forward`.
+  Returns (x [B, T, D], cache)."""
+  rules = shd.DECODE_RULES if rules is None else rules
+  if cache is None:
+    mask = positions[:, None, :] <= positions[:, :, None]
+
+    def body(x, lp):
+      y, _ = model_lib._layer(hcfg, lp, x, positions, lambda k, v: (k, v, mask, None), mesh, rules)
+      return y, None
+
+    x, _ = jax.lax.scan(body, x, layers)
+    return x, None
+  s = cache['k'].shape[2]
+  mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]
+  bidx = jnp.arange(x.shape[0])[:, None]
+
+  def body(carry, xs):
+    x, ck, cv = carry
+    lp, li = xs
+
+    def kv_fn(k, v):
+      nk = ck.at[li, bidx, positions].set(k.astype(ck.dtype), mode='drop')
+      nv = cv.at[li, bidx, positions].set(v.astype(cv.dtype), mode='drop')
+      return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
+
+    y, (nk, nv) = model_lib._layer(hcfg, lp, x, positions, kv_fn, mesh, rules)
+    return (y, nk, nv), None
+
+  (x, ck, cv), _ = jax.lax.scan(
+    body, (x, cache['k'], cache['v']), (layers, jnp.arange(hcfg.n_layers))
+  )
+  return x, {'k': ck, 'v': cv}
+
+
+def head_logits(dp, cfg, feat):
+  """Draft logits f32 [..., V] of predicted features [..., D] through the policy's LM head;
+  ``NEG_INF`` outside ``dp['vocab_ids']`` when the vocabulary is reduced."""
+  tied = 'lm_head' not in dp
+  head = dp['embed'] if tied else dp['lm_head']
+  feat = feat.astype(cfg.cdtype)
+  if 'vocab_ids' not in dp:
+    eq = '...d,vd->...v' if tied else '...d,dv->...v'
+    return model_lib._einsum(eq, feat, head).astype(jnp.float32)
+  ids = dp['vocab_ids']
+  rows = jnp.take(head, ids, axis=0) if tied else jnp.take(head, ids, axis=1).T  # [N, D]
+  small = jnp.einsum('...d,nd->...n', feat, rows.astype(feat.dtype)).astype(jnp.float32)
+  full = jnp.full(feat.shape[:-1] + (cfg.vocab_size,), sampling.NEG_INF, jnp.float32)
+  return full.at[..., ids].set(small)
+
+
+def predict_features(dp, cfg, hcfg, feats, next_tokens, positions, *, mesh=None, rules=None):
+  """Teacher-forced head over a whole sequence (training, tests): ĥ_{t+1} [B, T, D] from
+  the true features ``feats`` [B, T, D] at ``positions`` and the tokens ``x_{t+1}``."""
+  x = head_input(dp, cfg, feats, next_tokens)
+  out, _ = head_layers(dp['head']['layers'], hcfg, x, positions, mesh=mesh, rules=rules)
+  return out
+
+
+# ----------------------------------------------------------------------------- drafter
+
+
+def _at(x, idx):
+  """x [B, S, ...] at idx [B, T] (clipped to the buffer) -> [B, T, ...]."""
+  idx = jnp.clip(idx, 0, x.shape[1] - 1)
+  if x.ndim == 2:
+    return jnp.take_along_axis(x, idx, axis=1)
+  return jnp.take_along_axis(x, idx[..., None], axis=1)
+
+
+class EagleDrafter:
+  """The ``eagle`` drafter (see the module docstring). ``head_params`` / ``vocab_ids`` are
+  the current head (set by training, warm-up or a checkpoint restore); ``params_from_policy``
+  pairs them with the live policy's embedding and LM head."""
+
+  name = 'eagle'
+  derived = False  # the head's params are its own: passed to jitted steps as arguments
+  wants_hidden = True
+  hidden_history = True
+
+  def __init__(
+    self, model_cfg: model_lib.ModelConfig, ecfg: EagleConfig, head_params, vocab_ids=None
+  ):
+    self.model_cfg, self.ecfg = model_cfg, ecfg
+    self.hcfg = head_config(model_cfg, ecfg.n_layers)
+    self.head_params = head_params
+    if ecfg.reduced_vocab and vocab_ids is None:
+      vocab_ids = jnp.arange(min(ecfg.reduced_vocab, model_cfg.vocab_size), dtype=jnp.int32)
+    self.vocab_ids = vocab_ids
+
+  def params_from_policy(self, policy_params):
+    return draft_params(policy_params, self.head_params, self.vocab_ids)
+
+  def state_logical_axes(self):
+    return {'cache': model_lib.cache_logical_axes(), 'fed': ('batch',)}
+
+  def prefill(self, dp, prompt_tokens, prompt_len, buffer_len, mesh=None):
+    """An empty head cache: the first proposal catches up on the prompt's features."""
+    b = prompt_tokens.shape[0]
+    cache = model_lib.init_cache(self.hcfg, b, buffer_len)
+    return {'cache': cache, 'fed': jnp.zeros((b,), jnp.int32)}
+
+  def _feed(self, dp, cache, seq_tokens, hist, hfrom, first, valid, mesh):
+    """Feed head positions ``first[:, None] + arange(T)`` where ``valid`` [B, T] (true
+    features from the policy's history); returns (outputs [B, T, D], cache)."""
+    t = valid.shape[1]
+    p = first[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    feats = _at(hist, p - hfrom[:, None])
+    nxt = _at(seq_tokens, p + 1)
+    write = jnp.where(valid, p, cache['k'].shape[2])  # invalid: out of range, dropped
+    x = head_input(dp, self.model_cfg, feats, nxt)
+    return head_layers(
+      dp['head']['layers'], self.hcfg, x, write, cache, mesh=mesh, rules=shd.DECODE_RULES
+    )
+
+  def propose(
+    self, dp, state, seq_tokens, pos, k, seeds, sp, mesh=None, policy_cache=None, ctx=None
+  ):
+    if ctx is None or ctx.hidden is None:
+      raise ValueError('the eagle drafter needs the policy hidden states (ctx.hidden)')
+    cfg, hist, hfrom = self.model_cfg, ctx.hidden, ctx.hidden_from
+    cache, fed = state['cache'], state['fed']
+    w, c = k + 1, self.ecfg.catchup_chunk
+
+    def behind(carry):  # some row has more than one window of unfed positions
+      return jnp.max(pos - carry[1]) > w
+
+    def catch_up(carry):  # feed up to c positions < pos - 1 (the window does pos - 1)
+      cache, fed = carry
+      valid = fed[:, None] + jnp.arange(c)[None, :] < (pos - 1)[:, None]
+      _, cache = self._feed(dp, cache, seq_tokens, hist, hfrom, fed, valid, mesh)
+      return cache, jnp.maximum(fed, jnp.minimum(fed + c, pos - 1))
+
+    cache, fed = jax.lax.while_loop(behind, catch_up, (cache, fed))
+    valid = fed[:, None] + jnp.arange(w)[None, :] <= (pos - 1)[:, None]
+    out, cache = self._feed(dp, cache, seq_tokens, hist, hfrom, fed, valid, mesh)
+    feat = _at(out, (pos - 1 - fed)[:, None])[:, 0]  # ĥ_pos [B, D]
+    logit0 = head_logits(dp, cfg, feat)
+    tok0 = sampling.sample_seeded(logit0, seeds, sp, row=0)
+
+    def body(carry, i):
+      cache, tok, feat = carry
+      x = head_input(dp, cfg, feat[:, None], tok[:, None])
+      x, cache = head_layers(
+        dp['head']['layers'],
+        self.hcfg,
+        x,
+        (pos - 1 + i)[:, None],
+        cache,
+        mesh=mesh,
+        rules=shd.DECODE_RULES,
+      )
+      lg = head_logits(dp, cfg, x[:, 0])
+      nxt = sampling.sample_seeded(lg, seeds, sp, row=i)
+      return (cache, nxt, x[:, 0]), (nxt, lg)
+
+    if k > 1:
+      (cache, _, _), (toks, lgs) = jax.lax.scan(
+        body, (cache, tok0, feat), jnp.arange(1, k, dtype=jnp.int32)
+      )
+      draft_tokens = jnp.concatenate([tok0[:, None], toks.T], axis=1)
+      draft_logits = jnp.concatenate([logit0[:, None], jnp.swapaxes(lgs, 0, 1)], axis=1)
+    else:
+      draft_tokens, draft_logits = tok0[:, None], logit0[:, None]
+    return draft_tokens, draft_logits, {'cache': cache, 'fed': jnp.maximum(fed, pos)}, policy_cache
+
+
+def make_eagle_drafter(section, model_cfg: model_lib.ModelConfig, rng) -> EagleDrafter:
+  """The drafter from ``config.drafter.eagle``, its head initialised from ``rng``."""
+  ecfg = EagleConfig.from_config(section)
+  return EagleDrafter(model_cfg, ecfg, init_head(model_cfg, ecfg.n_layers, rng))

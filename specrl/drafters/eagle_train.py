@@ -1,0 +1,375 @@
+"""Training the eagle head (:mod:`specrl.drafters.eagle`) on the policy's hidden states.
+
+Loss (TLT / EAGLE), on response tokens, with a stop-gradient on everything of the policy:
+
+  ``hidden_weight * SmoothL1(ĥ_{t+1}, h_{t+1}) + ce_weight * CE(p_{t+1}, q_{t+1})``
+
+where the head at position ``t`` reads ``(h_t, x_{t+1})`` teacher-forced (true features),
+``p_{t+1} = softmax(LM head(h_{t+1}))`` is the policy's next-token distribution (T = 1) and
+``q_{t+1}`` the head's (over ``vocab_ids`` when the vocabulary is reduced). A position
+counts when the token those distributions predict, ``x_{t+2}``, is a response token.
+
+- :func:`head_update`: one pure optimizer step of the head (jit it with the static args).
+- :func:`cotrain_step`: the GRPO step and a head update in *one* jitted function; the head
+  reads the policy's final-norm hidden states at the pre-update params (what the rollout
+  used) under a stop-gradient, so the policy's update is the plain step's, bit for bit.
+- :func:`warmup`: head updates on the policy's own generations before RL, under a budget.
+- :class:`HeadTrainer`: the head in a run: warm-up, reduced vocabulary from recent
+  rollouts, checkpoint host state; :func:`wrap_grpo` fuses ``cotrain`` into the GRPO step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from specrl import model as model_lib
+from specrl import rollout as rollout_lib
+from specrl import sampling
+from specrl import sharding as shd
+from specrl.drafters import eagle
+
+
+@flax.struct.dataclass
+class HeadState:
+  step: jax.Array  # int32 [] head updates so far
+  params: Any  # eagle.init_head pytree
+  opt_state: Any
+
+
+def make_optimizer(ecfg: eagle.EagleConfig):
+  return optax.chain(
+    optax.clip_by_global_norm(ecfg.grad_clip),
+    optax.adamw(ecfg.lr, b1=0.9, b2=0.95, weight_decay=ecfg.weight_decay),
+  )
+
+
+def init_head_state(head_params, optimizer) -> HeadState:
+  return HeadState(jnp.zeros((), jnp.int32), head_params, optimizer.init(head_params))
+
+
+def policy_hidden(policy_params, cfg, tokens, mesh=None):
+  """The policy's final-norm hidden states at positions ``0..S-2`` of ``tokens`` [B, S]
+  (the forward :func:`specrl.rl.sequence_logprobs` runs), stop-gradient: [B, S-1, D]."""
+  b, s = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
+  _, _, h = model_lib.forward(
+    policy_params,
+    cfg,
+    tokens[:, :-1],
+    positions,
+    mesh=mesh,
+    rules=shd.TRAIN_RULES,
+    return_hidden=True,
+  )
+  return jax.lax.stop_gradient(h)
+
+
+def head_loss(
+  head_params,
+  policy_params,
+  vocab_ids,
+  tokens,
+  hidden,
+  response_mask,
+  *,
+  cfg,
+  hcfg,
+  ecfg,
+  mesh=None,
+):
+  """Loss of the head on one batch. tokens [B, S]; hidden [B, S-1, D] (positions 0..S-2);
+  response_mask [B, S] (1 where position t holds a response token). Returns (loss, metrics)."""
+  pp = jax.lax.stop_gradient({k: v for k, v in policy_params.items() if k != 'layers'})
+  h = jax.lax.stop_gradient(hidden)
+  s1 = h.shape[1]  # S - 1
+  dp = eagle.draft_params(pp, head_params, vocab_ids)
+  b = tokens.shape[0]
+  positions = jnp.broadcast_to(jnp.arange(s1 - 1, dtype=jnp.int32), (b, s1 - 1))
+  pred = eagle.predict_features(
+    dp, cfg, hcfg, h[:, :-1], tokens[:, 1:s1], positions, mesh=mesh, rules=shd.TRAIN_RULES
+  )  # ĥ_{t+1}, t = 0..S-3
+  target = h[:, 1:]
+  mask = response_mask[:, 2 : s1 + 1].astype(jnp.float32)
+  l1 = jnp.mean(optax.huber_loss(pred.astype(jnp.float32), target.astype(jnp.float32)), -1)
+  p = jax.nn.softmax(eagle.head_logits(eagle.draft_params(pp, None), cfg, target), axis=-1)
+  q_logits = eagle.head_logits(dp, cfg, pred)
+  in_vocab = q_logits > sampling.NEG_INF / 2
+  logq = jax.nn.log_softmax(q_logits, axis=-1)
+  ce = -jnp.sum(p * jnp.where(in_vocab, logq, 0.0), axis=-1)
+  n = jnp.maximum(jnp.sum(mask), 1.0)
+  l1_mean, ce_mean = jnp.sum(l1 * mask) / n, jnp.sum(ce * mask) / n
+  agree = jnp.argmax(q_logits, -1) == jnp.argmax(p, -1)
+  loss = ecfg.hidden_weight * l1_mean + ecfg.ce_weight * ce_mean
+  return loss, {
+    'head/loss': loss,
+    'head/smooth_l1': l1_mean,
+    'head/ce': ce_mean,
+    'head/top1_agree': jnp.sum(agree * mask) / n,
+  }
+
+
+def head_update(
+  hstate: HeadState,
+  policy_params,
+  vocab_ids,
+  tokens,
+  hidden,
+  response_mask,
+  *,
+  cfg,
+  hcfg,
+  ecfg,
+  optimizer,
+  mesh=None,
+):
+  """One optimizer step of the head. Pure: returns (HeadState, metrics)."""
+  loss_fn = functools.partial(head_loss, cfg=cfg, hcfg=hcfg, ecfg=ecfg, mesh=mesh)
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    hstate.params, policy_params, vocab_ids, tokens, hidden, response_mask
+  )
+  updates, opt_state = optimizer.update(grads, hstate.opt_state, hstate.params)
+  params = optax.apply_updates(hstate.params, updates)
+  metrics['head/grad_norm'] = optax.tree.norm(grads)
+  return HeadState(hstate.step + 1, params, opt_state), metrics
+
+
+def cotrain_step(
+  state,
+  hstate: HeadState,
+  batch: dict,
+  vocab_ids=None,
+  *,
+  step_fn,
+  cfg,
+  hcfg,
+  ecfg,
+  optimizer,
+  mesh=None,
+):
+  """The GRPO step ``step_fn(state, batch) -> (state, metrics)`` with a head update fused
+  in: the head trains on the policy's hidden states at ``state.params`` (the rollout's
+  policy), stop-gradient, so the policy's new state is exactly ``step_fn``'s.
+
+  Note: the hidden states come from their own forward here (XLA does not share it with the
+  forward inside ``step_fn``'s gradient); sharing it needs ``rl.grpo_loss`` to return its
+  final-norm hidden state as an aux output.
+  """
+  hidden = policy_hidden(state.params, cfg, batch['tokens'], mesh)
+  new_state, metrics = step_fn(state, batch)
+  hstate, hm = head_update(
+    hstate,
+    state.params,
+    vocab_ids,
+    batch['tokens'],
+    hidden,
+    batch['response_mask'],
+    cfg=cfg,
+    hcfg=hcfg,
+    ecfg=ecfg,
+    optimizer=optimizer,
+    mesh=mesh,
+  )
+  return new_state, {**metrics, **hm}, hstate
+
+
+def frequent_tokens(tokens, mask, n: int, vocab_size: int) -> np.ndarray:
+  """The ``n`` most frequent token ids where ``mask`` (ties: lower id), int32 [n] sorted:
+  the reduced draft vocabulary (any choice is lossless; frequent ones keep acceptance)."""
+  counts = np.bincount(np.asarray(tokens)[np.asarray(mask) > 0].ravel(), minlength=vocab_size)
+  order = np.lexsort((np.arange(vocab_size), -counts))
+  return np.sort(order[:n]).astype(np.int32)
+
+
+def response_mask(out, seq_len: int) -> np.ndarray:
+  """[B, seq_len] 1 where a rollout output's position holds a response token."""
+  pos = np.arange(seq_len)[None, :]
+  plen = np.asarray(out.prompt_len)[:, None]
+  return ((pos >= plen) & (pos < plen + np.asarray(out.length)[:, None])).astype(np.float32)
+
+
+def warmup(
+  drafter: eagle.EagleDrafter,
+  hstate: HeadState,
+  policy_params,
+  sample_batch,
+  *,
+  steps: int,
+  budget_s: float,
+  optimizer,
+  mesh=None,
+  log=None,
+):
+  """Train the head before RL on the policy's own generations: ``sample_batch(i) ->
+  (tokens [B, S], response_mask [B, S])`` (e.g. plain rollouts of the task's train prompts),
+  ``steps`` updates or until ``budget_s`` seconds (the time spent is reported, never
+  hidden). Sets ``drafter.head_params``; returns (HeadState, metrics of the last update,
+  seconds, updates done)."""
+  cfg, hcfg, ecfg = drafter.model_cfg, drafter.hcfg, drafter.ecfg
+  hid = jax.jit(functools.partial(policy_hidden, cfg=cfg, mesh=mesh))
+  upd = jax.jit(
+    functools.partial(head_update, cfg=cfg, hcfg=hcfg, ecfg=ecfg, optimizer=optimizer, mesh=mesh)
+  )
+  t0, m, done = time.perf_counter(), {}, 0
+  for i in range(steps):
+    if time.perf_counter() - t0 > budget_s:
+      break
+    tokens, mask = sample_batch(i)
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    hstate, m = upd(
+      hstate, policy_params, drafter.vocab_ids, tokens, hid(policy_params, tokens=tokens), mask
+    )
+    done += 1
+    if log is not None:
+      log(i, jax.device_get(m))
+  drafter.head_params = hstate.params
+  return hstate, jax.device_get(m), time.perf_counter() - t0, done
+
+
+def _plain_engine(exp):
+  rcfg = dataclasses.replace(exp.rollout_cfg, num_draft=0, max_draft=0)
+  return rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.mesh)
+
+
+class HeadTrainer:
+  """The head's training state in a run (:mod:`specrl.train` hooks): params, optimizer state
+  and step (:class:`HeadState`), the decayed token counts that pick the reduced vocabulary,
+  and whether the warm-up ran. Also the checkpoint host state
+  (:class:`specrl.checkpointing.HostState`): restored exactly."""
+
+  COUNT_DECAY = 0.9  # per GRPO step: the reduced vocabulary follows recent rollouts
+
+  def __init__(self, drafter: eagle.EagleDrafter):
+    self.drafter = drafter
+    self.optimizer = make_optimizer(drafter.ecfg)
+    self.hstate = init_head_state(drafter.head_params, self.optimizer)
+    self.counts = np.zeros(drafter.model_cfg.vocab_size, np.float64)
+    self.warmed = False
+
+  def observe_tokens(self, tokens, mask) -> None:
+    """Count response tokens; with a reduced vocabulary, re-pick its N most frequent."""
+    n = self.drafter.ecfg.reduced_vocab
+    if not n:
+      return
+    v = self.counts.shape[0]
+    new = np.bincount(np.asarray(tokens)[np.asarray(mask) > 0].ravel(), minlength=v)
+    self.counts = self.COUNT_DECAY * self.counts + new
+    order = np.lexsort((np.arange(v), -self.counts))
+    self.drafter.vocab_ids = jnp.asarray(np.sort(order[: min(n, v)]), jnp.int32)
+
+  def set_state(self, hstate: HeadState) -> None:
+    self.hstate = hstate
+    self.drafter.head_params = hstate.params
+
+  def before_step(self, exp, params, step: int) -> None:
+    """The warm-up, once, at the first GRPO step (after SFT): ``warmup_steps`` head updates
+    on plain rollouts of the task's training prompts (prompts of steps past the run's
+    end, so not the ones RL will draw) under ``warmup_budget_s``; logged, never hidden."""
+    ecfg = self.drafter.ecfg
+    if self.warmed or step < exp.config.sft.steps or not ecfg.warmup_steps:
+      return
+    engine, c = _plain_engine(exp), exp.config
+    total, n = c.sft.steps + c.rl.steps, c.rl.num_prompts * exp.rl_cfg.num_generations
+    seq_len = exp.rollout_cfg.seq_len
+
+    def sample_batch(i):
+      pr = exp.task.prompts_for_step(c.seed, total + i, n)
+      out, _ = engine.generate(
+        params, pr.tokens, pr.lengths, jax.random.fold_in(exp.rngs.drafter, i)
+      )
+      toks, mask = np.asarray(out.tokens)[:, :seq_len], response_mask(out, seq_len)
+      self.observe_tokens(toks, mask)
+      return toks, mask
+
+    hs, m, secs, done = warmup(
+      self.drafter,
+      self.hstate,
+      params,
+      sample_batch,
+      steps=ecfg.warmup_steps,
+      budget_s=ecfg.warmup_budget_s,
+      optimizer=self.optimizer,
+      mesh=exp.mesh,
+    )
+    self.set_state(hs)
+    self.warmed = True
+    logging.info(
+      'eagle warm-up: %d updates in %.1fs (budget %.0fs), head loss %.4f, top-1 agreement %.3f',
+      done,
+      secs,
+      ecfg.warmup_budget_s,
+      m.get('head/loss', np.nan),
+      m.get('head/top1_agree', np.nan),
+    )
+
+  def host_state(self) -> dict:
+    leaves = jax.tree.leaves(jax.device_get(self.hstate))
+    d = {'leaves': [np.asarray(x) for x in leaves], 'counts': self.counts, 'warmed': self.warmed}
+    if self.drafter.vocab_ids is not None:
+      d['vocab_ids'] = np.asarray(self.drafter.vocab_ids)
+    return d
+
+  def load_host_state(self, d: dict) -> None:
+    treedef = jax.tree.structure(self.hstate)
+    old = jax.tree.leaves(self.hstate)
+    if len(d['leaves']) != len(old):
+      raise ValueError(f'eagle head checkpoint has {len(d["leaves"])} arrays, expected {len(old)}')
+    for a, b in zip(d['leaves'], old, strict=True):
+      if tuple(np.shape(a)) != tuple(b.shape):
+        raise ValueError(f'eagle head checkpoint array {np.shape(a)} != expected {b.shape}')
+    leaves = [jnp.asarray(a, b.dtype) for a, b in zip(d['leaves'], old, strict=True)]
+    self.set_state(jax.tree.unflatten(treedef, leaves))
+    self.counts = np.asarray(d['counts'], np.float64)
+    self.warmed = bool(d['warmed'])
+    if 'vocab_ids' in d:
+      self.drafter.vocab_ids = jnp.asarray(d['vocab_ids'], jnp.int32)
+
+
+def trainer(drafter) -> HeadTrainer | None:
+  """The drafter's :class:`HeadTrainer` (made on first use); None for other drafters."""
+  if not isinstance(drafter, eagle.EagleDrafter):
+    return None
+  if getattr(drafter, '_trainer', None) is None:
+    drafter._trainer = HeadTrainer(drafter)
+  return drafter._trainer
+
+
+def wrap_grpo(exp, step_fn, grpo, state_sh, batch_sh):
+  """The train loop's GRPO function with the head fused in (``mode='cotrain'``): one jitted
+  call does the policy's step and the head's update; the head's new params are the next
+  rollout's. Any other drafter or mode: ``grpo`` unchanged (``frozen``: warm-up only)."""
+  tr = trainer(exp.drafter)
+  if tr is None or tr.drafter.ecfg.mode != 'cotrain':
+    return grpo
+  d = tr.drafter
+  fused = jax.jit(
+    functools.partial(
+      cotrain_step,
+      step_fn=step_fn,
+      cfg=d.model_cfg,
+      hcfg=d.hcfg,
+      ecfg=d.ecfg,
+      optimizer=tr.optimizer,
+      mesh=exp.mesh,
+    ),
+    in_shardings=(state_sh, None, batch_sh, None),
+    out_shardings=(state_sh, None, None),
+    donate_argnums=(0,),
+  )
+
+  def fn(state, batch):
+    state, metrics, hs = fused(state, tr.hstate, batch, d.vocab_ids)
+    tr.set_state(hs)
+    tr.observe_tokens(batch['tokens'], batch['response_mask'])
+    return state, metrics, None
+
+  return fn

@@ -1,0 +1,287 @@
+"""The eagle drafter: lossless (chi-square, untrained / trained / reduced vocabulary), greedy
+equals plain greedy, the head is fed the policy's true hidden states at every committed
+position (prompt, plain phases and verify passes, no extra policy forward), it works in the
+adaptive engine, and its training lowers its loss and leaves the policy's update alone."""
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from specrl import checkpointing as ckpt_lib
+from specrl import model as model_lib
+from specrl import rl as rl_lib
+from specrl import rollout as rollout_lib
+from specrl import train
+from specrl.decoding import steps as steps_lib
+from specrl.drafters import eagle
+from specrl.drafters import eagle_train as et
+from specrl.sampling import SamplingParams
+from tests import test_speculative as ts
+
+
+def make(cfg, seed=1, **kw):
+  ecfg = eagle.EagleConfig(**kw)
+  return eagle.EagleDrafter(cfg, ecfg, eagle.init_head(cfg, ecfg.n_layers, jax.random.key(seed)))
+
+
+def test_config_section_has_every_field():
+  sec = default.get_config().drafter.eagle.to_dict()
+  for f in dataclasses.fields(eagle.EagleConfig):
+    assert f.name in sec, f'config.drafter.eagle.{f.name} is missing'
+    assert sec[f.name] == f.default, f.name
+  assert eagle.EagleConfig.from_config(default.get_config().drafter.eagle) == eagle.EagleConfig()
+  with pytest.raises(ValueError, match='mode'):
+    eagle.EagleConfig(mode='sometimes')
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def spec_batch(cfg, params, n=64, seed=0):
+  """Policy generations (T = 1) of the chi-square test's prompt: tokens, response mask."""
+  rcfg = rollout_lib.RolloutConfig(
+    max_new_tokens=ts.MAX_NEW, max_prompt_len=len(ts.PROMPT), eos_id=-1, sampling=ts.SETTINGS['T1']
+  )
+  eng = rollout_lib.RolloutEngine(cfg, rcfg)
+  toks = np.tile(np.asarray(ts.PROMPT, np.int32), (n, 1))
+  out, _ = eng.generate(params, toks, np.full((n,), len(ts.PROMPT), np.int32), jax.random.key(seed))
+  return jnp.asarray(out.tokens[:, : rcfg.seq_len]), jnp.asarray(
+    et.response_mask(out, rcfg.seq_len)
+  )
+
+
+_TRAINED = []
+
+
+def trained_drafter(steps=100):
+  """A head trained on the policy's own generations (the warm-up path): cached."""
+  if not _TRAINED:
+    d = make(ts.CFG, lr=3e-3)
+    opt = et.make_optimizer(d.ecfg)
+    hs = et.init_head_state(d.head_params, opt)
+    toks, mask = spec_batch(ts.CFG, ts.POLICY)
+    hs, m0, _, _ = et.warmup(
+      d, hs, ts.POLICY, lambda i: (toks, mask), steps=1, budget_s=60, optimizer=opt
+    )
+    hs, m1, _, done = et.warmup(
+      d, hs, ts.POLICY, lambda i: (toks, mask), steps=steps, budget_s=120, optimizer=opt
+    )
+    _TRAINED.append((d, m0, m1, done))
+  return _TRAINED[0]
+
+
+def test_head_update_lowers_its_loss_on_a_fixed_buffer():
+  d, m0, m1, done = trained_drafter()
+  assert done == 100
+  assert m1['head/loss'] < 0.6 * m0['head/loss'], (m0, m1)
+  assert m1['head/ce'] < m0['head/ce'] and m1['head/smooth_l1'] < m0['head/smooth_l1']
+
+
+# ----------------------------------------------------------------------------- lossless
+
+
+@pytest.mark.parametrize('setting', ['T1', 'T0.7-topk2'])
+def test_untrained_head_is_lossless(setting):
+  p, out = ts._pvalue(ts.SETTINGS[setting], make(ts.CFG), seed=21)
+  assert ts._rejecting_rows(out) > 0.2, 'an untrained head should be rejected often'
+  assert p > ts.PASS_P, f'p={p:.2e}'
+
+
+@pytest.mark.parametrize('setting', ['T1', 'T0.7-topp0.8'])
+def test_trained_head_is_lossless_through_the_bonus_token(setting):
+  d = trained_drafter()[0]
+  p, out = ts._pvalue(ts.SETTINGS[setting], d, seed=22)
+  assert ts._all_accepted_rows(out) > 0.3, 'the all-accepted + bonus path was rarely taken'
+  assert ts._rejecting_rows(out) > 0.02  # a trained head: rare, but hundreds of rows
+  assert p > ts.PASS_P, f'p={p:.2e}'
+
+
+def test_reduced_vocabulary_is_lossless():
+  d = trained_drafter()[0]
+  red = eagle.EagleDrafter(
+    ts.CFG,
+    dataclasses.replace(d.ecfg, reduced_vocab=2),
+    d.head_params,
+    vocab_ids=jnp.array([1, 2], jnp.int32),
+  )
+  dp = red.params_from_policy(ts.POLICY)
+  lg = eagle.head_logits(dp, ts.CFG, jnp.ones((3, ts.CFG.d_model)))
+  assert (lg[:, jnp.array([0, 3])] < -1e29).all()  # zero draft probability outside
+  p, out = ts._pvalue(ts.SETTINGS['T0.7-topk2'], red, seed=23)
+  assert ts._rejecting_rows(out) > 0.02
+  assert p > ts.PASS_P, f'p={p:.2e}'
+
+
+# ----------------------------------------------------------------------------- exactness
+
+GCFG = model_lib.ModelConfig(
+  vocab_size=16, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32
+)
+GPARAMS = model_lib.init_params(GCFG, jax.random.key(0))
+LENS = np.array([8, 3, 5, 1, 7, 2], np.int32)
+TOKS = np.random.default_rng(0).integers(3, 16, (6, 8)).astype(np.int32)
+
+
+def _rcfg(k, sp=ts.SETTINGS['T1'], **kw):
+  return rollout_lib.RolloutConfig(
+    max_new_tokens=20, max_prompt_len=8, eos_id=-1, sampling=sp, num_draft=k, **kw
+  )
+
+
+@pytest.mark.parametrize('chunk', [32, 2])
+def test_greedy_equals_plain_greedy(chunk):
+  greedy = SamplingParams(0.0)
+  plain, _ = rollout_lib.RolloutEngine(GCFG, _rcfg(0, greedy)).generate(
+    GPARAMS, TOKS, LENS, jax.random.key(3)
+  )
+  d = make(GCFG, catchup_chunk=chunk)
+  spec, m = rollout_lib.RolloutEngine(GCFG, _rcfg(3, greedy), drafter=d).generate(
+    GPARAMS, TOKS, LENS, jax.random.key(3)
+  )
+  np.testing.assert_array_equal(spec.response, plain.response)
+  np.testing.assert_allclose(spec.response_logprobs, plain.response_logprobs, atol=1e-5)
+  assert m['spec/verify_passes'] > 0
+
+
+def test_head_is_fed_the_policys_hidden_state_at_every_position():
+  """Prefill, 5 plain steps (the adaptive engine's plain phase), then speculative rounds of
+  k = 2 and 3: the state's hidden history equals a full forward's final-norm hidden states,
+  and the head's KV cache below ``fed`` equals the head run teacher-forced on those (true
+  features at the right positions with the right next tokens; catch-up included)."""
+  d = make(GCFG, catchup_chunk=4)
+  rcfg = _rcfg(0, max_draft=3)
+  dp = d.params_from_policy(GPARAMS)
+  kw = dict(cfg=GCFG, rcfg=rcfg, drafter=d)
+  st = jax.jit(
+    lambda p, dp, t, l: steps_lib.prefill(p, t, l, jax.random.key(0), draft_params=dp, **kw)
+  )(GPARAMS, dp, TOKS, LENS)
+  for k, n in ((0, 5), (2, 2), (3, 2)):
+    st, _ = jax.jit(
+      lambda p, dp, s, k=k, n=n: steps_lib.decode(p, s, k, draft_params=dp, max_steps=n, **kw)
+    )(GPARAMS, dp, st)
+  st = jax.device_get(st)
+  s = st.tokens.shape[1]
+  pos = np.broadcast_to(np.arange(s), st.tokens.shape)
+  _, _, ref_h = model_lib.forward(
+    GPARAMS, GCFG, jnp.asarray(st.tokens), jnp.asarray(pos), return_hidden=True
+  )
+  ref_h = np.asarray(ref_h)
+  assert (st.hidden_from == 0).all() and st.hidden.shape == ref_h.shape
+  fed = st.draft['fed']
+  assert (fed < st.pos).all() and (fed > LENS + 5).all()  # caught up on plain + 2 rounds
+  for b in range(len(LENS)):
+    np.testing.assert_allclose(st.hidden[b, : st.pos[b]], ref_h[b, : st.pos[b]], atol=2e-5)
+  x = eagle.head_input(dp, GCFG, jnp.asarray(ref_h[:, :-1]), jnp.asarray(st.tokens[:, 1:]))
+  cache = model_lib.init_cache(d.hcfg, len(LENS), s)
+  _, cache = eagle.head_layers(dp['head']['layers'], d.hcfg, x, jnp.asarray(pos[:, :-1]), cache)
+  for name in ('k', 'v'):
+    for b in range(len(LENS)):
+      np.testing.assert_allclose(
+        st.draft['cache'][name][:, b, : fed[b]], np.asarray(cache[name])[:, b, : fed[b]], atol=2e-5
+      )
+
+
+def test_adaptive_engine_plain_then_speculative_greedy():
+  """The adaptive engine's cost-model policy on the ragged batch goes plain -> k=1 -> k=2
+  (compacting): the head catches up on the plain phase's features; outputs are plain
+  greedy's."""
+  from tests import test_adaptive as ta
+
+  eng = ta.adaptive.AdaptiveRolloutEngine(
+    ta.CFG, ta.RCFG, dataclasses.replace(ta.BASE, policy='cost_model'), drafter=make(ta.CFG)
+  )
+  for p in ta.SYNTHETIC:
+    eng.set_profile(p)
+  out, m = ta.generate(eng)
+  assert m['spec/verify_passes'] > 0 and m['adaptive/compactions'] > 0
+  assert any(k.endswith('plain') for k in eng.last_report.phases)
+  ref = ta.reference()
+  for f in ('tokens', 'response', 'length'):
+    np.testing.assert_array_equal(getattr(out, f), getattr(ref, f), err_msg=f)
+
+
+# ----------------------------------------------------------------------------- cotrain
+
+
+def test_cotrain_leaves_the_policy_update_bit_identical():
+  cfg = GCFG
+  d = make(cfg)
+  opt = rl_lib.make_optimizer(1e-3, 0.0, 1.0)
+  state = rl_lib.init_train_state(GPARAMS, opt, jax.random.key(0), False)
+  rl = rl_lib.RLConfig(num_generations=2)
+  out, _ = rollout_lib.RolloutEngine(cfg, _rcfg(0)).generate(GPARAMS, TOKS, LENS, jax.random.key(1))
+  s = _rcfg(0).seq_len
+  mask = et.response_mask(out, s)
+  batch = {
+    'tokens': jnp.asarray(out.tokens[:, :s]),
+    'response_mask': jnp.asarray(mask),
+    'old_logprobs': jnp.asarray(out.logprobs[:, :s] * mask),
+    'advantages': jnp.linspace(-1.0, 1.0, len(LENS)),
+  }
+  step_fn = functools.partial(rl_lib.train_step, cfg=cfg, rl=rl, optimizer=opt)
+  hopt = et.make_optimizer(d.ecfg)
+  hs = et.init_head_state(d.head_params, hopt)
+  plain_state, pm = jax.jit(step_fn)(state, batch)
+  fused = jax.jit(
+    functools.partial(
+      et.cotrain_step, step_fn=step_fn, cfg=cfg, hcfg=d.hcfg, ecfg=d.ecfg, optimizer=hopt
+    )
+  )
+  co_state, cm, hs2 = fused(state, hs, batch)
+  policy = lambda st: jax.tree.leaves((st.step, st.params, st.opt_state))  # noqa: E731
+  for a, b in zip(policy(plain_state), policy(co_state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(pm['loss']) == float(cm['loss'])
+  assert int(hs2.step) == 1 and np.isfinite(float(cm['head/loss']))
+  moved = [
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(hs.params), jax.tree.leaves(hs2.params), strict=True)
+  ]
+  assert all(moved)
+
+
+def test_head_checkpoint_round_trip_is_exact():
+  d = make(GCFG, reduced_vocab=4)
+  tr = et.trainer(d)
+  hs = tr.hstate.replace(
+    step=jnp.int32(7), params=jax.tree.map(lambda x: x + 0.5, tr.hstate.params)
+  )
+  tr.set_state(hs)
+  tr.observe_tokens(np.array([[3, 5, 8, 9, 9, 1]]), np.array([[1, 1, 1, 1, 1, 0]]))
+  np.testing.assert_array_equal(d.vocab_ids, [3, 5, 8, 9])  # the 4 most frequent responses
+  tr.warmed = True
+  saved = ckpt_lib._from_json(json.loads(json.dumps(ckpt_lib._to_json(tr.host_state()))))
+  fresh = make(GCFG, reduced_vocab=4)
+  tr2 = et.trainer(fresh)
+  tr2.load_host_state(saved)
+  for a, b in zip(jax.tree.leaves(tr2.hstate), jax.tree.leaves(hs), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(fresh.vocab_ids, [3, 5, 8, 9])
+  np.testing.assert_array_equal(tr2.counts, tr.counts)
+  assert tr2.warmed and fresh.head_params is tr2.hstate.params
+
+
+def test_cotrain_run_with_warmup_resumes_exactly(tmp_path):
+  """The loop with the head: warm-up before the first GRPO step, cotrain fused into the
+  GRPO step, reduced vocabulary from the rollouts, all in the checkpoint: a run stopped
+  mid-GRPO and resumed ends with the uninterrupted run's params and head metrics."""
+  c = default.get_config('smoke')  # 4 SFT steps + 3 GRPO steps
+  c.log_every = 100
+  c.rollout.drafter = 'eagle'
+  c.drafter.eagle.update(mode='cotrain', warmup_steps=2, reduced_vocab=12)
+  c.eval.prompts = 0  # validation is tested elsewhere: keep the three runs short
+  full, hist = train.train_and_evaluate(c, str(tmp_path / 'a'))
+  train.train_and_evaluate(c, str(tmp_path / 'b'), max_steps=5)
+  resumed, hist_b = train.train_and_evaluate(c, str(tmp_path / 'b'))
+  assert [m['step'] for m in hist_b] == [5, 6]
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for key in ('train/head/loss', 'train/head/ce', 'spec/alpha', 'train/loss'):
+    assert hist_b[-1][key] == hist[-1][key], key
+  assert hist[4]['train/head/loss'] > 0 and 'spec/alpha' in hist[4]
