@@ -149,9 +149,10 @@ def run_row(engine, params, peer, prompts, args) -> dict:
     ours()
     theirs()
   t_ours, t_hf = [], []
-  for _ in range(args.reps):
+  for i in range(args.reps):
     t_ours.append(ours())
     t_hf.append(theirs())
+    print(f'  B={b} repeat {i}: specrl {t_ours[-1]:.2f} s, HF {t_hf[-1]:.2f} s', file=sys.stderr)
   so, sh = statistics.median(t_ours), statistics.median(t_hf)
   return {
     'B': b,
