@@ -292,6 +292,7 @@ def forward(
   mesh: Mesh | None = None,
   rules: dict | None = None,
   return_hidden: bool = False,
+  logits_at: jax.Array | None = None,
 ):
   """Run the transformer.
 
@@ -301,9 +302,13 @@ def forward(
     cache: optional KV cache ``[L, B, S, K, Dh]``; new k/v are written at ``positions``
       (positions >= S are dropped) and queries attend to slots ``<= position``.
       Without a cache, key j is visible to query i iff ``positions[j] <= positions[i]``.
+    logits_at: optional int32 [B]: compute the logits of token ``logits_at[b]`` of each row
+      only (logits [B, 1, V]). A prefill needs the last prompt token's logits alone; the
+      [B, T, D] x [D, V] head over every prompt token would cost T times more (at
+      SmolLM2's V = 49152 more than the whole prefill trunk).
   Returns:
     ``(logits f32 [B, T, V], new_cache)`` (``new_cache`` is None without a cache);
-    with ``return_hidden`` also the final normed hidden state [B, T, D].
+    with ``return_hidden`` also the final normed hidden state [B, T, D] (every token).
   """
   rules = shd.DECODE_RULES if rules is None else rules
   x = _embed(params['embed'], tokens, cfg.cdtype)
@@ -344,7 +349,8 @@ def forward(
   x = rms_norm(x, params['final_norm'], cfg.norm_eps)
   head = params['embed'] if cfg.tie_embeddings else params['lm_head']
   eq = 'btd,vd->btv' if cfg.tie_embeddings else 'btd,dv->btv'
-  logits = _einsum(eq, x, head).astype(jnp.float32)
+  xh = x if logits_at is None else jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
+  logits = _einsum(eq, xh, head).astype(jnp.float32)
   logits = shd.constrain(logits, ('batch', 'seq', 'vocab'), mesh, rules)
   if return_hidden:
     return logits, new_cache, x

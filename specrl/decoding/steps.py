@@ -77,8 +77,9 @@ def prefill(
     mesh=mesh,
     rules=rules,
     return_hidden=hooks.wants_hidden(drafter),
+    logits_at=prompt_len - 1,  # the last prompt token's logits only
   )
-  last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+  last = logits[:, 0]
   seed = prng.rollout_seed(rng)
   seq_id = jnp.arange(b, dtype=jnp.int32)
   seeds = prng.event_seeds(seed, seq_id, prompt_len - 1, prng.STREAM_PLAIN)
