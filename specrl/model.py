@@ -282,6 +282,33 @@ def _layer(cfg: ModelConfig, lp, x, positions, kv_fn, mesh, rules):
   return shd.constrain(x, ('batch', 'seq', 'embed'), mesh, rules), aux
 
 
+def unstack_layers(params: Params) -> Params:
+  """``params`` with ``'layers'`` as a tuple of per-layer dicts (slices of the stacked
+  leaves) instead of one dict of ``[L, ...]`` leaves; :func:`forward` accepts either.
+
+  Why: over stacked layers :func:`forward` runs a ``lax.scan``, and XLA:CPU feeds each
+  layer's matmuls a *copy* of that layer's weight slice (a dynamic-slice it cannot fuse
+  into the dot), so every decode step reads and writes every weight once more before the
+  matmul reads it. Slicing once, outside a decode loop, and unrolling the layers inside it
+  removes that copy from every step (at the price of one copy of the layer weights per
+  call and a longer compile). Training keeps the stacked layout.
+  """
+  layers = params['layers']
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return {**params, 'layers': tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))}
+
+
+def _over_layers(body, carry, layers, with_index: bool = False):
+  """``lax.scan(body, carry, layers)`` over stacked layers, or a Python loop over a tuple
+  of per-layer dicts (:func:`unstack_layers`); ``with_index`` passes ``(lp, layer index)``."""
+  if isinstance(layers, tuple | list):
+    for i, lp in enumerate(layers):
+      carry, _ = body(carry, (lp, i) if with_index else lp)
+    return carry, None
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return jax.lax.scan(body, carry, (layers, jnp.arange(n)) if with_index else layers)
+
+
 def forward(
   params: Params,
   cfg: ModelConfig,
@@ -295,6 +322,9 @@ def forward(
   logits_at: jax.Array | None = None,
 ):
   """Run the transformer.
+
+  ``params['layers']`` is stacked (``lax.scan`` over layers) or a tuple of per-layer dicts
+  (:func:`unstack_layers`: unrolled, for decode loops on CPU).
 
   Args:
     tokens: int32 [B, T].
@@ -322,7 +352,7 @@ def forward(
       y, _ = _layer(cfg, lp, x, positions, lambda k, v: (k, v, mask, None), mesh, rules)
       return y, None
 
-    x, _ = jax.lax.scan(body, x, params['layers'])
+    x, _ = _over_layers(body, x, params['layers'])
     new_cache = None
   else:
     s = cache['k'].shape[2]
@@ -341,9 +371,7 @@ def forward(
       y, (nk, nv) = _layer(cfg, lp, x, positions, kv_fn, mesh, rules)
       return (y, nk, nv), None
 
-    (x, ck, cv), _ = jax.lax.scan(
-      body, (x, cache['k'], cache['v']), (params['layers'], jnp.arange(cfg.n_layers))
-    )
+    (x, ck, cv), _ = _over_layers(body, (x, cache['k'], cache['v']), params['layers'], True)
     new_cache = {'k': ck, 'v': cv}
 
   x = rms_norm(x, params['final_norm'], cfg.norm_eps)
