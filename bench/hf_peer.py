@@ -17,7 +17,10 @@ convention). A batch of B cycles through the prompts.
 What is timed. One repeat = one full call: prefill of the prompt batch and decoding to
 ``--new`` tokens per row (the first new token comes from the prefill on both sides), outputs
 on the host. Compilation (specrl) and the first call (both) are excluded by ``--warmup``
-untimed repeats. tokens/s = B x new / median seconds.
+untimed repeats. tokens/s = B x new / median seconds. Each side's process CPU seconds per
+repeat (all threads; ``*_cpu_s``) come with it: on a machine shared with other work the
+wall-clock ratio also measures how each runtime copes with losing its cores (an OpenMP
+barrier that spins burns CPU while waiting for a descheduled thread), so read both.
 
   python bench/hf_peer.py --quick            # B = 1 and 16, 3 repeats each
   python bench/hf_peer.py                    # B = 1, 4, 16, 5 repeats each
@@ -133,21 +136,26 @@ def run_row(engine, params, peer, prompts, args) -> dict:
   rng = jax.random.key(0)
   out = {}
 
+  cpu = {'specrl': [], 'hf': []}
+
   def ours():
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     o, _ = engine.generate(params, toks, lens, rng)
-    resp = np.asarray(o.response)
-    out['specrl'] = resp
+    out['specrl'] = np.asarray(o.response)
+    cpu['specrl'].append(time.process_time() - c0)
     return time.perf_counter() - t0
 
   def theirs():
     r = peer.call(cmd='generate', prompts=prompts, new_tokens=args.new, pad_id=args.pad_id)
     out['hf'] = np.asarray(r['tokens'])
+    cpu['hf'].append(r['cpu_seconds'])
     return r['seconds']
 
   for _ in range(args.warmup):
     ours()
     theirs()
+  for times in cpu.values():  # warm-up calls do not count
+    times.clear()
   t_ours, t_hf = [], []
   for i in range(args.reps):
     t_ours.append(ours())
@@ -163,6 +171,8 @@ def run_row(engine, params, peer, prompts, args) -> dict:
     'specrl_tok_s': b * args.new / so,
     'hf_tok_s': b * args.new / sh,
     'ratio': sh / so,
+    'specrl_cpu_s': statistics.median(cpu['specrl']),
+    'hf_cpu_s': statistics.median(cpu['hf']),
     'agree_tokens': agreeing_prefix(out['specrl'], out['hf']),
     'specrl_times': t_ours,
     'hf_times': t_hf,
@@ -225,12 +235,15 @@ def main() -> None:
       ('specrl_tok_s', '.1f'),
       ('hf_tok_s', '.1f'),
       ('ratio', '.2f'),
+      ('specrl_cpu_s', '.2f'),
+      ('hf_cpu_s', '.2f'),
       ('agree_tokens', 'd'),
     ],
     rows,
   )
   print('(ratio = specrl tok/s / HF tok/s; agree_tokens: leading greedy tokens equal in all rows)')
-  keys = ('B', 'new_tokens', 'specrl_tok_s', 'hf_tok_s', 'ratio', 'agree_tokens')
+  keys = ('B', 'new_tokens', 'specrl_tok_s', 'hf_tok_s', 'ratio', 'specrl_cpu_s', 'hf_cpu_s')
+  keys += ('agree_tokens',)
   common.emit_json(
     {
       'bench': 'hf_peer',

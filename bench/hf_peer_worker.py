@@ -9,7 +9,8 @@ Commands:
   {"cmd": "load", "gguf": PATH, "threads": 2}
       -> {"ok": true, "torch", "transformers", "load_s"}
   {"cmd": "generate", "prompts": [[ids], ...], "new_tokens": N}
-      -> {"ok": true, "seconds": wall seconds of generate(), "tokens": [[N new ids], ...]}
+      -> {"ok": true, "seconds": wall seconds of generate(), "cpu_seconds": its process CPU
+          seconds (all threads), "tokens": [[N new ids], ...]}
   {"cmd": "quit"}
 
 ``generate`` is ``model.generate`` on the prompt ids left-padded (HF's convention for
@@ -62,7 +63,7 @@ def _generate(model, cmd: dict) -> dict:
   ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
   mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
   with torch.inference_mode():
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = model.generate(
       input_ids=ids,
       attention_mask=mask,
@@ -71,11 +72,11 @@ def _generate(model, cmd: dict) -> dict:
       do_sample=False,
       pad_token_id=pad,
     )
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
   new = out[:, width:].tolist()
   if any(len(r) != n for r in new):
     return {'ok': False, 'error': f'generate returned {[len(r) for r in new]} tokens, wanted {n}'}
-  return {'ok': True, 'seconds': dt, 'tokens': new}
+  return {'ok': True, 'seconds': dt, 'cpu_seconds': cpu, 'tokens': new}
 
 
 def main() -> None:
