@@ -107,3 +107,18 @@ def test_logits_at_is_one_row_of_the_full_logits(variant):
   assert one.shape == (b, 1, cfg.vocab_size) and hidden.shape == (b, t, cfg.d_model)
   np.testing.assert_allclose(one[:, 0], full[jnp.arange(b), at], atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(cache_one['k'], cache_full['k'])
+
+
+def test_unstacked_layers_give_the_same_logits_and_cache():
+  cfg, params = _setup('qwen3')
+  b, t = 2, 5
+  toks = jax.random.randint(jax.random.key(5), (b, t), 0, cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  per_layer = model_lib.unstack_layers(params)
+  assert isinstance(per_layer['layers'], tuple) and len(per_layer['layers']) == cfg.n_layers
+  for cache in (None, model_lib.init_cache(cfg, b, 7)):
+    want, want_cache = fwd(params, cfg, toks, pos, cache)
+    got, got_cache = fwd(per_layer, cfg, toks, pos, cache)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    if cache is not None:
+      np.testing.assert_allclose(got_cache['v'], want_cache['v'], atol=1e-6, rtol=1e-6)
