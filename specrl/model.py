@@ -282,6 +282,33 @@ def _layer(cfg: ModelConfig, lp, x, positions, kv_fn, mesh, rules):
   return shd.constrain(x, ('batch', 'seq', 'embed'), mesh, rules), aux
 
 
+def unstack_layers(params: Params) -> Params:
+  """``params`` with ``'layers'`` as a tuple of per-layer dicts (slices of the stacked
+  leaves) instead of one dict of ``[L, ...]`` leaves; :func:`forward` accepts either.
+
+  Why: over stacked layers :func:`forward` runs a ``lax.scan``, and XLA:CPU feeds each
+  layer's matmuls a *copy* of that layer's weight slice (a dynamic-slice it cannot fuse
+  into the dot), so every decode step reads and writes every weight once more before the
+  matmul reads it. Slicing once, outside a decode loop, and unrolling the layers inside it
+  removes that copy from every step (at the price of one copy of the layer weights per
+  call and a longer compile). Training keeps the stacked layout.
+  """
+  layers = params['layers']
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return {**params, 'layers': tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))}
+
+
+def _over_layers(body, carry, layers, with_index: bool = False):
+  """``lax.scan(body, carry, layers)`` over stacked layers, or a Python loop over a tuple
+  of per-layer dicts (:func:`unstack_layers`); ``with_index`` passes ``(lp, layer index)``."""
+  if isinstance(layers, tuple | list):
+    for i, lp in enumerate(layers):
+      carry, _ = body(carry, (lp, i) if with_index else lp)
+    return carry, None
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return jax.lax.scan(body, carry, (layers, jnp.arange(n)) if with_index else layers)
+
+
 def forward(
   params: Params,
   cfg: ModelConfig,
@@ -292,8 +319,12 @@ def forward(
   mesh: Mesh | None = None,
   rules: dict | None = None,
   return_hidden: bool = False,
+  logits_at: jax.Array | None = None,
 ):
   """Run the transformer.
+
+  ``params['layers']`` is stacked (``lax.scan`` over layers) or a tuple of per-layer dicts
+  (:func:`unstack_layers`: unrolled, for decode loops on CPU).
 
   Args:
     tokens: int32 [B, T].
@@ -301,9 +332,13 @@ def forward(
     cache: optional KV cache ``[L, B, S, K, Dh]``; new k/v are written at ``positions``
       (positions >= S are dropped) and queries attend to slots ``<= position``.
       Without a cache, key j is visible to query i iff ``positions[j] <= positions[i]``.
+    logits_at: optional int32 [B]: compute the logits of token ``logits_at[b]`` of each row
+      only (logits [B, 1, V]). A prefill needs the last prompt token's logits alone; the
+      [B, T, D] x [D, V] head over every prompt token would cost T times more (at
+      SmolLM2's V = 49152 more than the whole prefill trunk).
   Returns:
     ``(logits f32 [B, T, V], new_cache)`` (``new_cache`` is None without a cache);
-    with ``return_hidden`` also the final normed hidden state [B, T, D].
+    with ``return_hidden`` also the final normed hidden state [B, T, D] (every token).
   """
   rules = shd.DECODE_RULES if rules is None else rules
   x = _embed(params['embed'], tokens, cfg.cdtype)
@@ -317,7 +352,7 @@ def forward(
       y, _ = _layer(cfg, lp, x, positions, lambda k, v: (k, v, mask, None), mesh, rules)
       return y, None
 
-    x, _ = jax.lax.scan(body, x, params['layers'])
+    x, _ = _over_layers(body, x, params['layers'])
     new_cache = None
   else:
     s = cache['k'].shape[2]
@@ -336,15 +371,14 @@ def forward(
       y, (nk, nv) = _layer(cfg, lp, x, positions, kv_fn, mesh, rules)
       return (y, nk, nv), None
 
-    (x, ck, cv), _ = jax.lax.scan(
-      body, (x, cache['k'], cache['v']), (params['layers'], jnp.arange(cfg.n_layers))
-    )
+    (x, ck, cv), _ = _over_layers(body, (x, cache['k'], cache['v']), params['layers'], True)
     new_cache = {'k': ck, 'v': cv}
 
   x = rms_norm(x, params['final_norm'], cfg.norm_eps)
   head = params['embed'] if cfg.tie_embeddings else params['lm_head']
   eq = 'btd,vd->btv' if cfg.tie_embeddings else 'btd,dv->btv'
-  logits = _einsum(eq, x, head).astype(jnp.float32)
+  xh = x if logits_at is None else jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
+  logits = _einsum(eq, xh, head).astype(jnp.float32)
   logits = shd.constrain(logits, ('batch', 'seq', 'vocab'), mesh, rules)
   if return_hidden:
     return logits, new_cache, x

@@ -58,6 +58,21 @@ class SamplingParams:
     return 1.0 if self.greedy else self.temperature
 
 
+def argmax(x: jax.Array) -> jax.Array:
+  """``jnp.argmax(x, axis=-1)`` as int32, exactly (first index of the max; a NaN counts as
+  the max, so the first NaN wins), written as two plain reductions.
+
+  Why: XLA:CPU lowers ``argmax`` to a variadic (value, index) reduce that it does not
+  vectorize; over a [B, V = 49152] row that is ~8x slower than a max followed by a
+  first-hit index min (measured at B = 16 on a 2-core CPU: 3.6 vs 0.5 ms per call), and
+  every decode step takes one (greedy, and the Gumbel-max draw when sampling).
+  """
+  m = jnp.max(x, axis=-1, keepdims=True)  # NaN if any NaN: then only NaNs hit
+  hit = (x == m) | jnp.isnan(x)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1).astype(jnp.int32)
+
+
 def scale_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
   """logits / T in f32 (T = 1 for greedy). Shape preserved."""
   return logits.astype(jnp.float32) / jnp.float32(sp.logprob_temperature)
@@ -111,7 +126,7 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, sp: SamplingParams) -> 
 def sample(logits: jax.Array, rng: jax.Array, sp: SamplingParams) -> jax.Array:
   """Draw one token per row. logits [..., V] -> int32 [...]."""
   if sp.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
   return jax.random.categorical(rng, processed_logits(logits, sp), axis=-1).astype(jnp.int32)
 
 
@@ -120,13 +135,13 @@ def sample_seeded(logits: jax.Array, seeds: jax.Array, sp: SamplingParams, row: 
   logits with :func:`specrl.prng.row_gumbels` noise, so a row's draw depends on its seed
   only, never on its place in the batch. logits [B, V], seeds int32 [B] -> int32 [B]."""
   if sp.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
   g = prng.row_gumbels(seeds, row, logits.shape[-1])
-  return jnp.argmax(processed_logits(logits, sp) + g, axis=-1).astype(jnp.int32)
+  return argmax(processed_logits(logits, sp) + g)
 
 
 def draft_distribution(logits: jax.Array, sp: SamplingParams) -> jax.Array:
   """Processed probabilities q used for drafting and for verification. [..., V] f32."""
   if sp.greedy:
-    return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
   return jax.nn.softmax(processed_logits(logits, sp), axis=-1)

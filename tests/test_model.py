@@ -91,3 +91,34 @@ def test_bf16_params_run():
   toks = jnp.zeros((2, 5), jnp.int32)
   lg, _ = fwd(params, cfg, toks, jnp.broadcast_to(jnp.arange(5), (2, 5)))
   assert lg.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(lg)))
+
+
+@pytest.mark.parametrize('variant', ['llama', 'qwen2'])
+def test_logits_at_is_one_row_of_the_full_logits(variant):
+  cfg, params = _setup(variant)
+  b, t = 3, 6
+  toks = jax.random.randint(jax.random.key(4), (b, t), 0, cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  cache = model_lib.init_cache(cfg, b, 8)
+  full, cache_full = fwd(params, cfg, toks, pos, cache)
+  at = jnp.array([5, 0, 2])
+  f = jax.jit(model_lib.forward, static_argnums=1, static_argnames='return_hidden')
+  one, cache_one, hidden = f(params, cfg, toks, pos, cache, logits_at=at, return_hidden=True)
+  assert one.shape == (b, 1, cfg.vocab_size) and hidden.shape == (b, t, cfg.d_model)
+  np.testing.assert_allclose(one[:, 0], full[jnp.arange(b), at], atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(cache_one['k'], cache_full['k'])
+
+
+def test_unstacked_layers_give_the_same_logits_and_cache():
+  cfg, params = _setup('qwen3')
+  b, t = 2, 5
+  toks = jax.random.randint(jax.random.key(5), (b, t), 0, cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  per_layer = model_lib.unstack_layers(params)
+  assert isinstance(per_layer['layers'], tuple) and len(per_layer['layers']) == cfg.n_layers
+  for cache in (None, model_lib.init_cache(cfg, b, 7)):
+    want, want_cache = fwd(params, cfg, toks, pos, cache)
+    got, got_cache = fwd(per_layer, cfg, toks, pos, cache)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    if cache is not None:
+      np.testing.assert_allclose(got_cache['v'], want_cache['v'], atol=1e-6, rtol=1e-6)

@@ -77,8 +77,9 @@ def prefill(
     mesh=mesh,
     rules=rules,
     return_hidden=hooks.wants_hidden(drafter),
+    logits_at=prompt_len - 1,  # the last prompt token's logits only
   )
-  last = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+  last = logits[:, 0]
   seed = prng.rollout_seed(rng)
   seq_id = jnp.arange(b, dtype=jnp.int32)
   seeds = prng.event_seeds(seed, seq_id, prompt_len - 1, prng.STREAM_PLAIN)
@@ -261,12 +262,22 @@ def decode(
   min_active=0,
   max_steps=None,
   limit: int | None = None,
+  unroll_layers: bool | None = None,
 ) -> tuple[RolloutState, jax.Array]:
   """Run :func:`decode_step` with ``k`` drafts in a ``lax.while_loop`` until every sequence
   is done, the active count drops to ``min_active`` (compaction), ``max_steps`` rounds ran
   (a chunk), or the global step reaches ``limit`` (default :func:`max_loop_steps`).
-  ``min_active`` / ``max_steps`` may be traced int32 scalars. Returns (state, rounds run)."""
+  ``min_active`` / ``max_steps`` may be traced int32 scalars. Returns (state, rounds run).
+
+  ``unroll_layers`` (default: on the CPU backend) runs the policy's layers unrolled over
+  per-layer weights sliced once before the loop (:func:`specrl.model.unstack_layers`):
+  XLA:CPU otherwise copies every layer's weights out of the stacked arrays in every step.
+  Same math, same tokens."""
   limit = max_loop_steps(rcfg) if limit is None else limit
+  if unroll_layers is None:
+    unroll_layers = jax.default_backend() == 'cpu'
+  if unroll_layers:  # slice the stacked layer weights once, not in every step
+    params = model_lib.unstack_layers(params)
 
   def cond(c):
     s, i = c
