@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
 
   c.sft.steps = 0  # the instruct model starts from its own answers; GRPO only
   c.rl.update(
-    steps=50,
+    steps=30,
     num_prompts=4,
     num_generations=4,
     lr=5e-6,

@@ -320,6 +320,7 @@ def forward(
   rules: dict | None = None,
   return_hidden: bool = False,
   logits_at: jax.Array | None = None,
+  head: bool = True,
 ):
   """Run the transformer.
 
@@ -338,7 +339,8 @@ def forward(
       SmolLM2's V = 49152 more than the whole prefill trunk).
   Returns:
     ``(logits f32 [B, T, V], new_cache)`` (``new_cache`` is None without a cache);
-    with ``return_hidden`` also the final normed hidden state [B, T, D] (every token).
+    with ``return_hidden`` also the final normed hidden state [B, T, D] (every token);
+    ``head=False``: ``(None, new_cache, hidden)`` without computing any logits.
   """
   rules = shd.DECODE_RULES if rules is None else rules
   x = _embed(params['embed'], tokens, cfg.cdtype)
@@ -375,14 +377,24 @@ def forward(
     new_cache = {'k': ck, 'v': cv}
 
   x = rms_norm(x, params['final_norm'], cfg.norm_eps)
-  head = params['embed'] if cfg.tie_embeddings else params['lm_head']
-  eq = 'btd,vd->btv' if cfg.tie_embeddings else 'btd,dv->btv'
+  if not head:
+    return None, new_cache, x
   xh = x if logits_at is None else jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
-  logits = _einsum(eq, xh, head).astype(jnp.float32)
-  logits = shd.constrain(logits, ('batch', 'seq', 'vocab'), mesh, rules)
+  logits = lm_head(params, cfg, xh, mesh=mesh, rules=rules)
   if return_hidden:
     return logits, new_cache, x
   return logits, new_cache
+
+
+def lm_head(params: Params, cfg: ModelConfig, x: jax.Array, *, mesh=None, rules=None):
+  """Logits f32 [B, T, V] of final-normed hidden states ``x`` [B, T, D] (the tied
+  embedding or ``lm_head``). Separate so a caller can apply it to chunks of the sequence
+  (training's logprobs never hold [B, S, V] at once: :func:`specrl.rl.sequence_logprobs`)."""
+  rules = shd.DECODE_RULES if rules is None else rules
+  w = params['embed'] if cfg.tie_embeddings else params['lm_head']
+  eq = 'btd,vd->btv' if cfg.tie_embeddings else 'btd,dv->btv'
+  logits = _einsum(eq, x, w).astype(jnp.float32)
+  return shd.constrain(logits, ('batch', 'seq', 'vocab'), mesh, rules)
 
 
 # ----------------------------------------------------------------------------- presets

@@ -126,3 +126,30 @@ def test_grpo_loop_raises_reward_on_a_toy_task():
     }
     state, _ = step(state, batch)
   assert start < 0.3 and p5(state.params) > start + 0.3, (start, p5(state.params))
+
+
+def _naive_logprobs(params, cfg, tokens, temperature):
+  b, s = tokens.shape
+  pos = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
+  logits, _ = model_lib.forward(params, cfg, tokens[:, :-1], pos)
+  logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+  lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return jnp.pad(lp, ((0, 0), (1, 0)))
+
+
+@pytest.mark.parametrize('elements', [3 * 5 * 40, 1 << 25])  # 5 chunks (last padded) / one
+def test_chunked_sequence_logprobs_match_full_head(monkeypatch, elements):
+  """Training's chunked LM head gives the full head's logprobs and gradients."""
+  cfg = model_lib.ModelConfig(
+    vocab_size=40, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64
+  )
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (3, 23), 0, 40)
+  monkeypatch.setattr(rl_lib, 'LOGPROB_CHUNK_ELEMENTS', elements)
+  assert rl_lib.logprob_chunk(3, 22, 40) == (5 if elements < 1000 else 22)
+  got = rl_lib.sequence_logprobs(params, cfg, tokens, 0.7)
+  want = _naive_logprobs(params, cfg, tokens, 0.7)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  g_got = jax.grad(lambda p: rl_lib.sequence_logprobs(p, cfg, tokens, 0.7).sum())(params)
+  g_want = jax.grad(lambda p: _naive_logprobs(p, cfg, tokens, 0.7).sum())(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_got, g_want)
