@@ -126,11 +126,10 @@ def make_meshes(acfg: AsyncConfig, mesh_shape, mesh=None, devices=None):
 def warn_if_nothing_overlaps(acfg: AsyncConfig, log=logging.warning) -> bool:
   """s >= 1 without a device split: allowed (off-policy by s steps), but said once."""
   if acfg.staleness and not acfg.split:
+    s = acfg.staleness
     log(
-      'rl.async_staleness=%d without a rollout/train device split (rollout_mesh_shape, '
-      'train_mesh_shape): rollouts are %d update(s) stale but nothing overlaps',
-      acfg.staleness,
-      acfg.staleness,
+      f'rl.async_staleness={s} without a rollout/train device split (rollout_mesh_shape, '
+      f'train_mesh_shape): rollouts are {s} update(s) stale but nothing overlaps'
     )
     return True
   return False
