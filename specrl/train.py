@@ -421,8 +421,10 @@ def make_pipeline(exp: Experiment, timeline=None) -> async_rl.RolloutPipeline:
     batch, _, _, m = rollout_batch(exp, params, step, exp.rngs.rollout, draft_params)
     return batch, m
 
-  def to_rollout(params):
-    return jax.device_put(params, exp.engine.param_shardings(params), may_alias=False)
+  def to_rollout(params):  # a copy even on the same devices: the next train step donates
+    axes = model_lib.param_logical_axes(exp.model_cfg)
+    sh = shd.tree_shardings(axes, params, exp.rollout_mesh, shd.PARAM_RULES)
+    return jax.device_put(params, sh, may_alias=False)
 
   derive = jax.jit(exp.drafter.params_from_policy) if derives_draft_params(exp) else None
   return async_rl.RolloutPipeline(exp.async_cfg, rollout_fn, to_rollout, derive, total, timeline)
