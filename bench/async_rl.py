@@ -57,7 +57,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def base_config(args):
   c = default.get_config()
-  c.sft.steps, c.rl.steps = args.sft_steps, args.rl_steps
+  c.sft.steps, c.rl.steps = args.sft_steps, args.rl_steps + 5  # + the timeline stretch
   c.rl.num_prompts = args.num_prompts
   c.rollout_mesh_shape, c.train_mesh_shape = (1, 1, 1), (1, 1, 1)
   c.eval.prompts, c.log_every = 0, 1000
@@ -89,7 +89,7 @@ def plot(timelines, rewards, plot_dir, steps_shown):
   colors = {'rollout': 'tab:blue', 'train': 'tab:orange', 'transfer': 'tab:green'}
   lanes = {'rollout': 2, 'train': 1, 'transfer': 0}
   for ax, (name, (events, first)) in zip(axes, timelines.items(), strict=True):
-    sel = [e for e in events if first <= e[1] < first + steps_shown]
+    sel = [e for e in events if first <= e[1] <= first + steps_shown]
     t_start = min(e[2] for e in sel)
     for kind, step, t0, t1 in sel:
       ax.barh(lanes[kind], t1 - t0, left=t0 - t_start, color=colors[kind], edgecolor='k', lw=0.3)
@@ -121,7 +121,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true')
   ap.add_argument('--sft_steps', type=int, default=150)
-  ap.add_argument('--rl_steps', type=int, default=30)
+  ap.add_argument('--rl_steps', type=int, default=30)  # + 4 more per variant for the timeline
   ap.add_argument('--num_prompts', type=int, default=32)
   ap.add_argument('--plot_dir', default=os.path.join(ROOT, 'docs'))
   args = ap.parse_args()
@@ -154,11 +154,20 @@ def main():
     flush=True,
   )
   hist = {v: [] for v in variants}
+  load0 = os.getloadavg()[0]
   for i in range(args.rl_steps):
     step = args.sft_steps + i
     for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
       states[v], m = train.run_step(exps[v], states[v], step, fns[v], pipes[v])
       hist[v].append(m)
+  # A short consecutive stretch per variant for the timeline plot (the interleaved steps
+  # above have the other variants' steps between them).
+  shown, segment = min(4, args.rl_steps), {}
+  for v in ('s0', 's1'):
+    pipes[v].timeline = seg = async_rl.Timeline()
+    for step in range(args.sft_steps + args.rl_steps, args.sft_steps + args.rl_steps + shown):
+      states[v], _ = train.run_step(exps[v], states[v], step, fns[v], pipes[v])
+    segment[v] = (seg.join(), args.sft_steps + args.rl_steps)
   timed = set(range(args.sft_steps + 1, args.sft_steps + args.rl_steps))
   rows, res = [], {'variants': {}}
   for v in variants:
@@ -196,13 +205,13 @@ def main():
     f'step time s0/s1 = {res["speedup_s1_over_s0"]:.2f}x (perfect overlap of the s0 '
     f'components would give {res["ideal_speedup"]:.2f}x)'
   )
-  first = args.sft_steps + 1
   tl, rp = plot(
-    {v: (tls[v].events, first) for v in ('s0', 's1')},
+    segment,
     {v: (list(range(args.rl_steps)), [m['reward'] for m in hist[v]]) for v in variants},
     args.plot_dir,
-    min(4, args.rl_steps - 1),
+    shown,
   )
+  res['load_average'] = [load0, os.getloadavg()[0]]  # the machine is shared
   res['plots'] = [os.path.relpath(tl, ROOT), os.path.relpath(rp, ROOT)]
   res['sft_steps'], res['rl_steps'], res['num_prompts'] = (
     args.sft_steps, args.rl_steps, args.num_prompts,
