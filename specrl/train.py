@@ -413,7 +413,7 @@ def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
 
 def make_pipeline(exp: Experiment, timeline=None) -> async_rl.RolloutPipeline:
   """The rollout side of the loop (:mod:`specrl.async_rl`) for ``exp``: GRPO rollouts on
-  the engine's mesh, params copied there with the engine's param shardings, a derived
+  the engine's mesh, params copied there (``PARAM_RULES`` on the rollout mesh), a derived
   drafter's params computed there by one jitted call."""
   total = exp.config.sft.steps + exp.config.rl.steps
 
