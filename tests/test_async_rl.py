@@ -200,13 +200,21 @@ def test_one_step_stale_resume_with_a_rollout_in_flight_is_exact(tmp_path, engin
   assert abs(hist[-1]['train/is_weight_mean'] - 1) > 1e-4
 
 
-def test_split_on_eight_devices_is_deterministic_one_update_old_lossless_and_resumes():
+def test_split_on_eight_devices_is_deterministic_one_update_old_lossless_and_resumes(tmp_path):
+  env = {
+    **os.environ,
+    'JAX_PLATFORMS': 'cpu',
+    # the check runs the same config 4 times: later runs load executables, not compile
+    'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'jax_cache'),
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+    'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+  }
   r = subprocess.run(
     [sys.executable, os.path.join(HERE, 'async_check.py')],
     capture_output=True,
     text=True,
     timeout=900,
-    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    env=env,
   )
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.strip().splitlines()[-1])
