@@ -56,7 +56,7 @@ def main(_):
   state = train.init_state(exp)
   fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
   for step in range(c.sft.steps):
-    state, _, _ = train.run_step(exp, state, step, fns)
+    state, _ = train.run_step(exp, state, step, fns)
   derive = jax.jit(exp.drafter.params_from_policy)
   stale = derive(state.params)
   fresh = stale

@@ -85,13 +85,13 @@ def main(argv=None):
   warm, warm_hist = train.train_and_evaluate(base, args.workdir, max_steps=args.sft_steps)
   warmup_eval = next((m for m in warm_hist if 'eval/step' in m), None)
 
-  exps, states, fns, dparams = {}, {}, {}, {}
+  exps, states, fns, pipes = {}, {}, {}, {}
   for v in variants:
     exps[v] = train.build_experiment(variant_config(v, base))
     sh = jax.tree.map(lambda x: x.sharding, train.init_state(exps[v]))
     states[v] = jax.device_put(jax.tree.map(jnp.copy, warm), sh)  # steps donate theirs
     fns[v] = train._jitted_steps(exps[v], sh)
-    dparams[v] = None
+    pipes[v] = train.make_pipeline(exps[v])
   info = common.device_info()
   print(
     f'# GRPO step time: {info}, default config ({base.rl.num_prompts} prompts x '
@@ -102,7 +102,7 @@ def main(argv=None):
   for i in range(args.rl_steps + 1):
     step = args.sft_steps + i
     for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
-      states[v], m, dparams[v] = train.run_step(exps[v], states[v], step, fns[v], dparams[v])
+      states[v], m = train.run_step(exps[v], states[v], step, fns[v], pipes[v])
       # One-off costs inside a timed step: an adaptive engine compiles (and profiles) each
       # (bucket, strategy) the first time a rollout reaches it. Reported, then excluded.
       once = m.get('adaptive/compile_s', 0.0) + m.get('adaptive/profile_s', 0.0)
@@ -114,7 +114,8 @@ def main(argv=None):
 
   val = {}
   for v in variants:  # the same held-out prompts and keys for every variant
-    val[v] = evaluation.Evaluator.from_experiment(exps[v])(states[v].params, dparams[v])
+    params, dparams = pipes[v].current(states[v].params, int(states[v].step))
+    val[v] = evaluation.Evaluator.from_experiment(exps[v])(params, dparams)
 
   def med(v, key):
     return statistics.median(m[key] for m in hist[v])

@@ -181,6 +181,12 @@ def get_config(arg: str | None = None):
       scale_advantages=True,
       num_minibatches=1,
       num_epochs=1,
+      # Asynchronous RL (specrl/async_rl.py): the rollout for step t+s is generated with the
+      # params of step t while step t trains (0 = synchronous). Overlap needs a device split
+      # (rollout_mesh_shape / train_mesh_shape below); without one s >= 1 is just off-policy.
+      async_staleness=0,
+      offpolicy='none',  # none | tis (truncated IS, verl) | decoupled (decoupled PPO, AReaL)
+      is_cap=2.0,  # C: pi_prox / pi_behav truncated at C ('tis') or dropped above C ('decoupled')
     )
   )
 
@@ -194,6 +200,10 @@ def get_config(arg: str | None = None):
   c.eval = ml_collections.ConfigDict(dict(every=20, prompts=64, generations=8, greedy=True))
 
   c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+  # Rollout / train device split (both or neither; () = no split: both on mesh_shape): the
+  # first prod(rollout_mesh_shape) devices roll out, the rest train; together all devices.
+  c.rollout_mesh_shape = ()
+  c.train_mesh_shape = ()
   c.log_every = 10  # a plain progress line every log_every steps (a live one on a terminal)
   c.checkpoint_every = 20
   c.keep_checkpoints = 2

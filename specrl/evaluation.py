@@ -173,8 +173,8 @@ class Evaluator:
       rcfg = dataclasses.replace(
         exp.rollout_cfg, sampling=sampling.SamplingParams(temperature=0.0), num_draft=0
       )
-      greedy = rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.mesh)
-    devices = batch_devices(exp.mesh)
+      greedy = rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.engine.mesh)
+    devices = batch_devices(exp.engine.mesh)
     return cls(cfg, exp.task, exp.engine, exp.rngs.eval, exp.config.rl.num_prompts, greedy, devices)
 
   def _correct_and_reward(self, responses, owner):
@@ -224,14 +224,14 @@ class Evaluator:
 
 
 def validate_if_due(
-  evaluator: Evaluator | None, params, updates: int, *, sft_steps: int, total: int,
-  draft_params=None,
-) -> dict[str, float]:  # fmt: skip
-  """The loop's hook: ``evaluator(params)`` plus ``eval/step = updates`` when
-  :func:`due_after` says so (``{}`` otherwise, or without an evaluator)."""
+  evaluator: Evaluator | None, params_fn, updates: int, *, sft_steps: int, total: int
+) -> dict[str, float]:
+  """The loop's hook: ``evaluator(*params_fn())`` plus ``eval/step = updates`` when
+  :func:`due_after` says so (``{}`` otherwise, or without an evaluator). ``params_fn() ->
+  (params, draft_params)`` on the engine's mesh, called only when validation is due."""
   if evaluator is None or not due_after(updates, sft_steps, total, evaluator.cfg.every):
     return {}
-  m = evaluator(params, draft_params)
+  m = evaluator(*params_fn())
   m['eval/step'] = updates
   return m
 

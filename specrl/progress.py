@@ -124,3 +124,34 @@ class Progress:
     if self._status_shown:
       self._write('\n')
       self._status_shown = False
+
+
+def step_line(step: int, total: int, m: dict) -> str:
+  """The progress line of one loop step (metrics dict ``m`` of :func:`specrl.train.run_step`)."""
+  if m.get('phase', 0) == 0:
+    return f'[{step + 1}/{total}] sft loss {m["sft_loss"]:.4f}  {m["step_time_s"]:.2f}s'
+  line = (
+    f'[{step + 1}/{total}] reward {m["reward"]:.3f} acc {m["accuracy"]:.3f} '
+    f'len {m["response_len_mean"]:.1f}/{m["response_len_max"]} '
+    f'rollout {m["rollout/time_s"]:.2f}s ({m["rollout/tokens_per_s"]:.0f} tok/s) '
+    f'train {m["train/time_s"]:.2f}s'
+  )
+  if m.get('async/staleness'):
+    line += f' (rollout {int(m["async/staleness"])} update(s) old)'
+  if 'spec/alpha' in m:
+    line += f' | alpha {m["spec/alpha"]:.2f} tok/pass {m["spec/tokens_per_pass"]:.2f}'
+  if 'spec/draft_time_est_s' in m:
+    line += f' draft/verify {m["spec/draft_time_est_s"]:.2f}/{m["spec/verify_time_est_s"]:.2f}s'
+  if 'adaptive/chunks' in m:
+    ks = ' '.join(
+      f'{k.split("/")[-1]}:{"plain" if v == 0 else f"k{v}"}'
+      for k, v in m.items()
+      if k.startswith('adaptive/k/')
+    )
+    line += (
+      f' | adaptive {m["adaptive/compactions"]} compactions, spec '
+      f'{100 * m["adaptive/spec_time_frac"]:.0f}% of decode, {ks}'
+    )
+    if m.get('adaptive/compile_s', 0) > 0:
+      line += f' (compiled {m["adaptive/compile_s"]:.1f}s)'
+  return line

@@ -11,6 +11,28 @@ Batch layout (B sequences, S = rollout buffer length), all by *position*:
   response_mask f32 [B, S]     1 where position t holds a response token
   old_logprobs f32 [B, S]      behaviour logprob of token t (from the rollout)
   advantages f32 [B]           per sequence
+
+Off-policy correction (``rl.offpolicy``; asynchronous RL, :mod:`specrl.async_rl`, trains on
+rollouts of params s updates old). Per response token, with A the advantage,
+pi_theta the policy being optimised, pi_behav the rollout's (``old_logprobs``), pi_prox the
+params at the start of this train step (one extra no-grad forward, computed once per step),
+clip(r) = clip(r, 1 - clip_eps, 1 + (clip_eps_high or clip_eps)) and C = ``rl.is_cap``:
+
+  'none'       loss_t = -min(r A, clip(r) A),            r = pi_theta / pi_behav
+               (plain PPO against the behaviour policy: today's synchronous loss)
+  'tis'        loss_t = -min(w, C) * min(r A, clip(r) A),  r = pi_theta / pi_prox,
+               w = pi_prox / pi_behav (stop-gradient): truncated importance sampling as in
+               verl (the PPO ratio against the recomputed "old" logprobs, the sample
+               reweighted by the truncated behaviour ratio)
+  'decoupled'  loss_t = -1[w <= C] * w * min(r A, clip(r) A),  r, w as for 'tis': the
+               decoupled PPO objective (Hilton et al. 2021) as AReaL implements it; a token
+               whose behaviour weight exceeds C gets weight 0 but stays in the denominator
+               (AReaL's ``behav_imp_weight_cap``). With pi_behav == pi_prox (w = 1) both
+               reduce to PPO against pi_prox.
+
+Logged with 'tis' / 'decoupled': ``is_weight_mean`` and ``is_weight_max`` (w over response
+tokens), ``is_capped_frac`` (tokens with w > C) and ``behav_kl`` (k3 estimate of
+KL(pi_behav || pi_prox) = E[w - 1 - log w]).
 """
 
 from __future__ import annotations
@@ -27,6 +49,8 @@ from specrl import faults
 from specrl import model as model_lib
 from specrl import sharding as shd
 
+OFFPOLICY = ('none', 'tis', 'decoupled')
+
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
@@ -39,6 +63,8 @@ class RLConfig:
   temperature: float = 1.0  # must equal the rollout temperature (1 for greedy)
   num_minibatches: int = 1
   num_epochs: int = 1
+  offpolicy: str = 'none'  # 'none' | 'tis' | 'decoupled' (see the module docstring)
+  is_cap: float = 2.0  # C: truncation ('tis') / drop threshold ('decoupled') of pi_prox/pi_behav
 
   def __post_init__(self):
     if self.num_generations < 2:
@@ -55,6 +81,10 @@ class RLConfig:
       raise ValueError(f'rl.temperature must be > 0, got {self.temperature}')
     if self.num_minibatches < 1 or self.num_epochs < 1:
       raise ValueError('rl.num_minibatches and rl.num_epochs must be >= 1')
+    if self.offpolicy not in OFFPOLICY:
+      raise ValueError(f'rl.offpolicy must be one of {OFFPOLICY}, got {self.offpolicy!r}')
+    if not self.is_cap >= 1:
+      raise ValueError(f'rl.is_cap must be >= 1 (it caps pi_prox / pi_behav), got {self.is_cap}')
 
 
 @flax.struct.dataclass
@@ -147,20 +177,50 @@ def _aggregate(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
   return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
 
 
-def grpo_loss_from_logprobs(logprobs, old_logprobs, ref_logprobs, advantages, mask, rl: RLConfig):
-  """PPO-clipped GRPO loss from per-token logprobs (all [B, S]); returns (loss, metrics)."""
-  ratio = jnp.exp(logprobs - old_logprobs)
+def grpo_loss_from_logprobs(
+  logprobs, old_logprobs, ref_logprobs, advantages, mask, rl: RLConfig, prox_logprobs=None
+):
+  """PPO-clipped GRPO loss from per-token logprobs (all [B, S]); returns (loss, metrics).
+
+  ``old_logprobs``: the behaviour policy's; ``prox_logprobs``: the proximal policy's (the
+  params at the start of the step), required by ``rl.offpolicy`` 'tis' and 'decoupled'
+  (formulas in the module docstring)."""
   adv = advantages[:, None]
   hi = rl.clip_eps_high or rl.clip_eps
+  metrics = {}
+  if rl.offpolicy == 'none':
+    ratio = jnp.exp(logprobs - old_logprobs)
+    weight = None
+  else:
+    if prox_logprobs is None:
+      raise ValueError(f'rl.offpolicy={rl.offpolicy!r} needs the proximal logprobs')
+    prox = jax.lax.stop_gradient(prox_logprobs)
+    ratio = jnp.exp(logprobs - prox)
+    log_w = (prox - old_logprobs) * mask  # 0 off the response: w = 1 there
+    w = jnp.exp(log_w)
+    capped = (w > rl.is_cap).astype(jnp.float32)
+    weight = jnp.minimum(w, rl.is_cap) if rl.offpolicy == 'tis' else w * (1.0 - capped)
+    metrics.update(
+      {
+        'is_weight_mean': _aggregate(w, mask, 'token'),
+        'is_weight_max': jnp.max(jnp.where(mask > 0, w, 0.0)),
+        'is_capped_frac': _aggregate(capped, mask, 'token'),
+        'behav_kl': _aggregate(w - 1.0 - log_w, mask, 'token'),
+      }
+    )
   unclipped = ratio * adv
   clipped = jnp.clip(ratio, 1.0 - rl.clip_eps, 1.0 + hi) * adv
   pg = -jnp.minimum(unclipped, clipped)
+  if weight is not None:
+    pg = weight * pg
   loss = _aggregate(pg, mask, rl.aggregation)
-  metrics = {
-    'pg_loss': loss,
-    'clip_frac': _aggregate((unclipped != clipped).astype(jnp.float32), mask, 'token'),
-    'ratio_mean': _aggregate(ratio, mask, 'token'),
-  }
+  metrics.update(
+    {
+      'pg_loss': loss,
+      'clip_frac': _aggregate((unclipped != clipped).astype(jnp.float32), mask, 'token'),
+      'ratio_mean': _aggregate(ratio, mask, 'token'),
+    }
+  )
   if ref_logprobs is not None and rl.kl_coef > 0:
     d = ref_logprobs - logprobs
     kl = jnp.exp(d) - d - 1.0  # k3 estimator, >= 0
@@ -172,6 +232,8 @@ def grpo_loss_from_logprobs(logprobs, old_logprobs, ref_logprobs, advantages, ma
 
 
 def grpo_loss(params, batch: dict, ref_params, cfg, rl: RLConfig, mesh=None):
+  """``batch`` as in the module docstring, plus ``prox_logprobs`` [B, S] when
+  ``rl.offpolicy`` != 'none' (:func:`train_step` adds them)."""
   lp = sequence_logprobs(params, cfg, batch['tokens'], rl.temperature, mesh)
   ref_lp = None
   if ref_params is not None and rl.kl_coef > 0:
@@ -179,8 +241,27 @@ def grpo_loss(params, batch: dict, ref_params, cfg, rl: RLConfig, mesh=None):
       sequence_logprobs(ref_params, cfg, batch['tokens'], rl.temperature, mesh)
     )
   return grpo_loss_from_logprobs(
-    lp, batch['old_logprobs'], ref_lp, batch['advantages'], batch['response_mask'], rl
+    lp,
+    batch['old_logprobs'],
+    ref_lp,
+    batch['advantages'],
+    batch['response_mask'],
+    rl,
+    prox_logprobs=batch.get('prox_logprobs'),
   )
+
+
+def proximal_logprobs(params, tokens, cfg, rl: RLConfig, mesh=None):
+  """Logprobs [B, S] of ``tokens`` under ``params`` (no gradient), computed in
+  ``rl.num_minibatches`` chunks so the logits never exceed one minibatch's."""
+  n = rl.num_minibatches
+  if tokens.shape[0] % n:
+    raise ValueError(
+      f'batch of {tokens.shape[0]} sequences is not divisible by rl.num_minibatches={n}'
+    )
+  chunks = tokens.reshape((n, tokens.shape[0] // n) + tokens.shape[1:])
+  lp = jax.lax.map(lambda t: sequence_logprobs(params, cfg, t, rl.temperature, mesh), chunks)
+  return jax.lax.stop_gradient(lp.reshape(tokens.shape))
 
 
 def _minibatches(batch: dict, n: int, rng) -> dict:
@@ -233,6 +314,9 @@ def train_step(
     )
     return (params, opt_state), metrics
 
+  if rl.offpolicy != 'none':  # pi_prox: the params at the start of this step
+    prox = proximal_logprobs(state.params, batch['tokens'], cfg, rl, mesh)
+    batch = {**batch, 'prox_logprobs': prox}
   carry = (state.params, state.opt_state)
   all_metrics = []
   for epoch in range(rl.num_epochs):

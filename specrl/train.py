@@ -7,6 +7,10 @@ notebook. One readable loop:
     warm-up: sft_step on generated worked solutions
     GRPO:    prompts(step) -> rollout(params) -> rewards -> advantages -> train_step
 
+With ``rl.async_staleness`` = s >= 1 the same loop trains step t on a rollout generated
+with the params of step t - s while the rollout for t + s runs on its own devices
+(:mod:`specrl.async_rl`; s = 0 is the synchronous loop, bit for bit).
+
 Determinism: prompts for step t come from ``np.random.default_rng([seed, t])`` and device
 randomness from independent streams derived once from the seed (:class:`RngStreams`: the
 rollout at step t uses ``fold_in(rollout, t)``, the GRPO shuffle ``fold_in(state.rng, t)``
@@ -30,7 +34,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding
 
-from specrl import adaptive, drafters, evaluation, faults, sampling
+from specrl import adaptive, async_rl, drafters, evaluation, faults, sampling
 from specrl import checkpointing as ckpt_lib
 from specrl import config as config_lib
 from specrl import model as model_lib
@@ -91,6 +95,8 @@ class Experiment:
   engine: object  # rollout.RolloutEngine or adaptive.AdaptiveRolloutEngine
   rngs: RngStreams  # independent rollout / train / drafter / eval key streams
   pretrained: object = None  # host params from config.model.checkpoint, or None
+  async_cfg: async_rl.AsyncConfig = async_rl.AsyncConfig()
+  rollout_mesh: jax.sharding.Mesh | None = None  # the engine's mesh (= mesh without a split)
 
 
 def _check_positive(config, names):
@@ -104,10 +110,13 @@ def _check_positive(config, names):
 TOP_LEVEL_KEYS = (
   'seed', 'model', 'task', 'rollout', 'drafter', 'adaptive', 'sft', 'rl', 'mesh_shape',
   'log_every', 'checkpoint_every', 'keep_checkpoints', 'train', 'eval',
+  *async_rl.ASYNC_KEYS,
 )  # fmt: skip
 SFT_KEYS = ('steps', 'batch_size', 'lr', 'warmup_steps')
 # rl section keys read by the loop / optimizer rather than RLConfig
-RL_LOOP_KEYS = ('steps', 'num_prompts', 'lr', 'warmup_steps', 'weight_decay', 'grad_clip')
+RL_LOOP_KEYS = (
+  'steps', 'num_prompts', 'lr', 'warmup_steps', 'weight_decay', 'grad_clip', 'async_staleness',
+)  # fmt: skip
 # rollout section keys that are not RolloutConfig fields
 ROLLOUT_OTHER_KEYS = ('drafter', 'temperature', 'top_k', 'top_p')
 DEFAULT_NUM_DRAFT = 4  # the static engine's k with a drafter when rollout.num_draft = 0
@@ -200,8 +209,8 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
     pad_id=task.tokenizer.pad_id,
     num_draft=resolve_num_draft(config, drafter is not None),
   )
-  if mesh is None:
-    mesh = shd.make_mesh(tuple(config.mesh_shape))
+  async_cfg = async_rl.async_config(config)
+  mesh, rollout_mesh = async_rl.make_meshes(async_cfg, config.mesh_shape, mesh)
   sft_steps = config.sft.steps
   schedule = optax.join_schedules(
     [
@@ -213,9 +222,9 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
   optimizer = rl_lib.make_optimizer(schedule, config.rl.weight_decay, config.rl.grad_clip)
   acfg = adaptive_config(config, drafter is not None)
   if config.adaptive.enabled:
-    engine = adaptive.AdaptiveRolloutEngine(model_cfg, rollout_cfg, acfg, drafter, mesh)
+    engine = adaptive.AdaptiveRolloutEngine(model_cfg, rollout_cfg, acfg, drafter, rollout_mesh)
   else:
-    engine = rollout_lib.RolloutEngine(model_cfg, rollout_cfg, mesh, drafter)
+    engine = rollout_lib.RolloutEngine(model_cfg, rollout_cfg, rollout_mesh, drafter)
   return Experiment(
     config,
     model_cfg,
@@ -228,6 +237,8 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
     engine,
     streams,
     pretrained,
+    async_cfg,
+    rollout_mesh,
   )
 
 
@@ -305,9 +316,10 @@ def _jitted_steps(exp: Experiment, state_sh):
   step_fn = functools.partial(
     rl_lib.train_step, cfg=cfg, rl=exp.rl_cfg, optimizer=exp.optimizer, mesh=mesh
   )
-  if derives_draft_params(exp):
+  if derives_draft_params(exp) and exp.async_cfg.rollout_reads_train_params:
     # The next rollout's drafter is derived from the new params inside the same jitted
-    # step: no separate drafter state to save, load or keep in sync.
+    # step: no separate drafter state to save, load or keep in sync. (When the rollout
+    # reads a copy, async_rl derives it from the copy on the rollout mesh instead.)
     def grpo_fn(state, batch):
       state, metrics = step_fn(state, batch)
       return state, metrics, exp.drafter.params_from_policy(state.params)
@@ -407,11 +419,34 @@ def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
   return batch, rewards, out, metrics
 
 
-def run_step(exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns, draft_params=None):
-  """One step of the loop (warm-up or GRPO).
+def make_pipeline(exp: Experiment, timeline=None) -> async_rl.RolloutPipeline:
+  """The rollout side of the loop (:mod:`specrl.async_rl`) for ``exp``: GRPO rollouts on
+  the engine's mesh, params copied there (``PARAM_RULES`` on the rollout mesh), a derived
+  drafter's params computed there by one jitted call."""
+  total = exp.config.sft.steps + exp.config.rl.steps
 
-  ``draft_params``: drafter params derived from ``state.params`` by the previous GRPO step
-  (None: derive them here). Returns (state, metrics dict of floats, next draft params).
+  def rollout_fn(params, step, draft_params):
+    batch, _, _, m = rollout_batch(exp, params, step, exp.rngs.rollout, draft_params)
+    return batch, m
+
+  def to_rollout(params):  # a copy even on the same devices: the next train step donates
+    axes = model_lib.param_logical_axes(exp.model_cfg)
+    sh = shd.tree_shardings(axes, params, exp.rollout_mesh, shd.PARAM_RULES)
+    return jax.device_put(params, sh, may_alias=False)
+
+  derive = jax.jit(exp.drafter.params_from_policy) if derives_draft_params(exp) else None
+  return async_rl.RolloutPipeline(exp.async_cfg, rollout_fn, to_rollout, derive, total, timeline)
+
+
+def run_step(
+  exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns, pipeline=None
+) -> tuple[rl_lib.TrainState, dict]:
+  """One step of the loop (warm-up or GRPO). Returns (state, metrics dict of floats).
+
+  ``pipeline``: the loop's :class:`specrl.async_rl.RolloutPipeline` (rollout-side params,
+  queued rollouts; a fresh one if None). A GRPO step trains on the rollout for ``step``
+  (generated now, or s steps ago), dispatches the train step, generates the rollout for
+  ``step + s`` while it runs, then publishes the new params to the rollout side.
   """
   sft_fn, grpo_fn = steps_fns
   c = exp.config
@@ -423,18 +458,25 @@ def run_step(exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns, dr
     state, m = sft_fn(state, toks, mask)
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     m['phase'] = 0.0
-    draft_params = None
   else:
-    batch, _, _, m = rollout_batch(exp, state.params, step, exp.rngs.rollout, draft_params)
+    pipeline = pipeline or make_pipeline(exp)
+    timeline = pipeline.timeline
+    pipeline.current(state.params, step)  # published already, except at the first step
+    batch, m = pipeline.take(step)
     faults.fault_point('step', step, 'after_rollout')
     t1 = time.perf_counter()
-    state, tm, draft_params = grpo_fn(state, batch)
+    state, tm, draft_params = grpo_fn(state, batch)  # dispatched: runs while we roll out
+    if timeline is not None:
+      timeline.watch('train', step, t1, tm)
+    m.update(pipeline.prefetch(step))
     tm = jax.device_get(tm)
     m.update({f'train/{k}': float(v) for k, v in tm.items()})
-    m['train/time_s'] = time.perf_counter() - t1
+    m['train/time_s'] = time.perf_counter() - t1  # dispatch -> metrics (overlap included)
+    m.update(pipeline.publish(state.params, step + 1, draft_params))
+    pipeline.done(step)
     m['phase'] = 1.0
   m['step_time_s'] = time.perf_counter() - t0
-  return state, m, draft_params
+  return state, m
 
 
 # ----------------------------------------------------------------------------- loop
@@ -463,40 +505,17 @@ def _writer(workdir):
   return SummaryWriter(os.path.join(workdir, 'tb'))
 
 
-def _log_line(step, total, m) -> str:
-  if m.get('phase', 0) == 0:
-    return f'[{step + 1}/{total}] sft loss {m["sft_loss"]:.4f}  {m["step_time_s"]:.2f}s'
-  line = (
-    f'[{step + 1}/{total}] reward {m["reward"]:.3f} acc {m["accuracy"]:.3f} '
-    f'len {m["response_len_mean"]:.1f}/{m["response_len_max"]} '
-    f'rollout {m["rollout/time_s"]:.2f}s ({m["rollout/tokens_per_s"]:.0f} tok/s) '
-    f'train {m["train/time_s"]:.2f}s'
-  )
-  if 'spec/alpha' in m:
-    line += f' | alpha {m["spec/alpha"]:.2f} tok/pass {m["spec/tokens_per_pass"]:.2f}'
-  if 'spec/draft_time_est_s' in m:
-    line += f' draft/verify {m["spec/draft_time_est_s"]:.2f}/{m["spec/verify_time_est_s"]:.2f}s'
-  if 'adaptive/chunks' in m:
-    ks = ' '.join(
-      f'{k.split("/")[-1]}:{"plain" if v == 0 else f"k{v}"}'
-      for k, v in m.items()
-      if k.startswith('adaptive/k/')
-    )
-    line += (
-      f' | adaptive {m["adaptive/compactions"]} compactions, spec '
-      f'{100 * m["adaptive/spec_time_frac"]:.0f}% of decode, {ks}'
-    )
-    if m.get('adaptive/compile_s', 0) > 0:
-      line += f' (compiled {m["adaptive/compile_s"]:.1f}s)'
-  return line
-
-
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, mesh=None, max_steps: int | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mesh=None,
+  max_steps: int | None = None,
+  timeline: async_rl.Timeline | None = None,
 ):
   """Run (or resume) the experiment in ``workdir``. Returns (final state, metric history).
 
-  ``max_steps`` stops early after that global step (used by tests and notebooks).
+  ``max_steps`` stops early after that global step (used by tests and notebooks);
+  ``timeline`` records rollout / train / transfer spans (benchmarks).
   Validation (:mod:`specrl.evaluation`, config section ``eval``) runs at the start of
   GRPO, every ``eval.every`` GRPO steps and at the end; its ``eval/...`` metrics join the
   dict of the step after which they were taken (``eval/step``: the optimizer steps the
@@ -518,6 +537,9 @@ def train_and_evaluate(
   head = eagle_train.trainer(exp.drafter)  # the eagle head's training state, or None
   if head is not None:
     checkpointer.register('eagle_head', head)
+  pipeline = make_pipeline(exp, timeline)
+  checkpointer.register('rollouts', pipeline, required=False)  # rollouts still in flight
+  async_rl.warn_if_nothing_overlaps(exp.async_cfg)
   start = 0
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state)
@@ -528,10 +550,12 @@ def train_and_evaluate(
   elif config.model.checkpoint:
     logging.info('policy initialised from model.checkpoint %s', config.model.checkpoint)
   logging.info(
-    'model: %d params; devices: %s; mesh %s',
+    'model: %d params; devices: %s; mesh %s; rollout mesh %s; rl.async_staleness %d',
     model_lib.count_params(state.params),
     jax.device_count(),
     dict(exp.mesh.shape),
+    dict(exp.rollout_mesh.shape),
+    exp.async_cfg.staleness,
   )
   fns = _jitted_steps(exp, sh)
   eval_cfg = evaluation.eval_config(config)
@@ -541,18 +565,19 @@ def train_and_evaluate(
   metrics_file = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115
   history = []
   end = total if max_steps is None else min(total, max_steps)
-  draft_params = None
+  # validation reads the rollout side's params (the rollout mesh), published if not yet
   due = functools.partial(evaluation.validate_if_due, evaluator, sft_steps=config.sft.steps,
                           total=total)  # fmt: skip
-  pending_eval = due(state.params, start) if start == 0 else {}  # GRPO from step 0
+  pending_eval = due(functools.partial(pipeline.current, state.params, 0), 0) if start == 0 else {}
   try:
     for step in range(start, end):
       if head is not None:  # the head's warm-up, once, before the first GRPO step
         head.before_step(exp, state.params, step)
-      state, m, draft_params = run_step(exp, state, step, fns, draft_params)
+      state, m = run_step(exp, state, step, fns, pipeline)
       faults.fault_point('step', step, 'after_update')
       m['step'] = step
-      m.update(pending_eval or due(state.params, step + 1, draft_params=draft_params))
+      published = functools.partial(pipeline.current, state.params, step + 1)
+      m.update(pending_eval or due(published, step + 1))
       pending_eval = {}
       history.append(m)
       if writer is not None:
@@ -560,7 +585,7 @@ def train_and_evaluate(
           writer.add_scalar(k, v, m['eval/step'] if k.startswith('eval/') else step)
       metrics_file.write(json.dumps(m, default=_json_number) + '\n')
       metrics_file.flush()
-      progress.update(step, m['step_time_s'], _log_line(step, total, m))
+      progress.update(step, m['step_time_s'], progress_lib.step_line(step, total, m))
       if 'eval/step' in m:
         progress.message(evaluation.format_line(m))
       guard.after_step(step, m, logging.warning)  # raises faults.TrainingHalted
