@@ -28,7 +28,8 @@ import sys
 # module never changes a notebook's or a script's plotting backend.
 from matplotlib.figure import Figure
 
-METRICS_FILE = 'metrics.jsonl'  # == specrl.train.METRICS_FILE (checked by the tests)
+from specrl.metrics_io import METRICS_FILE
+
 REPORT_MD, REPORT_PNG = 'report.md', 'report.png'
 EVAL_ROWS = (  # (label, key, ci key)
   ('reward', 'eval/reward', 'eval/reward_ci95'),

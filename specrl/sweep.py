@@ -35,7 +35,10 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from specrl import config as config_lib  # noqa: E402
-from specrl import train  # noqa: E402
+from specrl import (
+  metrics_io,  # noqa: E402
+  train,  # noqa: E402
+)
 
 DONE = 'DONE'
 SUMMARY_FIELDS = ('final_reward', 'final_accuracy', 'tokens_per_s', 'step_time_s', 'steps')
@@ -110,7 +113,7 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: dict):
 
 def summarize(workdir: str) -> dict:
   """Summary of a finished point from its ``metrics.jsonl`` (last line per step counts)."""
-  by_step = {m['step']: m for m in train.read_metrics(workdir)}
+  by_step = {m['step']: m for m in metrics_io.read_metrics(workdir)}
   rl = [m for _, m in sorted(by_step.items()) if m.get('phase') == 1.0]
   tps = [m['rollout/tokens_per_s'] for m in rl if 'rollout/tokens_per_s' in m]
   return {

@@ -34,7 +34,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding
 
-from specrl import adaptive, async_rl, drafters, evaluation, faults, sampling
+from specrl import adaptive, async_rl, drafters, evaluation, faults, metrics_io, sampling
 from specrl import checkpointing as ckpt_lib
 from specrl import config as config_lib
 from specrl import model as model_lib
@@ -46,6 +46,7 @@ from specrl import sharding as shd
 from specrl import tasks as tasks_lib
 from specrl.checkpoints import pretrained as pretrained_lib
 from specrl.drafters import eagle_train
+from specrl.metrics_io import METRICS_FILE, read_metrics  # noqa: F401 - re-exported
 
 # stream -> fold_in constant of the root key jax.random.key(config.seed). params and train
 # keep the constants they always had, so initialisation and warm-up are unchanged.
@@ -482,29 +483,6 @@ def run_step(
 # ----------------------------------------------------------------------------- loop
 
 
-METRICS_FILE = 'metrics.jsonl'  # one JSON object per step: the TensorBoard scalars + 'step'
-
-
-def _json_number(v):
-  """numpy / jax scalars in a metrics dict -> Python numbers."""
-  return v.item() if hasattr(v, 'item') else float(v)
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """The lines of ``<workdir>/metrics.jsonl`` (a resumed run appends after its restart)."""
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _writer(workdir):
-  try:
-    from tensorboardX import SummaryWriter
-  except ImportError:  # pragma: no cover - tensorboardX is in requirements.txt
-    logging.warning('tensorboardX not installed: no TensorBoard events')
-    return None
-  return SummaryWriter(os.path.join(workdir, 'tb'))
-
-
 def train_and_evaluate(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -561,7 +539,7 @@ def train_and_evaluate(
   eval_cfg = evaluation.eval_config(config)
   evaluator = evaluation.Evaluator.from_experiment(exp) if eval_cfg.enabled else None
   progress = progress_lib.Progress(total, config.sft.steps, config.log_every)
-  writer = _writer(workdir)
+  writer = metrics_io.tensorboard_writer(workdir)
   metrics_file = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115
   history = []
   end = total if max_steps is None else min(total, max_steps)
@@ -583,7 +561,7 @@ def train_and_evaluate(
       if writer is not None:
         for k, v in m.items():
           writer.add_scalar(k, v, m['eval/step'] if k.startswith('eval/') else step)
-      metrics_file.write(json.dumps(m, default=_json_number) + '\n')
+      metrics_file.write(json.dumps(m, default=metrics_io.json_number) + '\n')
       metrics_file.flush()
       progress.update(step, m['step_time_s'], progress_lib.step_line(step, total, m))
       if 'eval/step' in m:

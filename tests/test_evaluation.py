@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from specrl import evaluation, progress, report, tasks, train
+from specrl import evaluation, metrics_io, progress, report, tasks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,7 +149,7 @@ def _fake_run(workdir):
 
 
 def test_report_lists_the_metrics_and_runs_from_the_command_line(tmp_path):
-  assert report.METRICS_FILE == train.METRICS_FILE
+  assert report.METRICS_FILE == train.METRICS_FILE == metrics_io.METRICS_FILE
   _fake_run(tmp_path)
   r = subprocess.run(
     [sys.executable, '-m', 'specrl.report', str(tmp_path)],
