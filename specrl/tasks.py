@@ -348,6 +348,14 @@ def epoch_walk(pool_size: int, seed: int, step: int, n: int) -> np.ndarray:
 _WALK_SALT = 0x5EED  # keeps the walk's streams apart from other uses of (seed, epoch)
 
 
+def extra_eos_ids(tokenizer) -> tuple[int, ...]:
+  """The ids besides ``tokenizer.eos_id`` that end a response (``tokenizer.eos_ids``: e.g.
+  the chat end-of-turn token and the end-of-text token), sorted, for
+  ``RolloutConfig.extra_eos_ids``."""
+  ids = getattr(tokenizer, 'eos_ids', None) or ()
+  return tuple(sorted({int(i) for i in ids if i is not None} - {int(tokenizer.eos_id)}))
+
+
 def render_question(tokenizer, question: str, template: str = '{question}\n') -> str:
   """The prompt text of ``question``: the tokenizer's chat template (one user turn, then
   the assistant header) when it has one, else ``template`` filled in."""

@@ -126,7 +126,7 @@ ADAPTIVE_NOT_IN_SECTION = ('seed',)
 # adaptive section keys that are not AdaptiveConfig fields: the engine switch
 ADAPTIVE_OTHER_KEYS = ('enabled',)
 # RolloutConfig fields derived from the task and the sampling keys, not set in the section
-ROLLOUT_DERIVED = ('sampling', 'eos_id', 'pad_id', 'max_prompt_len', 'max_draft')
+ROLLOUT_DERIVED = ('sampling', 'eos_id', 'extra_eos_ids', 'pad_id', 'max_prompt_len', 'max_draft')
 
 
 def resolve_num_draft(config: ml_collections.ConfigDict, has_drafter: bool) -> int:
@@ -207,6 +207,7 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
     max_prompt_len=task.max_prompt_len,
     sampling=sp,
     eos_id=task.tokenizer.eos_id,
+    extra_eos_ids=tasks_lib.extra_eos_ids(task.tokenizer),
     pad_id=task.tokenizer.pad_id,
     num_draft=resolve_num_draft(config, drafter is not None),
   )

@@ -1,5 +1,7 @@
 """Plain rollout: finish rules, sampling filters, logprob agreement with training."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from specrl import model as model_lib
 from specrl import rl as rl_lib
 from specrl import rollout as rollout_lib
+from specrl import tasks
 from specrl.sampling import SamplingParams
 
 CFG = model_lib.ModelConfig(
@@ -178,3 +181,25 @@ def test_bad_rollout_config_values():
     rollout_lib.RolloutConfig(verify_impl='cuda')
   with pytest.raises(ValueError, match='top_p'):
     SamplingParams(top_p=0.0)
+
+
+def test_extra_eos_ids_end_a_response():
+  """Every id of the tokenizer's EOS set ends a response (Qwen: <|im_end|>, <|endoftext|>),
+  not only ``eos_id``: a greedy row stops at the first token that is any of them."""
+  toks, lens = prompts()
+  base = dict(max_new_tokens=7, max_prompt_len=6, sampling=SamplingParams(temperature=0.0))
+  free, _ = run(rollout_lib.RolloutConfig(eos_id=-1, **base), toks, lens)
+  stop = int(free.response[0, 2])  # row 0's third greedy token
+  out, _ = run(rollout_lib.RolloutConfig(eos_id=-1, extra_eos_ids=(-5, stop), **base), toks, lens)
+  for b in range(len(lens)):
+    resp = free.response[b].tolist()
+    want = resp.index(stop) + 1 if stop in resp else 7
+    assert int(out.length[b]) == want, (b, resp, stop)
+    assert out.response[b, :want].tolist() == resp[:want]
+  assert int(out.length[0]) <= 3
+
+
+def test_extra_eos_ids_from_tokenizer():
+  tok = SimpleNamespace(eos_id=7, eos_ids=(9, 7, 8, None))
+  assert tasks.extra_eos_ids(tok) == (8, 9)
+  assert tasks.extra_eos_ids(SimpleNamespace(eos_id=7)) == ()

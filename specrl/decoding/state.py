@@ -55,6 +55,9 @@ class RolloutConfig:
   cache_len: int = 0  # 0 = max_prompt_len + max_new_tokens (+ draft scratch)
   sampling: sampling.SamplingParams = sampling.SamplingParams()
   eos_id: int = 2
+  # more ids that end a response (e.g. Qwen's <|endoftext|> next to the chat's <|im_end|>):
+  # the tokenizer's eos_ids other than eos_id
+  extra_eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
   num_draft: int = 0  # k of the static engine; 0 = plain decoding
   max_draft: int = 0  # scratch laid out for this k too (adaptive engine: its largest arm)
@@ -212,7 +215,10 @@ def commit(state: RolloutState, new_tokens, new_logprobs, count, rcfg: RolloutCo
   take = jnp.minimum(jnp.minimum(count, room_new), room_cache)
   take = jnp.where(active, jnp.maximum(take, 0), 0)
   j = jnp.arange(m)[None, :]
-  is_eos = (new_tokens == rcfg.eos_id) & (j < take[:, None])
+  is_eos = new_tokens == rcfg.eos_id
+  for e in rcfg.extra_eos_ids:
+    is_eos |= new_tokens == e
+  is_eos &= j < take[:, None]
   first_eos = jnp.argmax(is_eos, axis=1)
   has_eos = jnp.any(is_eos, axis=1)
   take = jnp.where(has_eos, first_eos + 1, take)
