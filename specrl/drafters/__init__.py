@@ -7,7 +7,9 @@
   RNG stream with the architecture ``drafter.small_model.model`` (overrides of ``model``).
 - ``ngram``: model-free prompt/response lookup (``drafter.ngram.n``).
 - ``suffix``: model-free lookup in the group's sibling answers (and earlier answers to
-  the same prompt): :mod:`specrl.drafters.suffix` (``drafter.suffix.*``).
+  the same prompt): :mod:`specrl.drafters.suffix` (``drafter.suffix.*``); with
+  ``drafter.suffix.fallback = 'quantized'`` the hybrid of :mod:`specrl.drafters.hybrid`
+  (rows without a match draft with the quantized self-drafter).
 - ``quantized``: an int8/int4 copy of the live policy (``drafter.quantized.*``,
   :mod:`specrl.drafters.quantized`).
 
@@ -25,8 +27,9 @@ from specrl import config as config_lib
 from specrl import model as model_lib
 from specrl import sharding as shd
 from specrl.checkpoints import hf
-from specrl.drafters import quantized
+from specrl.drafters import hybrid, quantized
 from specrl.drafters.base import Drafter
+from specrl.drafters.hybrid import HybridSuffixDrafter
 from specrl.drafters.model_drafter import ModelDrafter
 from specrl.drafters.ngram import NgramDrafter
 from specrl.drafters.suffix import SuffixDrafter
@@ -36,6 +39,7 @@ DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'suffix', 'quantized')
 __all__ = [
   'DRAFTERS',
   'Drafter',
+  'HybridSuffixDrafter',
   'ModelDrafter',
   'NgramDrafter',
   'SuffixDrafter',
@@ -89,14 +93,17 @@ def _small_model(section, model_cfg: model_lib.ModelConfig, rng) -> ModelDrafter
 SUFFIX_KEYS = ('n_min', 'n_max', 'history', 'history_prompts', 'max_group', 'fallback')
 
 
-def _suffix(section, model_cfg: model_lib.ModelConfig) -> SuffixDrafter:
+def _suffix(config, model_cfg: model_lib.ModelConfig):
+  """``suffix``, or the hybrid with ``drafter.suffix.fallback`` (one of ``FALLBACKS``;
+  the fallback reads its own section, e.g. ``drafter.quantized``)."""
+  section = config.drafter.suffix
   config_lib.check_keys(section, 'drafter.suffix', SUFFIX_KEYS)
-  if section.fallback:
+  if section.fallback and section.fallback not in hybrid.FALLBACKS:
     raise ValueError(
-      f'drafter.suffix.fallback={section.fallback!r}: a hybrid fallback drafter is not '
-      "implemented yet (use '')"
+      f'drafter.suffix.fallback={section.fallback!r}: must be one of '
+      f"{('',) + hybrid.FALLBACKS} ('' = no fallback)"
     )
-  return SuffixDrafter(
+  suffix = SuffixDrafter(
     model_cfg.vocab_size,
     n_min=section.n_min,
     n_max=section.n_max,
@@ -104,6 +111,10 @@ def _suffix(section, model_cfg: model_lib.ModelConfig) -> SuffixDrafter:
     history_prompts=section.history_prompts,
     max_group=section.max_group,
   )
+  if not section.fallback:
+    return suffix
+  fallback = quantized.make_quantized_drafter(config.drafter.quantized, model_cfg)
+  return hybrid.HybridSuffixDrafter(suffix, fallback)
 
 
 def make_drafter(config, model_cfg: model_lib.ModelConfig, rng=None):
@@ -124,7 +135,7 @@ def make_drafter(config, model_cfg: model_lib.ModelConfig, rng=None):
     config_lib.check_keys(config.drafter.ngram, 'drafter.ngram', ('n',))
     return NgramDrafter(model_cfg.vocab_size, config.drafter.ngram.n)
   if name == 'suffix':
-    return _suffix(config.drafter.suffix, model_cfg)
+    return _suffix(config, model_cfg)
   if name == 'small_model':
     rng = jax.random.key(config.seed) if rng is None else rng
     return _small_model(config.drafter.small_model, model_cfg, rng)
