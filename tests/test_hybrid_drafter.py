@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from specrl import adaptive, drafters
+from specrl import adaptive, drafters, train
 from specrl import model as model_lib
 from specrl import rollout as rollout_lib
 from specrl.drafters import hooks
@@ -203,3 +203,26 @@ def test_greedy_equals_plain_greedy(engine, share_kv):
   assert out.num_accepted.sum() > 0
   if engine == 'adaptive':
     assert eng.last_report.compactions
+
+
+def test_grpo_steps_derive_the_fallback_and_add_the_history():
+  c = default.get_config('smoke')
+  c.log_every = 100
+  c.rollout.drafter, c.rollout.num_draft = 'suffix', 2
+  c.drafter.suffix.update(fallback='quantized', history=2)
+  exp = train.build_experiment(c)
+  assert train.derives_draft_params(exp)
+  seen = []
+  history_params = exp.drafter.history_params
+  exp.drafter.history_params = lambda *a: seen.append(history_params(*a)) or seen[-1]
+  state = train.init_state(exp)
+  fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+  batch, _, _, m = train.rollout_batch(exp, state.params, 0, state.rng)  # derived here
+  assert m['spec/history_bytes'] > 0 and 'spec/alpha' in m
+  state, _, draft = fns[1](state, batch)  # the next rollout's fallback, from the new params
+  assert any(x.dtype == np.int8 for x in jax.tree.leaves(draft['fallback']))
+  assert draft['history'] is None
+  train.rollout_batch(exp, state.params, 0, state.rng, draft)  # the same prompts again
+  first, second = seen
+  assert first['history']['len'].sum() == 0  # nothing recorded before the first rollout
+  assert second['history']['len'].min() > 0  # every row sees its prompt's earlier answers
