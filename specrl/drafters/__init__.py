@@ -52,15 +52,20 @@ def place_draft_params(drafter, draft_params, mesh):
   """Draft params on ``mesh``, ready to be jit arguments of the rollout's steps.
 
   Derived params (``self``, ``quantized``) come out of jitted functions of the policy
-  params and are on the mesh already. A drafter's own params (``small_model``) are loaded
+  params and are on the mesh already (leaves that are not, e.g. history arrays next to
+  them, are replicated). A drafter's own params (``small_model``) are loaded
   or initialised on one device: they get the policy's sharding rules (``PARAM_RULES``)
   applied to their own architecture, like the policy's params.
   """
   if drafter is None or draft_params is None:
     return draft_params
   devices = set(mesh.devices.flat)
+
+  def placed(x):
+    return getattr(x, 'sharding', None) is not None and x.sharding.device_set == devices
+
   leaves = jax.tree.leaves(draft_params)
-  if all(getattr(x, 'sharding', None) and x.sharding.device_set == devices for x in leaves):
+  if all(placed(x) for x in leaves):
     return draft_params
   cfg = getattr(drafter, 'cfg', None)
   if not drafter.derived and cfg is not None:
@@ -68,7 +73,10 @@ def place_draft_params(drafter, draft_params, mesh):
     return jax.device_put(
       draft_params, shd.tree_shardings(axes, draft_params, mesh, shd.PARAM_RULES)
     )
-  return jax.device_put(draft_params, shd.replicated(mesh))
+  # derived leaves stay as the jitted derivation sharded them; the rest (e.g. the hybrid
+  # suffix drafter's history arrays, made on the host) are replicated
+  rep = shd.replicated(mesh)
+  return jax.tree.map(lambda x: x if placed(x) else jax.device_put(x, rep), draft_params)
 
 
 def _small_model(section, model_cfg: model_lib.ModelConfig, rng) -> ModelDrafter:
