@@ -226,3 +226,38 @@ def test_grpo_steps_derive_the_fallback_and_add_the_history():
   first, second = seen
   assert first['history']['len'].sum() == 0  # nothing recorded before the first rollout
   assert second['history']['len'].min() > 0  # every row sees its prompt's earlier answers
+
+
+@pytest.mark.parametrize('impl', ['jnp', 'pallas'])
+def test_verify_mixed_gives_each_row_its_own_paths_result(impl):
+  from specrl.decoding import verify as verify_lib
+  from specrl.kernels import verify_reference as ref
+
+  b, k, v = 12, 3, 9
+  t = 2.0 * jax.random.normal(jax.random.key(0), (b, k + 1, v))
+  dl = 2.0 * jax.random.normal(jax.random.key(1), (b, k, v))
+  x = jax.random.randint(jax.random.key(2), (b, k), 0, v)
+  x = x.at[1, 1:].set(-1).at[4].set(-1)  # one-hot rows with fewer drafts, or none
+  one_hot = jnp.arange(b) % 3 != 2
+  seeds = jnp.arange(b, dtype=jnp.uint32) * 31
+  sp = SamplingParams(0.8, top_p=0.9)
+  x = jnp.where(one_hot[:, None], x, jnp.maximum(x, 0))
+  mixed = jax.jit(lambda oh: verify_lib.verify_mixed(t, dl, x, oh, seeds, sp, impl=impl))
+  got = jax.device_get(mixed(one_hot))
+  tok = jax.device_get(jax.jit(ref.verify_tokens_reference, static_argnums=3)(t, x, seeds, sp))
+  gen = jax.jit(ref.verify_reference, static_argnums=4)(t, dl, jnp.maximum(x, 0), seeds, sp)
+  gen = jax.device_get(gen)
+  oh = np.asarray(one_hot)
+  for name in ('num_accepted', 'tokens'):
+    want = np.where(
+      oh.reshape((-1,) + (1,) * (getattr(tok, name).ndim - 1)),
+      getattr(tok, name),
+      getattr(gen, name),
+    )
+    np.testing.assert_array_equal(getattr(got, name), want)
+  assert (got.num_accepted[oh] != gen.num_accepted[oh]).any() or (
+    got.tokens[oh] != gen.tokens[oh]
+  ).any()
+  # all rows one-hot: the token-only branch alone
+  all_t = jax.device_get(mixed(jnp.ones(b, bool)))
+  np.testing.assert_array_equal(all_t.tokens, tok.tokens)
