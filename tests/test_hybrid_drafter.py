@@ -261,3 +261,16 @@ def test_verify_mixed_gives_each_row_its_own_paths_result(impl):
   # all rows one-hot: the token-only branch alone
   all_t = jax.device_get(mixed(jnp.ones(b, bool)))
   np.testing.assert_array_equal(all_t.tokens, tok.tokens)
+
+
+def test_adaptive_engine_runs_two_original_batch_sizes_with_uncompacted_state():
+  """The suffix drafter's shared state has the original batch as leading axis: the same
+  bucket reached from B = 8 and from B = 4 needs two compiles, not one reused wrongly."""
+  toks, plen = _ragged_prompts()
+  acfg = adaptive.AdaptiveConfig(policy='always', buckets=(8, 4, 1), chunk_steps=3, arms=(3,))
+  plain_cfg = dataclasses.replace(RAGGED, sampling=SamplingParams(0.0))
+  eng = adaptive.AdaptiveRolloutEngine(CFG, plain_cfg, acfg, drafter=SuffixDrafter(V))
+  for rows in (slice(0, 8), slice(0, 4)):
+    g = np.arange(8, dtype=np.int32)[rows] // 4
+    out, _ = eng.generate(POLICY, toks[rows], plen[rows], jax.random.key(1), group_ids=g)
+    assert np.asarray(out.length).min() > 0

@@ -240,7 +240,12 @@ class AdaptiveRolloutEngine:
     """AOT-compile ``fn`` for ``args`` once per ``key`` (compile time reported per bucket).
     States in and out use :meth:`_state_shardings`, so functions compiled separately
     (prefill, chunks, compaction, widening) hand states to each other without resharding
-    or layout mismatches on a multi-device mesh."""
+    or layout mismatches on a multi-device mesh. The key is completed by the arguments'
+    shapes and dtypes: state that is never compacted (a drafter's ``draft_shared``, its
+    history params) has the *original* batch as leading axis, which the bucket alone does
+    not fix."""
+    leaves = jax.tree.leaves(args)
+    key += tuple((getattr(x, 'shape', ()), str(getattr(x, 'dtype', type(x)))) for x in leaves)
     if key not in self._fns:
       t0 = time.perf_counter()
       out_abs = jax.eval_shape(fn, *args)
