@@ -17,7 +17,14 @@ Variants (one engine each, all on the same prompts; (c)-(f) share compiled funct
   quantized self-drafter (``drafters/quantized.py``, jnp backend) (c);
 - ``always``: compaction + speculation always on (k = ``--always_k``) (d);
 - ``tlt``: compaction + TLT policy (on at <= 32 active, epsilon-greedy k) (e);
-- ``roofline``: compaction + roofline policy (ladder 5, 7, 9, 11) (f).
+- ``roofline``: compaction + roofline policy (ladder 5, 7, 9, 11) (f);
+- ``suffix`` / ``suffix_hist`` / ``hybrid``: compaction + the cost-model chooser with the
+  group-sibling suffix drafter (:mod:`specrl.drafters.suffix`; rows of one prompt are one
+  group, ``--workload task``): siblings only; siblings + the answers of one earlier rollout
+  of the same prompts ("after one epoch", recorded once before timing); siblings + the
+  int8 quantized drafter as the fallback of rows without a match
+  (:mod:`specrl.drafters.hybrid`). Their rows add c, v (draft / verify cost per plain
+  step, from the cost profile of the largest bucket) and per-position acceptance.
 
 Timing: one warm-up rollout per variant (compiles and, for the cost model / roofline,
 profiles each bucket; both reported), then ``--iters`` timed rollouts, variants
@@ -54,6 +61,7 @@ from bench import common  # noqa: E402
 from specrl import adaptive  # noqa: E402
 from specrl import model as model_lib  # noqa: E402
 from specrl import rollout as rollout_lib  # noqa: E402
+from specrl.decoding import spec_math  # noqa: E402
 from specrl.sampling import SamplingParams  # noqa: E402
 
 PRESETS = {
@@ -72,7 +80,19 @@ PRESETS = {
     compute_dtype='bfloat16',
   ),
 }
-VARIANTS = ('static', 'compact', 'adaptive', 'always', 'tlt', 'roofline')
+VARIANTS = (
+  'static',
+  'compact',
+  'adaptive',
+  'always',
+  'tlt',
+  'roofline',
+  'suffix',
+  'suffix_hist',
+  'hybrid',
+)
+DEFAULT_VARIANTS = VARIANTS[:6]
+SUFFIX_VARIANTS = ('suffix', 'suffix_hist', 'hybrid')
 FULL = dict(batch_sizes='64,256', median=16, iters=5, buckets='256,128,64,32,16,8,4,2,1')
 # quick: factor-4 buckets halve the (bucket, strategy) compiles on a cold compile cache
 QUICK = dict(batch_sizes='16,32', median=8, iters=5, buckets='32,8,2')
@@ -100,7 +120,7 @@ def make_prompts(lengths: np.ndarray, cache_len: int, max_prompt: int, vocab: in
 
 
 def task_workload(args):
-  """(cfg, params, rcfg, make_batch) for the default config's running-sum task: the
+  """(cfg, params, rcfg, make_batch, g) for the default config's running-sum task: the
   policy after ``--sft_steps`` warm-up steps (trained once into ``--workdir``, then
   restored), GRPO-style batches: prompts x ``num_generations``, sampled at T."""
   from configs import default
@@ -119,16 +139,18 @@ def task_workload(args):
     prompts = exp.task.sample_prompts(np.random.default_rng([args.seed, b]), b // g)
     return np.repeat(prompts.tokens, g, axis=0), np.repeat(prompts.lengths, g, axis=0), None
 
-  return exp.model_cfg, state.params, exp.rollout_cfg, make_batch
+  return exp.model_cfg, state.params, exp.rollout_cfg, make_batch, g
 
 
-def make_engines(cfg, rcfg, args):
+def make_engines(cfg, rcfg, args, group: int = 1):
   """variant -> engine. Each policy's draft lengths are its ``arms`` (cost_model / tlt:
   1..8; always: ``--always_k``; roofline: the ladder 5, 7, 9, 11); the speculative variants
   share compiled functions and profiles through ``with_config``."""
   import ml_collections
 
   from specrl.drafters import quantized
+  from specrl.drafters.hybrid import HybridSuffixDrafter
+  from specrl.drafters.suffix import SuffixDrafter
 
   dc = ml_collections.ConfigDict(dict(bits=8, backend='jnp', share_kv=args.share_kv))
   drafter = quantized.make_quantized_drafter(dc, cfg)
@@ -151,7 +173,58 @@ def make_engines(cfg, rcfg, args):
   arms = {'always': (args.always_k,), 'tlt': base.arms, 'roofline': (5, 7, 9, 11)}
   for name, a in arms.items():
     engines[name] = root.with_config(dataclasses.replace(base, policy=name, arms=a))
+  for name in SUFFIX_VARIANTS:
+    hist = args.history if name == 'suffix_hist' else 0
+    sfx = SuffixDrafter(cfg.vocab_size, history=hist, max_group=max(group, 1))
+    d = HybridSuffixDrafter(sfx, drafter) if name == 'hybrid' else sfx
+    engines[name] = adaptive.AdaptiveRolloutEngine(
+      cfg, rcfg, dataclasses.replace(base, policy='cost_model'), drafter=d
+    )
   return engines
+
+
+def suffix_inputs(engines, params, toks, plen, group: int, seed: int, width: int) -> dict:
+  """Row ids for the suffix variants (``group`` consecutive rows share a prompt) and, for
+  ``suffix_hist``, the history after one epoch: the answers of one earlier (plain, other
+  seed) rollout of the same prompts, recorded once."""
+  b = toks.shape[0]
+  ids = np.arange(b, dtype=np.int32) // max(group, 1)
+  kw = dict(group_ids=ids, prompt_ids=ids)
+  out = {v: kw for v in SUFFIX_VARIANTS}
+  d = engines['suffix_hist'].drafter
+  d.store.answers.clear()
+  prev, _ = engines['static'].generate(params, toks, plen, jax.random.key(seed + 10_000))
+  d.record(ids, np.asarray(prev.response), np.asarray(prev.length))
+  out['suffix_hist'] = dict(kw, draft_params=d.history_params(ids, width))
+  return out
+
+
+def counters(out) -> list[np.ndarray]:
+  """A rollout's speculation counters summed over rows: rounds, accepted, drafted, reached
+  [k], accepted_at [k]."""
+  return [
+    np.asarray(x).sum(axis=0)
+    for x in (out.num_rounds, out.num_accepted, out.num_drafted, out.reached, out.accepted_at)
+  ]
+
+
+def drafter_row(b: int, variant: str, runs: list[dict], engine) -> dict:
+  """c, v4 (largest bucket profiled) and alpha, tokens per pass, per-position acceptance
+  summed over ``runs`` (warm-up included: the chooser may run a timed rollout plain)."""
+  rounds, acc, drafted, reached, at = (sum(counters(r['out'])[i] for r in runs) for i in range(5))
+  m = spec_math.speculation_metrics(
+    int(rounds), int(acc), int(drafted), reached.tolist(), at.tolist()
+  )
+  row = dict(
+    B=b, variant=variant, alpha=m.get('spec/alpha'), tok_pass=m.get('spec/tokens_per_pass')
+  )
+  for i in range(1, 5):
+    row[f'acc{i}'] = m.get(f'spec/per_position/{i}')
+  profiles = sorted(getattr(engine, 'profiles', {}).items(), reverse=True)
+  if profiles:
+    p = profiles[0][1]
+    row.update(c=(p.propose(4) / 4) / p.fwd1, v4=p.verify(4) / p.fwd1)
+  return row
 
 
 def static_trace(lengths: np.ndarray, seconds: float):
@@ -235,7 +308,10 @@ def main(argv=None):
   ap.add_argument('--median', type=int, default=0, help='median response length (0: auto)')
   ap.add_argument('--tail_ratio', type=float, default=8.0, help='longest / median length')
   ap.add_argument('--min_prompt', type=int, default=4, help='shortest prompt (longest row)')
-  ap.add_argument('--variants', default=','.join(VARIANTS))
+  ap.add_argument(
+    '--variants', default=','.join(DEFAULT_VARIANTS), help=f'comma list of {",".join(VARIANTS)}'
+  )
+  ap.add_argument('--history', type=int, default=8, help='suffix_hist: answers kept per prompt')
   ap.add_argument('--buckets', default=None, help='compaction buckets (default powers of 2)')
   ap.add_argument('--chunk_steps', type=int, default=16)
   ap.add_argument('--always_k', type=int, default=4)
@@ -259,7 +335,7 @@ def main(argv=None):
     raise SystemExit(f'--variants: unknown {sorted(unknown)} (known: {", ".join(VARIANTS)})')
 
   if args.workload == 'task':
-    cfg, params, rcfg, make_batch = task_workload(args)
+    cfg, params, rcfg, make_batch, group = task_workload(args)
     median, longest = None, rcfg.max_new_tokens
     desc = f'default task after {args.sft_steps} warm-up steps, up to {longest} tokens'
   else:
@@ -275,6 +351,7 @@ def main(argv=None):
       sampling=SamplingParams(args.temperature),
     )
     desc = f'lognormal, median {median} / longest {longest} tokens, cache {cache_len}'
+    group = 1  # random prompts: no siblings
 
     def make_batch(b):
       lengths = long_tail_lengths(b, median, args.tail_ratio, args.seed)
@@ -283,7 +360,7 @@ def main(argv=None):
       )
       return toks, plen, lengths
 
-  engines = make_engines(cfg, rcfg, args)
+  engines = make_engines(cfg, rcfg, args, group)
   info = common.device_info()
   print(
     f'# long-tail rollouts: {info}, model {args.model if args.workload != "task" else "default"} '
@@ -293,19 +370,31 @@ def main(argv=None):
   )
 
   results: dict = {}
+  all_runs: dict = {}  # B -> variant -> every run (warm-up first)
   rows = []
   for b in batches:
     toks, plen, lengths = make_batch(b)
+    row_ids = {}
+    if set(SUFFIX_VARIANTS) & set(variants):
+      width = rcfg.max_new_tokens
+      row_ids = suffix_inputs(engines, params, toks, plen, group, args.seed, width)
     warm = {}
     for v in variants:
-      warm[v] = common.timed_generate(engines[v], params, toks, plen, args.seed)
+      warm[v] = common.timed_generate(
+        engines[v], params, toks, plen, args.seed, **row_ids.get(v, {})
+      )
       if lengths is not None:
         np.testing.assert_array_equal(warm[v]['length'], lengths)  # identical work
     runs = {v: [] for v in variants}
     for it in range(iters):
       for v in common.rotated(variants, it):
-        runs[v].append(common.timed_generate(engines[v], params, toks, plen, args.seed + 1 + it))
+        runs[v].append(
+          common.timed_generate(
+            engines[v], params, toks, plen, args.seed + 1 + it, **row_ids.get(v, {})
+          )
+        )
     results[b] = {}
+    all_runs[b] = {v: [warm[v]] + runs[v] for v in variants}
     for v in variants:
       best = sorted(runs[v], key=lambda r: r['time_s'])[len(runs[v]) // 2]  # the median run
       m = best['metrics']
@@ -426,6 +515,18 @@ def main(argv=None):
       ],
       prof_rows,
     )
+  drafted = [v for v in variants if v not in ('static', 'compact')]
+  if drafted:
+    print(
+      '\n# drafters (every run, warm-up included): alpha = accepted / drafted, tokens per '
+      'verify pass, acceptance at draft position 1..4; c / v4 from the largest bucket profiled'
+    )
+    common.print_table(
+      [('B', 'd'), ('variant', ''), ('c', '.2f'), ('v4', '.2f'), ('alpha', '.3f')]
+      + [('tok_pass', '.2f')]
+      + [(f'acc{i}', '.2f') for i in range(1, 5)],
+      [drafter_row(b, v, all_runs[b][v], engines[v]) for b in batches for v in drafted],
+    )
   if args.plot:
     plot(args.plot, results, variants, 11)
     print(f'\n# plot: {args.plot}')
@@ -444,6 +545,8 @@ def main(argv=None):
           time_s=results[b][v]['time_s'],
           speedup_vs_static=next(r['speedup'] for r in rows if r['B'] == b and r['variant'] == v),
           k=common.k_summary(results[b][v]['report']),
+          alpha=results[b][v]['metrics'].get('spec/alpha'),
+          tokens_per_pass=results[b][v]['metrics'].get('spec/tokens_per_pass'),
           **(
             {'vs_best_baseline': results[b][v]['vs_best_baseline']}
             if 'vs_best_baseline' in results[b][v]

@@ -86,9 +86,10 @@ VARIANTS = {
   'int4+kv': ('quantized', dict(bits=4, share_kv=True)),
   'ngram': ('ngram', {}),
   'suffix': ('suffix', {}),  # group siblings (no history: a bench call is one rollout)
+  'hybrid': ('suffix', dict(fallback='quantized')),  # suffix, else the int8 drafter per row
   'self': ('self', {}),  # the policy drafting for itself: alpha 1 at greedy (a check)
 }
-DEFAULT_DRAFTERS = 'int8,int8+kv,int4,int4+kv,ngram,suffix'
+DEFAULT_DRAFTERS = 'int8,int8+kv,int4,int4+kv,ngram,suffix,hybrid'
 ENGINES = ('static', 'adaptive')
 ROW_KEYS = (
   'drafter',

@@ -84,7 +84,7 @@ def get_config(arg: str | None = None):
           history=0,  # earlier answers kept per prompt id and drafted from (0 = siblings only)
           history_prompts=4096,  # at most this many prompt ids in the history store
           max_group=16,  # rows of a group drafted from (>= rl.num_generations to see all)
-          fallback='',  # '' (hybrid fallback drafter: not implemented yet)
+          fallback='',  # '' | quantized: drafter of rows without a match (drafter.quantized)
         )
       ),
       small_model=ml_collections.ConfigDict(

@@ -343,8 +343,10 @@ def _jitted_steps(exp: Experiment, state_sh):
 
 
 def derives_draft_params(exp: Experiment) -> bool:
-  """True for drafters computed from the live policy params (the quantized self-drafter)."""
-  return getattr(exp.drafter, 'name', None) == 'quantized'
+  """True for drafters computed from the live policy params (the quantized self-drafter,
+  also as the hybrid suffix drafter's fallback)."""
+  fallback = getattr(exp.drafter, 'fallback', None)
+  return 'quantized' in (getattr(exp.drafter, 'name', None), getattr(fallback, 'name', None))
 
 
 # ----------------------------------------------------------------------------- one step
@@ -376,8 +378,11 @@ def rollout_batch(exp: Experiment, params, step: int, rng, draft_params=None):
   extra = {'estimate_costs': True} if isinstance(exp.engine, rollout_lib.RolloutEngine) else {}
   row_prompt_ids = np.repeat(tasks_lib.prompt_ids(prompts), g)
   history = hasattr(exp.drafter, 'history_params')  # drafts from earlier answers (suffix)
-  if history and draft_params is None:
-    draft_params = exp.drafter.history_params(row_prompt_ids, exp.rollout_cfg.max_new_tokens)
+  if history:
+    if draft_params is None and derives_draft_params(exp):  # the hybrid's first rollout
+      draft_params = jax.jit(exp.drafter.params_from_policy)(params)
+    width = exp.rollout_cfg.max_new_tokens
+    draft_params = exp.drafter.history_params(row_prompt_ids, width, draft_params)
   out, metrics = exp.engine.generate(
     params,
     toks,

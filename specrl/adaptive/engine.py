@@ -88,6 +88,7 @@ from specrl.adaptive.state_ops import (
   ST_STEP,
   ST_STEPS,
   ST_TOKENS,
+  arg_signature,
   axis_positions,
   clear_scratch,
   compact_rows,
@@ -237,11 +238,10 @@ class AdaptiveRolloutEngine:
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, RolloutState))
 
   def _compiled(self, key, fn, args, donate, report: AdaptiveReport, bucket: int):
-    """AOT-compile ``fn`` for ``args`` once per ``key`` (compile time reported per bucket).
-    States in and out use :meth:`_state_shardings`, so functions compiled separately
-    (prefill, chunks, compaction, widening) hand states to each other without resharding
-    or layout mismatches on a multi-device mesh."""
-    if key not in self._fns:
+    """AOT-compile ``fn`` once per ``key`` and argument shapes (compile time reported per
+    bucket). States in and out use :meth:`_state_shardings`, so functions compiled apart
+    (prefill, chunks, compaction, widening) pass states on without resharding."""
+    if (key := key + arg_signature(args)) not in self._fns:  # draft_shared: original batch
       t0 = time.perf_counter()
       out_abs = jax.eval_shape(fn, *args)
       jitted = jax.jit(

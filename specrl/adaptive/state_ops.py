@@ -37,6 +37,15 @@ def state_axes(state: RolloutState, drafter) -> RolloutState:
   return axes.replace(cache=None) if state.cache is None else axes
 
 
+def arg_signature(args) -> tuple:
+  """(shape, dtype) of every leaf of ``args``: completes a compiled function's cache key.
+  Why: state that is never compacted (a drafter's ``draft_shared``, history params) has the
+  *original* batch as leading axis, which a (bucket, strategy) key alone does not fix."""
+  return tuple(
+    (getattr(x, 'shape', ()), str(getattr(x, 'dtype', ''))) for x in jax.tree.leaves(args)
+  )
+
+
 def axis_positions(axes, name: str) -> Any:
   """Pytree like ``axes`` (logical-axis tuples): the position of ``name`` in each, -1 = none
   (e.g. ``'batch'``: axis 1 of a KV cache ``[L, B, S, K, Dh]``, axis 0 elsewhere)."""

@@ -129,8 +129,8 @@ def propose_loop(drafter, k: int, sp, reps: int, mesh=None, hidden_dim: int | No
         **kw,
       )
       dep = toks[:, 0] < -1  # one-hot drafters (logits None) mark no proposal with -1
-      if logits is not None:
-        dep |= never(logits)
+      if logits is not None:  # (a hybrid's MixedDraft: its logits)
+        dep |= never(getattr(logits, 'logits', logits))
       return dstate, cache, pos + dep.astype(pos.dtype)
 
     dstate, cache, pos = jax.lax.fori_loop(0, reps, body, (dstate, cache, pos))

@@ -191,9 +191,10 @@ def speculative_round(
     **hooks.propose_kwargs(drafter, state),
   )
   cur = current_tokens(state)
-  # A one-hot drafter (``draft_logits is None``) marks drafts it did not propose with -1:
-  # the pass feeds the current token there (any token would do: nothing after the row's
-  # last proposal can be accepted) and verification skips them.
+  # A one-hot drafter (``draft_logits is None``, or a ``MixedDraft``'s one-hot rows) marks
+  # drafts it did not propose with -1: the pass feeds the current token there (any token
+  # would do: nothing after the row's last proposal can be accepted) and verification
+  # skips them.
   fed = jnp.where(draft_tokens >= 0, draft_tokens, cur[:, None])
   verify_tokens = jnp.concatenate([cur[:, None], fed], axis=1)  # [B, k+1]
   positions = state.pos[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
@@ -213,6 +214,13 @@ def speculative_round(
       target_logits, draft_tokens, verify_seeds, rcfg.sampling, impl=rcfg.verify_impl
     )
     proposed = jnp.sum(jnp.cumprod(draft_tokens >= 0, axis=1), axis=1).astype(jnp.int32)
+  elif isinstance(draft_logits, hooks.MixedDraft):  # per row: one-hot or sampled drafts
+    res = verify_lib.verify_mixed(
+      target_logits, draft_logits.logits, draft_tokens, draft_logits.one_hot, verify_seeds,
+      rcfg.sampling, impl=rcfg.verify_impl,
+    )  # fmt: skip
+    n_onehot = jnp.sum(jnp.cumprod(draft_tokens >= 0, axis=1), axis=1).astype(jnp.int32)
+    proposed = jnp.where(draft_logits.one_hot, n_onehot, k)
   else:
     res = verify_lib.verify(
       target_logits, draft_logits, draft_tokens, verify_seeds, rcfg.sampling,

@@ -48,6 +48,18 @@ class DraftContext:
   hidden_from: Any  # int32 [B] position of hidden[:, 0]; valid j < pos - hidden_from
 
 
+@flax.struct.dataclass
+class MixedDraft:
+  """The ``draft_logits`` of a drafter whose rows come from two kinds of proposal (the
+  hybrid suffix drafter): ``one_hot[b]`` rows are deterministic drafts (token-only
+  verification, ``draft_tokens < 0`` = not proposed), the others were sampled from
+  ``logits[b]`` (general verification). Each row is verified by exactly its own path
+  (:func:`specrl.decoding.verify.verify_mixed`)."""
+
+  logits: jax.Array  # [B, k, V] raw draft logits (ignored on one-hot rows)
+  one_hot: jax.Array  # bool [B]
+
+
 def wants_hidden(drafter) -> bool:
   return drafter is not None and bool(getattr(drafter, 'wants_hidden', False))
 

@@ -68,21 +68,35 @@ class ModelDrafter:
     )
     return {'cache': cache}
 
-  def propose(
-    self, draft_params, state, seq_tokens, pos, k, seeds, sp, mesh=None, policy_cache=None
+  def first_pass(
+    self, draft_params, state, seq_tokens, pos, policy_cache=None, refeed=2, mesh=None
   ):
-    cfg = self.cfg
-    if self.share_kv:  # policy cache holds every slot < pos: feed only the current token
+    """Feed the committed tokens the drafter's cache may lack and the current one.
+
+    Returns (logits of the current token [B, V], cache). Without ``share_kv`` the last
+    ``refeed`` committed positions ``pos - refeed + 1 .. pos`` are fed (clipped at 0):
+    the default 2 re-feeds ``pos - 1`` in case the last round's final draft was never fed;
+    a caller whose rows may have committed tokens this drafter did not draft (the hybrid
+    suffix drafter: up to ``k + 1`` of them) passes ``k + 1``, so the cache holds every
+    committed token. Re-writing a cached slot is harmless (same token, same position).
+    With ``share_kv`` the policy cache holds every slot ``< pos``: only ``pos`` is fed.
+    """
+    if self.share_kv:
       first_pos = pos[:, None]
       cache = policy_cache
-    else:  # T = 2: re-feed pos - 1 in case the last round's final draft was never fed
-      first_pos = jnp.stack([jnp.maximum(pos - 1, 0), pos], axis=1)
+    else:
+      first_pos = jnp.maximum(pos[:, None] - jnp.arange(refeed - 1, -1, -1)[None, :], 0)
       cache = state['cache']
     first_tok = jnp.take_along_axis(seq_tokens, first_pos, axis=1)
     logits, cache = model_lib.forward(
-      draft_params, cfg, first_tok, first_pos, cache, mesh=mesh, rules=shd.DECODE_RULES
+      draft_params, self.cfg, first_tok, first_pos, cache, mesh=mesh, rules=shd.DECODE_RULES
     )
-    logit0 = logits[:, -1]
+    return logits[:, -1], cache
+
+  def extend(self, draft_params, cache, logit0, pos, k, seeds, sp, mesh=None):
+    """Sample draft 0 from ``logit0`` [B, V] and k - 1 more autoregressively (fed at
+    ``pos + 1 ..``). Returns (draft_tokens int32 [B, k], draft_logits [B, k, V], cache)."""
+    cfg = self.cfg
     tok0 = sampling.sample_seeded(logit0, seeds, sp, row=0)
 
     def body(carry, i):
@@ -99,12 +113,22 @@ class ModelDrafter:
       nxt = sampling.sample_seeded(lg[:, 0], seeds, sp, row=i)
       return (cache, nxt), (nxt, lg[:, 0])
 
-    if k > 1:
-      (cache, _), (toks, lgs) = jax.lax.scan(body, (cache, tok0), jnp.arange(1, k, dtype=jnp.int32))
-      draft_tokens = jnp.concatenate([tok0[:, None], toks.T], axis=1)
-      draft_logits = jnp.concatenate([logit0[:, None], jnp.swapaxes(lgs, 0, 1)], axis=1)
-    else:
-      draft_tokens, draft_logits = tok0[:, None], logit0[:, None]
-    if self.share_kv:
-      return draft_tokens, draft_logits, None, cache
-    return draft_tokens, draft_logits, {'cache': cache}, policy_cache
+    if k == 1:
+      return tok0[:, None], logit0[:, None], cache
+    (cache, _), (toks, lgs) = jax.lax.scan(body, (cache, tok0), jnp.arange(1, k, dtype=jnp.int32))
+    draft_tokens = jnp.concatenate([tok0[:, None], toks.T], axis=1)
+    draft_logits = jnp.concatenate([logit0[:, None], jnp.swapaxes(lgs, 0, 1)], axis=1)
+    return draft_tokens, draft_logits, cache
+
+  def wrap_cache(self, cache, policy_cache):
+    """(draft state, policy cache) to return from ``propose`` given the cache written."""
+    return (None, cache) if self.share_kv else ({'cache': cache}, policy_cache)
+
+  def propose(
+    self, draft_params, state, seq_tokens, pos, k, seeds, sp, mesh=None, policy_cache=None
+  ):
+    logit0, cache = self.first_pass(draft_params, state, seq_tokens, pos, policy_cache, mesh=mesh)
+    draft_tokens, draft_logits, cache = self.extend(
+      draft_params, cache, logit0, pos, k, seeds, sp, mesh=mesh
+    )
+    return (draft_tokens, draft_logits, *self.wrap_cache(cache, policy_cache))

@@ -203,9 +203,10 @@ class SuffixDrafter:
 
   # -- history (host side)
 
-  def history_params(self, prompt_ids, width: int):
+  def history_params(self, prompt_ids, width: int, draft_params=None):
     """Draft params of a rollout of rows ``prompt_ids [B]``: their stored answers as arrays
-    (None without history: the drafter then drafts from the siblings only)."""
+    (None without history: the drafter then drafts from the siblings only). ``draft_params``
+    (the hybrid's derived params; None here: this drafter has no others) is ignored."""
     if self.history <= 0:
       return None
     return jax.tree.map(jnp.asarray, self.store.arrays(prompt_ids, width))
