@@ -507,6 +507,9 @@ def train_and_evaluate(
   os.makedirs(workdir, exist_ok=True)
   total = config.sft.steps + config.rl.steps
   state = init_state(exp)
+  head = eagle_train.trainer(exp.drafter)  # the eagle head's training state, or None
+  if head is not None:  # head params + optimizer state: in the orbax-saved train state
+    state = state.replace(drafter=jax.device_put(head.hstate, shd.replicated(exp.mesh)))
   sh = jax.tree.map(lambda x: x.sharding, state)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
   if getattr(exp.engine, 'host_state', None) is not None:  # engine memory, host RNGs
@@ -515,8 +518,7 @@ def train_and_evaluate(
     checkpointer.register('drafter', exp.drafter)
   guard = faults.NonFiniteGuard(faults.fault_config(config), checkpointer)
   checkpointer.register('nonfinite', guard, required=False)
-  head = eagle_train.trainer(exp.drafter)  # the eagle head's training state, or None
-  if head is not None:
+  if head is not None:  # token counts / reduced vocabulary / warmed flag
     checkpointer.register('eagle_head', head)
   start = 0
   if checkpointer.latest_step() is not None:
@@ -548,8 +550,10 @@ def train_and_evaluate(
   try:
     for step in range(start, end):
       if head is not None:  # the head's warm-up, once, before the first GRPO step
-        head.before_step(exp, state.params, step)
+        state = head.before_step(exp, state, step)
       state, m, draft_params = run_step(exp, state, step, fns, draft_params)
+      if head is not None:  # the step donated the old head arrays: follow the new ones
+        head.set_state(state.drafter)
       faults.fault_point('step', step, 'after_update')
       m['step'] = step
       m.update(pending_eval or due(state.params, step + 1, draft_params=draft_params))

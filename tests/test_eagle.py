@@ -5,7 +5,8 @@ adaptive engine, and its training lowers its loss and leaves the policy's update
 
 import dataclasses
 import functools
-import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -209,35 +210,44 @@ def test_adaptive_engine_plain_then_speculative_greedy():
 # ----------------------------------------------------------------------------- cotrain
 
 
-def test_cotrain_leaves_the_policy_update_bit_identical():
-  cfg = GCFG
-  d = make(cfg)
-  opt = rl_lib.make_optimizer(1e-3, 0.0, 1.0)
-  state = rl_lib.init_train_state(GPARAMS, opt, jax.random.key(0), False)
-  rl = rl_lib.RLConfig(num_generations=2)
+def _grpo_batch(cfg):
   out, _ = rollout_lib.RolloutEngine(cfg, _rcfg(0)).generate(GPARAMS, TOKS, LENS, jax.random.key(1))
   s = _rcfg(0).seq_len
   mask = et.response_mask(out, s)
-  batch = {
+  return {
     'tokens': jnp.asarray(out.tokens[:, :s]),
     'response_mask': jnp.asarray(mask),
     'old_logprobs': jnp.asarray(out.logprobs[:, :s] * mask),
     'advantages': jnp.linspace(-1.0, 1.0, len(LENS)),
   }
-  step_fn = functools.partial(rl_lib.train_step, cfg=cfg, rl=rl, optimizer=opt)
+
+
+def test_cotrain_leaves_the_policy_update_bit_identical():
+  """The fused step (head trained on the GRPO loss's own hidden states, in
+  ``TrainState.drafter``) gives the plain step's policy state bit for bit, and the head
+  moves."""
+  cfg = GCFG
+  d = make(cfg)
+  opt = rl_lib.make_optimizer(1e-3, 0.0, 1.0)
   hopt = et.make_optimizer(d.ecfg)
   hs = et.init_head_state(d.head_params, hopt)
+  state = rl_lib.init_train_state(GPARAMS, opt, jax.random.key(0), False).replace(drafter=hs)
+  rl = rl_lib.RLConfig(num_generations=2)
+  batch = _grpo_batch(cfg)
+  step_fn = functools.partial(rl_lib.train_step, cfg=cfg, rl=rl, optimizer=opt)
   plain_state, pm = jax.jit(step_fn)(state, batch)
   fused = jax.jit(
     functools.partial(
       et.cotrain_step, step_fn=step_fn, cfg=cfg, hcfg=d.hcfg, ecfg=d.ecfg, optimizer=hopt
     )
   )
-  co_state, cm, hs2 = fused(state, hs, batch)
+  co_state, cm = fused(state, batch)
   policy = lambda st: jax.tree.leaves((st.step, st.params, st.opt_state))  # noqa: E731
   for a, b in zip(policy(plain_state), policy(co_state), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert float(pm['loss']) == float(cm['loss'])
+  assert plain_state.drafter is not None  # the plain step carries the head through
+  hs2 = co_state.drafter
   assert int(hs2.step) == 1 and np.isfinite(float(cm['head/loss']))
   moved = [
     not np.array_equal(a, b)
@@ -246,42 +256,80 @@ def test_cotrain_leaves_the_policy_update_bit_identical():
   assert all(moved)
 
 
-def test_head_checkpoint_round_trip_is_exact():
+@pytest.mark.parametrize('minibatches', [1, 3])
+def test_train_step_returns_the_policys_hidden_states_in_batch_order(minibatches):
+  """What cotrain trains on instead of a second forward: the GRPO loss's final-norm hidden
+  states, unshuffled to batch order (lr = 0, so every minibatch sees the same params)."""
+  opt = rl_lib.make_optimizer(0.0, 0.0, 1.0)
+  state = rl_lib.init_train_state(GPARAMS, opt, jax.random.key(0), False)
+  rl = rl_lib.RLConfig(num_generations=2, num_minibatches=minibatches, num_epochs=2)
+  batch = _grpo_batch(GCFG)
+  fn = functools.partial(rl_lib.train_step, cfg=GCFG, rl=rl, optimizer=opt, return_hidden=True)
+  _, _, hidden = jax.jit(fn)(state, batch)
+  ref = et.policy_hidden(GPARAMS, GCFG, batch['tokens'])
+  assert hidden.shape == ref.shape
+  np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref), atol=2e-5)
+
+
+def test_head_state_round_trips_through_the_orbax_checkpoint(tmp_path):
+  """Head params + optimizer state go through orbax as ``TrainState.drafter`` (shape
+  checked on restore); the small host state (token counts, reduced vocabulary, warmed)
+  through the host item."""
   d = make(GCFG, reduced_vocab=4)
   tr = et.trainer(d)
   hs = tr.hstate.replace(
     step=jnp.int32(7), params=jax.tree.map(lambda x: x + 0.5, tr.hstate.params)
   )
-  tr.set_state(hs)
+  opt = rl_lib.make_optimizer(1e-3, 0.0, 1.0)
+  state = rl_lib.init_train_state(GPARAMS, opt, jax.random.key(0), False).replace(drafter=hs)
   tr.observe_tokens(np.array([[3, 5, 8, 9, 9, 1]]), np.array([[1, 1, 1, 1, 1, 0]]))
   np.testing.assert_array_equal(d.vocab_ids, [3, 5, 8, 9])  # the 4 most frequent responses
   tr.warmed = True
-  saved = ckpt_lib._from_json(json.loads(json.dumps(ckpt_lib._to_json(tr.host_state()))))
+  ck = ckpt_lib.Checkpointer(str(tmp_path))
+  ck.register('eagle_head', tr)
+  ck.save(3, state)
+  ck.close()
+  assert 'leaves' not in tr.host_state()  # no arrays of the head in the JSON host state
   fresh = make(GCFG, reduced_vocab=4)
   tr2 = et.trainer(fresh)
-  tr2.load_host_state(saved)
-  for a, b in zip(jax.tree.leaves(tr2.hstate), jax.tree.leaves(hs), strict=True):
+  target = rl_lib.init_train_state(GPARAMS, opt, jax.random.key(1), False)
+  ck2 = ckpt_lib.Checkpointer(str(tmp_path))
+  ck2.register('eagle_head', tr2)
+  restored = ck2.restore(target.replace(drafter=tr2.hstate))
+  for a, b in zip(jax.tree.leaves(restored.drafter), jax.tree.leaves(hs), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(fresh.vocab_ids, [3, 5, 8, 9])
   np.testing.assert_array_equal(tr2.counts, tr.counts)
-  assert tr2.warmed and fresh.head_params is tr2.hstate.params
+  assert tr2.warmed
+  big = make(dataclasses.replace(GCFG, d_model=24), reduced_vocab=4)  # a different head
+  wrong = target.replace(drafter=et.trainer(big).hstate)
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match='drafter'):
+    ck2.restore(wrong)
+  ck2.close()
 
 
 def test_cotrain_run_with_warmup_resumes_exactly(tmp_path):
   """The loop with the head: warm-up before the first GRPO step, cotrain fused into the
-  GRPO step, reduced vocabulary from the rollouts, all in the checkpoint: a run stopped
-  mid-GRPO and resumed ends with the uninterrupted run's params and head metrics."""
-  c = default.get_config('smoke')  # 4 SFT steps + 3 GRPO steps
+  GRPO step, reduced vocabulary from the rollouts, all in the checkpoint. One run of
+  1 SFT + 3 GRPO steps checkpoints after step 3 (warm-up and two cotrain steps done) and
+  at the end; a copy of its directory without the last checkpoint resumes from step 3
+  and must end with the uninterrupted run's params, head and metrics."""
+  c = default.get_config('smoke')
+  c.sft.steps, c.rl.steps, c.checkpoint_every = 1, 3, 3
   c.log_every = 100
   c.rollout.drafter = 'eagle'
   c.drafter.eagle.update(mode='cotrain', warmup_steps=2, reduced_vocab=12)
-  c.eval.prompts = 0  # validation is tested elsewhere: keep the three runs short
+  c.eval.prompts = 0  # validation is tested elsewhere: keep the runs short
   full, hist = train.train_and_evaluate(c, str(tmp_path / 'a'))
-  train.train_and_evaluate(c, str(tmp_path / 'b'), max_steps=5)
+  assert sorted(os.listdir(tmp_path / 'a' / 'checkpoints')) == ['3', '4']
+  shutil.copytree(tmp_path / 'a' / 'checkpoints', tmp_path / 'b' / 'checkpoints')
+  shutil.rmtree(tmp_path / 'b' / 'checkpoints' / '4')
   resumed, hist_b = train.train_and_evaluate(c, str(tmp_path / 'b'))
-  assert [m['step'] for m in hist_b] == [5, 6]
-  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
+  assert [m['step'] for m in hist_b] == [3]
+  assert int(full.drafter.step) == 2 + 3  # warm-up updates + 1 per cotrain GRPO step
+  arrays = lambda st: jax.tree.leaves((st.params, st.opt_state, st.drafter))  # noqa: E731
+  for a, b in zip(arrays(full), arrays(resumed), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for key in ('train/head/loss', 'train/head/ce', 'spec/alpha', 'train/loss'):
     assert hist_b[-1][key] == hist[-1][key], key
-  assert hist[4]['train/head/loss'] > 0 and 'spec/alpha' in hist[4]
+  assert hist[1]['train/head/loss'] > 0 and 'spec/alpha' in hist[1]
