@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default
 from specrl import checkpointing as ckpt_lib
@@ -58,9 +59,10 @@ def spec_batch(cfg, params, n=64, seed=0):
 
 
 _TRAINED = []
+TRAIN_STEPS = 40  # enough for the loss to fall well below 0.6x and alpha to be high
 
 
-def trained_drafter(steps=100):
+def trained_drafter(steps=TRAIN_STEPS):
   """A head trained on the policy's own generations (the warm-up path): cached."""
   if not _TRAINED:
     d = make(ts.CFG, lr=3e-3)
@@ -79,17 +81,21 @@ def trained_drafter(steps=100):
 
 def test_head_update_lowers_its_loss_on_a_fixed_buffer():
   d, m0, m1, done = trained_drafter()
-  assert done == 100
+  assert done == TRAIN_STEPS
   assert m1['head/loss'] < 0.6 * m0['head/loss'], (m0, m1)
   assert m1['head/ce'] < m0['head/ce'] and m1['head/smooth_l1'] < m0['head/smooth_l1']
 
 
 # ----------------------------------------------------------------------------- lossless
 
+# Rows per chi-square test: 2/3 of test_speculative's (the broken-verifier power checks
+# there use N_SAMPLES; the all-accepted / rejecting row counts below stay in the hundreds).
+N_CHI = 8000
+
 
 @pytest.mark.parametrize('setting', ['T1', 'T0.7-topk2'])
 def test_untrained_head_is_lossless(setting):
-  p, out = ts._pvalue(ts.SETTINGS[setting], make(ts.CFG), seed=21)
+  p, out = ts._pvalue(ts.SETTINGS[setting], make(ts.CFG), seed=21, n=N_CHI)
   assert ts._rejecting_rows(out) > 0.2, 'an untrained head should be rejected often'
   assert p > ts.PASS_P, f'p={p:.2e}'
 
@@ -97,7 +103,7 @@ def test_untrained_head_is_lossless(setting):
 @pytest.mark.parametrize('setting', ['T1', 'T0.7-topp0.8'])
 def test_trained_head_is_lossless_through_the_bonus_token(setting):
   d = trained_drafter()[0]
-  p, out = ts._pvalue(ts.SETTINGS[setting], d, seed=22)
+  p, out = ts._pvalue(ts.SETTINGS[setting], d, seed=22, n=N_CHI)
   assert ts._all_accepted_rows(out) > 0.3, 'the all-accepted + bonus path was rarely taken'
   assert ts._rejecting_rows(out) > 0.02  # a trained head: rare, but hundreds of rows
   assert p > ts.PASS_P, f'p={p:.2e}'
@@ -114,7 +120,7 @@ def test_reduced_vocabulary_is_lossless():
   dp = red.params_from_policy(ts.POLICY)
   lg = eagle.head_logits(dp, ts.CFG, jnp.ones((3, ts.CFG.d_model)))
   assert (lg[:, jnp.array([0, 3])] < -1e29).all()  # zero draft probability outside
-  p, out = ts._pvalue(ts.SETTINGS['T0.7-topk2'], red, seed=23)
+  p, out = ts._pvalue(ts.SETTINGS['T0.7-topk2'], red, seed=23, n=N_CHI)
   assert ts._rejecting_rows(out) > 0.02
   assert p > ts.PASS_P, f'p={p:.2e}'
 
@@ -135,12 +141,17 @@ def _rcfg(k, sp=ts.SETTINGS['T1'], **kw):
   )
 
 
+@functools.cache
+def _plain_greedy():
+  return rollout_lib.RolloutEngine(GCFG, _rcfg(0, SamplingParams(0.0))).generate(
+    GPARAMS, TOKS, LENS, jax.random.key(3)
+  )[0]
+
+
 @pytest.mark.parametrize('chunk', [32, 2])
 def test_greedy_equals_plain_greedy(chunk):
   greedy = SamplingParams(0.0)
-  plain, _ = rollout_lib.RolloutEngine(GCFG, _rcfg(0, greedy)).generate(
-    GPARAMS, TOKS, LENS, jax.random.key(3)
-  )
+  plain = _plain_greedy()
   d = make(GCFG, catchup_chunk=chunk)
   spec, m = rollout_lib.RolloutEngine(GCFG, _rcfg(3, greedy), drafter=d).generate(
     GPARAMS, TOKS, LENS, jax.random.key(3)
@@ -210,6 +221,7 @@ def test_adaptive_engine_plain_then_speculative_greedy():
 # ----------------------------------------------------------------------------- cotrain
 
 
+@functools.cache
 def _grpo_batch(cfg):
   out, _ = rollout_lib.RolloutEngine(cfg, _rcfg(0)).generate(GPARAMS, TOKS, LENS, jax.random.key(1))
   s = _rcfg(0).seq_len
@@ -256,13 +268,13 @@ def test_cotrain_leaves_the_policy_update_bit_identical():
   assert all(moved)
 
 
-@pytest.mark.parametrize('minibatches', [1, 3])
-def test_train_step_returns_the_policys_hidden_states_in_batch_order(minibatches):
+def test_train_step_returns_the_policys_hidden_states_in_batch_order():
   """What cotrain trains on instead of a second forward: the GRPO loss's final-norm hidden
-  states, unshuffled to batch order (lr = 0, so every minibatch sees the same params)."""
+  states, unshuffled to batch order (3 shuffled minibatches, 2 epochs; lr = 0, so every
+  minibatch sees the same params)."""
   opt = rl_lib.make_optimizer(0.0, 0.0, 1.0)
   state = rl_lib.init_train_state(GPARAMS, opt, jax.random.key(0), False)
-  rl = rl_lib.RLConfig(num_generations=2, num_minibatches=minibatches, num_epochs=2)
+  rl = rl_lib.RLConfig(num_generations=2, num_minibatches=3, num_epochs=2)
   batch = _grpo_batch(GCFG)
   fn = functools.partial(rl_lib.train_step, cfg=GCFG, rl=rl, optimizer=opt, return_hidden=True)
   _, _, hidden = jax.jit(fn)(state, batch)
@@ -308,7 +320,23 @@ def test_head_state_round_trips_through_the_orbax_checkpoint(tmp_path):
   ck2.close()
 
 
-def test_cotrain_run_with_warmup_resumes_exactly(tmp_path):
+@pytest.fixture
+def compile_cache(tmp_path):
+  """A persistent XLA compilation cache for one test: the resumed run loads the first
+  run's executables instead of compiling them again (a restarted process would too).
+  Restored (off) afterwards."""
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'xla_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  compilation_cache.reset_cache()
+  yield
+  for n, v in old.items():
+    jax.config.update(n, v)
+  compilation_cache.reset_cache()
+
+
+def test_cotrain_run_with_warmup_resumes_exactly(tmp_path, compile_cache):
   """The loop with the head: warm-up before the first GRPO step, cotrain fused into the
   GRPO step, reduced vocabulary from the rollouts, all in the checkpoint. One run of
   1 SFT + 3 GRPO steps checkpoints after step 3 (warm-up and two cotrain steps done) and
