@@ -38,6 +38,7 @@ KL(pi_behav || pi_prox) = E[w - 1 - log w]).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -94,6 +95,9 @@ class TrainState:
   opt_state: Any
   ref_params: Any  # None unless rl.kl_coef > 0
   rng: jax.Array  # key: per-step randomness is fold_in(rng, step)
+  # A trainable drafter's own state (the eagle head's params + optimizer state,
+  # specrl.drafters.eagle_train.HeadState), so the orbax checkpoint holds it; None without.
+  drafter: Any = None
 
 
 def make_optimizer(lr_schedule, weight_decay: float, grad_clip: float, b2: float = 0.95):
@@ -140,13 +144,19 @@ def logprob_chunk(batch: int, seq: int, vocab: int) -> int:
 
 
 def sequence_logprobs(
-  params, cfg: model_lib.ModelConfig, tokens: jax.Array, temperature: float, mesh=None
-) -> jax.Array:
+  params,
+  cfg: model_lib.ModelConfig,
+  tokens: jax.Array,
+  temperature: float,
+  mesh=None,
+  return_hidden: bool = False,
+):
   """Logprob of every token given its prefix. tokens [B, S] -> f32 [B, S] (0 at t = 0).
 
   The trunk runs once; the LM head + log-softmax run over chunks of positions
   (:func:`logprob_chunk`) under ``jax.checkpoint``, so peak memory holds one chunk's
-  [B, C, V] logits, forward and backward."""
+  [B, C, V] logits, forward and backward. ``return_hidden``: also the trunk's final-norm
+  hidden states at positions 0..S-2, [B, S-1, D] (what a drafter head trains on)."""
   b, s = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
   _, _, hidden = model_lib.forward(
@@ -166,7 +176,8 @@ def sequence_logprobs(
 
   lp = jax.lax.map(lambda ht: chunk_logprobs(*ht), (h, tgt))  # [n, B, C]
   lp = lp.swapaxes(0, 1).reshape(b, n * c)[:, : s - 1]
-  return jnp.pad(lp, ((0, 0), (1, 0)))
+  lp = jnp.pad(lp, ((0, 0), (1, 0)))
+  return (lp, hidden) if return_hidden else lp
 
 
 def _aggregate(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
@@ -231,16 +242,20 @@ def grpo_loss_from_logprobs(
   return loss, metrics
 
 
-def grpo_loss(params, batch: dict, ref_params, cfg, rl: RLConfig, mesh=None):
-  """``batch`` as in the module docstring, plus ``prox_logprobs`` [B, S] when
-  ``rl.offpolicy`` != 'none' (:func:`train_step` adds them)."""
-  lp = sequence_logprobs(params, cfg, batch['tokens'], rl.temperature, mesh)
+def grpo_loss(
+  params, batch: dict, ref_params, cfg, rl: RLConfig, mesh=None, return_hidden: bool = False
+):
+  """(loss, metrics). ``batch`` as in the module docstring, plus ``prox_logprobs`` [B, S]
+  when ``rl.offpolicy`` != 'none' (:func:`train_step` adds them). ``return_hidden``:
+  (loss, (metrics, hidden)) with the policy's final-norm hidden states [B, S-1, D] of this
+  forward, stop-gradient (for a drafter head)."""
+  lp, hidden = sequence_logprobs(params, cfg, batch['tokens'], rl.temperature, mesh, True)
   ref_lp = None
   if ref_params is not None and rl.kl_coef > 0:
     ref_lp = jax.lax.stop_gradient(
       sequence_logprobs(ref_params, cfg, batch['tokens'], rl.temperature, mesh)
     )
-  return grpo_loss_from_logprobs(
+  loss, metrics = grpo_loss_from_logprobs(
     lp,
     batch['old_logprobs'],
     ref_lp,
@@ -249,6 +264,7 @@ def grpo_loss(params, batch: dict, ref_params, cfg, rl: RLConfig, mesh=None):
     rl,
     prox_logprobs=batch.get('prox_logprobs'),
   )
+  return (loss, (metrics, jax.lax.stop_gradient(hidden))) if return_hidden else (loss, metrics)
 
 
 def proximal_logprobs(params, tokens, cfg, rl: RLConfig, mesh=None):
@@ -296,39 +312,57 @@ def guarded_update(optimizer, loss, grads, params, opt_state, guard: bool = True
 
 
 def train_step(
-  state: TrainState, batch: dict, *, cfg, rl: RLConfig, optimizer, mesh=None, guard: bool = True
+  state: TrainState,
+  batch: dict,
+  *,
+  cfg,
+  rl: RLConfig,
+  optimizer,
+  mesh=None,
+  guard: bool = True,
+  return_hidden: bool = False,
 ):
   """``num_epochs`` x ``num_minibatches`` PPO updates on one rollout batch. Pure.
 
   Each minibatch update goes through :func:`guarded_update`; ``skipped_updates`` in the
   metrics counts the skipped ones (the other metrics are means over all updates).
+  ``return_hidden``: returns (state, metrics, hidden) with the final-norm hidden states
+  [B, S-1, D] (batch order, stop-gradient) of the first epoch's loss forwards -- at
+  ``state.params`` when ``num_minibatches`` = 1, else minibatch i's after i updates -- so a
+  drafter head trains on them without another policy forward; the update is unchanged.
   """
 
-  def update(carry, mb):
+  def update(carry, mb, keep_hidden=False):
     params, opt_state = carry
-    (loss, metrics), grads = jax.value_and_grad(grpo_loss, has_aux=True)(
-      params, mb, state.ref_params, cfg, rl, mesh
+    (loss, aux), grads = jax.value_and_grad(grpo_loss, has_aux=True)(
+      params, mb, state.ref_params, cfg, rl, mesh, keep_hidden
     )
+    metrics, hidden = aux if keep_hidden else (aux, None)
     params, opt_state, metrics['grad_norm'], metrics[faults.SKIP_KEY] = guarded_update(
       optimizer, loss, grads, params, opt_state, guard
     )
-    return (params, opt_state), metrics
+    return (params, opt_state), (metrics, hidden)
 
   if rl.offpolicy != 'none':  # pi_prox: the params at the start of this step
     prox = proximal_logprobs(state.params, batch['tokens'], cfg, rl, mesh)
     batch = {**batch, 'prox_logprobs': prox}
   carry = (state.params, state.opt_state)
-  all_metrics = []
+  all_metrics, hidden = [], None
   for epoch in range(rl.num_epochs):
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), epoch)
     mbs = _minibatches(batch, rl.num_minibatches, key)
-    carry, metrics = jax.lax.scan(update, carry, mbs)
+    keep = return_hidden and epoch == 0
+    carry, (metrics, h) = jax.lax.scan(functools.partial(update, keep_hidden=keep), carry, mbs)
     all_metrics.append(metrics)
+    if keep:  # [n, B/n, S-1, D] in shuffled order -> [B, S-1, D] in batch order
+      perm = jax.random.permutation(key, batch['tokens'].shape[0])  # as _minibatches
+      hidden = h.reshape((-1,) + h.shape[2:])[jnp.argsort(perm)]
   skipped = sum(jnp.sum(m.pop(faults.SKIP_KEY)) for m in all_metrics)
   metrics = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *all_metrics)
   metrics[faults.SKIP_KEY] = skipped
   params, opt_state = carry
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return (new_state, metrics, hidden) if return_hidden else (new_state, metrics)
 
 
 def sft_loss(params, tokens, loss_mask, cfg, mesh=None):

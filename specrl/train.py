@@ -510,6 +510,9 @@ def train_and_evaluate(
   os.makedirs(workdir, exist_ok=True)
   total = config.sft.steps + config.rl.steps
   state = init_state(exp)
+  head = eagle_train.trainer(exp.drafter)  # the eagle head's training state, or None
+  if head is not None:  # head params + optimizer state: in the orbax-saved train state
+    state = state.replace(drafter=jax.device_put(head.hstate, shd.replicated(exp.mesh)))
   sh = jax.tree.map(lambda x: x.sharding, state)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
   if getattr(exp.engine, 'host_state', None) is not None:  # engine memory, host RNGs
@@ -518,8 +521,7 @@ def train_and_evaluate(
     checkpointer.register('drafter', exp.drafter)
   guard = faults.NonFiniteGuard(faults.fault_config(config), checkpointer)
   checkpointer.register('nonfinite', guard, required=False)
-  head = eagle_train.trainer(exp.drafter)  # the eagle head's training state, or None
-  if head is not None:
+  if head is not None:  # token counts / reduced vocabulary / warmed flag
     checkpointer.register('eagle_head', head)
   pipeline = make_pipeline(exp, timeline)
   checkpointer.register('rollouts', pipeline, required=False)  # rollouts still in flight
@@ -556,8 +558,10 @@ def train_and_evaluate(
   try:
     for step in range(start, end):
       if head is not None:  # the head's warm-up, once, before the first GRPO step
-        head.before_step(exp, state.params, step)
+        state = head.before_step(exp, state, step)
       state, m = run_step(exp, state, step, fns, pipeline)
+      if head is not None:  # the step donated the old head arrays: follow the new ones
+        head.set_state(state.drafter)
       faults.fault_point('step', step, 'after_update')
       m['step'] = step
       published = functools.partial(pipeline.current, state.params, step + 1)

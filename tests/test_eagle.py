@@ -5,12 +5,14 @@ adaptive engine, and its training lowers its loss and leaves the policy's update
 
 import dataclasses
 import functools
-import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default
 from specrl import checkpointing as ckpt_lib
@@ -57,9 +59,10 @@ def spec_batch(cfg, params, n=64, seed=0):
 
 
 _TRAINED = []
+TRAIN_STEPS = 40  # enough for the loss to fall well below 0.6x and alpha to be high
 
 
-def trained_drafter(steps=100):
+def trained_drafter(steps=TRAIN_STEPS):
   """A head trained on the policy's own generations (the warm-up path): cached."""
   if not _TRAINED:
     d = make(ts.CFG, lr=3e-3)
@@ -78,17 +81,21 @@ def trained_drafter(steps=100):
 
 def test_head_update_lowers_its_loss_on_a_fixed_buffer():
   d, m0, m1, done = trained_drafter()
-  assert done == 100
+  assert done == TRAIN_STEPS
   assert m1['head/loss'] < 0.6 * m0['head/loss'], (m0, m1)
   assert m1['head/ce'] < m0['head/ce'] and m1['head/smooth_l1'] < m0['head/smooth_l1']
 
 
 # ----------------------------------------------------------------------------- lossless
 
+# Rows per chi-square test: 2/3 of test_speculative's (the broken-verifier power checks
+# there use N_SAMPLES; the all-accepted / rejecting row counts below stay in the hundreds).
+N_CHI = 8000
+
 
 @pytest.mark.parametrize('setting', ['T1', 'T0.7-topk2'])
 def test_untrained_head_is_lossless(setting):
-  p, out = ts._pvalue(ts.SETTINGS[setting], make(ts.CFG), seed=21)
+  p, out = ts._pvalue(ts.SETTINGS[setting], make(ts.CFG), seed=21, n=N_CHI)
   assert ts._rejecting_rows(out) > 0.2, 'an untrained head should be rejected often'
   assert p > ts.PASS_P, f'p={p:.2e}'
 
@@ -96,7 +103,7 @@ def test_untrained_head_is_lossless(setting):
 @pytest.mark.parametrize('setting', ['T1', 'T0.7-topp0.8'])
 def test_trained_head_is_lossless_through_the_bonus_token(setting):
   d = trained_drafter()[0]
-  p, out = ts._pvalue(ts.SETTINGS[setting], d, seed=22)
+  p, out = ts._pvalue(ts.SETTINGS[setting], d, seed=22, n=N_CHI)
   assert ts._all_accepted_rows(out) > 0.3, 'the all-accepted + bonus path was rarely taken'
   assert ts._rejecting_rows(out) > 0.02  # a trained head: rare, but hundreds of rows
   assert p > ts.PASS_P, f'p={p:.2e}'
@@ -113,7 +120,7 @@ def test_reduced_vocabulary_is_lossless():
   dp = red.params_from_policy(ts.POLICY)
   lg = eagle.head_logits(dp, ts.CFG, jnp.ones((3, ts.CFG.d_model)))
   assert (lg[:, jnp.array([0, 3])] < -1e29).all()  # zero draft probability outside
-  p, out = ts._pvalue(ts.SETTINGS['T0.7-topk2'], red, seed=23)
+  p, out = ts._pvalue(ts.SETTINGS['T0.7-topk2'], red, seed=23, n=N_CHI)
   assert ts._rejecting_rows(out) > 0.02
   assert p > ts.PASS_P, f'p={p:.2e}'
 
@@ -134,12 +141,17 @@ def _rcfg(k, sp=ts.SETTINGS['T1'], **kw):
   )
 
 
+@functools.cache
+def _plain_greedy():
+  return rollout_lib.RolloutEngine(GCFG, _rcfg(0, SamplingParams(0.0))).generate(
+    GPARAMS, TOKS, LENS, jax.random.key(3)
+  )[0]
+
+
 @pytest.mark.parametrize('chunk', [32, 2])
 def test_greedy_equals_plain_greedy(chunk):
   greedy = SamplingParams(0.0)
-  plain, _ = rollout_lib.RolloutEngine(GCFG, _rcfg(0, greedy)).generate(
-    GPARAMS, TOKS, LENS, jax.random.key(3)
-  )
+  plain = _plain_greedy()
   d = make(GCFG, catchup_chunk=chunk)
   spec, m = rollout_lib.RolloutEngine(GCFG, _rcfg(3, greedy), drafter=d).generate(
     GPARAMS, TOKS, LENS, jax.random.key(3)
@@ -209,35 +221,45 @@ def test_adaptive_engine_plain_then_speculative_greedy():
 # ----------------------------------------------------------------------------- cotrain
 
 
-def test_cotrain_leaves_the_policy_update_bit_identical():
-  cfg = GCFG
-  d = make(cfg)
-  opt = rl_lib.make_optimizer(1e-3, 0.0, 1.0)
-  state = rl_lib.init_train_state(GPARAMS, opt, jax.random.key(0), False)
-  rl = rl_lib.RLConfig(num_generations=2)
+@functools.cache
+def _grpo_batch(cfg):
   out, _ = rollout_lib.RolloutEngine(cfg, _rcfg(0)).generate(GPARAMS, TOKS, LENS, jax.random.key(1))
   s = _rcfg(0).seq_len
   mask = et.response_mask(out, s)
-  batch = {
+  return {
     'tokens': jnp.asarray(out.tokens[:, :s]),
     'response_mask': jnp.asarray(mask),
     'old_logprobs': jnp.asarray(out.logprobs[:, :s] * mask),
     'advantages': jnp.linspace(-1.0, 1.0, len(LENS)),
   }
-  step_fn = functools.partial(rl_lib.train_step, cfg=cfg, rl=rl, optimizer=opt)
+
+
+def test_cotrain_leaves_the_policy_update_bit_identical():
+  """The fused step (head trained on the GRPO loss's own hidden states, in
+  ``TrainState.drafter``) gives the plain step's policy state bit for bit, and the head
+  moves."""
+  cfg = GCFG
+  d = make(cfg)
+  opt = rl_lib.make_optimizer(1e-3, 0.0, 1.0)
   hopt = et.make_optimizer(d.ecfg)
   hs = et.init_head_state(d.head_params, hopt)
+  state = rl_lib.init_train_state(GPARAMS, opt, jax.random.key(0), False).replace(drafter=hs)
+  rl = rl_lib.RLConfig(num_generations=2)
+  batch = _grpo_batch(cfg)
+  step_fn = functools.partial(rl_lib.train_step, cfg=cfg, rl=rl, optimizer=opt)
   plain_state, pm = jax.jit(step_fn)(state, batch)
   fused = jax.jit(
     functools.partial(
       et.cotrain_step, step_fn=step_fn, cfg=cfg, hcfg=d.hcfg, ecfg=d.ecfg, optimizer=hopt
     )
   )
-  co_state, cm, hs2 = fused(state, hs, batch)
+  co_state, cm = fused(state, batch)
   policy = lambda st: jax.tree.leaves((st.step, st.params, st.opt_state))  # noqa: E731
   for a, b in zip(policy(plain_state), policy(co_state), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert float(pm['loss']) == float(cm['loss'])
+  assert plain_state.drafter is not None  # the plain step carries the head through
+  hs2 = co_state.drafter
   assert int(hs2.step) == 1 and np.isfinite(float(cm['head/loss']))
   moved = [
     not np.array_equal(a, b)
@@ -246,42 +268,96 @@ def test_cotrain_leaves_the_policy_update_bit_identical():
   assert all(moved)
 
 
-def test_head_checkpoint_round_trip_is_exact():
+def test_train_step_returns_the_policys_hidden_states_in_batch_order():
+  """What cotrain trains on instead of a second forward: the GRPO loss's final-norm hidden
+  states, unshuffled to batch order (3 shuffled minibatches, 2 epochs; lr = 0, so every
+  minibatch sees the same params)."""
+  opt = rl_lib.make_optimizer(0.0, 0.0, 1.0)
+  state = rl_lib.init_train_state(GPARAMS, opt, jax.random.key(0), False)
+  rl = rl_lib.RLConfig(num_generations=2, num_minibatches=3, num_epochs=2)
+  batch = _grpo_batch(GCFG)
+  fn = functools.partial(rl_lib.train_step, cfg=GCFG, rl=rl, optimizer=opt, return_hidden=True)
+  _, _, hidden = jax.jit(fn)(state, batch)
+  ref = et.policy_hidden(GPARAMS, GCFG, batch['tokens'])
+  assert hidden.shape == ref.shape
+  np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref), atol=2e-5)
+
+
+def test_head_state_round_trips_through_the_orbax_checkpoint(tmp_path):
+  """Head params + optimizer state go through orbax as ``TrainState.drafter`` (shape
+  checked on restore); the small host state (token counts, reduced vocabulary, warmed)
+  through the host item."""
   d = make(GCFG, reduced_vocab=4)
   tr = et.trainer(d)
   hs = tr.hstate.replace(
     step=jnp.int32(7), params=jax.tree.map(lambda x: x + 0.5, tr.hstate.params)
   )
-  tr.set_state(hs)
+  opt = rl_lib.make_optimizer(1e-3, 0.0, 1.0)
+  state = rl_lib.init_train_state(GPARAMS, opt, jax.random.key(0), False).replace(drafter=hs)
   tr.observe_tokens(np.array([[3, 5, 8, 9, 9, 1]]), np.array([[1, 1, 1, 1, 1, 0]]))
   np.testing.assert_array_equal(d.vocab_ids, [3, 5, 8, 9])  # the 4 most frequent responses
   tr.warmed = True
-  saved = ckpt_lib._from_json(json.loads(json.dumps(ckpt_lib._to_json(tr.host_state()))))
+  ck = ckpt_lib.Checkpointer(str(tmp_path))
+  ck.register('eagle_head', tr)
+  ck.save(3, state)
+  ck.close()
+  assert 'leaves' not in tr.host_state()  # no arrays of the head in the JSON host state
   fresh = make(GCFG, reduced_vocab=4)
   tr2 = et.trainer(fresh)
-  tr2.load_host_state(saved)
-  for a, b in zip(jax.tree.leaves(tr2.hstate), jax.tree.leaves(hs), strict=True):
+  target = rl_lib.init_train_state(GPARAMS, opt, jax.random.key(1), False)
+  ck2 = ckpt_lib.Checkpointer(str(tmp_path))
+  ck2.register('eagle_head', tr2)
+  restored = ck2.restore(target.replace(drafter=tr2.hstate))
+  for a, b in zip(jax.tree.leaves(restored.drafter), jax.tree.leaves(hs), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(fresh.vocab_ids, [3, 5, 8, 9])
   np.testing.assert_array_equal(tr2.counts, tr.counts)
-  assert tr2.warmed and fresh.head_params is tr2.hstate.params
+  assert tr2.warmed
+  big = make(dataclasses.replace(GCFG, d_model=24), reduced_vocab=4)  # a different head
+  wrong = target.replace(drafter=et.trainer(big).hstate)
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match='drafter'):
+    ck2.restore(wrong)
+  ck2.close()
 
 
-def test_cotrain_run_with_warmup_resumes_exactly(tmp_path):
+@pytest.fixture
+def compile_cache(tmp_path):
+  """A persistent XLA compilation cache for one test: the resumed run loads the first
+  run's executables instead of compiling them again (a restarted process would too).
+  Restored (off) afterwards."""
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'xla_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  compilation_cache.reset_cache()
+  yield
+  for n, v in old.items():
+    jax.config.update(n, v)
+  compilation_cache.reset_cache()
+
+
+def test_cotrain_run_with_warmup_resumes_exactly(tmp_path, compile_cache):
   """The loop with the head: warm-up before the first GRPO step, cotrain fused into the
-  GRPO step, reduced vocabulary from the rollouts, all in the checkpoint: a run stopped
-  mid-GRPO and resumed ends with the uninterrupted run's params and head metrics."""
-  c = default.get_config('smoke')  # 4 SFT steps + 3 GRPO steps
+  GRPO step, reduced vocabulary from the rollouts, all in the checkpoint. One run of
+  1 SFT + 3 GRPO steps checkpoints after step 3 (warm-up and two cotrain steps done) and
+  at the end; a copy of its directory without the last checkpoint resumes from step 3
+  and must end with the uninterrupted run's params, head and metrics."""
+  c = default.get_config('smoke')
+  c.sft.steps, c.rl.steps, c.checkpoint_every = 1, 3, 3
   c.log_every = 100
   c.rollout.drafter = 'eagle'
   c.drafter.eagle.update(mode='cotrain', warmup_steps=2, reduced_vocab=12)
-  c.eval.prompts = 0  # validation is tested elsewhere: keep the three runs short
+  c.eval.prompts = 0  # validation is tested elsewhere: keep the runs short
   full, hist = train.train_and_evaluate(c, str(tmp_path / 'a'))
-  train.train_and_evaluate(c, str(tmp_path / 'b'), max_steps=5)
+  assert sorted(os.listdir(tmp_path / 'a' / 'checkpoints')) == ['3', '4']
+  shutil.copytree(tmp_path / 'a' / 'checkpoints', tmp_path / 'b' / 'checkpoints')
+  shutil.rmtree(tmp_path / 'b' / 'checkpoints' / '4')
   resumed, hist_b = train.train_and_evaluate(c, str(tmp_path / 'b'))
-  assert [m['step'] for m in hist_b] == [5, 6]
-  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
+  assert [m['step'] for m in hist_b] == [3]
+  assert int(full.drafter.step) == 2 + 3  # warm-up updates + 1 per cotrain GRPO step
+  arrays = lambda st: jax.tree.leaves((st.params, st.opt_state, st.drafter))  # noqa: E731
+  for a, b in zip(arrays(full), arrays(resumed), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for key in ('train/head/loss', 'train/head/ce', 'spec/alpha', 'train/loss'):
     assert hist_b[-1][key] == hist[-1][key], key
-  assert hist[4]['train/head/loss'] > 0 and 'spec/alpha' in hist[4]
+  assert hist[1]['train/head/loss'] > 0 and 'spec/alpha' in hist[1]

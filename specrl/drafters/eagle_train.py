@@ -11,11 +11,14 @@ counts when the token those distributions predict, ``x_{t+2}``, is a response to
 
 - :func:`head_update`: one pure optimizer step of the head (jit it with the static args).
 - :func:`cotrain_step`: the GRPO step and a head update in *one* jitted function; the head
-  reads the policy's final-norm hidden states at the pre-update params (what the rollout
-  used) under a stop-gradient, so the policy's update is the plain step's, bit for bit.
+  reads the final-norm hidden states the GRPO loss's own forward computed (at the
+  pre-update params, what the rollout used; no second policy forward) under a
+  stop-gradient, so the policy's update is the plain step's, bit for bit.
 - :func:`warmup`: head updates on the policy's own generations before RL, under a budget.
 - :class:`HeadTrainer`: the head in a run: warm-up, reduced vocabulary from recent
-  rollouts, checkpoint host state; :func:`wrap_grpo` fuses ``cotrain`` into the GRPO step.
+  rollouts; :func:`wrap_grpo` fuses ``cotrain`` into the GRPO step. The head's params and
+  optimizer state live in ``TrainState.drafter`` (so in the orbax checkpoint, shape-checked
+  on restore); only small host things (token counts, vocabulary, warmed flag) are host state.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def init_head_state(head_params, optimizer) -> HeadState:
 
 def policy_hidden(policy_params, cfg, tokens, mesh=None):
   """The policy's final-norm hidden states at positions ``0..S-2`` of ``tokens`` [B, S]
-  (the forward :func:`specrl.rl.sequence_logprobs` runs), stop-gradient: [B, S-1, D]."""
+  (the forward :func:`specrl.rl.sequence_logprobs` runs; no LM head), stop-gradient:
+  [B, S-1, D]. Only the warm-up needs it: ``cotrain`` reuses the GRPO loss's forward."""
   b, s = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
   _, _, h = model_lib.forward(
@@ -69,7 +73,7 @@ def policy_hidden(policy_params, cfg, tokens, mesh=None):
     positions,
     mesh=mesh,
     rules=shd.TRAIN_RULES,
-    return_hidden=True,
+    head=False,
   )
   return jax.lax.stop_gradient(h)
 
@@ -145,7 +149,6 @@ def head_update(
 
 def cotrain_step(
   state,
-  hstate: HeadState,
   batch: dict,
   vocab_ids=None,
   *,
@@ -156,18 +159,15 @@ def cotrain_step(
   optimizer,
   mesh=None,
 ):
-  """The GRPO step ``step_fn(state, batch) -> (state, metrics)`` with a head update fused
-  in: the head trains on the policy's hidden states at ``state.params`` (the rollout's
-  policy), stop-gradient, so the policy's new state is exactly ``step_fn``'s.
-
-  Note: the hidden states come from their own forward here (XLA does not share it with the
-  forward inside ``step_fn``'s gradient); sharing it needs ``rl.grpo_loss`` to return its
-  final-norm hidden state as an aux output.
-  """
-  hidden = policy_hidden(state.params, cfg, batch['tokens'], mesh)
-  new_state, metrics = step_fn(state, batch)
+  """The GRPO step with a head update fused in. ``state``: a ``specrl.rl.TrainState`` whose
+  ``drafter`` is the :class:`HeadState`; ``step_fn(state, batch, return_hidden=True) ->
+  (state, metrics, hidden [B, S-1, D])`` (``specrl.rl.train_step``): the head trains on
+  the hidden states the GRPO loss's forward computed at ``state.params`` (the rollout's
+  policy; stop-gradient, no second policy forward), so the policy's new state is exactly
+  ``step_fn``'s. Returns (state with the new head, metrics incl. ``head/*``)."""
+  new_state, metrics, hidden = step_fn(state, batch, return_hidden=True)
   hstate, hm = head_update(
-    hstate,
+    state.drafter,
     state.params,
     vocab_ids,
     batch['tokens'],
@@ -179,7 +179,7 @@ def cotrain_step(
     optimizer=optimizer,
     mesh=mesh,
   )
-  return new_state, {**metrics, **hm}, hstate
+  return new_state.replace(drafter=hstate), {**metrics, **hm}
 
 
 def frequent_tokens(tokens, mask, n: int, vocab_size: int) -> np.ndarray:
@@ -241,10 +241,11 @@ def _plain_engine(exp):
 
 
 class HeadTrainer:
-  """The head's training state in a run (:mod:`specrl.train` hooks): params, optimizer state
-  and step (:class:`HeadState`), the decayed token counts that pick the reduced vocabulary,
-  and whether the warm-up ran. Also the checkpoint host state
-  (:class:`specrl.checkpointing.HostState`): restored exactly."""
+  """The head in a run (:mod:`specrl.train` hooks). ``hstate`` (:class:`HeadState`) is the
+  initial one / a mirror of ``TrainState.drafter``, which owns it (checkpointed by orbax);
+  :meth:`set_state` after every step points the drafter at the current head params. The
+  decayed token counts that pick the reduced vocabulary and whether the warm-up ran are
+  the checkpoint host state (:class:`specrl.checkpointing.HostState`): small."""
 
   COUNT_DECAY = 0.9  # per GRPO step: the reduced vocabulary follows recent rollouts
 
@@ -270,13 +271,16 @@ class HeadTrainer:
     self.hstate = hstate
     self.drafter.head_params = hstate.params
 
-  def before_step(self, exp, params, step: int) -> None:
+  def before_step(self, exp, state, step: int):
     """The warm-up, once, at the first GRPO step (after SFT): ``warmup_steps`` head updates
     on plain rollouts of the task's training prompts (prompts of steps past the run's
-    end, so not the ones RL will draw) under ``warmup_budget_s``; logged, never hidden."""
+    end, so not the ones RL will draw) under ``warmup_budget_s``; logged, never hidden.
+    Returns ``state`` with the warmed-up head in ``state.drafter``."""
     ecfg = self.drafter.ecfg
+    self.set_state(state.drafter)
     if self.warmed or step < exp.config.sft.steps or not ecfg.warmup_steps:
-      return
+      return state
+    params = state.params
     engine, c = _plain_engine(exp), exp.config
     total, n = c.sft.steps + c.rl.steps, c.rl.num_prompts * exp.rl_cfg.num_generations
     seq_len = exp.rollout_cfg.seq_len
@@ -300,6 +304,7 @@ class HeadTrainer:
       optimizer=self.optimizer,
       mesh=exp.mesh,
     )
+    hs = jax.device_put(hs, jax.tree.map(lambda x: x.sharding, state.drafter))
     self.set_state(hs)
     self.warmed = True
     logging.info(
@@ -310,25 +315,20 @@ class HeadTrainer:
       m.get('head/loss', np.nan),
       m.get('head/top1_agree', np.nan),
     )
+    return state.replace(drafter=hs)
 
   def host_state(self) -> dict:
-    leaves = jax.tree.leaves(jax.device_get(self.hstate))
-    d = {'leaves': [np.asarray(x) for x in leaves], 'counts': self.counts, 'warmed': self.warmed}
+    """Small host-side state only (the head's arrays are in ``TrainState.drafter``)."""
+    d = {'counts': self.counts, 'warmed': self.warmed}
     if self.drafter.vocab_ids is not None:
       d['vocab_ids'] = np.asarray(self.drafter.vocab_ids)
     return d
 
   def load_host_state(self, d: dict) -> None:
-    treedef = jax.tree.structure(self.hstate)
-    old = jax.tree.leaves(self.hstate)
-    if len(d['leaves']) != len(old):
-      raise ValueError(f'eagle head checkpoint has {len(d["leaves"])} arrays, expected {len(old)}')
-    for a, b in zip(d['leaves'], old, strict=True):
-      if tuple(np.shape(a)) != tuple(b.shape):
-        raise ValueError(f'eagle head checkpoint array {np.shape(a)} != expected {b.shape}')
-    leaves = [jnp.asarray(a, b.dtype) for a, b in zip(d['leaves'], old, strict=True)]
-    self.set_state(jax.tree.unflatten(treedef, leaves))
-    self.counts = np.asarray(d['counts'], np.float64)
+    counts = np.asarray(d['counts'], np.float64)
+    if counts.shape != self.counts.shape:
+      raise ValueError(f'eagle token counts {counts.shape} != expected {self.counts.shape}')
+    self.counts = counts
     self.warmed = bool(d['warmed'])
     if 'vocab_ids' in d:
       self.drafter.vocab_ids = jnp.asarray(d['vocab_ids'], jnp.int32)
@@ -345,8 +345,9 @@ def trainer(drafter) -> HeadTrainer | None:
 
 def wrap_grpo(exp, step_fn, grpo, state_sh, batch_sh):
   """The train loop's GRPO function with the head fused in (``mode='cotrain'``): one jitted
-  call does the policy's step and the head's update; the head's new params are the next
-  rollout's. Any other drafter or mode: ``grpo`` unchanged (``frozen``: warm-up only)."""
+  call does the policy's step and the head's update (in ``state.drafter``); the head's new
+  params are the next rollout's. Any other drafter or mode: ``grpo`` unchanged (``frozen``:
+  warm-up only; the loop's :meth:`HeadTrainer.set_state` follows the donated state)."""
   tr = trainer(exp.drafter)
   if tr is None or tr.drafter.ecfg.mode != 'cotrain':
     return grpo
@@ -361,14 +362,14 @@ def wrap_grpo(exp, step_fn, grpo, state_sh, batch_sh):
       optimizer=tr.optimizer,
       mesh=exp.mesh,
     ),
-    in_shardings=(state_sh, None, batch_sh, None),
-    out_shardings=(state_sh, None, None),
+    in_shardings=(state_sh, batch_sh, None),
+    out_shardings=(state_sh, None),
     donate_argnums=(0,),
   )
 
   def fn(state, batch):
-    state, metrics, hs = fused(state, tr.hstate, batch, d.vocab_ids)
-    tr.set_state(hs)
+    state, metrics = fused(state, batch, d.vocab_ids)
+    tr.set_state(state.drafter)
     tr.observe_tokens(batch['tokens'], batch['response_mask'])
     return state, metrics, None
 

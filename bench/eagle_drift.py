@@ -1,0 +1,154 @@
+"""Acceptance vs GRPO step: the eagle head co-trained with the policy, the same head frozen
+after its warm-up, and the int8 self-drafter re-quantized from the live params.
+
+On the default tiny task (after SFT): the head is warmed up on the policy's own generations,
+then GRPO runs with ``drafter.eagle.mode=cotrain`` (the head update fused into the GRPO step
+on the loss's own hidden states). Before the first GRPO step and after every one, the same
+held-out prompts are rolled out with the same RNG by three engines on the *live* policy
+params: (a) the co-trained head, (b) a copy of the head taken right after warm-up and kept,
+(c) the int8 quantized self-drafter derived from the current params. k = 4, T = 1.
+
+  python bench/eagle_drift.py --quick            # a few minutes on a 2-core CPU
+  python bench/eagle_drift.py --sft_steps=200 --rl_steps=30 --plot=docs/eagle_drift_T1.png
+
+Prints a table; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import default  # noqa: E402
+from specrl import drafters, train  # noqa: E402
+from specrl import rollout as rollout_lib  # noqa: E402
+from specrl import sharding as shd  # noqa: E402
+from specrl.drafters import eagle  # noqa: E402
+from specrl.drafters import eagle_train as et  # noqa: E402
+
+
+def alpha(engine, params, held, draft_params=None):
+  """Acceptance of ``engine`` on the held-out prompts (fixed RNG: same samples' prompts)."""
+  _, m = engine.generate(
+    params, held.tokens, held.lengths, jax.random.key(7), draft_params=draft_params
+  )
+  return float(m['spec/alpha'])
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--quick', action='store_true')
+  ap.add_argument('--sft_steps', type=int, default=200)
+  ap.add_argument('--rl_steps', type=int, default=30)
+  ap.add_argument('--warmup_steps', type=int, default=150)
+  ap.add_argument('--heldout', type=int, default=32)
+  ap.add_argument('--plot', default='')
+  args = ap.parse_args()
+  if args.quick:
+    args.sft_steps, args.rl_steps, args.warmup_steps, args.heldout = 40, 4, 30, 16
+
+  c = default.get_config()
+  c.sft.steps, c.rl.steps = args.sft_steps, args.rl_steps
+  c.rollout.drafter, c.rollout.num_draft = 'eagle', 4
+  c.drafter.eagle.update(mode='cotrain', lr=3e-3, warmup_steps=args.warmup_steps)
+  c.drafter.eagle.warmup_budget_s = 600
+  exp = train.build_experiment(c)
+  head = et.trainer(exp.drafter)
+  state = train.init_state(exp)
+  state = state.replace(drafter=jax.device_put(head.hstate, shd.replicated(exp.mesh)))
+  fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+
+  qc = copy.deepcopy(c)
+  qc.rollout.drafter = 'quantized'
+  qd = drafters.make_drafter(qc, exp.model_cfg)
+  q_engine = rollout_lib.RolloutEngine(exp.model_cfg, exp.rollout_cfg, exp.mesh, qd)
+  derive_int8 = jax.jit(qd.params_from_policy)
+
+  t0 = time.perf_counter()
+  for step in range(c.sft.steps):
+    state, _, _ = train.run_step(exp, state, step, fns)
+    head.set_state(state.drafter)
+  sft_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  state = head.before_step(exp, state, c.sft.steps)  # the warm-up
+  warm_s = time.perf_counter() - t0
+  frozen = eagle.EagleDrafter(
+    exp.model_cfg, exp.drafter.ecfg, jax.tree.map(jnp.copy, state.drafter.params)
+  )
+  f_engine = rollout_lib.RolloutEngine(exp.model_cfg, exp.rollout_cfg, exp.mesh, frozen)
+  held = exp.task.heldout_prompts(args.heldout)
+
+  rows = []
+  print(
+    f'tiny default task (d_model {exp.model_cfg.d_model}, {exp.model_cfg.n_layers} layers, '
+    f'V {exp.model_cfg.vocab_size}); SFT {c.sft.steps} steps ({sft_s:.0f}s), head warm-up '
+    f'{args.warmup_steps} updates ({warm_s:.0f}s); k=4, T=1, {args.heldout} held-out prompts'
+  )
+  print(f'{"GRPO step":>9} | {"cotrain":>7} | {"frozen":>7} | {"int8":>7} | reward')
+  for step in range(c.sft.steps, c.sft.steps + c.rl.steps + 1):
+    r = {
+      'step': step - c.sft.steps,
+      'cotrain': alpha(exp.engine, state.params, held),
+      'frozen': alpha(f_engine, state.params, held),
+      'int8': alpha(q_engine, state.params, held, derive_int8(state.params)),
+    }
+    if step < c.sft.steps + c.rl.steps:
+      state, m, _ = train.run_step(exp, state, step, fns)
+      head.set_state(state.drafter)
+      r['reward'] = m['reward']
+    rows.append(r)
+    print(
+      f'{r["step"]:9d} | {r["cotrain"]:7.3f} | {r["frozen"]:7.3f} | {r["int8"]:7.3f} | '
+      f'{r.get("reward", float("nan")):.3f}',
+      flush=True,
+    )
+  arr = {k: np.array([r[k] for r in rows]) for k in ('cotrain', 'frozen', 'int8')}
+  tail = max(1, len(rows) // 4)
+  if args.plot:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k, label in (
+      ('cotrain', 'eagle head, co-trained'),
+      ('frozen', 'eagle head, frozen after warm-up'),
+      ('int8', 'int8 self-drafter (re-quantized)'),
+    ):
+      ax.plot(arr[k], label=label)
+    ax.set_xlabel('GRPO step')
+    ax.set_ylabel('acceptance (held-out)')
+    ax.set_title('tiny default-task model, k=4, T=1')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f'plot saved to {args.plot}')
+  print(
+    json.dumps(
+      {
+        'bench': 'eagle_drift',
+        'device': jax.devices()[0].device_kind,
+        'sft_steps': c.sft.steps,
+        'rl_steps': c.rl.steps,
+        'warmup_steps': args.warmup_steps,
+        **{f'{k}_mean': float(v.mean()) for k, v in arr.items()},
+        **{f'{k}_last_quarter': float(v[-tail:].mean()) for k, v in arr.items()},
+        **{f'{k}_step0': float(v[0]) for k, v in arr.items()},
+      }
+    )
+  )
+
+
+if __name__ == '__main__':
+  main()
