@@ -104,7 +104,7 @@ def markdown(s: dict, workdir: str = '') -> str:
     head = f'after {int(b["eval/step"])} steps'
     cols = [head] + ([f'after {int(a["eval/step"])} steps', 'change'] if a else [])
     out += [f'| metric | {" | ".join(cols)} |', '|---' * (len(cols) + 1) + '|']
-    rows = [*EVAL_ROWS, (f'pass@{g}', f'eval/pass_at_{g}', None)]
+    rows = [*EVAL_ROWS] + ([(f'pass@{g}', f'eval/pass_at_{g}', None)] if g > 1 else [])
     for label, key, ci in rows:
       if key not in b:
         continue
