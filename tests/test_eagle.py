@@ -82,8 +82,11 @@ def trained_drafter(steps=TRAIN_STEPS):
 def test_head_update_lowers_its_loss_on_a_fixed_buffer():
   d, m0, m1, done = trained_drafter()
   assert done == TRAIN_STEPS
-  assert m1['head/loss'] < 0.6 * m0['head/loss'], (m0, m1)
-  assert m1['head/ce'] < m0['head/ce'] and m1['head/smooth_l1'] < m0['head/smooth_l1']
+  # the soft CE is bounded below by the policy's entropy: the feature loss and the
+  # teacher-forced acceptance of draft 1 (sum min(p, q)) show the head learning
+  assert m1['head/smooth_l1'] < 0.3 * m0['head/smooth_l1'], (m0, m1)
+  assert m1['head/ce'] < m0['head/ce'] and m1['head/loss'] < m0['head/loss'], (m0, m1)
+  assert m1['head/accept_t1'] > 0.9 > m0['head/accept_t1'], (m0, m1)
 
 
 # ----------------------------------------------------------------------------- lossless
@@ -261,11 +264,11 @@ def test_cotrain_leaves_the_policy_update_bit_identical():
   assert plain_state.drafter is not None  # the plain step carries the head through
   hs2 = co_state.drafter
   assert int(hs2.step) == 1 and np.isfinite(float(cm['head/loss']))
-  moved = [
-    not np.array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(hs.params), jax.tree.leaves(hs2.params), strict=True)
-  ]
-  assert all(moved)
+  # the layers' output projections start at zero (init_head): at step 1 only those, fc and
+  # the norms' scales have a gradient; the head moves through them
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), hs.params, hs2.params)
+  assert moved['fc'] and moved['embed_norm'], moved
+  assert moved['layers']['wo'] and moved['layers']['w_down'], moved
 
 
 def test_train_step_returns_the_policys_hidden_states_in_batch_order():

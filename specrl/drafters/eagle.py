@@ -48,6 +48,8 @@ from specrl import sampling
 from specrl import sharding as shd
 
 SECTION = 'drafter.eagle'
+FC_TOKEN_INIT = 0.1  # init scale of fc's token half, relative to a unit-variance projection
+FEATURE_EPS = 1e-6  # in 1 / g: the unit-scale feature of a final-norm weight g near 0 is 0
 MODES = ('frozen', 'cotrain', 'spot')
 
 
@@ -90,15 +92,28 @@ def head_config(cfg: model_lib.ModelConfig, n_layers: int) -> model_lib.ModelCon
 
 
 def init_head(cfg: model_lib.ModelConfig, n_layers: int, rng: jax.Array) -> dict:
-  """Head params: ``embed_norm [D]``, ``fc [2D, D]``, ``layers`` (stacked like the policy's)."""
+  """Head params: ``embed_norm [D]``, ``fc [2D, D]``, ``layers`` (stacked like the policy's).
+
+  Initialised so the untrained head predicts ``ĥ_{t+1} = h_t`` exactly: the ``h`` half of
+  ``fc`` is the identity (on the unit-scale feature :func:`head_input` makes of ``h_t``), the
+  token half small, and each layer's output projections (``wo``, ``w_down``) zero, so every
+  layer starts as the identity. Why: with a random ``fc`` / layers the head's output is far
+  from the policy's feature manifold, and through a real model's LM head (SmolLM2: ``|h|``
+  ~45, logits of tens of nats) the first updates' soft CE is ~20 nats and Adam diverges;
+  from ``h_t`` the logits start at the policy's own scale and training only has to learn
+  the step ``h_t -> h_{t+1}``."""
   k1, k2 = jax.random.split(rng)
   layers = model_lib.init_params(dataclasses.replace(head_config(cfg, n_layers), vocab_size=1), k1)
+  layers = dict(layers['layers'])
+  layers['wo'] = jnp.zeros_like(layers['wo'])
+  layers['w_down'] = jnp.zeros_like(layers['w_down'])
   d = cfg.d_model
-  fc = jax.random.truncated_normal(k2, -2.0, 2.0, (2 * d, d), jnp.float32) / (2 * d) ** 0.5
+  fc_e = jax.random.truncated_normal(k2, -2.0, 2.0, (d, d), jnp.float32) * (FC_TOKEN_INIT / d**0.5)
+  fc = jnp.concatenate([fc_e, jnp.eye(d, dtype=jnp.float32)], axis=0)
   return {
     'embed_norm': jnp.ones((d,), cfg.pdtype),
     'fc': fc.astype(cfg.pdtype),
-    'layers': layers['layers'],
+    'layers': layers,
   }
 
 
@@ -111,9 +126,14 @@ def head_logical_axes(cfg: model_lib.ModelConfig) -> dict:
 
 
 def draft_params(policy_params, head_params, vocab_ids=None) -> dict:
-  """What ``propose`` reads: the head's params and the live policy's embedding / LM head
-  (references to the policy's arrays, not copies); ``vocab_ids`` int32 [N] if reduced."""
-  dp = {'head': head_params, 'embed': policy_params['embed']}
+  """What ``propose`` reads: the head's params and the live policy's embedding / LM head /
+  final-norm weight (references to the policy's arrays, not copies); ``vocab_ids`` int32
+  [N] if reduced."""
+  dp = {
+    'head': head_params,
+    'embed': policy_params['embed'],
+    'final_norm': policy_params['final_norm'],
+  }
   if 'lm_head' in policy_params:
     dp['lm_head'] = policy_params['lm_head']
   if vocab_ids is not None:
@@ -125,11 +145,26 @@ def draft_params(policy_params, head_params, vocab_ids=None) -> dict:
 
 
 def head_input(dp, cfg, feats, next_tokens):
-  """``fc([rms_norm(e(x_{t+1})); h_t])``: feats [B, T, D], next_tokens int32 [B, T] -> [B, T, D]."""
+  """``fc([rms_norm(e(x_{t+1})); h_t / g])`` [B, T, D] of feats [B, T, D] and next_tokens
+  int32 [B, T].
+
+  ``g`` is the policy's final-norm weight: ``h_t / g`` is the unit-RMS direction of the
+  policy's residual stream (``h_t = g * x_t / rms(x_t)``), the scale the head's layers work
+  at; :func:`head_output` multiplies ``g`` back in."""
   e = model_lib._embed(dp['embed'], next_tokens, cfg.cdtype)
   e = model_lib.rms_norm(e, dp['head']['embed_norm'], cfg.norm_eps)
-  z = jnp.concatenate([e, feats.astype(cfg.cdtype)], axis=-1)
+  g = dp['final_norm'].astype(jnp.float32)
+  u = (feats.astype(jnp.float32) * (g / (g * g + FEATURE_EPS))).astype(cfg.cdtype)
+  z = jnp.concatenate([e, u], axis=-1)
   return jnp.einsum('btc,cd->btd', z, dp['head']['fc'].astype(cfg.cdtype))
+
+
+def head_output(dp, cfg, y):
+  """The head's predicted feature ``ĥ = rms_norm(y, g)`` [..., D] of its last layer's
+  output ``y``: the policy's own final norm, so ``ĥ`` lies where the policy's final-norm
+  hidden states lie (same RMS, same per-channel scale) and its logits have the policy's
+  scale whatever the head's weights."""
+  return model_lib.rms_norm(y, dp['final_norm'], cfg.norm_eps)
 
 
 def head_layers(layers, hcfg, x, positions, cache=None, *, mesh=None, rules=None):
@@ -190,7 +225,7 @@ def predict_features(dp, cfg, hcfg, feats, next_tokens, positions, *, mesh=None,
   the true features ``feats`` [B, T, D] at ``positions`` and the tokens ``x_{t+1}``."""
   x = head_input(dp, cfg, feats, next_tokens)
   out, _ = head_layers(dp['head']['layers'], hcfg, x, positions, mesh=mesh, rules=rules)
-  return out
+  return head_output(dp, cfg, out)
 
 
 # ----------------------------------------------------------------------------- drafter
@@ -245,9 +280,10 @@ class EagleDrafter:
     nxt = _at(seq_tokens, p + 1)
     write = jnp.where(valid, p, cache['k'].shape[2])  # invalid: out of range, dropped
     x = head_input(dp, self.model_cfg, feats, nxt)
-    return head_layers(
+    y, cache = head_layers(
       dp['head']['layers'], self.hcfg, x, write, cache, mesh=mesh, rules=shd.DECODE_RULES
     )
+    return head_output(dp, self.model_cfg, y), cache
 
   def propose(
     self, dp, state, seq_tokens, pos, k, seeds, sp, mesh=None, policy_cache=None, ctx=None
@@ -286,9 +322,10 @@ class EagleDrafter:
         mesh=mesh,
         rules=shd.DECODE_RULES,
       )
-      lg = head_logits(dp, cfg, x[:, 0])
+      feat = head_output(dp, cfg, x[:, 0])
+      lg = head_logits(dp, cfg, feat)
       nxt = sampling.sample_seeded(lg, seeds, sp, row=i)
-      return (cache, nxt, x[:, 0]), (nxt, lg)
+      return (cache, nxt, feat), (nxt, lg)
 
     if k > 1:
       (cache, _, _), (toks, lgs) = jax.lax.scan(

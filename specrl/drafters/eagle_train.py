@@ -113,12 +113,14 @@ def head_loss(
   n = jnp.maximum(jnp.sum(mask), 1.0)
   l1_mean, ce_mean = jnp.sum(l1 * mask) / n, jnp.sum(ce * mask) / n
   agree = jnp.argmax(q_logits, -1) == jnp.argmax(p, -1)
+  accept = jnp.sum(jnp.minimum(p, jnp.exp(logq)), axis=-1)  # draft 1's acceptance at T = 1
   loss = ecfg.hidden_weight * l1_mean + ecfg.ce_weight * ce_mean
   return loss, {
     'head/loss': loss,
     'head/smooth_l1': l1_mean,
     'head/ce': ce_mean,
     'head/top1_agree': jnp.sum(agree * mask) / n,
+    'head/accept_t1': jnp.sum(accept * mask) / n,
   }
 
 
