@@ -125,6 +125,7 @@ def get_config(arg: str | None = None):
           catchup_chunk=32,  # positions per catch-up pass (prompt, plain phases)
           warmup_steps=0,  # head updates on the policy's generations before RL
           warmup_budget_s=600.0,  # wall-clock cap of that warm-up
+          target_topk=64,  # warm-up CE against the policy's top-k, cached per batch (0 = full)
         )
       ),
     )

@@ -68,6 +68,7 @@ class EagleConfig:
   catchup_chunk: int = 32  # positions per catch-up pass (after the prompt / plain phases)
   warmup_steps: int = 0  # head updates on the policy's own generations before RL
   warmup_budget_s: float = 600.0  # wall-clock cap of the warm-up (stops early, says so)
+  target_topk: int = 64  # warm-up CE against the policy's top-k (cached per batch; 0 = full)
 
   def __post_init__(self):
     if self.n_layers < 1:
@@ -78,8 +79,10 @@ class EagleConfig:
       raise ValueError(f'{SECTION}.mode must be one of {MODES}, got {self.mode!r}')
     if self.mode == 'spot':
       raise ValueError(f"{SECTION}.mode='spot' (TLT long-tail updates) is not implemented yet")
-    if self.lr <= 0 or self.catchup_chunk < 1 or self.warmup_steps < 0:
-      raise ValueError(f'{SECTION}: lr and catchup_chunk must be > 0, warmup_steps >= 0')
+    if self.lr <= 0 or self.catchup_chunk < 1 or self.warmup_steps < 0 or self.target_topk < 0:
+      raise ValueError(
+        f'{SECTION}: lr and catchup_chunk must be > 0, warmup_steps and target_topk >= 0'
+      )
 
   @classmethod
   def from_config(cls, section) -> EagleConfig:
@@ -204,18 +207,26 @@ def head_layers(layers, hcfg, x, positions, cache=None, *, mesh=None, rules=None
   return x, {'k': ck, 'v': cv}
 
 
-def head_logits(dp, cfg, feat):
-  """Draft logits f32 [..., V] of predicted features [..., D] through the policy's LM head;
-  ``NEG_INF`` outside ``dp['vocab_ids']`` when the vocabulary is reduced."""
+def head_logits_compact(dp, cfg, feat):
+  """Draft logits over the head's vocabulary only: (f32 [..., N], ``dp['vocab_ids']`` [N])
+  when it is reduced, else (f32 [..., V], None). Training's loss needs no [..., V] array."""
   tied = 'lm_head' not in dp
   head = dp['embed'] if tied else dp['lm_head']
   feat = feat.astype(cfg.cdtype)
   if 'vocab_ids' not in dp:
     eq = '...d,vd->...v' if tied else '...d,dv->...v'
-    return model_lib._einsum(eq, feat, head).astype(jnp.float32)
+    return model_lib._einsum(eq, feat, head).astype(jnp.float32), None
   ids = dp['vocab_ids']
   rows = jnp.take(head, ids, axis=0) if tied else jnp.take(head, ids, axis=1).T  # [N, D]
-  small = jnp.einsum('...d,nd->...n', feat, rows.astype(feat.dtype)).astype(jnp.float32)
+  return jnp.einsum('...d,nd->...n', feat, rows.astype(feat.dtype)).astype(jnp.float32), ids
+
+
+def head_logits(dp, cfg, feat):
+  """Draft logits f32 [..., V] of predicted features [..., D] through the policy's LM head;
+  ``NEG_INF`` outside ``dp['vocab_ids']`` when the vocabulary is reduced."""
+  small, ids = head_logits_compact(dp, cfg, feat)
+  if ids is None:
+    return small
   full = jnp.full(feat.shape[:-1] + (cfg.vocab_size,), sampling.NEG_INF, jnp.float32)
   return full.at[..., ids].set(small)
 
