@@ -118,6 +118,7 @@ def get_config(arg: str | None = None):
           reduced_vocab=0,  # N > 0: draft over the N most frequent tokens (0 = all)
           mode='frozen',  # frozen | cotrain (fused into the GRPO step) | spot (not yet)
           lr=1e-3,
+          lr_warmup=20,  # head updates of linear lr warm-up
           weight_decay=0.0,
           grad_clip=1.0,
           hidden_weight=0.5,  # SmoothL1(h_hat, h) weight

@@ -48,7 +48,6 @@ from specrl import sampling
 from specrl import sharding as shd
 
 SECTION = 'drafter.eagle'
-FC_TOKEN_INIT = 0.1  # init scale of fc's token half, relative to a unit-variance projection
 FEATURE_EPS = 1e-6  # in 1 / g: the unit-scale feature of a final-norm weight g near 0 is 0
 MODES = ('frozen', 'cotrain', 'spot')
 
@@ -61,6 +60,7 @@ class EagleConfig:
   reduced_vocab: int = 0  # N > 0: draft over the N most frequent tokens only (0 = all)
   mode: str = 'frozen'  # frozen | cotrain (head update fused into the GRPO step) | spot
   lr: float = 1e-3  # head optimizer (adamw)
+  lr_warmup: int = 20  # head updates of linear lr warm-up (0 = none)
   weight_decay: float = 0.0
   grad_clip: float = 1.0
   hidden_weight: float = 0.5  # weight of SmoothL1(ĥ_{t+1}, h_{t+1})
@@ -79,9 +79,15 @@ class EagleConfig:
       raise ValueError(f'{SECTION}.mode must be one of {MODES}, got {self.mode!r}')
     if self.mode == 'spot':
       raise ValueError(f"{SECTION}.mode='spot' (TLT long-tail updates) is not implemented yet")
-    if self.lr <= 0 or self.catchup_chunk < 1 or self.warmup_steps < 0 or self.target_topk < 0:
+    if (
+      self.lr <= 0
+      or self.catchup_chunk < 1
+      or self.warmup_steps < 0
+      or self.target_topk < 0
+      or self.lr_warmup < 0
+    ):
       raise ValueError(
-        f'{SECTION}: lr and catchup_chunk must be > 0, warmup_steps and target_topk >= 0'
+        f'{SECTION}: lr and catchup_chunk must be > 0; warmup_steps, target_topk, lr_warmup >= 0'
       )
 
   @classmethod
@@ -98,21 +104,20 @@ def init_head(cfg: model_lib.ModelConfig, n_layers: int, rng: jax.Array) -> dict
   """Head params: ``embed_norm [D]``, ``fc [2D, D]``, ``layers`` (stacked like the policy's).
 
   Initialised so the untrained head predicts ``ĥ_{t+1} = h_t`` exactly: the ``h`` half of
-  ``fc`` is the identity (on the unit-scale feature :func:`head_input` makes of ``h_t``), the
-  token half small, and each layer's output projections (``wo``, ``w_down``) zero, so every
-  layer starts as the identity. Why: with a random ``fc`` / layers the head's output is far
-  from the policy's feature manifold, and through a real model's LM head (SmolLM2: ``|h|``
-  ~45, logits of tens of nats) the first updates' soft CE is ~20 nats and Adam diverges;
-  from ``h_t`` the logits start at the policy's own scale and training only has to learn
+  ``fc`` is the identity (on the unit-scale feature :func:`head_input` makes of ``h_t``),
+  its token half zero (it has a gradient from the first update on: its input ``e(x)`` is
+  not zero) and each layer's output projections (``wo``, ``w_down``) zero, so every layer
+  starts as the identity. Why: with a random ``fc`` / layers the head's output is far from
+  the policy's feature manifold, and through a real model's LM head (SmolLM2: ``|h|`` ~45,
+  logits of tens of nats) the first updates' soft CE is ~20 nats and Adam diverges; from
+  ``h_t`` the logits start at the policy's own scale and training only has to learn
   the step ``h_t -> h_{t+1}``."""
-  k1, k2 = jax.random.split(rng)
-  layers = model_lib.init_params(dataclasses.replace(head_config(cfg, n_layers), vocab_size=1), k1)
+  layers = model_lib.init_params(dataclasses.replace(head_config(cfg, n_layers), vocab_size=1), rng)
   layers = dict(layers['layers'])
   layers['wo'] = jnp.zeros_like(layers['wo'])
   layers['w_down'] = jnp.zeros_like(layers['w_down'])
   d = cfg.d_model
-  fc_e = jax.random.truncated_normal(k2, -2.0, 2.0, (d, d), jnp.float32) * (FC_TOKEN_INIT / d**0.5)
-  fc = jnp.concatenate([fc_e, jnp.eye(d, dtype=jnp.float32)], axis=0)
+  fc = jnp.concatenate([jnp.zeros((d, d), jnp.float32), jnp.eye(d, dtype=jnp.float32)], axis=0)
   return {
     'embed_norm': jnp.ones((d,), cfg.pdtype),
     'fc': fc.astype(cfg.pdtype),
