@@ -3,14 +3,19 @@
 The head is ``n_layers`` decoder layers of the policy's architecture (the layer function of
 :mod:`specrl.model`, with the head's own weights) on the input
 
-  ``z_t = fc([rms_norm(e(x_{t+1})); h_t])``  (``[2D] -> [D]``)
+  ``z_t = fc([rms_norm(e(x_{t+1})); h_t / g])``  (``[2D] -> [D]``)
 
 where ``h_t`` is the policy's *final-norm* hidden state at position ``t`` (the vector its LM
-head reads: :func:`specrl.model.forward` with ``return_hidden``) and ``e`` the policy's
-embedding. The head's output at head position ``t`` is ``ĥ_{t+1}``, a prediction of
-``h_{t+1}``; the draft logits for ``x_{t+2}`` are the policy's LM head applied to it. The
-embedding and LM head are read from the *live* policy params on every call (never copied,
-never trained here); the head's own params are small (``fc`` + its layers).
+head reads: :func:`specrl.model.forward` with ``return_hidden``), ``g`` the policy's
+final-norm weight (so ``h_t / g`` is the unit-RMS residual direction) and ``e`` the policy's
+embedding. The head's output at head position ``t`` is ``ĥ_{t+1} = rms_norm(y_t, g)`` (``y``:
+its last layer's output, through the policy's own final norm), a prediction of ``h_{t+1}``;
+the draft logits for ``x_{t+2}`` are the policy's LM head applied to it. The embedding,
+final-norm weight and LM head are read from the *live* policy params on every call (never
+copied, never trained here); the head's own params are small (``fc`` + its layers). Working
+at the policy's feature scale matters on a real model (issue 16: SmolLM2-135M's ``|h|`` ~45
+gives logits of tens of nats; a head off that manifold started at a soft CE of ~19 nats and
+its training diverged); :func:`init_head` starts it at ``ĥ_{t+1} = h_t``.
 
 Proposing at state ``pos`` (last committed token ``x_pos``; the policy's hidden states are
 known for every position ``< pos``, :mod:`specrl.drafters.hooks` ``hidden_history``):

@@ -14,7 +14,9 @@ counts when the token those distributions predict, ``x_{t+2}``, is a response to
   reads the final-norm hidden states the GRPO loss's own forward computed (at the
   pre-update params, what the rollout used; no second policy forward) under a
   stop-gradient, so the policy's update is the plain step's, bit for bit.
-- :func:`warmup`: head updates on the policy's own generations before RL, under a budget.
+- :func:`warmup`: head updates on the policy's own generations before RL, under a budget;
+  the policy's hidden states and top-k next-token distributions (:func:`policy_targets`)
+  are computed once per batch, and the head's logits only over its own vocabulary.
 - :class:`HeadTrainer`: the head in a run: warm-up, reduced vocabulary from recent
   rollouts; :func:`wrap_grpo` fuses ``cotrain`` into the GRPO step. The head's params and
   optimizer state live in ``TrainState.drafter`` (so in the orbax checkpoint, shape-checked
