@@ -4,8 +4,9 @@ SmolLM2-135M (``--real``: cost only; random head, c does not depend on the weigh
 
 python bench/eagle_alpha.py [--quick] [--real] [--real-alpha] [--skip-tiny]
 
-``--real-alpha``: the head warmed up on SmolLM2's own generations of arith prompts
-(budget 600 s, 240 s with --quick), alpha on held-out prompts.
+``--real-alpha``: the head warmed up on SmolLM2's own generations of arith prompts, alpha
+and per-position acceptance on held-out prompts at T=1 and T=0.6 after each warm-up budget
+(``--budgets``, cumulative; default 240,600 s, 240 s with --quick).
 
 Prints a table; the last line is one JSON object.
 """
@@ -22,6 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
@@ -30,6 +32,7 @@ from specrl import train  # noqa: E402
 from specrl.decoding import profile as profile_lib  # noqa: E402
 from specrl.drafters import eagle  # noqa: E402
 from specrl.drafters import eagle_train as et  # noqa: E402
+from specrl.sampling import SamplingParams  # noqa: E402
 
 
 def alpha(exp, params, prompts, seed):
@@ -98,60 +101,91 @@ def tiny(args, res):
 
 
 def real_alpha(args, res):
-  """SmolLM2-135M on arith prompts: warm-up on its own generations, alpha on held-out."""
+  """SmolLM2-135M on arith prompts: warm-up on its own generations (a new batch of
+  ``--gen-batch`` plain T=1 rollouts every ``--reuse`` updates; hidden states and top-k
+  targets computed once per batch; reduced vocabulary = the most frequent tokens of the
+  generations so far), then alpha on held-out prompts at T=1 and T=0.6 after each budget."""
   from configs import smollm2_arith
 
   c = smollm2_arith.get_config()
   c.rollout.drafter, c.rollout.num_draft = 'eagle', 4
-  c.rollout.max_new_tokens = c.task.max_response_len = 48 if args.quick else 96
-  c.drafter.eagle.lr = 3e-3
+  c.rollout.max_new_tokens = c.task.max_response_len = 96
+  c.drafter.eagle.lr = args.lr
+  c.drafter.eagle.reduced_vocab = args.reduced_vocab
   exp = train.build_experiment(c)
   state = train.init_state(exp)
-  held = exp.task.heldout_prompts(4 if args.quick else 8)
-  a0, per0 = alpha(exp, state.params, held, 1)
+  held = exp.task.heldout_prompts(args.heldout)
+  d = exp.drafter
+  engines = {t: _engine_at(exp, t) for t in (1.0, 0.6)}
+  a0, per0 = alpha_at(engines[1.0], state.params, held, 1)
   rcfg = dataclasses.replace(exp.rollout_cfg, num_draft=0)
   plain = rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.mesh)
-  cache, reuse, gen_s = {}, 4, [0.0]
+  cache, gen_s, counts, nseq = {}, [0.0], np.zeros(exp.model_cfg.vocab_size), [0]
 
-  def sample_batch(i):  # a new batch of 4 generations every ``reuse`` updates
-    if i // reuse not in cache:
+  def sample_batch(i):  # a new batch every ``reuse`` updates (the same object in between)
+    j = i // args.reuse
+    if j not in cache:
       t = time.perf_counter()
-      pr = exp.task.prompts_for_step(c.seed, 10_000 + i // reuse, 4)
-      out, _ = plain.generate(state.params, pr.tokens, pr.lengths, jax.random.key(100 + i))
+      pr = exp.task.prompts_for_step(c.seed, 10_000 + j, args.gen_batch)
+      out, _ = plain.generate(state.params, pr.tokens, pr.lengths, jax.random.key(100 + j))
+      toks, mask = np.asarray(out.tokens)[:, : rcfg.seq_len], et.response_mask(out, rcfg.seq_len)
+      counts[:] += np.bincount(toks[mask > 0].ravel(), minlength=counts.shape[0])
+      if args.reduced_vocab:
+        order = np.lexsort((np.arange(counts.shape[0]), -counts))
+        d.vocab_ids = jnp.asarray(np.sort(order[: args.reduced_vocab]), jnp.int32)
       cache.clear()
-      cache[i // reuse] = (
-        np.asarray(out.tokens)[:, : rcfg.seq_len],
-        et.response_mask(out, rcfg.seq_len),
-      )
+      cache[j] = (toks, mask)
       gen_s[0] += time.perf_counter() - t
-    return cache[i // reuse]
+      nseq[0] += len(toks)
+    return cache[j]
 
-  d = exp.drafter
   opt = et.make_optimizer(d.ecfg)
   hs = et.init_head_state(d.head_params, opt)
-  budget = 240 if args.quick else 600
-  hs, m, secs, done = et.warmup(
-    d, hs, state.params, sample_batch, steps=10_000, budget_s=budget, optimizer=opt
-  )
-  a1, per1 = alpha(exp, state.params, held, 1)
   print(
-    f'SmolLM2-135M arith, k=4, T=1, {len(held.lengths)} held-out prompts, '
-    f'max_new_tokens {c.rollout.max_new_tokens}'
+    f'SmolLM2-135M-Instruct arith, {jax.devices()[0].device_kind}, k=4, '
+    f'{len(held.lengths)} held-out prompts, max_new_tokens {c.rollout.max_new_tokens}, '
+    f'lr {args.lr}, reduced_vocab {args.reduced_vocab}, gen batch {args.gen_batch} x '
+    f'{args.reuse} updates'
   )
-  print(f'  untrained head: alpha {a0:.3f} per-position {per0}')
-  print(
-    f'  after warm-up ({done} updates, {secs:.0f}s of which generation {gen_s[0]:.0f}s; '
-    f'head loss {m["head/loss"]:.3f}, top1 agree {m["head/top1_agree"]:.3f}): '
-    f'alpha {a1:.3f} per-position {per1}'
-  )
-  res['real_alpha'] = dict(
-    alpha_untrained=a0,
-    alpha_warm=a1,
-    per_warm=per1,
-    updates=done,
-    warmup_s=secs,
-    head_loss=float(m['head/loss']),
-  )
+  print(f'  untrained head: T=1 alpha {a0:.3f} per-position {per0}')
+  rows, spent, done = [], 0.0, 0
+  budgets = [int(b) for b in args.budgets.split(',')]
+  for budget in budgets:
+    hs, m, secs, n = et.warmup(
+      d, hs, state.params, lambda i, o=done: sample_batch(o + i), steps=10**6,
+      budget_s=budget - spent, optimizer=opt,
+    )  # fmt: skip
+    spent, done = spent + secs, done + n
+    row = dict(
+      budget_s=budget, warmup_s=round(spent, 1), updates=done, sequences=nseq[0],
+      gen_s=round(gen_s[0], 1), head_loss=round(float(m['head/loss']), 3),
+      train_accept_t1=round(float(m['head/accept_t1']), 3),
+    )  # fmt: skip
+    for t, eng in engines.items():
+      a, per = alpha_at(eng, state.params, held, 1)
+      row[f'alpha_T{t}'], row[f'per_T{t}'] = round(a, 3), per
+    rows.append(row)
+    print(
+      f'  warm-up {spent:.0f}s ({done} updates, {nseq[0]} sequences, generation '
+      f'{gen_s[0]:.0f}s; last batch teacher-forced accept {row["train_accept_t1"]}): '
+      f'T=1 alpha {row["alpha_T1.0"]} per-position {row["per_T1.0"]}; '
+      f'T=0.6 alpha {row["alpha_T0.6"]} per-position {row["per_T0.6"]}'
+    )
+  res['real_alpha'] = dict(alpha_untrained=a0, per_untrained=per0, budgets=rows)
+
+
+def _engine_at(exp, temperature):
+  """The experiment's speculative engine (its eagle drafter) at another temperature."""
+  rcfg = dataclasses.replace(exp.rollout_cfg, sampling=SamplingParams(temperature))
+  return rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.mesh, exp.drafter)
+
+
+def alpha_at(engine, params, prompts, seed):
+  _, m = engine.generate(params, prompts.tokens, prompts.lengths, jax.random.key(seed))
+  per = [
+    round(m[f'spec/per_position/{i}'], 3) for i in range(1, 5) if f'spec/per_position/{i}' in m
+  ]
+  return m['spec/alpha'], per
 
 
 def real(args, res):
@@ -193,7 +227,15 @@ def main():
   ap.add_argument('--real', action='store_true')
   ap.add_argument('--real-alpha', action='store_true')
   ap.add_argument('--skip-tiny', action='store_true')
+  ap.add_argument('--budgets', default='', help='--real-alpha: warm-up budgets (s), cumulative')
+  ap.add_argument('--lr', type=float, default=2e-3, help='--real-alpha: head lr')
+  ap.add_argument('--reduced-vocab', type=int, default=4096, help='--real-alpha (0 = full)')
+  ap.add_argument('--gen-batch', type=int, default=16, help='--real-alpha: rollouts per batch')
+  ap.add_argument('--reuse', type=int, default=4, help='--real-alpha: updates per batch')
+  ap.add_argument('--heldout', type=int, default=16, help='--real-alpha: held-out prompts')
   args = ap.parse_args()
+  if not args.budgets:
+    args.budgets = '240' if args.quick else '240,600'
   res = {'device': jax.devices()[0].device_kind}
   if not args.skip_tiny:
     tiny(args, res)

@@ -118,6 +118,7 @@ def get_config(arg: str | None = None):
           reduced_vocab=0,  # N > 0: draft over the N most frequent tokens (0 = all)
           mode='frozen',  # frozen | cotrain (fused into the GRPO step) | spot (not yet)
           lr=1e-3,
+          lr_warmup=20,  # head updates of linear lr warm-up
           weight_decay=0.0,
           grad_clip=1.0,
           hidden_weight=0.5,  # SmoothL1(h_hat, h) weight
@@ -125,6 +126,7 @@ def get_config(arg: str | None = None):
           catchup_chunk=32,  # positions per catch-up pass (prompt, plain phases)
           warmup_steps=0,  # head updates on the policy's generations before RL
           warmup_budget_s=600.0,  # wall-clock cap of that warm-up
+          target_topk=64,  # warm-up CE against the policy's top-k, cached per batch (0 = full)
         )
       ),
     )

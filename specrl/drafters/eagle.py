@@ -3,14 +3,19 @@
 The head is ``n_layers`` decoder layers of the policy's architecture (the layer function of
 :mod:`specrl.model`, with the head's own weights) on the input
 
-  ``z_t = fc([rms_norm(e(x_{t+1})); h_t])``  (``[2D] -> [D]``)
+  ``z_t = fc([rms_norm(e(x_{t+1})); h_t / g])``  (``[2D] -> [D]``)
 
 where ``h_t`` is the policy's *final-norm* hidden state at position ``t`` (the vector its LM
-head reads: :func:`specrl.model.forward` with ``return_hidden``) and ``e`` the policy's
-embedding. The head's output at head position ``t`` is ``ĥ_{t+1}``, a prediction of
-``h_{t+1}``; the draft logits for ``x_{t+2}`` are the policy's LM head applied to it. The
-embedding and LM head are read from the *live* policy params on every call (never copied,
-never trained here); the head's own params are small (``fc`` + its layers).
+head reads: :func:`specrl.model.forward` with ``return_hidden``), ``g`` the policy's
+final-norm weight (so ``h_t / g`` is the unit-RMS residual direction) and ``e`` the policy's
+embedding. The head's output at head position ``t`` is ``ĥ_{t+1} = rms_norm(y_t, g)`` (``y``:
+its last layer's output, through the policy's own final norm), a prediction of ``h_{t+1}``;
+the draft logits for ``x_{t+2}`` are the policy's LM head applied to it. The embedding,
+final-norm weight and LM head are read from the *live* policy params on every call (never
+copied, never trained here); the head's own params are small (``fc`` + its layers). Working
+at the policy's feature scale matters on a real model (issue 16: SmolLM2-135M's ``|h|`` ~45
+gives logits of tens of nats; a head off that manifold started at a soft CE of ~19 nats and
+its training diverged); :func:`init_head` starts it at ``ĥ_{t+1} = h_t``.
 
 Proposing at state ``pos`` (last committed token ``x_pos``; the policy's hidden states are
 known for every position ``< pos``, :mod:`specrl.drafters.hooks` ``hidden_history``):
@@ -48,6 +53,7 @@ from specrl import sampling
 from specrl import sharding as shd
 
 SECTION = 'drafter.eagle'
+FEATURE_EPS = 1e-6  # in 1 / g: the unit-scale feature of a final-norm weight g near 0 is 0
 MODES = ('frozen', 'cotrain', 'spot')
 
 
@@ -59,6 +65,7 @@ class EagleConfig:
   reduced_vocab: int = 0  # N > 0: draft over the N most frequent tokens only (0 = all)
   mode: str = 'frozen'  # frozen | cotrain (head update fused into the GRPO step) | spot
   lr: float = 1e-3  # head optimizer (adamw)
+  lr_warmup: int = 20  # head updates of linear lr warm-up (0 = none)
   weight_decay: float = 0.0
   grad_clip: float = 1.0
   hidden_weight: float = 0.5  # weight of SmoothL1(ĥ_{t+1}, h_{t+1})
@@ -66,6 +73,7 @@ class EagleConfig:
   catchup_chunk: int = 32  # positions per catch-up pass (after the prompt / plain phases)
   warmup_steps: int = 0  # head updates on the policy's own generations before RL
   warmup_budget_s: float = 600.0  # wall-clock cap of the warm-up (stops early, says so)
+  target_topk: int = 64  # warm-up CE against the policy's top-k (cached per batch; 0 = full)
 
   def __post_init__(self):
     if self.n_layers < 1:
@@ -76,8 +84,16 @@ class EagleConfig:
       raise ValueError(f'{SECTION}.mode must be one of {MODES}, got {self.mode!r}')
     if self.mode == 'spot':
       raise ValueError(f"{SECTION}.mode='spot' (TLT long-tail updates) is not implemented yet")
-    if self.lr <= 0 or self.catchup_chunk < 1 or self.warmup_steps < 0:
-      raise ValueError(f'{SECTION}: lr and catchup_chunk must be > 0, warmup_steps >= 0')
+    if (
+      self.lr <= 0
+      or self.catchup_chunk < 1
+      or self.warmup_steps < 0
+      or self.target_topk < 0
+      or self.lr_warmup < 0
+    ):
+      raise ValueError(
+        f'{SECTION}: lr and catchup_chunk must be > 0; warmup_steps, target_topk, lr_warmup >= 0'
+      )
 
   @classmethod
   def from_config(cls, section) -> EagleConfig:
@@ -90,15 +106,27 @@ def head_config(cfg: model_lib.ModelConfig, n_layers: int) -> model_lib.ModelCon
 
 
 def init_head(cfg: model_lib.ModelConfig, n_layers: int, rng: jax.Array) -> dict:
-  """Head params: ``embed_norm [D]``, ``fc [2D, D]``, ``layers`` (stacked like the policy's)."""
-  k1, k2 = jax.random.split(rng)
-  layers = model_lib.init_params(dataclasses.replace(head_config(cfg, n_layers), vocab_size=1), k1)
+  """Head params: ``embed_norm [D]``, ``fc [2D, D]``, ``layers`` (stacked like the policy's).
+
+  Initialised so the untrained head predicts ``ĥ_{t+1} = h_t`` exactly: the ``h`` half of
+  ``fc`` is the identity (on the unit-scale feature :func:`head_input` makes of ``h_t``),
+  its token half zero (it has a gradient from the first update on: its input ``e(x)`` is
+  not zero) and each layer's output projections (``wo``, ``w_down``) zero, so every layer
+  starts as the identity. Why: with a random ``fc`` / layers the head's output is far from
+  the policy's feature manifold, and through a real model's LM head (SmolLM2: ``|h|`` ~45,
+  logits of tens of nats) the first updates' soft CE is ~20 nats and Adam diverges; from
+  ``h_t`` the logits start at the policy's own scale and training only has to learn
+  the step ``h_t -> h_{t+1}``."""
+  layers = model_lib.init_params(dataclasses.replace(head_config(cfg, n_layers), vocab_size=1), rng)
+  layers = dict(layers['layers'])
+  layers['wo'] = jnp.zeros_like(layers['wo'])
+  layers['w_down'] = jnp.zeros_like(layers['w_down'])
   d = cfg.d_model
-  fc = jax.random.truncated_normal(k2, -2.0, 2.0, (2 * d, d), jnp.float32) / (2 * d) ** 0.5
+  fc = jnp.concatenate([jnp.zeros((d, d), jnp.float32), jnp.eye(d, dtype=jnp.float32)], axis=0)
   return {
     'embed_norm': jnp.ones((d,), cfg.pdtype),
     'fc': fc.astype(cfg.pdtype),
-    'layers': layers['layers'],
+    'layers': layers,
   }
 
 
@@ -111,9 +139,14 @@ def head_logical_axes(cfg: model_lib.ModelConfig) -> dict:
 
 
 def draft_params(policy_params, head_params, vocab_ids=None) -> dict:
-  """What ``propose`` reads: the head's params and the live policy's embedding / LM head
-  (references to the policy's arrays, not copies); ``vocab_ids`` int32 [N] if reduced."""
-  dp = {'head': head_params, 'embed': policy_params['embed']}
+  """What ``propose`` reads: the head's params and the live policy's embedding / LM head /
+  final-norm weight (references to the policy's arrays, not copies); ``vocab_ids`` int32
+  [N] if reduced."""
+  dp = {
+    'head': head_params,
+    'embed': policy_params['embed'],
+    'final_norm': policy_params['final_norm'],
+  }
   if 'lm_head' in policy_params:
     dp['lm_head'] = policy_params['lm_head']
   if vocab_ids is not None:
@@ -125,11 +158,26 @@ def draft_params(policy_params, head_params, vocab_ids=None) -> dict:
 
 
 def head_input(dp, cfg, feats, next_tokens):
-  """``fc([rms_norm(e(x_{t+1})); h_t])``: feats [B, T, D], next_tokens int32 [B, T] -> [B, T, D]."""
+  """``fc([rms_norm(e(x_{t+1})); h_t / g])`` [B, T, D] of feats [B, T, D] and next_tokens
+  int32 [B, T].
+
+  ``g`` is the policy's final-norm weight: ``h_t / g`` is the unit-RMS direction of the
+  policy's residual stream (``h_t = g * x_t / rms(x_t)``), the scale the head's layers work
+  at; :func:`head_output` multiplies ``g`` back in."""
   e = model_lib._embed(dp['embed'], next_tokens, cfg.cdtype)
   e = model_lib.rms_norm(e, dp['head']['embed_norm'], cfg.norm_eps)
-  z = jnp.concatenate([e, feats.astype(cfg.cdtype)], axis=-1)
+  g = dp['final_norm'].astype(jnp.float32)
+  u = (feats.astype(jnp.float32) * (g / (g * g + FEATURE_EPS))).astype(cfg.cdtype)
+  z = jnp.concatenate([e, u], axis=-1)
   return jnp.einsum('btc,cd->btd', z, dp['head']['fc'].astype(cfg.cdtype))
+
+
+def head_output(dp, cfg, y):
+  """The head's predicted feature ``ĥ = rms_norm(y, g)`` [..., D] of its last layer's
+  output ``y``: the policy's own final norm, so ``ĥ`` lies where the policy's final-norm
+  hidden states lie (same RMS, same per-channel scale) and its logits have the policy's
+  scale whatever the head's weights."""
+  return model_lib.rms_norm(y, dp['final_norm'], cfg.norm_eps)
 
 
 def head_layers(layers, hcfg, x, positions, cache=None, *, mesh=None, rules=None):
@@ -169,18 +217,26 @@ def head_layers(layers, hcfg, x, positions, cache=None, *, mesh=None, rules=None
   return x, {'k': ck, 'v': cv}
 
 
-def head_logits(dp, cfg, feat):
-  """Draft logits f32 [..., V] of predicted features [..., D] through the policy's LM head;
-  ``NEG_INF`` outside ``dp['vocab_ids']`` when the vocabulary is reduced."""
+def head_logits_compact(dp, cfg, feat):
+  """Draft logits over the head's vocabulary only: (f32 [..., N], ``dp['vocab_ids']`` [N])
+  when it is reduced, else (f32 [..., V], None). Training's loss needs no [..., V] array."""
   tied = 'lm_head' not in dp
   head = dp['embed'] if tied else dp['lm_head']
   feat = feat.astype(cfg.cdtype)
   if 'vocab_ids' not in dp:
     eq = '...d,vd->...v' if tied else '...d,dv->...v'
-    return model_lib._einsum(eq, feat, head).astype(jnp.float32)
+    return model_lib._einsum(eq, feat, head).astype(jnp.float32), None
   ids = dp['vocab_ids']
   rows = jnp.take(head, ids, axis=0) if tied else jnp.take(head, ids, axis=1).T  # [N, D]
-  small = jnp.einsum('...d,nd->...n', feat, rows.astype(feat.dtype)).astype(jnp.float32)
+  return jnp.einsum('...d,nd->...n', feat, rows.astype(feat.dtype)).astype(jnp.float32), ids
+
+
+def head_logits(dp, cfg, feat):
+  """Draft logits f32 [..., V] of predicted features [..., D] through the policy's LM head;
+  ``NEG_INF`` outside ``dp['vocab_ids']`` when the vocabulary is reduced."""
+  small, ids = head_logits_compact(dp, cfg, feat)
+  if ids is None:
+    return small
   full = jnp.full(feat.shape[:-1] + (cfg.vocab_size,), sampling.NEG_INF, jnp.float32)
   return full.at[..., ids].set(small)
 
@@ -190,7 +246,7 @@ def predict_features(dp, cfg, hcfg, feats, next_tokens, positions, *, mesh=None,
   the true features ``feats`` [B, T, D] at ``positions`` and the tokens ``x_{t+1}``."""
   x = head_input(dp, cfg, feats, next_tokens)
   out, _ = head_layers(dp['head']['layers'], hcfg, x, positions, mesh=mesh, rules=rules)
-  return out
+  return head_output(dp, cfg, out)
 
 
 # ----------------------------------------------------------------------------- drafter
@@ -245,9 +301,10 @@ class EagleDrafter:
     nxt = _at(seq_tokens, p + 1)
     write = jnp.where(valid, p, cache['k'].shape[2])  # invalid: out of range, dropped
     x = head_input(dp, self.model_cfg, feats, nxt)
-    return head_layers(
+    y, cache = head_layers(
       dp['head']['layers'], self.hcfg, x, write, cache, mesh=mesh, rules=shd.DECODE_RULES
     )
+    return head_output(dp, self.model_cfg, y), cache
 
   def propose(
     self, dp, state, seq_tokens, pos, k, seeds, sp, mesh=None, policy_cache=None, ctx=None
@@ -286,9 +343,10 @@ class EagleDrafter:
         mesh=mesh,
         rules=shd.DECODE_RULES,
       )
-      lg = head_logits(dp, cfg, x[:, 0])
+      feat = head_output(dp, cfg, x[:, 0])
+      lg = head_logits(dp, cfg, feat)
       nxt = sampling.sample_seeded(lg, seeds, sp, row=i)
-      return (cache, nxt, x[:, 0]), (nxt, lg)
+      return (cache, nxt, feat), (nxt, lg)
 
     if k > 1:
       (cache, _, _), (toks, lgs) = jax.lax.scan(
