@@ -124,7 +124,8 @@ def _head_inputs(policy_params, like: jax.Array):
   (a rollout on other devices than the train state: replicated copies)."""
   pp = {k: v for k, v in policy_params.items() if k != 'layers'}
   devices = like.sharding.device_set
-  if all(x.sharding.device_set == devices for x in jax.tree.leaves(pp)):
+  on = lambda x: not isinstance(x, jax.Array) or x.sharding.device_set == devices  # noqa: E731
+  if all(on(x) for x in jax.tree.leaves(pp)):  # host arrays: jit places them
     return pp
   mesh = getattr(like.sharding, 'mesh', None)
   sh = (
