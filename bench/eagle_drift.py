@@ -151,9 +151,12 @@ def main():
     )
   arr = {k: np.array([r[k] for r in rows]) for k in ('cotrain', 'frozen', 'spot', 'int8')}
   spot_s = [m['time/head_spot_s'] for m in spot_log]
-  print(f'spot: {args.spot_updates} updates per RL step after the first, '
-        f'{np.sum(spot_s):.1f}s in all ({np.sum(spot_s[1:]) / max(len(spot_s) - 1, 1):.2f}s/step '
-        f'after the first, which compiles); buffer {spot_log[-1]["head/spot_buffer_bytes"]:.0f} B')  # fmt: skip
+  per_step = float(np.mean(spot_s[1:])) if len(spot_s) > 1 else 0.0  # the first compiles
+  buf_bytes = spot_log[-1]['head/spot_buffer_bytes']
+  print(
+    f'spot: {args.spot_updates} head updates per RL step (none at the first: empty buffer), '
+    f'{per_step:.2f}s/step added, {np.sum(spot_s):.1f}s in all; buffer {buf_bytes:.0f} B'
+  )
   tail = max(1, len(rows) // 4)
   if args.plot:
     import matplotlib
@@ -185,7 +188,8 @@ def main():
         'rl_steps': c.rl.steps,
         'warmup_steps': args.warmup_steps,
         'spot_updates': args.spot_updates,
-        'spot_s_per_step': float(np.mean(spot_s[1:])) if len(spot_s) > 1 else 0.0,
+        'spot_s_per_step': per_step,
+        'spot_buffer_bytes': buf_bytes,
         **{f'{k}_mean': float(v.mean()) for k, v in arr.items()},
         **{f'{k}_last_quarter': float(v[-tail:].mean()) for k, v in arr.items()},
         **{f'{k}_step0': float(v[0]) for k, v in arr.items()},
