@@ -85,7 +85,7 @@ def main():
 
   t0 = time.perf_counter()
   for step in range(c.sft.steps):
-    state, _, _ = train.run_step(exp, state, step, fns)
+    state, _ = train.run_step(exp, state, step, fns)
     head.set_state(state.drafter)
   sft_s = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -139,7 +139,7 @@ def main():
       'int8': alpha(q_engine, state.params, held, derive_int8(state.params)),
     }
     if step < c.sft.steps + c.rl.steps:
-      state, m, _ = train.run_step(exp, state, step, fns)
+      state, m = train.run_step(exp, state, step, fns)
       head.set_state(state.drafter)
       r['reward'] = m['reward']
     rows.append(r)

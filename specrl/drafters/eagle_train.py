@@ -299,6 +299,21 @@ class HeadTrainer:
     order = np.lexsort((np.arange(v), -self.counts))
     self.drafter.vocab_ids = jnp.asarray(np.sort(order[: min(n, v)]), jnp.int32)
 
+  def placed(self, mesh) -> HeadState:
+    """``hstate`` on ``mesh`` for the train state: the head replicated; ``spot``'s buffer
+    (N GRPO batches of activations) split over its batch axis where the mesh divides it."""
+    hs = jax.device_put(self.hstate.replace(buffer=None), shd.replicated(mesh))
+    if self.hstate.buffer is None:
+      return hs
+    axes = eagle_spot.SpotBuffer(
+      hidden=(None, 'batch', None, None), tokens=(None, 'batch', None),
+      mask=(None, 'batch', None), pushes=(),
+    )  # fmt: skip
+    buf = self.hstate.buffer
+    return hs.replace(
+      buffer=jax.device_put(buf, shd.tree_shardings(axes, buf, mesh, shd.TRAIN_RULES))
+    )
+
   def set_state(self, hstate: HeadState) -> None:
     self.hstate = hstate
     self.drafter.head_params = hstate.params
