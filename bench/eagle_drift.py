@@ -105,7 +105,7 @@ def main():
   s_engine = rollout_lib.RolloutEngine(exp.model_cfg, exp.rollout_cfg, exp.mesh, sp_tr.drafter)
   hid = jax.jit(functools.partial(et.policy_hidden, cfg=exp.model_cfg, mesh=exp.mesh))
   push = jax.jit(es.push)
-  spot_log = []
+  spot_log, cotrain_grpo = [], fns[1]
 
   def grpo_with_spot(st, batch):  # mode spot's schedule next to the cotrain run
     sp_tr.spot.run(st.params)  # right after rollout r: the buffer holds steps < r
@@ -118,7 +118,7 @@ def main():
       buffer=push(buf, h, batch['tokens'], batch['response_mask'])
     )
     spot_log.append(sm)
-    return fns[1](st, batch)
+    return cotrain_grpo(st, batch)
 
   fns = (fns[0], grpo_with_spot)
   held = exp.task.heldout_prompts(args.heldout)
