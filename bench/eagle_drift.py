@@ -1,12 +1,17 @@
 """Acceptance vs GRPO step: the eagle head co-trained with the policy, the same head frozen
-after its warm-up, and the int8 self-drafter re-quantized from the live params.
+after its warm-up, the head trained in ``spot`` mode, and the int8 self-drafter
+re-quantized from the live params.
 
 On the default tiny task (after SFT): the head is warmed up on the policy's own generations,
 then GRPO runs with ``drafter.eagle.mode=cotrain`` (the head update fused into the GRPO step
 on the loss's own hidden states). Before the first GRPO step and after every one, the same
 held-out prompts are rolled out with the same RNG by three engines on the *live* policy
 params: (a) the co-trained head, (b) a copy of the head taken right after warm-up and kept,
-(c) the int8 quantized self-drafter derived from the current params. k = 4, T = 1.
+(c) the int8 quantized self-drafter derived from the current params, (d) a copy of the
+warmed head trained as ``mode=spot`` would (the static engine's schedule: right after
+rollout r, ``--spot_updates`` updates on random minibatches of the last 4 GRPO steps' hidden
+states, which the bench computes with one extra forward since the cotrain step does not
+return them; same policy trajectory as (a)). k = 4, T = 1.
 
   python bench/eagle_drift.py --quick            # a few minutes on a 2-core CPU
   python bench/eagle_drift.py --sft_steps=200 --rl_steps=30 --plot=docs/eagle_drift_T1.png
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import functools
 import json
 import os
 import sys
@@ -34,6 +41,7 @@ from specrl import drafters, train  # noqa: E402
 from specrl import rollout as rollout_lib  # noqa: E402
 from specrl import sharding as shd  # noqa: E402
 from specrl.drafters import eagle  # noqa: E402
+from specrl.drafters import eagle_spot as es  # noqa: E402
 from specrl.drafters import eagle_train as et  # noqa: E402
 
 
@@ -52,6 +60,7 @@ def main():
   ap.add_argument('--rl_steps', type=int, default=30)
   ap.add_argument('--warmup_steps', type=int, default=150)
   ap.add_argument('--heldout', type=int, default=32)
+  ap.add_argument('--spot_updates', type=int, default=4, help='spot head updates per RL step')
   ap.add_argument('--plot', default='')
   args = ap.parse_args()
   if args.quick:
@@ -76,7 +85,7 @@ def main():
 
   t0 = time.perf_counter()
   for step in range(c.sft.steps):
-    state, _, _ = train.run_step(exp, state, step, fns)
+    state, _ = train.run_step(exp, state, step, fns)
     head.set_state(state.drafter)
   sft_s = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -86,6 +95,32 @@ def main():
     exp.model_cfg, exp.drafter.ecfg, jax.tree.map(jnp.copy, state.drafter.params)
   )
   f_engine = rollout_lib.RolloutEngine(exp.model_cfg, exp.rollout_cfg, exp.mesh, frozen)
+  sp_cfg = dataclasses.replace(
+    exp.drafter.ecfg, mode='spot', spot_max_updates=args.spot_updates, spot_budget_s=1e9
+  )
+  warmed = jax.tree.map(jnp.copy, state.drafter)
+  sp_tr = et.HeadTrainer(eagle.EagleDrafter(exp.model_cfg, sp_cfg, warmed.params))
+  sp_tr.hstate = warmed
+  sp_tr.attach_spot(exp)  # the static engine: no tail hook; updates run below
+  s_engine = rollout_lib.RolloutEngine(exp.model_cfg, exp.rollout_cfg, exp.mesh, sp_tr.drafter)
+  hid = jax.jit(functools.partial(et.policy_hidden, cfg=exp.model_cfg, mesh=exp.mesh))
+  push = jax.jit(es.push)
+  spot_log, cotrain_grpo = [], fns[1]
+
+  def grpo_with_spot(st, batch):  # mode spot's schedule next to the cotrain run
+    sp_tr.spot.run(st.params)  # right after rollout r: the buffer holds steps < r
+    core, sm = sp_tr.spot.consume()
+    buf = sp_tr.hstate.buffer
+    if core is not None:
+      sp_tr.set_state(core.replace(buffer=buf))
+    h = hid(st.params, tokens=jnp.asarray(batch['tokens']))
+    sp_tr.hstate = sp_tr.hstate.replace(
+      buffer=push(buf, h, batch['tokens'], batch['response_mask'])
+    )
+    spot_log.append(sm)
+    return cotrain_grpo(st, batch)
+
+  fns = (fns[0], grpo_with_spot)
   held = exp.task.heldout_prompts(args.heldout)
 
   rows = []
@@ -94,25 +129,34 @@ def main():
     f'V {exp.model_cfg.vocab_size}); SFT {c.sft.steps} steps ({sft_s:.0f}s), head warm-up '
     f'{args.warmup_steps} updates ({warm_s:.0f}s); k=4, T=1, {args.heldout} held-out prompts'
   )
-  print(f'{"GRPO step":>9} | {"cotrain":>7} | {"frozen":>7} | {"int8":>7} | reward')
+  print(f'{"GRPO step":>9} | {"cotrain":>7} | {"frozen":>7} | {"spot":>7} | {"int8":>7} | reward')
   for step in range(c.sft.steps, c.sft.steps + c.rl.steps + 1):
     r = {
       'step': step - c.sft.steps,
       'cotrain': alpha(exp.engine, state.params, held),
       'frozen': alpha(f_engine, state.params, held),
+      'spot': alpha(s_engine, state.params, held),
       'int8': alpha(q_engine, state.params, held, derive_int8(state.params)),
     }
     if step < c.sft.steps + c.rl.steps:
-      state, m, _ = train.run_step(exp, state, step, fns)
+      state, m = train.run_step(exp, state, step, fns)
       head.set_state(state.drafter)
       r['reward'] = m['reward']
     rows.append(r)
     print(
-      f'{r["step"]:9d} | {r["cotrain"]:7.3f} | {r["frozen"]:7.3f} | {r["int8"]:7.3f} | '
+      f'{r["step"]:9d} | {r["cotrain"]:7.3f} | {r["frozen"]:7.3f} | {r["spot"]:7.3f} | '
+      f'{r["int8"]:7.3f} | '
       f'{r.get("reward", float("nan")):.3f}',
       flush=True,
     )
-  arr = {k: np.array([r[k] for r in rows]) for k in ('cotrain', 'frozen', 'int8')}
+  arr = {k: np.array([r[k] for r in rows]) for k in ('cotrain', 'frozen', 'spot', 'int8')}
+  spot_s = [m['time/head_spot_s'] for m in spot_log]
+  per_step = float(np.mean(spot_s[1:])) if len(spot_s) > 1 else 0.0  # the first compiles
+  buf_bytes = spot_log[-1]['head/spot_buffer_bytes']
+  print(
+    f'spot: {args.spot_updates} head updates per RL step (none at the first: empty buffer), '
+    f'{per_step:.2f}s/step added, {np.sum(spot_s):.1f}s in all; buffer {buf_bytes:.0f} B'
+  )
   tail = max(1, len(rows) // 4)
   if args.plot:
     import matplotlib
@@ -124,6 +168,7 @@ def main():
     for k, label in (
       ('cotrain', 'eagle head, co-trained'),
       ('frozen', 'eagle head, frozen after warm-up'),
+      ('spot', f'eagle head, spot ({args.spot_updates} updates/step)'),
       ('int8', 'int8 self-drafter (re-quantized)'),
     ):
       ax.plot(arr[k], label=label)
@@ -142,6 +187,9 @@ def main():
         'sft_steps': c.sft.steps,
         'rl_steps': c.rl.steps,
         'warmup_steps': args.warmup_steps,
+        'spot_updates': args.spot_updates,
+        'spot_s_per_step': per_step,
+        'spot_buffer_bytes': buf_bytes,
         **{f'{k}_mean': float(v.mean()) for k, v in arr.items()},
         **{f'{k}_last_quarter': float(v[-tail:].mean()) for k, v in arr.items()},
         **{f'{k}_step0': float(v[0]) for k, v in arr.items()},

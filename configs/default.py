@@ -116,7 +116,9 @@ def get_config(arg: str | None = None):
         dict(
           n_layers=1,  # decoder layers of the head
           reduced_vocab=0,  # N > 0: draft over the N most frequent tokens (0 = all)
-          mode='frozen',  # frozen | cotrain (fused into the GRPO step) | spot (not yet)
+          # frozen | cotrain (fused into the GRPO step) | spot (TLT: updates in the rollout's
+          # long tail on a buffer of recent GRPO steps' hidden states; eagle_spot.py)
+          mode='frozen',
           lr=1e-3,
           lr_warmup=20,  # head updates of linear lr warm-up
           weight_decay=0.0,
@@ -127,6 +129,17 @@ def get_config(arg: str | None = None):
           warmup_steps=0,  # head updates on the policy's generations before RL
           warmup_budget_s=600.0,  # wall-clock cap of that warm-up
           target_topk=64,  # warm-up CE against the policy's top-k, cached per batch (0 = full)
+          # spot mode: the last spot_buffer_steps GRPO steps' (hidden, tokens, mask) stay on
+          # device (in TrainState.drafter, so checkpointed); head updates on random
+          # minibatches of it run once the adaptive engine has compacted to a bucket
+          # <= spot_bucket (the static engine: right after the rollout), until
+          # spot_budget_s seconds or spot_max_updates updates (0 = budget only) per RL step.
+          # On one device that time is added to the step (train/time/head_spot_s).
+          spot_buffer_steps=4,
+          spot_bucket=4,
+          spot_budget_s=5.0,
+          spot_max_updates=0,
+          spot_minibatch=0,  # rows per update from one buffered step (0 = all of them)
         )
       ),
     )

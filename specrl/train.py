@@ -510,9 +510,9 @@ def train_and_evaluate(
   os.makedirs(workdir, exist_ok=True)
   total = config.sft.steps + config.rl.steps
   state = init_state(exp)
-  head = eagle_train.trainer(exp.drafter)  # the eagle head's training state, or None
+  head = eagle_train.trainer(exp.drafter, exp)  # the eagle head (spot: + its buffer) or None
   if head is not None:  # head params + optimizer state: in the orbax-saved train state
-    state = state.replace(drafter=jax.device_put(head.hstate, shd.replicated(exp.mesh)))
+    state = state.replace(drafter=head.placed(exp.mesh))
   sh = jax.tree.map(lambda x: x.sharding, state)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
   if getattr(exp.engine, 'host_state', None) is not None:  # engine memory, host RNGs

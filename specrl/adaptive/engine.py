@@ -113,7 +113,8 @@ class AdaptiveRolloutEngine:
   """Rollout with compaction and a per-phase plain/speculative choice.
 
   Same interface as :class:`specrl.rollout.RolloutEngine` (``generate``, row ids,
-  ``last_draft_shared``) and output;
+  ``last_draft_shared``) and output; ``tail_hook(params, bucket)``, if set, runs before every
+  chunk (eagle ``spot`` head updates; its time is out of the timings: adaptive/tail_hook_s);
   ``rcfg.num_draft`` is ignored unless ``acfg.enabled`` is False (the policy picks k).
   The output buffer is ``rcfg.buffer_len`` wide, as the static engine's. Compiled
   functions, profiles and what the policy has learned persist across calls;
@@ -169,6 +170,7 @@ class AdaptiveRolloutEngine:
     self._rng = np.random.default_rng(acfg.seed)
     self.last_report: AdaptiveReport | None = None
     self.last_draft_shared = None  # as RolloutEngine's
+    self.tail_hook = None  # callable(params, bucket): see the class docstring
 
   @property
   def profiles(self) -> dict:
@@ -311,16 +313,10 @@ class AdaptiveRolloutEngine:
   # -- decisions
 
   def _decide(
-    self,
-    obs: ChunkObs | None,
-    b: int,
-    n_active: int,
-    current: int | None,
-    params,
-    dparams_fn,
-    report: AdaptiveReport,
+    self, obs: ChunkObs | None, b, n_active, current, params, dparams_fn, report: AdaptiveReport
   ) -> tuple[int, int, dict]:
-    """(strategy, max_steps, info) for the next chunk at batch ``b``."""
+    """(strategy, max_steps, info) for the next chunk at batch ``b`` (``n_active`` rows
+    active; ``current``: the strategy running, None at the start)."""
     acfg, mem = self.acfg, self.memory
     steps = acfg.chunk_steps
     # A plain chunk learns nothing that could change a cost-model / roofline decision at
@@ -411,7 +407,7 @@ class AdaptiveRolloutEngine:
     t_start = time.perf_counter()
 
     def now():  # seconds since the start, compile and profiling time excluded
-      extra = sum(report.compile_s.values()) + sum(report.profile_s.values())
+      extra = sum(report.compile_s.values()) + sum(report.profile_s.values()) + report.hook_s
       return time.perf_counter() - t_start - extra
 
     def prefill_fn(params, dparams, toks, lens, rng, group_ids, prompt_ids):
@@ -449,6 +445,10 @@ class AdaptiveRolloutEngine:
         state, origin, acc = self._compact(state, origin, acc, target, bsz, report)
         report.compactions.append((now(), b, target, n_active))
         b = target
+      if self.tail_hook is not None:  # before each chunk (after a host sync but the first)
+        t_hook = time.perf_counter()
+        self.tail_hook(params, b)
+        report.hook_s += time.perf_counter() - t_hook
       strategy, max_steps, info = self._decide(
         obs, b, n_active, current, params, dparams_fn, report
       )
@@ -509,7 +509,7 @@ class AdaptiveRolloutEngine:
     if pending is not None:
       self._observe(pending, report, now)
     out = jax.block_until_ready(out)
-    dt = time.perf_counter() - t_start
+    dt = time.perf_counter() - t_start - report.hook_s
     self.last_report = report
     return out, self._metrics(out, dt, report)
 

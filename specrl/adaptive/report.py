@@ -25,6 +25,7 @@ class AdaptiveReport:
   compactions: list = dataclasses.field(default_factory=list)  # (t, from, to, active)
   chosen: dict = dataclasses.field(default_factory=dict)  # bucket -> strategies in order
   drafted: int = 0  # draft tokens proposed to active rows (sum of k x sequence-rounds)
+  hook_s: float = 0.0  # seconds in the engine's tail_hook (kept out of the timings above)
 
   def phase_table(self) -> list[dict]:
     rows = []
@@ -51,6 +52,7 @@ class AdaptiveReport:
       'adaptive/spec_time_frac': float(spec_time / max(decode_time, 1e-9)),
       'adaptive/compactions': len(self.compactions),
       'adaptive/chunks': len(self.trace) // 2,
+      'adaptive/tail_hook_s': float(self.hook_s),
     }
     for name, p in self.phases.items():
       m[f'adaptive/phase/{name}/time_s'] = float(p['time_s'])

@@ -63,7 +63,9 @@ class EagleConfig:
 
   n_layers: int = 1  # decoder layers of the head
   reduced_vocab: int = 0  # N > 0: draft over the N most frequent tokens only (0 = all)
-  mode: str = 'frozen'  # frozen | cotrain (head update fused into the GRPO step) | spot
+  # frozen | cotrain (head update fused into the GRPO step) | spot (TLT: updates on a buffer
+  # of recent GRPO steps' hidden states in the rollout's long tail; eagle_spot.py)
+  mode: str = 'frozen'
   lr: float = 1e-3  # head optimizer (adamw)
   lr_warmup: int = 20  # head updates of linear lr warm-up (0 = none)
   weight_decay: float = 0.0
@@ -74,6 +76,11 @@ class EagleConfig:
   warmup_steps: int = 0  # head updates on the policy's own generations before RL
   warmup_budget_s: float = 600.0  # wall-clock cap of the warm-up (stops early, says so)
   target_topk: int = 64  # warm-up CE against the policy's top-k (cached per batch; 0 = full)
+  spot_buffer_steps: int = 4  # spot: GRPO steps of (hidden, tokens, mask) kept (a ring)
+  spot_bucket: int = 4  # spot: update once the adaptive engine's bucket is <= this
+  spot_budget_s: float = 5.0  # spot: seconds of head updates per RL step (added to it)
+  spot_max_updates: int = 0  # spot: head updates per RL step at most (0 = budget only)
+  spot_minibatch: int = 0  # spot: rows per update, from one buffered step (0 = all)
 
   def __post_init__(self):
     if self.n_layers < 1:
@@ -82,8 +89,18 @@ class EagleConfig:
       raise ValueError(f'{SECTION}.reduced_vocab must be >= 0 (0 = off), got {self.reduced_vocab}')
     if self.mode not in MODES:
       raise ValueError(f'{SECTION}.mode must be one of {MODES}, got {self.mode!r}')
-    if self.mode == 'spot':
-      raise ValueError(f"{SECTION}.mode='spot' (TLT long-tail updates) is not implemented yet")
+    if self.spot_buffer_steps < 1 or self.spot_bucket < 1:
+      raise ValueError(
+        f'{SECTION}.spot_buffer_steps and spot_bucket must be >= 1, got '
+        f'{self.spot_buffer_steps}, {self.spot_bucket}'
+      )
+    if not self.spot_budget_s > 0:
+      raise ValueError(f'{SECTION}.spot_budget_s must be > 0 seconds, got {self.spot_budget_s}')
+    if self.spot_max_updates < 0 or self.spot_minibatch < 0:
+      raise ValueError(
+        f'{SECTION}.spot_max_updates (0 = budget only) and spot_minibatch (0 = whole step) '
+        f'must be >= 0, got {self.spot_max_updates}, {self.spot_minibatch}'
+      )
     if (
       self.lr <= 0
       or self.catchup_chunk < 1

@@ -18,9 +18,11 @@ counts when the token those distributions predict, ``x_{t+2}``, is a response to
   the policy's hidden states and top-k next-token distributions (:func:`policy_targets`)
   are computed once per batch, and the head's logits only over its own vocabulary.
 - :class:`HeadTrainer`: the head in a run: warm-up, reduced vocabulary from recent
-  rollouts; :func:`wrap_grpo` fuses ``cotrain`` into the GRPO step. The head's params and
-  optimizer state live in ``TrainState.drafter`` (so in the orbax checkpoint, shape-checked
-  on restore); only small host things (token counts, vocabulary, warmed flag) are host state.
+  rollouts; :func:`wrap_grpo` fuses ``cotrain`` into the GRPO step, or (``spot``,
+  :mod:`specrl.drafters.eagle_spot`) makes it fill the buffer the rollout's long tail
+  trains on. The head's params and optimizer state (and ``spot``'s buffer) live in
+  ``TrainState.drafter`` (so in the orbax checkpoint, shape-checked on restore); only
+  small host things (token counts, vocabulary, warmed flag) are host state.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from absl import logging
 from specrl import model as model_lib
 from specrl import rollout as rollout_lib
 from specrl import sharding as shd
-from specrl.drafters import eagle
+from specrl.drafters import eagle, eagle_spot
+
+SPOT_KEY = 7  # fold_in constant of the drafter stream: spot's minibatch key
 
 
 @flax.struct.dataclass
@@ -48,6 +52,7 @@ class HeadState:
   step: jax.Array  # int32 [] head updates so far
   params: Any  # eagle.init_head pytree
   opt_state: Any
+  buffer: Any = None  # eagle_spot.SpotBuffer in mode 'spot' (no leaves otherwise)
 
 
 def make_optimizer(ecfg: eagle.EagleConfig):
@@ -309,6 +314,33 @@ class HeadTrainer:
     self.hstate = init_head_state(drafter.head_params, self.optimizer)
     self.counts = np.zeros(drafter.model_cfg.vocab_size, np.float64)
     self.warmed = False
+    self.spot: eagle_spot.SpotScheduler | None = None  # mode 'spot': attach_spot
+
+  def attach_spot(self, exp) -> None:
+    """Mode ``spot``: an empty buffer in ``hstate`` (so in the train state, before any
+    restore), the scheduler, and its hook on the engine if it has one (adaptive)."""
+    ecfg, cfg, c = self.drafter.ecfg, self.drafter.model_cfg, exp.config
+    if exp.async_cfg.staleness:
+      raise ValueError(
+        f"drafter.eagle.mode='spot' needs rl.async_staleness=0 (got "
+        f'{exp.async_cfg.staleness}): the pending head is handed over at the next GRPO step'
+      )
+    b = c.rl.num_prompts * exp.rl_cfg.num_generations
+    rows = ecfg.spot_minibatch or b
+    if rows > b:
+      raise ValueError(f'drafter.eagle.spot_minibatch={rows} > the GRPO batch ({b} rows)')
+    buf = eagle_spot.init_buffer(
+      ecfg.spot_buffer_steps, b, exp.rollout_cfg.seq_len, cfg.d_model, cfg.cdtype
+    )
+    self.hstate = self.hstate.replace(buffer=buf)
+    update_fn = functools.partial(
+      head_update, cfg=cfg, hcfg=self.drafter.hcfg, ecfg=ecfg, optimizer=self.optimizer,
+      mesh=exp.mesh,
+    )  # fmt: skip
+    key = jax.random.fold_in(exp.rngs.drafter, SPOT_KEY)
+    self.spot = eagle_spot.SpotScheduler(self, update_fn, key, rows)
+    if hasattr(exp.engine, 'tail_hook'):
+      exp.engine.tail_hook = self.spot.tail_hook
 
   def observe_tokens(self, tokens, mask) -> None:
     """Count response tokens; with a reduced vocabulary, re-pick its N most frequent."""
@@ -321,6 +353,21 @@ class HeadTrainer:
     order = np.lexsort((np.arange(v), -self.counts))
     self.drafter.vocab_ids = jnp.asarray(np.sort(order[: min(n, v)]), jnp.int32)
 
+  def placed(self, mesh) -> HeadState:
+    """``hstate`` on ``mesh`` for the train state: the head replicated; ``spot``'s buffer
+    (N GRPO batches of activations) split over its batch axis where the mesh divides it."""
+    hs = jax.device_put(self.hstate.replace(buffer=None), shd.replicated(mesh))
+    if self.hstate.buffer is None:
+      return hs
+    axes = eagle_spot.SpotBuffer(
+      hidden=(None, 'batch', None, None), tokens=(None, 'batch', None),
+      mask=(None, 'batch', None), pushes=(),
+    )  # fmt: skip
+    buf = self.hstate.buffer
+    return hs.replace(
+      buffer=jax.device_put(buf, shd.tree_shardings(axes, buf, mesh, shd.TRAIN_RULES))
+    )
+
   def set_state(self, hstate: HeadState) -> None:
     self.hstate = hstate
     self.drafter.head_params = hstate.params
@@ -332,6 +379,8 @@ class HeadTrainer:
     Returns ``state`` with the warmed-up head in ``state.drafter``."""
     ecfg = self.drafter.ecfg
     self.set_state(state.drafter)
+    if self.spot is not None and step >= exp.config.sft.steps:
+      self.spot.arm()  # this step's GRPO rollout may update the head in its tail
     if self.warmed or step < exp.config.sft.steps or not ecfg.warmup_steps:
       return state
     params = state.params
@@ -350,7 +399,7 @@ class HeadTrainer:
 
     hs, m, secs, done = warmup(
       self.drafter,
-      self.hstate,
+      self.hstate.replace(buffer=None),
       params,
       sample_batch,
       steps=ecfg.warmup_steps,
@@ -358,6 +407,7 @@ class HeadTrainer:
       optimizer=self.optimizer,
       mesh=exp.mesh,
     )
+    hs = hs.replace(buffer=self.hstate.buffer)
     hs = jax.device_put(hs, jax.tree.map(lambda x: x.sharding, state.drafter))
     self.set_state(hs)
     self.warmed = True
@@ -388,21 +438,29 @@ class HeadTrainer:
       self.drafter.vocab_ids = jnp.asarray(d['vocab_ids'], jnp.int32)
 
 
-def trainer(drafter) -> HeadTrainer | None:
-  """The drafter's :class:`HeadTrainer` (made on first use); None for other drafters."""
+def trainer(drafter, exp=None) -> HeadTrainer | None:
+  """The drafter's :class:`HeadTrainer` (made on first use); None for other drafters.
+  With ``exp`` (the run's :class:`specrl.train.Experiment`) in mode ``spot``: with its
+  buffer and scheduler attached (:meth:`HeadTrainer.attach_spot`)."""
   if not isinstance(drafter, eagle.EagleDrafter):
     return None
   if getattr(drafter, '_trainer', None) is None:
     drafter._trainer = HeadTrainer(drafter)
-  return drafter._trainer
+  tr = drafter._trainer
+  if exp is not None and drafter.ecfg.mode == 'spot' and tr.spot is None:
+    tr.attach_spot(exp)
+  return tr
 
 
 def wrap_grpo(exp, step_fn, grpo, state_sh, batch_sh):
   """The train loop's GRPO function with the head fused in (``mode='cotrain'``): one jitted
   call does the policy's step and the head's update (in ``state.drafter``); the head's new
-  params are the next rollout's. Any other drafter or mode: ``grpo`` unchanged (``frozen``:
-  warm-up only; the loop's :meth:`HeadTrainer.set_state` follows the donated state)."""
-  tr = trainer(exp.drafter)
+  params are the next rollout's. ``spot``: :func:`wrap_spot`. Any other drafter or mode:
+  ``grpo`` unchanged (``frozen``: warm-up only; the loop's :meth:`HeadTrainer.set_state`
+  follows the donated state)."""
+  tr = trainer(exp.drafter, exp)
+  if tr is not None and tr.drafter.ecfg.mode == 'spot':
+    return wrap_spot(exp, tr, step_fn, state_sh, batch_sh)
   if tr is None or tr.drafter.ecfg.mode != 'cotrain':
     return grpo
   d = tr.drafter
@@ -426,5 +484,37 @@ def wrap_grpo(exp, step_fn, grpo, state_sh, batch_sh):
     tr.set_state(state.drafter)
     tr.observe_tokens(batch['tokens'], batch['response_mask'])
     return state, metrics, None
+
+  return fn
+
+
+def wrap_spot(exp, tr: HeadTrainer, step_fn, state_sh, batch_sh):
+  """The GRPO function of mode ``spot`` (:mod:`specrl.drafters.eagle_spot`): (static
+  engine: the head updates of this step first, right after its rollout, on the rollout's
+  params ``state.params``), the pending head (updated during / after this step's rollout)
+  into ``state.drafter`` and the drafter -- the next rollout's head --, then one jitted
+  call of the plain GRPO step that also pushes its loss forward's hidden states into the
+  buffer. Metrics: the step's plus ``head/spot_updates``, ``time/head_spot_s`` (added to
+  the step on one device), ``head/spot_buffer_bytes`` and the last update's ``head/*``."""
+  fused = jax.jit(
+    functools.partial(eagle_spot.spot_step, step_fn=step_fn),
+    in_shardings=(state_sh, batch_sh),
+    out_shardings=(state_sh, None),
+    donate_argnums=(0,),
+  )
+  static = not hasattr(exp.engine, 'tail_hook')
+
+  def fn(state, batch):
+    if static:
+      tr.spot.run(state.params)
+    core, spot_metrics = tr.spot.consume()
+    if core is not None:
+      like = state.drafter.replace(buffer=None)
+      core = jax.device_put(core, jax.tree.map(lambda x: x.sharding, like))
+      state = state.replace(drafter=core.replace(buffer=state.drafter.buffer))
+    state, metrics = fused(state, batch)
+    tr.set_state(state.drafter)
+    tr.observe_tokens(batch['tokens'], batch['response_mask'])
+    return state, {**metrics, **spot_metrics}, None
 
   return fn
