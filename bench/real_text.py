@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -295,6 +296,15 @@ class Setup:
       self.engines[t] = eng
     self.profiles: dict = {}  # (variant, B) -> CostProfile
 
+  def release(self, temperature: float) -> None:
+    """Drops one temperature's engines and every compiled executable: each engine holds its
+    executables per batch and bucket, and a full grid of them exhausted a 24 GB machine's
+    memory (an LLVM allocation failure mid-run). The next temperature compiles its own anyway
+    (sampling parameters are a static argument); the persistent compile cache still serves."""
+    del self.engines[temperature]
+    gc.collect()
+    jax.clear_caches()
+
   def profile(self, variant: str, batch: int, sp) -> spec_math.CostProfile:
     """Unit costs of ``variant`` at ``batch`` (the shared profiler, as the adaptive engine
     measures them: k_ref = max(arms), mid-buffer), measured once."""
@@ -460,6 +470,7 @@ def main(argv=None):
       rows += cell_rows
       for r in [base] + cell_rows:  # partial results as they come (long runs)
         print('  ' + json.dumps(common.rounded(r)), file=sys.stderr, flush=True)
+    setup.release(t)
 
   print('\n# plain baselines (tok/s: median of timed calls; compaction = adaptive, never)')
   common.print_table(
