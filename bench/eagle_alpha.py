@@ -6,7 +6,8 @@ python bench/eagle_alpha.py [--quick] [--real] [--real-alpha] [--skip-tiny]
 
 ``--real-alpha``: the head warmed up on SmolLM2's own generations of arith prompts, alpha
 and per-position acceptance on held-out prompts at T=1 and T=0.6 after each warm-up budget
-(``--budgets``, cumulative; default 240,600 s, 240 s with --quick).
+(``--budgets``, cumulative; default 240,600 s, 240 s with --quick); ``--save_head PATH``
+writes the warmed head for ``bench/real_text.py --eagle_head PATH``.
 
 Prints a table; the last line is one JSON object.
 """
@@ -172,6 +173,9 @@ def real_alpha(args, res):
       f'T=0.6 alpha {row["alpha_T0.6"]} per-position {row["per_T0.6"]}'
     )
   res['real_alpha'] = dict(alpha_untrained=a0, per_untrained=per0, budgets=rows)
+  if args.save_head:
+    eagle.save_head(args.save_head, d.head_params, d.vocab_ids)
+    print(f'  warmed-up head saved to {args.save_head} (bench/real_text.py --eagle_head)')
 
 
 def _engine_at(exp, temperature):
@@ -233,6 +237,7 @@ def main():
   ap.add_argument('--gen-batch', type=int, default=16, help='--real-alpha: rollouts per batch')
   ap.add_argument('--reuse', type=int, default=4, help='--real-alpha: updates per batch')
   ap.add_argument('--heldout', type=int, default=16, help='--real-alpha: held-out prompts')
+  ap.add_argument('--save_head', default='', help='--real-alpha: write the warmed head (.npz)')
   args = ap.parse_args()
   if not args.budgets:
     args.budgets = '240' if args.quick else '240,600'

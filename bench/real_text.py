@@ -47,6 +47,7 @@ there (e.g. ``'suffix': ('suffix', {})``).
   python bench/real_text.py             # B 1, 8, 16, 64; all seven variants
   python bench/real_text.py --quick --drafters int8+kv,ngram --temperatures 1
   python bench/real_text.py --model tiny --quick   # random tiny model, char tokenizer (tests)
+  python bench/real_text.py --quick --drafters eagle --eagle_head /tmp/eagle_head.npz
 
 Prints the plain baselines, the drafter table and, as the last line, one JSON object
 ``{"bench": "real_text", "model", "device", "rows": [...]}``.
@@ -77,6 +78,7 @@ from specrl import rollout as rollout_lib  # noqa: E402
 from specrl.checkpoints import pretrained  # noqa: E402
 from specrl.decoding import profile as profile_lib  # noqa: E402
 from specrl.decoding import spec_math  # noqa: E402
+from specrl.drafters import eagle as eagle_lib  # noqa: E402
 from specrl.sampling import SamplingParams  # noqa: E402
 
 # variant -> (config.rollout.drafter, overrides of config.drafter.<that name>)
@@ -89,6 +91,7 @@ VARIANTS = {
   'suffix': ('suffix', {}),  # group siblings (no history: a bench call is one rollout)
   'hybrid': ('suffix', dict(fallback='quantized')),  # suffix, else the int8 drafter per row
   'self': ('self', {}),  # the policy drafting for itself: alpha 1 at greedy (a check)
+  'eagle': ('eagle', {}),  # the head of --eagle_head (bench/eagle_alpha.py --save_head)
 }
 DEFAULT_DRAFTERS = 'int8,int8+kv,int4,int4+kv,ngram,suffix,hybrid'
 # --quick: one variant per drafter family (int8 with shared KV is the quantized drafter's
@@ -140,10 +143,16 @@ def load_model(name: str, dtype: str):
   return f'{label} ({name}, {dtype})', cfg, jax.device_put(params), pretrained.load_tokenizer(name)
 
 
-def make_variant_drafter(variant: str, model_cfg: model_lib.ModelConfig):
+def make_variant_drafter(variant: str, model_cfg: model_lib.ModelConfig, eagle_head: str = ''):
   """The drafter of ``variant`` (:data:`VARIANTS`), built from the default config as a run
-  builds it (:func:`specrl.drafters.make_drafter`)."""
+  builds it (:func:`specrl.drafters.make_drafter`); ``eagle``'s head from ``eagle_head``
+  (with the reduced vocabulary it was saved with)."""
   name, overrides = VARIANTS[variant]
+  if name == 'eagle' and eagle_head:
+    _, vocab = eagle_lib.load_head(eagle_head, model_cfg, 1)
+    overrides = dict(
+      overrides, head_path=eagle_head, reduced_vocab=0 if vocab is None else len(vocab)
+    )
   config = default_config.get_config()
   config.rollout.drafter = name
   if overrides:
@@ -267,7 +276,7 @@ class Setup:
 
   def __init__(self, args, cfg, params, task, eos_id: int, pad_id: int):
     self.args, self.cfg, self.params, self.task = args, cfg, params, task
-    self.drafters = {v: make_variant_drafter(v, cfg) for v in args.drafters}
+    self.drafters = {v: make_variant_drafter(v, cfg, args.eagle_head) for v in args.drafters}
     self.dparams = {v: d.params_from_policy(params) for v, d in self.drafters.items()}
     self.acfg = adaptive.AdaptiveConfig(
       buckets=args.buckets, arms=args.arms, chunk_steps=args.chunk_steps
@@ -424,6 +433,11 @@ def main(argv=None):
   ap.add_argument('--chunk_steps', type=int, default=16)
   ap.add_argument('--iters', type=int, default=0, help='timed calls per engine (0: auto)')
   ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument(
+    '--eagle_head',
+    default='',
+    help="the eagle variant's head (.npz of bench/eagle_alpha.py --real-alpha --save_head)",
+  )
   common.add_compile_cache_flag(ap)
   args = ap.parse_args(argv)
 
@@ -432,6 +446,11 @@ def main(argv=None):
   unknown = [v for v in args.drafters if v not in VARIANTS]
   if unknown or not args.drafters:
     ap.error(f'--drafters: unknown {unknown} (known: {", ".join(VARIANTS)})')
+  if 'eagle' in args.drafters and not args.eagle_head and args.model != 'tiny':
+    ap.error(
+      '--drafters eagle needs --eagle_head: an untrained head says nothing about the drafter '
+      '(python bench/eagle_alpha.py --real-alpha --skip-tiny --save_head /tmp/eagle_head.npz)'
+    )
   args.engines = [e.strip() for e in args.engines.split(',') if e.strip()]
   if not args.engines or set(args.engines) - set(ENGINES):
     ap.error(f'--engines: comma list of {", ".join(ENGINES)}')

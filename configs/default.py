@@ -140,6 +140,7 @@ def get_config(arg: str | None = None):
           spot_budget_s=5.0,
           spot_max_updates=0,
           spot_minibatch=0,  # rows per update from one buffered step (0 = all of them)
+          head_path='',  # a head file (eagle.save_head, e.g. after a warm-up); '' = fresh
         )
       ),
     )

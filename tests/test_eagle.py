@@ -42,6 +42,38 @@ def test_config_section_has_every_field():
     eagle.EagleConfig(mode='sometimes')
 
 
+def test_head_file_round_trips_and_bad_files_are_clear_errors(tmp_path):
+  """A saved head (with its reduced vocabulary) comes back leaf for leaf through
+  ``drafter.eagle.head_path``; a head of another shape, a non-head file and a vocabulary
+  size the config contradicts are errors that say so."""
+  cfg = ts.CFG
+  d = make(cfg, seed=3, reduced_vocab=3)
+  head = jax.tree.map(lambda x: x + 0.25, d.head_params)  # not the init: loading must read it
+  vocab = jnp.asarray([0, 2, 3], jnp.int32)
+  path = str(tmp_path / 'head.npz')
+  eagle.save_head(path, head, vocab)
+  sec = default.get_config().drafter.eagle
+  sec.head_path, sec.reduced_vocab = path, 3
+  got = eagle.make_eagle_drafter(sec, cfg, jax.random.key(0))
+  for a, b in zip(jax.tree.leaves(got.head_params), jax.tree.leaves(head), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(got.vocab_ids), np.asarray(vocab))
+  sec.reduced_vocab = 0
+  with pytest.raises(ValueError, match='reduced_vocab=3'):
+    eagle.make_eagle_drafter(sec, cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match='n_layers=2'):
+    eagle.load_head(path, cfg, 2)
+  wide = dataclasses.replace(cfg, d_model=2 * cfg.d_model)
+  with pytest.raises(ValueError, match='has shape'):
+    eagle.load_head(path, wide, 1)
+  junk = tmp_path / 'junk.npz'
+  junk.write_text('not a zip')
+  with pytest.raises(ValueError, match='not an eagle head file'):
+    eagle.load_head(str(junk), cfg, 1)
+  with pytest.raises(FileNotFoundError, match='head_path'):
+    eagle.load_head(str(tmp_path / 'absent.npz'), cfg, 1)
+
+
 # ----------------------------------------------------------------------------- training
 
 

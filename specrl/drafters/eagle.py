@@ -43,9 +43,12 @@ rejection sampling only needs the drafts to be sampled from the q it is given.
 from __future__ import annotations
 
 import dataclasses
+import os
+import zipfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from specrl import config as config_lib
 from specrl import model as model_lib
@@ -81,6 +84,7 @@ class EagleConfig:
   spot_budget_s: float = 5.0  # spot: seconds of head updates per RL step (added to it)
   spot_max_updates: int = 0  # spot: head updates per RL step at most (0 = budget only)
   spot_minibatch: int = 0  # spot: rows per update, from one buffered step (0 = all)
+  head_path: str = ''  # a head saved by save_head (e.g. after a warm-up); '' = fresh init
 
   def __post_init__(self):
     if self.n_layers < 1:
@@ -376,7 +380,77 @@ class EagleDrafter:
     return draft_tokens, draft_logits, {'cache': cache, 'fed': jnp.maximum(fed, pos)}, policy_cache
 
 
+# ----------------------------------------------------------------------------- head files
+
+VOCAB_KEY = 'vocab_ids'
+
+
+def _leaf_name(path) -> str:
+  return '/'.join(str(getattr(k, 'key', k)) for k in path)
+
+
+def save_head(path: str, head_params, vocab_ids=None) -> None:
+  """Write a head (and its reduced vocabulary, if any) to ``path`` (an ``.npz``): a head
+  warmed up once (``bench/eagle_alpha.py --real-alpha --save_head``) is reused by benchmarks
+  and runs (``drafter.eagle.head_path``) instead of re-training it each time. Training runs
+  checkpoint the head with orbax (``TrainState.drafter``); this is the portable single file."""
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(head_params))[0]
+  arrays = {_leaf_name(p): np.asarray(x) for p, x in leaves}
+  if vocab_ids is not None:
+    arrays[VOCAB_KEY] = np.asarray(vocab_ids, np.int32)
+  with open(path, 'wb') as f:  # np.savez(path) would append '.npz' to other names
+    np.savez(f, **arrays)
+
+
+def load_head(path: str, model_cfg: model_lib.ModelConfig, n_layers: int):
+  """(head params, vocab_ids or None) from a :func:`save_head` file, checked leaf by leaf
+  against the head this model and ``n_layers`` would initialise: a head of another model,
+  layer count or a file that is not a head is a ``ValueError`` naming what differs."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{SECTION}.head_path: no such file {path!r}')
+  try:
+    with np.load(path) as f:
+      data = {k: f[k] for k in f.files}
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise ValueError(f'{path}: not an eagle head file (.npz from eagle.save_head): {e}') from e
+  template = jax.eval_shape(lambda: init_head(model_cfg, n_layers, jax.random.key(0)))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+  names = [_leaf_name(p) for p, _ in flat]
+  missing = [n for n in names if n not in data]
+  extra = sorted(set(data) - set(names) - {VOCAB_KEY})
+  if missing or extra:
+    raise ValueError(
+      f'{path}: not a head of this model with n_layers={n_layers}: missing {missing}, '
+      f'unexpected {extra}'
+    )
+  leaves = []
+  for (_, spec), n in zip(flat, names, strict=True):
+    if data[n].shape != spec.shape:
+      raise ValueError(
+        f'{path}: {n} has shape {data[n].shape}, this model with n_layers={n_layers} needs '
+        f'{spec.shape} (a head of another model or layer count?)'
+      )
+    leaves.append(jnp.asarray(data[n], spec.dtype))
+  vocab = data.get(VOCAB_KEY)
+  if vocab is not None and (
+    vocab.ndim != 1 or vocab.min() < 0 or vocab.max() >= model_cfg.vocab_size
+  ):
+    raise ValueError(f'{path}: vocab_ids must be ids < {model_cfg.vocab_size} in one row')
+  return jax.tree.unflatten(treedef, leaves), None if vocab is None else jnp.asarray(vocab)
+
+
 def make_eagle_drafter(section, model_cfg: model_lib.ModelConfig, rng) -> EagleDrafter:
-  """The drafter from ``config.drafter.eagle``, its head initialised from ``rng``."""
+  """The drafter from ``config.drafter.eagle``: its head loaded from ``head_path`` if set
+  (its reduced vocabulary too; ``reduced_vocab`` must then equal its size), else initialised
+  from ``rng``."""
   ecfg = EagleConfig.from_config(section)
-  return EagleDrafter(model_cfg, ecfg, init_head(model_cfg, ecfg.n_layers, rng))
+  if not ecfg.head_path:
+    return EagleDrafter(model_cfg, ecfg, init_head(model_cfg, ecfg.n_layers, rng))
+  head, vocab = load_head(ecfg.head_path, model_cfg, ecfg.n_layers)
+  n = 0 if vocab is None else int(vocab.shape[0])
+  if vocab is not None and ecfg.reduced_vocab != n:
+    raise ValueError(
+      f'{SECTION}.reduced_vocab={ecfg.reduced_vocab} but {ecfg.head_path} was saved with a '
+      f'reduced vocabulary of {n} ids: set {SECTION}.reduced_vocab={n}'
+    )
+  return EagleDrafter(model_cfg, ecfg, head, vocab)
