@@ -13,7 +13,12 @@ Variants (config overrides of ``configs/default.py``):
 - ``compact``: ``adaptive.enabled`` without a drafter: compaction only;
 - ``adaptive``: ``adaptive.enabled`` + int8 quantized self-drafter (derived inside the
   train step) + the cost-model chooser;
-- ``spec``: static batch, int8 quantized drafter always on (k = 4).
+- ``spec``: static batch, int8 quantized drafter always on (k = 4);
+- ``eagle``: static batch, the eagle head always on (k = 4), ``mode=cotrain`` (its update
+  fused into the GRPO step), warmed up with ``--eagle_warmup`` updates on the policy's own
+  generations in its first (untimed) step; the warm-up time is reported (``warmup_s``);
+- ``adaptive_eagle``: ``adaptive.enabled`` + that head (the chooser may also pick plain).
+  ``eagle`` / ``adaptive_eagle`` are opt-in (``--variants``): their warm-up adds minutes.
 
 Reported per variant: median step / rollout / train time (an adaptive engine's
 first-time compiles of a (bucket, strategy) inside a timed step are excluded and summed
@@ -34,6 +39,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,17 +50,23 @@ import numpy as np  # noqa: E402
 from bench import common  # noqa: E402
 from configs import default  # noqa: E402
 from specrl import evaluation, train  # noqa: E402
+from specrl.drafters import eagle_train  # noqa: E402
 
-VARIANTS = ('static', 'compact', 'adaptive', 'spec')
+VARIANTS = ('static', 'compact', 'adaptive', 'spec', 'eagle', 'adaptive_eagle')
+DEFAULT_VARIANTS = 'static,compact,adaptive,spec'
 
 
-def variant_config(name: str, base):
+def variant_config(name: str, base, eagle_warmup: int = 100):
   c = base.copy_and_resolve_references()
-  if name in ('compact', 'adaptive'):
+  if name in ('compact', 'adaptive', 'adaptive_eagle'):
     c.adaptive.enabled = True
   if name in ('adaptive', 'spec'):
-    # k = 4 for the static engine; the adaptive engine picks k from adaptive.arms
     c.rollout.drafter = 'quantized'
+  if name in ('eagle', 'adaptive_eagle'):
+    c.rollout.drafter = 'eagle'
+    c.drafter.eagle.update(mode='cotrain', lr=3e-3, warmup_steps=eagle_warmup)
+  if c.rollout.drafter != 'none':
+    # k = 4 for the static engine; the adaptive engine picks k from adaptive.arms
     c.rollout.num_draft = 0 if c.adaptive.enabled else 4
   return c
 
@@ -64,7 +76,8 @@ def main(argv=None):
   ap.add_argument('--quick', action='store_true', help='smoke-sized run (~1 minute)')
   ap.add_argument('--sft_steps', type=int, default=200)
   ap.add_argument('--rl_steps', type=int, default=8, help='timed GRPO steps per variant')
-  ap.add_argument('--variants', default=','.join(VARIANTS))
+  ap.add_argument('--variants', default=DEFAULT_VARIANTS, help=f'comma list of {VARIANTS}')
+  ap.add_argument('--eagle_warmup', type=int, default=100, help='eagle head warm-up updates')
   ap.add_argument('--workdir', default='/tmp/specrl_bench_warm')
   common.add_compile_cache_flag(ap)
   args = ap.parse_args(argv)
@@ -85,11 +98,18 @@ def main(argv=None):
   warm, warm_hist = train.train_and_evaluate(base, args.workdir, max_steps=args.sft_steps)
   warmup_eval = next((m for m in warm_hist if 'eval/step' in m), None)
 
-  exps, states, fns, pipes = {}, {}, {}, {}
+  exps, states, fns, pipes, heads, warmup_s = {}, {}, {}, {}, {}, {}
   for v in variants:
-    exps[v] = train.build_experiment(variant_config(v, base))
-    sh = jax.tree.map(lambda x: x.sharding, train.init_state(exps[v]))
-    states[v] = jax.device_put(jax.tree.map(jnp.copy, warm), sh)  # steps donate theirs
+    exps[v] = train.build_experiment(variant_config(v, base, args.eagle_warmup))
+    init = train.init_state(exps[v])
+    # the eagle head's state rides in the train state, as in train.train_and_evaluate
+    heads[v] = eagle_train.trainer(exps[v].drafter, exps[v])
+    start = warm
+    if heads[v] is not None:
+      init = init.replace(drafter=heads[v].placed(exps[v].mesh))
+      start = warm.replace(drafter=init.drafter)
+    sh = jax.tree.map(lambda x: x.sharding, init)
+    states[v] = jax.device_put(jax.tree.map(jnp.copy, start), sh)  # steps donate theirs
     fns[v] = train._jitted_steps(exps[v], sh)
     pipes[v] = train.make_pipeline(exps[v])
   info = common.device_info()
@@ -102,7 +122,14 @@ def main(argv=None):
   for i in range(args.rl_steps + 1):
     step = args.sft_steps + i
     for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
+      if heads[v] is not None:  # the head's warm-up (first step only), as the train loop does
+        t0 = time.perf_counter()
+        states[v] = heads[v].before_step(exps[v], states[v], step)
+        if i == 0:
+          warmup_s[v] = time.perf_counter() - t0
       states[v], m = train.run_step(exps[v], states[v], step, fns[v], pipes[v])
+      if heads[v] is not None:  # the step donated the old head arrays: follow the new ones
+        heads[v].set_state(states[v].drafter)
       # One-off costs inside a timed step: an adaptive engine compiles (and profiles) each
       # (bucket, strategy) the first time a rollout reaches it. Reported, then excluded.
       once = m.get('adaptive/compile_s', 0.0) + m.get('adaptive/profile_s', 0.0)
@@ -141,6 +168,7 @@ def main(argv=None):
         val_acc=val[v]['eval/accuracy'],
         val_ci=val[v]['eval/accuracy_ci95'],
         val_alpha=val[v].get('eval/spec/alpha', float('nan')),
+        warmup_s=warmup_s.get(v, 0.0),
       )
     )
   common.print_table(
@@ -160,6 +188,7 @@ def main(argv=None):
       ('val_acc', '.3f'),
       ('val_ci', '.3f'),
       ('val_alpha', '.2f'),
+      ('warmup_s', '.1f'),
     ],
     rows,
   )
