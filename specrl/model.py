@@ -309,6 +309,43 @@ def _over_layers(body, carry, layers, with_index: bool = False):
   return jax.lax.scan(body, carry, (layers, jnp.arange(n)) if with_index else layers)
 
 
+def run_layers(layers, cfg: ModelConfig, x, positions, cache=None, *, mesh=None, rules=None):
+  """The decoder stack over x [B, T, D] at ``positions`` [B, T] (no embedding, no final
+  norm): the policy's :func:`forward` and the eagle head's layers share it. ``layers``
+  stacked or unstacked (:func:`unstack_layers`). With ``cache`` ``[L, B, S, K, Dh]`` the
+  new k/v are written at ``positions`` (``>= S``: dropped) and queries attend to slots
+  ``<= position``; without, key j is visible to query i iff ``positions[j] <=
+  positions[i]``. Returns (x [B, T, D], new cache or None)."""
+  rules = shd.DECODE_RULES if rules is None else rules
+  if cache is None:
+    mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(q), T(k)]
+
+    def body(x, lp):
+      y, _ = _layer(cfg, lp, x, positions, lambda k, v: (k, v, mask, None), mesh, rules)
+      return y, None
+
+    x, _ = _over_layers(body, x, layers)
+    return x, None
+  s = cache['k'].shape[2]
+  mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+  bidx = jnp.arange(x.shape[0])[:, None]
+
+  def body(carry, xs):
+    x, ck, cv = carry
+    lp, li = xs
+
+    def kv_fn(k, v):
+      nk = ck.at[li, bidx, positions].set(k.astype(ck.dtype), mode='drop')
+      nv = cv.at[li, bidx, positions].set(v.astype(cv.dtype), mode='drop')
+      return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
+
+    y, (nk, nv) = _layer(cfg, lp, x, positions, kv_fn, mesh, rules)
+    return (y, nk, nv), None
+
+  (x, ck, cv), _ = _over_layers(body, (x, cache['k'], cache['v']), layers, True)
+  return x, {'k': ck, 'v': cv}
+
+
 def forward(
   params: Params,
   cfg: ModelConfig,
@@ -345,37 +382,7 @@ def forward(
   rules = shd.DECODE_RULES if rules is None else rules
   x = _embed(params['embed'], tokens, cfg.cdtype)
   x = shd.constrain(x, ('batch', 'seq', 'embed'), mesh, rules)
-  b, t = tokens.shape
-
-  if cache is None:
-    mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(q), T(k)]
-
-    def body(x, lp):
-      y, _ = _layer(cfg, lp, x, positions, lambda k, v: (k, v, mask, None), mesh, rules)
-      return y, None
-
-    x, _ = _over_layers(body, x, params['layers'])
-    new_cache = None
-  else:
-    s = cache['k'].shape[2]
-    mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-    bidx = jnp.arange(b)[:, None]
-
-    def body(carry, xs):
-      x, ck, cv = carry
-      lp, li = xs
-
-      def kv_fn(k, v):
-        nk = ck.at[li, bidx, positions].set(k.astype(ck.dtype), mode='drop')
-        nv = cv.at[li, bidx, positions].set(v.astype(cv.dtype), mode='drop')
-        return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
-
-      y, (nk, nv) = _layer(cfg, lp, x, positions, kv_fn, mesh, rules)
-      return (y, nk, nv), None
-
-    (x, ck, cv), _ = _over_layers(body, (x, cache['k'], cache['v']), params['layers'], True)
-    new_cache = {'k': ck, 'v': cv}
-
+  x, new_cache = run_layers(params['layers'], cfg, x, positions, cache, mesh=mesh, rules=rules)
   x = rms_norm(x, params['final_norm'], cfg.norm_eps)
   if not head:
     return None, new_cache, x

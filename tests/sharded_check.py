@@ -29,16 +29,20 @@ def config(drafter, adaptive_policy=None):
   c.rl.num_prompts, c.rl.num_generations = 2, 4  # 8 sequences: divisible by data*fsdp
   c.rollout.temperature = 0.0  # greedy: identical tokens expected
   static_k = 2 if drafter != 'none' else 0
+  if drafter == 'hybrid':  # suffix matches, else the quantized drafter per row
+    drafter = 'suffix'
+    c.drafter.suffix.fallback = 'quantized'
   c.rollout.drafter, c.rollout.num_draft = drafter, 0 if adaptive_policy else static_k
   c.sft.batch_size = 8
   return c
 
 
-DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'suffix', 'quantized', 'eagle')
+# 'self' is small_model's code path (a ModelDrafter) with the policy's params: not repeated
+DRAFTERS = ('none', 'small_model', 'ngram', 'suffix', 'hybrid', 'quantized', 'eagle')
 # every drafter on the adaptive engine too (policy 'always' forces speculation)
 ADAPTIVE_CASES = (
   ('none', 'never'),
-  ('self', 'always'),
+  ('hybrid', 'always'),
   ('small_model', 'always'),
   ('ngram', 'always'),
   ('suffix', 'always'),

@@ -202,40 +202,9 @@ def head_output(dp, cfg, y):
 
 
 def head_layers(layers, hcfg, x, positions, cache=None, *, mesh=None, rules=None):
-  """The head's decoder layers (:func:`specrl.model._layer`, the policy's block) over
-  x [B, T, D] at ``positions`` [B, T]; with ``cache`` ``[Lh, B, S, K, Dh]`` the new k/v are
-  written at ``positions`` (``>= S``: dropped) as in :func:`specrl.model.forward`.
-  Returns (x [B, T, D], cache)."""
-  rules = shd.DECODE_RULES if rules is None else rules
-  if cache is None:
-    mask = positions[:, None, :] <= positions[:, :, None]
-
-    def body(x, lp):
-      y, _ = model_lib._layer(hcfg, lp, x, positions, lambda k, v: (k, v, mask, None), mesh, rules)
-      return y, None
-
-    x, _ = jax.lax.scan(body, x, layers)
-    return x, None
-  s = cache['k'].shape[2]
-  mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]
-  bidx = jnp.arange(x.shape[0])[:, None]
-
-  def body(carry, xs):
-    x, ck, cv = carry
-    lp, li = xs
-
-    def kv_fn(k, v):
-      nk = ck.at[li, bidx, positions].set(k.astype(ck.dtype), mode='drop')
-      nv = cv.at[li, bidx, positions].set(v.astype(cv.dtype), mode='drop')
-      return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
-
-    y, (nk, nv) = model_lib._layer(hcfg, lp, x, positions, kv_fn, mesh, rules)
-    return (y, nk, nv), None
-
-  (x, ck, cv), _ = jax.lax.scan(
-    body, (x, cache['k'], cache['v']), (layers, jnp.arange(hcfg.n_layers))
-  )
-  return x, {'k': ck, 'v': cv}
+  """The head's decoder layers: the policy's own stack (:func:`specrl.model.run_layers`)
+  with the head's weights and ``hcfg`` (its layer count). Returns (x [B, T, D], cache)."""
+  return model_lib.run_layers(layers, hcfg, x, positions, cache, mesh=mesh, rules=rules)
 
 
 def head_logits_compact(dp, cfg, feat):
