@@ -121,15 +121,22 @@ def real_alpha(args, res):
   a0, per0 = alpha_at(engines[1.0], state.params, held, 1)
   rcfg = dataclasses.replace(exp.rollout_cfg, num_draft=0)
   plain = rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.mesh)
-  cache, gen_s, counts, nseq = {}, [0.0], np.zeros(exp.model_cfg.vocab_size), [0]
+  cache, gen_s, counts, nseq, ngen = {}, [0.0], np.zeros(exp.model_cfg.vocab_size), [0], [0]
+
+  def generated(j) -> bool:  # batch j: the policy's own generations, or worked solutions
+    return args.data == 'gen' or (args.data == 'mix' and j % (args.sft_per_gen + 1) == 0)
 
   def sample_batch(i):  # a new batch every ``reuse`` updates (the same object in between)
     j = i // args.reuse
     if j not in cache:
       t = time.perf_counter()
-      pr = exp.task.prompts_for_step(c.seed, 10_000 + j, args.gen_batch)
-      out, _ = plain.generate(state.params, pr.tokens, pr.lengths, jax.random.key(100 + j))
-      toks, mask = np.asarray(out.tokens)[:, : rcfg.seq_len], et.response_mask(out, rcfg.seq_len)
+      if generated(j):
+        pr = exp.task.prompts_for_step(c.seed, 10_000 + j, args.gen_batch)
+        out, _ = plain.generate(state.params, pr.tokens, pr.lengths, jax.random.key(100 + j))
+        toks = np.asarray(out.tokens)[:, : rcfg.seq_len]
+        mask = et.response_mask(out, rcfg.seq_len)
+      else:  # teacher-forced text: no decoding, one policy forward per batch in the warm-up
+        toks, mask = exp.task.sample_sft(np.random.default_rng(j), args.gen_batch, rcfg.seq_len)
       counts[:] += np.bincount(toks[mask > 0].ravel(), minlength=counts.shape[0])
       if args.reduced_vocab:
         order = np.lexsort((np.arange(counts.shape[0]), -counts))
@@ -138,6 +145,7 @@ def real_alpha(args, res):
       cache[j] = (toks, mask)
       gen_s[0] += time.perf_counter() - t
       nseq[0] += len(toks)
+      ngen[0] += len(toks) if generated(j) else 0
     return cache[j]
 
   opt = et.make_optimizer(d.ecfg)
@@ -146,7 +154,7 @@ def real_alpha(args, res):
     f'SmolLM2-135M-Instruct arith, {jax.devices()[0].device_kind}, k=4, '
     f'{len(held.lengths)} held-out prompts, max_new_tokens {c.rollout.max_new_tokens}, '
     f'lr {args.lr}, reduced_vocab {args.reduced_vocab}, gen batch {args.gen_batch} x '
-    f'{args.reuse} updates'
+    f'{args.reuse} updates, data {args.data}'
   )
   print(f'  untrained head: T=1 alpha {a0:.3f} per-position {per0}')
   rows, spent, done = [], 0.0, 0
@@ -159,6 +167,7 @@ def real_alpha(args, res):
     spent, done = spent + secs, done + n
     row = dict(
       budget_s=budget, warmup_s=round(spent, 1), updates=done, sequences=nseq[0],
+      generated=ngen[0],
       gen_s=round(gen_s[0], 1), head_loss=round(float(m['head/loss']), 3),
       train_accept_t1=round(float(m['head/accept_t1']), 3),
     )  # fmt: skip
@@ -237,6 +246,14 @@ def main():
   ap.add_argument('--gen-batch', type=int, default=16, help='--real-alpha: rollouts per batch')
   ap.add_argument('--reuse', type=int, default=4, help='--real-alpha: updates per batch')
   ap.add_argument('--heldout', type=int, default=16, help='--real-alpha: held-out prompts')
+  ap.add_argument(
+    '--data',
+    default='gen',
+    choices=('gen', 'sft', 'mix'),
+    help="--real-alpha warm-up data: the policy's generations, the task's worked solutions "
+    '(teacher-forced, no decoding: EAGLE trains on fixed text), or both (--sft_per_gen)',
+  )
+  ap.add_argument('--sft_per_gen', type=int, default=3, help='--data mix: sft batches per gen')
   ap.add_argument('--save_head', default='', help='--real-alpha: write the warmed head (.npz)')
   args = ap.parse_args()
   if not args.budgets:
