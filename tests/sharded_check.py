@@ -37,11 +37,14 @@ def config(drafter, adaptive_policy=None):
   return c
 
 
-# 'self' is small_model's code path (a ModelDrafter) with the policy's params: not repeated
-DRAFTERS = ('none', 'small_model', 'ngram', 'suffix', 'hybrid', 'quantized', 'eagle')
+# Static engine + GRPO step. Not repeated here: 'self' (small_model's code path, a
+# ModelDrafter, with the policy's params) and 'ngram' (model-free like 'suffix'); both run
+# on the adaptive engine below.
+DRAFTERS = ('none', 'small_model', 'suffix', 'hybrid', 'quantized', 'eagle')
 # every drafter on the adaptive engine too (policy 'always' forces speculation)
 ADAPTIVE_CASES = (
   ('none', 'never'),
+  ('self', 'always'),
   ('hybrid', 'always'),
   ('small_model', 'always'),
   ('ngram', 'always'),
