@@ -37,11 +37,7 @@ from specrl.sampling import SamplingParams  # noqa: E402
 
 
 def alpha(exp, params, prompts, seed):
-  _, m = exp.engine.generate(params, prompts.tokens, prompts.lengths, jax.random.key(seed))
-  per = [
-    round(m[f'spec/per_position/{i}'], 3) for i in range(1, 5) if f'spec/per_position/{i}' in m
-  ]
-  return m['spec/alpha'], per
+  return alpha_at(exp.engine, params, prompts, seed)
 
 
 def tiny(args, res):
@@ -137,10 +133,9 @@ def real_alpha(args, res):
         mask = et.response_mask(out, rcfg.seq_len)
       else:  # teacher-forced text: no decoding, one policy forward per batch in the warm-up
         toks, mask = exp.task.sample_sft(np.random.default_rng(j), args.gen_batch, rcfg.seq_len)
-      counts[:] += np.bincount(toks[mask > 0].ravel(), minlength=counts.shape[0])
+      counts[:] += et.token_counts(toks, mask, counts.shape[0])
       if args.reduced_vocab:
-        order = np.lexsort((np.arange(counts.shape[0]), -counts))
-        d.vocab_ids = jnp.asarray(np.sort(order[: args.reduced_vocab]), jnp.int32)
+        d.vocab_ids = jnp.asarray(et.top_ids(counts, args.reduced_vocab))
       cache.clear()
       cache[j] = (toks, mask)
       gen_s[0] += time.perf_counter() - t

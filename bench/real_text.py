@@ -149,10 +149,8 @@ def make_variant_drafter(variant: str, model_cfg: model_lib.ModelConfig, eagle_h
   (with the reduced vocabulary it was saved with)."""
   name, overrides = VARIANTS[variant]
   if name == 'eagle' and eagle_head:
-    _, vocab = eagle_lib.load_head(eagle_head, model_cfg, 1)
-    overrides = dict(
-      overrides, head_path=eagle_head, reduced_vocab=0 if vocab is None else len(vocab)
-    )
+    n = eagle_lib.saved_vocab_size(eagle_head)
+    overrides = dict(overrides, head_path=eagle_head, reduced_vocab=n)
   config = default_config.get_config()
   config.rollout.drafter = name
   if overrides:

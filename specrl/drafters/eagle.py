@@ -408,6 +408,13 @@ def load_head(path: str, model_cfg: model_lib.ModelConfig, n_layers: int):
   return jax.tree.unflatten(treedef, leaves), None if vocab is None else jnp.asarray(vocab)
 
 
+def saved_vocab_size(path: str) -> int:
+  """The reduced vocabulary size a :func:`save_head` file was written with (0 = full),
+  read without loading the head's weights."""
+  with np.load(path) as f:
+    return int(f[VOCAB_KEY].shape[0]) if VOCAB_KEY in f.files else 0
+
+
 def make_eagle_drafter(section, model_cfg: model_lib.ModelConfig, rng) -> EagleDrafter:
   """The drafter from ``config.drafter.eagle``: its head loaded from ``head_path`` if set
   (its reduced vocabulary too; ``reduced_vocab`` must then equal its size), else initialised

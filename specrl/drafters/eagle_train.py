@@ -234,12 +234,21 @@ def cotrain_step(
   return new_state.replace(drafter=hstate), {**metrics, **hm}
 
 
-def frequent_tokens(tokens, mask, n: int, vocab_size: int) -> np.ndarray:
-  """The ``n`` most frequent token ids where ``mask`` (ties: lower id), int32 [n] sorted:
-  the reduced draft vocabulary (any choice is lossless; frequent ones keep acceptance)."""
-  counts = np.bincount(np.asarray(tokens)[np.asarray(mask) > 0].ravel(), minlength=vocab_size)
-  order = np.lexsort((np.arange(vocab_size), -counts))
+def token_counts(tokens, mask, vocab_size: int) -> np.ndarray:
+  """Occurrences of every id [V] among ``tokens`` where ``mask`` > 0."""
+  return np.bincount(np.asarray(tokens)[np.asarray(mask) > 0].ravel(), minlength=vocab_size)
+
+
+def top_ids(counts, n: int) -> np.ndarray:
+  """The ``n`` ids of highest ``counts`` [V] (ties: lower id), int32 [n] sorted: the reduced
+  draft vocabulary (any choice is lossless; frequent ones keep acceptance)."""
+  order = np.lexsort((np.arange(counts.shape[0]), -np.asarray(counts)))
   return np.sort(order[:n]).astype(np.int32)
+
+
+def frequent_tokens(tokens, mask, n: int, vocab_size: int) -> np.ndarray:
+  """The ``n`` most frequent token ids where ``mask`` (:func:`top_ids` of the counts)."""
+  return top_ids(token_counts(tokens, mask, vocab_size), n)
 
 
 def response_mask(out, seq_len: int) -> np.ndarray:
@@ -276,17 +285,16 @@ def warmup(
     functools.partial(head_update, cfg=cfg, hcfg=hcfg, ecfg=ecfg, optimizer=optimizer, mesh=mesh)
   )
   t0, m, done = time.perf_counter(), {}, 0
-  last = hidden = targets = None  # a batch returned again keeps its hidden states / targets
+  last = None  # a batch returned again keeps its device arrays, hidden states and targets
   for i in range(steps):
     if time.perf_counter() - t0 > budget_s:
       break
     tokens, mask = sample_batch(i)
     if tokens is not last:
-      last, hidden = tokens, hid(policy_params, tokens=jnp.asarray(tokens))
+      last, dtoks, dmask = tokens, jnp.asarray(tokens), jnp.asarray(mask)
+      hidden = hid(policy_params, tokens=dtoks)
       targets = top(policy_params, hidden=hidden) if ecfg.target_topk else None
-    hstate, m = upd(
-      hstate, policy_params, drafter.vocab_ids, jnp.asarray(tokens), hidden, mask, targets
-    )
+    hstate, m = upd(hstate, policy_params, drafter.vocab_ids, dtoks, hidden, dmask, targets)
     done += 1
     if log is not None:
       log(i, jax.device_get(m))
@@ -348,10 +356,8 @@ class HeadTrainer:
     if not n:
       return
     v = self.counts.shape[0]
-    new = np.bincount(np.asarray(tokens)[np.asarray(mask) > 0].ravel(), minlength=v)
-    self.counts = self.COUNT_DECAY * self.counts + new
-    order = np.lexsort((np.arange(v), -self.counts))
-    self.drafter.vocab_ids = jnp.asarray(np.sort(order[: min(n, v)]), jnp.int32)
+    self.counts = self.COUNT_DECAY * self.counts + token_counts(tokens, mask, v)
+    self.drafter.vocab_ids = jnp.asarray(top_ids(self.counts, min(n, v)))
 
   def placed(self, mesh) -> HeadState:
     """``hstate`` on ``mesh`` for the train state: the head replicated; ``spot``'s buffer
