@@ -143,6 +143,23 @@ def real_alpha(args, res):
       ngen[0] += len(toks) if generated(j) else 0
     return cache[j]
 
+  # held-out teacher-forced diagnostics: the policy's own T = 1 generations of the held-out
+  # prompts, hidden states and top-1024 targets computed once
+  out, _ = plain.generate(state.params, held.tokens, held.lengths, jax.random.key(7))
+  ho_toks = jnp.asarray(np.asarray(out.tokens)[:, : rcfg.seq_len])
+  ho_mask = jnp.asarray(et.response_mask(out, rcfg.seq_len))
+  ho_h = et.policy_hidden(state.params, exp.model_cfg, ho_toks)
+  ho_targets = et.policy_targets(state.params, exp.model_cfg, ho_h, 1024)
+
+  def heldout_metrics(head_params):
+    """Teacher-forced draft-1 acceptance on held-out generations and the policy's mass
+    inside the head's vocabulary (of its top 1024): that acceptance's ceiling."""
+    _, m = et.head_loss(
+      head_params, state.params, d.vocab_ids, ho_toks, ho_h, ho_mask, ho_targets,
+      cfg=exp.model_cfg, hcfg=d.hcfg, ecfg=d.ecfg,
+    )  # fmt: skip
+    return round(float(m['head/accept_t1']), 3), round(float(m['head/vocab_mass']), 3)
+
   opt = et.make_optimizer(d.ecfg)
   hs = et.init_head_state(d.head_params, opt)
   print(
@@ -166,13 +183,15 @@ def real_alpha(args, res):
       gen_s=round(gen_s[0], 1), head_loss=round(float(m['head/loss']), 3),
       train_accept_t1=round(float(m['head/accept_t1']), 3),
     )  # fmt: skip
+    row['heldout_accept_t1'], row['heldout_vocab_mass'] = heldout_metrics(hs.params)
     for t, eng in engines.items():
       a, per = alpha_at(eng, state.params, held, 1)
       row[f'alpha_T{t}'], row[f'per_T{t}'] = round(a, 3), per
     rows.append(row)
     print(
       f'  warm-up {spent:.0f}s ({done} updates, {nseq[0]} sequences, generation '
-      f'{gen_s[0]:.0f}s; last batch teacher-forced accept {row["train_accept_t1"]}): '
+      f'{gen_s[0]:.0f}s; teacher-forced draft-1 accept: last batch {row["train_accept_t1"]}, '
+      f'held-out {row["heldout_accept_t1"]} of a vocabulary mass {row["heldout_vocab_mass"]}): '
       f'T=1 alpha {row["alpha_T1.0"]} per-position {row["per_T1.0"]}; '
       f'T=0.6 alpha {row["alpha_T0.6"]} per-position {row["per_T0.6"]}'
     )

@@ -264,3 +264,26 @@ def test_cost_profiler_gives_context_drafters_a_context(wants_hidden):
   seq_id, group_ids, prompt_ids, *_, hidden, _ = drafter.seen[-1]
   assert (seq_id == np.arange(4)).all() and (prompt_ids == -1).all()
   assert hidden.shape == ((4, 3, CFG.d_model) if wants_hidden else (4, 1, 1))
+
+
+@pytest.mark.parametrize('unroll', [None, False])
+def test_cost_profiler_times_the_decode_loops_layer_layout(unroll, monkeypatch):
+  """On CPU the decode loop runs the policy over per-layer weights sliced once
+  (``unstack_layers``); the profiler must time that layout (by default on CPU), or its
+  plain step is the stacked scan's, ~1.4x dearer on SmolLM2, and v comes out too low."""
+  from specrl.decoding import profile
+
+  seen = []
+
+  def forward_spy(params, *a, **kw):
+    seen.append(isinstance(params['layers'], tuple))
+    return real_forward(params, *a, **kw)
+
+  real_forward = model_lib.forward
+  monkeypatch.setattr(model_lib, 'forward', forward_spy)
+  profile.measure_profile(
+    CFG, PARAMS, None, None, batch=2, buffer_len=16, k_ref=0, sp=SamplingParams(),
+    max_prompt_len=4, reps=1, iters=1, unroll_layers=unroll,
+  )  # fmt: skip
+  assert seen and all(seen) == (unroll is None and jax.default_backend() == 'cpu'), seen
+  assert any(seen) == all(seen)

@@ -183,6 +183,14 @@ def test_topk_targets_give_the_full_softmax_loss(reduced):
   _, m2 = et.head_loss(*args, et.policy_targets(ts.POLICY, cfg, h, 2), **kw)
   assert np.isfinite(mf['head/ce']) and m2['head/accept_t1'] <= mf['head/accept_t1']
   assert m2['head/ce'] < mf['head/ce'] if not reduced else m2['head/ce'] <= mf['head/ce']
+  # the policy's mass inside the head's vocabulary: all of it without a reduced one, else
+  # exactly p(1) + p(2) from the full softmax; it bounds draft 1's acceptance
+  p = jax.nn.softmax(eagle.head_logits(eagle.draft_params(ts.POLICY, None), cfg, h[:, 1:]), -1)
+  mass = p[..., 1] + p[..., 2] if reduced else jnp.sum(p, -1)
+  m = mask[:, 2:].astype(jnp.float32)
+  np.testing.assert_allclose(mf['head/vocab_mass'], jnp.sum(mass * m) / jnp.sum(m), rtol=1e-5)
+  assert (mf['head/vocab_mass'] < 0.99) == bool(reduced)
+  assert mf['head/accept_t1'] <= mf['head/vocab_mass'] + 1e-6
 
 
 # ----------------------------------------------------------------------------- lossless

@@ -128,7 +128,8 @@ def head_loss(
   top-k (probs, ids) [B, S-1, k]. The head's logits are computed over its own vocabulary
   only (``vocab_ids``; no [B, S, V] array when reduced). Returns (loss, metrics);
   ``head/accept_t1`` = mean ``sum_v min(p, q)``, draft 1's acceptance at T = 1 teacher-forced
-  (a lower bound with top-k targets)."""
+  (a lower bound with top-k targets); ``head/vocab_mass`` = mean policy mass inside the
+  head's vocabulary (of the top k with ``targets``), the ceiling of that acceptance."""
   pp = jax.lax.stop_gradient({k: v for k, v in policy_params.items() if k != 'layers'})
   h = jax.lax.stop_gradient(hidden)
   s1 = h.shape[1]  # S - 1
@@ -169,6 +170,7 @@ def head_loss(
     'head/ce': ce_mean,
     'head/top1_agree': jnp.sum((q_top == p_top) * mask) / n,
     'head/accept_t1': jnp.sum(accept * mask) / n,
+    'head/vocab_mass': jnp.sum(jnp.sum(p, axis=-1) * mask) / n,
   }
 
 
