@@ -294,6 +294,8 @@ def unstack_layers(params: Params) -> Params:
   call and a longer compile). Training keeps the stacked layout.
   """
   layers = params['layers']
+  if isinstance(layers, tuple | list):  # already per layer
+    return params
   n = jax.tree.leaves(layers)[0].shape[0]
   return {**params, 'layers': tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))}
 

@@ -103,7 +103,7 @@ from specrl.adaptive.state_ops import (
 from specrl.decoding import profile as profile_lib
 from specrl.decoding.spec_math import CostProfile, optimistic_alpha
 from specrl.decoding.state import RolloutConfig, RolloutOutput, RolloutState, finalize
-from specrl.decoding.steps import max_loop_steps, prefill
+from specrl.decoding.steps import loop_params_jit, max_loop_steps, prefill
 from specrl.rollout import prepare_prompts, prepare_row_ids, rollout_metrics
 
 log = logging.getLogger(__name__)
@@ -435,6 +435,7 @@ class AdaptiveRolloutEngine:
       prefill_left = self._prefill_s[bsz]
     n_active, step = bsz, 0
     limit = max_loop_steps(rcfg)
+    loop_params = loop_params_jit(params)  # CPU: layers sliced once per rollout
     pending = None  # a chunk whose stats are not read yet
     b, origin, acc = bsz, None, None
     current: int | None = None
@@ -467,12 +468,11 @@ class AdaptiveRolloutEngine:
       if not report.chosen[b] or report.chosen[b][-1] != strategy:
         report.chosen[b].append(strategy)
       dparams = None if strategy == PLAIN else dparams_fn()
-      cargs = (params, dparams, state, i32(self._boundary(b)), i32(max_steps))
       if strategy != PLAIN and state.tokens.shape[1] < self.buffer_len:
         state = self._widen(state, report)
       if strategy != PLAIN and self._stateful and state.draft is None:
         state = self._attach_draft(state, dparams, report)
-      cargs = (params, dparams, state) + cargs[3:]
+      cargs = (loop_params, dparams, state, i32(self._boundary(b)), i32(max_steps))
       chunk = self._chunk_fn(b, strategy, cargs, report, state.draft is not None)
       t0 = now()
       report.trace.append((t0, n_active, b, strategy))
