@@ -44,16 +44,15 @@ def tiny(args, res):
   c = default.get_config()
   c.rollout.drafter = 'eagle'
   c.drafter.eagle.lr = 3e-3
-  if args.quick:
-    c.sft.steps = 40
+  c.sft.steps = args.sft_steps or (40 if args.quick else c.sft.steps)
   exp = train.build_experiment(c)
   state = train.init_state(exp)
   fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
   t0 = time.perf_counter()
   for step in range(c.sft.steps):
-    state, _, _ = train.run_step(exp, state, step, fns)
+    state, _ = train.run_step(exp, state, step, fns)
   sft_s = time.perf_counter() - t0
-  held = exp.task.heldout_prompts(32)
+  held = exp.task.heldout_prompts(args.heldout_tiny)
   a0, per0 = alpha(exp, state.params, held, 1)
   rcfg = dataclasses.replace(exp.rollout_cfg, num_draft=0)
   plain = rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.mesh)
@@ -66,7 +65,7 @@ def tiny(args, res):
   d = exp.drafter
   opt = et.make_optimizer(d.ecfg)
   hs = et.init_head_state(d.head_params, opt)
-  steps = 60 if args.quick else 300
+  steps = args.warmup_updates or (60 if args.quick else 300)
   hs, m, secs, done = et.warmup(
     d, hs, state.params, sample_batch, steps=steps, budget_s=600, optimizer=opt
   )
@@ -76,7 +75,7 @@ def tiny(args, res):
   print(
     f'tiny default task (d_model {exp.model_cfg.d_model}, {exp.model_cfg.n_layers} layers, '
     f'V {exp.model_cfg.vocab_size}), SFT {c.sft.steps} steps ({sft_s:.0f}s), k=4, T=1, '
-    f'32 held-out prompts'
+    f'{args.heldout_tiny} held-out prompts'
   )
   print(f'  untrained head: alpha {a0:.3f} per-position {per0}')
   print(
@@ -248,9 +247,12 @@ def real(args, res):
       res['real'][f'b{b}_red{red}'] = c2
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument('--quick', action='store_true')
+  ap.add_argument('--sft_steps', type=int, default=0, help='tiny: SFT steps (0: 40 / config)')
+  ap.add_argument('--warmup_updates', type=int, default=0, help='tiny: head updates (0: 60 / 300)')
+  ap.add_argument('--heldout_tiny', type=int, default=32, help='tiny: held-out prompts')
   ap.add_argument('--real', action='store_true')
   ap.add_argument('--real-alpha', action='store_true')
   ap.add_argument('--skip-tiny', action='store_true')
@@ -269,7 +271,7 @@ def main():
   )
   ap.add_argument('--sft_per_gen', type=int, default=3, help='--data mix: sft batches per gen')
   ap.add_argument('--save_head', default='', help='--real-alpha: write the warmed head (.npz)')
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   if not args.budgets:
     args.budgets = '240' if args.quick else '240,600'
   res = {'device': jax.devices()[0].device_kind}
