@@ -62,14 +62,31 @@ def main():
   ap.add_argument('--heldout', type=int, default=32)
   ap.add_argument('--spot_updates', type=int, default=4, help='spot head updates per RL step')
   ap.add_argument('--plot', default='')
+  ap.add_argument(
+    '--real_head',
+    default='',
+    help='SmolLM2-135M (configs/smollm2_arith.py, GRPO from the instruct model) with this '
+    'warmed head (.npz of bench/eagle_alpha.py --real-alpha --save_head) instead of the tiny '
+    'task and its warm-up',
+  )
   args = ap.parse_args()
   if args.quick:
     args.sft_steps, args.rl_steps, args.warmup_steps, args.heldout = 40, 4, 30, 16
 
-  c = default.get_config()
+  if args.real_head:
+    from configs import smollm2_arith
+
+    c = smollm2_arith.get_config()
+    args.sft_steps, args.warmup_steps = 0, 0
+    c.drafter.eagle.update(reduced_vocab=eagle.saved_vocab_size(args.real_head))
+    c.drafter.eagle.head_path = args.real_head
+    lr = 2e-3  # bench/eagle_alpha.py's warm-up lr
+  else:
+    c = default.get_config()
+    lr = 3e-3
   c.sft.steps, c.rl.steps = args.sft_steps, args.rl_steps
   c.rollout.drafter, c.rollout.num_draft = 'eagle', 4
-  c.drafter.eagle.update(mode='cotrain', lr=3e-3, warmup_steps=args.warmup_steps)
+  c.drafter.eagle.update(mode='cotrain', lr=lr, warmup_steps=args.warmup_steps)
   c.drafter.eagle.warmup_budget_s = 600
   exp = train.build_experiment(c)
   head = et.trainer(exp.drafter)
@@ -91,15 +108,16 @@ def main():
   t0 = time.perf_counter()
   state = head.before_step(exp, state, c.sft.steps)  # the warm-up
   warm_s = time.perf_counter() - t0
+  vocab = exp.drafter.vocab_ids  # the warmed head's reduced vocabulary (None: all)
   frozen = eagle.EagleDrafter(
-    exp.model_cfg, exp.drafter.ecfg, jax.tree.map(jnp.copy, state.drafter.params)
+    exp.model_cfg, exp.drafter.ecfg, jax.tree.map(jnp.copy, state.drafter.params), vocab
   )
   f_engine = rollout_lib.RolloutEngine(exp.model_cfg, exp.rollout_cfg, exp.mesh, frozen)
   sp_cfg = dataclasses.replace(
     exp.drafter.ecfg, mode='spot', spot_max_updates=args.spot_updates, spot_budget_s=1e9
   )
   warmed = jax.tree.map(jnp.copy, state.drafter)
-  sp_tr = et.HeadTrainer(eagle.EagleDrafter(exp.model_cfg, sp_cfg, warmed.params))
+  sp_tr = et.HeadTrainer(eagle.EagleDrafter(exp.model_cfg, sp_cfg, warmed.params, vocab))
   sp_tr.hstate = warmed
   sp_tr.attach_spot(exp)  # the static engine: no tail hook; updates run below
   s_engine = rollout_lib.RolloutEngine(exp.model_cfg, exp.rollout_cfg, exp.mesh, sp_tr.drafter)
@@ -124,8 +142,9 @@ def main():
   held = exp.task.heldout_prompts(args.heldout)
 
   rows = []
+  model = 'SmolLM2-135M-Instruct arith' if args.real_head else 'tiny default task'
   print(
-    f'tiny default task (d_model {exp.model_cfg.d_model}, {exp.model_cfg.n_layers} layers, '
+    f'{model} (d_model {exp.model_cfg.d_model}, {exp.model_cfg.n_layers} layers, '
     f'V {exp.model_cfg.vocab_size}); SFT {c.sft.steps} steps ({sft_s:.0f}s), head warm-up '
     f'{args.warmup_steps} updates ({warm_s:.0f}s); k=4, T=1, {args.heldout} held-out prompts'
   )
@@ -174,7 +193,7 @@ def main():
       ax.plot(arr[k], label=label)
     ax.set_xlabel('GRPO step')
     ax.set_ylabel('acceptance (held-out)')
-    ax.set_title('tiny default-task model, k=4, T=1')
+    ax.set_title(f'{model}, k=4, T=1')
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)
@@ -183,6 +202,7 @@ def main():
     json.dumps(
       {
         'bench': 'eagle_drift',
+        'model': model,
         'device': jax.devices()[0].device_kind,
         'sft_steps': c.sft.steps,
         'rl_steps': c.rl.steps,

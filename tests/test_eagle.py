@@ -74,6 +74,22 @@ def test_head_file_round_trips_and_bad_files_are_clear_errors(tmp_path):
     eagle.load_head(str(tmp_path / 'absent.npz'), cfg, 1)
 
 
+def test_a_loaded_vocabulary_survives_the_first_rollout():
+  """The trainer re-picks the reduced vocabulary from decayed counts of recent rollouts; a
+  head that comes with one (a warmed head's file) keeps it for the ids no rollout emitted
+  yet, instead of the lowest unseen ids."""
+  cfg = ts.CFG  # V = 4
+  d = make(cfg, reduced_vocab=2)
+  d.vocab_ids = jnp.asarray([2, 3], jnp.int32)
+  tr = et.trainer(d)
+  tr.observe_tokens(np.array([[1, 1]]), np.array([[0, 1]]))  # one response token: id 1
+  np.testing.assert_array_equal(np.asarray(d.vocab_ids), [1, 2])  # seen first, then saved
+  fresh = make(cfg, reduced_vocab=2)  # default vocabulary: the lowest ids, as before
+  tr = et.trainer(fresh)
+  tr.observe_tokens(np.array([[3, 3]]), np.array([[0, 1]]))
+  np.testing.assert_array_equal(np.asarray(fresh.vocab_ids), [0, 3])
+
+
 # ----------------------------------------------------------------------------- training
 
 

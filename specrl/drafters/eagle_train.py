@@ -323,6 +323,11 @@ class HeadTrainer:
     self.optimizer = make_optimizer(drafter.ecfg)
     self.hstate = init_head_state(drafter.head_params, self.optimizer)
     self.counts = np.zeros(drafter.model_cfg.vocab_size, np.float64)
+    if drafter.vocab_ids is not None:  # e.g. a loaded head's: it seeds the counts, or the
+      # first rollout's few hundred ids plus the lowest unseen ids would replace it at once.
+      # Half a count: any token a rollout emits still ranks first (a fresh head's default
+      # vocabulary, the lowest ids, fills the rest exactly as zero counts would).
+      self.counts[np.asarray(drafter.vocab_ids)] = 0.5
     self.warmed = False
     self.spot: eagle_spot.SpotScheduler | None = None  # mode 'spot': attach_spot
 
