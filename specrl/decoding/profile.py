@@ -19,6 +19,7 @@ from specrl import model as model_lib
 from specrl import sampling
 from specrl import sharding as shd
 from specrl.decoding.spec_math import CostProfile
+from specrl.decoding.steps import loop_params_jit
 from specrl.drafters import hooks
 
 
@@ -164,15 +165,13 @@ def measure_profile(
   proposal length timed (default ``min(k_ref, 2)``: two points pin the linear proposal cost
   down cheaply for the adaptive engine; a benchmark reporting c at k passes ``k_ref``, so
   c is measured at k, not extrapolated). ``unroll_layers`` (default: on the CPU backend,
-  as :func:`specrl.decoding.steps.decode`): time the policy's forwards over per-layer
+  :func:`specrl.decoding.steps.loop_params`): time the policy's forwards over per-layer
   weights sliced once (:func:`specrl.model.unstack_layers`), the layout the decode loop
   runs. Why it matters: over stacked layers a CPU step costs ~1.4x more (SmolLM2-135M, B = 1:
   44 vs 31 ms) while a k + 1 token pass costs the same, so v came out ~1.15 where a
   rollout's round measures 1.8-1.9 and the cost model speculated where it loses."""
   pos0 = buffer_len // 2 if pos0 is None else pos0
-  if unroll_layers is None:
-    unroll_layers = jax.default_backend() == 'cpu'
-  fwd_params = jax.jit(model_lib.unstack_layers)(params) if unroll_layers else params
+  fwd_params = loop_params_jit(params, unroll_layers)
 
   def timed(fn, fixed, carried):
     return median_seconds(LoopTimer(fn, fixed, carried, reps), iters=iters) / reps
