@@ -92,6 +92,18 @@ def test_no_match_is_not_drafted_and_extension_stops_where_the_match_ends():
   np.testing.assert_array_equal(out[2], [-1, -1, -1])  # "5 6": no n_min match
 
 
+def test_a_row_beyond_max_group_still_sees_its_own_text():
+  # G = 24 rows in one group, max_group = 16: rows 16..23 are not among the first 16
+  d = SuffixDrafter(VOCAB, n_min=2, n_max=4, max_group=16)
+  own = [5, 6, 7, 8, 5, 6]  # its own earlier "5 6" continues with 7 8
+  texts = [[1, 2]] * 16 + [[3, 4]] * 7 + [own]
+  out = _propose(d, texts, [0] * 24, k=2)
+  np.testing.assert_array_equal(out[23], [7, 8])
+  np.testing.assert_array_equal(out[0], [-1, -1])  # rows inside the first 16 unchanged
+  # the same row with the group small enough: identical proposal
+  np.testing.assert_array_equal(_propose(d, [own], [0], k=2)[0], [7, 8])
+
+
 def test_a_finished_compacted_away_sibling_stays_visible():
   d = SuffixDrafter(VOCAB, n_min=2, n_max=4)
   texts = [[5, 6, 7], [1, 5, 6, 7, 8, 9, 10], [3, 3]]

@@ -106,10 +106,15 @@ def suffix_next(window, wlen, corpora, n_min: int, vocab: int):
   return jnp.where(found, token, NO_TOKEN).astype(jnp.int32), found, best
 
 
-def group_members(groups: jax.Array, gid: jax.Array, size: int):
+def group_members(groups: jax.Array, gid: jax.Array, size: int, own: jax.Array | None = None):
   """The rows of each query row's group: ``(member int32 [B, size], valid bool [B, size])``,
   the first ``size`` rows (by row index) with ``groups[r] == gid[b]``. groups [R], gid [B].
-  A stable sort of the group ids and a binary search: ``O(R log R)``, no ``[B, R]`` mask."""
+  A stable sort of the group ids and a binary search: ``O(R log R)``, no ``[B, R]`` mask.
+
+  ``own`` (int32 [B], optional): each query row's own row index. A group larger than
+  ``size`` would leave a row past the first ``size`` without its own text, so where ``own``
+  is not among the first ``size`` it takes the last slot (an ``own >= R``, a padding row,
+  never does)."""
   r = groups.shape[0]
   order = jnp.argsort(groups, stable=True)
   sorted_groups = groups[order]
@@ -117,7 +122,13 @@ def group_members(groups: jax.Array, gid: jax.Array, size: int):
   idx = start[:, None] + jnp.arange(size)[None, :]
   at = jnp.minimum(idx, r - 1)
   valid = (idx < r) & (sorted_groups[at] == gid[:, None])
-  return order[at].astype(jnp.int32), valid
+  member = order[at].astype(jnp.int32)
+  if own is not None:
+    own = own.astype(jnp.int32)
+    missing = ~jnp.any(valid & (member == own[:, None]), axis=1) & (own < r)
+    member = member.at[:, -1].set(jnp.where(missing, own, member[:, -1]))
+    valid = valid.at[:, -1].set(valid[:, -1] | missing)
+  return member, valid
 
 
 class HistoryStore:
@@ -172,7 +183,8 @@ class HistoryStore:
 class SuffixDrafter:
   """``suffix``: see the module docstring. ``history`` answers per prompt id (0 = siblings
   only), at most ``history_prompts`` prompt ids stored; each row drafts from at most
-  ``max_group`` rows of its group (the first by row index; GRPO's G, itself included)."""
+  ``max_group`` rows of its group (the first by row index, GRPO's G; a row beyond them
+  takes the last slot, so every row always sees its own text)."""
 
   name = 'suffix'
   derived = False  # model-free; its "params" are the history arrays (or None)
@@ -262,7 +274,7 @@ class SuffixDrafter:
       shared = {'tokens': text, 'end': pos, 'group': seq_id}
     else:
       seq_id, gid, shared = ctx.seq_id, ctx.group_ids, ctx.shared
-    member, valid = group_members(shared['group'], gid, self.max_group)  # [B, G]
+    member, valid = group_members(shared['group'], gid, self.max_group, own=seq_id)  # [B, G]
     rows, s = shared['tokens'].shape
     j = jnp.arange(s, dtype=jnp.int32)[None, None, :]
     ok = valid[:, :, None] & (j < shared['end'][member][:, :, None])  # next token committed
