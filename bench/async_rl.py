@@ -142,7 +142,7 @@ def main():
   state = train.init_state(exps[v0])
   sh = jax.tree.map(lambda x: x.sharding, state)
   for v in variants:
-    fns[v] = train._jitted_steps(exps[v], sh)
+    fns[v] = train.jitted_steps(exps[v], sh)
   for step in range(args.sft_steps):  # the shared warm-up
     state, _ = train.run_step(exps[v0], state, step, fns[v0])
   for v in variants:

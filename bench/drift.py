@@ -54,7 +54,7 @@ def main(_):
   exp = train.build_experiment(c)
   rows = []
   state = train.init_state(exp)
-  fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+  fns = train.jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
   for step in range(c.sft.steps):
     state, _ = train.run_step(exp, state, step, fns)
   derive = jax.jit(exp.drafter.params_from_policy)

@@ -47,7 +47,7 @@ def tiny(args, res):
   c.sft.steps = args.sft_steps or (40 if args.quick else c.sft.steps)
   exp = train.build_experiment(c)
   state = train.init_state(exp)
-  fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+  fns = train.jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
   t0 = time.perf_counter()
   for step in range(c.sft.steps):
     state, _ = train.run_step(exp, state, step, fns)

@@ -92,7 +92,7 @@ def main():
   head = et.trainer(exp.drafter)
   state = train.init_state(exp)
   state = state.replace(drafter=jax.device_put(head.hstate, shd.replicated(exp.mesh)))
-  fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+  fns = train.jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
 
   qc = copy.deepcopy(c)
   qc.rollout.drafter = 'quantized'

@@ -110,7 +110,7 @@ def main(argv=None):
       start = warm.replace(drafter=init.drafter)
     sh = jax.tree.map(lambda x: x.sharding, init)
     states[v] = jax.device_put(jax.tree.map(jnp.copy, start), sh)  # steps donate theirs
-    fns[v] = train._jitted_steps(exps[v], sh)
+    fns[v] = train.jitted_steps(exps[v], sh)
     pipes[v] = train.make_pipeline(exps[v])
   info = common.device_info()
   print(

@@ -7,6 +7,8 @@ python main.py --config=configs/default.py --workdir=/tmp/q --config.rollout.dra
 
 import ml_collections
 
+from specrl.drafters import registry
+
 
 def get_config(arg: str | None = None):
   c = ml_collections.ConfigDict()
@@ -63,7 +65,7 @@ def get_config(arg: str | None = None):
       top_p=1.0,
       max_new_tokens=0,  # 0 = the task's longest answer
       cache_len=0,
-      drafter='none',  # none | self | small_model | ngram | suffix | quantized | eagle
+      drafter='none',  # 'none' or a registered drafter: specrl.drafters.registry.names()
       # k of the static engine; 0 = the mode's default (4 with a drafter, 0 without). The
       # adaptive engine takes its draft lengths from adaptive.arms instead.
       num_draft=0,
@@ -72,79 +74,11 @@ def get_config(arg: str | None = None):
     )
   )
 
-  # Per-drafter options, one section per drafter (rollout.drafter picks which is used).
-  c.drafter = ml_collections.ConfigDict(
-    dict(
-      ngram=ml_collections.ConfigDict(dict(n=2)),  # match length of the lookup
-      # group-sibling suffix lookup (specrl.drafters.suffix)
-      suffix=ml_collections.ConfigDict(
-        dict(
-          n_min=2,  # shortest suffix match that is drafted from (shorter: row not drafted)
-          n_max=8,  # longest suffix matched
-          history=0,  # earlier answers kept per prompt id and drafted from (0 = siblings only)
-          history_prompts=4096,  # at most this many prompt ids in the history store
-          max_group=16,  # rows of a group drafted from (>= rl.num_generations to see all)
-          fallback='',  # '' | quantized: drafter of rows without a match (drafter.quantized)
-        )
-      ),
-      small_model=ml_collections.ConfigDict(
-        dict(
-          # architecture overrides of the policy's model section (vocab must match)
-          model=ml_collections.ConfigDict(
-            dict(d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128)
-          ),
-          checkpoint='',  # HF checkpoint directory; '' = random init from the drafter stream
-        )
-      ),
-      # the quantized self-drafter: every field of specrl.quant.QuantConfig, plus share_kv
-      quantized=ml_collections.ConfigDict(
-        dict(
-          bits=8,  # 8 | 4
-          group_size=0,  # 0 = auto (int4: largest divisor of each K <= 128; int8: per channel)
-          backend='jnp',  # jnp | aqt | qwix
-          quantize_embeddings=False,
-          quantize_lm_head=False,
-          act_bits=0,  # 0 = weight-only | 8
-          fp8='',  # '' | e4m3
-          scale_dtype='float32',
-          share_kv=False,  # read the policy's KV cache instead of keeping a second one
-        )
-      ),
-      # EAGLE-style head on the policy's hidden states: every field of
-      # specrl.drafters.eagle.EagleConfig
-      eagle=ml_collections.ConfigDict(
-        dict(
-          n_layers=1,  # decoder layers of the head
-          reduced_vocab=0,  # N > 0: draft over the N most frequent tokens (0 = all)
-          # frozen | cotrain (fused into the GRPO step) | spot (TLT: updates in the rollout's
-          # long tail on a buffer of recent GRPO steps' hidden states; eagle_spot.py)
-          mode='frozen',
-          lr=1e-3,
-          lr_warmup=20,  # head updates of linear lr warm-up
-          weight_decay=0.0,
-          grad_clip=1.0,
-          hidden_weight=0.5,  # SmoothL1(h_hat, h) weight
-          ce_weight=0.5,  # soft CE against the policy's next-token distribution
-          catchup_chunk=32,  # positions per catch-up pass (prompt, plain phases)
-          warmup_steps=0,  # head updates on the policy's generations before RL
-          warmup_budget_s=600.0,  # wall-clock cap of that warm-up
-          target_topk=64,  # warm-up CE against the policy's top-k, cached per batch (0 = full)
-          # spot mode: the last spot_buffer_steps GRPO steps' (hidden, tokens, mask) stay on
-          # device (in TrainState.drafter, so checkpointed); head updates on random
-          # minibatches of it run once the adaptive engine has compacted to a bucket
-          # <= spot_bucket (the static engine: right after the rollout), until
-          # spot_budget_s seconds or spot_max_updates updates (0 = budget only) per RL step.
-          # On one device that time is added to the step (train/time/head_spot_s).
-          spot_buffer_steps=4,
-          spot_bucket=4,
-          spot_budget_s=5.0,
-          spot_max_updates=0,
-          spot_minibatch=0,  # rows per update from one buffered step (0 = all of them)
-          head_path='',  # a head file (eagle.save_head, e.g. after a warm-up); '' = fresh
-        )
-      ),
-    )
-  )
+  # Per-drafter options, one section per registered drafter (rollout.drafter picks which
+  # is used; each section's fields are documented in specrl/drafters/registry.py and the
+  # drafter's module). The sections come from the registry, so a drafter registered by a
+  # notebook or test has its own here too.
+  c.drafter = registry.default_sections()
 
   # Adaptive long-tail rollout (specrl/adaptive): compaction into power-of-two buckets
   # and a per-phase choice between plain and speculative decoding. Every AdaptiveConfig

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +100,7 @@ def _from_saveable(state: TrainState) -> TrainState:
   return state.replace(rng=jax.random.wrap_key_data(state.rng))
 
 
+@runtime_checkable
 class HostState(Protocol):
   """Host-side state that must survive a restart (see the module docstring)."""
 

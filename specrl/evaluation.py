@@ -11,7 +11,7 @@ and the notebook.
 - with ``eval.greedy``, one greedy (temperature 0) decode per prompt: greedy accuracy.
 
 Deterministic for fixed params: sampled chunk ``i`` uses ``fold_in(rng, i)`` of the eval
-stream (:class:`specrl.train.RngStreams`), never a training key, and the adaptive engine's
+stream (:class:`specrl.rng_streams.RngStreams`), never a training key, and the adaptive engine's
 learned state is restored afterwards, so evaluating changes nothing in training. Timing
 keys (``eval/time_s``, ``eval/tokens_per_s``) are the only ones that vary between calls.
 
@@ -165,7 +165,7 @@ class Evaluator:
 
   @classmethod
   def from_experiment(cls, exp) -> Evaluator:
-    """From a :class:`specrl.train.Experiment`: its task, rollout engine, eval RNG stream
+    """From a :class:`specrl.experiment.Experiment`: its task, rollout engine, eval RNG stream
     and ``config.eval``; the greedy engine is a plain engine at temperature 0."""
     cfg = eval_config(exp.config)
     greedy = None

@@ -57,7 +57,7 @@ ADAPTIVE_CASES = (
 def run(mesh, drafter):
   exp = train.build_experiment(config(drafter), mesh)
   state = train.init_state(exp)
-  fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+  fns = train.jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
   state, _ = train.run_step(exp, state, 0, fns)  # one warm-up step
   batch, rewards, out, _ = train.rollout_batch(exp, state.params, 10, state.rng)
   state, m, _ = fns[1](state, batch)

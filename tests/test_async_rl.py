@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from specrl import async_rl, checkpointing, train
+from specrl import async_rl, checkpointing, rng_streams, train
 from specrl import rl as rl_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -145,11 +145,13 @@ def test_staleness_zero_is_the_synchronous_loop_bit_for_bit(tmp_path):
   c.rollout.drafter, c.rollout.num_draft = 'quantized', 2
   exp = train.build_experiment(c)
   state = train.init_state(exp)
-  fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+  fns = train.jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
   draft, rewards = None, []
   for step in range(c.sft.steps + c.rl.steps):
     if step < c.sft.steps:
-      toks, mask = exp.task.sample_sft(train.data_rng(c.seed, step), 8, exp.rollout_cfg.seq_len)
+      toks, mask = exp.task.sample_sft(
+        rng_streams.data_rng(c.seed, step), 8, exp.rollout_cfg.seq_len
+      )
       state, _ = fns[0](state, toks, mask)
       draft = None
     else:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from specrl import adaptive, evaluation, quant, sampling, train
+from specrl import adaptive, evaluation, quant, run_config, sampling, train
 from specrl import config as config_lib
 from specrl import model as model_lib
 from specrl import rl as rl_lib
@@ -27,8 +27,8 @@ def _defaults(cls):
     (rl_lib.RLConfig, 'rl', ('temperature',)),
     (sampling.SamplingParams, 'rollout', ()),
     # max_new_tokens: 0 in the config means the task's longest answer (resolved by train)
-    (rollout_lib.RolloutConfig, 'rollout', (*train.ROLLOUT_DERIVED, 'max_new_tokens')),
-    (adaptive.AdaptiveConfig, 'adaptive', train.ADAPTIVE_NOT_IN_SECTION),
+    (rollout_lib.RolloutConfig, 'rollout', (*run_config.ROLLOUT_DERIVED, 'max_new_tokens')),
+    (adaptive.AdaptiveConfig, 'adaptive', run_config.ADAPTIVE_NOT_IN_SECTION),
     (evaluation.EvalConfig, 'eval', ()),
   ],
 )
@@ -125,7 +125,7 @@ def test_every_adaptive_and_quant_field_reaches_the_dataclass():
   'drafter,adaptive_on,num_draft,expect',
   [
     ('none', False, 0, 0),
-    ('ngram', False, 0, train.DEFAULT_NUM_DRAFT),
+    ('ngram', False, 0, run_config.DEFAULT_NUM_DRAFT),
     ('ngram', False, 2, 2),
     ('ngram', True, 0, 0),  # the adaptive engine's k comes from adaptive.arms
     ('none', False, 3, 'rollout.drafter'),

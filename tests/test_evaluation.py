@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from specrl import evaluation, metrics_io, progress, report, tasks, train
+from specrl import evaluation, metrics_io, progress, report, rng_streams, tasks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,10 +33,10 @@ def test_heldout_prompts_never_occur_in_the_training_stream():
   for step in range(400):  # RL prompts and warm-up prompts of 400 steps
     pb = task.prompts_for_step(c.seed, step, 32)
     seen |= _prompt_texts(task, pb.tokens, pb.lengths)
-    toks, mask = task.sample_sft(train.data_rng(c.seed, step), 16, 40)
+    toks, mask = task.sample_sft(rng_streams.data_rng(c.seed, step), 16, 40)
     plen = np.argmax(mask > 0, axis=1)
     seen |= _prompt_texts(task, toks, plen)
-    rng = train.data_rng(c.seed, step)  # the same draws without the split
+    rng = rng_streams.data_rng(c.seed, step)  # the same draws without the split
     unsplit |= {task._prompt_text(task._problem(rng)) for _ in range(32)}
   assert not seen & held_text
   assert unsplit & held_text, 'the check has no power: held-out prompts never come up'

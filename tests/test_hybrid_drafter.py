@@ -211,12 +211,12 @@ def test_grpo_steps_derive_the_fallback_and_add_the_history():
   c.rollout.drafter, c.rollout.num_draft = 'suffix', 2
   c.drafter.suffix.update(fallback='quantized', history=2)
   exp = train.build_experiment(c)
-  assert train.derives_draft_params(exp)
+  assert hooks.derives_in_train_step(exp.drafter)
   seen = []
   history_params = exp.drafter.history_params
   exp.drafter.history_params = lambda *a: seen.append(history_params(*a)) or seen[-1]
   state = train.init_state(exp)
-  fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+  fns = train.jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
   batch, _, _, m = train.rollout_batch(exp, state.params, 0, state.rng)  # derived here
   assert m['spec/history_bytes'] > 0 and 'spec/alpha' in m
   state, _, draft = fns[1](state, batch)  # the next rollout's fallback, from the new params

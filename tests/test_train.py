@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from specrl import checkpointing, train
+from specrl import checkpointing, rng_streams, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,7 +110,7 @@ def test_quantized_drafter_is_derived_from_the_new_params_inside_the_step():
   c.rollout.num_draft = 2
   exp = train.build_experiment(c)
   state = train.init_state(exp)
-  fns = train._jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+  fns = train.jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
   old = jax.device_get(state.params)
   batch, _, _, m = train.rollout_batch(exp, state.params, 5, state.rng)
   assert 'spec/alpha' in m
@@ -144,7 +144,7 @@ def test_rng_streams_are_independent():
   exp = train.build_experiment(c)
   state = train.init_state(exp)
   step = 5
-  r = train.rollout_key(exp, step)
+  r = rng_streams.rollout_key(exp.rngs, step)
   # the keys the rollout derives: prefill's split, then per-round fold_in(rng, round)
   rng, sub = jax.random.split(r)
   rollout_keys = {_key_bytes(k) for k in (r, rng, sub)}
@@ -158,7 +158,7 @@ def test_rng_streams_are_independent():
   assert not {_key_bytes(jax.random.fold_in(r, e)) for e in range(4)} & train_keys
   eval_key = jax.random.fold_in(exp.rngs.eval, step)
   assert _key_bytes(eval_key) not in rollout_keys | train_keys
-  streams = [_key_bytes(getattr(exp.rngs, n)) for n in train.STREAMS]
+  streams = [_key_bytes(getattr(exp.rngs, n)) for n in rng_streams.STREAMS]
   assert len(set(streams)) == len(streams)
   assert _key_bytes(state.rng) == _key_bytes(exp.rngs.train)
 

@@ -16,38 +16,38 @@
   :mod:`specrl.drafters.eagle`).
 
 Each drafter reads only its own section ``config.drafter.<name>``; the sections of the
-other drafters are ignored. See :mod:`specrl.drafters.base` for the protocol.
+other drafters are ignored. The list of drafters, their factories and config sections is
+:mod:`specrl.drafters.registry`; what each can do is declared through the protocol
+(:mod:`specrl.drafters.base`, :mod:`specrl.drafters.hooks`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 
-from specrl import config as config_lib
 from specrl import model as model_lib
 from specrl import sharding as shd
-from specrl.checkpoints import hf
-from specrl.drafters import eagle, hybrid, quantized
+from specrl.drafters import registry
 from specrl.drafters.base import Drafter
 from specrl.drafters.hybrid import HybridSuffixDrafter
 from specrl.drafters.model_drafter import ModelDrafter
 from specrl.drafters.ngram import NgramDrafter
+from specrl.drafters.registry import make_drafter
 from specrl.drafters.suffix import SuffixDrafter
 
-DRAFTERS = ('none', 'self', 'small_model', 'ngram', 'suffix', 'quantized', 'eagle')
-
 __all__ = [
-  'DRAFTERS',
   'Drafter',
   'HybridSuffixDrafter',
   'ModelDrafter',
   'NgramDrafter',
   'SuffixDrafter',
   'make_drafter',
+  'names',
   'place_draft_params',
+  'registry',
 ]
+
+names = registry.names  # every accepted rollout.drafter value, 'none' included
 
 
 def place_draft_params(drafter, draft_params, mesh):
@@ -79,79 +79,3 @@ def place_draft_params(drafter, draft_params, mesh):
   # suffix drafter's history arrays, made on the host) are replicated
   rep = shd.replicated(mesh)
   return jax.tree.map(lambda x: x if placed(x) else jax.device_put(x, rep), draft_params)
-
-
-def _small_model(section, model_cfg: model_lib.ModelConfig, rng) -> ModelDrafter:
-  config_lib.check_keys(section, 'drafter.small_model', ('model', 'checkpoint'))
-  if section.checkpoint:
-    dcfg, dparams = hf.load_hf_checkpoint(section.checkpoint)
-  else:
-    overrides = config_lib.section_dict(section.model)
-    config_lib.check_keys(
-      overrides, 'drafter.small_model.model', config_lib.init_field_names(model_lib.ModelConfig)
-    )
-    dcfg = dataclasses.replace(model_cfg, **overrides)
-    dparams = model_lib.init_params(dcfg, rng)
-  if dcfg.vocab_size != model_cfg.vocab_size:
-    raise ValueError(
-      f'drafter vocab_size {dcfg.vocab_size} != policy vocab_size '
-      f'{model_cfg.vocab_size}: a drafter must share the tokenizer'
-    )
-  return ModelDrafter('small_model', dcfg, own_params=dparams)
-
-
-SUFFIX_KEYS = ('n_min', 'n_max', 'history', 'history_prompts', 'max_group', 'fallback')
-
-
-def _suffix(config, model_cfg: model_lib.ModelConfig):
-  """``suffix``, or the hybrid with ``drafter.suffix.fallback`` (one of ``FALLBACKS``;
-  the fallback reads its own section, e.g. ``drafter.quantized``)."""
-  section = config.drafter.suffix
-  config_lib.check_keys(section, 'drafter.suffix', SUFFIX_KEYS)
-  if section.fallback and section.fallback not in hybrid.FALLBACKS:
-    raise ValueError(
-      f'drafter.suffix.fallback={section.fallback!r}: must be one of '
-      f"{('',) + hybrid.FALLBACKS} ('' = no fallback)"
-    )
-  suffix = SuffixDrafter(
-    model_cfg.vocab_size,
-    n_min=section.n_min,
-    n_max=section.n_max,
-    history=section.history,
-    history_prompts=section.history_prompts,
-    max_group=section.max_group,
-  )
-  if not section.fallback:
-    return suffix
-  fallback = quantized.make_quantized_drafter(config.drafter.quantized, model_cfg)
-  return hybrid.HybridSuffixDrafter(suffix, fallback)
-
-
-def make_drafter(config, model_cfg: model_lib.ModelConfig, rng=None):
-  """Drafter named by ``config.rollout.drafter`` (None for 'none').
-
-  ``rng``: the drafter RNG stream (initialises a ``small_model`` without a checkpoint);
-  defaults to ``jax.random.key(config.seed)``.
-  """
-  name = config.rollout.drafter
-  if name not in DRAFTERS:
-    raise ValueError(f'config.rollout.drafter must be one of {DRAFTERS}, got {name!r}')
-  config_lib.check_keys(
-    config.drafter, 'drafter', ('ngram', 'suffix', 'small_model', 'quantized', 'eagle')
-  )
-  if name == 'none':
-    return None
-  if name == 'self':
-    return ModelDrafter('self', model_cfg, derive=lambda p: p)
-  if name == 'ngram':
-    config_lib.check_keys(config.drafter.ngram, 'drafter.ngram', ('n',))
-    return NgramDrafter(model_cfg.vocab_size, config.drafter.ngram.n)
-  if name == 'suffix':
-    return _suffix(config, model_cfg)
-  if name == 'small_model':
-    rng = jax.random.key(config.seed) if rng is None else rng
-    return _small_model(config.drafter.small_model, model_cfg, rng)
-  if name == 'eagle':
-    rng = jax.random.key(config.seed) if rng is None else rng
-    return eagle.make_eagle_drafter(config.drafter.eagle, model_cfg, rng)
-  return quantized.make_quantized_drafter(config.drafter.quantized, model_cfg)

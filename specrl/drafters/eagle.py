@@ -273,6 +273,13 @@ class EagleDrafter:
   def params_from_policy(self, policy_params):
     return draft_params(policy_params, self.head_params, self.vocab_ids)
 
+  def make_trainer(self, exp):
+    """The head's trainer in a run (:class:`specrl.drafters.eagle_train.HeadTrainer`, the
+    same one every call): the train loop's :class:`~specrl.drafters.hooks.DrafterTrainer`."""
+    from specrl.drafters import eagle_train  # it imports this module
+
+    return eagle_train.trainer(self, exp)
+
   def state_logical_axes(self):
     return {'cache': model_lib.cache_logical_axes(), 'fed': ('batch',)}
 

@@ -317,6 +317,7 @@ class HeadTrainer:
   the checkpoint host state (:class:`specrl.checkpointing.HostState`): small."""
 
   COUNT_DECAY = 0.9  # per GRPO step: the reduced vocabulary follows recent rollouts
+  name = 'eagle_head'  # its host state's item in checkpoints
 
   def __init__(self, drafter: eagle.EagleDrafter):
     self.drafter = drafter
@@ -384,6 +385,17 @@ class HeadTrainer:
   def set_state(self, hstate: HeadState) -> None:
     self.hstate = hstate
     self.drafter.head_params = hstate.params
+
+  # -- the train loop's DrafterTrainer protocol (specrl.drafters.hooks)
+
+  def init_state(self, mesh) -> HeadState:
+    return self.placed(mesh)
+
+  def wrap_grpo(self, exp, step_fn, grpo, state_sh, batch_sh):
+    return wrap_grpo(exp, step_fn, grpo, state_sh, batch_sh)
+
+  def after_step(self, state) -> None:
+    self.set_state(state.drafter)  # the step donated the old head arrays
 
   def before_step(self, exp, state, step: int):
     """The warm-up, once, at the first GRPO step (after SFT): ``warmup_steps`` head updates
@@ -453,7 +465,7 @@ class HeadTrainer:
 
 def trainer(drafter, exp=None) -> HeadTrainer | None:
   """The drafter's :class:`HeadTrainer` (made on first use); None for other drafters.
-  With ``exp`` (the run's :class:`specrl.train.Experiment`) in mode ``spot``: with its
+  With ``exp`` (the run's :class:`specrl.experiment.Experiment`) in mode ``spot``: with its
   buffer and scheduler attached (:meth:`HeadTrainer.attach_spot`)."""
   if not isinstance(drafter, eagle.EagleDrafter):
     return None

@@ -17,6 +17,12 @@ work). See :mod:`specrl.drafters.base` for the contract of each part:
 - ``observe(draft_params, shared, tokens, pos_before, pos_after, seq_id, group_ids,
   prompt_ids) -> shared``: called after every commit, plain steps included.
 
+Train-time parts, asked by the train loop (end of this module): ``derive_in_train_step``
+(draft params re-derived inside the jitted GRPO step), :class:`PromptHistory` (drafts from
+earlier answers), ``host_state`` / ``load_host_state`` (host state in checkpoints:
+:class:`specrl.checkpointing.HostState`) and
+:class:`TrainsOnline` (a :class:`DrafterTrainer` with device state in ``TrainState.drafter``).
+
 The helpers take the decode-loop state duck-typed (fields ``pos``, ``tokens``, ``seq_id``,
 ``group_ids``, ``prompt_ids``, ``draft_shared``, ``hidden``, ``hidden_from``), so this
 module imports nothing from :mod:`specrl.decoding` (no import circle).
@@ -24,7 +30,7 @@ module imports nothing from :mod:`specrl.decoding` (no import circle).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import flax
 import jax
@@ -200,3 +206,73 @@ def after_commit(drafter, draft_params, state, pos_before: jax.Array, hidden: li
   if hidden:
     state = record_hidden(state, hidden[0], pos_before)
   return observe(drafter, draft_params, state, pos_before)
+
+
+# ------------------------------------------------------------------- train-time capabilities
+# What the train loop may ask of a drafter. Declared by the drafter (an attribute, or the
+# methods of a protocol below), never recognised by its name.
+
+
+def derives_in_train_step(drafter) -> bool:
+  """``derive_in_train_step = True``: the next rollout's draft params are a function of
+  the policy's (``params_from_policy``) computed inside the jitted GRPO step from the new
+  params, so the drafter never drifts (the quantized copy; the hybrid with a quantized
+  fallback). ``derived`` alone (``self``) only says the params come from the policy: the
+  engines derive those themselves, nothing is computed in the train step."""
+  return drafter is not None and bool(getattr(drafter, 'derive_in_train_step', False))
+
+
+@runtime_checkable
+class PromptHistory(Protocol):
+  """Drafts from earlier answers to the same prompt id (``suffix`` with ``history``)."""
+
+  def history_params(self, prompt_ids, width: int, draft_params=None):
+    """The rollout's draft params with the stored answers of rows ``prompt_ids [B]``."""
+
+  def record(self, prompt_ids, responses, lengths) -> None:
+    """Store a rollout's answers ``responses [B, N]`` (first ``lengths [B]`` tokens)."""
+
+  def memory_bytes(self) -> int:
+    """Bytes held (logged as ``spec/history_bytes``)."""
+
+
+@runtime_checkable
+class DrafterTrainer(Protocol):
+  """Trains a drafter alongside the policy (the eagle head's :class:`HeadTrainer`).
+
+  Its device state lives in ``TrainState.drafter`` (saved and restored by orbax with the
+  train state); host state, if it also has :class:`specrl.checkpointing.HostState`'s
+  methods, is saved under ``name``.
+  The loop calls, in this order: :meth:`init_state` once, before any restore;
+  :meth:`wrap_grpo` once, when the jitted steps are built; every step :meth:`before_step`,
+  the (wrapped) GRPO step, then :meth:`after_step` with the new state.
+  """
+
+  name: str  # the host state's item name in checkpoints
+
+  def init_state(self, mesh) -> Any:
+    """The initial ``TrainState.drafter`` pytree, placed on ``mesh``."""
+
+  def before_step(self, exp, state, step: int):
+    """Work before loop step ``step`` (e.g. a warm-up); returns the train state."""
+
+  def wrap_grpo(self, exp, step_fn, grpo, state_sh, batch_sh):
+    """The GRPO function with the drafter's update in it: ``fn(state, batch) -> (state,
+    metrics, draft_params)``, like ``grpo``; ``step_fn`` is the unjitted GRPO step."""
+
+  def after_step(self, state) -> None:
+    """Follow the state after a step (the step donated the previous drafter arrays)."""
+
+
+@runtime_checkable
+class TrainsOnline(Protocol):
+  """A drafter with a :class:`DrafterTrainer`."""
+
+  def make_trainer(self, exp) -> DrafterTrainer | None:
+    """The run's trainer (the same object for the same drafter), or None (e.g. a mode
+    that does not train)."""
+
+
+def make_trainer(drafter, exp) -> DrafterTrainer | None:
+  """``drafter``'s trainer for the run ``exp``, or None."""
+  return drafter.make_trainer(exp) if isinstance(drafter, TrainsOnline) else None

@@ -59,6 +59,10 @@ class HybridSuffixDrafter:
   def derived(self) -> bool:
     return self.fallback.derived
 
+  @property
+  def derive_in_train_step(self) -> bool:
+    return bool(getattr(self.fallback, 'derive_in_train_step', False))
+
   # -- params and history (host side)
 
   def params_from_policy(self, policy_params):

@@ -38,10 +38,13 @@ class ModelDrafter:
     own_params=None,
     derive=None,
     share_kv: bool = False,
+    derive_in_train_step: bool = False,
   ):
     self.name, self.cfg = name, cfg
     self.own_params, self.derive = own_params, derive
     self.share_kv = share_kv
+    # the next rollout's params come out of the jitted GRPO step (hooks.derives_in_train_step)
+    self.derive_in_train_step = derive_in_train_step and derive is not None
 
   @property
   def derived(self) -> bool:

@@ -1,10 +1,11 @@
 """The self-speculative quantized drafter: an int8/int4 copy of the *live* policy.
 
 ``draft_params = quantize_params(policy_params)`` is a pure function of the policy
-params, evaluated inside the jitted step that produces the next rollout's params (see
-:func:`specrl.train.derives_draft_params`), so the drafter never drifts from the policy,
-needs no training, and is never checkpointed. The drafter runs the *same* model code
-(:func:`specrl.model.forward`): quantized leaves carry their own ``qeinsum``.
+params, evaluated inside the jitted step that produces the next rollout's params
+(``derive_in_train_step``: :func:`specrl.drafters.hooks.derives_in_train_step`), so the
+drafter never drifts from the policy, needs no training, and is never checkpointed. The
+drafter runs the *same* model code (:func:`specrl.model.forward`): quantized leaves carry
+their own ``qeinsum``.
 
 Options (config ``drafter.quantized.*``): every field of :class:`specrl.quant.QuantConfig`
 (``bits`` 8|4, ``group_size`` (0 = auto: int4 takes the largest divisor <= 128 of each
@@ -53,4 +54,5 @@ def make_quantized_drafter(section, model_cfg: model_lib.ModelConfig) -> ModelDr
     model_cfg,
     derive=lambda p: quant.quantize_params(p, qcfg),
     share_kv=bool(section.get('share_kv', False)),
+    derive_in_train_step=True,
   )
