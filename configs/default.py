@@ -71,6 +71,9 @@ def get_config(arg: str | None = None):
       num_draft=0,
       verify_impl='jnp',  # jnp | pallas
       max_steps=0,  # safety cap on decode-loop iterations; 0 = derived
+      # compiled executables kept by all rollout engines of the process together (LRU;
+      # evictions are counted in the metrics as compile/evictions)
+      max_executables=64,
     )
   )
 

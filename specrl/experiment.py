@@ -21,6 +21,7 @@ from specrl import rollout as rollout_lib
 from specrl import run_config as run_config_lib
 from specrl import tasks as tasks_lib
 from specrl.checkpoints import pretrained as pretrained_lib
+from specrl.decoding import executables
 from specrl.drafters import hooks
 from specrl.rng_streams import RngStreams, rng_streams
 
@@ -62,6 +63,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment:
   """Validates the whole config up front: a bad value fails here, naming the field."""
   run_config_lib.check_run_config(config)
+  executables.CACHE.set_limit(config.rollout.max_executables)  # process-wide
   streams = rng_streams(config.seed)
   model_cfg = model_lib.ModelConfig.from_config(config.model)
   pretrained = None

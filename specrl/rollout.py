@@ -26,8 +26,8 @@ from jax.sharding import Mesh, NamedSharding
 from specrl import drafters as drafters_lib
 from specrl import model as model_lib
 from specrl import sharding as shd
+from specrl.decoding import executables, spec_math
 from specrl.decoding import profile as profile_lib
-from specrl.decoding import spec_math
 from specrl.decoding.state import (
   FINISH_CACHE,
   FINISH_EOS,
@@ -75,7 +75,8 @@ class RolloutEngine:
     self.mesh = mesh if mesh is not None else shd.make_mesh((1, 1, 1), jax.devices()[:1])
     if rcfg.num_draft and drafter is None:
       raise ValueError('rollout.num_draft > 0 needs a drafter (rollout.drafter != "none")')
-    self._fns: dict = {}
+    self._token = object()  # this engine's keys in the process-wide executable cache
+    self._costs: dict = {}  # batch -> measure_step_costs
     self.last_draft_shared = None
 
   # -- shardings
@@ -95,9 +96,13 @@ class RolloutEngine:
     return shd.tree_shardings(axes, abstract_state, self.mesh, shd.DECODE_RULES)
 
   def _compiled(self, batch: int, params, draft_params):
-    key = batch
-    if key in self._fns:
-      return self._fns[key]
+    """(prefill, decode, finalize) jitted for ``batch`` rows: one entry of three
+    executables in the process-wide LRU (:mod:`specrl.decoding.executables`)."""
+    return executables.CACHE.get(
+      (self._token, batch), lambda: self._build(batch, params, draft_params), weight=3
+    )
+
+  def _build(self, batch: int, params, draft_params):
     cfg, rcfg, mesh, drafter = self.cfg, self.rcfg, self.mesh, self.drafter
 
     def prefill_fn(params, draft_params, toks, lens, rng, group_ids, prompt_ids):
@@ -146,8 +151,7 @@ class RolloutEngine:
       decode_fn, in_shardings=(psh, dsh, st_sh), out_shardings=st_sh, donate_argnums=(2,)
     )
     finalize_j = jax.jit(lambda s: finalize(s, rcfg))
-    self._fns[key] = (prefill_j, decode_j, finalize_j)
-    return self._fns[key]
+    return prefill_j, decode_j, finalize_j
 
   def measure_step_costs(self, params, batch: int, draft_params=None) -> dict:
     """Seconds of one plain decode step (T = 1), one verify pass (T = k + 1) and one
@@ -156,9 +160,8 @@ class RolloutEngine:
     Steps run inside a ``while_loop`` can't be timed individually, so per-rollout drafter
     and verify times are estimated as (verify passes) x these costs. Cached per batch.
     """
-    key = ('costs', batch)
-    if key in self._fns:
-      return self._fns[key]
+    if batch in self._costs:
+      return self._costs[batch]
     if self.drafter is not None and draft_params is None:
       draft_params = self.drafter.params_from_policy(params)
     k = self.rcfg.num_draft if self.drafter is not None else 0
@@ -179,7 +182,7 @@ class RolloutEngine:
     if k:
       costs['verify_pass_s'] = prof.verify(k)
       costs['draft_k_s'] = prof.propose(k)
-    self._fns[key] = costs
+    self._costs[batch] = costs
     return costs
 
   def generate(
@@ -208,6 +211,7 @@ class RolloutEngine:
     out = jax.block_until_ready(out)
     dt = time.perf_counter() - t0
     metrics = rollout_metrics(out, dt)
+    metrics.update(executables.CACHE.metrics())
     if estimate_costs and self.rcfg.num_draft:
       costs = self.measure_step_costs(params, b, draft_params)
       passes = int(np.asarray(out.num_rounds).max())

@@ -16,6 +16,7 @@ from specrl import config as config_lib
 from specrl import rl as rl_lib
 from specrl import rollout as rollout_lib
 from specrl import tasks as tasks_lib
+from specrl.decoding import executables
 
 TOP_LEVEL_KEYS = (
   'seed', 'model', 'task', 'rollout', 'drafter', 'adaptive', 'sft', 'rl', 'mesh_shape',
@@ -28,7 +29,7 @@ RL_LOOP_KEYS = (
   'steps', 'num_prompts', 'lr', 'warmup_steps', 'weight_decay', 'grad_clip', 'async_staleness',
 )  # fmt: skip
 # rollout section keys that are not RolloutConfig fields
-ROLLOUT_OTHER_KEYS = ('drafter', 'temperature', 'top_k', 'top_p')
+ROLLOUT_OTHER_KEYS = ('drafter', 'temperature', 'top_k', 'top_p', 'max_executables')
 DEFAULT_NUM_DRAFT = 4  # the static engine's k with a drafter when rollout.num_draft = 0
 # AdaptiveConfig fields the adaptive section does not set: seed comes from config.seed.
 ADAPTIVE_NOT_IN_SECTION = ('seed',)
@@ -58,6 +59,7 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.log_every and config.checkpoint_every must be > 0')
   faults.fault_config(config)  # train.nonfinite / max_skips
   evaluation.eval_config(config)  # the eval section (the loop builds the Evaluator)
+  executables.check_limit(config.rollout.max_executables)
 
 
 def resolve_num_draft(config: ml_collections.ConfigDict, has_drafter: bool) -> int:
@@ -90,7 +92,7 @@ def sampling_params(config: ml_collections.ConfigDict) -> sampling.SamplingParam
     sampling.SamplingParams,
     config.rollout,
     'rollout',
-    ignore=[*(set(rollout_fields) - set(ROLLOUT_DERIVED)), 'drafter'],
+    ignore=[*(set(rollout_fields) - set(ROLLOUT_DERIVED)), 'drafter', 'max_executables'],
   )
 
 

@@ -100,6 +100,7 @@ from specrl.adaptive.state_ops import (
   strip,
   widen,
 )
+from specrl.decoding import executables
 from specrl.decoding import profile as profile_lib
 from specrl.decoding.spec_math import CostProfile, optimistic_alpha
 from specrl.decoding.state import RolloutConfig, RolloutOutput, RolloutState, finalize
@@ -163,7 +164,9 @@ class AdaptiveRolloutEngine:
     )
     self._eager_draft = self._stateful and acfg.policy == 'always'
     self._prefill_len = self.buffer_len if acfg.policy == 'always' else self.narrow_len
-    self._fns: dict = _shared._fns if _shared is not None else {}
+    # compiled functions live in the process-wide LRU (decoding/executables.py) under this
+    # token, shared with the engines made by with_config
+    self._token = _shared._token if _shared is not None else object()
     self._profiles: dict = _shared._profiles if _shared is not None else {}
     self._prefill_s: dict = _shared._prefill_s if _shared is not None else {}  # batch -> s
     self.memory = Memory(alpha=acfg.alpha_prior)
@@ -243,7 +246,9 @@ class AdaptiveRolloutEngine:
     """AOT-compile ``fn`` once per ``key`` and argument shapes (compile time reported per
     bucket). States in and out use :meth:`_state_shardings`, so functions compiled apart
     (prefill, chunks, compaction, widening) pass states on without resharding."""
-    if (key := key + arg_signature(args)) not in self._fns:  # draft_shared: original batch
+    key = key + arg_signature(args)  # draft_shared: original batch
+
+    def build():
       t0 = time.perf_counter()
       out_abs = jax.eval_shape(fn, *args)
       jitted = jax.jit(
@@ -252,11 +257,13 @@ class AdaptiveRolloutEngine:
         in_shardings=self._shardings(args),
         out_shardings=self._shardings(out_abs),
       )
-      self._fns[key] = jitted.lower(*args).compile()
+      compiled = jitted.lower(*args).compile()
       dt = time.perf_counter() - t0
       report.compile_s[bucket] = report.compile_s.get(bucket, 0.0) + dt
       log.info('adaptive: compiled %s in %.2fs', key[:3], dt)
-    return self._fns[key]
+      return compiled
+
+    return executables.CACHE.get((self._token, *key), build)
 
   def _chunk_fn(self, b, strategy, args, report, has_draft):
     cfg, rcfg, drafter, mesh = self.cfg, self._wrcfg, self.drafter, self.mesh
@@ -392,9 +399,10 @@ class AdaptiveRolloutEngine:
         if dp is None and not self.drafter.derived:
           dp = self.drafter.params_from_policy(params)
         elif dp is None:
-          if ('derive',) not in self._fns:
-            self._fns[('derive',)] = jax.jit(self.drafter.params_from_policy)
-          dp = self._fns[('derive',)](params)
+          derive = executables.CACHE.get(
+            (self._token, 'derive'), lambda: jax.jit(self.drafter.params_from_policy)
+          )
+          dp = derive(params)
         derived.append(drafters_lib.place_draft_params(self.drafter, dp, self.mesh))
       return derived[0]
 
@@ -585,6 +593,7 @@ class AdaptiveRolloutEngine:
   def _metrics(self, out: RolloutOutput, seconds: float, report: AdaptiveReport) -> dict:
     m = rollout_metrics(out, seconds)
     m.update(report.metrics())
+    m.update(executables.CACHE.metrics())
     m['adaptive/alpha'] = float(self.memory.alpha)
     return m
 
