@@ -162,6 +162,7 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
   if config.log_every <= 0 or config.checkpoint_every <= 0:
     raise ValueError('config.log_every and config.checkpoint_every must be > 0')
   faults.fault_config(config)  # train.nonfinite / max_skips, validated up front
+  faults.check_fault_env()  # $SPECRL_FAULT: a typo fails here, not after the first rollout
   evaluation.eval_config(config)  # validates the eval section (the loop builds the Evaluator)
   streams = rng_streams(config.seed)
   model_cfg = model_lib.ModelConfig.from_config(config.model)
