@@ -12,7 +12,8 @@ Why this is its own module: everything here is about what happens when something
 - :func:`fault_point`: deterministic kill points for resume tests. With
   ``SPECRL_FAULT=<kind>:<step>:<phase>`` (e.g. ``step:5:after_update``,
   ``save:6:after_arrays``) the process prints one marker line to stderr and SIGKILLs itself
-  when it reaches that phase; every other call is a no-op (one env lookup).
+  when it reaches that phase; every other call is a no-op (one env lookup). A malformed value
+  fails at start-up (:func:`check_fault_env`, a one-line :class:`BadFaultSpec`).
 - Errors meant for the user, not a traceback: :class:`FatalError` (``main.py`` prints its
   one-line message and exits non-zero), with :class:`DataError` for bad input files / task
   outputs.
@@ -56,6 +57,10 @@ class DataError(FatalError, ValueError):
 
 class TrainingHalted(FatalError):
   """The non-finite guard stopped the run (the message says where and how to resume)."""
+
+
+class BadFaultSpec(FatalError, ValueError):
+  """A malformed ``$SPECRL_FAULT``; :func:`check_fault_env` raises it at start-up."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -190,14 +195,23 @@ def tree_is_finite(tree) -> bool:
 
 
 def parse_fault(spec: str) -> tuple[str, int, str]:
-  """``'save:6:after_arrays'`` -> ('save', 6, 'after_arrays'), validated."""
+  """``'save:6:after_arrays'`` -> ('save', 6, 'after_arrays'), validated (a
+  :class:`BadFaultSpec` naming the variable and the value otherwise)."""
   parts = spec.split(':')
   if len(parts) != 3 or parts[0] not in FAULT_PHASES or not parts[1].lstrip('-').isdigit():
-    raise ValueError(f'{FAULT_ENV}={spec!r}: expected <step|save>:<int>:<phase>')
+    raise BadFaultSpec(f'{FAULT_ENV}={spec!r}: expected <step|save>:<int>:<phase>')
   kind, step, phase = parts[0], int(parts[1]), parts[2]
   if phase not in FAULT_PHASES[kind]:
-    raise ValueError(f'{FAULT_ENV}={spec!r}: {kind} phases are {", ".join(FAULT_PHASES[kind])}')
+    raise BadFaultSpec(f'{FAULT_ENV}={spec!r}: {kind} phases are {", ".join(FAULT_PHASES[kind])}')
   return kind, step, phase
+
+
+def check_fault_env() -> None:
+  """Validate ``$SPECRL_FAULT`` at start-up (:func:`specrl.train.build_experiment`), so a
+  typo fails before the first rollout instead of at the first fault point."""
+  spec = os.environ.get(FAULT_ENV)
+  if spec:
+    parse_fault(spec)
 
 
 def fault_point(kind: str, step: int, phase: str) -> None:

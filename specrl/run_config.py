@@ -58,6 +58,7 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
   if config.log_every <= 0 or config.checkpoint_every <= 0:
     raise ValueError('config.log_every and config.checkpoint_every must be > 0')
   faults.fault_config(config)  # train.nonfinite / max_skips
+  faults.check_fault_env()  # $SPECRL_FAULT: a typo fails here, not after the first rollout
   evaluation.eval_config(config)  # the eval section (the loop builds the Evaluator)
   executables.check_limit(config.rollout.max_executables)
 

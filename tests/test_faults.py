@@ -26,6 +26,7 @@ from specrl import model as model_lib
 from specrl import rl as rl_lib
 from specrl import tasks as tasks_lib
 from specrl.checkpoints import hf
+from tests.checkpoints.test_gguf import write_broken_ggufs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,11 +120,16 @@ def test_guard_counts_consecutive_skips_keeps_the_last_good_checkpoint_and_halts
     halt.after_step(0, {'sft_loss': math.nan, 'skipped_updates': 1.0})
 
 
-def test_fault_spec_is_validated():
+def test_fault_spec_is_validated(monkeypatch):
   assert faults.parse_fault('save:6:after_arrays') == ('save', 6, 'after_arrays')
   for bad in ('save:6', 'step:x:after_update', 'step:3:after_arrays', 'boot:1:before'):
     with pytest.raises(ValueError, match='SPECRL_FAULT'):
       faults.parse_fault(bad)
+  # ...and checked when the experiment is built, before the first rollout (a FatalError:
+  # main.py prints it as one line)
+  monkeypatch.setenv(faults.FAULT_ENV, 'step:5:after_updat')
+  with pytest.raises(faults.FatalError, match=r"^SPECRL_FAULT='step:5:after_updat': step phases"):
+    train.build_experiment(smoke())
 
 
 # ----------------------------------------------------------------------------- huge lr
@@ -359,6 +365,47 @@ def test_truncated_safetensors_is_a_one_line_error_naming_the_file(tmp_path, kee
     hf.load_hf_checkpoint(str(tmp_path))
   msg = str(e.value)
   assert msg.startswith(f'{f}: truncated safetensors file') and '\n' not in msg
+
+
+def test_broken_gguf_checkpoint_and_bad_fault_spec_stop_main_before_training(tmp_path):
+  """Issue 24 e, g: a truncated GGUF as model.checkpoint and a malformed $SPECRL_FAULT each
+  stop main.py before anything runs (no workdir is made): exit 1, one ``error:`` line naming
+  the file / the variable and its value, no traceback. The two processes run side by side
+  (each pays for a JAX import)."""
+  gguf_path = write_broken_ggufs(tmp_path)['half']
+  env = {k: v for k, v in os.environ.items() if k != faults.FAULT_ENV}
+  env['JAX_PLATFORMS'] = 'cpu'
+  runs = {
+    'gguf': ([f'--config.model.checkpoint={gguf_path}'], env),
+    'fault': ([], {**env, faults.FAULT_ENV: 'step:5:after_updat'}),
+  }
+  procs = {
+    name: subprocess.Popen(
+      [
+        sys.executable,
+        'main.py',
+        '--config=configs/default.py:smoke',
+        f'--workdir={tmp_path / name}',
+        *flags,
+      ],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=run_env,
+    )  # fmt: skip
+    for name, (flags, run_env) in runs.items()
+  }
+  want = {
+    'gguf': f'error: {gguf_path}: truncated GGUF file: tensor blk.',
+    'fault': "error: SPECRL_FAULT='step:5:after_updat': step phases are after_rollout, ",
+  }
+  for name, p in procs.items():
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 1, (name, p.returncode, err[-3000:])
+    assert 'Traceback' not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(want[name]), err[-3000:]
+    assert not os.path.exists(tmp_path / name)  # failed before the workdir was made
 
 
 def test_non_finite_reward_names_the_task_and_the_sample():

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specrl.checkpoints.gguf_tokenizer import gguf_field_value, tokenizer_from_gguf
+from specrl.checkpoints.gguf_file import open_gguf
+from specrl.checkpoints.gguf_tokenizer import reader_field_value, tokenizer_from_gguf
 from specrl.checkpoints.hf_config import PARAM_NP_DTYPES, config_from_hf
 from specrl.checkpoints.hf_params import hf_specs, put_tensor, save_hf_checkpoint
 from specrl.model import ModelConfig, Params, param_shapes
@@ -100,7 +101,7 @@ def gguf_metadata(reader: gguf.GGUFReader) -> dict:
   """Every metadata field except the big tokenizer arrays, as plain Python values."""
   skip = ('tokenizer.ggml.tokens', 'tokenizer.ggml.merges', 'tokenizer.ggml.token_type')
   skip += ('tokenizer.ggml.scores',)
-  return {k: gguf_field_value(f) for k, f in reader.fields.items() if k not in skip}
+  return {k: reader_field_value(reader, k) for k in reader.fields if k not in skip}
 
 
 def config_json_from_gguf(meta: dict, tensor_names: set[str], vocab_size: int) -> dict:
@@ -240,11 +241,13 @@ def load_gguf_checkpoint(
 
   Raises:
     ValueError naming the GGUF tensor or metadata key that is missing, mis-shaped or
-    unsupported; FileNotFoundError for a missing file.
+    unsupported; :class:`~specrl.checkpoints.gguf_file.GGUFFileError` (a one-line
+    :class:`~specrl.faults.DataError` naming the file) for an empty, truncated or corrupted
+    file; FileNotFoundError for a missing one.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f'GGUF file {path!r} not found')
-  reader = gguf.GGUFReader(path)
+  reader = open_gguf(path)
   meta = gguf_metadata(reader)
   names = {t.name for t in reader.tensors}
   embed = next((t for t in reader.tensors if t.name == 'token_embd.weight'), None)
@@ -273,7 +276,7 @@ def export_gguf_to_hf(gguf_path: str, out_dir: str, dtype='float32') -> ModelCon
   The tokenizer files are skipped when the GGUF carries no tokenizer.
   """
   cfg, params = load_gguf_checkpoint(gguf_path, dtype, to_device=False)
-  reader = gguf.GGUFReader(gguf_path)
+  reader = open_gguf(gguf_path)
   meta = gguf_metadata(reader)
   context = meta.get(f'{meta["general.architecture"]}.context_length')
   save_hf_checkpoint(out_dir, cfg, params, max_position_embeddings=int(context or 32768))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from specrl.checkpoints.gguf_file import GGUFFileError, open_gguf, reader_path
 from specrl.checkpoints.hf_tokenizer import HFTokenizer
 
 # llama.cpp's split regexes (src/llama-vocab.cpp), as HF's tokenizer.json writes them.
@@ -84,6 +85,20 @@ def gguf_field_value(field):
   return field.parts[field.data[0]].tolist()[0]
 
 
+def reader_field_value(reader: gguf.GGUFReader, key: str, default=None):
+  """:func:`gguf_field_value` of ``reader.fields[key]`` (``default`` when absent); a string
+  that is not UTF-8 (a corrupted file) is a :class:`GGUFFileError` naming the file and key."""
+  field = reader.fields.get(key)
+  if field is None:
+    return default
+  try:
+    return gguf_field_value(field)
+  except UnicodeDecodeError as e:
+    raise GGUFFileError(
+      f'{reader_path(reader)}: corrupted GGUF file: metadata {key!r} is not UTF-8 ({e})'
+    ) from None
+
+
 def tokenizer_from_gguf(source) -> HFTokenizer:
   """Build the byte-level BPE tokenizer, special ids and chat template of a GGUF file.
 
@@ -96,13 +111,13 @@ def tokenizer_from_gguf(source) -> HFTokenizer:
 
   Raises:
     ValueError naming the metadata key for a missing vocabulary, a non-BPE tokenizer model or
-    an unknown pre-tokenizer name.
+    an unknown pre-tokenizer name; :class:`~specrl.checkpoints.gguf_file.GGUFFileError`
+    naming the file for an empty, truncated or corrupted one.
   """
-  reader = source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(source)
-  fields = reader.fields
+  reader = source if isinstance(source, gguf.GGUFReader) else open_gguf(source)
 
   def get(key, default=None):
-    return gguf_field_value(fields[key]) if key in fields else default
+    return reader_field_value(reader, key, default)
 
   model = get('tokenizer.ggml.model')
   if model != 'gpt2':
@@ -125,11 +140,18 @@ def tokenizer_from_gguf(source) -> HFTokenizer:
       f'GGUF tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens'
     )
   build_pre, ignore_merges = KNOWN_PRE_TOKENIZERS[pre]
-  bpe = models.BPE(
-    vocab={t: i for i, t in enumerate(tokens)},
-    merges=[tuple(m.split(' ', 1)) for m in merges],
-    ignore_merges=ignore_merges,
-  )
+  try:
+    bpe = models.BPE(
+      vocab={t: i for i, t in enumerate(tokens)},
+      merges=[tuple(m.split(' ', 1)) for m in merges],
+      ignore_merges=ignore_merges,
+    )
+  except Exception as e:  # tokenizers raises a bare Exception (or a TypeError) here
+    msg = ' '.join(str(e).split())
+    raise GGUFFileError(
+      f'{reader_path(reader)}: corrupted GGUF tokenizer: tokenizer.ggml.tokens and '
+      f'tokenizer.ggml.merges do not form a BPE vocabulary ({msg})'
+    ) from e
   tok = Tokenizer(bpe)
   tok.pre_tokenizer = pre_tokenizers.Sequence(build_pre())
   tok.decoder = decoders.ByteLevel()

@@ -10,6 +10,8 @@ numpy Llama forward on HF-ordered weights, so a missing q/k un-permutation fails
 from __future__ import annotations
 
 import json
+import re
+import struct
 
 import gguf
 import jax.numpy as jnp
@@ -17,8 +19,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from specrl import faults
 from specrl import model as model_lib
-from specrl.checkpoints import hf
+from specrl.checkpoints import hf, pretrained
 from specrl.checkpoints.gguf import export_gguf_to_hf, load_gguf_checkpoint
 from specrl.checkpoints.gguf_tokenizer import tokenizer_from_gguf
 
@@ -430,3 +433,97 @@ def test_tokenizer_vocab_and_embedding_mismatch_is_named(tmp_path):
   write_tiny_gguf(path, tokenizer=add)
   with pytest.raises(ValueError, match=r'token_embd\.weight'):
     load_gguf_checkpoint(str(path))
+
+
+# ------------------------------------------------------------------------ malformed files
+
+
+def write_broken_ggufs(directory) -> dict[str, str]:
+  """Broken copies of a tiny Llama GGUF (with a tokenizer in its metadata): case -> path.
+
+  The cases of issue 24: empty, bad magic, header only (up to the tensor data; and just the
+  24 fixed bytes), half the file, the last 1000 bytes cut, random bytes, an absurd tensor
+  count; plus random bytes after a valid fixed header (garbage metadata).
+  """
+  good = directory / 'good.gguf'
+  add, _ = _tokenizer_metadata()
+  write_tiny_gguf(good, tokenizer=add)
+  data = good.read_bytes()
+  data_offset = gguf.GGUFReader(str(good)).data_offset
+  rng = np.random.default_rng(0)
+  cases = {
+    'empty': b'',
+    'bad_magic': b'GGML' + data[4:],
+    'header_only': data[:data_offset],
+    'fixed_header_only': data[:24],
+    'half': data[: len(data) // 2],
+    'last_1000_cut': data[:-1000],
+    'random': rng.bytes(4096),
+    'absurd_tensor_count': data[:8] + struct.pack('<Q', 2**40) + data[16:],
+    'garbage_metadata': data[:24] + rng.bytes(4096),
+  }
+  paths = {}
+  for case, blob in cases.items():
+    paths[case] = str(directory / f'{case}.gguf')
+    with open(paths[case], 'wb') as f:
+      f.write(blob)
+  return paths
+
+
+# case -> what the one-line message must say after '<path>: '
+BROKEN_GGUF_MESSAGES = {
+  'empty': r'empty file, not a GGUF file',
+  'bad_magic': r"not a GGUF file \(starts with b'GGML'",
+  'header_only': r'truncated GGUF file: tensor token_embd\.weight needs bytes \d+\.\.\d+ but '
+  r'the file has \d+ \(21 of 21 tensors end past it\)',
+  'fixed_header_only': r'corrupted GGUF header: 21 tensors and \d+ metadata entries cannot fit',
+  'half': r'truncated GGUF file: tensor blk\.\d\.\S+ needs bytes',
+  'last_1000_cut': r'truncated GGUF file: tensor blk\.1\.ffn_down\.weight needs bytes .* '
+  r'\(1 of 21 tensors',
+  'random': r'not a GGUF file',
+  'absurd_tensor_count': r'corrupted GGUF header: 1099511627776 tensors',
+  'garbage_metadata': r'(truncated or )?corrupted GGUF file: metadata',
+}
+
+
+@pytest.fixture(scope='module')
+def broken_ggufs(tmp_path_factory):
+  return write_broken_ggufs(tmp_path_factory.mktemp('broken'))
+
+
+@pytest.mark.parametrize('case', sorted(BROKEN_GGUF_MESSAGES))
+def test_broken_gguf_is_one_line_naming_the_file_for_weights_and_tokenizer(broken_ggufs, case):
+  path = broken_ggufs[case]
+  messages = []
+  for load in (
+    load_gguf_checkpoint,
+    tokenizer_from_gguf,
+    pretrained.load_pretrained,
+    pretrained.load_tokenizer,
+  ):
+    with pytest.raises(faults.DataError) as e:  # a FatalError: main.py prints one line
+      load(path)
+    messages.append(str(e.value))
+  assert len(set(messages)) == 1, messages  # the same message whichever loads it
+  msg = messages[0]
+  assert msg.startswith(f'{path}: ') and '\n' not in msg, msg
+  assert re.match(BROKEN_GGUF_MESSAGES[case], msg[len(path) + 2 :]), msg
+
+
+def test_corrupted_tokenizer_strings_and_merges_name_the_file_and_key(tmp_path):
+  good = tmp_path / 'tok.gguf'
+  _write_tokenizer_gguf(good)
+  data = good.read_bytes()
+  cases = [  # (file, bytes replaced, by, message): a token that is not UTF-8; a merge whose
+    # result is not in the vocabulary
+    ('not_utf8.gguf', b'hello', b'\xffello', r"metadata 'tokenizer\.ggml\.tokens' is not UTF-8"),
+    ('bad_merge.gguf', b'hell o', b'hell x', r'do not form a BPE vocabulary'),
+  ]
+  for name, old, new, match in cases:
+    blob = data.replace(old, new, 1)
+    assert blob != data
+    path = tmp_path / name
+    path.write_bytes(blob)
+    with pytest.raises(faults.DataError, match=match) as e:
+      tokenizer_from_gguf(str(path))
+    assert str(e.value).startswith(f'{path}: corrupted GGUF') and '\n' not in str(e.value)

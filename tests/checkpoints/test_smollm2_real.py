@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 
 from specrl.checkpoints import pretrained
+from specrl.faults import DataError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, 'fixtures', 'smollm2_transformers.json')
@@ -103,6 +105,31 @@ def test_fixture_covers_what_it_claims(fixture):
 
 
 # ------------------------------------------------------------------ the real model
+
+
+@pytest.mark.parametrize(
+  'size,match',
+  [
+    (lambda n: n - 1000, r'tensor output_norm\.weight needs bytes 98360128\.\.98362432 but the '
+     r'file has 98361432 \(1 of 272 tensors end past it\)'),
+    (lambda n: n // 2, r'tensor blk\.\d+\.\S+ needs bytes \d+\.\.\d+ but the file has 49181216 '),
+  ],
+  ids=['last_1000_cut', 'half'],
+)  # fmt: skip
+def test_truncated_real_gguf_is_one_line_naming_file_and_tensor(tmp_path, size, match):
+  """Issue 24 e on the real file: its header (the first 8 MiB, the tokenizer included) with
+  the tensor data cut short. The copy is sparse past the header, so the test is quick."""
+  real_path = require_packaged_model(DISTRIBUTION)
+  path = str(tmp_path / 'cut.gguf')
+  with open(real_path, 'rb') as src, open(path, 'wb') as dst:
+    dst.write(src.read(8 << 20))
+    dst.truncate(size(os.path.getsize(real_path)))
+  for load in (pretrained.load_pretrained, pretrained.load_tokenizer):
+    with pytest.raises(DataError) as e:
+      load(path)
+    msg = str(e.value)
+    assert msg.startswith(f'{path}: truncated GGUF file: ') and '\n' not in msg, msg
+    assert re.search(match, msg), msg
 
 
 def test_config_from_gguf(real):
