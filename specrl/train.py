@@ -102,18 +102,21 @@ def train_and_evaluate(
   mesh=None,
   max_steps: int | None = None,
   timeline: async_rl.Timeline | None = None,
+  exp: Experiment | None = None,
 ):
   """Run (or resume) the experiment in ``workdir``. Returns (final state, metric history).
 
   ``max_steps`` stops early after that global step (used by tests and notebooks);
-  ``timeline`` records rollout / train / transfer spans (benchmarks).
+  ``timeline`` records rollout / train / transfer spans (benchmarks); ``exp``: the
+  experiment already built from ``config`` (``main.py`` builds it first, to report a bad
+  config in one line), else built here.
   Validation (:mod:`specrl.evaluation`, config section ``eval``) runs at the start of
   GRPO, every ``eval.every`` GRPO steps and at the end; its ``eval/...`` metrics join the
   dict of the step after which they were taken (``eval/step``: the optimizer steps the
   evaluated params had). A run that reaches the last step writes ``report.md`` and
   ``report.png`` (:mod:`specrl.report`).
   """
-  exp = build_experiment(config, mesh)
+  exp = exp if exp is not None else build_experiment(config, mesh)
   os.makedirs(workdir, exist_ok=True)
   total = config.sft.steps + config.rl.steps
   state = init_state(exp)

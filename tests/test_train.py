@@ -82,23 +82,35 @@ def test_bad_config_values_fail_naming_the_field(field, value, match):
     train.build_experiment(c)
 
 
-def test_main_rejects_unknown_config_key(tmp_path):
-  r = subprocess.run(
-    [
-      sys.executable,
-      'main.py',
-      '--config=configs/default.py:smoke',
-      f'--workdir={tmp_path}',
-      '--config.rl.learning_rate=3',
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-  )
-  assert r.returncode != 0
-  assert 'learning_rate' in r.stderr
+def test_main_rejects_user_mistakes_in_one_line_without_a_traceback(tmp_path):
+  """An unknown key, a bad value and a missing checkpoint file (three processes at once)."""
+  cases = {
+    '--config.rl.learning_rate=3': 'learning_rate',
+    '--config.rl.num_prompts=0': 'config.rl.num_prompts must be > 0, got 0',
+    '--config.model.checkpoint=/nonexistent.gguf': "config.model.checkpoint='/nonexistent.gguf'",
+  }
+  procs = {
+    flag: subprocess.Popen(
+      [
+        sys.executable,
+        'main.py',
+        '--config=configs/default.py:smoke',
+        f'--workdir={tmp_path}',
+        flag,
+      ],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    )
+    for flag in cases
+  }
+  for flag, p in procs.items():
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0, flag
+    assert cases[flag] in err.strip().splitlines()[-1], err
+    assert 'Traceback' not in err, err
 
 
 def test_quantized_drafter_is_derived_from_the_new_params_inside_the_step():
