@@ -46,6 +46,12 @@ class Experiment:
   # the drafter's hooks.DrafterTrainer when it trains online (the eagle head), else None
   drafter_trainer: object = None
 
+  def plain_engine(self) -> rollout_lib.RolloutEngine:
+    """A static engine without a drafter on the train mesh, same sampling (a drafter
+    trainer's warm-up rollouts)."""
+    rcfg = dataclasses.replace(self.rollout_cfg, num_draft=0, max_draft=0)
+    return rollout_lib.RolloutEngine(self.model_cfg, rcfg, self.mesh)
+
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """One optimizer for the whole run: linear warm-up to ``sft.lr`` over the supervised

@@ -14,7 +14,7 @@ import pytest
 from configs import default
 from specrl import drafters, train
 from specrl import model as model_lib
-from specrl.drafters import hooks, registry
+from specrl.drafters import eagle_train, hooks, registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOOK_LOG = []  # every trainer hook call, in order, across trainers
@@ -187,6 +187,7 @@ def test_capabilities_are_asked_of_the_drafter_not_its_name(repeat_registered):
   assert isinstance(made['suffix'], hooks.PromptHistory)
   assert not isinstance(made['ngram'], hooks.PromptHistory)
   assert isinstance(made['repeat'], hooks.TrainsOnline)
+  assert issubclass(eagle_train.OnlineEagleDrafter, hooks.TrainsOnline)  # the run's eagle
   assert not any(isinstance(made[n], hooks.TrainsOnline) for n in ('self', 'ngram', 'suffix'))
   c.drafter.suffix.fallback = 'quantized'
   c.rollout.drafter = 'suffix'

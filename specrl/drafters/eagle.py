@@ -273,13 +273,6 @@ class EagleDrafter:
   def params_from_policy(self, policy_params):
     return draft_params(policy_params, self.head_params, self.vocab_ids)
 
-  def make_trainer(self, exp):
-    """The head's trainer in a run (:class:`specrl.drafters.eagle_train.HeadTrainer`, the
-    same one every call): the train loop's :class:`~specrl.drafters.hooks.DrafterTrainer`."""
-    from specrl.drafters import eagle_train  # it imports this module
-
-    return eagle_train.trainer(self, exp)
-
   def state_logical_axes(self):
     return {'cache': model_lib.cache_logical_axes(), 'fed': ('batch',)}
 
@@ -422,13 +415,16 @@ def saved_vocab_size(path: str) -> int:
     return int(f[VOCAB_KEY].shape[0]) if VOCAB_KEY in f.files else 0
 
 
-def make_eagle_drafter(section, model_cfg: model_lib.ModelConfig, rng) -> EagleDrafter:
+def make_eagle_drafter(
+  section, model_cfg: model_lib.ModelConfig, rng, cls=EagleDrafter
+) -> EagleDrafter:
   """The drafter from ``config.drafter.eagle``: its head loaded from ``head_path`` if set
   (its reduced vocabulary too; ``reduced_vocab`` must then equal its size), else initialised
-  from ``rng``."""
+  from ``rng``. ``cls``: :class:`EagleDrafter` or a subclass (a run's drafter is
+  :class:`specrl.drafters.eagle_train.OnlineEagleDrafter`, which has a trainer)."""
   ecfg = EagleConfig.from_config(section)
   if not ecfg.head_path:
-    return EagleDrafter(model_cfg, ecfg, init_head(model_cfg, ecfg.n_layers, rng))
+    return cls(model_cfg, ecfg, init_head(model_cfg, ecfg.n_layers, rng))
   head, vocab = load_head(ecfg.head_path, model_cfg, ecfg.n_layers)
   n = 0 if vocab is None else int(vocab.shape[0])
   if vocab is not None and ecfg.reduced_vocab != n:
@@ -436,4 +432,4 @@ def make_eagle_drafter(section, model_cfg: model_lib.ModelConfig, rng) -> EagleD
       f'{SECTION}.reduced_vocab={ecfg.reduced_vocab} but {ecfg.head_path} was saved with a '
       f'reduced vocabulary of {n} ids: set {SECTION}.reduced_vocab={n}'
     )
-  return EagleDrafter(model_cfg, ecfg, head, vocab)
+  return cls(model_cfg, ecfg, head, vocab)

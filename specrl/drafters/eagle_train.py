@@ -27,7 +27,6 @@ counts when the token those distributions predict, ``x_{t+2}``, is a response to
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import Any
@@ -40,7 +39,6 @@ import optax
 from absl import logging
 
 from specrl import model as model_lib
-from specrl import rollout as rollout_lib
 from specrl import sharding as shd
 from specrl.drafters import eagle, eagle_spot
 
@@ -304,11 +302,6 @@ def warmup(
   return hstate, jax.device_get(m), time.perf_counter() - t0, done
 
 
-def _plain_engine(exp):
-  rcfg = dataclasses.replace(exp.rollout_cfg, num_draft=0, max_draft=0)
-  return rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.mesh)
-
-
 class HeadTrainer:
   """The head in a run (:mod:`specrl.train` hooks). ``hstate`` (:class:`HeadState`) is the
   initial one / a mirror of ``TrainState.drafter``, which owns it (checkpointed by orbax);
@@ -409,7 +402,7 @@ class HeadTrainer:
     if self.warmed or step < exp.config.sft.steps or not ecfg.warmup_steps:
       return state
     params = state.params
-    engine, c = _plain_engine(exp), exp.config
+    engine, c = exp.plain_engine(), exp.config
     total, n = c.sft.steps + c.rl.steps, c.rl.num_prompts * exp.rl_cfg.num_generations
     seq_len = exp.rollout_cfg.seq_len
 
@@ -461,6 +454,16 @@ class HeadTrainer:
     self.warmed = bool(d['warmed'])
     if 'vocab_ids' in d:
       self.drafter.vocab_ids = jnp.asarray(d['vocab_ids'], jnp.int32)
+
+
+class OnlineEagleDrafter(eagle.EagleDrafter):
+  """The ``eagle`` drafter of a training run (the registry builds this one): an
+  :class:`~specrl.drafters.eagle.EagleDrafter` that declares its trainer
+  (:class:`specrl.drafters.hooks.TrainsOnline`)."""
+
+  def make_trainer(self, exp) -> HeadTrainer:
+    """The head's :class:`HeadTrainer` in the run ``exp`` (the same one every call)."""
+    return trainer(self, exp)
 
 
 def trainer(drafter, exp=None) -> HeadTrainer | None:

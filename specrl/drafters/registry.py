@@ -24,7 +24,7 @@ import ml_collections
 from specrl import config as config_lib
 from specrl import model as model_lib
 from specrl.checkpoints import hf
-from specrl.drafters import eagle, hybrid, quantized
+from specrl.drafters import eagle, eagle_train, hybrid, quantized
 from specrl.drafters.model_drafter import ModelDrafter
 from specrl.drafters.ngram import NgramDrafter
 from specrl.drafters.suffix import SuffixDrafter
@@ -223,7 +223,8 @@ def _quantized(config, model_cfg, rng):
 
 
 def _eagle(config, model_cfg, rng):
-  return eagle.make_eagle_drafter(config.drafter.eagle, model_cfg, rng)
+  section = config.drafter.eagle
+  return eagle.make_eagle_drafter(section, model_cfg, rng, cls=eagle_train.OnlineEagleDrafter)
 
 
 _MODEL_DRAFTER = 'specrl/drafters/model_drafter.py'
