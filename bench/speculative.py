@@ -8,17 +8,23 @@ reports (one row per drafter, B, k):
 - ``plain_tok_s``, ``spec_tok_s``, ``ratio``: tokens/s from the engine's own
   ``rollout/time_s`` (prefill included; median of ``--iters`` ``generate()`` calls after
   compiling ones) and their ratio, the speedup an RL step sees;
-- ``alpha``: committed accepted drafts / drafts proposed (:mod:`specrl.decoding.spec_math`),
-  ``tau`` the measured tokens per verify pass;
+- ``alpha``: committed accepted drafts / drafts proposed (``spec/alpha``,
+  :mod:`specrl.decoding.spec_math`), ``tau`` the measured tokens per verify pass
+  (``spec/tokens_per_pass``; 1 + k alpha when every pass drafts k);
 - ``c = t_draft / t_1``: ``t_1`` is one target decode step (a T = 1 cache-extending
-  forward + sampling), ``t_draft`` one drafter step (the same on the drafter's model; for
-  the model-free n-gram drafter, its ``propose`` time / k); ``v = t_verify / t_1``, the
-  target forward over T = k + 1 tokens (not 1 on a CPU, where extra tokens are not free);
-- ``ideal = (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1))`` (Leviathan et al. 2023) and the
+  forward + sampling, on the layer layout the decode loop gives the policy:
+  :func:`specrl.decoding.steps.loop_params`, unstacked on CPU), ``t_draft`` one drafter
+  step (the same on the drafter's model and params as its ``propose`` runs them: stacked
+  layers; for the model-free n-gram drafter, its ``propose`` time / k); ``v = t_verify /
+  t_1``, the target forward over T = k + 1 tokens (not 1 on a CPU, where extra tokens are
+  not free);
+- ``ideal = tau / (k c + 1)`` (Leviathan et al. 2023, with the measured tokens per round
+  in place of the i.i.d. model's ``(1 - a^(k+1)) / (1 - a)``; :func:`ideal_columns`) and the
   cost-aware ``ca_ideal`` with ``k c + v`` in the denominator; ``eff`` / ``ca_eff`` are
-  ``ratio`` over each. ``dec_ratio`` is the ratio of decode times alone (time - prefill;
-  a model drafter also prefills its own cache) and ``dec_eff = dec_ratio / ca_ideal``:
-  the decode loop's efficiency;
+  ``ratio`` over each. (Feeding ``alpha`` into the i.i.d. formula instead, as this bench
+  did for a while, understates the ideal: by up to ~35% at k = 4.) ``dec_ratio`` is the
+  ratio of decode times alone (time - prefill; a model drafter also prefills its own
+  cache) and ``dec_eff = dec_ratio / ca_ideal``: the decode loop's efficiency;
 - where a round's time goes: ``round_ms`` is the measured decode time per loop iteration,
   ``prop_ms`` the drafter's whole ``propose`` (k tokens), ``ver_ms`` the verify forward,
   ``ovh_ms = round - prop - ver`` the rest (rejection sampling, commit, loop carry,
@@ -35,8 +41,9 @@ Drafters (``--drafter``, a comma list; each gets its own rows):
 
 - ``noisy_policy``: a copy of the policy with Gaussian noise of ``noise`` x (each weight
   tensor's std) added to every weight (via the tied embedding / LM head, noise on the
-  draft logits); ``--noise`` (a comma list) sets alpha. ``c ~= 1``, so these rows measure
-  the engine's overhead at a known alpha, not a useful speedup;
+  draft logits); ``--noise`` (a comma list) sets alpha. ``c >= 1`` (1 on a device where
+  the policy's decode layout is the stacked one), so these rows measure the engine's
+  overhead at a known alpha, not a useful speedup;
 - ``small_model``: a separate smaller transformer (the preset's drafter, randomly
   initialised: alpha is whatever two random models agree on), ``c < 1``;
 - ``early_exit``: the policy's first ``--exit_layers`` layers + its head (self-speculative
@@ -44,16 +51,15 @@ Drafters (``--drafter``, a comma list; each gets its own rows):
 - ``quantized``: the int8 (per-channel, jnp) copy of the policy, as ``rollout.drafter =
   quantized`` builds it;
 - ``ngram``: model-free prompt lookup (``c`` ~ 0; alpha low on random models);
-- ``self``: the policy drafting for itself (alpha = 1, c = 1: ideal speedup 1.0 exactly,
-  so ``eff`` is the engine's own efficiency).
+- ``self``: the policy drafting for itself (alpha = 1, tau = k + 1; c = 1 and ideal
+  speedup 1.0 exactly where the drafter and the decode loop run the same layout, so
+  ``eff`` is the engine's own efficiency).
 
 ``--share_kv``: the drafters with the policy's architecture (noisy_policy, self,
 quantized) read the policy's KV cache instead of prefilling and keeping their own.
 
 Random-init models have flat next-token distributions; ``--temperature < 1`` sharpens them
-(and lowers alpha for a given noise). Timings on a shared CPU are noisy: the noisy-policy
-drafter runs the very executable of the target step, so its ``c`` (exactly 1 in
-principle) gauges the noise of a run.
+(and lowers alpha for a given noise). Timings on a shared CPU are noisy.
 
   python bench/speculative.py --quick                 # B {1,4} x k {2,4}, 64 tokens, CPU
   python bench/speculative.py                         # B {1,4,16,64} x k {2,4,8}
@@ -85,7 +91,7 @@ from specrl import model as model_lib  # noqa: E402
 from specrl import rollout as rollout_lib  # noqa: E402
 from specrl import sampling  # noqa: E402
 from specrl.decoding import profile as profile_lib  # noqa: E402
-from specrl.decoding import spec_math  # noqa: E402
+from specrl.decoding import spec_math, steps  # noqa: E402
 from specrl.drafters import ModelDrafter, NgramDrafter  # noqa: E402
 
 DRAFTERS = ('noisy_policy', 'small_model', 'early_exit', 'quantized', 'ngram', 'self')
@@ -184,8 +190,15 @@ def make_drafters(
 # jitted fori_loop call, caches carried and donated.
 
 
-def cache_step(params, cfg, batch: int, t: int, cache_len: int, pos: int, sp=None, reps=8):
-  """``reps`` cache-extending forwards over T tokens (with ``sp``: sampling fed back)."""
+def cache_step(
+  params, cfg, batch: int, t: int, cache_len: int, pos: int, sp=None, reps=8, policy=True
+):
+  """``reps`` cache-extending forwards over T tokens (with ``sp``: sampling fed back). The
+  ``policy``'s run on the layer layout the rollout's decode loop gives it
+  (:func:`steps.loop_params`: unstacked on CPU, where stacked layers cost ~1.4-3x more per
+  T = 1 step); a drafter's model on its params as they are, as its ``propose`` runs them."""
+  if policy:
+    params = steps.loop_params_jit(params, None)
   fn = profile_lib.forward_loop(cfg, batch, t, pos, reps, sp=sp)
   return profile_lib.LoopTimer(fn, (params,), (model_lib.init_cache(cfg, batch, cache_len),), reps)
 
@@ -199,6 +212,20 @@ def propose_step(drafter, dparams, state: rollout_lib.RolloutState, k, sp, reps:
 
 
 # ----------------------------------------------------------------------------- one batch
+
+
+def ideal_columns(accepted: int, drafted: int, rounds: int, k: int, c: float, v: float) -> dict:
+  """A row's acceptance and ideal speedups from the rollout counters (all timed calls):
+  ``alpha`` (committed accepted / drafted), ``tau`` (tokens per verify pass) and the ideals
+  ``tau / (k c + 1)`` and ``tau / (k c + v)`` (:func:`spec_math.ideal_speedup`)."""
+  alpha, _ = spec_math.acceptance(accepted, drafted)
+  tau = spec_math.tokens_per_pass(accepted, rounds)
+  return dict(
+    alpha=alpha,
+    tau=tau,
+    ideal=spec_math.ideal_speedup(tau, k, c),
+    ca_ideal=spec_math.ideal_speedup(tau, k, c, v),
+  )
 
 
 class GenerateCall:
@@ -272,11 +299,9 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
     units['prop', label, k] = propose_step(drafter, dparams, state, k, sp, reps)
     if ('ver', k) not in units:
       units['ver', k] = cache_step(params, cfg, b, k + 1, eng.rcfg.buffer_len, mid, reps=reps)
-    if (
-      isinstance(drafter, ModelDrafter) and drafter.name != 'self' and ('draft', label) not in units
-    ):
+    if isinstance(drafter, ModelDrafter) and ('draft', label) not in units:
       units['draft', label] = cache_step(
-        dparams, drafter.cfg, b, 1, base_rcfg.buffer_len, mid, sp, reps
+        dparams, drafter.cfg, b, 1, base_rcfg.buffer_len, mid, sp, reps, policy=False
       )
   counts = {n: iters if n[0] == 'gen' else step_iters for n in units}
   med = common.interleaved_medians(units, warmup=warmup - 1, iters=counts)
@@ -304,15 +329,13 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
     spec_t = statistics.median(g.times)
     t_prop, t_ver = med['prop', label, k], med['ver', k]
     if isinstance(drafter, ModelDrafter):
-      t_draft = t1 if drafter.name == 'self' else med['draft', label]
+      t_draft = med['draft', label]
     else:  # model-free: no per-token forward; its per-token share of a proposal
       t_draft = t_prop / k
     c, v = t_draft / t1, t_ver / t1
-    tau = 1.0 + g.accepted / max(g.rounds, 1)
-    alpha = g.accepted / max(g.drafted, 1)  # spec_math's alpha: committed accepted / drafted
+    acc = ideal_columns(g.accepted, g.drafted, g.rounds, k, c, v)
     ratio = plain_t / spec_t
-    ideal = spec_math.ideal_speedup(alpha, k, c)
-    ca_ideal = spec_math.ideal_speedup(alpha, k, c, v)
+    ideal, ca_ideal = acc['ideal'], acc['ca_ideal']
     n_iter = statistics.mean(g.iterations)
     round_s = (spec_t - med['prefill', name]) / n_iter
     dec_ratio = (plain_t - med['prefill', 'plain']) / (spec_t - med['prefill', name])
@@ -324,8 +347,8 @@ def bench_batch(b, cfg, params, drafters, ks, base_rcfg, sp, iters, step_iters, 
         plain_tok_s=b * nnew / plain_t,
         spec_tok_s=b * nnew / spec_t,
         ratio=ratio,
-        alpha=alpha,
-        tau=tau,
+        alpha=acc['alpha'],
+        tau=acc['tau'],
         c=c,
         v=v,
         ideal=ideal,
@@ -365,7 +388,7 @@ def main(argv=None):
     '--noise',
     default='0.2',
     help="noisy_policy weight noise in units of each tensor's std (comma list; "
-    'tiny, T=1: 0.05 -> alpha ~0.95, 0.2 -> ~0.73, 0.5 -> ~0.6)',
+    'tiny, T=1, k=2: 0.2 -> alpha (accepted / drafted) ~0.65)',
   )
   ap.add_argument('--exit_layers', type=int, default=1, help='early_exit drafter depth')
   ap.add_argument(

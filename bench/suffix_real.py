@@ -57,6 +57,18 @@ def make_drafter(variant, cfg):
   return drafters.make_drafter(c, cfg)
 
 
+def rollout_config(task, new_tokens: int, temperature: float) -> rollout_lib.RolloutConfig:
+  """Plain decoding's rollout config (the drafters' add k): rows end where training's do
+  (:func:`tasks.rollout_eos`: every id of the tokenizer's EOS set)."""
+  return rollout_lib.RolloutConfig(
+    max_new_tokens=new_tokens,
+    max_prompt_len=task.max_prompt_len,
+    sampling=SamplingParams(temperature),
+    pad_id=task.tokenizer.pad_id,
+    **tasks.rollout_eos(task.tokenizer),
+  )
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true', help='64 new tokens, 2 timed calls')
@@ -76,8 +88,6 @@ def main(argv=None):
   cfg, params = pretrained.load_pretrained(pretrained.SMOLLM2, 'float32')
   params = jax.device_put(params)
   task = tasks.ArithTask(pretrained.load_tokenizer(pretrained.SMOLLM2), max_response_len=new_tokens)
-  tok = task.tokenizer
-  eos_id = int((getattr(tok, 'eos_ids', None) or (tok.eos_id,))[0])
   held = task.heldout_prompts(args.prompts)
   pids = tasks.prompt_ids(held)
   g = args.G
@@ -95,13 +105,7 @@ def main(argv=None):
   )
   rows, summary = [], []
   for t in common.floats(args.temperatures):
-    rcfg = rollout_lib.RolloutConfig(
-      max_new_tokens=new_tokens,
-      max_prompt_len=task.max_prompt_len,
-      sampling=SamplingParams(t),
-      eos_id=eos_id,
-      pad_id=tok.pad_id,
-    )
+    rcfg = rollout_config(task, new_tokens, t)
     engines = {'plain': rollout_lib.RolloutEngine(cfg, rcfg)}
     srcfg = dataclasses.replace(rcfg, num_draft=args.k)
     for v, d in ds.items():

@@ -123,8 +123,7 @@ def rollout_config(
     max_new_tokens=config.rollout.max_new_tokens or task.max_response_len,
     max_prompt_len=task.max_prompt_len,
     sampling=sp,
-    eos_id=task.tokenizer.eos_id,
-    extra_eos_ids=tasks_lib.extra_eos_ids(task.tokenizer),
+    **tasks_lib.rollout_eos(task.tokenizer),  # the one end-of-response rule (benches too)
     pad_id=task.tokenizer.pad_id,
     num_draft=resolve_num_draft(config, has_drafter),
   )

@@ -356,6 +356,15 @@ def extra_eos_ids(tokenizer) -> tuple[int, ...]:
   return tuple(sorted({int(i) for i in ids if i is not None} - {int(tokenizer.eos_id)}))
 
 
+def rollout_eos(tokenizer) -> dict:
+  """The end-of-response fields of ``RolloutConfig`` for ``tokenizer``: ``eos_id`` (its
+  primary id) and ``extra_eos_ids`` (every other id of ``tokenizer.eos_ids``). The one rule:
+  training (so validation) and the real-text benchmarks build their rollout configs with
+  ``RolloutConfig(..., **rollout_eos(tokenizer))``, so a row ends at the same ids everywhere
+  (and the task's reward reads a response up to the same ids)."""
+  return dict(eos_id=tokenizer.eos_id, extra_eos_ids=extra_eos_ids(tokenizer))
+
+
 def render_question(tokenizer, question: str, template: str = '{question}\n') -> str:
   """The prompt text of ``question``: the tokenizer's chat template (one user turn, then
   the assistant header) when it has one, else ``template`` filled in."""

@@ -182,6 +182,10 @@ def test_strategy_switches_and_compaction_keep_greedy_outputs():
   assert rep.chosen == {8: [0], 4: [1], 1: [2]}, rep.chosen  # plain -> k=1 -> k=2
   assert m['adaptive/compactions'] == 2 and m['spec/verify_passes'] > 0
   assert 0 < m['adaptive/spec_time_frac'] < 1
+  # two acceptance figures, two names: the cost model's implied per-token rate, and
+  # spec_math's committed accepted / drafted
+  assert 'adaptive/alpha' not in m and 0 <= m['adaptive/implied_alpha'] <= 1
+  assert m['adaptive/implied_alpha'] == eng.memory.alpha and 0 <= m['spec/alpha'] <= 1
   ref = reference()
   for f in ('tokens', 'response', 'length', 'finish'):
     np.testing.assert_array_equal(getattr(out, f), getattr(ref, f), err_msg=f)

@@ -37,7 +37,36 @@ def test_spec_math_acceptance_definitions():
   assert m['spec/per_position/1'] == 0.5
   assert spec_math.speculation_metrics(rounds=0, accepted=0, drafted=0) == {}
   assert spec_math.expected_tokens(0.5, 2) == pytest.approx(1.75)
-  assert spec_math.ideal_speedup(1.0, 4, 0.0) == 5.0
+  assert spec_math.ideal_speedup(5.0, 4, 0.0) == 5.0
+
+
+def test_ideal_speedup_takes_tokens_per_round_not_the_accepted_fraction():
+  """Position-dependent acceptance (the first draft is easy, later ones hard): 80 rounds of
+  k = 4 accept drafts 1..4 given the earlier ones in 72, 36, 18 and 9 rounds. The ideal is
+  the measured tau over a round's cost; alpha = accepted / drafted fed into the i.i.d.
+  formula gives 1.71 tokens per round where the rounds emitted 2.69."""
+  k, rounds, accepted, drafted = 4, 80, 72 + 36 + 18 + 9, 4 * 80
+  tau = spec_math.tokens_per_pass(accepted, rounds)
+  assert tau == pytest.approx(2.6875)
+  assert spec_math.expected_tokens_per_position([0.9, 0.5, 0.5, 0.5]) == pytest.approx(tau)
+  assert spec_math.expected_tokens_per_position([0.7] * 3) == pytest.approx(
+    spec_math.expected_tokens(0.7, 3)
+  )
+  alpha, _ = spec_math.acceptance(accepted, drafted)
+  assert alpha == pytest.approx((tau - 1) / k)
+  assert spec_math.expected_tokens(alpha, k) == pytest.approx(1.7067, abs=1e-4)  # not tau
+  assert spec_math.ideal_speedup(tau, k, c=0.1) == pytest.approx(2.6875 / 1.4)
+  assert spec_math.ideal_speedup(tau, k, c=0.1, v=1.5) == pytest.approx(2.6875 / 1.9)
+  # the i.i.d. per-token rate implied by tau reproduces tau (the adaptive engine's alpha)
+  implied = spec_math.alpha_from_tokens_per_round(tau, k)
+  assert implied > alpha + 0.2
+  assert spec_math.ideal_speedup(spec_math.expected_tokens(implied, k), k, 0.1) == pytest.approx(
+    2.6875 / 1.4
+  )
+  with pytest.raises(ValueError, match='tokens per round'):
+    spec_math.ideal_speedup(alpha, k, 0.1)  # an acceptance passed where tau belongs
+  m = spec_math.speculation_metrics(rounds, accepted, drafted)
+  assert m['spec/tokens_per_pass'] == pytest.approx(tau)
 
 
 def test_alpha_excludes_drafts_cut_off_by_the_length_limit():

@@ -594,7 +594,9 @@ class AdaptiveRolloutEngine:
     m = rollout_metrics(out, seconds)
     m.update(report.metrics())
     m.update(executables.CACHE.metrics())
-    m['adaptive/alpha'] = float(self.memory.alpha)
+    # the running i.i.d. per-token acceptance implied by tokens per pass (the cost model's);
+    # not spec/alpha (committed accepted / drafted): see specrl.decoding.spec_math
+    m['adaptive/implied_alpha'] = float(self.memory.alpha)
     return m
 
   # -- host state (checkpointed with the train state)

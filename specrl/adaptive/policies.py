@@ -58,7 +58,11 @@ class ChunkObs:
 
   @property
   def alpha(self) -> float | None:
-    """Per-token acceptance measured in this chunk (None when it did not speculate)."""
+    """The implied per-token acceptance of this chunk (None when it did not speculate): the
+    i.i.d. rate whose ``expected_tokens`` equals the measured tokens per pass
+    (:func:`alpha_from_tokens_per_round`), so the cost model can extrapolate to other k.
+    Higher than ``spec/alpha`` (accepted / drafted) at the same tau; see
+    :mod:`specrl.decoding.spec_math`."""
     if self.strategy == PLAIN or self.rounds <= 0:
       return None
     return alpha_from_tokens_per_round(1.0 + self.accepted / self.rounds, self.strategy)
@@ -189,8 +193,10 @@ class Memory:
   """What an engine learns across rollouts (host-side; all updates are pure ``replace``).
 
   ``costs``: (bucket, strategy) -> measured seconds per round; ``corr``: (bucket, 'plain'
-  | 'spec') -> measured / profiled; ``alpha``: running per-token acceptance, measured over
-  ``alpha_n`` sequence-rounds; ``bucket_alpha``: bucket -> (alpha, n), the same per bucket
+  | 'spec') -> measured / profiled; ``alpha``: running implied per-token acceptance (the
+  i.i.d. rate that gives the measured tokens per pass, :attr:`ChunkObs.alpha`; the metric
+  ``adaptive/implied_alpha``, not ``spec/alpha``), measured over ``alpha_n``
+  sequence-rounds; ``bucket_alpha``: bucket -> (alpha, n), the same per bucket
   (acceptance differs along a rollout: the tail's rows are the long ones, and a drafter that
   reads finished siblings has more to read there), used where a bucket has been measured
   (:func:`alpha_at`).

@@ -5,14 +5,22 @@ Acceptance, as every metric, benchmark and doc of specrl uses it:
 - ``alpha`` = committed accepted drafts / drafts proposed to active rows. A draft that
   the verifier accepted but that :func:`specrl.decoding.state.commit` cut off (EOS earlier
   in the run, ``max_new_tokens``, the cache end) is *not* accepted: the row did not get it.
+  (The metric ``spec/alpha``.)
 - ``per_position[i]`` (i = 0 for the first draft) = P(draft i accepted | drafts < i
   accepted): rounds where draft i was accepted and committed / rounds where it was
   proposed with every earlier draft accepted.
+- ``tau`` = :func:`tokens_per_pass`: committed tokens per verify pass, 1 + committed
+  accepted drafts / passes (``spec/tokens_per_pass``). With k drafts per pass,
+  ``alpha = (tau - 1) / k`` (drafts cut off aside).
 
-Under the i.i.d. model of Leviathan et al. (2023), a round with k drafts emits
-:func:`expected_tokens` ``(1 - a^(k+1)) / (1 - a)`` tokens; the adaptive engine's cost model
-and the benchmarks' ideal speedups use it, and :func:`alpha_from_tokens_per_round`
-inverts it.
+Under the i.i.d. model of Leviathan et al. (2023), with per-token acceptance ``a`` a round
+with k drafts emits :func:`expected_tokens` ``(1 - a^(k+1)) / (1 - a)`` tokens, and
+:func:`alpha_from_tokens_per_round` inverts it: the *implied* per-token rate of a measured
+tau (the adaptive engine's cost model uses it to extrapolate to other k; its running value
+is the metric ``adaptive/implied_alpha``). This ``a`` is **not** ``alpha``: ``alpha`` is the
+mean accepted fraction of k drafts, and ``expected_tokens(alpha, k) <= 1 + k alpha = tau``
+(35% less at alpha = 0.5, k = 4). Ideal speedups (:func:`ideal_speedup`) therefore take the
+measured tau, never ``expected_tokens(alpha, k)``.
 """
 
 from __future__ import annotations
@@ -61,10 +69,36 @@ def optimistic_alpha(alpha: float, n: float, optimism: float) -> float:
   return alpha + (1.0 - alpha) * optimism / (optimism + n)
 
 
-def ideal_speedup(alpha: float, k: int, c: float, v: float = 1.0) -> float:
-  """Leviathan et al.: expected tokens per round over a round's cost in plain steps
-  (``c`` = one drafter token / one plain step, ``v`` = verify pass / plain step)."""
-  return expected_tokens(alpha, k) / (k * c + v)
+def tokens_per_pass(accepted: int, rounds: int) -> float:
+  """Measured tau: committed tokens per verify pass, ``1 + accepted / rounds`` (every pass
+  emits its committed accepted drafts plus one token); 1.0 when nothing was verified."""
+  return 1.0 + accepted / rounds if rounds > 0 else 1.0
+
+
+def expected_tokens_per_position(per_position: Sequence[float]) -> float:
+  """Expected tokens per round when draft i is accepted with probability ``p_i`` given
+  drafts < i accepted: ``1 + p_1 + p_1 p_2 + ... + p_1 ... p_k`` (the per-position rates
+  of :func:`acceptance`; with every ``p_i = a`` this is :func:`expected_tokens`)."""
+  total, reach = 1.0, 1.0
+  for p in per_position:
+    reach *= min(max(float(p), 0.0), 1.0)
+    total += reach
+  return total
+
+
+def ideal_speedup(tau: float, k: int, c: float, v: float = 1.0) -> float:
+  """Leviathan et al.'s ideal speedup: tokens per round over a round's cost in plain steps,
+  ``tau / (k c + v)`` (``c`` = one drafter token / one plain step, ``v`` = verify pass /
+  plain step).
+
+  ``tau`` is tokens per round: the measured :func:`tokens_per_pass`, or
+  :func:`expected_tokens_per_position` of measured per-position rates, or, for the i.i.d.
+  model, :func:`expected_tokens` of a *per-token* rate. Not ``expected_tokens(alpha, k)``
+  with ``alpha`` = accepted / drafted: that understates tau (see the module docstring).
+  """
+  if not 1.0 - 1e-9 <= tau <= k + 1.0 + 1e-9:
+    raise ValueError(f'tau (tokens per round) must be in [1, k + 1] = [1, {k + 1}], got {tau}')
+  return tau / (k * c + v)
 
 
 def acceptance(
@@ -105,7 +139,7 @@ def speculation_metrics(
     f'{prefix}/verify_passes': int(rounds),
     f'{prefix}/accepted': int(accepted),
     f'{prefix}/drafted': int(drafted),
-    f'{prefix}/tokens_per_pass': float((accepted + rounds) / max(rounds, 1)),
+    f'{prefix}/tokens_per_pass': tokens_per_pass(accepted, rounds),
   }
   for i, a in enumerate(per_pos):
     if a is not None:
