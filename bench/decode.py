@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import functools
 import os
-import statistics
 import sys
 import time
 
@@ -83,27 +82,6 @@ def model_config(name: str) -> model_lib.ModelConfig:
   return model_lib.ModelConfig(**TINY) if name == 'tiny' else model_lib.preset_config(name)
 
 
-def median_ms(fn, reps: int, warmup: int = 1) -> float:
-  """Median wall ms of ``fn()`` (outputs blocked on) after ``warmup`` untimed calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(1e3 * (time.perf_counter() - t0))
-  return statistics.median(times)
-
-
-def copy_bandwidth(mib: int, reps: int) -> float:
-  """Bytes/s of a large ``x + 1`` over bf16 (read + written)."""
-  n = mib * 2**20 // 2
-  x = jax.random.normal(jax.random.key(1), (n,), jnp.bfloat16)
-  f = jax.jit(lambda a: a + 1)
-  ms = median_ms(lambda: f(x), max(reps, 5))
-  return 2 * x.nbytes / (ms * 1e-3)
-
-
 # ----------------------------------------------------------------------------- decode
 
 
@@ -150,7 +128,7 @@ def time_decode(params, cfg, batch: int, args) -> float:
     state['cache'], tok = decode_steps(params, cfg, state['cache'], tokens, positions, args.steps)
     return tok
 
-  return median_ms(call, args.reps) / args.steps
+  return common.median_ms(call, iters=args.reps) / args.steps
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -228,7 +206,7 @@ def matmul_bench(cfg, batches, reps: int, rotate_mib: int, min_copies: int = 8) 
       for key, stack in stacks.items():
         fn = jax.jit(functools.partial(_scan_matmuls, matmul=mms[key]))
         try:
-          ms = median_ms(lambda fn=fn, x=x, stack=stack: fn(x, stack), reps, warmup=1) / copies
+          ms = common.median_ms(lambda fn=fn, x=x, stack=stack: fn(x, stack), iters=reps) / copies
         except Exception as e:  # pylint: disable=broad-except
           print(f'matmul {name} M={m} {key} failed: {type(e).__name__}: {str(e)[:500]}')
           continue
@@ -266,7 +244,7 @@ def kernel_sweep(cfg, batches, reps: int, rotate_mib: int, min_copies: int = 8) 
         mm = lambda x, q, kw=kw, s=s, tr=tr: wom.weight_only_matmul(x, q, s, transposed=tr, **kw)
         fn = jax.jit(functools.partial(_scan_matmuls, matmul=mm))
         try:
-          ms = median_ms(lambda fn=fn, x=x, qs=qs: fn(x, qs), reps, warmup=1) / copies
+          ms = common.median_ms(lambda fn=fn, x=x, qs=qs: fn(x, qs), iters=reps) / copies
         except Exception as e:  # pylint: disable=broad-except
           print(f'sweep {name} M={m} {label} failed: {type(e).__name__}: {str(e)[:300]}')
           continue
@@ -315,7 +293,7 @@ def main(argv=None):
     ap.error(f'unknown variants {bad}; known: {sorted(VARIANTS)}')
   print(f'{info}, pallas interpret={interpret}, steps/call {args.steps}, median of {args.reps}')
 
-  bw = copy_bandwidth(args.copy_mib, args.reps)
+  bw = common.copy_bandwidth(args.copy_mib << 20, iters=max(args.reps, 5))
   print(f'copy bandwidth (x + 1, {args.copy_mib} MiB, read + write): {bw / 1e9:.0f} GB/s')
   summary = dict(info, copy_GBps=bw / 1e9, skipped=[])
 

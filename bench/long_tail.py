@@ -202,21 +202,12 @@ def suffix_inputs(engines, params, toks, plen, group: int, seed: int, width: int
   return out
 
 
-def counters(out) -> list[np.ndarray]:
-  """A rollout's speculation counters summed over rows: rounds, accepted, drafted, reached
-  [k], accepted_at [k]."""
-  return [
-    np.asarray(x).sum(axis=0)
-    for x in (out.num_rounds, out.num_accepted, out.num_drafted, out.reached, out.accepted_at)
-  ]
-
-
 def drafter_row(b: int, variant: str, runs: list[dict], engine) -> dict:
   """c, v4 (largest bucket profiled) and alpha, tokens per pass, per-position acceptance
   summed over ``runs`` (warm-up included: the chooser may run a timed rollout plain)."""
-  rounds, acc, drafted, reached, at = (sum(counters(r['out'])[i] for r in runs) for i in range(5))
+  t = common.summed_counters([r['out'] for r in runs])
   m = spec_math.speculation_metrics(
-    int(rounds), int(acc), int(drafted), reached.tolist(), at.tolist()
+    t['rounds'], t['accepted'], t['drafted'], t['reached'].tolist(), t['accepted_at'].tolist()
   )
   row = dict(
     B=b, variant=variant, alpha=m.get('spec/alpha'), tok_pass=m.get('spec/tokens_per_pass')

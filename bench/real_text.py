@@ -139,9 +139,7 @@ def load_model(name: str, dtype: str):
       model_lib.init_params(cfg, jax.random.key(0)),
       None,
     )
-  cfg, params = pretrained.load_pretrained(name, dtype)
-  label = 'SmolLM2-135M-Instruct' if name == pretrained.SMOLLM2 else os.path.basename(name)
-  return f'{label} ({name}, {dtype})', cfg, jax.device_put(params), pretrained.load_tokenizer(name)
+  return common.load_checkpoint_model(name, dtype)
 
 
 def make_variant_drafter(variant: str, model_cfg: model_lib.ModelConfig, eagle_head: str = ''):
@@ -189,26 +187,11 @@ def batch_inputs(task, prompts: int, gens: int, call: int):
 # ----------------------------------------------------------------------------- statistics
 
 
-def counters(out) -> dict:
-  """A rollout's speculation counters, summed over rows (spec_math's inputs)."""
-  return dict(
-    rounds=int(np.asarray(out.num_rounds).sum()),
-    accepted=int(np.asarray(out.num_accepted).sum()),
-    drafted=int(np.asarray(out.num_drafted).sum()),
-    reached=np.asarray(out.reached).sum(axis=0),
-    accepted_at=np.asarray(out.accepted_at).sum(axis=0),
-  )
-
-
 def acceptance_stats(calls: list[dict]) -> dict:
   """acceptance, per_position, tokens_per_pass over every call's counters (None when
   nothing was drafted)."""
-  cs = [counters(c['out']) for c in calls]
-  tot = {key: sum(c[key] for c in cs) for key in ('rounds', 'accepted', 'drafted')}
-  width = max(len(c['reached']) for c in cs)
-  pad = lambda a: np.pad(a, (0, width - len(a)))
-  reached = sum(pad(c['reached']) for c in cs)
-  accepted_at = sum(pad(c['accepted_at']) for c in cs)
+  tot = common.summed_counters([c['out'] for c in calls])
+  reached, accepted_at = tot['reached'], tot['accepted_at']
   alpha, per_pos = spec_math.acceptance(
     tot['accepted'], tot['drafted'], reached.tolist(), accepted_at.tolist()
   )
@@ -270,18 +253,6 @@ def make_row(
 # ----------------------------------------------------------------------------- one cell
 
 
-def rollout_config(task, max_new_tokens: int, temperature: float) -> rollout_lib.RolloutConfig:
-  """The engines' rollout config: rows end where training's do (:func:`tasks.rollout_eos`:
-  every id of the tokenizer's EOS set)."""
-  return rollout_lib.RolloutConfig(
-    max_new_tokens=max_new_tokens,
-    max_prompt_len=task.max_prompt_len,
-    sampling=SamplingParams(temperature=temperature),
-    pad_id=task.tokenizer.pad_id,
-    **tasks.rollout_eos(task.tokenizer),
-  )
-
-
 class Setup:
   """Everything fixed across cells: model, task, drafters, engines per temperature."""
 
@@ -294,7 +265,7 @@ class Setup:
     )
     self.engines: dict = {}  # temperature -> name -> engine
     for t in args.temperatures:
-      rcfg = rollout_config(task, args.max_new_tokens, t)
+      rcfg = common.rollout_config(task, args.max_new_tokens, t)
       eng = {
         ('plain', 'static'): rollout_lib.RolloutEngine(cfg, rcfg),
         ('compaction', 'adaptive'): adaptive.AdaptiveRolloutEngine(

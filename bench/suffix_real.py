@@ -37,7 +37,6 @@ from specrl import drafters, tasks  # noqa: E402
 from specrl import rollout as rollout_lib  # noqa: E402
 from specrl.checkpoints import pretrained  # noqa: E402
 from specrl.decoding import spec_math  # noqa: E402
-from specrl.sampling import SamplingParams  # noqa: E402
 
 # variant -> (config.rollout.drafter, overrides of config.drafter.<that name>)
 VARIANTS = {
@@ -57,18 +56,6 @@ def make_drafter(variant, cfg):
   return drafters.make_drafter(c, cfg)
 
 
-def rollout_config(task, new_tokens: int, temperature: float) -> rollout_lib.RolloutConfig:
-  """Plain decoding's rollout config (the drafters' add k): rows end where training's do
-  (:func:`tasks.rollout_eos`: every id of the tokenizer's EOS set)."""
-  return rollout_lib.RolloutConfig(
-    max_new_tokens=new_tokens,
-    max_prompt_len=task.max_prompt_len,
-    sampling=SamplingParams(temperature),
-    pad_id=task.tokenizer.pad_id,
-    **tasks.rollout_eos(task.tokenizer),
-  )
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--quick', action='store_true', help='64 new tokens, 2 timed calls')
@@ -85,9 +72,8 @@ def main(argv=None):
   iters = args.iters or (2 if args.quick else 3)
   variants = [v for v in args.variants.split(',') if v]
 
-  cfg, params = pretrained.load_pretrained(pretrained.SMOLLM2, 'float32')
-  params = jax.device_put(params)
-  task = tasks.ArithTask(pretrained.load_tokenizer(pretrained.SMOLLM2), max_response_len=new_tokens)
+  _, cfg, params, tokenizer = common.load_checkpoint_model(pretrained.SMOLLM2, 'float32')
+  task = tasks.ArithTask(tokenizer, max_response_len=new_tokens)
   held = task.heldout_prompts(args.prompts)
   pids = tasks.prompt_ids(held)
   g = args.G
@@ -105,7 +91,7 @@ def main(argv=None):
   )
   rows, summary = [], []
   for t in common.floats(args.temperatures):
-    rcfg = rollout_config(task, new_tokens, t)
+    rcfg = common.rollout_config(task, new_tokens, t)
     engines = {'plain': rollout_lib.RolloutEngine(cfg, rcfg)}
     srcfg = dataclasses.replace(rcfg, num_draft=args.k)
     for v, d in ds.items():

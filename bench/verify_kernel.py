@@ -24,9 +24,7 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,36 +32,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import common  # noqa: E402
 from specrl.kernels import verify as kernel_lib  # noqa: E402
 from specrl.kernels import verify_reference as verify_lib  # noqa: E402
 from specrl.sampling import SamplingParams  # noqa: E402
 
 FULL = dict(batches='1,16,64,256', ks='4,8', vocabs='32000,152064')
 QUICK = dict(batches='1,8', ks='4', vocabs='2048,8192')
-
-
-def _ints(s: str) -> list[int]:
-  return [int(x) for x in s.split(',') if x]
-
-
-def _time(fn, args, warmup: int, iters: int) -> float:
-  """Median wall time in ms of fn(*args) (outputs blocked on)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(1e3 * (time.perf_counter() - t0))
-  return statistics.median(times)
-
-
-def copy_bandwidth(nbytes: int, warmup: int, iters: int) -> float:
-  """GB/s of a large elementwise x + 1 (one read + one write of nbytes)."""
-  x = jnp.zeros((nbytes // 4,), jnp.float32)
-  fn = jax.jit(lambda a: a + 1)
-  ms = _time(fn, (x,), warmup, iters)
-  return 2 * x.size * 4 / (ms * 1e-3) / 1e9
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -104,16 +79,16 @@ def main(argv=None):
       '(or --allow_cpu_full to insist on the full grid)'
     )
   grid = QUICK if args.quick else FULL
-  batches = _ints(args.batches or grid['batches'])
-  ks = _ints(args.ks or grid['ks'])
-  vocabs = _ints(args.vocabs or grid['vocabs'])
+  batches = common.ints(args.batches or grid['batches'])
+  ks = common.ints(args.ks or grid['ks'])
+  vocabs = common.ints(args.vocabs or grid['vocabs'])
   iters = args.iters or (3 if args.quick else 20)
   dtype = jnp.dtype(args.dtype)
   sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
   layout = args.layout or kernel_lib.default_layout()
   device = jax.devices()[0]
   copy_mib = args.copy_mib or (64 if args.quick or interpret else 2048)
-  copy_gbps = copy_bandwidth(copy_mib << 20, args.warmup, iters)
+  copy_gbps = common.copy_bandwidth(copy_mib << 20, iters, args.warmup) / 1e9
 
   ref_fn = jax.jit(verify_lib.verify_reference, static_argnums=4)
   ker_fn = functools.partial(kernel_lib.verify_pallas, sp=sp, interpret=interpret, layout=layout)
@@ -135,8 +110,10 @@ def main(argv=None):
       for batch in batches:
         key, sub = jax.random.split(key)
         inputs = make_inputs(batch, k, vocab, dtype, sub)
-        ref_ms = _time(lambda *a: ref_fn(*a, sp), inputs, args.warmup, iters)
-        ker_ms = _time(lambda *a: ker_fn(*a), inputs, args.warmup, iters)
+        ref_ms = common.median_ms(
+          lambda *a: ref_fn(*a, sp), *inputs, warmup=args.warmup, iters=iters
+        )
+        ker_ms = common.median_ms(lambda *a: ker_fn(*a), *inputs, warmup=args.warmup, iters=iters)
         want, got = ref_fn(*inputs, sp), ker_fn(*inputs)
         match = bool(
           np.array_equal(np.asarray(want.tokens), np.asarray(got.tokens))
