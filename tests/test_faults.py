@@ -222,7 +222,10 @@ def test_truncated_latest_checkpoint_is_quarantined_and_the_previous_one_restore
 
 
 def _timing(key):
-  """Wall-clock metrics ('step_time_s', 'rollout/tokens_per_s', 'adaptive/compile_s/b8')."""
+  """Wall-clock metrics ('step_time_s', 'rollout/tokens_per_s', 'adaptive/compile_s/b8') and
+  the process's compile-cache counts ('compile/live': a restarted process compiles anew)."""
+  if key.startswith('compile/'):
+    return True
   return any('time' in part or part.endswith('_s') for part in key.split('/'))
 
 
