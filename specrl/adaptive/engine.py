@@ -25,6 +25,9 @@ ahead of time per (bucket, strategy) and cached on the engine.
 Drafter state (a drafter's own KV cache) is built lazily, by a drafter prefill over the
 committed tokens when a rollout first speculates -- typically in the tail, at a small
 compacted batch -- so plain phases pay nothing for it (``always`` builds it at prefill).
+Nor do later plain chunks feed it: the drafter catches up on their tokens at the first
+round of the next speculative chunk, from the per-row "fed up to" counter in its state
+(compacted with the row; :mod:`specrl.drafters.catchup`).
 
 Buffer layout. A rollout starts on the *narrow* buffer of plain decoding (``seq_len``
 slots), so a batch that never speculates pays exactly what the static plain engine pays;

@@ -230,6 +230,7 @@ def speculative_round(
   before = state
   state = state.replace(cache=cache, draft=draft_state, step=state.step + 1)
   state = commit(state, res.tokens, res.logprobs, res.num_accepted + 1, rcfg)
+  state = state.replace(draft=hooks.rollback(drafter, state.draft, state.pos))
   state = hooks.after_commit(drafter, draft_params, state, before.pos, hidden)
   return _count_acceptance(state, before, res.num_accepted, k, proposed)
 

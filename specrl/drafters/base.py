@@ -34,6 +34,13 @@ state are pytrees passed through the jitted rollout (never closed over):
 Rollback is by position: the engine passes the committed ``pos`` every round and a
 drafter must not assume its previous proposals were accepted.
 
+A drafter's own state is fed only inside speculative rounds: the adaptive engine's plain
+phases (and a hybrid's one-hot rounds, or a shorter window after k shrinks) commit tokens it
+never saw, so a drafter that keeps a position-indexed state must catch up on them itself
+when it next proposes, from a per-row "fed up to" counter in its state
+(:mod:`specrl.drafters.catchup`; the model drafters and ``eagle`` do). Plain steps never
+run the drafter.
+
 Optional parts (:mod:`specrl.drafters.hooks`; checked at trace time, so a drafter without
 them traces exactly what it would without them: no extra state, outputs or work):
 
@@ -54,6 +61,10 @@ them traces exactly what it would without them: no extra state, outputs or work)
   ``mode='drop'`` (padding rows carry ``B_orig``). It reaches ``propose`` as
   ``ctx.shared`` and is only updated by ``observe``; ``engine.last_draft_shared`` holds it
   after a rollout. ``seq_len``: committed positions are ``< seq_len``.
+- ``rollback(state, pos [B]) -> state``: called after every speculative round's commit with
+  the committed ``pos`` (not after plain steps). A drafter whose ``propose`` counts the
+  drafts it wrote into its own state as fed (they are the committed tokens where accepted)
+  trims that count here: the model drafters keep ``fed = min(fed, pos)``.
 - ``observe(draft_params, shared, tokens [B,S], pos_before [B], pos_after [B], seq_id,
   group_ids, prompt_ids) -> shared``: called after every commit -- the prefill's first
   token, every plain step (also in the adaptive engine's plain chunks and the static

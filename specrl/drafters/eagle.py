@@ -24,7 +24,8 @@ known for every position ``< pos``, :mod:`specrl.drafters.hooks` ``hidden_histor
    the head's own counter: its KV cache holds true features below it). After a verify
    pass ``pos - fed = n + 1 <= k + 1``: one window pass of ``T = k + 1``. After the prompt
    or a plain phase of the adaptive engine a ``while_loop`` first feeds chunks of
-   ``catchup_chunk`` positions. The window's output at head position ``pos - 1`` is
+   ``catchup_chunk`` positions (:mod:`specrl.drafters.catchup`, shared with the model
+   drafters). The window's output at head position ``pos - 1`` is
    ``ĥ_pos``, whose logits give draft 1.
 2. draft ``i + 1`` comes from head position ``pos - 1 + i`` on ``fc([e(x̂_i); ĥ_{pos-1+i}])``
    -- the head's own predicted feature, ``T = 1`` each. Those cache slots hold predicted
@@ -54,6 +55,7 @@ from specrl import config as config_lib
 from specrl import model as model_lib
 from specrl import sampling
 from specrl import sharding as shd
+from specrl.drafters import catchup
 
 SECTION = 'drafter.eagle'
 FEATURE_EPS = 1e-6  # in 1 / g: the unit-scale feature of a final-norm weight g near 0 is 0
@@ -302,19 +304,16 @@ class EagleDrafter:
     if ctx is None or ctx.hidden is None:
       raise ValueError('the eagle drafter needs the policy hidden states (ctx.hidden)')
     cfg, hist, hfrom = self.model_cfg, ctx.hidden, ctx.hidden_from
-    cache, fed = state['cache'], state['fed']
-    w, c = k + 1, self.ecfg.catchup_chunk
+    w = k + 1
 
-    def behind(carry):  # some row has more than one window of unfed positions
-      return jnp.max(pos - carry[1]) > w
+    def feed(cache, first, valid):
+      return self._feed(dp, cache, seq_tokens, hist, hfrom, first, valid, mesh)[1]
 
-    def catch_up(carry):  # feed up to c positions < pos - 1 (the window does pos - 1)
-      cache, fed = carry
-      valid = fed[:, None] + jnp.arange(c)[None, :] < (pos - 1)[:, None]
-      _, cache = self._feed(dp, cache, seq_tokens, hist, hfrom, fed, valid, mesh)
-      return cache, jnp.maximum(fed, jnp.minimum(fed + c, pos - 1))
-
-    cache, fed = jax.lax.while_loop(behind, catch_up, (cache, fed))
+    # head positions < pos - 1 in passes of catchup_chunk, until every row has at most one
+    # window of them left (the window below feeds those and pos - 1)
+    cache, fed = catchup.catch_up(
+      feed, state['cache'], state['fed'], pos - 1, self.ecfg.catchup_chunk, slack=w - 1
+    )
     valid = fed[:, None] + jnp.arange(w)[None, :] <= (pos - 1)[:, None]
     out, cache = self._feed(dp, cache, seq_tokens, hist, hfrom, fed, valid, mesh)
     feat = _at(out, (pos - 1 - fed)[:, None])[:, 0]  # ĥ_pos [B, D]

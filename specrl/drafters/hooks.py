@@ -15,7 +15,10 @@ work). See :mod:`specrl.drafters.base` for the contract of each part:
 - ``init_shared(batch, seq_len) -> pytree``: state that is *not* compacted, leaves
   ``[B_orig, ...]`` (logical axis ``'rows'``), indexed by ``seq_id``;
 - ``observe(draft_params, shared, tokens, pos_before, pos_after, seq_id, group_ids,
-  prompt_ids) -> shared``: called after every commit, plain steps included.
+  prompt_ids) -> shared``: called after every commit, plain steps included;
+- ``rollback(state, pos) -> state``: called after every speculative round's commit with the
+  committed ``pos``, so a drafter that counts the drafts it wrote into its own state as fed
+  (:mod:`specrl.drafters.model_drafter`) keeps only the committed ones.
 
 Train-time parts, asked by the train loop (end of this module): ``derive_in_train_step``
 (draft params re-derived inside the jitted GRPO step), :class:`PromptHistory` (drafts from
@@ -165,6 +168,14 @@ def observe(drafter, draft_params, state, pos_before: jax.Array):
     state.prompt_ids,
   )
   return state.replace(draft_shared=shared)
+
+
+def rollback(drafter, draft_state, pos: jax.Array):
+  """The drafter's state after a speculative round committed up to ``pos`` [B] (its
+  ``rollback``; the state unchanged for drafters without one)."""
+  if drafter is None or not hasattr(drafter, 'rollback'):
+    return draft_state
+  return drafter.rollback(draft_state, pos)
 
 
 def record_hidden(state, hidden: jax.Array, first_pos: jax.Array):

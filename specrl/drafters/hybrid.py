@@ -16,9 +16,14 @@ MixedDraft` (the fallback's logits and the per-row one-hot mask) and
 The fallback's state stays consistent for rows that used the suffix draft: it must hold
 every committed token, also the ones it did not draft.
 
-- Own KV cache (``share_kv = False``): each round re-feeds the last ``k + 1`` committed
-  positions ``pos - k .. pos`` before drafting (a round commits at most ``k + 1`` tokens),
-  instead of the plain model drafter's 2; re-writing a cached slot is harmless.
+- Own KV cache (``share_kv = False``): the fallback's ``fed`` counter (:mod:`specrl.
+  drafters.model_drafter`) counts its drafts as fed only on rows that proposed them (a
+  one-hot row's ``fed`` stays at ``pos + 1``), and each round feeds a window of the last
+  ``k + 1`` committed positions ``pos - k .. pos`` before drafting (a round commits at most
+  ``k + 1`` tokens), instead of the plain model drafter's 2; re-writing a cached slot is
+  harmless. Positions before the window that it has not fed -- a plain phase of the
+  adaptive engine, or a longer round's tokens when k shrinks between chunks -- are caught
+  up first (:mod:`specrl.drafters.catchup`).
 - ``share_kv = True``: the fallback reads the policy's cache, which the verify pass keeps
   complete: nothing to catch up.
 
@@ -93,6 +98,9 @@ class HybridSuffixDrafter:
   def state_logical_axes(self):
     return self.fallback.state_logical_axes()
 
+  def rollback(self, state, pos):
+    return self.fallback.rollback(state, pos)
+
   def prefill(self, draft_params, prompt_tokens, prompt_len, buffer_len, mesh=None):
     return self.fallback.prefill(
       draft_params['fallback'], prompt_tokens, prompt_len, buffer_len, mesh=mesh
@@ -120,13 +128,13 @@ class HybridSuffixDrafter:
     b = pos.shape[0]
 
     def drafted(cache):
-      logit0, cache = fb.first_pass(dp, state, seq_tokens, pos, cache, refeed=k + 1, mesh=mesh)
+      logit0, cache = fb.first_pass(dp, state, seq_tokens, pos, cache, window=k + 1, mesh=mesh)
       tokens, logits, cache = fb.extend(dp, cache, logit0, pos, k, seeds, sp, mesh=mesh)
       return tokens, logits.astype(jnp.float32), cache
 
     def caught_up(cache):  # every row matched: only keep the fallback's cache complete
       if not fb.share_kv:
-        _, cache = fb.first_pass(dp, state, seq_tokens, pos, cache, refeed=k + 1, mesh=mesh)
+        _, cache = fb.first_pass(dp, state, seq_tokens, pos, cache, window=k + 1, mesh=mesh)
       logits = jnp.zeros((b, k, self.vocab_size), jnp.float32)
       return jnp.zeros((b, k), jnp.int32), logits, cache
 
@@ -134,4 +142,7 @@ class HybridSuffixDrafter:
     fb_tokens, fb_logits, cache = jax.lax.cond(jnp.all(one_hot), caught_up, drafted, cache0)
     tokens = jnp.where(one_hot[:, None], sfx, fb_tokens)
     logits = MixedDraft(logits=fb_logits, one_hot=one_hot)
-    return (tokens, logits, *fb.wrap_cache(cache, policy_cache))
+    # the fallback's drafts at pos + 1 .. pos + k - 1 count as fed only where it proposed
+    # them (one-hot rows commit the suffix's tokens there; all rows one-hot: none written)
+    fed = jnp.where(one_hot, pos + 1, pos + k)
+    return (tokens, logits, *fb.wrap_cache(cache, policy_cache, fed))
