@@ -196,7 +196,9 @@ class RolloutEngine:
     prompt_ids=None,
     estimate_costs: bool = False,
   ):
-    prompt_tokens, prompt_len = prepare_prompts(prompt_tokens, prompt_len, self.rcfg)
+    prompt_tokens, prompt_len = prepare_prompts(
+      prompt_tokens, prompt_len, self.rcfg, self.cfg.vocab_size
+    )
     b = prompt_tokens.shape[0]
     group_ids, prompt_ids = prepare_row_ids(group_ids, prompt_ids, b)
     if self.drafter is not None and draft_params is None:
@@ -223,12 +225,14 @@ class RolloutEngine:
     return out, metrics
 
 
-def prepare_prompts(prompt_tokens, prompt_len, rcfg: RolloutConfig):
+def prepare_prompts(prompt_tokens, prompt_len, rcfg: RolloutConfig, vocab_size: int | None = None):
   """Validate a prompt batch and right-pad it to ``rcfg.max_prompt_len``.
 
   Every engine goes through here, so bad input fails the same way everywhere: a batch
   wider than ``max_prompt_len``, an empty prompt, lengths that do not match the tokens
-  given, or a prompt that leaves no room in the cache. Returns int32 numpy
+  given, a prompt that leaves no room in the cache, or (with ``vocab_size``) a token id
+  outside the model's vocabulary (its embedding would be NaN: a silent wrong answer).
+  Returns int32 numpy
   (tokens [B, max_prompt_len], lengths [B]).
   """
   prompt_tokens = np.asarray(prompt_tokens, np.int32)
@@ -256,6 +260,15 @@ def prepare_prompts(prompt_tokens, prompt_len, rcfg: RolloutConfig):
       f'a prompt of {int(prompt_len.max())} tokens does not fit the cache '
       f'(rollout cache holds {rcfg.seq_len} positions)'
     )
+  if vocab_size is not None:
+    used = np.arange(prompt_tokens.shape[1])[None, :] < prompt_len[:, None]
+    bad = used & ((prompt_tokens < 0) | (prompt_tokens >= vocab_size))
+    if bad.any():
+      row, col = map(int, np.argwhere(bad)[0])
+      raise ValueError(
+        f'prompt row {row} has token id {int(prompt_tokens[row, col])} at position {col}, '
+        f'outside the model vocabulary [0, {vocab_size}): a tokenizer / model mismatch'
+      )
   return prompt_tokens, prompt_len
 
 

@@ -172,6 +172,14 @@ def test_prompt_longer_than_cache_is_refused():
   rcfg = rollout_lib.RolloutConfig(max_new_tokens=4, max_prompt_len=8, eos_id=-1)
   with pytest.raises(ValueError, match='prompt_len'):
     run(rcfg, toks, np.full_like(lens, 7))
+  # a token id outside the vocabulary would embed as NaN: refused, naming row and position
+  bad = np.array(toks)
+  bad[1, 0] = 10_000
+  with pytest.raises(ValueError, match=r'prompt row 1 has token id 10000 at position 0'):
+    run(rcfg, bad, lens)
+  bad[1, 0], bad[1, -1] = toks[1, 0], 10_000  # past the row's length: padding, not read
+  if lens[1] < bad.shape[1]:
+    run(rcfg, bad, lens)
 
 
 def test_bad_rollout_config_values():

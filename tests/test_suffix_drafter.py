@@ -223,7 +223,7 @@ RAGGED = rollout_lib.RolloutConfig(max_new_tokens=18, max_prompt_len=17, cache_l
 def _ragged_prompts():
   lengths = np.array([8, 3, 18, 5, 9, 4, 7, 6])  # rows reach the cache end out of order
   plen = (20 - lengths).astype(np.int32)
-  base = np.tile(np.arange(17) % 5 + 3, (8, 1))  # repetitive: siblings match often
+  base = np.tile(np.arange(17) % 3 + 1, (8, 1))  # repetitive: siblings match often (ids < V)
   return np.where(np.arange(17)[None] < plen[:, None], base, 0).astype(np.int32), plen
 
 

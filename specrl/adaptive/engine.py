@@ -386,7 +386,9 @@ class AdaptiveRolloutEngine:
     self, params, prompt_tokens, prompt_len, rng, draft_params=None, group_ids=None, prompt_ids=None
   ):
     rcfg = self.rcfg
-    prompt_tokens, prompt_len = prepare_prompts(prompt_tokens, prompt_len, rcfg)
+    prompt_tokens, prompt_len = prepare_prompts(
+      prompt_tokens, prompt_len, rcfg, self.cfg.vocab_size
+    )
     bsz = prompt_tokens.shape[0]
     row_ids = prepare_row_ids(group_ids, prompt_ids, bsz)
     derived = []
