@@ -134,6 +134,7 @@ def get_config(arg: str | None = None):
       scale_advantages=True,
       num_minibatches=1,
       num_epochs=1,
+      micro_batch=0,  # rows per forward/backward (gradient accumulation); 0 = whole minibatch
       # Asynchronous RL (specrl/async_rl.py): the rollout for step t+s is generated with the
       # params of step t while step t trains (0 = synchronous). Overlap needs a device split
       # (rollout_mesh_shape / train_mesh_shape below); without one s >= 1 is just off-policy.

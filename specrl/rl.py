@@ -66,6 +66,9 @@ class RLConfig:
   num_epochs: int = 1
   offpolicy: str = 'none'  # 'none' | 'tis' | 'decoupled' (see the module docstring)
   is_cap: float = 2.0  # C: truncation ('tis') / drop threshold ('decoupled') of pi_prox/pi_behav
+  # Rows per forward/backward inside one minibatch update (gradient accumulation in the
+  # jitted step; the update equals the whole minibatch's). 0 = the whole minibatch at once.
+  micro_batch: int = 0
 
   def __post_init__(self):
     if self.num_generations < 2:
@@ -84,6 +87,8 @@ class RLConfig:
       raise ValueError('rl.num_minibatches and rl.num_epochs must be >= 1')
     if self.offpolicy not in OFFPOLICY:
       raise ValueError(f'rl.offpolicy must be one of {OFFPOLICY}, got {self.offpolicy!r}')
+    if self.micro_batch < 0:
+      raise ValueError(f'rl.micro_batch must be >= 0 (0 = whole minibatch), got {self.micro_batch}')
     if not self.is_cap >= 1:
       raise ValueError(f'rl.is_cap must be >= 1 (it caps pi_prox / pi_behav), got {self.is_cap}')
 
@@ -180,22 +185,44 @@ def sequence_logprobs(
   return (lp, hidden) if return_hidden else lp
 
 
-def _aggregate(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
+def loss_denominators(mask: jax.Array) -> dict:
+  """The denominators of :func:`_aggregate` over a whole (mini)batch ``mask`` [B, S]:
+  'token': its response-token count, 'sequence': its rows with a response token (both
+  at least 1). Micro-batches pass these in so their partial losses sum to the batch's."""
+  has = (jnp.sum(mask, axis=1) > 0).astype(jnp.float32)
+  return {'token': jnp.maximum(jnp.sum(mask), 1.0), 'sequence': jnp.maximum(jnp.sum(has), 1.0)}
+
+
+def _aggregate(x: jax.Array, mask: jax.Array, how: str, denoms: dict | None = None) -> jax.Array:
+  """Token- or sequence-mean of ``x`` over ``mask``. ``denoms`` (:func:`loss_denominators`
+  of the whole batch): divide by those instead of this array's own, so a micro-batch's
+  value is its share of the whole batch's mean (the shares sum to it)."""
+  d = loss_denominators(mask) if denoms is None else denoms
   if how == 'token':
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(x * mask) / d['token']
   per_seq = jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
   has = (jnp.sum(mask, axis=1) > 0).astype(jnp.float32)
-  return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
+  return jnp.sum(per_seq * has) / d['sequence']
 
 
 def grpo_loss_from_logprobs(
-  logprobs, old_logprobs, ref_logprobs, advantages, mask, rl: RLConfig, prox_logprobs=None
+  logprobs,
+  old_logprobs,
+  ref_logprobs,
+  advantages,
+  mask,
+  rl: RLConfig,
+  prox_logprobs=None,
+  denoms: dict | None = None,
 ):
   """PPO-clipped GRPO loss from per-token logprobs (all [B, S]); returns (loss, metrics).
 
   ``old_logprobs``: the behaviour policy's; ``prox_logprobs``: the proximal policy's (the
   params at the start of the step), required by ``rl.offpolicy`` 'tis' and 'decoupled'
-  (formulas in the module docstring)."""
+  (formulas in the module docstring). ``denoms``: the whole batch's
+  :func:`loss_denominators` when these rows are one micro-batch of it: then the loss and
+  every metric but ``is_weight_max`` (a max) are this micro-batch's additive share."""
+  agg = functools.partial(_aggregate, denoms=denoms)
   adv = advantages[:, None]
   hi = rl.clip_eps_high or rl.clip_eps
   metrics = {}
@@ -213,10 +240,10 @@ def grpo_loss_from_logprobs(
     weight = jnp.minimum(w, rl.is_cap) if rl.offpolicy == 'tis' else w * (1.0 - capped)
     metrics.update(
       {
-        'is_weight_mean': _aggregate(w, mask, 'token'),
+        'is_weight_mean': agg(w, mask, 'token'),
         'is_weight_max': jnp.max(jnp.where(mask > 0, w, 0.0)),
-        'is_capped_frac': _aggregate(capped, mask, 'token'),
-        'behav_kl': _aggregate(w - 1.0 - log_w, mask, 'token'),
+        'is_capped_frac': agg(capped, mask, 'token'),
+        'behav_kl': agg(w - 1.0 - log_w, mask, 'token'),
       }
     )
   unclipped = ratio * adv
@@ -224,18 +251,18 @@ def grpo_loss_from_logprobs(
   pg = -jnp.minimum(unclipped, clipped)
   if weight is not None:
     pg = weight * pg
-  loss = _aggregate(pg, mask, rl.aggregation)
+  loss = agg(pg, mask, rl.aggregation)
   metrics.update(
     {
       'pg_loss': loss,
-      'clip_frac': _aggregate((unclipped != clipped).astype(jnp.float32), mask, 'token'),
-      'ratio_mean': _aggregate(ratio, mask, 'token'),
+      'clip_frac': agg((unclipped != clipped).astype(jnp.float32), mask, 'token'),
+      'ratio_mean': agg(ratio, mask, 'token'),
     }
   )
   if ref_logprobs is not None and rl.kl_coef > 0:
     d = ref_logprobs - logprobs
     kl = jnp.exp(d) - d - 1.0  # k3 estimator, >= 0
-    kl_mean = _aggregate(kl, mask, rl.aggregation)
+    kl_mean = agg(kl, mask, rl.aggregation)
     loss = loss + rl.kl_coef * kl_mean
     metrics['kl'] = kl_mean
   metrics['loss'] = loss
@@ -243,12 +270,20 @@ def grpo_loss_from_logprobs(
 
 
 def grpo_loss(
-  params, batch: dict, ref_params, cfg, rl: RLConfig, mesh=None, return_hidden: bool = False
+  params,
+  batch: dict,
+  ref_params,
+  cfg,
+  rl: RLConfig,
+  mesh=None,
+  return_hidden: bool = False,
+  denoms: dict | None = None,
 ):
   """(loss, metrics). ``batch`` as in the module docstring, plus ``prox_logprobs`` [B, S]
   when ``rl.offpolicy`` != 'none' (:func:`train_step` adds them). ``return_hidden``:
   (loss, (metrics, hidden)) with the policy's final-norm hidden states [B, S-1, D] of this
-  forward, stop-gradient (for a drafter head)."""
+  forward, stop-gradient (for a drafter head). ``denoms``: as in
+  :func:`grpo_loss_from_logprobs` (``batch`` a micro-batch)."""
   lp, hidden = sequence_logprobs(params, cfg, batch['tokens'], rl.temperature, mesh, True)
   ref_lp = None
   if ref_params is not None and rl.kl_coef > 0:
@@ -263,18 +298,35 @@ def grpo_loss(
     batch['response_mask'],
     rl,
     prox_logprobs=batch.get('prox_logprobs'),
+    denoms=denoms,
   )
   return (loss, (metrics, jax.lax.stop_gradient(hidden))) if return_hidden else (loss, metrics)
 
 
-def proximal_logprobs(params, tokens, cfg, rl: RLConfig, mesh=None):
-  """Logprobs [B, S] of ``tokens`` under ``params`` (no gradient), computed in
-  ``rl.num_minibatches`` chunks so the logits never exceed one minibatch's."""
-  n = rl.num_minibatches
-  if tokens.shape[0] % n:
+def micro_batches(rows: int, rl: RLConfig) -> int:
+  """Micro-batches per minibatch update: ``rows`` (a minibatch's) / ``rl.micro_batch``
+  (1 when 0 or >= rows); refused unless it divides."""
+  m = rl.micro_batch
+  if m == 0 or m >= rows:
+    return 1
+  if rows % m:
     raise ValueError(
-      f'batch of {tokens.shape[0]} sequences is not divisible by rl.num_minibatches={n}'
+      f'a minibatch of {rows} sequences is not divisible by rl.micro_batch={m}: set '
+      'rl.micro_batch to a divisor of num_prompts * num_generations / num_minibatches'
     )
+  return rows // m
+
+
+def proximal_logprobs(params, tokens, cfg, rl: RLConfig, mesh=None):
+  """Logprobs [B, S] of ``tokens`` under ``params`` (no gradient), computed in chunks of
+  one micro-batch (``rl.num_minibatches`` x :func:`micro_batches` chunks) so no forward
+  exceeds a loss forward's rows."""
+  if tokens.shape[0] % rl.num_minibatches:
+    raise ValueError(
+      f'batch of {tokens.shape[0]} sequences is not divisible by '
+      f'rl.num_minibatches={rl.num_minibatches}'
+    )
+  n = rl.num_minibatches * micro_batches(tokens.shape[0] // rl.num_minibatches, rl)
   chunks = tokens.reshape((n, tokens.shape[0] // n) + tokens.shape[1:])
   lp = jax.lax.map(lambda t: sequence_logprobs(params, cfg, t, rl.temperature, mesh), chunks)
   return jax.lax.stop_gradient(lp.reshape(tokens.shape))
@@ -332,11 +384,36 @@ def train_step(
   drafter head trains on them without another policy forward; the update is unchanged.
   """
 
+  def loss_and_grads(params, mb, keep_hidden):
+    """(loss, aux), grads of one minibatch: at once, or as :func:`micro_batches` micro-batches
+    whose gradients are summed (each micro-batch's loss uses the minibatch's denominators,
+    so the sum is the minibatch's loss, gradient and metrics; ``is_weight_max`` a max)."""
+    rows = mb['tokens'].shape[0]
+    n_micro = micro_batches(rows, rl)
+    vg = jax.value_and_grad(grpo_loss, has_aux=True)
+    if n_micro == 1:
+      return vg(params, mb, state.ref_params, cfg, rl, mesh, keep_hidden)
+    denoms = loss_denominators(mb['response_mask'])
+    micro = jax.tree.map(lambda x: x.reshape((n_micro, rows // n_micro) + x.shape[1:]), mb)
+
+    def acc(g_sum, u):
+      (loss, aux), g = vg(params, u, state.ref_params, cfg, rl, mesh, keep_hidden, denoms)
+      g_sum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_sum, g)
+      return g_sum, (loss, aux)
+
+    g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    g_sum, (losses, aux) = jax.lax.scan(acc, g0, micro)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), g_sum, params)
+    metrics, hidden = aux if keep_hidden else (aux, None)
+    metrics = {k: jnp.max(v) if k.endswith('_max') else jnp.sum(v) for k, v in metrics.items()}
+    if keep_hidden:  # [n_micro, rows/n_micro, S-1, D] -> [rows, S-1, D]
+      hidden = hidden.reshape((rows,) + hidden.shape[2:])
+    aux = (metrics, hidden) if keep_hidden else metrics
+    return (jnp.sum(losses), aux), grads
+
   def update(carry, mb, keep_hidden=False):
     params, opt_state = carry
-    (loss, aux), grads = jax.value_and_grad(grpo_loss, has_aux=True)(
-      params, mb, state.ref_params, cfg, rl, mesh, keep_hidden
-    )
+    (loss, aux), grads = loss_and_grads(params, mb, keep_hidden)
     metrics, hidden = aux if keep_hidden else (aux, None)
     params, opt_state, metrics['grad_norm'], metrics[faults.SKIP_KEY] = guarded_update(
       optimizer, loss, grads, params, opt_state, guard
