@@ -44,6 +44,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from specrl import faults
@@ -69,6 +70,9 @@ class RLConfig:
   # Rows per forward/backward inside one minibatch update (gradient accumulation in the
   # jitted step; the update equals the whole minibatch's). 0 = the whole minibatch at once.
   micro_batch: int = 0
+  # Cut the train batch to the longest sequence in it (rounded up to a power of two, so at
+  # most log2(seq_len) shapes compile) instead of the rollout buffer (:func:`trim_batch`).
+  trim_length: bool = True
 
   def __post_init__(self):
     if self.num_generations < 2:
@@ -330,6 +334,28 @@ def proximal_logprobs(params, tokens, cfg, rl: RLConfig, mesh=None):
   chunks = tokens.reshape((n, tokens.shape[0] // n) + tokens.shape[1:])
   lp = jax.lax.map(lambda t: sequence_logprobs(params, cfg, t, rl.temperature, mesh), chunks)
   return jax.lax.stop_gradient(lp.reshape(tokens.shape))
+
+
+def trimmed_length(mask, seq_len: int) -> int:
+  """The train length of a batch whose response ``mask`` is [B, seq_len]: one past the
+  last response position of any row, rounded up to a power of two (at least 2), at most
+  ``seq_len``. Positions from there on hold no response token of any row and, under the
+  causal mask, change no logprob before them: cutting them leaves the loss unchanged."""
+  cols = np.flatnonzero(np.asarray(mask).any(axis=0))
+  last = int(cols[-1]) + 1 if cols.size else 0
+  return min(seq_len, 1 << max(1, last - 1).bit_length())
+
+
+def trim_batch(batch: dict) -> dict:
+  """``batch`` (host arrays, the module docstring's layout) with every [B, S] array cut to
+  :func:`trimmed_length` positions. Host side, before the jitted step: the step compiles
+  once per bucket (a power of two), and the forward, its activations and the attention
+  scale with the batch's longest answer, not with the rollout budget."""
+  s = batch['tokens'].shape[1]
+  n = trimmed_length(batch['response_mask'], s)
+  if n == s:
+    return batch
+  return {k: v[:, :n] if np.ndim(v) == 2 and v.shape[1] == s else v for k, v in batch.items()}
 
 
 def _minibatches(batch: dict, n: int, rng) -> dict:

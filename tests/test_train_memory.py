@@ -20,14 +20,14 @@ CFG = model_lib.ModelConfig(
 
 
 def _batch(rows=8, seq=24, seed=0):
-  """A rollout-shaped batch: prompts of 3..5 tokens, responses of 0..(seq/2) tokens
-  (row 1 has none), padding after; the last row reaches seq/2 + 5 so trimming cuts."""
+  """A rollout-shaped batch: prompts of 3..5 tokens, responses of 0..(seq/2 - 2) tokens
+  (row 1 has none, the last the most), padding after: at seq = 24 trimming cuts to 16."""
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, CFG.vocab_size, (rows, seq)).astype(np.int32)
   plen = rng.integers(3, 6, rows)
-  rlen = rng.integers(1, seq // 2, rows)
+  rlen = rng.integers(1, seq // 2 - 2, rows)
   rlen[1] = 0
-  rlen[-1] = seq // 2
+  rlen[-1] = seq // 2 - 2
   pos = np.arange(seq)[None]
   mask = ((pos >= plen[:, None]) & (pos < (plen + rlen)[:, None])).astype(np.float32)
   old = (-rng.uniform(0.5, 4.0, (rows, seq))).astype(np.float32) * mask
@@ -69,13 +69,34 @@ BASE = dict(num_generations=2, num_minibatches=2, kl_coef=0.1, is_cap=1.5)
 @pytest.mark.parametrize(
   'aggregation,offpolicy', [(a, o) for a in ('token', 'sequence') for o in rl_lib.OFFPOLICY]
 )
-def test_micro_batches_equal_the_whole_minibatch_update(aggregation, offpolicy):
-  rl = rl_lib.RLConfig(**BASE, aggregation=aggregation, offpolicy=offpolicy)
+def test_memory_bounded_step_equals_the_reference_step(aggregation, offpolicy):
+  """Micro-batches of 2 rows + the batch trimmed to its longest sequence (24 -> 16) vs
+  the whole-minibatch step on the untrimmed buffer: same metrics, same updated params,
+  same hidden states for the eagle head (on the trimmed positions)."""
+  rl = rl_lib.RLConfig(**BASE, aggregation=aggregation, offpolicy=offpolicy, trim_length=False)
   batch = _batch()
   ref = _step(rl, batch)
-  got = _step(dataclasses.replace(rl, micro_batch=2), batch)
+  trimmed = rl_lib.trim_batch(batch)
+  assert trimmed['tokens'].shape == (8, 16)
+  got = _step(dataclasses.replace(rl, micro_batch=2), trimmed)
   _assert_same_update(ref, got)
-  np.testing.assert_allclose(got[2], ref[2], rtol=1e-4, atol=2e-5)  # the eagle head's input
+  n = trimmed['tokens'].shape[1] - 1
+  np.testing.assert_allclose(got[2], ref[2][:, :n], rtol=1e-4, atol=2e-5)  # the head's input
+
+
+def test_trimmed_length_is_a_power_of_two_bucket_of_the_longest_answer():
+  def length(last, s):
+    m = np.zeros((3, s), np.float32)
+    if last:
+      m[2, last - 1] = 1
+    return rl_lib.trimmed_length(m, s)
+
+  assert [length(n, 64) for n in (0, 2, 3, 16, 17, 33, 64)] == [2, 2, 4, 16, 32, 64, 64]
+  assert length(40, 48) == 48  # capped at the buffer
+  b = _batch(seq=24)
+  t = rl_lib.trim_batch(b)
+  assert t['advantages'] is b['advantages']
+  assert all(t[k].shape == (8, 16) for k in ('tokens', 'response_mask', 'old_logprobs'))
 
 
 def test_micro_batch_must_divide_the_minibatch():
