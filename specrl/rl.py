@@ -73,6 +73,13 @@ class RLConfig:
   # Cut the train batch to the longest sequence in it (rounded up to a power of two, so at
   # most log2(seq_len) shapes compile) instead of the rollout buffer (:func:`trim_batch`).
   trim_length: bool = True
+  # The loss forward's attention (model.run_layers): 'full' (the [B, S, S] reference),
+  # 'blocked' (flash-style jnp, memory linear in S, any backend) or 'xla'
+  # (jax.nn.dot_product_attention: cuDNN's fused kernel on GPU); block size of 'blocked'.
+  attention_impl: str = 'full'
+  attention_block: int = 512
+  # Each layer of the loss forward under jax.checkpoint (recomputed in the backward pass).
+  remat: bool = False
 
   def __post_init__(self):
     if self.num_generations < 2:
@@ -93,6 +100,12 @@ class RLConfig:
       raise ValueError(f'rl.offpolicy must be one of {OFFPOLICY}, got {self.offpolicy!r}')
     if self.micro_batch < 0:
       raise ValueError(f'rl.micro_batch must be >= 0 (0 = whole minibatch), got {self.micro_batch}')
+    if self.attention_impl not in model_lib.ATTENTION_IMPLS:
+      raise ValueError(
+        f'rl.attention_impl must be one of {model_lib.ATTENTION_IMPLS}, got {self.attention_impl!r}'
+      )
+    if self.attention_block < 1:
+      raise ValueError(f'rl.attention_block must be >= 1, got {self.attention_block}')
     if not self.is_cap >= 1:
       raise ValueError(f'rl.is_cap must be >= 1 (it caps pi_prox / pi_behav), got {self.is_cap}')
 
@@ -152,6 +165,15 @@ def logprob_chunk(batch: int, seq: int, vocab: int) -> int:
   return max(1, min(seq, LOGPROB_CHUNK_ELEMENTS // max(batch * vocab, 1)))
 
 
+def forward_options(rl: RLConfig) -> dict:
+  """The loss forward's :func:`specrl.model.forward` options from ``rl``."""
+  return {
+    'attention_impl': rl.attention_impl,
+    'attention_block': rl.attention_block,
+    'remat': rl.remat,
+  }
+
+
 def sequence_logprobs(
   params,
   cfg: model_lib.ModelConfig,
@@ -159,17 +181,26 @@ def sequence_logprobs(
   temperature: float,
   mesh=None,
   return_hidden: bool = False,
+  **forward_opts,
 ):
   """Logprob of every token given its prefix. tokens [B, S] -> f32 [B, S] (0 at t = 0).
 
   The trunk runs once; the LM head + log-softmax run over chunks of positions
   (:func:`logprob_chunk`) under ``jax.checkpoint``, so peak memory holds one chunk's
   [B, C, V] logits, forward and backward. ``return_hidden``: also the trunk's final-norm
-  hidden states at positions 0..S-2, [B, S-1, D] (what a drafter head trains on)."""
+  hidden states at positions 0..S-2, [B, S-1, D] (what a drafter head trains on).
+  ``forward_opts``: the trunk's attention / remat (:func:`forward_options`)."""
   b, s = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
   _, _, hidden = model_lib.forward(
-    params, cfg, tokens[:, :-1], positions, mesh=mesh, rules=shd.TRAIN_RULES, head=False
+    params,
+    cfg,
+    tokens[:, :-1],
+    positions,
+    mesh=mesh,
+    rules=shd.TRAIN_RULES,
+    head=False,
+    **forward_opts,
   )
   c = logprob_chunk(b, s - 1, cfg.vocab_size)
   n = -(-(s - 1) // c)
@@ -288,11 +319,12 @@ def grpo_loss(
   (loss, (metrics, hidden)) with the policy's final-norm hidden states [B, S-1, D] of this
   forward, stop-gradient (for a drafter head). ``denoms``: as in
   :func:`grpo_loss_from_logprobs` (``batch`` a micro-batch)."""
-  lp, hidden = sequence_logprobs(params, cfg, batch['tokens'], rl.temperature, mesh, True)
+  opts = forward_options(rl)
+  lp, hidden = sequence_logprobs(params, cfg, batch['tokens'], rl.temperature, mesh, True, **opts)
   ref_lp = None
   if ref_params is not None and rl.kl_coef > 0:
     ref_lp = jax.lax.stop_gradient(
-      sequence_logprobs(ref_params, cfg, batch['tokens'], rl.temperature, mesh)
+      sequence_logprobs(ref_params, cfg, batch['tokens'], rl.temperature, mesh, **opts)
     )
   loss, metrics = grpo_loss_from_logprobs(
     lp,
@@ -332,7 +364,10 @@ def proximal_logprobs(params, tokens, cfg, rl: RLConfig, mesh=None):
     )
   n = rl.num_minibatches * micro_batches(tokens.shape[0] // rl.num_minibatches, rl)
   chunks = tokens.reshape((n, tokens.shape[0] // n) + tokens.shape[1:])
-  lp = jax.lax.map(lambda t: sequence_logprobs(params, cfg, t, rl.temperature, mesh), chunks)
+  opts = forward_options(rl)
+  lp = jax.lax.map(
+    lambda t: sequence_logprobs(params, cfg, t, rl.temperature, mesh, **opts), chunks
+  )
   return jax.lax.stop_gradient(lp.reshape(tokens.shape))
 
 

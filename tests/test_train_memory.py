@@ -66,19 +66,27 @@ def _assert_same_update(ref, got, rtol=1e-4, atol=2e-5):
 BASE = dict(num_generations=2, num_minibatches=2, kl_coef=0.1, is_cap=1.5)
 
 
+COMBOS = [(a, o) for a in ('token', 'sequence') for o in rl_lib.OFFPOLICY]
+
+
 @pytest.mark.parametrize(
-  'aggregation,offpolicy', [(a, o) for a in ('token', 'sequence') for o in rl_lib.OFFPOLICY]
+  'aggregation,offpolicy,remat', [(a, o, i % 2 == 1) for i, (a, o) in enumerate(COMBOS)]
 )
-def test_memory_bounded_step_equals_the_reference_step(aggregation, offpolicy):
-  """Micro-batches of 2 rows + the batch trimmed to its longest sequence (24 -> 16) vs
-  the whole-minibatch step on the untrimmed buffer: same metrics, same updated params,
-  same hidden states for the eagle head (on the trimmed positions)."""
+def test_memory_bounded_step_equals_the_reference_step(aggregation, offpolicy, remat):
+  """Blocked attention (blocks of 4 over 15 positions: padded blocks) + micro-batches of 2
+  rows + the batch trimmed to its longest sequence (24 -> 16), with and without remat
+  (each aggregation and off-policy mode sees both), vs the reference step (full
+  attention, whole minibatch, untrimmed buffer): same metrics, same updated params, same
+  hidden states for the eagle head (on the trimmed positions)."""
   rl = rl_lib.RLConfig(**BASE, aggregation=aggregation, offpolicy=offpolicy, trim_length=False)
   batch = _batch()
   ref = _step(rl, batch)
   trimmed = rl_lib.trim_batch(batch)
   assert trimmed['tokens'].shape == (8, 16)
-  got = _step(dataclasses.replace(rl, micro_batch=2), trimmed)
+  fast = dataclasses.replace(
+    rl, micro_batch=2, attention_impl='blocked', attention_block=4, remat=remat
+  )
+  got = _step(fast, trimmed)
   _assert_same_update(ref, got)
   n = trimmed['tokens'].shape[1] - 1
   np.testing.assert_allclose(got[2], ref[2][:, :n], rtol=1e-4, atol=2e-5)  # the head's input
@@ -97,6 +105,31 @@ def test_trimmed_length_is_a_power_of_two_bucket_of_the_longest_answer():
   t = rl_lib.trim_batch(b)
   assert t['advantages'] is b['advantages']
   assert all(t[k].shape == (8, 16) for k in ('tokens', 'response_mask', 'old_logprobs'))
+
+
+@pytest.mark.parametrize('t,block', [(13, 4), (8, 8), (5, 16)])
+def test_blocked_and_xla_attention_equal_the_full_attention(t, block):
+  rng = np.random.default_rng(t)
+  q = jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32) for _ in range(2))
+  pos = jnp.broadcast_to(jnp.arange(t), (2, t))
+  ref = model_lib.attention(q, k, v, pos[:, None, :] <= pos[:, :, None])
+  got = jax.jit(model_lib.blocked_attention, static_argnums=5)(q, k, v, pos, pos, block)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model_lib.xla_causal_attention(q, k, v), ref, rtol=1e-5, atol=1e-6)
+  # gradients too (the blocked backward recomputes each query block)
+  f = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), (0, 1, 2)))  # noqa: E731
+  g_ref = f(lambda q, k, v: model_lib.attention(q, k, v, pos[:, None, :] <= pos[:, :, None]))
+  g_got = f(lambda q, k, v: model_lib.blocked_attention(q, k, v, pos, pos, block))
+  for a, b in zip(g_ref(q, k, v), g_got(q, k, v), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_attention_settings_name_the_field():
+  with pytest.raises(ValueError, match='rl.attention_impl'):
+    rl_lib.RLConfig(num_generations=2, attention_impl='flash')
+  with pytest.raises(ValueError, match='rl.attention_block'):
+    rl_lib.RLConfig(num_generations=2, attention_block=0)
 
 
 def test_micro_batch_must_divide_the_minibatch():
