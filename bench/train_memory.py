@@ -11,7 +11,7 @@ overhead; a rollout engine is not included). Two settings:
   after   rl.attention_impl='blocked' (block 512), rl.remat=True, rl.micro_batch=M
 
 plus the fit check's estimate (``rl.estimate_train_bytes``) of each, and optionally
-(``--time_rows``) the measured step time of 'after' on a few rows at the shortest lengths.
+(``--time_rows``) the measured step time of both on a few rows at the shortest lengths.
 
   python bench/train_memory.py --quick    # S = 128, 512, 2048, 8192; minutes on 2 cores
   python bench/train_memory.py            # S = 128, 512, 1024, 2048, 4096, 8192
@@ -131,7 +131,7 @@ def main():
         'estimate_gb': est / GB,
         'compile_s': ctime,
       }
-      if name == 'after' and args.time_rows and s <= args.time_max_seq:
+      if args.time_rows and s <= args.time_max_seq:
         compiled_t, _ = compiled_step(cfg, rl, opt, args.time_rows, s)
         row['step_s'] = step_time(compiled_t, cfg, rl, opt, args.time_rows, s, 2)
       rows.append(row)
