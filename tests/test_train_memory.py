@@ -190,3 +190,16 @@ def test_a_4k_token_grpo_step_runs_under_40_mb_of_temp_memory():
   assert temp < BOUND_4K, temp / 2**20
   new, metrics = compiled(state, jax.tree.map(jnp.asarray, b))
   assert np.isfinite(float(metrics['loss'])) and float(metrics['grad_norm']) > 0
+
+
+def test_the_eagle_spot_buffer_takes_a_trimmed_step_zero_padded():
+  from specrl.drafters import eagle_spot as es
+
+  buf = es.init_buffer(2, 3, 8, 4, jnp.float32)
+  hid, toks, mask = jnp.ones((3, 4, 4)), jnp.full((3, 5), 7, jnp.int32), jnp.ones((3, 5))
+  buf = es.push(buf, hid, toks, mask)  # a batch trimmed to 5 of the buffer's 8 positions
+  np.testing.assert_array_equal(buf.tokens[0, :, :5], 7)
+  np.testing.assert_array_equal(buf.tokens[0, :, 5:], 0)
+  np.testing.assert_array_equal(buf.mask[0, :, 5:], 0)
+  np.testing.assert_array_equal(buf.hidden[0, :, 4:], 0)
+  np.testing.assert_array_equal(buf.hidden[0, :, :4], 1)
