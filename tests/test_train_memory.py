@@ -203,3 +203,14 @@ def test_the_eagle_spot_buffer_takes_a_trimmed_step_zero_padded():
   np.testing.assert_array_equal(buf.mask[0, :, 5:], 0)
   np.testing.assert_array_equal(buf.hidden[0, :, 4:], 0)
   np.testing.assert_array_equal(buf.hidden[0, :, :4], 1)
+
+
+def test_the_loop_refuses_a_step_that_cannot_fit_before_compiling(monkeypatch):
+  from configs import default
+  from specrl import train
+
+  exp = train.build_experiment(default.get_config('smoke'))
+  state = train.init_state(exp)
+  monkeypatch.setattr(rl_lib, 'device_memory_bytes', lambda device=None: 2**20)  # 1 MB
+  with pytest.raises(ValueError, match='more than the 0.0 GB of device memory: set'):
+    train.jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
