@@ -74,6 +74,8 @@ def rollout_batch(exp, params, step: int, rng, draft_params=None):
     'old_logprobs': np.asarray(out.logprobs)[:, :s] * mask,
     'advantages': adv,
   }
+  if exp.rl_cfg.trim_length:  # the longest answer's (bucketed) length, not the buffer's
+    batch = rl_lib.trim_batch(batch)
   correct = [exp.task.is_correct(resp[i, : length[i]], answers[i]) for i in range(len(answers))]
   metrics.update(
     {
@@ -81,6 +83,7 @@ def rollout_batch(exp, params, step: int, rng, draft_params=None):
       'accuracy': float(np.mean(correct)),
       'response_len_mean': float(length.mean()),
       'response_len_max': int(length.max()),
+      'train_seq_len': int(batch['tokens'].shape[1]),
       'finish_eos_frac': float((np.asarray(out.finish) == rollout_lib.FINISH_EOS).mean()),
     }
   )

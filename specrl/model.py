@@ -253,10 +253,78 @@ def attention(q, k, v, mask) -> jax.Array:
   return out.reshape(b, t, h, dh)
 
 
-def _layer(cfg: ModelConfig, lp, x, positions, kv_fn, mesh, rules):
+ATTENTION_IMPLS = ('full', 'blocked', 'xla')
+
+
+def blocked_attention(q, k, v, q_pos, k_pos, block: int = 512) -> jax.Array:
+  """:func:`attention` with key j visible to query i iff ``k_pos[j] <= q_pos[i]``, in
+  memory linear in the sequence (flash-style, pure jnp: any backend).
+
+  q [B, T, H, Dh], q_pos [B, T]; k, v [B, S, K, Dh], k_pos [B, S]. Queries go in blocks of
+  ``block`` (``lax.map`` over a ``jax.checkpoint``-ed block), each scanning key blocks with
+  an online softmax (running max and sum in f32), so no [T, S] score matrix exists: the
+  forward holds one [block, block] tile per (batch, head), the backward recomputes one query
+  block's tiles at a time (B x H x block x S). Equal to :func:`attention` up to float
+  rounding (rows with no visible key, which a causal mask never has, differ)."""
+  b, t, h, dh = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  g = h // kh
+  bq, bk = min(block, t), min(block, s)
+  nq, nk = -(-t // bq), -(-s // bk)
+  qp = jnp.pad(q, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
+  qpos = jnp.pad(q_pos, ((0, 0), (0, nq * bq - t)), constant_values=-1)
+  big = jnp.iinfo(jnp.int32).max  # padded keys: visible to no query
+  kpos = jnp.pad(k_pos.astype(jnp.int32), ((0, 0), (0, nk * bk - s)), constant_values=big)
+  kp = jnp.pad(k, ((0, 0), (0, nk * bk - s), (0, 0), (0, 0)))
+  vp = jnp.pad(v, ((0, 0), (0, nk * bk - s), (0, 0), (0, 0)))
+  qb = qp.reshape(b, nq, bq, kh, g, dh).swapaxes(0, 1)  # [nq, B, bq, K, G, Dh]
+  qposb = qpos.reshape(b, nq, bq).swapaxes(0, 1)
+  kb = kp.reshape(b, nk, bk, kh, dh).swapaxes(0, 1)  # [nk, B, bk, K, Dh]
+  vb = vp.reshape(b, nk, bk, kh, dh).swapaxes(0, 1)
+  kposb = kpos.reshape(b, nk, bk).swapaxes(0, 1)
+  scale = 1.0 / jnp.sqrt(jnp.float32(dh))
+
+  @jax.checkpoint
+  def query_block(qi, qpos_i):  # [B, bq, K, G, Dh], [B, bq] -> [B, bq, K, G, Dh]
+    def key_block(carry, kv):
+      m, l, acc = carry  # [B, K, G, bq] x2, [B, K, G, bq, Dh] (f32)
+      kj, vj, kpos_j = kv
+      sc = jnp.einsum('bqkgd,bskd->bkgqs', qi, kj).astype(jnp.float32) * scale
+      vis = kpos_j[:, None, :] <= qpos_i[:, :, None]  # [B, bq, bk]
+      sc = jnp.where(vis[:, None, None], sc, -1e30)
+      m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+      corr = jnp.exp(m - m_new)
+      p = jnp.exp(sc - m_new[..., None])
+      l = l * corr + jnp.sum(p, axis=-1)
+      pv = jnp.einsum('bkgqs,bskd->bkgqd', p.astype(vj.dtype), vj).astype(jnp.float32)
+      return (m_new, l, acc * corr[..., None] + pv), None
+
+    init = (
+      jnp.full((b, kh, g, bq), -1e30, jnp.float32),
+      jnp.zeros((b, kh, g, bq), jnp.float32),
+      jnp.zeros((b, kh, g, bq, dh), jnp.float32),
+    )
+    (_, l, acc), _ = jax.lax.scan(key_block, init, (kb, vb, kposb))
+    out = acc / l[..., None]  # [B, K, G, bq, Dh]
+    return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)
+
+  out = jax.lax.map(lambda a: query_block(*a), (qb, qposb))  # [nq, B, bq, K, G, Dh]
+  return out.swapaxes(0, 1).reshape(b, nq * bq, h, dh)[:, :t]
+
+
+def xla_causal_attention(q, k, v) -> jax.Array:
+  """Causal :func:`attention` (key j visible to query i iff j <= i) through
+  ``jax.nn.dot_product_attention``: XLA's fused kernel where the backend has one (cuDNN
+  flash attention on GPU), the plain composition elsewhere (no memory saving on CPU).
+  Only valid where positions increase by one along the sequence (training's forward)."""
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def _layer(cfg: ModelConfig, lp, x, positions, kv_fn, mesh, rules, attn_fn=None):
   """One pre-norm block.
 
   ``kv_fn(k, v) -> (k_all, v_all, mask, aux)`` decides cache vs no cache; returns (x, aux).
+  ``attn_fn(q, k_all, v_all)``: the attention instead of :func:`attention` with the mask.
   """
   h = rms_norm(x, lp['attn_norm'], cfg.norm_eps)
   q = _einsum('btd,dhk->bthk', h, lp['wq'])
@@ -273,7 +341,7 @@ def _layer(cfg: ModelConfig, lp, x, positions, kv_fn, mesh, rules):
   k = rope(k, positions, cfg.rope_theta)
   q = shd.constrain(q, ('batch', 'seq', 'heads', 'head_dim'), mesh, rules)
   k_all, v_all, mask, aux = kv_fn(k, v)
-  o = attention(q, k_all, v_all, mask)
+  o = attention(q, k_all, v_all, mask) if attn_fn is None else attn_fn(q, k_all, v_all)
   x = x + _einsum('bthk,hkd->btd', o, lp['wo'])
   h = rms_norm(x, lp['mlp_norm'], cfg.norm_eps)
   g = _einsum('btd,df->btf', h, lp['w_gate'])
@@ -311,22 +379,52 @@ def _over_layers(body, carry, layers, with_index: bool = False):
   return jax.lax.scan(body, carry, (layers, jnp.arange(n)) if with_index else layers)
 
 
-def run_layers(layers, cfg: ModelConfig, x, positions, cache=None, *, mesh=None, rules=None):
+def run_layers(
+  layers,
+  cfg: ModelConfig,
+  x,
+  positions,
+  cache=None,
+  *,
+  mesh=None,
+  rules=None,
+  attention_impl: str = 'full',
+  attention_block: int = 512,
+  remat: bool = False,
+):
   """The decoder stack over x [B, T, D] at ``positions`` [B, T] (no embedding, no final
   norm): the policy's :func:`forward` and the eagle head's layers share it. ``layers``
   stacked or unstacked (:func:`unstack_layers`). With ``cache`` ``[L, B, S, K, Dh]`` the
   new k/v are written at ``positions`` (``>= S``: dropped) and queries attend to slots
   ``<= position``; without, key j is visible to query i iff ``positions[j] <=
-  positions[i]``. Returns (x [B, T, D], new cache or None)."""
+  positions[i]``. Returns (x [B, T, D], new cache or None).
+
+  Without a cache (the training forward) only: ``attention_impl`` 'full' (:func:`attention`
+  over a [B, T, T] mask: the reference), 'blocked' (:func:`blocked_attention` in blocks of
+  ``attention_block``: memory linear in T) or 'xla' (:func:`xla_causal_attention`: cuDNN's
+  fused kernel on GPU; positions must increase by one); ``remat``: each layer under
+  ``jax.checkpoint`` (its activations recomputed in the backward pass: the forward keeps
+  one [B, T, D] residual per layer)."""
   rules = shd.DECODE_RULES if rules is None else rules
   if cache is None:
-    mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(q), T(k)]
+    if attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}')
+    mask, attn_fn = None, None
+    if attention_impl == 'full':
+      mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(q), T(k)]
+    elif attention_impl == 'blocked':
+      attn_fn = functools.partial(
+        blocked_attention, q_pos=positions, k_pos=positions, block=attention_block
+      )
+    else:
+      attn_fn = xla_causal_attention
 
     def body(x, lp):
-      y, _ = _layer(cfg, lp, x, positions, lambda k, v: (k, v, mask, None), mesh, rules)
+      kv_fn = lambda k, v: (k, v, mask, None)  # noqa: E731
+      y, _ = _layer(cfg, lp, x, positions, kv_fn, mesh, rules, attn_fn)
       return y, None
 
-    x, _ = _over_layers(body, x, layers)
+    x, _ = _over_layers(jax.checkpoint(body) if remat else body, x, layers)
     return x, None
   s = cache['k'].shape[2]
   mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
@@ -360,6 +458,9 @@ def forward(
   return_hidden: bool = False,
   logits_at: jax.Array | None = None,
   head: bool = True,
+  attention_impl: str = 'full',
+  attention_block: int = 512,
+  remat: bool = False,
 ):
   """Run the transformer.
 
@@ -380,11 +481,24 @@ def forward(
     ``(logits f32 [B, T, V], new_cache)`` (``new_cache`` is None without a cache);
     with ``return_hidden`` also the final normed hidden state [B, T, D] (every token);
     ``head=False``: ``(None, new_cache, hidden)`` without computing any logits.
+    ``attention_impl``, ``attention_block``, ``remat``: the no-cache forward's attention and
+    per-layer rematerialisation (:func:`run_layers`).
   """
   rules = shd.DECODE_RULES if rules is None else rules
   x = _embed(params['embed'], tokens, cfg.cdtype)
   x = shd.constrain(x, ('batch', 'seq', 'embed'), mesh, rules)
-  x, new_cache = run_layers(params['layers'], cfg, x, positions, cache, mesh=mesh, rules=rules)
+  x, new_cache = run_layers(
+    params['layers'],
+    cfg,
+    x,
+    positions,
+    cache,
+    mesh=mesh,
+    rules=rules,
+    attention_impl=attention_impl,
+    attention_block=attention_block,
+    remat=remat,
+  )
   x = rms_norm(x, params['final_norm'], cfg.norm_eps)
   if not head:
     return None, new_cache, x

@@ -44,6 +44,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from specrl import faults
@@ -66,6 +67,19 @@ class RLConfig:
   num_epochs: int = 1
   offpolicy: str = 'none'  # 'none' | 'tis' | 'decoupled' (see the module docstring)
   is_cap: float = 2.0  # C: truncation ('tis') / drop threshold ('decoupled') of pi_prox/pi_behav
+  # Rows per forward/backward inside one minibatch update (gradient accumulation in the
+  # jitted step; the update equals the whole minibatch's). 0 = the whole minibatch at once.
+  micro_batch: int = 0
+  # Cut the train batch to the longest sequence in it (rounded up to a power of two, so at
+  # most log2(seq_len) shapes compile) instead of the rollout buffer (:func:`trim_batch`).
+  trim_length: bool = True
+  # The loss forward's attention (model.run_layers): 'full' (the [B, S, S] reference),
+  # 'blocked' (flash-style jnp, memory linear in S, any backend) or 'xla'
+  # (jax.nn.dot_product_attention: cuDNN's fused kernel on GPU); block size of 'blocked'.
+  attention_impl: str = 'full'
+  attention_block: int = 512
+  # Each layer of the loss forward under jax.checkpoint (recomputed in the backward pass).
+  remat: bool = False
 
   def __post_init__(self):
     if self.num_generations < 2:
@@ -84,6 +98,14 @@ class RLConfig:
       raise ValueError('rl.num_minibatches and rl.num_epochs must be >= 1')
     if self.offpolicy not in OFFPOLICY:
       raise ValueError(f'rl.offpolicy must be one of {OFFPOLICY}, got {self.offpolicy!r}')
+    if self.micro_batch < 0:
+      raise ValueError(f'rl.micro_batch must be >= 0 (0 = whole minibatch), got {self.micro_batch}')
+    if self.attention_impl not in model_lib.ATTENTION_IMPLS:
+      raise ValueError(
+        f'rl.attention_impl must be one of {model_lib.ATTENTION_IMPLS}, got {self.attention_impl!r}'
+      )
+    if self.attention_block < 1:
+      raise ValueError(f'rl.attention_block must be >= 1, got {self.attention_block}')
     if not self.is_cap >= 1:
       raise ValueError(f'rl.is_cap must be >= 1 (it caps pi_prox / pi_behav), got {self.is_cap}')
 
@@ -143,6 +165,15 @@ def logprob_chunk(batch: int, seq: int, vocab: int) -> int:
   return max(1, min(seq, LOGPROB_CHUNK_ELEMENTS // max(batch * vocab, 1)))
 
 
+def forward_options(rl: RLConfig) -> dict:
+  """The loss forward's :func:`specrl.model.forward` options from ``rl``."""
+  return {
+    'attention_impl': rl.attention_impl,
+    'attention_block': rl.attention_block,
+    'remat': rl.remat,
+  }
+
+
 def sequence_logprobs(
   params,
   cfg: model_lib.ModelConfig,
@@ -150,17 +181,26 @@ def sequence_logprobs(
   temperature: float,
   mesh=None,
   return_hidden: bool = False,
+  **forward_opts,
 ):
   """Logprob of every token given its prefix. tokens [B, S] -> f32 [B, S] (0 at t = 0).
 
   The trunk runs once; the LM head + log-softmax run over chunks of positions
   (:func:`logprob_chunk`) under ``jax.checkpoint``, so peak memory holds one chunk's
   [B, C, V] logits, forward and backward. ``return_hidden``: also the trunk's final-norm
-  hidden states at positions 0..S-2, [B, S-1, D] (what a drafter head trains on)."""
+  hidden states at positions 0..S-2, [B, S-1, D] (what a drafter head trains on).
+  ``forward_opts``: the trunk's attention / remat (:func:`forward_options`)."""
   b, s = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
   _, _, hidden = model_lib.forward(
-    params, cfg, tokens[:, :-1], positions, mesh=mesh, rules=shd.TRAIN_RULES, head=False
+    params,
+    cfg,
+    tokens[:, :-1],
+    positions,
+    mesh=mesh,
+    rules=shd.TRAIN_RULES,
+    head=False,
+    **forward_opts,
   )
   c = logprob_chunk(b, s - 1, cfg.vocab_size)
   n = -(-(s - 1) // c)
@@ -180,22 +220,44 @@ def sequence_logprobs(
   return (lp, hidden) if return_hidden else lp
 
 
-def _aggregate(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
+def loss_denominators(mask: jax.Array) -> dict:
+  """The denominators of :func:`_aggregate` over a whole (mini)batch ``mask`` [B, S]:
+  'token': its response-token count, 'sequence': its rows with a response token (both
+  at least 1). Micro-batches pass these in so their partial losses sum to the batch's."""
+  has = (jnp.sum(mask, axis=1) > 0).astype(jnp.float32)
+  return {'token': jnp.maximum(jnp.sum(mask), 1.0), 'sequence': jnp.maximum(jnp.sum(has), 1.0)}
+
+
+def _aggregate(x: jax.Array, mask: jax.Array, how: str, denoms: dict | None = None) -> jax.Array:
+  """Token- or sequence-mean of ``x`` over ``mask``. ``denoms`` (:func:`loss_denominators`
+  of the whole batch): divide by those instead of this array's own, so a micro-batch's
+  value is its share of the whole batch's mean (the shares sum to it)."""
+  d = loss_denominators(mask) if denoms is None else denoms
   if how == 'token':
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(x * mask) / d['token']
   per_seq = jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
   has = (jnp.sum(mask, axis=1) > 0).astype(jnp.float32)
-  return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
+  return jnp.sum(per_seq * has) / d['sequence']
 
 
 def grpo_loss_from_logprobs(
-  logprobs, old_logprobs, ref_logprobs, advantages, mask, rl: RLConfig, prox_logprobs=None
+  logprobs,
+  old_logprobs,
+  ref_logprobs,
+  advantages,
+  mask,
+  rl: RLConfig,
+  prox_logprobs=None,
+  denoms: dict | None = None,
 ):
   """PPO-clipped GRPO loss from per-token logprobs (all [B, S]); returns (loss, metrics).
 
   ``old_logprobs``: the behaviour policy's; ``prox_logprobs``: the proximal policy's (the
   params at the start of the step), required by ``rl.offpolicy`` 'tis' and 'decoupled'
-  (formulas in the module docstring)."""
+  (formulas in the module docstring). ``denoms``: the whole batch's
+  :func:`loss_denominators` when these rows are one micro-batch of it: then the loss and
+  every metric but ``is_weight_max`` (a max) are this micro-batch's additive share."""
+  agg = functools.partial(_aggregate, denoms=denoms)
   adv = advantages[:, None]
   hi = rl.clip_eps_high or rl.clip_eps
   metrics = {}
@@ -213,10 +275,10 @@ def grpo_loss_from_logprobs(
     weight = jnp.minimum(w, rl.is_cap) if rl.offpolicy == 'tis' else w * (1.0 - capped)
     metrics.update(
       {
-        'is_weight_mean': _aggregate(w, mask, 'token'),
+        'is_weight_mean': agg(w, mask, 'token'),
         'is_weight_max': jnp.max(jnp.where(mask > 0, w, 0.0)),
-        'is_capped_frac': _aggregate(capped, mask, 'token'),
-        'behav_kl': _aggregate(w - 1.0 - log_w, mask, 'token'),
+        'is_capped_frac': agg(capped, mask, 'token'),
+        'behav_kl': agg(w - 1.0 - log_w, mask, 'token'),
       }
     )
   unclipped = ratio * adv
@@ -224,18 +286,18 @@ def grpo_loss_from_logprobs(
   pg = -jnp.minimum(unclipped, clipped)
   if weight is not None:
     pg = weight * pg
-  loss = _aggregate(pg, mask, rl.aggregation)
+  loss = agg(pg, mask, rl.aggregation)
   metrics.update(
     {
       'pg_loss': loss,
-      'clip_frac': _aggregate((unclipped != clipped).astype(jnp.float32), mask, 'token'),
-      'ratio_mean': _aggregate(ratio, mask, 'token'),
+      'clip_frac': agg((unclipped != clipped).astype(jnp.float32), mask, 'token'),
+      'ratio_mean': agg(ratio, mask, 'token'),
     }
   )
   if ref_logprobs is not None and rl.kl_coef > 0:
     d = ref_logprobs - logprobs
     kl = jnp.exp(d) - d - 1.0  # k3 estimator, >= 0
-    kl_mean = _aggregate(kl, mask, rl.aggregation)
+    kl_mean = agg(kl, mask, rl.aggregation)
     loss = loss + rl.kl_coef * kl_mean
     metrics['kl'] = kl_mean
   metrics['loss'] = loss
@@ -243,17 +305,26 @@ def grpo_loss_from_logprobs(
 
 
 def grpo_loss(
-  params, batch: dict, ref_params, cfg, rl: RLConfig, mesh=None, return_hidden: bool = False
+  params,
+  batch: dict,
+  ref_params,
+  cfg,
+  rl: RLConfig,
+  mesh=None,
+  return_hidden: bool = False,
+  denoms: dict | None = None,
 ):
   """(loss, metrics). ``batch`` as in the module docstring, plus ``prox_logprobs`` [B, S]
   when ``rl.offpolicy`` != 'none' (:func:`train_step` adds them). ``return_hidden``:
   (loss, (metrics, hidden)) with the policy's final-norm hidden states [B, S-1, D] of this
-  forward, stop-gradient (for a drafter head)."""
-  lp, hidden = sequence_logprobs(params, cfg, batch['tokens'], rl.temperature, mesh, True)
+  forward, stop-gradient (for a drafter head). ``denoms``: as in
+  :func:`grpo_loss_from_logprobs` (``batch`` a micro-batch)."""
+  opts = forward_options(rl)
+  lp, hidden = sequence_logprobs(params, cfg, batch['tokens'], rl.temperature, mesh, True, **opts)
   ref_lp = None
   if ref_params is not None and rl.kl_coef > 0:
     ref_lp = jax.lax.stop_gradient(
-      sequence_logprobs(ref_params, cfg, batch['tokens'], rl.temperature, mesh)
+      sequence_logprobs(ref_params, cfg, batch['tokens'], rl.temperature, mesh, **opts)
     )
   loss, metrics = grpo_loss_from_logprobs(
     lp,
@@ -263,21 +334,63 @@ def grpo_loss(
     batch['response_mask'],
     rl,
     prox_logprobs=batch.get('prox_logprobs'),
+    denoms=denoms,
   )
   return (loss, (metrics, jax.lax.stop_gradient(hidden))) if return_hidden else (loss, metrics)
 
 
-def proximal_logprobs(params, tokens, cfg, rl: RLConfig, mesh=None):
-  """Logprobs [B, S] of ``tokens`` under ``params`` (no gradient), computed in
-  ``rl.num_minibatches`` chunks so the logits never exceed one minibatch's."""
-  n = rl.num_minibatches
-  if tokens.shape[0] % n:
+def micro_batches(rows: int, rl: RLConfig) -> int:
+  """Micro-batches per minibatch update: ``rows`` (a minibatch's) / ``rl.micro_batch``
+  (1 when 0 or >= rows); refused unless it divides."""
+  m = rl.micro_batch
+  if m == 0 or m >= rows:
+    return 1
+  if rows % m:
     raise ValueError(
-      f'batch of {tokens.shape[0]} sequences is not divisible by rl.num_minibatches={n}'
+      f'a minibatch of {rows} sequences is not divisible by rl.micro_batch={m}: set '
+      'rl.micro_batch to a divisor of num_prompts * num_generations / num_minibatches'
     )
+  return rows // m
+
+
+def proximal_logprobs(params, tokens, cfg, rl: RLConfig, mesh=None):
+  """Logprobs [B, S] of ``tokens`` under ``params`` (no gradient), computed in chunks of
+  one micro-batch (``rl.num_minibatches`` x :func:`micro_batches` chunks) so no forward
+  exceeds a loss forward's rows."""
+  if tokens.shape[0] % rl.num_minibatches:
+    raise ValueError(
+      f'batch of {tokens.shape[0]} sequences is not divisible by '
+      f'rl.num_minibatches={rl.num_minibatches}'
+    )
+  n = rl.num_minibatches * micro_batches(tokens.shape[0] // rl.num_minibatches, rl)
   chunks = tokens.reshape((n, tokens.shape[0] // n) + tokens.shape[1:])
-  lp = jax.lax.map(lambda t: sequence_logprobs(params, cfg, t, rl.temperature, mesh), chunks)
+  opts = forward_options(rl)
+  lp = jax.lax.map(
+    lambda t: sequence_logprobs(params, cfg, t, rl.temperature, mesh, **opts), chunks
+  )
   return jax.lax.stop_gradient(lp.reshape(tokens.shape))
+
+
+def trimmed_length(mask, seq_len: int) -> int:
+  """The train length of a batch whose response ``mask`` is [B, seq_len]: one past the
+  last response position of any row, rounded up to a power of two (at least 2), at most
+  ``seq_len``. Positions from there on hold no response token of any row and, under the
+  causal mask, change no logprob before them: cutting them leaves the loss unchanged."""
+  cols = np.flatnonzero(np.asarray(mask).any(axis=0))
+  last = int(cols[-1]) + 1 if cols.size else 0
+  return min(seq_len, 1 << max(1, last - 1).bit_length())
+
+
+def trim_batch(batch: dict) -> dict:
+  """``batch`` (host arrays, the module docstring's layout) with every [B, S] array cut to
+  :func:`trimmed_length` positions. Host side, before the jitted step: the step compiles
+  once per bucket (a power of two), and the forward, its activations and the attention
+  scale with the batch's longest answer, not with the rollout budget."""
+  s = batch['tokens'].shape[1]
+  n = trimmed_length(batch['response_mask'], s)
+  if n == s:
+    return batch
+  return {k: v[:, :n] if np.ndim(v) == 2 and v.shape[1] == s else v for k, v in batch.items()}
 
 
 def _minibatches(batch: dict, n: int, rng) -> dict:
@@ -332,11 +445,36 @@ def train_step(
   drafter head trains on them without another policy forward; the update is unchanged.
   """
 
+  def loss_and_grads(params, mb, keep_hidden):
+    """(loss, aux), grads of one minibatch: at once, or as :func:`micro_batches` micro-batches
+    whose gradients are summed (each micro-batch's loss uses the minibatch's denominators,
+    so the sum is the minibatch's loss, gradient and metrics; ``is_weight_max`` a max)."""
+    rows = mb['tokens'].shape[0]
+    n_micro = micro_batches(rows, rl)
+    vg = jax.value_and_grad(grpo_loss, has_aux=True)
+    if n_micro == 1:
+      return vg(params, mb, state.ref_params, cfg, rl, mesh, keep_hidden)
+    denoms = loss_denominators(mb['response_mask'])
+    micro = jax.tree.map(lambda x: x.reshape((n_micro, rows // n_micro) + x.shape[1:]), mb)
+
+    def acc(g_sum, u):
+      (loss, aux), g = vg(params, u, state.ref_params, cfg, rl, mesh, keep_hidden, denoms)
+      g_sum = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_sum, g)
+      return g_sum, (loss, aux)
+
+    g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    g_sum, (losses, aux) = jax.lax.scan(acc, g0, micro)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), g_sum, params)
+    metrics, hidden = aux if keep_hidden else (aux, None)
+    metrics = {k: jnp.max(v) if k.endswith('_max') else jnp.sum(v) for k, v in metrics.items()}
+    if keep_hidden:  # [n_micro, rows/n_micro, S-1, D] -> [rows, S-1, D]
+      hidden = hidden.reshape((rows,) + hidden.shape[2:])
+    aux = (metrics, hidden) if keep_hidden else metrics
+    return (jnp.sum(losses), aux), grads
+
   def update(carry, mb, keep_hidden=False):
     params, opt_state = carry
-    (loss, aux), grads = jax.value_and_grad(grpo_loss, has_aux=True)(
-      params, mb, state.ref_params, cfg, rl, mesh, keep_hidden
-    )
+    (loss, aux), grads = loss_and_grads(params, mb, keep_hidden)
     metrics, hidden = aux if keep_hidden else (aux, None)
     params, opt_state, metrics['grad_norm'], metrics[faults.SKIP_KEY] = guarded_update(
       optimizer, loss, grads, params, opt_state, guard
@@ -382,3 +520,91 @@ def sft_step(state: TrainState, tokens, loss_mask, *, cfg, optimizer, mesh=None)
     'grad_norm': grad_norm,
     faults.SKIP_KEY: skipped,
   }
+
+
+# ----------------------------------------------------------------------------- fit check
+
+
+def estimate_train_bytes(
+  cfg: model_lib.ModelConfig, rl: RLConfig, batch: int, seq_len: int, n_params: int
+) -> dict:
+  """Estimated peak bytes of one :func:`train_step` on ``batch`` rows of ``seq_len``
+  tokens, by part (an estimate from shapes, not a measurement: ``bench/train_memory.py``
+  compares it with XLA's compiled memory analysis):
+
+  'state': params, gradients, Adam's two moments, the guarded update's new params and
+  moments (+ the reference params with a KL term, + an f32 gradient sum with micro-batches);
+  'layers': the activations the backward pass keeps per layer for one micro-batch (one
+  [rows, S, D] residual per layer with ``rl.remat``, every intermediate without); 'attention':
+  the attention's scores and probabilities ([rows, H, S, S] f32 per layer for 'full' and
+  'xla' -- the cuDNN kernel on GPU needs none, which this does not model -- one query block's
+  [rows, H, block, S] at a time for 'blocked'); 'logits': the chunked LM head's working set.
+  """
+  rows = batch // rl.num_minibatches
+  m = rows // micro_batches(rows, rl)
+  c = jnp.dtype(cfg.cdtype).itemsize
+  s, d, f, h, kh, dh = seq_len, cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  p = n_params * jnp.dtype(cfg.pdtype).itemsize
+  state = p * 6 + (p if rl.kl_coef > 0 else 0) + (n_params * 4 if m < rows else 0)
+  per_layer = m * s * (5 * d + 2 * h * dh + 2 * kh * dh + 3 * f) * c
+  if rl.attention_impl == 'blocked':
+    attn_saved, attn_work = 0, 3 * m * h * min(rl.attention_block, s) * s * 4
+  else:
+    attn_saved, attn_work = 2 * m * h * s * s * 4 + m * s * s, 0
+  if rl.remat:  # one residual per layer kept; one layer's intermediates live at a time
+    layers = cfg.n_layers * m * s * d * c + per_layer
+    attention = attn_saved + attn_work
+  else:
+    layers = cfg.n_layers * per_layer
+    attention = cfg.n_layers * attn_saved + attn_work
+  chunk = logprob_chunk(m, s - 1, cfg.vocab_size)
+  logits = 4 * m * chunk * cfg.vocab_size * 4 + 2 * m * s * d * 4  # + hidden, its gradient
+  return {'state': state, 'layers': layers, 'attention': attention, 'logits': logits}
+
+
+def device_memory_bytes(device=None) -> int:
+  """The memory one train step may use: the accelerator's ``bytes_limit``, or on CPU the
+  machine's physical memory."""
+  device = device or jax.devices()[0]
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  import os
+
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def check_train_fits(
+  cfg: model_lib.ModelConfig,
+  rl: RLConfig,
+  batch: int,
+  seq_len: int,
+  n_params: int,
+  memory_bytes: int | None = None,
+) -> dict:
+  """Refuse, before anything compiles, a GRPO step whose :func:`estimate_train_bytes` at
+  the rollout budget ``seq_len`` (a batch trimmed shorter needs less) exceeds
+  ``memory_bytes`` (default :func:`device_memory_bytes`); the message names the knob that
+  cuts the largest part. Returns the estimate."""
+  est = estimate_train_bytes(cfg, rl, batch, seq_len, n_params)
+  limit = device_memory_bytes() if memory_bytes is None else memory_bytes
+  total = sum(est.values())
+  if total <= limit:
+    return est
+  gb = lambda x: f'{x / 2**30:.1f} GB'  # noqa: E731
+  parts = ', '.join(f'{k} {gb(v)}' for k, v in est.items())
+  rows = batch // rl.num_minibatches
+  m = rows // micro_batches(rows, rl)
+  if est['attention'] >= max(est['layers'], est['logits']) and rl.attention_impl != 'blocked':
+    fix = f"set rl.attention_impl='blocked' (now {rl.attention_impl!r})"
+  elif est['layers'] >= est['logits'] and not rl.remat:
+    fix = 'set rl.remat=True'
+  elif m > 1:
+    now = f'now {m}' if rl.micro_batch else f'now 0: the whole minibatch of {m}'
+    fix = f'set a smaller rl.micro_batch (rows per forward/backward, {now})'
+  else:
+    fix = 'lower rollout.max_new_tokens (the sequence budget) or use a larger device'
+  raise ValueError(
+    f'the GRPO train step at {seq_len} tokens x {m} rows per forward needs an estimated '
+    f'{gb(total)} ({parts}), more than the {gb(limit)} of device memory: {fix}'
+  )

@@ -74,10 +74,14 @@ def buffer_bytes(buf: SpotBuffer) -> int:
 
 def push(buf: SpotBuffer, hidden, tokens, mask) -> SpotBuffer:
   """Write one GRPO step (hidden [B, S-1, D], tokens [B, S], mask [B, S]) into the ring's
-  next slot, overwriting the oldest once full. Pure (in place under donation)."""
+  next slot, overwriting the oldest once full. Pure (in place under donation). A batch
+  trimmed to fewer positions than the buffer's (``rl.trim_length``) is zero-padded (mask 0
+  there, so the padding is never a training target)."""
   slot = buf.pushes % buf.tokens.shape[0]
 
   def put(a, x):
+    pad = [(0, n - m) for n, m in zip(a.shape[1:], x.shape, strict=True)]
+    x = jnp.pad(x, pad) if any(p for _, p in pad) else x
     return jax.lax.dynamic_update_index_in_dim(a, x.astype(a.dtype), slot, 0)
 
   return SpotBuffer(
