@@ -10,7 +10,7 @@ overhead; a rollout engine is not included). Two settings:
   before  rl defaults: full attention over [B, H, S, S], whole batch per forward, no remat
   after   rl.attention_impl='blocked' (block 512), rl.remat=True, rl.micro_batch=M
 
-plus the fit check's estimate (``rl.estimate_train_bytes``) of each, and optionally
+plus the fit check's estimate (``train_fit.estimate_train_bytes``) of each, and optionally
 (``--time_rows``) the measured step time of both on a few rows at the shortest lengths.
 
   python bench/train_memory.py --quick    # S = 128, 512, 2048, 8192; minutes on 2 cores
@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from bench import common  # noqa: E402
 from specrl import model as model_lib  # noqa: E402
 from specrl import rl as rl_lib  # noqa: E402
+from specrl import train_fit  # noqa: E402
 
 SMOLLM2 = dict(
   vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536
@@ -121,7 +122,7 @@ def main():
         continue
       compiled, ctime = compiled_step(cfg, rl, opt, args.rows, s)
       ma = compiled.memory_analysis()
-      est = sum(rl_lib.estimate_train_bytes(cfg, rl, args.rows, s, n_params).values())
+      est = sum(train_fit.estimate_train_bytes(cfg, rl, args.rows, s, n_params).values())
       row = {
         'seq': s,
         'setting': name,

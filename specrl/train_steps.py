@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from specrl import model as model_lib
 from specrl import rl as rl_lib
 from specrl import sharding as shd
+from specrl import train_fit
 from specrl.drafters import hooks
 from specrl.rng_streams import rng_streams
 
@@ -74,13 +75,13 @@ def jitted_steps(exp, state_sh):
   in the train step; else None). Both donate ``state``."""
   cfg, mesh = exp.model_cfg, exp.mesh
   # A configuration that cannot fit is refused now, naming the knob, not at the first step.
-  rl_lib.check_train_fits(
+  train_fit.check_train_fits(
     cfg,
     exp.rl_cfg,
     exp.config.rl.num_prompts * exp.rl_cfg.num_generations,
     exp.rollout_cfg.seq_len,
     model_lib.count_params(jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))),
-    rl_lib.device_memory_bytes(mesh.devices.flat[0]) * mesh.size,  # the mesh's memory
+    train_fit.device_memory_bytes(mesh.devices.flat[0]) * mesh.size,  # the mesh's memory
   )
   b2, b1 = batch_sharding(exp, 2), batch_sharding(exp, 1)
   sft = jax.jit(

@@ -14,6 +14,7 @@ import pytest
 
 from specrl import model as model_lib
 from specrl import rl as rl_lib
+from specrl import train_fit
 
 CFG = model_lib.ModelConfig(
   vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
@@ -156,12 +157,12 @@ def test_fit_check_refuses_an_8k_step_naming_the_knob_and_accepts_the_bounded_on
   ]
   for kw, knob in fix:
     with pytest.raises(ValueError, match=re.escape(knob)):
-      rl_lib.check_train_fits(SMOLLM2, rl_lib.RLConfig(**kw), 16, 8192, SMOLLM2_PARAMS, gb16)
+      train_fit.check_train_fits(SMOLLM2, rl_lib.RLConfig(**kw), 16, 8192, SMOLLM2_PARAMS, gb16)
   ok = rl_lib.RLConfig(attention_impl='blocked', remat=True, micro_batch=2)
-  est = rl_lib.check_train_fits(SMOLLM2, ok, 16, 8192, SMOLLM2_PARAMS, gb16)
+  est = train_fit.check_train_fits(SMOLLM2, ok, 16, 8192, SMOLLM2_PARAMS, gb16)
   assert sum(est.values()) < gb16
   # at 128 tokens the default (reference) step is estimated within 6.5 GB
-  est = rl_lib.estimate_train_bytes(SMOLLM2, rl_lib.RLConfig(), 16, 128, SMOLLM2_PARAMS)
+  est = train_fit.estimate_train_bytes(SMOLLM2, rl_lib.RLConfig(), 16, 128, SMOLLM2_PARAMS)
   assert sum(est.values()) < 6.5 * 2**30
 
 
@@ -211,6 +212,6 @@ def test_the_loop_refuses_a_step_that_cannot_fit_before_compiling(monkeypatch):
 
   exp = train.build_experiment(default.get_config('smoke'))
   state = train.init_state(exp)
-  monkeypatch.setattr(rl_lib, 'device_memory_bytes', lambda device=None: 2**20)  # 1 MB
+  monkeypatch.setattr(train_fit, 'device_memory_bytes', lambda device=None: 2**20)  # 1 MB
   with pytest.raises(ValueError, match='more than the 0.0 GB of device memory: set'):
     train.jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
