@@ -311,13 +311,30 @@ def _over_layers(body, carry, layers, with_index: bool = False):
   return jax.lax.scan(body, carry, (layers, jnp.arange(n)) if with_index else layers)
 
 
-def run_layers(layers, cfg: ModelConfig, x, positions, cache=None, *, mesh=None, rules=None):
+def _write_window(win, new, positions):
+  """``win`` [B, A, K, Dh] (cache slots ``0..A-1``) with ``new`` [B, T, K, Dh] written at
+  ``positions`` [B, T]; positions ``>= A`` are dropped. A scatter into the window, not the
+  buffer: what a step reads and writes grows with A, not the budget."""
+  bidx = jnp.arange(win.shape[0])[:, None]
+  return win.at[bidx, positions].set(new.astype(win.dtype), mode='drop')
+
+
+def run_layers(
+  layers, cfg: ModelConfig, x, positions, cache=None, *, mesh=None, rules=None, attend_len=None
+):
   """The decoder stack over x [B, T, D] at ``positions`` [B, T] (no embedding, no final
   norm): the policy's :func:`forward` and the eagle head's layers share it. ``layers``
   stacked or unstacked (:func:`unstack_layers`). With ``cache`` ``[L, B, S, K, Dh]`` the
   new k/v are written at ``positions`` (``>= S``: dropped) and queries attend to slots
   ``<= position``; without, key j is visible to query i iff ``positions[j] <=
-  positions[i]``. Returns (x [B, T, D], new cache or None)."""
+  positions[i]``. Returns (x [B, T, D], new cache or None).
+
+  ``attend_len`` (static int, with a cache): the step touches only the window of slots
+  ``[0, attend_len)`` (capped at S): attention reads it and the new k/v are written into
+  it (positions outside it are dropped) and the window goes back into the buffer in place
+  (a dynamic-update-slice), so a step costs the live length, not the budget. The caller
+  keeps every query it cares about at a position ``< attend_len``. None: the dense
+  reference (attention over every slot, k/v scattered into the whole buffer)."""
   rules = shd.DECODE_RULES if rules is None else rules
   if cache is None:
     mask = positions[:, None, :] <= positions[:, :, None]  # [B, T(q), T(k)]
@@ -329,6 +346,8 @@ def run_layers(layers, cfg: ModelConfig, x, positions, cache=None, *, mesh=None,
     x, _ = _over_layers(body, x, layers)
     return x, None
   s = cache['k'].shape[2]
+  if attend_len is not None:
+    s = min(int(attend_len), s)
   mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
   bidx = jnp.arange(x.shape[0])[:, None]
 
@@ -337,9 +356,18 @@ def run_layers(layers, cfg: ModelConfig, x, positions, cache=None, *, mesh=None,
     lp, li = xs
 
     def kv_fn(k, v):
-      nk = ck.at[li, bidx, positions].set(k.astype(ck.dtype), mode='drop')
-      nv = cv.at[li, bidx, positions].set(v.astype(cv.dtype), mode='drop')
-      return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
+      if attend_len is None:  # the dense reference: scatter into, attend to, every slot
+        nk = ck.at[li, bidx, positions].set(k.astype(ck.dtype), mode='drop')
+        nv = cv.at[li, bidx, positions].set(v.astype(cv.dtype), mode='drop')
+        return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
+      wk = _write_window(ck[li, :, :s], k, positions)  # [B, s, K, Dh]: the live slots only
+      wv = _write_window(cv[li, :, :s], v, positions)
+      # back into the buffer in place. (A select over the window, cheaper to write, gets
+      # fused into its readers, which then read the old buffer after this update: XLA copies
+      # the whole buffer every step. A scatter is not duplicated that way.)
+      nk = jax.lax.dynamic_update_slice(ck, wk[None], (li, 0, 0, 0, 0))
+      nv = jax.lax.dynamic_update_slice(cv, wv[None], (li, 0, 0, 0, 0))
+      return wk.astype(x.dtype), wv.astype(x.dtype), mask, (nk, nv)
 
     y, (nk, nv) = _layer(cfg, lp, x, positions, kv_fn, mesh, rules)
     return (y, nk, nv), None
@@ -360,6 +388,7 @@ def forward(
   return_hidden: bool = False,
   logits_at: jax.Array | None = None,
   head: bool = True,
+  attend_len: int | None = None,
 ):
   """Run the transformer.
 
@@ -376,6 +405,8 @@ def forward(
       only (logits [B, 1, V]). A prefill needs the last prompt token's logits alone; the
       [B, T, D] x [D, V] head over every prompt token would cost T times more (at
       SmolLM2's V = 49152 more than the whole prefill trunk).
+    attend_len: static; with a cache, attend to slots ``< attend_len`` only
+      (:func:`run_layers`): a decode step at live length ``<= attend_len``.
   Returns:
     ``(logits f32 [B, T, V], new_cache)`` (``new_cache`` is None without a cache);
     with ``return_hidden`` also the final normed hidden state [B, T, D] (every token);
@@ -384,7 +415,9 @@ def forward(
   rules = shd.DECODE_RULES if rules is None else rules
   x = _embed(params['embed'], tokens, cfg.cdtype)
   x = shd.constrain(x, ('batch', 'seq', 'embed'), mesh, rules)
-  x, new_cache = run_layers(params['layers'], cfg, x, positions, cache, mesh=mesh, rules=rules)
+  x, new_cache = run_layers(
+    params['layers'], cfg, x, positions, cache, mesh=mesh, rules=rules, attend_len=attend_len
+  )
   x = rms_norm(x, params['final_norm'], cfg.norm_eps)
   if not head:
     return None, new_cache, x
