@@ -46,9 +46,9 @@ from specrl.decoding.state import (
   RolloutConfig,
   RolloutOutput,
   RolloutState,
-  finalize,
   attend_buckets,
   bucket_for,
+  finalize,
   state_logical_axes,
 )
 from specrl.decoding.steps import decode, max_loop_steps, prefill
