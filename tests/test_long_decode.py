@@ -159,3 +159,38 @@ def test_static_engine_equals_dense_reference_across_buckets(sampling, num_draft
   if num_draft:
     np.testing.assert_array_equal(out.num_accepted, ref.num_accepted)
     assert out.num_accepted.sum() > 0  # the drafter did get drafts accepted
+
+
+@pytest.mark.parametrize('policy', ['never', 'always'])
+def test_adaptive_engine_equals_dense_reference_with_compaction(policy):
+  """The adaptive engine picks each chunk's length bucket from the longest live row: with
+  compaction (8 -> 4 (-> 1) rows as ragged rows reach the cache end), plain ('never') or
+  speculating with a chain drafter ('always', k in 1..2), it commits what the dense
+  reference commits."""
+  from specrl import adaptive
+
+  rcfg = RolloutConfig(
+    max_new_tokens=40, max_prompt_len=8, cache_len=40, eos_id=-1, sampling=GREEDY,
+    attend_bucket=8,
+  )  # fmt: skip
+  acfg = adaptive.AdaptiveConfig(
+    policy=policy, buckets=(8, 4, 1), chunk_steps=4, arms=(1, 2), learn_online=False
+  )
+  drafter = NgramDrafter(CFG.vocab_size, 2)
+  lens = np.arange(1, 9, dtype=np.int32)  # rows reach the cache end one step apart
+  rng = np.random.default_rng(1)
+  toks = rng.integers(3, CFG.vocab_size, size=(8, 8)).astype(np.int32)
+  toks[np.arange(8)[None, :] >= lens[:, None]] = 0
+  outs = []
+  for ab in (8, 0):
+    eng = adaptive.AdaptiveRolloutEngine(
+      CFG, dataclasses.replace(rcfg, attend_bucket=ab), acfg, drafter=drafter
+    )
+    out, m = eng.generate(params(), toks, lens, jax.random.key(0))
+    outs.append((jax.device_get(out), m))
+  (out, m), (ref, mref) = outs
+  _assert_same(out, ref)
+  np.testing.assert_array_equal(out.num_accepted, ref.num_accepted)
+  assert m['adaptive/compactions'] >= 1
+  assert m['rollout/length_buckets'] >= 3, m['rollout/length_buckets']
+  assert mref['rollout/length_buckets'] == 1  # dense: the whole buffer
