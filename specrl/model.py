@@ -362,9 +362,10 @@ def run_layers(
         return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
       wk = _write_window(ck[li, :, :s], k, positions)  # [B, s, K, Dh]: the live slots only
       wv = _write_window(cv[li, :, :s], v, positions)
-      # back into the buffer in place. (A select over the window, cheaper to write, gets
-      # fused into its readers, which then read the old buffer after this update: XLA copies
-      # the whole buffer every step. A scatter is not duplicated that way.)
+      # The window goes back into the buffer in place (a dynamic-update-slice). Not a
+      # select over the window: XLA fuses that into its readers, which then read the old
+      # buffer after this update, so it copies the whole buffer every step; a scatter is
+      # not duplicated into its readers.
       nk = jax.lax.dynamic_update_slice(ck, wk[None], (li, 0, 0, 0, 0))
       nv = jax.lax.dynamic_update_slice(cv, wv[None], (li, 0, 0, 0, 0))
       return wk.astype(x.dtype), wv.astype(x.dtype), mask, (nk, nv)
