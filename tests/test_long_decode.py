@@ -1,11 +1,12 @@
 """Decode steps pay for the live length, not the token budget (issue 26, item 1).
 
-A step attends to (and writes into) the first ``a`` cache slots only, ``a`` the length
-bucket that holds every live row (``rollout.attend_bucket``); the static engine runs one
-loop per bucket. Checked here: the bytes one compiled plain step accesses barely grow with
-the budget (while the dense reference's grow with it), and greedy tokens and logprobs equal
-the dense reference (``attend_bucket = 0``: every step over the whole buffer) across
-bucket switches, plain, sampled and with a chain drafter.
+A decode loop carries only the first ``a`` cache slots, ``a`` the length bucket that
+holds every live row (``rollout.attend_bucket``), and its steps attend to those; the
+static engine runs one loop per bucket, the adaptive one picks each chunk's. Checked here:
+the bytes one compiled plain step accesses barely grow with the budget (while the dense
+reference's grow with it), and greedy tokens and logprobs equal the dense reference
+(``attend_bucket = 0``: every step over the whole buffer) across bucket switches, plain,
+sampled and with a chain drafter, on both engines (the adaptive one with compaction).
 """
 
 import dataclasses
@@ -47,14 +48,17 @@ def _bytes_accessed(compiled) -> float:
 
 
 def _step_bytes(budget: int, attend_bucket: int, live: int = 256, b: int = 4) -> float:
-  """Bytes accessed by one compiled plain decode step, as the static engine runs it (the
-  loop body at the bucket holding ``live`` slots), for a buffer of ``budget`` slots."""
+  """Bytes accessed by one compiled plain decode step as the static engine's loop runs it,
+  for a buffer of ``budget`` slots and ``live`` slots in use: the loop body, over the
+  cache window the loop carries (the first ``a`` slots, ``a`` the bucket holding ``live``;
+  the whole buffer on the dense reference path)."""
   p = 32
   rcfg = RolloutConfig(
     max_new_tokens=budget - p, max_prompt_len=p, sampling=GREEDY, attend_bucket=attend_bucket
   )
   assert rcfg.buffer_len == budget
-  a = bucket_for(attend_buckets(rcfg), live) if attend_bucket else None
+  a = bucket_for(attend_buckets(rcfg), live)
+  assert a == (min(256, budget) if attend_bucket else budget)
   cfg = COST_CFG
   lp = steps.loop_params(model_lib.init_params(cfg, jax.random.key(0)))
   toks = jax.ShapeDtypeStruct((b, p), jnp.int32)
@@ -62,9 +66,11 @@ def _step_bytes(budget: int, attend_bucket: int, live: int = 256, b: int = 4) ->
   state = jax.eval_shape(
     lambda pr, t, n: steps.prefill(pr, t, n, jax.random.key(0), cfg=cfg, rcfg=rcfg), lp, toks, lens
   )
+  window = lambda c: jax.ShapeDtypeStruct((*c.shape[:2], a, *c.shape[3:]), c.dtype)  # noqa: E731
+  state = state.replace(cache=jax.tree.map(window, state.cache))
 
   def step(pr, s):
-    return steps.decode_step(pr, None, s, 0, cfg=cfg, rcfg=rcfg, attend_len=a)
+    return steps.decode_step(pr, None, s, 0, cfg=cfg, rcfg=rcfg)
 
   return _bytes_accessed(jax.jit(step, donate_argnums=1).lower(lp, state).compile())
 

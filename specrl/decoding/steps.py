@@ -338,13 +338,18 @@ def decode(
   Same math, same tokens (:func:`loop_params`; already unstacked params pass as they are).
 
   ``attend_len`` (static; a length bucket, :func:`specrl.decoding.state.attend_buckets`):
-  every step attends to that many cache slots only, and the loop also stops before a step
-  whose active rows would need more (:func:`slots_needed`); the caller then moves on to a
-  larger bucket; at the buffer length there is no such stop. None: the dense reference
-  (:func:`specrl.model.run_layers`)."""
+  the loop carries only the first ``attend_len`` slots of the policy cache (sliced once
+  before it, put back in place once after it), so every step is the plain dense step over
+  an ``attend_len``-slot cache -- no per-step work or copy grows with the buffer -- and it
+  stops before a step whose active rows would need more (:func:`slots_needed`); the caller
+  then moves on to a larger bucket. At the buffer length, or None: the whole cache, no such
+  stop (the dense reference)."""
   limit = max_loop_steps(rcfg) if limit is None else limit
   params = loop_params(params, unroll_layers)  # sliced once, not in every step
   bounded = attend_len is not None and attend_len < state.tokens.shape[1]
+  full = state.cache
+  if bounded:  # the live window; done rows' writes past it are dropped (never read again)
+    state = state.replace(cache=jax.tree.map(lambda c: c[:, :, :attend_len], full))
 
   def cond(c):
     s, i = c
@@ -355,10 +360,13 @@ def decode(
 
   def body(c):
     s, i = c
-    s = decode_step(
-      params, draft_params, s, k, cfg=cfg, rcfg=rcfg, drafter=drafter, mesh=mesh,
-      attend_len=attend_len,
-    )  # fmt: skip
+    s = decode_step(params, draft_params, s, k, cfg=cfg, rcfg=rcfg, drafter=drafter, mesh=mesh)
     return s, i + 1
 
-  return jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))
+  state, n = jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))
+  if bounded:
+    cache = jax.tree.map(
+      lambda f, w: jax.lax.dynamic_update_slice(f, w, (0,) * f.ndim), full, state.cache
+    )
+    state = state.replace(cache=cache)
+  return state, n
