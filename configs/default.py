@@ -71,6 +71,10 @@ def get_config(arg: str | None = None):
       num_draft=0,
       verify_impl='jnp',  # jnp | pallas
       max_steps=0,  # safety cap on decode-loop iterations; 0 = derived
+      # static engine: a decode step attends to the smallest power-of-two multiple of this
+      # holding every live row, not the whole budget (one compiled loop per bucket);
+      # 0 = every step over the whole buffer
+      attend_bucket=256,
       # compiled executables kept by all rollout engines of the process together (LRU;
       # evictions are counted in the metrics as compile/evictions)
       max_executables=64,

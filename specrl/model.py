@@ -379,6 +379,14 @@ def _over_layers(body, carry, layers, with_index: bool = False):
   return jax.lax.scan(body, carry, (layers, jnp.arange(n)) if with_index else layers)
 
 
+def _write_window(win, new, positions):
+  """``win`` [B, A, K, Dh] (cache slots ``0..A-1``) with ``new`` [B, T, K, Dh] written at
+  ``positions`` [B, T]; positions ``>= A`` are dropped. A scatter into the window, not the
+  buffer: what a step reads and writes grows with A, not the budget."""
+  bidx = jnp.arange(win.shape[0])[:, None]
+  return win.at[bidx, positions].set(new.astype(win.dtype), mode='drop')
+
+
 def run_layers(
   layers,
   cfg: ModelConfig,
@@ -391,6 +399,7 @@ def run_layers(
   attention_impl: str = 'full',
   attention_block: int = 512,
   remat: bool = False,
+  attend_len=None,
 ):
   """The decoder stack over x [B, T, D] at ``positions`` [B, T] (no embedding, no final
   norm): the policy's :func:`forward` and the eagle head's layers share it. ``layers``
@@ -404,7 +413,14 @@ def run_layers(
   ``attention_block``: memory linear in T) or 'xla' (:func:`xla_causal_attention`: cuDNN's
   fused kernel on GPU; positions must increase by one); ``remat``: each layer under
   ``jax.checkpoint`` (its activations recomputed in the backward pass: the forward keeps
-  one [B, T, D] residual per layer)."""
+  one [B, T, D] residual per layer).
+
+  With a cache (decoding) only: ``attend_len`` (static int): the step touches only the window of slots
+  ``[0, attend_len)`` (capped at S): attention reads it and the new k/v are written into
+  it (positions outside it are dropped) and the window goes back into the buffer in place
+  (a dynamic-update-slice), so a step costs the live length, not the budget. The caller
+  keeps every query it cares about at a position ``< attend_len``. None: the dense
+  reference (attention over every slot, k/v scattered into the whole buffer)."""
   rules = shd.DECODE_RULES if rules is None else rules
   if cache is None:
     if attention_impl not in ATTENTION_IMPLS:
@@ -427,6 +443,8 @@ def run_layers(
     x, _ = _over_layers(jax.checkpoint(body) if remat else body, x, layers)
     return x, None
   s = cache['k'].shape[2]
+  if attend_len is not None:
+    s = min(int(attend_len), s)
   mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
   bidx = jnp.arange(x.shape[0])[:, None]
 
@@ -435,9 +453,19 @@ def run_layers(
     lp, li = xs
 
     def kv_fn(k, v):
-      nk = ck.at[li, bidx, positions].set(k.astype(ck.dtype), mode='drop')
-      nv = cv.at[li, bidx, positions].set(v.astype(cv.dtype), mode='drop')
-      return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
+      if attend_len is None:  # the dense reference: scatter into, attend to, every slot
+        nk = ck.at[li, bidx, positions].set(k.astype(ck.dtype), mode='drop')
+        nv = cv.at[li, bidx, positions].set(v.astype(cv.dtype), mode='drop')
+        return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
+      wk = _write_window(ck[li, :, :s], k, positions)  # [B, s, K, Dh]: the live slots only
+      wv = _write_window(cv[li, :, :s], v, positions)
+      # The window goes back into the buffer in place (a dynamic-update-slice). Not a
+      # select over the window: XLA fuses that into its readers, which then read the old
+      # buffer after this update, so it copies the whole buffer every step; a scatter is
+      # not duplicated into its readers.
+      nk = jax.lax.dynamic_update_slice(ck, wk[None], (li, 0, 0, 0, 0))
+      nv = jax.lax.dynamic_update_slice(cv, wv[None], (li, 0, 0, 0, 0))
+      return wk.astype(x.dtype), wv.astype(x.dtype), mask, (nk, nv)
 
     y, (nk, nv) = _layer(cfg, lp, x, positions, kv_fn, mesh, rules)
     return (y, nk, nv), None
@@ -461,6 +489,7 @@ def forward(
   attention_impl: str = 'full',
   attention_block: int = 512,
   remat: bool = False,
+  attend_len: int | None = None,
 ):
   """Run the transformer.
 
@@ -477,11 +506,13 @@ def forward(
       only (logits [B, 1, V]). A prefill needs the last prompt token's logits alone; the
       [B, T, D] x [D, V] head over every prompt token would cost T times more (at
       SmolLM2's V = 49152 more than the whole prefill trunk).
+    attend_len: static; with a cache, attend to slots ``< attend_len`` only
+      (:func:`run_layers`): a decode step at live length ``<= attend_len``.
   Returns:
     ``(logits f32 [B, T, V], new_cache)`` (``new_cache`` is None without a cache);
     with ``return_hidden`` also the final normed hidden state [B, T, D] (every token);
     ``head=False``: ``(None, new_cache, hidden)`` without computing any logits.
-    ``attention_impl``, ``attention_block``, ``remat``: the no-cache forward's attention and
+  Other keywords (:func:`run_layers`): ``attention_impl``, ``attention_block``, ``remat``: the no-cache forward's attention and
     per-layer rematerialisation (:func:`run_layers`).
   """
   rules = shd.DECODE_RULES if rules is None else rules
@@ -498,6 +529,7 @@ def forward(
     attention_impl=attention_impl,
     attention_block=attention_block,
     remat=remat,
+    attend_len=attend_len,
   )
   x = rms_norm(x, params['final_norm'], cfg.norm_eps)
   if not head:

@@ -1,10 +1,19 @@
-"""The static rollout engine: prefill + one ``lax.while_loop`` decode, plain or speculative.
+"""The static rollout engine: prefill + ``lax.while_loop`` decode, plain or speculative.
 
 The decoding itself (state, ``commit``, prefill, plain step, speculative round, the step
 chooser) lives in :mod:`specrl.decoding`; this module jits it for one model config, rollout
 config, mesh and drafter, and validates prompts and summarises rollouts for both engines
 (:func:`prepare_prompts`, :func:`rollout_metrics`). The draft length is
 ``rcfg.num_draft`` (0 = plain).
+
+Length buckets. A step pays for the live length, not the token budget: decode runs as one
+``while_loop`` per length bucket (:func:`specrl.decoding.state.attend_buckets`), each
+compiled with attention over that many cache slots, and the host moves to the next bucket
+when the longest live row outgrows the current one (one small read of ``pos``/``done`` per
+switch). At most ``len(attend_buckets)`` decode variants per batch size; the metrics report
+the buckets a rollout ran (``rollout/length_buckets``) and that bound
+(``rollout/length_bucket_variants``). ``rollout.attend_bucket = 0`` is the dense reference:
+one loop attending to the whole buffer.
 
 Sharding. :class:`RolloutEngine` jits ``prefill`` and ``decode`` against a
 ``jax.sharding.Mesh``: params use ``sharding.PARAM_RULES`` (the same shardings as the
@@ -37,10 +46,12 @@ from specrl.decoding.state import (
   RolloutConfig,
   RolloutOutput,
   RolloutState,
+  attend_buckets,
+  bucket_for,
   finalize,
   state_logical_axes,
 )
-from specrl.decoding.steps import decode, prefill
+from specrl.decoding.steps import decode, max_loop_steps, prefill
 
 __all__ = [
   'FINISH_CACHE',
@@ -78,6 +89,7 @@ class RolloutEngine:
     self._token = object()  # this engine's keys in the process-wide executable cache
     self._costs: dict = {}  # batch -> measure_step_costs
     self.last_draft_shared = None
+    self.last_buckets: list[int] = []  # length buckets the last rollout decoded in
 
   # -- shardings
   def param_shardings(self, params):
@@ -96,10 +108,33 @@ class RolloutEngine:
     return shd.tree_shardings(axes, abstract_state, self.mesh, shd.DECODE_RULES)
 
   def _compiled(self, batch: int, params, draft_params):
-    """(prefill, decode, finalize) jitted for ``batch`` rows: one entry of three
+    """(prefill, finalize, shardings) jitted for ``batch`` rows: one entry of two
     executables in the process-wide LRU (:mod:`specrl.decoding.executables`)."""
     return executables.CACHE.get(
-      (self._token, batch), lambda: self._build(batch, params, draft_params), weight=3
+      (self._token, batch), lambda: self._build(batch, params, draft_params), weight=2
+    )
+
+  def _decode_fn(self, batch: int, attend_len: int | None, shardings):
+    """The decode loop at length bucket ``attend_len`` for ``batch`` rows: one executable
+    per (batch, bucket) in the process-wide LRU."""
+    return executables.CACHE.get(
+      (self._token, batch, 'decode', attend_len),
+      lambda: self._build_decode(attend_len, shardings),
+    )
+
+  def _build_decode(self, attend_len: int | None, shardings):
+    cfg, rcfg, mesh, drafter = self.cfg, self.rcfg, self.mesh, self.drafter
+    k = rcfg.num_draft if drafter is not None else 0
+    psh, dsh, st_sh = shardings
+
+    def decode_fn(params, draft_params, state):
+      return decode(
+        params, state, k, cfg=cfg, rcfg=rcfg, mesh=mesh, drafter=drafter,
+        draft_params=draft_params, attend_len=attend_len,
+      )[0]  # fmt: skip
+
+    return jax.jit(
+      decode_fn, in_shardings=(psh, dsh, st_sh), out_shardings=st_sh, donate_argnums=(2,)
     )
 
   def _build(self, batch: int, params, draft_params):
@@ -119,13 +154,6 @@ class RolloutEngine:
         group_ids=group_ids,
         prompt_ids=prompt_ids,
       )
-
-    k = rcfg.num_draft if drafter is not None else 0
-
-    def decode_fn(params, draft_params, state):
-      return decode(
-        params, state, k, cfg=cfg, rcfg=rcfg, mesh=mesh, drafter=drafter, draft_params=draft_params
-      )[0]
 
     p = rcfg.max_prompt_len
     abstract = jax.eval_shape(
@@ -147,11 +175,31 @@ class RolloutEngine:
       in_shardings=(psh, dsh, self._batch_sharding(2), row, rep, row, row),
       out_shardings=st_sh,
     )
-    decode_j = jax.jit(
-      decode_fn, in_shardings=(psh, dsh, st_sh), out_shardings=st_sh, donate_argnums=(2,)
-    )
     finalize_j = jax.jit(lambda s: finalize(s, rcfg))
-    return prefill_j, decode_j, finalize_j
+    return prefill_j, finalize_j, (psh, dsh, st_sh)
+
+  def _decode(self, batch, params, draft_params, state, shardings):
+    """Decode to the end, one loop per length bucket, smallest first (the buckets a loop
+    stops at are left once the longest live row outgrows them). Returns (state, buckets
+    run)."""
+    buckets = attend_buckets(self.rcfg)
+    k = self.rcfg.num_draft if self.drafter is not None else 0
+    limit = max_loop_steps(self.rcfg)
+    visited = []
+    while True:
+      if len(buckets) == 1:  # the dense path: no host read before the one loop
+        a = buckets[0]
+      else:
+        pos, done, step = jax.device_get((state.pos, state.done, state.step))
+        if done.all() or step >= limit:
+          break
+        a = bucket_for(buckets, int(pos[~done].max()) + k + 1)  # slots_needed, on host
+      attend = a if self.rcfg.attend_bucket else None  # 0: the dense reference
+      state = self._decode_fn(batch, attend, shardings)(params, draft_params, state)
+      visited.append(a)
+      if a == buckets[-1]:  # the last bucket has no stop of its own: ran to the end
+        break
+    return state, visited
 
   def measure_step_costs(self, params, batch: int, draft_params=None) -> dict:
     """Seconds of one plain decode step (T = 1), one verify pass (T = k + 1) and one
@@ -204,16 +252,19 @@ class RolloutEngine:
     if self.drafter is not None and draft_params is None:
       draft_params = self.drafter.params_from_policy(params)
     draft_params = drafters_lib.place_draft_params(self.drafter, draft_params, self.mesh)
-    prefill_j, decode_j, finalize_j = self._compiled(b, params, draft_params)
+    prefill_j, finalize_j, shardings = self._compiled(b, params, draft_params)
     t0 = time.perf_counter()
     state = prefill_j(params, draft_params, prompt_tokens, prompt_len, rng, group_ids, prompt_ids)
-    state = decode_j(params, draft_params, state)
+    state, visited = self._decode(b, params, draft_params, state, shardings)
     self.last_draft_shared = state.draft_shared
     out = finalize_j(state)
     out = jax.block_until_ready(out)
     dt = time.perf_counter() - t0
     metrics = rollout_metrics(out, dt)
     metrics.update(executables.CACHE.metrics())
+    metrics['rollout/length_buckets'] = len(visited)
+    metrics['rollout/length_bucket_variants'] = len(attend_buckets(self.rcfg))
+    self.last_buckets = visited
     if estimate_costs and self.rcfg.num_draft:
       costs = self.measure_step_costs(params, b, draft_params)
       passes = int(np.asarray(out.num_rounds).max())

@@ -65,12 +65,16 @@ def run(mesh, drafter):
   return jax.device_get((state.params, out.tokens, out.logprobs)), shardings
 
 
-def rollout(mesh, drafter, adaptive_policy=None):
+def rollout(mesh, drafter, adaptive_policy=None, attend_bucket=None):
   """Greedy rollout of 8 prompts of lengths 1..12 into a 26-slot cache, so rows stop at
   the cache end after 14..24 tokens (random params rarely emit EOS): rows finish at
-  different times and the batch compacts. Returns (tokens, logprobs, report or None)."""
+  different times and the batch compacts. ``attend_bucket``: ``rollout.attend_bucket``
+  (8: decode attention in length buckets 16 and the buffer). Returns (tokens, logprobs,
+  report or None)."""
   c = config(drafter, adaptive_policy)
   c.rollout.cache_len, c.rollout.max_new_tokens = 26, 24
+  if attend_bucket is not None:
+    c.rollout.attend_bucket = attend_bucket
   exp = train.build_experiment(c, mesh)
   state = train.init_state(exp)
   plen = np.array([1, 12, 3, 12, 12, 11, 12, 10], np.int32)
@@ -115,6 +119,18 @@ def main():
       'logprob_maxdiff': float(np.max(np.abs(l8 - l1))),
       'buckets': [b for _, _, b, _ in report.compactions] if report else [],
       'strategies': sorted({x[3] for x in report.trace}) if report else [],
+    }
+  # Length buckets (issue 26) on the 8-device mesh: the static engine (plain) and the
+  # adaptive one (compaction, widening, ngram drafts) switch from 16 attended slots to the
+  # whole buffer mid-rollout; still the 1-device dense tokens.
+  t1d, l1d, _ = rollout(shd.make_mesh((1, 1, 1), jax.devices()[:1]), 'none', attend_bucket=0)
+  for drafter, policy in (('none', None), ('ngram', 'always')):
+    t8, l8, _ = rollout(shd.make_mesh((2, 2, 2)), drafter, policy, attend_bucket=8)
+    w = t1d.shape[1]
+    t8, l8 = t8[:, :w], l8[:, :w]
+    res[f'buckets_{drafter}_{policy}'] = {
+      'tokens_equal': bool(np.array_equal(t8, t1d)),
+      'logprob_maxdiff': float(np.max(np.abs(l8 - l1d))),
     }
   print(json.dumps(res))
 

@@ -23,10 +23,13 @@ def test_sharded_matches_single_device():
   )
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.strip().splitlines()[-1])
-  assert len(res) == 14, sorted(res)  # 6 drafters on the static engine, 8 on the adaptive
+  # 6 drafters on the static engine, 8 on the adaptive, 2 in length buckets
+  assert len(res) == 16, sorted(res)
   for drafter, d in res.items():
     assert d['tokens_equal'], drafter
     assert d['logprob_maxdiff'] < 1e-4, (drafter, d)
+    if drafter.startswith('buckets'):
+      continue
     if drafter.startswith('adaptive'):
       # it compacted, down to buckets the 4-way batch sharding does not divide
       assert min(d['buckets'], default=8) <= 2, (drafter, d)

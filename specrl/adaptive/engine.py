@@ -87,6 +87,7 @@ from specrl.adaptive.report import AdaptiveReport
 from specrl.adaptive.state_ops import (
   ST_ACCEPTED,
   ST_ACTIVE,
+  ST_LIVE,
   ST_ROUNDS,
   ST_STEP,
   ST_STEPS,
@@ -106,7 +107,14 @@ from specrl.adaptive.state_ops import (
 from specrl.decoding import executables
 from specrl.decoding import profile as profile_lib
 from specrl.decoding.spec_math import CostProfile, optimistic_alpha
-from specrl.decoding.state import RolloutConfig, RolloutOutput, RolloutState, finalize
+from specrl.decoding.state import (
+  RolloutConfig,
+  RolloutOutput,
+  RolloutState,
+  attend_buckets,
+  bucket_for,
+  finalize,
+)
 from specrl.decoding.steps import loop_params_jit, max_loop_steps, prefill
 from specrl.rollout import prepare_prompts, prepare_row_ids, rollout_metrics
 
@@ -268,7 +276,14 @@ class AdaptiveRolloutEngine:
 
     return executables.CACHE.get((self._token, *key), build)
 
-  def _chunk_fn(self, b, strategy, args, report, has_draft):
+  def _attend_len(self, width: int, need: int) -> int | None:
+    """The length bucket of a chunk on a ``width``-slot buffer whose first step needs
+    ``need`` slots (None: ``rollout.attend_bucket = 0``, the dense reference)."""
+    if not self.rcfg.attend_bucket:
+      return None
+    return bucket_for(attend_buckets(self._wrcfg, width), need)
+
+  def _chunk_fn(self, b, strategy, args, report, has_draft, attend_len=None):
     cfg, rcfg, drafter, mesh = self.cfg, self._wrcfg, self.drafter, self.mesh
     limit = max_loop_steps(self.rcfg)
 
@@ -285,9 +300,10 @@ class AdaptiveRolloutEngine:
         drafter=drafter,  # plain steps only use its optional hooks (observe, hidden)
         mesh=mesh,
         limit=limit,
+        attend_len=attend_len,
       )
 
-    key = ('chunk', b, strategy, args[2].tokens.shape[1], has_draft)
+    key = ('chunk', b, strategy, args[2].tokens.shape[1], has_draft, attend_len)
     return self._compiled(key, fn, args, (2,), report, b)
 
   def _widen(self, state, report):
@@ -453,6 +469,7 @@ class AdaptiveRolloutEngine:
     b, origin, acc = bsz, None, None
     current: int | None = None
     obs: ChunkObs | None = None
+    live = rcfg.max_prompt_len + 1  # slots a plain step needs after prefill (at most)
     while n_active > 0 and step < limit:
       target = self._bucket_for(n_active, b) if acfg.compaction else b
       if target < b:
@@ -486,7 +503,10 @@ class AdaptiveRolloutEngine:
       if strategy != PLAIN and self._stateful and state.draft is None:
         state = self._attach_draft(state, dparams, report)
       cargs = (loop_params, dparams, state, i32(self._boundary(b)), i32(max_steps))
-      chunk = self._chunk_fn(b, strategy, cargs, report, state.draft is not None)
+      width = state.tokens.shape[1]
+      attend = self._attend_len(width, live + strategy)
+      report.length_buckets.add((width, attend))
+      chunk = self._chunk_fn(b, strategy, cargs, report, state.draft is not None, attend)
       t0 = now()
       report.trace.append((t0, n_active, b, strategy))
       state, both = chunk(*cargs)
@@ -495,12 +515,13 @@ class AdaptiveRolloutEngine:
       # the host sync does not sit between the loop and the finalize (as in the static
       # engine); the stats are read after the finalize is dispatched.
       last = strategy == PLAIN and self._boundary(b) == 0 and max_steps >= limit
+      last &= attend is None or attend == width  # the last length bucket: no stop of its own
       pending = (both, t0, b, strategy, n_active, 0.0 if obs is not None else prefill_left)
       if last:
         break
       obs, pending = self._observe(pending, report, now), None
       current = strategy
-      n_active, step = obs.active_end, obs.global_step
+      n_active, step, live = obs.active_end, obs.global_step, obs.live_slots
       if obs.steps == 0 and self._bucket_for(n_active, b) == b:  # no progress possible
         break
 
@@ -546,6 +567,7 @@ class AdaptiveRolloutEngine:
       active_start=n_active,
       active_end=int(stats[ST_ACTIVE]),
       global_step=int(stats[ST_STEP]),
+      live_slots=int(stats[ST_LIVE]),
       timed=learn_s > 0.25 * (t1 - t0),
     )
     report.trace.append((t1, obs.active_end, b, strategy))
@@ -599,6 +621,13 @@ class AdaptiveRolloutEngine:
     m = rollout_metrics(out, seconds)
     m.update(report.metrics())
     m.update(executables.CACHE.metrics())
+    # length buckets (attention over the first ``a`` slots) the chunks ran in, and the bound
+    # on them: the buckets of the narrow (plain-only) and the wide buffer
+    widths = {self._prefill_len, self.buffer_len}
+    m['rollout/length_buckets'] = len(report.length_buckets)
+    m['rollout/length_bucket_variants'] = len(
+      {(w, a) for w in widths for a in attend_buckets(self._wrcfg, w)}
+    )
     # the running i.i.d. per-token acceptance implied by tokens per pass (the cost model's);
     # not spec/alpha (committed accepted / drafted): see specrl.decoding.spec_math
     m['adaptive/implied_alpha'] = float(self.memory.alpha)

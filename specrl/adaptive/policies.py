@@ -45,6 +45,7 @@ class ChunkObs:
   # learned from. (The engine takes the prefill off a rollout's first chunk instead.)
   timed: bool = True
   global_step: int = 0  # the rollout's loop iterations after the chunk
+  live_slots: int = 0  # cache slots the next plain step needs (picks the length bucket)
 
   @property
   def yield_(self) -> float | None:

@@ -24,6 +24,8 @@ class AdaptiveReport:
   profile_s: dict = dataclasses.field(default_factory=dict)
   compactions: list = dataclasses.field(default_factory=list)  # (t, from, to, active)
   chosen: dict = dataclasses.field(default_factory=dict)  # bucket -> strategies in order
+  # (buffer width, attended slots) of every chunk: the length buckets run (None = dense)
+  length_buckets: set = dataclasses.field(default_factory=set)
   drafted: int = 0  # draft tokens proposed to active rows (sum of k x sequence-rounds)
   hook_s: float = 0.0  # seconds in the engine's tail_hook (kept out of the timings above)
 

@@ -21,11 +21,12 @@ from specrl.decoding.state import (
   RolloutConfig,
   RolloutOutput,
   RolloutState,
+  slots_needed,
   state_logical_axes,
 )
 
-# Layout of the per-chunk stats vector (int32 [6]).
-ST_STEPS, ST_ACTIVE, ST_TOKENS, ST_ROUNDS, ST_ACCEPTED, ST_STEP = range(6)
+# Layout of the per-chunk stats vector (int32 [7]).
+ST_STEPS, ST_ACTIVE, ST_TOKENS, ST_ROUNDS, ST_ACCEPTED, ST_STEP, ST_LIVE = range(7)
 
 
 def state_axes(state: RolloutState, drafter) -> RolloutState:
@@ -126,7 +127,9 @@ def clear_scratch(out: RolloutOutput, seq_len: int, width: int, pad_id: int) -> 
 
 
 def state_stats(state: RolloutState, steps) -> jax.Array:
-  """int32 [6]: steps, active, sum generated, sum rounds, sum accepted, global step."""
+  """int32 [7]: steps, active, sum generated, sum rounds, sum accepted, global step, and
+  the cache slots the next plain step needs (:func:`specrl.decoding.state.slots_needed`:
+  the length bucket of the next chunk is chosen from it)."""
   return jnp.stack(
     [
       jnp.asarray(steps, jnp.int32),
@@ -135,6 +138,7 @@ def state_stats(state: RolloutState, steps) -> jax.Array:
       jnp.sum(state.num_rounds),
       jnp.sum(state.num_accepted),
       state.step,
+      slots_needed(state, 0),
     ]
   )
 
@@ -152,11 +156,14 @@ def decode_chunk(
   drafter,
   mesh,
   limit: int,
+  attend_len: int | None = None,
 ):
   """At most ``max_steps`` rounds of :func:`specrl.decoding.steps.decode_step` with ``k``
   drafts (0 = plain), stopping once ``active <= min_active`` or the global step reaches
-  ``limit``. ``min_active``/``max_steps`` are traced int32 scalars: one compile per
-  (batch, k). Returns (state, int32 [2, 6] :func:`state_stats` before and after)."""
+  ``limit``, or before a step that needs more than ``attend_len`` cache slots (the chunk's
+  length bucket; None = the dense reference, no such stop). ``min_active``/``max_steps``
+  are traced int32 scalars: one compile per (batch, k, length bucket). Returns (state,
+  int32 [2, 7] :func:`state_stats` before and after)."""
   before = state_stats(state, 0)
   state, n = steps_lib.decode(
     params,
@@ -170,5 +177,6 @@ def decode_chunk(
     min_active=min_active,
     max_steps=max_steps,
     limit=limit,
+    attend_len=attend_len,
   )
   return state, jnp.stack([before, state_stats(state, n)])

@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 DEFAULT_LIMIT = 64
-MIN_LIMIT = 3  # the largest entry: the static engine's prefill, decode and finalize
+MIN_LIMIT = 3  # the static engine's prefill and finalize with one decode loop (a length bucket)
 
 
 def check_limit(limit) -> int:

@@ -63,6 +63,10 @@ class RolloutConfig:
   max_draft: int = 0  # scratch laid out for this k too (adaptive engine: its largest arm)
   verify_impl: str = 'jnp'
   max_steps: int = 0  # safety cap on loop iterations; 0 = derived
+  # smallest length bucket of decode attention (:func:`attend_buckets`): a step attends to
+  # the slots of the smallest power-of-two multiple of this that holds every live row; 0 =
+  # every step attends to the whole buffer (the dense reference)
+  attend_bucket: int = 256
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -75,6 +79,8 @@ class RolloutConfig:
       )
     if self.verify_impl not in ('jnp', 'pallas'):
       raise ValueError(f"rollout.verify_impl must be 'jnp' or 'pallas', got {self.verify_impl!r}")
+    if self.attend_bucket < 0:
+      raise ValueError(f'rollout.attend_bucket must be >= 0, got {self.attend_bucket}')
     if self.cache_len and self.cache_len <= self.max_prompt_len:
       raise ValueError(
         f'rollout.cache_len ({self.cache_len}) must exceed rollout.max_prompt_len '
@@ -96,6 +102,37 @@ class RolloutConfig:
     """Cache/buffer slots: capacity plus scratch for the k + 1 speculative positions."""
     w = self.draft_width
     return self.seq_len + (w + 1 if w else 0)
+
+
+def attend_buckets(rcfg: RolloutConfig, buffer_len: int | None = None) -> tuple[int, ...]:
+  """The length buckets of decode attention over a buffer of ``buffer_len`` slots (default
+  ``rcfg.buffer_len``), ascending: ``attend_bucket * 2**i`` below the buffer, then the
+  buffer itself. A step whose live rows need at most ``a`` slots (:func:`slots_needed`)
+  attends to the first ``a`` only, so it costs the live length, not the budget; each
+  bucket is one compiled variant, at most ``log2(buffer / attend_bucket) + 2`` of them.
+  ``attend_bucket = 0``: the buffer alone (the dense reference)."""
+  s = buffer_len or rcfg.buffer_len
+  out, a = [], rcfg.attend_bucket
+  while a and a < s:
+    out.append(a)
+    a *= 2
+  return (*out, s)
+
+
+def bucket_for(buckets: tuple[int, ...], need: int) -> int:
+  """The smallest of ``buckets`` (ascending) holding ``need`` slots (else the largest)."""
+  for a in buckets:
+    if need <= a:
+      return a
+  return buckets[-1]
+
+
+def slots_needed(state: RolloutState, k: int) -> jax.Array:
+  """int32 []: slots the next step with ``k`` drafts reads for the active rows -- its
+  queries sit at ``pos .. pos + k`` and see the slots up to themselves. 0 when none is
+  active (done rows' outputs are discarded, so they need nothing)."""
+  live = jnp.where(state.done, 0, state.pos + k + 1)
+  return jnp.max(live).astype(jnp.int32)
 
 
 @flax.struct.dataclass

@@ -27,7 +27,15 @@ from specrl import model as model_lib
 from specrl import prng, sampling
 from specrl import sharding as shd
 from specrl.decoding import verify as verify_lib
-from specrl.decoding.state import RolloutConfig, RolloutState, commit, current_tokens
+from specrl.decoding.state import (
+  RolloutConfig,
+  RolloutState,
+  attend_buckets,
+  bucket_for,
+  commit,
+  current_tokens,
+  slots_needed,
+)
 from specrl.drafters import hooks
 
 
@@ -78,6 +86,8 @@ def prefill(
     rules=rules,
     return_hidden=hooks.wants_hidden(drafter),
     logits_at=prompt_len - 1,  # the last prompt token's logits only
+    # the prompt's slots, not the budget (attend_bucket = 0: the dense reference)
+    attend_len=bucket_for(attend_buckets(rcfg, s), p) if rcfg.attend_bucket else None,
   )
   last = logits[:, 0]
   seed = prng.rollout_seed(rng)
@@ -127,9 +137,12 @@ def plain_step(
   mesh=None,
   drafter=None,
   draft_params=None,
+  attend_len: int | None = None,
 ):
   """One autoregressive step: feed the current token, sample the next. A drafter is only
-  told what was committed and given the hidden state, if it asks (``drafters.hooks``)."""
+  told what was committed and given the hidden state, if it asks (``drafters.hooks``).
+  ``attend_len`` (static): attend to the first ``attend_len`` cache slots only (every
+  active row's ``pos < attend_len``; None = the whole buffer)."""
   cur = current_tokens(state)
   logits, cache, *hidden = model_lib.forward(
     params,
@@ -140,6 +153,7 @@ def plain_step(
     mesh=mesh,
     rules=shd.DECODE_RULES,
     return_hidden=hooks.wants_hidden(drafter),
+    attend_len=attend_len,
   )
   seeds = prng.event_seeds(state.seed, state.seq_id, state.pos, prng.STREAM_PLAIN)
   tok = sampling.sample_seeded(logits[:, 0], seeds, rcfg.sampling)
@@ -174,9 +188,20 @@ def _count_acceptance(
 
 
 def speculative_round(
-  params, draft_params, state: RolloutState, k: int, *, cfg, rcfg, drafter, mesh=None
+  params,
+  draft_params,
+  state: RolloutState,
+  k: int,
+  *,
+  cfg,
+  rcfg,
+  drafter,
+  mesh=None,
+  attend_len: int | None = None,
 ) -> RolloutState:
-  """One propose / verify / commit round with ``k`` drafts (static)."""
+  """One propose / verify / commit round with ``k`` drafts (static). ``attend_len``: the
+  verify pass attends to that many cache slots (every active row's ``pos + k <
+  attend_len``); the drafter's own passes are its business."""
   draft_seeds = prng.event_seeds(state.seed, state.seq_id, state.pos, prng.STREAM_DRAFT)
   draft_tokens, draft_logits, draft_state, policy_cache = drafter.propose(
     draft_params,
@@ -207,6 +232,7 @@ def speculative_round(
     mesh=mesh,
     rules=shd.DECODE_RULES,
     return_hidden=hooks.wants_hidden(drafter),
+    attend_len=attend_len,
   )
   verify_seeds = prng.event_seeds(state.seed, state.seq_id, state.pos, prng.STREAM_VERIFY)
   if draft_logits is None:  # deterministic drafter: token-only verification
@@ -236,22 +262,35 @@ def speculative_round(
 
 
 def decode_step(
-  params, draft_params, state: RolloutState, k: int, *, cfg, rcfg, drafter=None, mesh=None
+  params,
+  draft_params,
+  state: RolloutState,
+  k: int,
+  *,
+  cfg,
+  rcfg,
+  drafter=None,
+  mesh=None,
+  attend_len: int | None = None,
 ) -> RolloutState:
   """The step chooser both engines use: plain for ``k == 0``, else a speculative round
   with ``k`` drafts (``k <= rcfg.draft_width``, the buffer's scratch). A plain step uses the
-  drafter only for its optional hooks (observe, hidden states), at no cost without them."""
+  drafter only for its optional hooks (observe, hidden states), at no cost without them.
+  ``attend_len`` (static): the policy attends to the first ``attend_len`` cache slots only;
+  the caller keeps :func:`slots_needed` ``<= attend_len`` (None = the whole buffer)."""
   if k == 0:
     return plain_step(
-      params, state, cfg=cfg, rcfg=rcfg, mesh=mesh, drafter=drafter, draft_params=draft_params
-    )
+      params, state, cfg=cfg, rcfg=rcfg, mesh=mesh, drafter=drafter,
+      draft_params=draft_params, attend_len=attend_len,
+    )  # fmt: skip
   if drafter is None:
     raise ValueError(f'a speculative step (k={k}) needs a drafter')
   if k > rcfg.draft_width:
     raise ValueError(f'k={k} exceeds the buffer scratch laid out for {rcfg.draft_width}')
   return speculative_round(
-    params, draft_params, state, k, cfg=cfg, rcfg=rcfg, drafter=drafter, mesh=mesh
-  )
+    params, draft_params, state, k, cfg=cfg, rcfg=rcfg, drafter=drafter, mesh=mesh,
+    attend_len=attend_len,
+  )  # fmt: skip
 
 
 def loop_params(params, unroll_layers: bool | None = None):
@@ -286,6 +325,7 @@ def decode(
   max_steps=None,
   limit: int | None = None,
   unroll_layers: bool | None = None,
+  attend_len: int | None = None,
 ) -> tuple[RolloutState, jax.Array]:
   """Run :func:`decode_step` with ``k`` drafts in a ``lax.while_loop`` until every sequence
   is done, the active count drops to ``min_active`` (compaction), ``max_steps`` rounds ran
@@ -295,13 +335,27 @@ def decode(
   ``unroll_layers`` (default: on the CPU backend) runs the policy's layers unrolled over
   per-layer weights sliced once before the loop (:func:`specrl.model.unstack_layers`):
   XLA:CPU otherwise copies every layer's weights out of the stacked arrays in every step.
-  Same math, same tokens (:func:`loop_params`; already unstacked params pass as they are)."""
+  Same math, same tokens (:func:`loop_params`; already unstacked params pass as they are).
+
+  ``attend_len`` (static; a length bucket, :func:`specrl.decoding.state.attend_buckets`):
+  the loop carries only the first ``attend_len`` slots of the policy cache (sliced once
+  before it, put back in place once after it), so every step is the plain dense step over
+  an ``attend_len``-slot cache -- no per-step work or copy grows with the buffer -- and it
+  stops before a step whose active rows would need more (:func:`slots_needed`); the caller
+  then moves on to a larger bucket. At the buffer length, or None: the whole cache, no such
+  stop (the dense reference)."""
   limit = max_loop_steps(rcfg) if limit is None else limit
   params = loop_params(params, unroll_layers)  # sliced once, not in every step
+  bounded = attend_len is not None and attend_len < state.tokens.shape[1]
+  full = state.cache
+  if bounded:  # the live window; done rows' writes past it are dropped (never read again)
+    state = state.replace(cache=jax.tree.map(lambda c: c[:, :, :attend_len], full))
 
   def cond(c):
     s, i = c
     go = (jnp.sum(~s.done) > min_active) & (s.step < limit)
+    if bounded:
+      go &= slots_needed(s, k) <= attend_len
     return go if max_steps is None else go & (i < max_steps)
 
   def body(c):
@@ -309,4 +363,10 @@ def decode(
     s = decode_step(params, draft_params, s, k, cfg=cfg, rcfg=rcfg, drafter=drafter, mesh=mesh)
     return s, i + 1
 
-  return jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))
+  state, n = jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))
+  if bounded:
+    cache = jax.tree.map(
+      lambda f, w: jax.lax.dynamic_update_slice(f, w, (0,) * f.ndim), full, state.cache
+    )
+    state = state.replace(cache=cache)
+  return state, n

@@ -1,0 +1,161 @@
+"""Decode step time vs the token budget: dense attention vs length buckets (issue 26).
+
+The static engine decodes ``--new`` tokens after a ``--prompt``-token prompt (B =
+``--batch``, plain, greedy, no EOS) with the KV cache sized to a budget of S slots
+(``rollout.cache_len = S``), for each S of ``--budgets``. Two paths per S:
+
+- ``dense``: ``rollout.attend_bucket = 0``, every step attends to (and scatters into) the
+  whole S-slot buffer -- the path before length buckets;
+- ``bucketed``: ``rollout.attend_bucket = --bucket``, a step attends to the smallest
+  length bucket holding every live row (``specrl.decoding.state.attend_buckets``).
+
+Reported per (S, path): ms per decode step (the decode loop's wall time after prefill
+over the steps it ran; median of ``--iters`` calls timed round-robin over both paths,
+after a compiling warm-up), the ratio to the smallest budget's step, and the decode
+loops (length buckets) the rollout ran and could compile (``rollout/length_buckets``,
+``rollout/length_bucket_variants``). Random f32 weights of SmolLM2-135M's shapes.
+
+  python bench/long_context.py --quick   # S 256..4096, 4 of the 30 layers: a few minutes
+  python bench/long_context.py           # S 256..32768, all 30 layers (GBs of cache)
+
+Timings on a shared CPU are noisy; ratios between the round-robin-timed paths hold better.
+Prints a table, then, as its last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import common  # noqa: E402
+from specrl import model as model_lib  # noqa: E402
+from specrl import rollout as rollout_lib  # noqa: E402
+from specrl.decoding.state import attend_buckets  # noqa: E402
+from specrl.sampling import SamplingParams  # noqa: E402
+
+# SmolLM2-135M's architecture (its Hugging Face config): tied embeddings, RoPE theta 1e5.
+SMOLLM2_135M = dict(
+  vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536,
+  rope_theta=100000.0,
+)  # fmt: skip
+PATHS = ('dense', 'bucketed')
+
+
+def make_engine(cfg, args, budget: int, path: str) -> rollout_lib.RolloutEngine:
+  rcfg = rollout_lib.RolloutConfig(
+    max_new_tokens=args.new,
+    max_prompt_len=args.prompt,
+    cache_len=budget,
+    sampling=SamplingParams(temperature=0.0),
+    eos_id=-1,
+    attend_bucket=0 if path == 'dense' else args.bucket,
+  )
+  return rollout_lib.RolloutEngine(cfg, rcfg)
+
+
+def decode_call(engine, params, toks, lens):
+  """A callable running prefill (untimed) then the decode loops (timed); returns the
+  decode seconds per step, the steps and the buckets run."""
+  b = toks.shape[0]
+  prefill_j, _, shardings = engine._compiled(b, params, None)
+  group_ids, prompt_ids = rollout_lib.prepare_row_ids(None, None, b)
+  record = {}
+
+  def call():
+    state = prefill_j(params, None, toks, lens, jax.random.key(0), group_ids, prompt_ids)
+    jax.block_until_ready(state)
+    step0 = int(state.step)
+    t0 = time.perf_counter()
+    state, visited = engine._decode(b, params, None, state, shardings)
+    jax.block_until_ready(state)
+    dt = time.perf_counter() - t0
+    steps = int(state.step) - step0
+    record.update(ms=1e3 * dt / max(steps, 1), steps=steps, visited=visited)
+    return state.pos
+
+  return call, record
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--quick', action='store_true', help='S up to 4096, 4 layers')
+  ap.add_argument('--budgets', type=common.ints, default=None)
+  ap.add_argument('--layers', type=int, default=None, help='layers (default 30; 4 with --quick)')
+  ap.add_argument('--batch', type=int, default=4)
+  ap.add_argument('--prompt', type=int, default=32)
+  ap.add_argument('--new', type=int, default=64)
+  ap.add_argument('--bucket', type=int, default=256, help='rollout.attend_bucket')
+  ap.add_argument('--iters', type=int, default=3)
+  common.add_compile_cache_flag(ap)
+  args = ap.parse_args(argv)
+  common.enable_compile_cache(args.compile_cache)
+  budgets = args.budgets or (
+    [256, 1024, 4096] if args.quick else [256, 1024, 4096, 8192, 16384, 32768]
+  )
+  layers = args.layers or (4 if args.quick else SMOLLM2_135M['n_layers'])
+  cfg = model_lib.ModelConfig(**{**SMOLLM2_135M, 'n_layers': layers})
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  toks = rng.integers(3, cfg.vocab_size, size=(args.batch, args.prompt)).astype(np.int32)
+  lens = np.full((args.batch,), args.prompt, np.int32)
+  rows = []
+  for s in budgets:
+    calls, records, variants = {}, {}, {}
+    for path in PATHS:
+      eng = make_engine(cfg, args, s, path)
+      calls[path], records[path] = decode_call(eng, params, toks, lens)
+      variants[path] = len(attend_buckets(eng.rcfg))
+    for call in calls.values():  # compile
+      call()
+    ms = {path: [] for path in PATHS}
+    for i in range(args.iters):  # round-robin, the first path alternating
+      for path in common.rotated(PATHS, i):
+        calls[path]()
+        ms[path].append(records[path]['ms'])
+    for path in PATHS:
+      rows.append(
+        dict(
+          S=s,
+          path=path,
+          ms_step=float(np.median(ms[path])),
+          steps=records[path]['steps'],
+          buckets_run=len(records[path]['visited']),
+          variants=variants[path],
+          attend=max(records[path]['visited']),
+        )
+      )
+    done = ', '.join(f'{r["path"]} {r["ms_step"]:.1f} ms' for r in rows[-2:])
+    print(f'S={s}: {done}', flush=True)
+  base = {p: next(r['ms_step'] for r in rows if r['path'] == p) for p in PATHS}
+  for r in rows:
+    r['x_smallest'] = r['ms_step'] / base[r['path']]
+  common.print_table(
+    [('S', 'd'), ('path', ''), ('ms_step', '.1f'), ('x_smallest', '.2f'), ('steps', 'd'),
+     ('attend', 'd'), ('buckets_run', 'd'), ('variants', 'd')],
+    rows,
+  )  # fmt: skip
+  summary = dict(
+    bench='long_context',
+    **common.device_info(),
+    layers=layers,
+    batch=args.batch,
+    prompt=args.prompt,
+    new=args.new,
+    bucket=args.bucket,
+    ms_step={p: {r['S']: r['ms_step'] for r in rows if r['path'] == p} for p in PATHS},
+    x_smallest={p: {r['S']: r['x_smallest'] for r in rows if r['path'] == p} for p in PATHS},
+    variants={r['S']: r['variants'] for r in rows if r['path'] == 'bucketed'},
+  )
+  common.emit_json(summary)
+  return summary
+
+
+if __name__ == '__main__':
+  main()
