@@ -415,8 +415,8 @@ def run_layers(
   ``jax.checkpoint`` (its activations recomputed in the backward pass: the forward keeps
   one [B, T, D] residual per layer).
 
-  With a cache (decoding) only: ``attend_len`` (static int): the step touches only the window of slots
-  ``[0, attend_len)`` (capped at S): attention reads it and the new k/v are written into
+  With a cache (decoding) only: ``attend_len`` (static int): the step touches only the
+  window of slots ``[0, attend_len)`` (capped at S): attention reads it and the new k/v are written into
   it (positions outside it are dropped) and the window goes back into the buffer in place
   (a dynamic-update-slice), so a step costs the live length, not the budget. The caller
   keeps every query it cares about at a position ``< attend_len``. None: the dense
@@ -512,8 +512,8 @@ def forward(
     ``(logits f32 [B, T, V], new_cache)`` (``new_cache`` is None without a cache);
     with ``return_hidden`` also the final normed hidden state [B, T, D] (every token);
     ``head=False``: ``(None, new_cache, hidden)`` without computing any logits.
-  Other keywords (:func:`run_layers`): ``attention_impl``, ``attention_block``, ``remat``: the no-cache forward's attention and
-    per-layer rematerialisation (:func:`run_layers`).
+  Other keywords (:func:`run_layers`): ``attention_impl``, ``attention_block``, ``remat``:
+  the no-cache forward's attention and per-layer rematerialisation.
   """
   rules = shd.DECODE_RULES if rules is None else rules
   x = _embed(params['embed'], tokens, cfg.cdtype)
