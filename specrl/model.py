@@ -416,8 +416,9 @@ def run_layers(
   one [B, T, D] residual per layer).
 
   With a cache (decoding) only: ``attend_len`` (static int): the step touches only the
-  window of slots ``[0, attend_len)`` (capped at S): attention reads it and the new k/v are written into
-  it (positions outside it are dropped) and the window goes back into the buffer in place
+  window of slots ``[0, attend_len)`` (capped at S): attention reads it and the new k/v
+  are written into it (positions outside it are dropped) and the window goes back into
+  the buffer in place
   (a dynamic-update-slice), so a step costs the live length, not the budget. The caller
   keeps every query it cares about at a position ``< attend_len``. None: the dense
   reference (attention over every slot, k/v scattered into the whole buffer)."""
