@@ -174,6 +174,19 @@ def forward_options(rl: RLConfig) -> dict:
   }
 
 
+def trunk_hidden(params, cfg: model_lib.ModelConfig, tokens: jax.Array, mesh=None, **forward_opts):
+  """The policy's final-norm hidden states at positions ``0..S-2`` of ``tokens`` [B, S]:
+  [B, S-1, D], no LM head (the trunk of :func:`sequence_logprobs`; the eagle warm-up's
+  features). ``forward_opts``: attention / remat (:func:`forward_options`)."""
+  b, s = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
+  _, _, hidden = model_lib.forward(
+    params, cfg, tokens[:, :-1], positions, mesh=mesh, rules=shd.TRAIN_RULES, head=False,
+    **forward_opts,
+  )  # fmt: skip
+  return hidden
+
+
 def sequence_logprobs(
   params,
   cfg: model_lib.ModelConfig,
@@ -191,17 +204,7 @@ def sequence_logprobs(
   hidden states at positions 0..S-2, [B, S-1, D] (what a drafter head trains on).
   ``forward_opts``: the trunk's attention / remat (:func:`forward_options`)."""
   b, s = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
-  _, _, hidden = model_lib.forward(
-    params,
-    cfg,
-    tokens[:, :-1],
-    positions,
-    mesh=mesh,
-    rules=shd.TRAIN_RULES,
-    head=False,
-    **forward_opts,
-  )
+  hidden = trunk_hidden(params, cfg, tokens, mesh, **forward_opts)
   c = logprob_chunk(b, s - 1, cfg.vocab_size)
   n = -(-(s - 1) // c)
   pad = n * c - (s - 1)

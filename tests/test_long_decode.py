@@ -22,22 +22,12 @@ from specrl.decoding import steps
 from specrl.decoding.state import RolloutConfig, attend_buckets, bucket_for
 from specrl.drafters import NgramDrafter
 from specrl.sampling import SamplingParams
+from tests.test_rollout import CFG, params
 
 GREEDY = SamplingParams(temperature=0.0)
-CFG = model_lib.ModelConfig(
-  vocab_size=16, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
-)
 # the cost test's model: two layers, so the window's in-place update is in every budget's
 # step (over one layer and a 256-slot budget XLA drops it: the window is the whole buffer)
 COST_CFG = dataclasses.replace(CFG, n_layers=2, head_dim=16)
-PARAMS = None
-
-
-def params():
-  global PARAMS
-  if PARAMS is None:
-    PARAMS = model_lib.init_params(CFG, jax.random.key(0))
-  return PARAMS
 
 
 def _bytes_accessed(compiled) -> float:

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from specrl import model as model_lib
+from specrl import rl as rl_lib
 from specrl import sharding as shd
 from specrl.drafters import eagle, eagle_spot
 
@@ -73,20 +73,9 @@ def init_head_state(head_params, optimizer) -> HeadState:
 
 def policy_hidden(policy_params, cfg, tokens, mesh=None):
   """The policy's final-norm hidden states at positions ``0..S-2`` of ``tokens`` [B, S]
-  (the forward :func:`specrl.rl.sequence_logprobs` runs; no LM head), stop-gradient:
+  (:func:`specrl.rl.trunk_hidden`, the forward the GRPO loss runs), stop-gradient:
   [B, S-1, D]. Only the warm-up needs it: ``cotrain`` reuses the GRPO loss's forward."""
-  b, s = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
-  _, _, h = model_lib.forward(
-    policy_params,
-    cfg,
-    tokens[:, :-1],
-    positions,
-    mesh=mesh,
-    rules=shd.TRAIN_RULES,
-    head=False,
-  )
-  return jax.lax.stop_gradient(h)
+  return jax.lax.stop_gradient(rl_lib.trunk_hidden(policy_params, cfg, tokens, mesh))
 
 
 def policy_targets(policy_params, cfg, hidden, k: int):
