@@ -4,6 +4,7 @@ reference step (full attention, whole minibatch, untrimmed buffer), and a 4k-tok
 step stays under a stated memory bound."""
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -215,3 +216,69 @@ def test_the_loop_refuses_a_step_that_cannot_fit_before_compiling(monkeypatch):
   monkeypatch.setattr(train_fit, 'device_memory_bytes', lambda device=None: 2**20)  # 1 MB
   with pytest.raises(ValueError, match='more than the 0.0 GB of device memory: set'):
     train.jitted_steps(exp, jax.tree.map(lambda x: x.sharding, state))
+
+
+def _head_args(reduced: int, rows=4, seq=24, seed=0):
+  """A fresh eagle head on the 32-wide policy, a rollout-shaped batch and its hidden states."""
+  from specrl.drafters import eagle
+  from specrl.drafters import eagle_train as et
+
+  ecfg = eagle.EagleConfig(reduced_vocab=reduced)
+  d = eagle.EagleDrafter(CFG, ecfg, eagle.init_head(CFG, 1, jax.random.key(3)))
+  params = model_lib.init_params(CFG, jax.random.key(seed))
+  b = _batch(rows, seq, seed)
+  toks, mask = jnp.asarray(b['tokens']), jnp.asarray(b['response_mask'])
+  hidden = et.policy_hidden(params, CFG, toks)
+  vids = jnp.arange(0, 2 * reduced, 2, dtype=jnp.int32) if reduced else None
+  kw = dict(cfg=CFG, hcfg=d.hcfg, ecfg=ecfg)
+  return et, d.head_params, params, vids, toks, hidden, mask, kw
+
+
+@pytest.mark.parametrize('reduced,topk', [(0, 0), (8, 6)])
+def test_eagle_head_loss_in_chunks_with_blocked_attention_equals_the_whole_sequence(reduced, topk):
+  """The cotrain / spot / warm-up head loss in chunks of 5 positions (22 of them: a padded
+  last chunk), rows in groups of 2, with blocked attention (blocks of 4) and remat equals
+  the whole-batch, whole-sequence, full-attention loss: every metric and the head's
+  gradients, with and without a reduced vocabulary and top-k targets."""
+  et, hp, params, vids, toks, hidden, mask, kw = _head_args(reduced)
+  targets = et.policy_targets(params, CFG, hidden, topk) if topk else None
+
+  def loss_and_grads(**opts):
+    fn = lambda h: et.head_loss(h, params, vids, toks, hidden, mask, targets, **kw, **opts)  # noqa: E731
+    (_, m), g = jax.value_and_grad(fn, has_aux=True)(hp)
+    return m, g
+
+  m0, g0 = loss_and_grads(chunk=1 << 20)
+  m1, g1 = loss_and_grads(
+    chunk=5, micro_batch=2, attention_impl='blocked', attention_block=4, remat=True
+  )
+  assert set(m0) == set(m1)
+  for k in m0:
+    np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert float(optax.tree.norm(g0)) > 0
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_a_2k_token_eagle_head_update_runs_under_the_same_memory_bound():
+  """The cotrain head's own update (issue 27 item 4) on 2 rows x 2048 tokens with the loss
+  forward's options (blocked attention in blocks of 128, remat, micro-batches of 1 row:
+  :func:`eagle_train.loss_options`): its compiled temp buffers stay under half the 4k GRPO
+  step's 40 MB bound (at 4096 tokens: under 40 MB; 52.6 MB with both rows in one group).
+  Unbounded (full attention over S, logits of every position at once) its one layer's
+  [rows, H, S, S] scores alone were 2 x 4 x 2048^2 x 4 B = 128 MB per copy."""
+  et, hp, params, vids, toks, hidden, mask, kw = _head_args(0, rows=2, seq=2048)
+  ecfg = kw['ecfg']
+  opt = et.make_optimizer(ecfg)
+  hstate = et.init_head_state(hp, opt)
+  fn = jax.jit(
+    functools.partial(
+      et.head_update, **kw, optimizer=opt, attention_impl='blocked', attention_block=128,
+      remat=True, micro_batch=1,
+    )
+  )  # fmt: skip
+  compiled = fn.lower(hstate, params, None, toks, hidden, mask).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < BOUND_4K / 2, temp / 2**20  # linear in S: half the 4k step's bound
+  new, m = compiled(hstate, params, None, toks, hidden, mask)
+  assert np.isfinite(float(m['head/loss'])) and float(m['head/grad_norm']) > 0

@@ -203,10 +203,14 @@ def head_output(dp, cfg, y):
   return model_lib.rms_norm(y, dp['final_norm'], cfg.norm_eps)
 
 
-def head_layers(layers, hcfg, x, positions, cache=None, *, mesh=None, rules=None):
+def head_layers(layers, hcfg, x, positions, cache=None, *, mesh=None, rules=None, **forward_opts):
   """The head's decoder layers: the policy's own stack (:func:`specrl.model.run_layers`)
-  with the head's weights and ``hcfg`` (its layer count). Returns (x [B, T, D], cache)."""
-  return model_lib.run_layers(layers, hcfg, x, positions, cache, mesh=mesh, rules=rules)
+  with the head's weights and ``hcfg`` (its layer count). Returns (x [B, T, D], cache).
+  ``forward_opts``: ``run_layers``'s no-cache options (attention_impl, attention_block,
+  remat)."""
+  return model_lib.run_layers(
+    layers, hcfg, x, positions, cache, mesh=mesh, rules=rules, **forward_opts
+  )
 
 
 def head_logits_compact(dp, cfg, feat):
@@ -233,11 +237,17 @@ def head_logits(dp, cfg, feat):
   return full.at[..., ids].set(small)
 
 
-def predict_features(dp, cfg, hcfg, feats, next_tokens, positions, *, mesh=None, rules=None):
+def predict_features(
+  dp, cfg, hcfg, feats, next_tokens, positions, *, mesh=None, rules=None, **forward_opts
+):
   """Teacher-forced head over a whole sequence (training, tests): ĥ_{t+1} [B, T, D] from
-  the true features ``feats`` [B, T, D] at ``positions`` and the tokens ``x_{t+1}``."""
+  the true features ``feats`` [B, T, D] at ``positions`` and the tokens ``x_{t+1}``.
+  ``forward_opts``: the attention / remat of the policy's loss forward
+  (``specrl.rl.forward_options``), so the head's layers stay memory-bounded at long T."""
   x = head_input(dp, cfg, feats, next_tokens)
-  out, _ = head_layers(dp['head']['layers'], hcfg, x, positions, mesh=mesh, rules=rules)
+  out, _ = head_layers(
+    dp['head']['layers'], hcfg, x, positions, mesh=mesh, rules=rules, **forward_opts
+  )
   return head_output(dp, cfg, out)
 
 

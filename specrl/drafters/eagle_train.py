@@ -28,6 +28,7 @@ counts when the token those distributions predict, ``x_{t+2}``, is a response to
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Any
 
@@ -71,11 +72,13 @@ def init_head_state(head_params, optimizer) -> HeadState:
   return HeadState(jnp.zeros((), jnp.int32), head_params, optimizer.init(head_params))
 
 
-def policy_hidden(policy_params, cfg, tokens, mesh=None):
+def policy_hidden(policy_params, cfg, tokens, mesh=None, **forward_opts):
   """The policy's final-norm hidden states at positions ``0..S-2`` of ``tokens`` [B, S]
   (:func:`specrl.rl.trunk_hidden`, the forward the GRPO loss runs), stop-gradient:
   [B, S-1, D]. Only the warm-up needs it: ``cotrain`` reuses the GRPO loss's forward."""
-  return jax.lax.stop_gradient(rl_lib.trunk_hidden(policy_params, cfg, tokens, mesh))
+  return jax.lax.stop_gradient(
+    rl_lib.trunk_hidden(policy_params, cfg, tokens, mesh, **forward_opts)
+  )
 
 
 def policy_targets(policy_params, cfg, hidden, k: int):
@@ -95,6 +98,13 @@ def policy_targets(policy_params, cfg, hidden, k: int):
   return jax.lax.stop_gradient(probs), ids.astype(jnp.int32)
 
 
+def loss_options(rl: rl_lib.RLConfig) -> dict:
+  """:func:`head_loss`'s memory options from the GRPO config: the loss forward's attention /
+  remat (``specrl.rl.forward_options``) and ``rl.micro_batch`` rows per group, so the
+  head's update stays within the policy step's memory bound."""
+  return {**rl_lib.forward_options(rl), 'micro_batch': rl.micro_batch}
+
+
 def head_loss(
   head_params,
   policy_params,
@@ -108,6 +118,9 @@ def head_loss(
   hcfg,
   ecfg,
   mesh=None,
+  chunk: int | None = None,
+  micro_batch: int = 0,
+  **forward_opts,
 ):
   """Loss of the head on one batch. tokens [B, S]; hidden [B, S-1, D] (positions 0..S-2);
   response_mask [B, S] (1 where position t holds a response token); ``targets``: None (the
@@ -116,48 +129,97 @@ def head_loss(
   only (``vocab_ids``; no [B, S, V] array when reduced). Returns (loss, metrics);
   ``head/accept_t1`` = mean ``sum_v min(p, q)``, draft 1's acceptance at T = 1 teacher-forced
   (a lower bound with top-k targets); ``head/vocab_mass`` = mean policy mass inside the
-  head's vocabulary (of the top k with ``targets``), the ceiling of that acceptance."""
+  head's vocabulary (of the top k with ``targets``), the ceiling of that acceptance.
+
+  Memory stays linear in S (issue 27): the head's layers take the loss forward's
+  ``forward_opts`` (``specrl.rl.forward_options``: blocked attention, remat), and the
+  logits / softmax / CE run over chunks of ``chunk`` positions under ``jax.checkpoint``
+  (default :func:`specrl.rl.logprob_chunk` of the widest vocabulary involved), so one
+  chunk's [B, C, V] exists at a time, forward and backward, as in the policy's loss; with
+  ``micro_batch`` (``rl.micro_batch``) rows go through in groups of that many (its gcd with
+  B), each recomputed in the backward, so attention tiles hold one group's rows."""
   pp = jax.lax.stop_gradient({k: v for k, v in policy_params.items() if k != 'layers'})
   h = jax.lax.stop_gradient(hidden)
   s1 = h.shape[1]  # S - 1
+  t2 = s1 - 1  # positions of the loss: ĥ_{t+1} for t = 0..S-3
   dp = eagle.draft_params(pp, head_params, vocab_ids)
+  dp_full = eagle.draft_params(pp, None)
   b = tokens.shape[0]
-  positions = jnp.broadcast_to(jnp.arange(s1 - 1, dtype=jnp.int32), (b, s1 - 1))
-  pred = eagle.predict_features(
-    dp, cfg, hcfg, h[:, :-1], tokens[:, 1:s1], positions, mesh=mesh, rules=shd.TRAIN_RULES
-  )  # ĥ_{t+1}, t = 0..S-3
-  target = h[:, 1:]
   mask = response_mask[:, 2 : s1 + 1].astype(jnp.float32)
-  l1 = jnp.mean(optax.huber_loss(pred.astype(jnp.float32), target.astype(jnp.float32)), -1)
-  q_small, ids = eagle.head_logits_compact(dp, cfg, pred)  # [B, S-2, N or V]
-  logq = jax.nn.log_softmax(q_small, axis=-1)
-  q_top = jnp.argmax(q_small, -1) if ids is None else ids[jnp.argmax(q_small, -1)]
-  if targets is None:  # p over the head's columns (its vocabulary), from the full softmax
-    p_full = jax.nn.softmax(eagle.head_logits(eagle.draft_params(pp, None), cfg, target), -1)
-    p = p_full if ids is None else jnp.take(p_full, ids, axis=-1)
-    lq, p_top = logq, jnp.argmax(p_full, -1)
-  else:  # p's top k; tokens outside the head's vocabulary count as q = 0 (left out)
-    p, tid = (jax.lax.stop_gradient(t[:, 1:]) for t in targets)
-    if ids is None:
-      col, valid = tid, jnp.ones(tid.shape, bool)
-    else:
-      inv = jnp.full((cfg.vocab_size,), -1, jnp.int32).at[ids].set(jnp.arange(ids.shape[0]))
-      col = inv[tid]
-      valid = col >= 0
-    lq = jnp.where(valid, jnp.take_along_axis(logq, jnp.maximum(col, 0), axis=-1), 0.0)
-    p, p_top = jnp.where(valid, p, 0.0), tid[..., 0]
-  ce = -jnp.sum(p * lq, axis=-1)
-  accept = jnp.sum(jnp.minimum(p, jnp.exp(lq)), axis=-1)  # draft 1's acceptance at T = 1
-  n = jnp.maximum(jnp.sum(mask), 1.0)
-  l1_mean, ce_mean = jnp.sum(l1 * mask) / n, jnp.sum(ce * mask) / n
+  inv = None
+  if targets is not None and vocab_ids is not None:
+    inv = (
+      jnp.full((cfg.vocab_size,), -1, jnp.int32)
+      .at[vocab_ids]
+      .set(jnp.arange(vocab_ids.shape[0], dtype=jnp.int32))
+    )
+  if targets is not None:
+    targets = tuple(jax.lax.stop_gradient(t[:, 1:]) for t in targets)
+  rows = b if not micro_batch else math.gcd(b, micro_batch)
+  width = cfg.vocab_size if targets is None else max(targets[0].shape[-1], 1)
+  if vocab_ids is not None:
+    width = max(width, vocab_ids.shape[0])
+  c = rl_lib.logprob_chunk(rows, t2, width) if chunk is None else max(1, min(chunk, t2))
+  n = -(-t2 // c)
+
+  @jax.checkpoint
+  def per_position(pred_c, target_c, targets_c):
+    """[r, C, D] x2 (+ top-k [r, C, k] x2) -> per-position l1, ce, accept, agree, mass."""
+    l1 = jnp.mean(optax.huber_loss(pred_c.astype(jnp.float32), target_c.astype(jnp.float32)), -1)
+    q_small, ids = eagle.head_logits_compact(dp, cfg, pred_c)  # [r, C, N or V]
+    logq = jax.nn.log_softmax(q_small, axis=-1)
+    q_top = jnp.argmax(q_small, -1) if ids is None else ids[jnp.argmax(q_small, -1)]
+    if targets_c is None:  # p over the head's columns (its vocabulary), from the full softmax
+      p_full = jax.nn.softmax(eagle.head_logits(dp_full, cfg, target_c), -1)
+      p = p_full if ids is None else jnp.take(p_full, ids, axis=-1)
+      lq, p_top = logq, jnp.argmax(p_full, -1)
+    else:  # p's top k; tokens outside the head's vocabulary count as q = 0 (left out)
+      p, tid = targets_c
+      if inv is None:
+        col, valid = tid, jnp.ones(tid.shape, bool)
+      else:
+        col = inv[tid]
+        valid = col >= 0
+      lq = jnp.where(valid, jnp.take_along_axis(logq, jnp.maximum(col, 0), axis=-1), 0.0)
+      p, p_top = jnp.where(valid, p, 0.0), tid[..., 0]
+    ce = -jnp.sum(p * lq, axis=-1)
+    accept = jnp.sum(jnp.minimum(p, jnp.exp(lq)), axis=-1)  # draft 1's acceptance at T = 1
+    agree = (q_top == p_top).astype(jnp.float32)
+    return jnp.stack([l1, ce, accept, agree, jnp.sum(p, axis=-1)])  # [5, r, C]
+
+  @jax.checkpoint
+  def row_group(h_g, tok_g, targets_g):  # [r, S-1, D], [r, S], top-k -> [5, r, T2]
+    r = h_g.shape[0]
+    positions = jnp.broadcast_to(jnp.arange(t2, dtype=jnp.int32), (r, t2))
+    pred = eagle.predict_features(
+      dp, cfg, hcfg, h_g[:, :-1], tok_g[:, 1:s1], positions, mesh=mesh,
+      rules=shd.TRAIN_RULES, **forward_opts,
+    )  # fmt: skip
+
+    def chunked(x):  # [r, T2, ...] -> [n, r, C, ...] (zero-padded; padding is masked out)
+      x = jnp.pad(x, ((0, 0), (0, n * c - t2)) + ((0, 0),) * (x.ndim - 2))
+      return x.reshape(r, n, c, *x.shape[2:]).swapaxes(0, 1)
+
+    tg = None if targets_g is None else tuple(map(chunked, targets_g))
+    terms = jax.lax.map(lambda a: per_position(*a), (chunked(pred), chunked(h_g[:, 1:]), tg))
+    return terms.transpose(1, 2, 0, 3).reshape(5, r, n * c)[:, :, :t2]
+
+  def grouped(x):  # [B, ...] -> [B / rows, rows, ...]
+    return x.reshape(b // rows, rows, *x.shape[1:])
+
+  tg = None if targets is None else tuple(map(grouped, targets))
+  terms = jax.lax.map(lambda a: row_group(*a), (grouped(h), grouped(tokens), tg))
+  l1, ce, accept, agree, mass = terms.transpose(1, 0, 2, 3).reshape(5, b, t2)
+  n_tok = jnp.maximum(jnp.sum(mask), 1.0)
+  l1_mean, ce_mean = jnp.sum(l1 * mask) / n_tok, jnp.sum(ce * mask) / n_tok
   loss = ecfg.hidden_weight * l1_mean + ecfg.ce_weight * ce_mean
   return loss, {
     'head/loss': loss,
     'head/smooth_l1': l1_mean,
     'head/ce': ce_mean,
-    'head/top1_agree': jnp.sum((q_top == p_top) * mask) / n,
-    'head/accept_t1': jnp.sum(accept * mask) / n,
-    'head/vocab_mass': jnp.sum(jnp.sum(p, axis=-1) * mask) / n,
+    'head/top1_agree': jnp.sum(agree * mask) / n_tok,
+    'head/accept_t1': jnp.sum(accept * mask) / n_tok,
+    'head/vocab_mass': jnp.sum(mass * mask) / n_tok,
   }
 
 
@@ -175,10 +237,11 @@ def head_update(
   ecfg,
   optimizer,
   mesh=None,
+  **loss_opts,
 ):
-  """One optimizer step of the head (``targets``: see :func:`head_loss`). Pure: returns
-  (HeadState, metrics)."""
-  loss_fn = functools.partial(head_loss, cfg=cfg, hcfg=hcfg, ecfg=ecfg, mesh=mesh)
+  """One optimizer step of the head (``targets``, ``loss_opts``: see :func:`head_loss`).
+  Pure: returns (HeadState, metrics)."""
+  loss_fn = functools.partial(head_loss, cfg=cfg, hcfg=hcfg, ecfg=ecfg, mesh=mesh, **loss_opts)
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
     hstate.params, policy_params, vocab_ids, tokens, hidden, response_mask, targets
   )
@@ -199,13 +262,15 @@ def cotrain_step(
   ecfg,
   optimizer,
   mesh=None,
+  **loss_opts,
 ):
   """The GRPO step with a head update fused in. ``state``: a ``specrl.rl.TrainState`` whose
   ``drafter`` is the :class:`HeadState`; ``step_fn(state, batch, return_hidden=True) ->
   (state, metrics, hidden [B, S-1, D])`` (``specrl.rl.train_step``): the head trains on
   the hidden states the GRPO loss's forward computed at ``state.params`` (the rollout's
   policy; stop-gradient, no second policy forward), so the policy's new state is exactly
-  ``step_fn``'s. Returns (state with the new head, metrics incl. ``head/*``)."""
+  ``step_fn``'s. ``loss_opts``: :func:`head_loss`'s (the loss forward's attention / remat).
+  Returns (state with the new head, metrics incl. ``head/*``)."""
   new_state, metrics, hidden = step_fn(state, batch, return_hidden=True)
   hstate, hm = head_update(
     state.drafter,
@@ -219,6 +284,7 @@ def cotrain_step(
     ecfg=ecfg,
     optimizer=optimizer,
     mesh=mesh,
+    **loss_opts,
   )
   return new_state.replace(drafter=hstate), {**metrics, **hm}
 
@@ -258,6 +324,7 @@ def warmup(
   optimizer,
   mesh=None,
   log=None,
+  loss_opts: dict | None = None,
 ):
   """Train the head before RL on the policy's own generations: ``sample_batch(i) ->
   (tokens [B, S], response_mask [B, S])`` (e.g. plain rollouts of the task's train prompts),
@@ -265,13 +332,19 @@ def warmup(
   hidden). The policy's hidden states and top-``ecfg.target_topk`` next-token
   distributions (:func:`policy_targets`; 0 = full softmax every update) are computed once
   per batch: a batch returned again (the same ``tokens`` object: several updates per
-  generation) reuses them. Sets ``drafter.head_params``; returns (HeadState, metrics of
-  the last update, seconds, updates done)."""
+  generation) reuses them. ``loss_opts`` (:func:`loss_options`): the loss forward's
+  attention / remat for the policy's and the head's forwards, and the head's row groups. Sets
+  ``drafter.head_params``; returns (HeadState, metrics of the last update, seconds, updates
+  done)."""
   cfg, hcfg, ecfg = drafter.model_cfg, drafter.hcfg, drafter.ecfg
-  hid = jax.jit(functools.partial(policy_hidden, cfg=cfg, mesh=mesh))
+  lo = dict(loss_opts or {})
+  fo = {k: v for k, v in lo.items() if k != 'micro_batch'}
+  hid = jax.jit(functools.partial(policy_hidden, cfg=cfg, mesh=mesh, **fo))
   top = jax.jit(functools.partial(policy_targets, cfg=cfg, k=ecfg.target_topk))
   upd = jax.jit(
-    functools.partial(head_update, cfg=cfg, hcfg=hcfg, ecfg=ecfg, optimizer=optimizer, mesh=mesh)
+    functools.partial(
+      head_update, cfg=cfg, hcfg=hcfg, ecfg=ecfg, optimizer=optimizer, mesh=mesh, **lo
+    )
   )
   t0, m, done = time.perf_counter(), {}, 0
   last = None  # a batch returned again keeps its device arrays, hidden states and targets
@@ -333,7 +406,7 @@ class HeadTrainer:
     self.hstate = self.hstate.replace(buffer=buf)
     update_fn = functools.partial(
       head_update, cfg=cfg, hcfg=self.drafter.hcfg, ecfg=ecfg, optimizer=self.optimizer,
-      mesh=exp.mesh,
+      mesh=exp.mesh, **loss_options(exp.rl_cfg),
     )  # fmt: skip
     key = jax.random.fold_in(exp.rngs.drafter, SPOT_KEY)
     self.spot = eagle_spot.SpotScheduler(self, update_fn, key, rows)
@@ -413,6 +486,7 @@ class HeadTrainer:
       budget_s=ecfg.warmup_budget_s,
       optimizer=self.optimizer,
       mesh=exp.mesh,
+      loss_opts=loss_options(exp.rl_cfg),
     )
     hs = hs.replace(buffer=self.hstate.buffer)
     hs = jax.device_put(hs, jax.tree.map(lambda x: x.sharding, state.drafter))
@@ -490,6 +564,7 @@ def wrap_grpo(exp, step_fn, grpo, state_sh, batch_sh):
       ecfg=d.ecfg,
       optimizer=tr.optimizer,
       mesh=exp.mesh,
+      **loss_options(exp.rl_cfg),
     ),
     in_shardings=(state_sh, batch_sh, None),
     out_shardings=(state_sh, None),
