@@ -140,7 +140,7 @@ def get_config(arg: str | None = None):
       num_epochs=1,
       micro_batch=0,  # rows per forward/backward (gradient accumulation); 0 = whole minibatch
       trim_length=True,  # train on the batch's longest sequence (pow-2 bucket), not seq_len
-      attention_impl='full',  # loss forward: full (reference) | blocked (jnp flash) | xla (cuDNN)
+      attention_impl='full',  # loss forward: full | blocked (jnp) | xla (cuDNN) | pallas (TPU/GPU)
       attention_block=512,  # query / key block of attention_impl='blocked'
       remat=False,  # each layer of the loss forward recomputed in the backward pass
       # Asynchronous RL (specrl/async_rl.py): the rollout for step t+s is generated with the

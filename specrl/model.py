@@ -253,7 +253,7 @@ def attention(q, k, v, mask) -> jax.Array:
   return out.reshape(b, t, h, dh)
 
 
-ATTENTION_IMPLS = ('full', 'blocked', 'xla')
+ATTENTION_IMPLS = ('full', 'blocked', 'xla', 'pallas')
 
 
 def blocked_attention(
@@ -423,8 +423,10 @@ def run_layers(
 
   Without a cache (the training forward) only: ``attention_impl`` 'full' (:func:`attention`
   over a [B, T, T] mask: the reference), 'blocked' (:func:`blocked_attention` in blocks of
-  ``attention_block``: memory linear in T) or 'xla' (:func:`xla_causal_attention`: cuDNN's
-  fused kernel on GPU; positions must increase by one); ``remat``: each layer under
+  ``attention_block``: memory linear in T), 'xla' (:func:`xla_causal_attention`: cuDNN's
+  fused kernel on GPU; positions must increase by one) or 'pallas' (jax's Pallas flash
+  kernels, :mod:`specrl.kernels.flash_attention`: TPU / GPU, the GPU one interpreted on CPU
+  for tests; positions must increase by one); ``remat``: each layer under
   ``jax.checkpoint`` (its activations recomputed in the backward pass: the forward keeps
   one [B, T, D] residual per layer).
 
@@ -446,8 +448,16 @@ def run_layers(
       attn_fn = functools.partial(
         blocked_attention, q_pos=positions, k_pos=positions, block=attention_block
       )
-    else:
+    elif attention_impl == 'xla':
       attn_fn = xla_causal_attention
+    else:  # jax's Pallas flash kernels; on CPU in Pallas's interpreter (tests: a run refuses)
+      from specrl.kernels import flash_attention as flash_lib
+
+      attn_fn = functools.partial(
+        flash_lib.causal_flash_attention,
+        platform='gpu' if jax.default_backend() == 'cpu' else None,
+        interpret=jax.default_backend() == 'cpu',
+      )
 
     def body(x, lp):
       kv_fn = lambda k, v: (k, v, mask, None)  # noqa: E731

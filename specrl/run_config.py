@@ -9,6 +9,7 @@ one line naming the field (:mod:`specrl.config` turns each section into its data
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
 from specrl import adaptive, async_rl, evaluation, faults, sampling
@@ -61,6 +62,11 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
   faults.check_fault_env()  # $SPECRL_FAULT: a typo fails here, not after the first rollout
   evaluation.eval_config(config)  # the eval section (the loop builds the Evaluator)
   executables.check_limit(config.rollout.max_executables)
+  if config.rl.get('attention_impl') == 'pallas' and jax.default_backend() not in ('gpu', 'tpu'):
+    raise ValueError(
+      "config.rl.attention_impl='pallas' (jax's Pallas flash kernels) needs a GPU or TPU, "
+      f"this run's backend is {jax.default_backend()!r}: use 'blocked' (memory-bounded jnp)"
+    )
 
 
 def resolve_num_draft(config: ml_collections.ConfigDict, has_drafter: bool) -> int:

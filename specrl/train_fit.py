@@ -30,7 +30,8 @@ def estimate_train_bytes(
   [rows, S, D] residual per layer with ``rl.remat``, every intermediate without); 'attention':
   the attention's scores and probabilities ([rows, H, S, S] f32 per layer for 'full' and
   'xla' -- the cuDNN kernel on GPU needs none, which this does not model -- one query block's
-  [rows, H, block, S] at a time for 'blocked'); 'logits': the chunked LM head's working set.
+  [rows, H, block, S] at a time for 'blocked', per-row statistics and the q / k / v
+  copies of the head-repeated layout for 'pallas'); 'logits': the chunked LM head's working set.
   """
   rows = batch // rl.num_minibatches
   m = rows // micro_batches(rows, rl)
@@ -41,6 +42,8 @@ def estimate_train_bytes(
   per_layer = m * s * (5 * d + 2 * h * dh + 2 * kh * dh + 3 * f) * c
   if rl.attention_impl == 'blocked':
     attn_saved, attn_work = 0, 3 * m * h * min(rl.attention_block, s) * s * 4
+  elif rl.attention_impl == 'pallas':  # fused kernels: per-row softmax statistics only
+    attn_saved, attn_work = 2 * m * h * s * 4, 3 * m * h * s * dh * c
   else:
     attn_saved, attn_work = 2 * m * h * s * s * 4 + m * s * s, 0
   if rl.remat:  # one residual per layer kept; one layer's intermediates live at a time
@@ -85,7 +88,8 @@ def check_train_fits(
   parts = ', '.join(f'{k} {gb(v)}' for k, v in est.items())
   rows = batch // rl.num_minibatches
   m = rows // micro_batches(rows, rl)
-  if est['attention'] >= max(est['layers'], est['logits']) and rl.attention_impl != 'blocked':
+  bounded_attention = rl.attention_impl in ('blocked', 'pallas')
+  if est['attention'] >= max(est['layers'], est['logits']) and not bounded_attention:
     fix = f"set rl.attention_impl='blocked' (now {rl.attention_impl!r})"
   elif est['layers'] >= est['logits'] and not rl.remat:
     fix = 'set rl.remat=True'
