@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -109,10 +110,29 @@ def enable_compile_cache(path: str) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
+def cpu_model() -> str:
+  """The host CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): the
+  development machines differ (AMD EPYC vs Intel Xeon), so every figure names it."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown'
+
+
 def device_info() -> dict:
-  """Backend, device kind and count of the default JAX backend."""
+  """Backend, device kind and count of the default JAX backend, and the host CPU's model."""
   devs = jax.devices()
-  return dict(backend=jax.default_backend(), device=devs[0].device_kind, num_devices=len(devs))
+  return dict(
+    backend=jax.default_backend(),
+    device=devs[0].device_kind,
+    num_devices=len(devs),
+    cpu_model=cpu_model(),
+    cpu_cores=os.cpu_count(),
+  )
 
 
 def format_table(columns: Sequence[tuple[str, str]], rows: Sequence[dict]) -> str:
