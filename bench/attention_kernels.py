@@ -60,7 +60,7 @@ def implementations(s: int, block: int, full_max: int) -> dict:
   return impls
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--quick', action='store_true')
   ap.add_argument('--seqs', type=common.ints, default=None)
@@ -68,7 +68,7 @@ def main():
   ap.add_argument('--block', type=int, default=512, help='rl.attention_block of blocked')
   ap.add_argument('--full_max', type=int, default=4096, help='longest S of the reference')
   ap.add_argument('--iters', type=int, default=3)
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   seqs = args.seqs or ([512, 2048] if args.quick else [512, 2048, 8192])
   dtype = jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
   print(common.device_info(), f'cpu={os.cpu_count()} cores', f'rows={args.rows}', flush=True)

@@ -34,9 +34,12 @@ d. ``long_tail``: :mod:`bench.long_tail` on the 215M ``gpu`` preset: static, com
 e. ``verify_kernel``: the verify kernels' bandwidth (the general one,
    :mod:`specrl.kernels.verify`, and the token-only one, :mod:`specrl.kernels.verify_tokens`)
    vs their jnp references, as logit bytes / time and as a fraction of copy bandwidth.
+f. ``train_attention``: the GRPO loss forward's attention (``rl.attention_impl`` full,
+   blocked, xla = cuDNN, pallas = jax's flash kernels), forward + backward at the SmolLM2
+   head shape, 4 rows, S = 2048 and 8192 (:mod:`bench.attention_kernels`).
 
 Output: at most four JSON files under ``--out`` (default ``$OUT``): ``suite_decode.json``
-(a), ``suite_costs.json`` (b, c), ``suite_rollouts.json`` (d), ``suite_kernels.json`` (e).
+(a), ``suite_costs.json`` (b, c), ``suite_rollouts.json`` (d), ``suite_kernels.json`` (e, f).
 Each holds ``env`` (device, versions, copy bandwidth), ``grid`` and ``sections.<letter>``
 with the section's budget, time spent, counts and ``cells`` (cell key -> record). The last
 line of stdout is one JSON object with the counts (the benches' convention).
@@ -112,6 +115,7 @@ SECTIONS = {  # letter -> (name, results file)
   'c': ('verify_cost', 'suite_costs.json'),
   'd': ('long_tail', 'suite_rollouts.json'),
   'e': ('verify_kernel', 'suite_kernels.json'),
+  'f': ('train_attention', 'suite_kernels.json'),
 }
 RESULT_FILES = tuple(sorted({f for _, f in SECTIONS.values()}))
 TINY = dict(vocab_size=512, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128)
@@ -145,11 +149,13 @@ class Grid:
   long_tail_args: tuple[str, ...]
   kernel_cells: tuple[tuple[str, int, int, int], ...]  # (e) (kernel, B, k, V)
   kernel_iters: int
+  attention_seqs: tuple[int, ...]  # (f) loss-forward attention, fwd + bwd
+  attention_rows: int
 
 
 DEVICE = Grid(
   name='device',
-  budgets=dict(a=140, b=90, c=50, d=100, e=40),
+  budgets=dict(a=130, b=85, c=50, d=95, e=35, f=25),
   models=('qwen2.5-1.5b', 'qwen2.5-0.5b'),
   batches=(1, 64, 256, 16),
   cost_batches=(1, 64, 256, 16),
@@ -174,10 +180,12 @@ DEVICE = Grid(
   )
   + (('general', 1, 8, 152064), ('general', 16, 8, 152064)),
   kernel_iters=10,
+  attention_seqs=(2048, 8192),
+  attention_rows=4,
 )
 SMOKE = Grid(  # every section's code path on CPU in well under a minute (compiles dominate)
   name='cpu_smoke',
-  budgets=dict(a=60, b=60, c=60, d=60, e=60),
+  budgets=dict(a=60, b=60, c=60, d=60, e=60, f=60),
   models=('tiny',),
   batches=(1,),
   cost_batches=(2,),
@@ -199,6 +207,8 @@ SMOKE = Grid(  # every section's code path on CPU in well under a minute (compil
   long_tail_args=('--iters', '1', '--median', '2', '--tail_ratio', '3'),
   kernel_cells=(('general', 1, 2, 256), ('tokens', 2, 2, 256)),
   kernel_iters=1,
+  attention_seqs=(64,),
+  attention_rows=1,
 )
 
 
@@ -591,6 +601,25 @@ def section_e(ctx: Context) -> Iterator[Cell]:
     yield Cell(f'e/{kernel}/B{b}/k{k}/V{v}', functools.partial(kernel_cell, ctx, kernel, b, k, v))
 
 
+# ----------------------------------------------------------------------------- (f) attention
+
+
+def attention_cell(ctx: Context, seq: int) -> dict:
+  """The GRPO loss forward's attention implementations (full / blocked / xla / pallas),
+  forward + backward at the SmolLM2 head shape: ``bench/attention_kernels.py``."""
+  from bench import attention_kernels
+
+  g = ctx.grid
+  argv = ['--seqs', str(seq), '--rows', str(g.attention_rows), '--full_max', '2048']
+  s = run_bench(attention_kernels.main, argv)
+  return dict(seq=seq, rows=g.attention_rows, results=s['results'])
+
+
+def section_f(ctx: Context) -> Iterator[Cell]:
+  for seq in ctx.grid.attention_seqs:
+    yield Cell(f'f/S{seq}', functools.partial(attention_cell, ctx, seq))
+
+
 # ----------------------------------------------------------------------------- the runner
 
 SECTION_CELLS = {
@@ -599,6 +628,7 @@ SECTION_CELLS = {
   'c': lambda ctx, args: section_c(ctx),
   'd': lambda ctx, args: section_d(ctx, args.compile_cache),
   'e': lambda ctx, args: section_e(ctx),
+  'f': lambda ctx, args: section_f(ctx),
 }
 TABLES = {  # letter -> columns of the printed summary (a cell's record keys)
   'a': [('model', ''), ('B', 'd'), ('new_tokens', 'd'), ('ms', '.3f'), ('floor_ms', '.3f')]
@@ -610,6 +640,8 @@ TABLES = {  # letter -> columns of the printed summary (a cell's record keys)
   'd': [('B', 'd'), ('variant', ''), ('time_s', '.3f'), ('speedup_vs_static', '.2f'), ('k', '')],
   'e': [('kernel', ''), ('B', 'd'), ('k', 'd'), ('V', 'd'), ('ref_ms', '.3f')]
   + [('kernel_ms', '.3f'), ('kernel_GBps', '.0f'), ('kernel_frac_of_copy', '.2f'), ('match', '')],
+  'f': [('seq', 'd'), ('impl', ''), ('fwd_bwd_ms', '.2f'), ('x_full', '.2f')]
+  + [('x_blocked_all', '.2f')],
 }
 
 
@@ -680,6 +712,8 @@ def table_rows(letter: str, cells: dict) -> list[dict]:
     if letter == 'd':
       for v, r in rec.get('results', {}).items():
         rows.append(dict(B=rec['B'], variant=v, **r))
+    elif letter == 'f':
+      rows.extend(rec.get('results', []))
     else:
       rows.append(rec)
   return rows
@@ -794,7 +828,7 @@ def parse_budgets(spec: str, grid: Grid) -> dict:
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument('--cpu_smoke', action='store_true', help='tiny shapes: the whole suite on CPU')
-  ap.add_argument('--sections', default=','.join(SECTIONS), help='comma list of a,b,c,d,e')
+  ap.add_argument('--sections', default=','.join(SECTIONS), help='comma list of a,b,c,d,e,f')
   ap.add_argument('--budget_s', type=float, default=420.0, help='global budget, seconds')
   ap.add_argument('--section_budgets', default='', help='e.g. a=120,d=60 (defaults: the grid)')
   ap.add_argument('--out', default=os.environ.get('OUT') or 'device_out', help='results folder')

@@ -84,6 +84,7 @@ def fake(monkeypatch):
     monkeypatch.setattr(ds, fn, stub(name))
   monkeypatch.setattr(ds, 'long_tail_cell', stub('d'))
   monkeypatch.setattr(ds, 'kernel_cell', stub('e'))
+  monkeypatch.setattr(ds, 'attention_cell', stub('f'))
   return calls
 
 
@@ -91,16 +92,16 @@ def test_budgets_skip_later_cells_and_sections_cleanly(fake, tmp_path):
   # Every cell takes 10 s; a cell starts only if a cell as long as the section's last one
   # ends inside both budgets. Global 45 s, b's own 5 s: a runs both cells (0-20 s); b its
   # first (its budget ends at 25 s); c its first (30-40 s: a second would end past 45 s);
-  # d its only one (its first: no estimate yet); then the global budget is gone: e skips.
+  # d its only one (its first: no estimate yet); then the global budget is gone: e, f skip.
   argv = ['--cpu_smoke', '--out', str(tmp_path), '--budget_s', '45', '--section_budgets', 'b=5']
   assert ds.main(argv) == 0
   assert [c[0] for c in fake] == ['a', 'a', 'b', 'c', 'd']
   files = load(tmp_path)
   assert sorted(files) == sorted(ds.RESULT_FILES)
-  for letter in 'abcde':
+  for letter in 'abcdef':
     sec = files[ds.SECTIONS[letter][1]]['sections'][letter]
     ran = [r for r in sec['cells'].values() if 'stub' in r]
-    assert sec['counts']['ran'] == len(ran) == {'a': 2, 'e': 0}.get(letter, 1)
+    assert sec['counts']['ran'] == len(ran) == {'a': 2, 'e': 0, 'f': 0}.get(letter, 1)
     assert all(
       r['skipped'] in ('budget', ds.TREES_NOT_BUILT) for r in sec['cells'].values() if r not in ran
     )
