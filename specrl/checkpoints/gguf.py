@@ -126,6 +126,14 @@ def config_json_from_gguf(meta: dict, tensor_names: set[str], vocab_size: int) -
   d_model = int(need('embedding_length'))
   n_heads = int(need('attention.head_count'))
   n_kv = meta.get(f'{arch}.attention.head_count_kv', n_heads)
+  for key, val in (('embedding_length', d_model), ('attention.head_count', n_heads)):
+    if val <= 0:
+      raise ValueError(f'GGUF metadata {arch}.{key}={val} must be > 0')
+  if isinstance(n_kv, (list, tuple)) or int(n_kv) <= 0 or n_heads % int(n_kv):
+    raise ValueError(
+      f'GGUF metadata {arch}.attention.head_count_kv={n_kv} must be a positive divisor of '
+      f'head_count={n_heads} (one value for every layer)'
+    )
   head_dim = int(meta.get(f'{arch}.attention.key_length', d_model // n_heads))
   value_dim = meta.get(f'{arch}.attention.value_length')
   if value_dim is not None and int(value_dim) != head_dim:

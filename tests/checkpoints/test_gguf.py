@@ -22,7 +22,11 @@ import pytest
 from specrl import faults
 from specrl import model as model_lib
 from specrl.checkpoints import hf, pretrained
-from specrl.checkpoints.gguf import export_gguf_to_hf, load_gguf_checkpoint
+from specrl.checkpoints.gguf import (
+  config_json_from_gguf,
+  export_gguf_to_hf,
+  load_gguf_checkpoint,
+)
 from specrl.checkpoints.gguf_tokenizer import tokenizer_from_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -331,6 +335,29 @@ def test_unsupported_architecture_is_refused(tmp_path):
   write_tiny_gguf(path, arch='gemma')
   with pytest.raises(ValueError, match='general.architecture'):
     load_gguf_checkpoint(str(path))
+
+
+@pytest.mark.parametrize(
+  'meta,match',
+  [
+    ({'llama.attention.head_count': 0}, r'llama\.attention\.head_count=0 must be > 0'),
+    ({'llama.attention.head_count_kv': 3}, r'head_count_kv=3 must be a positive divisor'),
+    ({'llama.attention.head_count_kv': 0}, r'head_count_kv=0 must be a positive divisor'),
+  ],
+)
+def test_bad_head_counts_are_named_not_a_division_error(meta, match):
+  """A GGUF whose head counts are 0 or do not divide (a corrupt or hand-edited header)
+  fails naming the metadata key, not with ZeroDivisionError or a reshape error later."""
+  base = {
+    'general.architecture': 'llama',
+    'llama.embedding_length': 32,
+    'llama.attention.head_count': 4,
+    'llama.attention.head_count_kv': 2,
+    'llama.block_count': 2,
+    'llama.feed_forward_length': 64,
+  }
+  with pytest.raises(ValueError, match=match):
+    config_json_from_gguf({**base, **meta}, set(), 16)
 
 
 # ------------------------------------------------------------------------------ tokenizer
