@@ -75,6 +75,9 @@ def get_config(arg: str | None = None):
       # holding every live row, not the whole budget (one compiled loop per bucket);
       # 0 = every step over the whole buffer
       attend_bucket=256,
+      # the policy's KV cache holds the length bucket in use and doubles between loops as
+      # rows grow (memory follows use, not the budget); False: the whole buffer up front
+      grow_kv=True,
       # compiled executables kept by all rollout engines of the process together (LRU;
       # evictions are counted in the metrics as compile/evictions)
       max_executables=64,

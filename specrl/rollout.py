@@ -49,9 +49,12 @@ from specrl.decoding.state import (
   attend_buckets,
   bucket_for,
   finalize,
+  grow_cache,
+  kv_bytes_per_slot,
+  kv_slots,
   state_logical_axes,
 )
-from specrl.decoding.steps import decode, max_loop_steps, prefill
+from specrl.decoding.steps import decode, max_loop_steps, prefill, prefill_cache_slots
 
 __all__ = [
   'FINISH_CACHE',
@@ -153,6 +156,7 @@ class RolloutEngine:
         draft_params=draft_params,
         group_ids=group_ids,
         prompt_ids=prompt_ids,
+        cache_slots=prefill_cache_slots(rcfg),
       )
 
     p = rcfg.max_prompt_len
@@ -178,14 +182,25 @@ class RolloutEngine:
     finalize_j = jax.jit(lambda s: finalize(s, rcfg))
     return prefill_j, finalize_j, (psh, dsh, st_sh)
 
+  def _grow_fn(self, batch: int, have: int, slots: int, shardings):
+    """The state with its policy KV cache grown from ``have`` to ``slots`` slots."""
+    st_sh = shardings[2]
+    return executables.CACHE.get(
+      (self._token, batch, 'grow', have, slots),
+      lambda: jax.jit(lambda st: grow_cache(st, slots), in_shardings=(st_sh,), out_shardings=st_sh),
+    )
+
   def _decode(self, batch, params, draft_params, state, shardings):
     """Decode to the end, one loop per length bucket, smallest first (the buckets a loop
-    stops at are left once the longest live row outgrows them). Returns (state, buckets
-    run)."""
-    buckets = attend_buckets(self.rcfg)
-    k = self.rcfg.num_draft if self.drafter is not None else 0
-    limit = max_loop_steps(self.rcfg)
+    stops at are left once the longest live row outgrows them). With ``rcfg.grow_kv`` the
+    policy KV cache is grown to each bucket before its loop (a loop never writes past its
+    bucket). Returns (state, buckets run, KV usage: peak cache bytes, bytes per slot)."""
+    rcfg = self.rcfg
+    buckets = attend_buckets(rcfg)
+    k = rcfg.num_draft if self.drafter is not None else 0
+    limit = max_loop_steps(rcfg)
     visited = []
+    usage = {'peak': 0, 'per_slot': kv_bytes_per_slot(state)}
     while True:
       if len(buckets) == 1:  # the dense path: no host read before the one loop
         a = buckets[0]
@@ -194,12 +209,18 @@ class RolloutEngine:
         if done.all() or step >= limit:
           break
         a = bucket_for(buckets, int(pos[~done].max()) + k + 1)  # slots_needed, on host
-      attend = a if self.rcfg.attend_bucket else None  # 0: the dense reference
+      have = state.cache['k'].shape[2]
+      slots = kv_slots(rcfg, rcfg.buffer_len, a)
+      if slots > have:  # grow first: every write of the loop lands inside the cache
+        state = self._grow_fn(batch, have, slots, shardings)(state)
+      usage.setdefault('slots', []).append(state.cache['k'].shape[2])
+      usage['peak'] = max(usage['peak'], batch * state.cache['k'].shape[2] * usage['per_slot'])
+      attend = a if rcfg.attend_bucket else None  # 0: the dense reference
       state = self._decode_fn(batch, attend, shardings)(params, draft_params, state)
       visited.append(a)
       if a == buckets[-1]:  # the last bucket has no stop of its own: ran to the end
         break
-    return state, visited
+    return state, visited, usage
 
   def measure_step_costs(self, params, batch: int, draft_params=None) -> dict:
     """Seconds of one plain decode step (T = 1), one verify pass (T = k + 1) and one
@@ -255,7 +276,7 @@ class RolloutEngine:
     prefill_j, finalize_j, shardings = self._compiled(b, params, draft_params)
     t0 = time.perf_counter()
     state = prefill_j(params, draft_params, prompt_tokens, prompt_len, rng, group_ids, prompt_ids)
-    state, visited = self._decode(b, params, draft_params, state, shardings)
+    state, visited, kv = self._decode(b, params, draft_params, state, shardings)
     self.last_draft_shared = state.draft_shared
     out = finalize_j(state)
     out = jax.block_until_ready(out)
@@ -264,7 +285,9 @@ class RolloutEngine:
     metrics.update(executables.CACHE.metrics())
     metrics['rollout/length_buckets'] = len(visited)
     metrics['rollout/length_bucket_variants'] = len(attend_buckets(self.rcfg))
+    metrics.update(kv_metrics(out, kv['peak'], kv['per_slot']))
     self.last_buckets = visited
+    self.last_kv_slots = kv.get('slots', [])  # the policy cache's slots in each loop
     if estimate_costs and self.rcfg.num_draft:
       costs = self.measure_step_costs(params, b, draft_params)
       passes = int(np.asarray(out.num_rounds).max())
@@ -342,6 +365,35 @@ def prepare_row_ids(group_ids, prompt_ids, batch: int):
       raise ValueError(f'{name} must be {batch} integers (one per row), got {x.dtype} {x.shape}')
     ids.append(x.astype(np.int32))
   return tuple(ids)
+
+
+def live_kv_slots(prompt_len, length) -> int:
+  """Peak over decode steps of the KV slots the active rows need (sum of position + 1),
+  for rows advancing one token per step (plain decoding: exact; speculative rounds advance
+  rows faster, so there it estimates): row i holds ``prompt_len[i] + t`` slots at step t
+  while ``t < length[i]``."""
+  plen = np.asarray(prompt_len, np.int64)
+  n = np.asarray(length, np.int64)
+  if n.size == 0 or n.max() <= 0:
+    return int(plen.sum())
+  n = np.maximum(n, 0)
+  t = np.arange(int(n.max()))  # steps 0 .. T-1; O(B + T), not [T, B]
+  left = np.cumsum(np.bincount(n, minlength=t.size + 1))[: t.size]  # rows with n <= t
+  plen_left = np.cumsum(np.bincount(n, weights=plen, minlength=t.size + 1))[: t.size]
+  live = (plen.sum() - plen_left) + t * (n.size - left)
+  return int(live.max())
+
+
+def kv_metrics(out, peak_bytes: int, per_slot: int) -> dict:
+  """The policy KV cache's use in a rollout (issue 26): ``rollout/kv_peak_gb``, the most
+  the cache held (batch x slots x bytes per slot, at a loop / chunk start);
+  ``rollout/kv_live_gb``, the peak of what the active rows needed (:func:`live_kv_slots`
+  of the output) and their ratio ``rollout/kv_peak_over_live`` (the goal with
+  ``rollout.grow_kv`` and compaction: <= 2)."""
+  live = live_kv_slots(jax.device_get(out.prompt_len), jax.device_get(out.length)) * per_slot
+  m = {'rollout/kv_peak_gb': peak_bytes / 2**30, 'rollout/kv_live_gb': live / 2**30}
+  m['rollout/kv_peak_over_live'] = peak_bytes / max(live, 1)
+  return m
 
 
 def rollout_metrics(out: RolloutOutput, seconds: float) -> dict:

@@ -120,6 +120,8 @@ def _rollout(rcfg, drafter=None, seed=0):
   # prompts of <= 3 tokens with k = 2: the first step fits the first bucket
   toks, lens = _prompts(p=6 if drafter is None else 3)
   out, m = eng.generate(params(), toks, lens, jax.random.key(seed))
+  if rcfg.attend_bucket:  # rollout.grow_kv: the cache grew with the buckets, never ahead
+    assert eng.last_kv_slots == eng.last_buckets, (eng.last_kv_slots, eng.last_buckets)
   return jax.device_get(out), m, eng.last_buckets
 
 
@@ -150,6 +152,10 @@ def test_static_engine_equals_dense_reference_across_buckets(sampling, num_draft
   buckets = list(attend_buckets(rcfg))  # 8, 16, buffer (plain); 8, 16, 32, buffer (k = 2)
   assert visited == buckets[: len(visited)] and len(visited) >= 3, (visited, buckets)
   assert ref_visited == [rcfg.buffer_len]
+  # rollout.grow_kv: the policy cache held each loop's bucket, grown before the loop (a
+  # k = 2 round never straddles a bucket: the loop stops first, the next one grows first;
+  # _rollout checks the slots), and the tokens equal the dense reference's
+  assert m['rollout/kv_peak_over_live'] > 0
   assert m['rollout/length_buckets'] == len(visited)
   assert m['rollout/length_bucket_variants'] == len(attend_buckets(rcfg))
   if num_draft:
@@ -190,3 +196,42 @@ def test_adaptive_engine_equals_dense_reference_with_compaction(policy):
   assert m['adaptive/compactions'] >= 1
   assert m['rollout/length_buckets'] >= 3, m['rollout/length_buckets']
   assert mref['rollout/length_buckets'] == 1  # dense: the whole buffer
+
+
+def test_a_4k_budget_rollout_of_mostly_short_answers_holds_at_most_2x_its_live_kv():
+  """Issue 26's memory goal: 16 rows with a 4092-token budget, 14 of them ending at their
+  first token (every id but the one two rows' greedy answers repeat is an end-of-sequence
+  id), the adaptive engine with compaction (16 -> 2 rows): the policy KV cache grows with
+  the live rows (``rollout.grow_kv``, buckets of 256 up to the buffer) and its peak is
+  within 2x the peak live need (sum over active rows of position + 1; here 1.0x). Without
+  growth (``grow_kv=False``, measured once: 8.0x) the whole buffer is held from the start."""
+  from specrl import adaptive
+
+  b, p = 16, 4
+  rng = np.random.default_rng(3)
+  toks = rng.integers(3, CFG.vocab_size, size=(b, p)).astype(np.int32)
+  lens = np.full((b,), p, np.int32)
+  short = RolloutConfig(max_new_tokens=64, max_prompt_len=p, eos_id=-1, sampling=GREEDY)
+  probe, _ = rollout_lib.RolloutEngine(CFG, short).generate(params(), toks, lens, jax.random.key(0))
+  resp = np.asarray(probe.response)[:, :64]
+  star = int(np.argmin([len(set(r[8:].tolist())) for r in resp]))  # the most repetitive row
+  eos = sorted(set(range(CFG.vocab_size)) - set(resp[star].tolist()))
+  rcfg = RolloutConfig(
+    max_new_tokens=4092, max_prompt_len=p, eos_id=eos[0], extra_eos_ids=tuple(eos[1:]),
+    sampling=GREEDY,
+  )  # fmt: skip
+  assert rcfg.grow_kv and rcfg.attend_bucket == 256  # the defaults
+  acfg = adaptive.AdaptiveConfig(
+    policy='never', buckets=(16, 8, 4, 2, 1), chunk_steps=256, learn_online=False
+  )
+  out, m = adaptive.AdaptiveRolloutEngine(CFG, rcfg, acfg).generate(
+    params(), toks, lens, jax.random.key(0)
+  )
+  length = np.asarray(out.length)
+  assert length.max() == 4092 and (length <= 1).sum() >= 12, length  # mostly short
+  per_slot = 2 * CFG.n_layers * CFG.n_kv_heads * CFG.head_dim * 4
+  live = rollout_lib.live_kv_slots(np.asarray(out.prompt_len), length) * per_slot
+  np.testing.assert_allclose(m['rollout/kv_live_gb'], live / 2**30)
+  assert m['rollout/kv_peak_over_live'] <= 2.0, m
+  # what holding the whole buffer for the batch would have been (grow_kv=False): >> 2x
+  assert b * rcfg.buffer_len * per_slot / live > 4

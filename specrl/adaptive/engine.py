@@ -114,9 +114,11 @@ from specrl.decoding.state import (
   attend_buckets,
   bucket_for,
   finalize,
+  grow_cache,
+  kv_bytes_per_slot,
 )
-from specrl.decoding.steps import loop_params_jit, max_loop_steps, prefill
-from specrl.rollout import prepare_prompts, prepare_row_ids, rollout_metrics
+from specrl.decoding.steps import loop_params_jit, max_loop_steps, prefill, prefill_cache_slots
+from specrl.rollout import kv_metrics, prepare_prompts, prepare_row_ids, rollout_metrics
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +177,9 @@ class AdaptiveRolloutEngine:
     )
     self._eager_draft = self._stateful and acfg.policy == 'always'
     self._prefill_len = self.buffer_len if acfg.policy == 'always' else self.narrow_len
+    # rollout.grow_kv: the policy KV cache holds the chunk's length bucket, grown between
+    # chunks (widening leaves it alone); memory follows the live rows, not the budget
+    self._grow_kv = bool(rcfg.grow_kv and rcfg.attend_bucket)
     # compiled functions live in the process-wide LRU (decoding/executables.py) under this
     # token, shared with the engines made by with_config
     self._token = _shared._token if _shared is not None else object()
@@ -310,10 +315,29 @@ class AdaptiveRolloutEngine:
     """The state on the wide buffer (``buffer_len`` slots), for speculation."""
     b, s = state.tokens.shape
     axes = axis_positions(state_axes(state, self.drafter), 'cache_seq')
+    if self._grow_kv and state.cache is not None:  # the policy cache grows by buckets
+      axes = axes.replace(cache=jax.tree.map(lambda _: -1, axes.cache))
     extra, pad = self.buffer_len - s, self.rcfg.pad_id
     f = self._compiled(
-      ('widen', b, 0, s, state.cache is None, state.draft is not None),
+      ('widen', b, 0, s, state.cache is None, state.draft is not None, self._grow_kv),
       lambda st: widen(st, axes, extra, pad),
+      (state,),
+      (),  # new shapes: nothing to donate into
+      report,
+      b,
+    )
+    return f(state)
+
+  def _grow(self, state, slots: int, report):
+    """The state with its policy KV cache grown to ``slots`` slots (``rollout.grow_kv``:
+    doubling by length buckets; a chunk at bucket ``a`` stops before any row needs more)."""
+    have = state.cache['k'].shape[2]
+    if slots <= have:
+      return state
+    b = state.tokens.shape[0]
+    f = self._compiled(
+      ('grow', b, 0, have, slots, state.draft is not None),
+      lambda st: grow_cache(st, slots),
       (state,),
       (),  # new shapes: nothing to donate into
       report,
@@ -441,6 +465,7 @@ class AdaptiveRolloutEngine:
 
     def prefill_fn(params, dparams, toks, lens, rng, group_ids, prompt_ids):
       pkw = dict(drafter=self.drafter, draft_params=dparams, buffer_len=self._prefill_len)
+      pkw['cache_slots'] = prefill_cache_slots(wrcfg, self._prefill_len)
       pkw.update(group_ids=group_ids, prompt_ids=prompt_ids, build_draft=self._eager_draft)
       state = prefill(params, toks, lens, rng, cfg=cfg, rcfg=wrcfg, mesh=mesh, **pkw)
       return state, state_stats(state, 0)
@@ -467,6 +492,7 @@ class AdaptiveRolloutEngine:
     loop_params = loop_params_jit(params)  # CPU: layers sliced once per rollout
     pending = None  # a chunk whose stats are not read yet
     b, origin, acc = bsz, None, None
+    per_slot = report.kv_per_slot = kv_bytes_per_slot(state)
     current: int | None = None
     obs: ChunkObs | None = None
     live = rcfg.max_prompt_len + 1  # slots a plain step needs after prefill (at most)
@@ -502,9 +528,12 @@ class AdaptiveRolloutEngine:
         state = self._widen(state, report)
       if strategy != PLAIN and self._stateful and state.draft is None:
         state = self._attach_draft(state, dparams, report)
-      cargs = (loop_params, dparams, state, i32(self._boundary(b)), i32(max_steps))
       width = state.tokens.shape[1]
       attend = self._attend_len(width, live + strategy)
+      if self._grow_kv:  # grow first: every write of the chunk lands inside the cache
+        state = self._grow(state, attend or width, report)
+      report.kv_peak = max(report.kv_peak, b * state.cache['k'].shape[2] * per_slot)
+      cargs = (loop_params, dparams, state, i32(self._boundary(b)), i32(max_steps))
       report.length_buckets.add((width, attend))
       chunk = self._chunk_fn(b, strategy, cargs, report, state.draft is not None, attend)
       t0 = now()
@@ -628,6 +657,7 @@ class AdaptiveRolloutEngine:
     m['rollout/length_bucket_variants'] = len(
       {(w, a) for w in widths for a in attend_buckets(self._wrcfg, w)}
     )
+    m.update(kv_metrics(out, report.kv_peak, report.kv_per_slot))
     # the running i.i.d. per-token acceptance implied by tokens per pass (the cost model's);
     # not spec/alpha (committed accepted / drafted): see specrl.decoding.spec_math
     m['adaptive/implied_alpha'] = float(self.memory.alpha)

@@ -26,6 +26,8 @@ class AdaptiveReport:
   chosen: dict = dataclasses.field(default_factory=dict)  # bucket -> strategies in order
   # (buffer width, attended slots) of every chunk: the length buckets run (None = dense)
   length_buckets: set = dataclasses.field(default_factory=set)
+  kv_peak: int = 0  # bytes: the policy KV cache's largest (batch x slots) at a chunk start
+  kv_per_slot: int = 0  # bytes of the policy KV cache per (row, slot)
   drafted: int = 0  # draft tokens proposed to active rows (sum of k x sequence-rounds)
   hook_s: float = 0.0  # seconds in the engine's tail_hook (kept out of the timings above)
 

@@ -67,6 +67,10 @@ class RolloutConfig:
   # the slots of the smallest power-of-two multiple of this that holds every live row; 0 =
   # every step attends to the whole buffer (the dense reference)
   attend_bucket: int = 256
+  # the policy's KV cache holds only the slots of the length bucket in use and grows
+  # (doubling, between loops / chunks) as rows get longer (:func:`kv_slots`); False: the
+  # whole buffer from the start. Needs attend_bucket > 0 (no buckets: nothing to grow by)
+  grow_kv: bool = True
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -125,6 +129,37 @@ def bucket_for(buckets: tuple[int, ...], need: int) -> int:
     if need <= a:
       return a
   return buckets[-1]
+
+
+def kv_slots(rcfg: RolloutConfig, buffer_len: int, need: int) -> int:
+  """Slots the policy KV cache must hold for a loop whose rows need ``need`` slots: the
+  length bucket of ``need`` with ``rcfg.grow_kv`` (memory that grows with use), else the
+  whole ``buffer_len``. A loop at bucket ``a`` stops before any row needs more than ``a``
+  slots (``decoding.steps.decode``), so every K/V write lands inside the cache."""
+  if not (rcfg.grow_kv and rcfg.attend_bucket):
+    return buffer_len
+  return bucket_for(attend_buckets(rcfg, buffer_len), need)
+
+
+def grow_cache(state: RolloutState, slots: int) -> RolloutState:
+  """The state with its policy KV cache ``[L, B, S, K, Dh]`` zero-padded to ``slots``
+  slots (``>= S``). Slots past the live length are never read (attention masks by
+  position), so padding with zeros is exact."""
+  if state.cache is None:
+    return state
+  have = state.cache['k'].shape[2]
+  if slots <= have:
+    return state
+  pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, slots - have), (0, 0), (0, 0)))  # noqa: E731
+  return state.replace(cache=jax.tree.map(pad, state.cache))
+
+
+def kv_bytes_per_slot(state: RolloutState) -> int:
+  """Bytes of the policy KV cache per (row, slot): all layers, K and V."""
+  return sum(
+    int(c.size // (c.shape[1] * c.shape[2])) * c.dtype.itemsize
+    for c in jax.tree.leaves(state.cache)
+  )
 
 
 def slots_needed(state: RolloutState, k: int) -> jax.Array:

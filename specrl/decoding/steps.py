@@ -34,9 +34,16 @@ from specrl.decoding.state import (
   bucket_for,
   commit,
   current_tokens,
+  kv_slots,
   slots_needed,
 )
 from specrl.drafters import hooks
+
+
+def prefill_cache_slots(rcfg: RolloutConfig, buffer_len: int | None = None) -> int:
+  """The policy KV slots an engine's prefill allocates: the length bucket of the prompt
+  buffer with ``rcfg.grow_kv`` (:func:`specrl.decoding.state.kv_slots`), else the buffer."""
+  return kv_slots(rcfg, buffer_len or rcfg.buffer_len, rcfg.max_prompt_len)
 
 
 def prefill(
@@ -54,12 +61,16 @@ def prefill(
   group_ids=None,
   prompt_ids=None,
   build_draft: bool = True,
+  cache_slots: int | None = None,
 ) -> RolloutState:
   """Prefill the policy (and drafter) caches and commit the first sampled token.
 
   prompt_tokens: int32 [B, P] right-padded (P = rcfg.max_prompt_len); prompt_len [B].
   ``buffer_len`` (default ``rcfg.buffer_len``): slots of the buffer and caches; the
   adaptive engine starts narrow (``rcfg.seq_len``) and widens when it first speculates.
+  ``cache_slots`` (default ``buffer_len``): slots of the policy KV cache alone; the engines
+  pass the prompt's length bucket with ``rcfg.grow_kv`` (:func:`prefill_cache_slots`) and
+  grow it between loops (:func:`specrl.decoding.state.grow_cache`).
   ``group_ids`` / ``prompt_ids`` int32 [B] (default: each row its own group; -1 = unknown
   prompt). ``build_draft=False``: the drafter's optional hooks (shared state, hidden states,
   ``observe``; :mod:`specrl.drafters.hooks`) are set up but not its own state (the adaptive
@@ -68,7 +79,7 @@ def prefill(
   b, p = prompt_tokens.shape
   s = buffer_len or rcfg.buffer_len
   rules = shd.DECODE_RULES
-  cache = model_lib.init_cache(cfg, b, s)
+  cache = model_lib.init_cache(cfg, b, cache_slots or s)
   cache = jax.tree.map(
     lambda x, ax: shd.constrain(x, ax, mesh, rules),
     cache,
