@@ -1,0 +1,244 @@
+"""Several processes, one run: the helpers every host-side path uses under ``jax.distributed``.
+
+JAX's multi-controller runtime runs one process per host (or, for tests, several local CPU
+processes, :mod:`specrl.launch`); all of them run the same program on one global mesh.
+What that asks of host code, and where it lives:
+
+- **Start-up** (:func:`initialize`): ``jax.distributed.initialize`` from the environment
+  (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; TPU slices and
+  SLURM are detected by JAX itself), gloo collectives on CPU, and a heartbeat timeout
+  (``SPECRL_HEARTBEAT_S``) after which the survivors of a dead process stop.
+- **Rows** (:func:`process_rows`, :func:`global_rows`, :func:`local_rows`): a batch's rows
+  are split into contiguous blocks, process p owning block p (``rows / process_count``
+  rows, a multiple of G so GRPO groups stay on one process). A process builds, scores and
+  logs only its block; its numpy rows become a global ``jax.Array`` with
+  ``jax.make_array_from_process_local_data`` and it reads back only its own block of a
+  batch-sharded output (:func:`local_rows`, the addressable shards).
+- **Host reads of whole arrays** (:func:`to_host`): ``jax.device_get`` when every shard is
+  local (one process, or a replicated array), else ``multihost_utils.process_allgather``;
+  every process then holds the same numpy value.
+- **Decisions made once** (:func:`broadcast`, :func:`check_agree`): a host decision taken
+  from measured wall-clock time (the adaptive engine's cost model) comes from process 0;
+  one computed from replicated data is checked to be equal everywhere before it is used,
+  and a disagreement raises :class:`ProcessesDisagree` on every process (never a hang:
+  all processes take part in the same all-gather).
+- **Writes** (:func:`is_primary`): only process 0 writes TensorBoard, ``metrics.jsonl``,
+  the report and the progress line; every process takes part in orbax saves / restores.
+
+With one process every helper is the single-process code path (no collective runs).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+COORDINATOR_ENV = 'JAX_COORDINATOR_ADDRESS'  # host:port of process 0's coordinator
+NUM_PROCESSES_ENV = 'JAX_NUM_PROCESSES'
+PROCESS_ID_ENV = 'JAX_PROCESS_ID'
+HEARTBEAT_ENV = 'SPECRL_HEARTBEAT_S'  # jax.distributed heartbeat timeout (seconds)
+DEFAULT_HEARTBEAT_S = 100  # jax.distributed's own default
+
+
+class ProcessesDisagree(RuntimeError):
+  """Processes of one run computed different values for something that must agree."""
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def process_index() -> int:
+  return jax.process_index()
+
+
+def is_multiprocess() -> bool:
+  return jax.process_count() > 1
+
+
+def is_primary() -> bool:
+  """True on the process that writes the run's files (process 0)."""
+  return jax.process_index() == 0
+
+
+def initialize(env=None) -> bool:
+  """``jax.distributed.initialize`` when the environment names a coordinator (or a
+  cluster JAX detects: a TPU slice sets ``JAX_COORDINATOR_ADDRESS``-free metadata, SLURM
+  its ``SLURM_*`` variables); a no-op otherwise. Returns True if initialized.
+
+  Variables: ``JAX_COORDINATOR_ADDRESS`` (host:port), ``JAX_NUM_PROCESSES``,
+  ``JAX_PROCESS_ID`` (left unset, JAX's cluster detection fills them), ``SPECRL_HEARTBEAT_S``
+  (seconds without a heartbeat before the coordinator declares a process dead and the
+  others stop; JAX's default 100). Must run before anything touches a device.
+  """
+  env = os.environ if env is None else env
+  auto = env.get('SPECRL_DISTRIBUTED', '') == 'auto'  # TPU slice / SLURM: JAX detects
+  if not env.get(COORDINATOR_ENV) and not auto:
+    return False
+  kw = {}
+  if env.get(NUM_PROCESSES_ENV):
+    kw['num_processes'] = int(env[NUM_PROCESSES_ENV])
+  if env.get(PROCESS_ID_ENV):
+    kw['process_id'] = int(env[PROCESS_ID_ENV])
+  heartbeat = int(env.get(HEARTBEAT_ENV) or DEFAULT_HEARTBEAT_S)
+  if env.get('JAX_PLATFORMS', '').startswith('cpu'):
+    # cross-process collectives on CPU (the local launcher's processes); gloo is JAX's
+    # default today, set explicitly so a changed default cannot silently break it
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(
+    coordinator_address=env.get(COORDINATOR_ENV) or None,
+    heartbeat_timeout_seconds=heartbeat,
+    **kw,
+  )
+  return True
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def process_rows(n_rows: int, group: int = 1) -> slice:
+  """The rows of a batch of ``n_rows`` this process owns: block ``process_index`` of
+  ``process_count`` equal contiguous blocks; each block a multiple of ``group`` (GRPO's G)
+  or a ValueError naming the sizes."""
+  p = jax.process_count()
+  if n_rows % p or (n_rows // p) % group:
+    raise ValueError(
+      f'{n_rows} rows cannot be split into {p} processes x a multiple of {group} rows '
+      f'(rl.num_prompts must be a multiple of the {p} processes)'
+    )
+  n = n_rows // p
+  i = jax.process_index()
+  return slice(i * n, (i + 1) * n)
+
+
+def check_row_layout(sharding: jax.sharding.Sharding, n_rows: int) -> None:
+  """Refuse a batch sharding under which this process's devices do not hold exactly its
+  own block of rows (:func:`process_rows`): e.g. a mesh whose batch axes (``data`` x
+  ``fsdp``) are smaller than the process count, so rows would be replicated across
+  processes. One process: always fine."""
+  if not is_multiprocess():
+    return
+  own = process_rows(n_rows)
+  idx = sharding.addressable_devices_indices_map((n_rows,))
+  starts = {s[0].start or 0 for s in idx.values()}
+  stops = {n_rows if s[0].stop is None else s[0].stop for s in idx.values()}
+  if min(starts) != own.start or max(stops) != own.stop:
+    raise ValueError(
+      f'process {jax.process_index()} of {jax.process_count()} holds rows '
+      f'{min(starts)}..{max(stops)} of {n_rows}, not its own block {own.start}..{own.stop}: '
+      'the batch mesh axes (data x fsdp of mesh_shape) must be a multiple of the process '
+      'count, processes along them'
+    )
+
+
+def global_rows(x, sharding: jax.sharding.Sharding):
+  """A global ``jax.Array`` whose rows are every process's ``x`` (its own block, in process
+  order) laid out by ``sharding`` (rows on dim 0). One process: ``x`` placed as is."""
+  x = np.asarray(x)
+  if not is_multiprocess():
+    return jax.device_put(x, sharding)
+  shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+  return jax.make_array_from_process_local_data(sharding, x, shape)
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's block of rows of a global array (batch on dim 0) as numpy: the union of
+  its addressable shards. One process, or a fully addressable array: the whole array."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  n = x.shape[0]
+  own = process_rows(n)
+  out = np.empty((own.stop - own.start,) + x.shape[1:], x.dtype)
+  for shard in x.addressable_shards:
+    rows = shard.index[0] if shard.index else slice(None)
+    start = rows.start or 0
+    stop = n if rows.stop is None else rows.stop
+    lo, hi = max(start, own.start), min(stop, own.stop)
+    if lo < hi:
+      out[lo - own.start : hi - own.start] = np.asarray(shard.data)[lo - start : hi - start]
+  return out
+
+
+def to_host(tree):
+  """numpy values of a pytree of arrays, identical on every process: ``device_get`` when a
+  leaf is all local (or fully replicated), else an all-gather of its shards."""
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(one, tree)
+
+
+def allgather_rows(x) -> np.ndarray:
+  """Every process's numpy rows ``x`` concatenated in process order (one process: ``x``)."""
+  x = np.asarray(x)
+  if not is_multiprocess():
+    return x
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ----------------------------------------------------------------------------- decisions
+
+
+def broadcast(tree):
+  """Process 0's value of a pytree of numbers / numpy arrays, on every process."""
+  if not is_multiprocess():
+    return tree
+  from jax.experimental import multihost_utils
+
+  return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
+def check_agree(what: str, values: Sequence[int] | np.ndarray) -> None:
+  """Raise :class:`ProcessesDisagree` on every process unless ``values`` (integers) are the
+  same on all of them. One all-gather that every process joins: no hang."""
+  if not is_multiprocess():
+    return
+  v = np.asarray(values, np.int64).ravel()
+  sizes = allgather_rows(np.asarray([v.size], np.int64))
+  if len(set(sizes.tolist())) != 1:
+    raise ProcessesDisagree(f'processes disagree on {what}: sizes {sizes.tolist()}')
+  allv = allgather_rows(v[None, :])
+  if not (allv == allv[0]).all():
+    bad = [i for i in range(allv.shape[0]) if not (allv[i] == allv[0]).all()]
+    raise ProcessesDisagree(
+      f'processes disagree on {what}: process 0 has {allv[0].tolist()[:16]}, process '
+      f'{bad[0]} has {allv[bad[0]].tolist()[:16]}'
+    )
+
+
+def sum_over_processes(values: dict[str, float]) -> dict[str, float]:
+  """Per-key sums over processes (every process passes the same keys, in any order)."""
+  if not is_multiprocess():
+    return dict(values)
+  keys = sorted(values)
+  check_agree('metric keys', [zlib.crc32(k.encode()) for k in keys])
+  v = allgather_rows(np.asarray([[float(values[k]) for k in keys]], np.float64))
+  return dict(zip(keys, v.sum(axis=0).tolist(), strict=True))
+
+
+def max_over_processes(values: dict[str, float]) -> dict[str, float]:
+  """Per-key maxima over processes (same keys on every process)."""
+  if not is_multiprocess():
+    return dict(values)
+  keys = sorted(values)
+  v = allgather_rows(np.asarray([[float(values[k]) for k in keys]], np.float64))
+  return dict(zip(keys, v.max(axis=0).tolist(), strict=True))
+
+
+def sync(name: str) -> None:
+  """A barrier of every process (no-op with one)."""
+  if is_multiprocess():
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
