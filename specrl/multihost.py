@@ -115,51 +115,66 @@ def process_rows(n_rows: int, group: int = 1) -> slice:
   return slice(i * n, (i + 1) * n)
 
 
-def check_row_layout(sharding: jax.sharding.Sharding, n_rows: int) -> None:
-  """Refuse a batch sharding under which this process's devices do not hold exactly its
-  own block of rows (:func:`process_rows`): e.g. a mesh whose batch axes (``data`` x
-  ``fsdp``) are smaller than the process count, so rows would be replicated across
-  processes. One process: always fine."""
-  if not is_multiprocess():
-    return
-  own = process_rows(n_rows)
-  idx = sharding.addressable_devices_indices_map((n_rows,))
-  starts = {s[0].start or 0 for s in idx.values()}
-  stops = {n_rows if s[0].stop is None else s[0].stop for s in idx.values()}
-  if min(starts) != own.start or max(stops) != own.stop:
-    raise ValueError(
-      f'process {jax.process_index()} of {jax.process_count()} holds rows '
-      f'{min(starts)}..{max(stops)} of {n_rows}, not its own block {own.start}..{own.stop}: '
-      'the batch mesh axes (data x fsdp of mesh_shape) must be a multiple of the process '
-      'count, processes along them'
-    )
+def rows_are_process_blocks(sharding: jax.sharding.Sharding, n_rows: int) -> bool:
+  """True when, under ``sharding``, the devices of each process p hold exactly block p of
+  the ``n_rows`` rows (:func:`process_rows`): then a process's rows go in and come out
+  without any collective. Computed from the global device map, so every process gets the
+  same answer (the fallbacks below are collectives that all of them must join)."""
+  p = jax.process_count()
+  if n_rows % p:
+    return False
+  per = n_rows // p
+  cover: dict[int, set] = {}
+  for dev, idx in sharding.devices_indices_map((n_rows,)).items():
+    rows = idx[0]
+    start = rows.start or 0
+    stop = n_rows if rows.stop is None else rows.stop
+    cover.setdefault(dev.process_index, set()).add((start, stop))
+  for proc in range(p):
+    spans = cover.get(proc)
+    if not spans:
+      return False
+    if min(a for a, _ in spans) != proc * per or max(b for _, b in spans) != (proc + 1) * per:
+      return False
+  return True
 
 
 def global_rows(x, sharding: jax.sharding.Sharding):
   """A global ``jax.Array`` whose rows are every process's ``x`` (its own block, in process
-  order) laid out by ``sharding`` (rows on dim 0). One process: ``x`` placed as is."""
+  order) laid out by ``sharding`` (rows on dim 0). One process: ``x`` placed as is.
+
+  When each process's devices hold its own block, ``jax.make_array_from_process_local_data``
+  (no communication); otherwise (rows replicated across processes, or a mesh on another
+  process's devices: async RL's split) the blocks are all-gathered first and each process
+  places the shards it holds."""
   x = np.asarray(x)
   if not is_multiprocess():
     return jax.device_put(x, sharding)
   shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
-  return jax.make_array_from_process_local_data(sharding, x, shape)
+  if rows_are_process_blocks(sharding, shape[0]):
+    return jax.make_array_from_process_local_data(sharding, x, shape)
+  full = allgather_rows(x)
+  return jax.make_array_from_callback(full.shape, sharding, lambda idx: full[idx])
 
 
 def local_rows(x) -> np.ndarray:
-  """This process's block of rows of a global array (batch on dim 0) as numpy: the union of
-  its addressable shards. One process, or a fully addressable array: the whole array."""
+  """This process's block of rows of a global array (batch on dim 0) as numpy: read from
+  its addressable shards when they hold the block, else from the replicated value or an
+  all-gather. One process, or a fully addressable array: the whole array."""
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
     return np.asarray(x)
   n = x.shape[0]
   own = process_rows(n)
+  if x.is_fully_replicated:
+    return np.asarray(x)[own]
+  if not rows_are_process_blocks(x.sharding, n):
+    return to_host(x)[own]
   out = np.empty((own.stop - own.start,) + x.shape[1:], x.dtype)
   for shard in x.addressable_shards:
     rows = shard.index[0] if shard.index else slice(None)
     start = rows.start or 0
     stop = n if rows.stop is None else rows.stop
-    lo, hi = max(start, own.start), min(stop, own.stop)
-    if lo < hi:
-      out[lo - own.start : hi - own.start] = np.asarray(shard.data)[lo - start : hi - start]
+    out[(slice(start - own.start, stop - own.start), *shard.index[1:])] = np.asarray(shard.data)
   return out
 
 
