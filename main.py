@@ -64,15 +64,16 @@ def main(argv):
   logging.info(
     'JAX %s, %d devices (%s)', jax.__version__, jax.device_count(), jax.devices()[0].platform
   )
-  try:
-    exp = train.build_experiment(FLAGS.config)
-  except (ValueError, OSError, faults.FatalError) as e:  # a user mistake: one line
-    sys.exit(f'error: {e}')
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, exp=exp)
-  except faults.FatalError as e:  # halted run, bad data, no restorable checkpoint
-    logging.error('%s', e)
-    sys.exit(f'error: {e}')
+  with multihost.exit_on_failure():  # several processes: one line and out, never a hang
+    try:
+      exp = train.build_experiment(FLAGS.config)
+    except (ValueError, OSError, faults.FatalError) as e:  # a user mistake: one line
+      sys.exit(f'error: {e}')
+    try:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, exp=exp)
+    except faults.FatalError as e:  # halted run, bad data, no restorable checkpoint
+      logging.error('%s', e)
+      sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -122,6 +122,8 @@ def make_pipeline(exp, timeline=None) -> async_rl.RolloutPipeline:
   def to_rollout(params):  # a copy even on the same devices: the next train step donates
     axes = model_lib.param_logical_axes(exp.model_cfg)
     sh = shd.tree_shardings(axes, params, exp.rollout_mesh, shd.PARAM_RULES)
+    if mh.is_multiprocess() and exp.async_cfg.split:  # each process copies its own shards
+      return mh.copy_to_devices(params, sh)
     return jax.device_put(params, sh, may_alias=False)
 
   derives = hooks.derives_in_train_step(exp.drafter)

@@ -13,7 +13,8 @@ others stop.
 
 Failures propagate: when any child exits non-zero (or is killed), the launcher terminates
 the others (SIGTERM, then SIGKILL after ``--grace_s``), prints one line naming the process
-and its exit status, and exits non-zero. Children's output goes to the launcher's stdout /
+and its exit status, and exits non-zero (``--no_stop_others``: it waits for them to stop on
+their own, as on a cluster; each process's exit is reported with its time). Children's output goes to the launcher's stdout /
 stderr, each line prefixed with ``[p<i>]`` (``--log_dir``: also one file per process).
 """
 
@@ -67,9 +68,12 @@ def launch(
   log_dir: str | None = None,
   env=None,
   poll_s: float = 0.2,
+  stop_others: bool = True,
 ) -> int:
   """Run ``python cmd...`` as ``num_processes`` processes; returns the exit status (0 when
-  all succeed, else the first failure's status, or 1 for a signal)."""
+  all succeed, else the first failure's status, or 1 for a signal). ``stop_others=False``:
+  after a failure, wait for the other processes to end by themselves (jax.distributed's
+  heartbeat and failed collectives stop them; what a cluster without this launcher sees)."""
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError('num_processes and devices_per_process must be >= 1')
   port = free_port()
@@ -94,15 +98,21 @@ def launch(
       t = threading.Thread(target=_pump, args=(stream, f'[p{i}] ', out, f), daemon=True)
       t.start()
       threads.append(t)
-  failed = None
+  failed, t0, ended = None, time.monotonic(), {}
   try:
     while True:
-      codes = [p.poll() for p in procs]
-      bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-      if bad:
+      for i, p in enumerate(procs):
+        if i not in ended and p.poll() is not None:
+          ended[i] = time.monotonic() - t0
+          sys.stderr.write(
+            f'specrl.launch: process {i} exited ({_status(p.returncode)}) at {ended[i]:.1f}s\n'
+          )
+      bad = [(i, procs[i].returncode) for i in sorted(ended) if procs[i].returncode != 0]
+      if bad and failed is None:
         failed = bad[0]
-        break
-      if all(c == 0 for c in codes):
+        if stop_others:
+          break
+      if len(ended) == len(procs):
         break
       time.sleep(poll_s)
   except KeyboardInterrupt:
@@ -117,11 +127,15 @@ def launch(
   if failed is None:
     return 0
   i, code = failed
-  why = f'killed by signal {-code}' if code < 0 else f'exit status {code}'
-  who = 'interrupted' if i < 0 else f'process {i} of {num_processes} failed ({why})'
-  sys.stderr.write(f'specrl.launch: {who}; stopped the other processes\n')
+  who = 'interrupted' if i < 0 else f'process {i} of {num_processes} failed ({_status(code)})'
+  rest = 'stopped the other processes' if stop_others else 'the others ended on their own'
+  sys.stderr.write(f'specrl.launch: {who}; {rest}\n')
   sys.stderr.flush()
   return code if code > 0 else 1
+
+
+def _status(code: int) -> str:
+  return f'killed by signal {-code}' if code < 0 else f'exit status {code}'
 
 
 def _stop(procs, grace_s: float) -> None:
@@ -156,10 +170,23 @@ def main(argv=None) -> int:
   ap.add_argument('--heartbeat_s', type=int, default=None, help='SPECRL_HEARTBEAT_S')
   ap.add_argument('--grace_s', type=float, default=10.0)
   ap.add_argument('--log_dir', default=None)
+  ap.add_argument(
+    '--no_stop_others',
+    action='store_true',
+    help='after a failure, let the other processes stop on their own (heartbeat)',
+  )
   a = ap.parse_args(own)
   if not cmd:
     ap.error('give the command after --, e.g. -- main.py --config=... --workdir=...')
-  return launch(cmd, a.num_processes, a.devices_per_process, a.heartbeat_s, a.grace_s, a.log_dir)
+  return launch(
+    cmd,
+    a.num_processes,
+    a.devices_per_process,
+    a.heartbeat_s,
+    a.grace_s,
+    a.log_dir,
+    stop_others=not a.no_stop_others,
+  )
 
 
 if __name__ == '__main__':

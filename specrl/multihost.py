@@ -30,7 +30,10 @@ With one process every helper is the single-process code path (no collective run
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import traceback
 import zlib
 from collections.abc import Sequence
 
@@ -202,6 +205,33 @@ def allgather_rows(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def copy_to_devices(tree, shardings):
+  """``tree`` (global arrays) copied to ``shardings`` on other devices, each process
+  filling its target shards from its own source shards (through host memory: on CPU JAX
+  cannot move arrays between processes' devices, ``jax.device_put`` refuses a cross-host
+  reshard). Needs every process to hold, on its source devices, every index its target
+  devices need (async RL's meshes: :func:`specrl.async_rl.make_meshes` gives each process
+  devices in both); a ValueError otherwise."""
+
+  def one(x, sh):
+    host = np.zeros(x.shape, x.dtype)
+    have = np.zeros(x.shape, bool)
+    for shard in x.addressable_shards:
+      host[shard.index] = np.asarray(shard.data)
+      have[shard.index] = True
+    arrays = []
+    for dev, idx in sh.addressable_devices_indices_map(x.shape).items():
+      if not have[idx].all():
+        raise ValueError(
+          f'process {jax.process_index()} holds only part of what its devices of the target '
+          f'mesh need (array {x.shape}, {sh.spec}): give every process devices in both meshes'
+        )
+      arrays.append(jax.device_put(host[idx], dev))
+    return jax.make_array_from_single_device_arrays(x.shape, sh, arrays)
+
+  return jax.tree.map(one, tree, shardings)
+
+
 # ----------------------------------------------------------------------------- decisions
 
 
@@ -257,3 +287,31 @@ def sync(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def exit_on_failure():
+  """Several processes: an exception (or ``sys.exit``) escaping the block ends this process
+  at once, non-zero, after one line on stderr naming the process -- no shutdown barrier.
+  Why: a process that died mid-step leaves the others in a collective; they fail there
+  ("Connection closed by peer") or, at the latest, when jax.distributed's heartbeat
+  timeout (``SPECRL_HEARTBEAT_S``) declares it dead, and must then exit instead of waiting
+  in ``jax.distributed.shutdown`` for a peer that is gone. One process: a no-op."""
+  try:
+    yield
+  except BaseException as e:  # noqa: BLE001
+    if not is_multiprocess():
+      raise
+    code = e.code if isinstance(e, SystemExit) else 1
+    if isinstance(e, SystemExit) and not code:
+      raise
+    if not isinstance(e, SystemExit):
+      traceback.print_exc()
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    msg = first if isinstance(e, SystemExit) else f'{type(e).__name__}: {first}'
+    sys.stderr.write(
+      f'error: process {jax.process_index()} of {jax.process_count()}: {msg[:400]}\n'
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) and code > 0 else 1)
