@@ -30,8 +30,8 @@ import types
 import jax
 import numpy as np
 
-from specrl import multihost as mh
 from specrl import config as config_lib
+from specrl import multihost as mh
 from specrl import rollout as rollout_lib
 from specrl import sampling
 from specrl import sharding as shd

@@ -14,8 +14,9 @@ others stop.
 Failures propagate: when any child exits non-zero (or is killed), the launcher terminates
 the others (SIGTERM, then SIGKILL after ``--grace_s``), prints one line naming the process
 and its exit status, and exits non-zero (``--no_stop_others``: it waits for them to stop on
-their own, as on a cluster; each process's exit is reported with its time). Children's output goes to the launcher's stdout /
-stderr, each line prefixed with ``[p<i>]`` (``--log_dir``: also one file per process).
+their own, as on a cluster; each process's exit is reported with its time). Children's
+output goes to the launcher's stdout / stderr, each line prefixed with ``[p<i>]``
+(``--log_dir``: also one file per process).
 """
 
 from __future__ import annotations

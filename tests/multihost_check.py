@@ -66,14 +66,15 @@ def case_config(name: str):
 
 def main():
   out, cases = sys.argv[1], sys.argv[2].split(',')
-  times = {}
+  times, first = {}, {}
   kill = os.environ.pop('MULTIHOST_KILL', '')  # '<case>=<SPECRL_FAULT spec>'
   for name in cases:
     t0 = time.perf_counter()
     if kill.partition('=')[0] == name:
       os.environ['SPECRL_FAULT'] = kill.partition('=')[2]
     workdir = os.path.join(out, name, 'work')
-    state, _ = train.train_and_evaluate(case_config(name), workdir)
+    state, history = train.train_and_evaluate(case_config(name), workdir)
+    first[name] = history[0]['step'] if history else None  # > 0: resumed
     params = multihost.to_host(state.params)
     if multihost.is_primary():
       leaves = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -81,7 +82,7 @@ def main():
       np.savez(os.path.join(out, name, 'params.npz'), **flat)
     times[name] = time.perf_counter() - t0
   if multihost.is_primary():
-    print(json.dumps({'processes': jax.process_count(), 'seconds': times}))
+    print(json.dumps({'processes': jax.process_count(), 'seconds': times, 'first_step': first}))
 
 
 if __name__ == '__main__':

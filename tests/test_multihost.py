@@ -1,0 +1,147 @@
+"""Several processes under jax.distributed (issue 31): 2 processes x 4 CPU devices give the
+run of 1 process x 8; a process killed after a save stops the other; a relaunch resumes.
+
+One test, so that its runs happen once (pytest-xdist would spread separate tests over its
+workers): ``python -m specrl.launch`` runs tests/multihost_check.py as 2 x 4 while the same
+script runs alone on 8 fake devices, both over the same cases (greedy rollouts, a fixed
+adaptive policy):
+
+- ``static_quantized``: static engine, quantized self-drafter (k = 2), validation;
+- ``async``: rl.async_staleness = 1 on a 4 + 4 device split (each process gives 2 devices to
+  each mesh; params copied shard by shard inside each process);
+- ``adaptive_suffix``: adaptive engine (policy ``always``, compaction to buckets 4, 2, 1)
+  with the suffix drafter and its host-side history store. In the 2 x 4 run process 1 is
+  SIGKILLed right after the checkpoint of step 2 is committed; process 0 must then exit
+  non-zero by itself (no launcher help) within KILL_BOUND_S, and a relaunch resumes.
+
+Compared, per case: final params and every metrics.jsonl line (by step; the resumed run's
+last line per step), non-timing keys within the tolerance of tests/sharded_check.py (1e-4).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CHECK = os.path.join(HERE, 'multihost_check.py')
+CASES = ('static_quantized', 'async', 'adaptive_suffix')
+KILLED = 'adaptive_suffix'
+TOL = 1e-4  # tests/test_sharding.py's bound for logprobs and params
+HEARTBEAT_S = 10  # SPECRL_HEARTBEAT_S: jax.distributed's heartbeat timeout (default 100 s)
+KILL_BOUND_S = HEARTBEAT_S + 20  # the survivor's exit after the kill, load included
+# Timing keys, not compared: wall-clock seconds and rates, and the static engine's cost
+# estimates from profiled step times (spec/draft_time_est_s, spec/verify_time_est_s,
+# spec/draft_cost_ratio).
+TIMING = re.compile(r'(_s$|_s/|tokens_per_s|^spec/draft_cost_ratio$)')
+
+
+def _launch(out, cases, env, extra=()):
+  cmd = [sys.executable, '-m', 'specrl.launch', '--num_processes=2', '--devices_per_process=4']
+  cmd += [f'--heartbeat_s={HEARTBEAT_S}', *extra, '--', CHECK, out, ','.join(cases)]
+  return subprocess.Popen(
+    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+
+
+def _steps(workdir):
+  """metrics.jsonl by step (the last line of a step counts: a resumed run redoes steps)."""
+  by_step, lines = {}, 0
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      if line.strip():
+        m = json.loads(line)
+        by_step[m['step']] = m
+        lines += 1
+  return by_step, lines
+
+
+def _compare(case, one, two):
+  p1, p2 = np.load(f'{one}/{case}/params.npz'), np.load(f'{two}/{case}/params.npz')
+  assert sorted(p1) == sorted(p2), case
+  diff = max(float(np.max(np.abs(p1[k] - p2[k]))) for k in p1)
+  assert diff < TOL, (case, 'params', diff)
+  s1, _ = _steps(f'{one}/{case}/work')
+  s2, _ = _steps(f'{two}/{case}/work')
+  assert sorted(s1) == sorted(s2), (case, sorted(s1), sorted(s2))
+  for step in s1:
+    a, b = s1[step], s2[step]
+    assert sorted(a) == sorted(b), (case, step, sorted(set(a) ^ set(b)))
+    for k in a:
+      if not TIMING.search(k):
+        assert abs(a[k] - b[k]) <= TOL * max(1.0, abs(a[k])), (case, step, k, a[k], b[k])
+
+
+def _exit_times(stderr):
+  """{process: seconds} from the launcher's 'process i exited (...) at Ts' lines."""
+  return {
+    int(m.group(1)): (m.group(2), float(m.group(3)))
+    for m in re.finditer(r'process (\d+) exited \((.*?)\) at ([\d.]+)s', stderr)
+  }
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_survive_a_killed_process(tmp_path):
+  # the 2 x 4 launches share a persistent compilation cache: the relaunch compiles nothing
+  env = dict(os.environ)
+  env2 = dict(env, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'))
+  env2['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
+  t0 = time.perf_counter()
+  # 2 x 4, process 1 killed in the last case after the save of step 2, the launcher
+  # leaving process 0 to notice by itself; meanwhile the 1 x 8 reference
+  kill_env = dict(env2, MULTIHOST_KILL=f'{KILLED}=save:2:after_commit', SPECRL_FAULT_PROCESS='1')
+  launched = _launch(two, CASES, kill_env, extra=('--no_stop_others',))
+  ref = subprocess.run(
+    [sys.executable, CHECK, one, ','.join(CASES)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  out, err = launched.communicate(timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  assert launched.returncode != 0, err[-3000:]
+  ends = _exit_times(err)
+  assert 'SPECRL_FAULT reached: save:2:after_commit' in out + err, err[-3000:]
+  assert ends[1][0] == 'killed by signal 9', ends
+  assert ends[0][0] != 'exit status 0', ends  # the survivor failed too ...
+  waited = ends[0][1] - ends[1][1]
+  assert 0 <= waited < KILL_BOUND_S, (ends, err[-3000:])  # ... within the bound
+  assert 'error: process 0 of 2' in err or 'heartbeat' in err, err[-3000:]
+  t_first = time.perf_counter() - t0
+
+  # the relaunch resumes the killed case from its checkpoint and finishes it
+  relaunch = _launch(two, (KILLED,), env2)
+  out2, err2 = relaunch.communicate(timeout=600)
+  assert relaunch.returncode == 0, err2[-3000:]
+  summary = json.loads(out2.strip().splitlines()[-1].removeprefix('[p0] '))
+  assert summary['first_step'] == {KILLED: 2}, summary  # resumed at the checkpoint
+
+  for case in CASES:  # 2 x 4 == 1 x 8: params and every non-timing metric
+    _compare(case, one, two)
+  for case in CASES:  # process 0 alone wrote the workdir (besides the checkpoints)
+    work = f'{two}/{case}/work'
+    assert sorted(os.listdir(work)) == [
+      'checkpoints',
+      'metrics.jsonl',
+      'report.md',
+      'report.png',
+      'tb',
+    ], os.listdir(work)
+    assert len(os.listdir(f'{work}/tb')) == 1 + (case == KILLED), os.listdir(f'{work}/tb')
+    steps, lines = _steps(work)
+    if case != KILLED:
+      assert lines == len(steps), (case, lines, len(steps))  # one line per step
+  print(
+    json.dumps(
+      {'first_launch_s': t_first, 'total_s': time.perf_counter() - t0, 'kill_exit_s': waited}
+    )
+  )
