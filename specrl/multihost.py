@@ -69,14 +69,14 @@ def is_primary() -> bool:
 
 
 def initialize(env=None) -> bool:
-  """``jax.distributed.initialize`` when the environment names a coordinator (or a
-  cluster JAX detects: a TPU slice sets ``JAX_COORDINATOR_ADDRESS``-free metadata, SLURM
-  its ``SLURM_*`` variables); a no-op otherwise. Returns True if initialized.
+  """``jax.distributed.initialize`` when the environment asks for it; a no-op otherwise.
+  Returns True if initialized. Must run before anything touches a device.
 
-  Variables: ``JAX_COORDINATOR_ADDRESS`` (host:port), ``JAX_NUM_PROCESSES``,
-  ``JAX_PROCESS_ID`` (left unset, JAX's cluster detection fills them), ``SPECRL_HEARTBEAT_S``
-  (seconds without a heartbeat before the coordinator declares a process dead and the
-  others stop; JAX's default 100). Must run before anything touches a device.
+  ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID``: set by :mod:`specrl.launch` or by hand; ``SPECRL_DISTRIBUTED=auto``
+  instead: JAX detects all three (a TPU slice, SLURM, Open MPI). ``SPECRL_HEARTBEAT_S``:
+  seconds without a heartbeat before the coordinator declares a process dead and the
+  others stop (JAX's default 100).
   """
   env = os.environ if env is None else env
   auto = env.get('SPECRL_DISTRIBUTED', '') == 'auto'  # TPU slice / SLURM: JAX detects
