@@ -121,7 +121,7 @@ def launch(
   if failed is not None:
     _stop(procs, grace_s)
   for t in threads:
-    t.join(timeout=5)
+    t.join(timeout=60)  # the rest of their output (EOF once the process is gone)
   for f in files:
     if f is not None:
       f.close()

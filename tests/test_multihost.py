@@ -1,14 +1,15 @@
 """Several processes under jax.distributed (issue 31): 2 processes x 4 CPU devices give the
 run of 1 process x 8; a process killed after a save stops the other; a relaunch resumes.
 
-One test, so that its runs happen once (pytest-xdist would spread separate tests over its
-workers): ``python -m specrl.launch`` runs tests/multihost_check.py as 2 x 4 while the same
-script runs alone on 8 fake devices, both over the same cases (greedy rollouts, a fixed
-adaptive policy):
+One test for all of it, so that its runs happen once (pytest-xdist would spread separate
+tests over its workers): ``python -m specrl.launch`` runs tests/multihost_check.py as
+2 x 4 while the same script runs alone on 8 fake devices, both over the same cases (greedy
+rollouts, a fixed adaptive policy):
 
 - ``static_quantized``: static engine, quantized self-drafter (k = 2), validation;
-- ``async``: rl.async_staleness = 1 on a 4 + 4 device split (each process gives 2 devices to
-  each mesh; params copied shard by shard inside each process);
+- ``async`` (only with ``SPECRL_TEST_MULTIHOST_ASYNC=1``: over the time budget):
+  rl.async_staleness = 1 on a 4 + 4 device split (each process gives 2 devices to each
+  mesh; params copied shard by shard inside each process);
 - ``adaptive_suffix``: adaptive engine (policy ``always``, compaction to buckets 4, 2, 1)
   with the suffix drafter and its host-side history store. In the 2 x 4 run process 1 is
   SIGKILLed right after the checkpoint of step 2 is committed; process 0 must then exit
@@ -31,7 +32,10 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CHECK = os.path.join(HERE, 'multihost_check.py')
-CASES = ('static_quantized', 'async', 'adaptive_suffix')
+# async RL across processes (each process in both meshes) costs a third more time than the
+# CI budget of this file allows (~120 s on 2 cores): run with SPECRL_TEST_MULTIHOST_ASYNC=1
+ASYNC = os.environ.get('SPECRL_TEST_MULTIHOST_ASYNC') == '1'
+CASES = ('static_quantized',) + (('async',) if ASYNC else ()) + ('adaptive_suffix',)
 KILLED = 'adaptive_suffix'
 TOL = 1e-4  # tests/test_sharding.py's bound for logprobs and params
 HEARTBEAT_S = 10  # SPECRL_HEARTBEAT_S: jax.distributed's heartbeat timeout (default 100 s)
