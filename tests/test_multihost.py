@@ -48,12 +48,28 @@ KILL_BOUND_S = HEARTBEAT_S + 20  # the survivor's exit after the kill, load incl
 TIMING = re.compile(r'(_s$|_s/|tokens_per_s|^spec/draft_cost_ratio$|^compile/)')
 
 
-def _launch(out, cases, env, extra=()):
-  cmd = [sys.executable, '-m', 'specrl.launch', '--num_processes=2', '--devices_per_process=4']
-  cmd += [f'--heartbeat_s={HEARTBEAT_S}', *extra, '--', CHECK, out, ','.join(cases)]
-  return subprocess.Popen(
-    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
+class _Launch:
+  """``python -m specrl.launch`` of the check script, its output to files (a pipe nobody
+  reads while the reference runs would fill up and stall the processes writing to it)."""
+
+  def __init__(self, out, cases, env, log, extra=()):
+    cmd = [sys.executable, '-m', 'specrl.launch', '--num_processes=2', '--devices_per_process=4']
+    cmd += [f'--heartbeat_s={HEARTBEAT_S}', *extra, '--', CHECK, out, ','.join(cases)]
+    self.files = [open(f'{log}.{tag}', 'w+') for tag in ('out', 'err')]  # noqa: SIM115
+    self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.files[0], stderr=self.files[1])
+
+  def communicate(self, timeout):
+    self.proc.wait(timeout=timeout)
+    texts = []
+    for f in self.files:
+      f.seek(0)
+      texts.append(f.read())
+      f.close()
+    return tuple(texts)
+
+  @property
+  def returncode(self):
+    return self.proc.returncode
 
 
 def _steps(workdir):
@@ -104,7 +120,7 @@ def test_two_processes_match_one_and_survive_a_killed_process(tmp_path):
   # 2 x 4, process 1 killed in the last case after the save of step 2, the launcher
   # leaving process 0 to notice by itself; meanwhile the 1 x 8 reference
   kill_env = dict(env2, MULTIHOST_KILL=f'{KILLED}=save:2:after_commit', SPECRL_FAULT_PROCESS='1')
-  launched = _launch(two, CASES, kill_env, extra=('--no_stop_others',))
+  launched = _Launch(two, CASES, kill_env, str(tmp_path / 'first'), extra=('--no_stop_others',))
   ref = subprocess.run(
     [sys.executable, CHECK, one, ','.join(CASES)],
     cwd=ROOT,
@@ -126,7 +142,7 @@ def test_two_processes_match_one_and_survive_a_killed_process(tmp_path):
   t_first = time.perf_counter() - t0
 
   # the relaunch resumes the killed case from its checkpoint and finishes it
-  relaunch = _launch(two, (KILLED,), env2)
+  relaunch = _Launch(two, (KILLED,), env2, str(tmp_path / 'relaunch'))
   out2, err2 = relaunch.communicate(timeout=600)
   assert relaunch.returncode == 0, err2[-3000:]
   summary = json.loads(out2.strip().splitlines()[-1].removeprefix('[p0] '))
