@@ -5,15 +5,19 @@ processes, :mod:`specrl.launch`); all of them run the same program on one global
 What that asks of host code, and where it lives:
 
 - **Start-up** (:func:`initialize`): ``jax.distributed.initialize`` from the environment
-  (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; TPU slices and
-  SLURM are detected by JAX itself), gloo collectives on CPU, and a heartbeat timeout
-  (``SPECRL_HEARTBEAT_S``) after which the survivors of a dead process stop.
+  (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, or
+  ``SPECRL_DISTRIBUTED=auto``: JAX detects a TPU slice / SLURM), gloo collectives on CPU,
+  and a heartbeat timeout (``SPECRL_HEARTBEAT_S``) after which the survivors of a dead
+  process stop; :func:`exit_on_failure` ends a failed process at once.
 - **Rows** (:func:`process_rows`, :func:`global_rows`, :func:`local_rows`): a batch's rows
   are split into contiguous blocks, process p owning block p (``rows / process_count``
-  rows, a multiple of G so GRPO groups stay on one process). A process builds, scores and
-  logs only its block; its numpy rows become a global ``jax.Array`` with
+  rows, a multiple of G so GRPO groups stay on one process). A process builds and scores
+  only its block; its numpy rows become a global ``jax.Array`` with
   ``jax.make_array_from_process_local_data`` and it reads back only its own block of a
-  batch-sharded output (:func:`local_rows`, the addressable shards).
+  batch-sharded output (:func:`local_rows`, the addressable shards). The metrics are over
+  every block (per-row numbers all-gathered: :func:`allgather_rows`).
+- **Other devices** (:func:`copy_to_devices`): arrays copied between meshes shard by shard
+  inside each process (async RL's rollout / train split).
 - **Host reads of whole arrays** (:func:`to_host`): ``jax.device_get`` when every shard is
   local (one process, or a replicated array), else ``multihost_utils.process_allgather``;
   every process then holds the same numpy value.
@@ -34,7 +38,6 @@ import contextlib
 import os
 import sys
 import traceback
-import zlib
 from collections.abc import Sequence
 
 import jax
@@ -260,25 +263,6 @@ def check_agree(what: str, values: Sequence[int] | np.ndarray) -> None:
       f'processes disagree on {what}: process 0 has {allv[0].tolist()[:16]}, process '
       f'{bad[0]} has {allv[bad[0]].tolist()[:16]}'
     )
-
-
-def sum_over_processes(values: dict[str, float]) -> dict[str, float]:
-  """Per-key sums over processes (every process passes the same keys, in any order)."""
-  if not is_multiprocess():
-    return dict(values)
-  keys = sorted(values)
-  check_agree('metric keys', [zlib.crc32(k.encode()) for k in keys])
-  v = allgather_rows(np.asarray([[float(values[k]) for k in keys]], np.float64))
-  return dict(zip(keys, v.sum(axis=0).tolist(), strict=True))
-
-
-def max_over_processes(values: dict[str, float]) -> dict[str, float]:
-  """Per-key maxima over processes (same keys on every process)."""
-  if not is_multiprocess():
-    return dict(values)
-  keys = sorted(values)
-  v = allgather_rows(np.asarray([[float(values[k]) for k in keys]], np.float64))
-  return dict(zip(keys, v.max(axis=0).tolist(), strict=True))
 
 
 def sync(name: str) -> None:
