@@ -6,7 +6,6 @@ python main.py --config=configs/default.py --workdir=/tmp/r --config.rl.num_gene
 
 import importlib.util
 import logging as pylogging
-import os
 import sys
 
 import jax
@@ -14,7 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from specrl import config as config_lib
-from specrl import faults, progress, train
+from specrl import faults, multihost, progress, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard events.')
@@ -59,22 +58,22 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   progress.quiet_backend_probe()  # no 'Unable to initialize backend tpu' line on CPU
-  # Multi-host: jax.distributed picks up the cluster from the environment (TPU pods,
-  # SLURM, ...); a single process needs nothing.
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    jax.distributed.initialize()
+  # Multi-host: jax.distributed from the environment (specrl.launch, a TPU slice, SLURM:
+  # specrl/multihost.py, README "Several processes"); a single process needs nothing.
+  multihost.initialize()
   logging.info(
     'JAX %s, %d devices (%s)', jax.__version__, jax.device_count(), jax.devices()[0].platform
   )
-  try:
-    exp = train.build_experiment(FLAGS.config)
-  except (ValueError, OSError, faults.FatalError) as e:  # a user mistake: one line
-    sys.exit(f'error: {e}')
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, exp=exp)
-  except faults.FatalError as e:  # halted run, bad data, no restorable checkpoint
-    logging.error('%s', e)
-    sys.exit(f'error: {e}')
+  with multihost.exit_on_failure():  # several processes: one line and out, never a hang
+    try:
+      exp = train.build_experiment(FLAGS.config)
+    except (ValueError, OSError, faults.FatalError) as e:  # a user mistake: one line
+      sys.exit(f'error: {e}')
+    try:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir, exp=exp)
+    except faults.FatalError as e:  # halted run, bad data, no restorable checkpoint
+      logging.error('%s', e)
+      sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

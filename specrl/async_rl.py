@@ -51,6 +51,7 @@ import numpy as np
 from absl import logging
 
 from specrl import config as config_lib
+from specrl import multihost as mh
 from specrl import sharding as shd
 
 ASYNC_KEYS = ('rollout_mesh_shape', 'train_mesh_shape')  # top-level config keys
@@ -118,6 +119,21 @@ def make_meshes(acfg: AsyncConfig, mesh_shape, mesh=None, devices=None):
       f'config.train_mesh_shape {tuple(acfg.train_mesh_shape)} ({nt} devices) must use exactly '
       f'the {len(devices)} devices there are'
     )
+  if mh.is_multiprocess():
+    # Several processes: params cannot be device_put from one process's devices to
+    # another's (no cross-host transfer on CPU; docs in README "Several processes"), so
+    # each process gives its first nr / P devices to the rollout and the rest to training.
+    p = jax.process_count()
+    if nr % p or nt % p:
+      raise ValueError(
+        f'config.rollout_mesh_shape {tuple(acfg.rollout_mesh_shape)} ({nr} devices) and '
+        f'config.train_mesh_shape {tuple(acfg.train_mesh_shape)} ({nt} devices) must each be '
+        f'a multiple of the {p} processes: every process gives devices to both meshes'
+      )
+    local = [[d for d in devices if d.process_index == i] for i in range(p)]
+    rollout = shd.make_mesh(acfg.rollout_mesh_shape, [d for ds in local for d in ds[: nr // p]])
+    train = shd.make_mesh(acfg.train_mesh_shape, [d for ds in local for d in ds[nr // p :]])
+    return train, rollout
   rollout = shd.make_mesh(acfg.rollout_mesh_shape, devices[:nr])
   train = shd.make_mesh(acfg.train_mesh_shape, devices[nr:])
   return train, rollout
@@ -272,10 +288,16 @@ class RolloutPipeline:
 
   # -- checkpointing (HostState)
   def host_state(self) -> dict[str, Any]:
+    # Several processes: a queued batch holds this process's rows; the checkpoint (written
+    # by process 0) holds every process's, all-gathered, and each takes its block back.
     return {
       'staleness': self.staleness,
       'queue': {
-        str(u): {'version': r.version, 'batch': r.batch, 'metrics': r.metrics}
+        str(u): {
+          'version': r.version,
+          'batch': {k: mh.allgather_rows(v) for k, v in r.batch.items()},
+          'metrics': r.metrics,
+        }
         for u, r in sorted(self.queue.items())
       },
     }
@@ -291,4 +313,5 @@ class RolloutPipeline:
       return
     for u, e in d.get('queue', {}).items():
       batch = {k: np.asarray(v) for k, v in e['batch'].items()}
+      batch = {k: v[mh.process_rows(v.shape[0])] for k, v in batch.items()}  # own rows
       self.queue[int(u)] = Rollout(int(u), int(e['version']), batch, dict(e['metrics']))

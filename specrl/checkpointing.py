@@ -37,6 +37,7 @@ from absl import logging
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as pp
 
 from specrl import faults
+from specrl import multihost as mh
 from specrl.rl import TrainState
 
 QUARANTINE = 'quarantine'  # checkpoints/quarantine/<step>: checkpoints that did not restore
@@ -229,12 +230,17 @@ class Checkpointer:
   def _quarantine(self, step: int) -> str:
     """Move ``<dir>/<step>`` to ``<dir>/quarantine/<step>`` (never deleted) and forget it,
     so the step can be saved again and rotation never counts it."""
+    # Several processes (a shared directory): every process failed to restore it; process
+    # 0 alone moves it, the others wait for the move, then all forget it.
+    mh.sync(f'quarantine {step} found')
     qdir = os.path.join(self.directory, QUARANTINE)
-    os.makedirs(qdir, exist_ok=True)
     dest, n = os.path.join(qdir, str(step)), 1
     while os.path.exists(dest):
       dest, n = os.path.join(qdir, f'{step}.{n}'), n + 1
-    os.rename(os.path.join(self.directory, str(step)), dest)
+    if mh.is_primary():
+      os.makedirs(qdir, exist_ok=True)
+      os.rename(os.path.join(self.directory, str(step)), dest)
+    mh.sync(f'quarantine {step} moved')
     self.manager.reload()
     return dest
 

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from specrl import config as config_lib
+from specrl import multihost as mh
 from specrl import rollout as rollout_lib
 from specrl import sampling
 from specrl import sharding as shd
@@ -125,17 +126,20 @@ def _rollout_rows(engine, params, prompts, g, chunk_prompts, rng, draft_params):
     idx = np.arange(lo, lo + chunk_prompts) % n  # the last chunk repeats prompts
     real = np.repeat(np.arange(lo, lo + chunk_prompts) < n, g)
     chunk = _take(prompts, idx)
+    # several processes: each rolls out its block of the chunk's rows, every process then
+    # reads all of them (one all-gather; the same scores everywhere)
+    own = mh.process_rows(chunk_prompts * g)
     t0 = time.perf_counter()
     out, _ = engine.generate(
       params,
-      np.repeat(chunk.tokens, g, axis=0),
-      np.repeat(chunk.lengths, g, axis=0),
+      np.repeat(chunk.tokens, g, axis=0)[own],
+      np.repeat(chunk.lengths, g, axis=0)[own],
       jax.random.fold_in(rng, c),
       draft_params=draft_params,
-      group_ids=np.repeat(np.arange(chunk_prompts, dtype=np.int32), g),
-      prompt_ids=np.repeat(ids[idx], g),
+      group_ids=np.repeat(np.arange(chunk_prompts, dtype=np.int32), g)[own],
+      prompt_ids=np.repeat(ids[idx], g)[own],
     )
-    out = jax.device_get(out)
+    out = mh.to_host(out)
     seconds += time.perf_counter() - t0
     resp, length = np.asarray(out.response), np.asarray(out.length)
     for r in np.flatnonzero(real):

@@ -16,6 +16,7 @@ import optax
 
 from specrl import adaptive, async_rl, drafters
 from specrl import model as model_lib
+from specrl import multihost as mh
 from specrl import rl as rl_lib
 from specrl import rollout as rollout_lib
 from specrl import run_config as run_config_lib
@@ -116,4 +117,16 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
     rollout_mesh,
   )
   exp.drafter_trainer = hooks.make_trainer(drafter, exp)  # may validate against the run
+  for key, n in (
+    ('rl.num_prompts', config.rl.num_prompts),
+    ('sft.batch_size', config.sft.batch_size if config.sft.steps else 0),
+  ):
+    if n % mh.process_count():  # each process owns an equal block of prompts / rows
+      raise ValueError(f'config.{key}={n} must be a multiple of the {mh.process_count()} processes')
+  if exp.drafter_trainer is not None and mh.is_multiprocess():
+    raise ValueError(
+      f'rollout.drafter={config.rollout.drafter} trains online (warm-up and spot updates '
+      'under a wall-clock budget each process would spend differently): not supported under '
+      f'{mh.process_count()} processes yet; use one process, or another drafter'
+    )
   return exp

@@ -36,6 +36,7 @@ import numpy as np
 from specrl import config as config_lib
 
 FAULT_ENV = 'SPECRL_FAULT'
+FAULT_PROCESS_ENV = 'SPECRL_FAULT_PROCESS'  # several processes: only this one (default: all)
 FAULT_MARKER = 'SPECRL_FAULT reached'  # printed (stderr) just before the SIGKILL
 # Where the loop and the checkpointer call fault_point(kind, step, phase). ``step`` is the
 # global step index for 'step' points and the checkpoint's step for 'save' points.
@@ -219,9 +220,13 @@ def fault_point(kind: str, step: int, phase: str) -> None:
 
   The marker line goes to stderr first so a test can tell where the process died; SIGKILL
   (not an exception) so no ``finally``, atexit or orbax cleanup runs, like a real crash.
+  ``$SPECRL_FAULT_PROCESS=<i>``: under several processes only process i is killed.
   """
   spec = os.environ.get(FAULT_ENV)
   if not spec or parse_fault(spec) != (kind, step, phase):
+    return
+  only = os.environ.get(FAULT_PROCESS_ENV)
+  if only and int(only) != jax.process_index():
     return
   sys.stdout.flush()
   sys.stderr.write(f'{FAULT_MARKER}: {spec}\n')

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from specrl import drafters as drafters_lib
 from specrl import model as model_lib
+from specrl import multihost as mh
 from specrl import sharding as shd
 from specrl.decoding import executables, spec_math
 from specrl.decoding import profile as profile_lib
@@ -205,7 +206,7 @@ class RolloutEngine:
       if len(buckets) == 1:  # the dense path: no host read before the one loop
         a = buckets[0]
       else:
-        pos, done, step = jax.device_get((state.pos, state.done, state.step))
+        pos, done, step = mh.to_host((state.pos, state.done, state.step))
         if done.all() or step >= limit:
           break
         a = bucket_for(buckets, int(pos[~done].max()) + k + 1)  # slots_needed, on host
@@ -268,8 +269,16 @@ class RolloutEngine:
     prompt_tokens, prompt_len = prepare_prompts(
       prompt_tokens, prompt_len, self.rcfg, self.cfg.vocab_size
     )
-    b = prompt_tokens.shape[0]
-    group_ids, prompt_ids = prepare_row_ids(group_ids, prompt_ids, b)
+    group_ids, prompt_ids = prepare_row_ids(group_ids, prompt_ids, prompt_tokens.shape[0])
+    # Several processes: the rows given are this process's block (specrl.multihost); the
+    # rollout runs on the global batch, every process's block in process order.
+    b = prompt_tokens.shape[0] * mh.process_count()
+    if mh.is_multiprocess():
+      row2, row1 = self._batch_sharding(2), self._batch_sharding(1)
+      prompt_tokens = mh.global_rows(prompt_tokens, row2)
+      prompt_len, group_ids, prompt_ids = (
+        mh.global_rows(x, row1) for x in (prompt_len, group_ids, prompt_ids)
+      )
     if self.drafter is not None and draft_params is None:
       draft_params = self.drafter.params_from_policy(params)
     draft_params = drafters_lib.place_draft_params(self.drafter, draft_params, self.mesh)
@@ -290,7 +299,7 @@ class RolloutEngine:
     self.last_kv_slots = kv.get('slots', [])  # the policy cache's slots in each loop
     if estimate_costs and self.rcfg.num_draft:
       costs = self.measure_step_costs(params, b, draft_params)
-      passes = int(np.asarray(out.num_rounds).max())
+      passes = int(mh.to_host(out.num_rounds).max())
       metrics['spec/draft_time_est_s'] = passes * costs['draft_k_s']
       metrics['spec/verify_time_est_s'] = passes * costs['verify_pass_s']
       metrics['spec/draft_cost_ratio'] = costs['draft_k_s'] / (
@@ -398,8 +407,11 @@ def kv_metrics(out, peak_bytes: int, per_slot: int) -> dict:
 
 def rollout_metrics(out: RolloutOutput, seconds: float) -> dict:
   """Host-side summary of one rollout (both engines): lengths, throughput and, when the
-  rollout speculated, the speculation metrics of :func:`spec_math.speculation_metrics`."""
-  length = np.asarray(out.length)
+  rollout speculated, the speculation metrics of :func:`spec_math.speculation_metrics`.
+  Over the global batch: the same numbers on every process (:func:`specrl.multihost.to_host`)."""
+  fields = ('length', 'num_rounds', 'num_accepted', 'num_drafted', 'reached', 'accepted_at')
+  h = dict(zip(fields, mh.to_host(tuple(getattr(out, f) for f in fields)), strict=True))
+  length = h['length']
   m = {
     'rollout/time_s': seconds,
     'rollout/tokens': int(length.sum()),
@@ -409,11 +421,11 @@ def rollout_metrics(out: RolloutOutput, seconds: float) -> dict:
   }
   m.update(
     spec_math.speculation_metrics(
-      rounds=int(np.asarray(out.num_rounds).sum()),
-      accepted=int(np.asarray(out.num_accepted).sum()),
-      drafted=int(np.asarray(out.num_drafted).sum()),
-      reached=np.asarray(out.reached).sum(axis=0).tolist(),
-      accepted_at=np.asarray(out.accepted_at).sum(axis=0).tolist(),
+      rounds=int(h['num_rounds'].sum()),
+      accepted=int(h['num_accepted'].sum()),
+      drafted=int(h['num_drafted'].sum()),
+      reached=h['reached'].sum(axis=0).tolist(),
+      accepted_at=h['accepted_at'].sum(axis=0).tolist(),
     )
   )
   return m

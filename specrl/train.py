@@ -36,7 +36,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from specrl import async_rl, evaluation, faults, metrics_io
+from specrl import async_rl, evaluation, faults, metrics_io, multihost
 from specrl import checkpointing as ckpt_lib
 from specrl import model as model_lib
 from specrl import progress as progress_lib
@@ -49,7 +49,7 @@ from specrl.experiment import Experiment, build_experiment  # noqa: F401
 from specrl.grpo_batch import make_pipeline, rollout_batch  # noqa: F401
 from specrl.metrics_io import METRICS_FILE, read_metrics  # noqa: F401
 from specrl.rng_streams import data_rng
-from specrl.train_steps import init_state, jitted_steps  # noqa: F401
+from specrl.train_steps import global_batch, init_state, jitted_steps  # noqa: F401
 
 
 def run_step(
@@ -69,7 +69,8 @@ def run_step(
     toks, mask = exp.task.sample_sft(
       data_rng(c.seed, step), c.sft.batch_size, exp.rollout_cfg.seq_len
     )
-    state, m = sft_fn(state, toks, mask)
+    own = multihost.process_rows(c.sft.batch_size)  # this process's rows (all, with one)
+    state, m = sft_fn(state, *global_batch(exp, (toks[own], mask[own])))
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     m['phase'] = 0.0
   else:
@@ -79,6 +80,7 @@ def run_step(
     batch, m = pipeline.take(step)
     faults.fault_point('step', step, 'after_rollout')
     t1 = time.perf_counter()
+    batch = global_batch(exp, batch)  # this process's rows -> the global batch
     state, tm, draft_params = grpo_fn(state, batch)  # dispatched: runs while we roll out
     if timeline is not None:
       timeline.watch('train', step, t1, tm)
@@ -156,9 +158,14 @@ def train_and_evaluate(
   fns = jitted_steps(exp, sh)
   eval_cfg = evaluation.eval_config(config)
   evaluator = evaluation.Evaluator.from_experiment(exp) if eval_cfg.enabled else None
-  progress = progress_lib.Progress(total, config.sft.steps, config.log_every)
-  writer = metrics_io.tensorboard_writer(workdir)
-  metrics_file = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115
+  # Several processes: process 0 alone writes TensorBoard, metrics.jsonl, the progress line
+  # and the report (every process computes the same metrics); all of them checkpoint.
+  primary = multihost.is_primary()
+  progress = progress_lib.Progress(
+    total, config.sft.steps, config.log_every, stream=None if primary else open(os.devnull, 'w')
+  )
+  writer = metrics_io.tensorboard_writer(workdir) if primary else None
+  metrics_file = open(os.path.join(workdir, METRICS_FILE), 'a') if primary else None  # noqa: SIM115
   history = []
   end = total if max_steps is None else min(total, max_steps)
   # validation reads the rollout side's params (the rollout mesh), published if not yet
@@ -181,8 +188,9 @@ def train_and_evaluate(
       if writer is not None:
         for k, v in m.items():
           writer.add_scalar(k, v, m['eval/step'] if k.startswith('eval/') else step)
-      metrics_file.write(json.dumps(m, default=metrics_io.json_number) + '\n')
-      metrics_file.flush()
+      if metrics_file is not None:
+        metrics_file.write(json.dumps(m, default=metrics_io.json_number) + '\n')
+        metrics_file.flush()
       progress.update(step, m['step_time_s'], progress_lib.step_line(step, total, m))
       if 'eval/step' in m:
         progress.message(evaluation.format_line(m))
@@ -203,8 +211,9 @@ def train_and_evaluate(
     progress.close()
     if writer is not None:
       writer.close()
-    metrics_file.close()
+    if metrics_file is not None:
+      metrics_file.close()
     checkpointer.close()
-  if end == total and end > start:
+  if end == total and end > start and primary:
     progress.message(report_lib.write_report(workdir))
   return state, history

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from specrl import model as model_lib
+from specrl import multihost as mh
 from specrl import rl as rl_lib
 from specrl import sharding as shd
 from specrl import train_fit
@@ -66,6 +67,17 @@ def batch_sharding(exp, ndim: int) -> NamedSharding:
     ('batch',) + (None,) * (ndim - 1), (0,) * ndim, exp.mesh, shd.TRAIN_RULES
   )
   return NamedSharding(exp.mesh, spec)
+
+
+def global_batch(exp, batch):
+  """A train batch of this process's rows (numpy) -> global arrays laid out by
+  :func:`batch_sharding` (:func:`specrl.multihost.global_rows`); one process: as is (the
+  jitted step places it)."""
+  if not mh.is_multiprocess():
+    return batch
+  if isinstance(batch, dict):
+    return {k: mh.global_rows(v, batch_sharding(exp, v.ndim)) for k, v in batch.items()}
+  return tuple(mh.global_rows(v, batch_sharding(exp, v.ndim)) for v in batch)
 
 
 def jitted_steps(exp, state_sh):

@@ -67,6 +67,7 @@ import numpy as np
 
 from specrl import drafters as drafters_lib
 from specrl import model as model_lib
+from specrl import multihost as mh
 from specrl import sharding as shd
 from specrl.adaptive.config import PLAIN, AdaptiveConfig
 from specrl.adaptive.policies import (
@@ -429,8 +430,12 @@ class AdaptiveRolloutEngine:
     prompt_tokens, prompt_len = prepare_prompts(
       prompt_tokens, prompt_len, rcfg, self.cfg.vocab_size
     )
+    row_ids = prepare_row_ids(group_ids, prompt_ids, prompt_tokens.shape[0])
+    if mh.is_multiprocess():  # this process's rows -> the global batch (host values are
+      # replicated inputs of the prefill, as with one process)
+      prompt_tokens, prompt_len = mh.allgather_rows(prompt_tokens), mh.allgather_rows(prompt_len)
+      row_ids = tuple(mh.allgather_rows(x) for x in row_ids)
     bsz = prompt_tokens.shape[0]
-    row_ids = prepare_row_ids(group_ids, prompt_ids, bsz)
     derived = []
 
     def dparams_fn():
@@ -509,6 +514,9 @@ class AdaptiveRolloutEngine:
       strategy, max_steps, info = self._decide(
         obs, b, n_active, current, params, dparams_fn, report
       )
+      if mh.is_multiprocess() and self.acfg.policy not in ('always', 'never'):
+        # decided from measured times, which differ between processes: process 0's choice
+        strategy, max_steps = (int(x) for x in mh.broadcast(np.asarray([strategy, max_steps])))
       if strategy != current:
         d = dict(t=now(), bucket=b, active=n_active, strategy=strategy, **info)
         report.decisions.append(d)
@@ -579,7 +587,7 @@ class AdaptiveRolloutEngine:
   def _observe(self, pending, report: AdaptiveReport, now) -> ChunkObs:
     """Read a chunk's stats (a host sync), record it and fold it into the memory."""
     both, t0, b, strategy, n_active, prefill_s = pending
-    st0, stats = np.asarray(jax.device_get(both))
+    st0, stats = mh.to_host(both)
     t1 = now()
     # The first chunk also waited for the prefill: learn from its time without it (not at
     # all if that leaves too little to be a measurement); the report keeps the wall time.
@@ -619,8 +627,9 @@ class AdaptiveRolloutEngine:
     back).
     """
     b = state.pos.shape[0]
-    done = np.asarray(jax.device_get(state.done))
+    done = mh.to_host(state.done)
     idx, cur_origin, new_origin = compaction_plan(done, origin, target, bsz)
+    mh.check_agree(f'the compaction plan to bucket {target}', idx)  # no-op with one process
     has_draft = state.draft is not None
     axes = axis_positions(state_axes(state, self.drafter), 'batch')
     if acc is None:  # still at the original batch: every row's home is itself

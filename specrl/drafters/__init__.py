@@ -24,6 +24,7 @@ other drafters are ignored. The list of drafters, their factories and config sec
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from specrl import model as model_lib
 from specrl import sharding as shd
@@ -78,4 +79,7 @@ def place_draft_params(drafter, draft_params, mesh):
   # derived leaves stay as the jitted derivation sharded them; the rest (e.g. the hybrid
   # suffix drafter's history arrays, made on the host) are replicated
   rep = shd.replicated(mesh)
-  return jax.tree.map(lambda x: x if placed(x) else jax.device_put(x, rep), draft_params)
+  # (host values: the same on every process, so a replicated global array is well defined)
+  return jax.tree.map(
+    lambda x: x if placed(x) else jax.device_put(np.asarray(x), rep), draft_params
+  )

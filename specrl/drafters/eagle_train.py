@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from specrl import multihost as mh
 from specrl import rl as rl_lib
 from specrl import sharding as shd
 from specrl.drafters import eagle, eagle_spot
@@ -419,6 +420,9 @@ class HeadTrainer:
     if not n:
       return
     v = self.counts.shape[0]
+    # every row of the global batch (all-gathered under several processes): the counts, and
+    # so the reduced vocabulary, are the same on every process
+    tokens, mask = mh.to_host((tokens, mask))
     self.counts = self.COUNT_DECAY * self.counts + token_counts(tokens, mask, v)
     self.drafter.vocab_ids = jnp.asarray(top_ids(self.counts, min(n, v)))
 
