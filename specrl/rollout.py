@@ -399,7 +399,7 @@ def kv_metrics(out, peak_bytes: int, per_slot: int) -> dict:
   ``rollout/kv_live_gb``, the peak of what the active rows needed (:func:`live_kv_slots`
   of the output) and their ratio ``rollout/kv_peak_over_live`` (the goal with
   ``rollout.grow_kv`` and compaction: <= 2)."""
-  live = live_kv_slots(jax.device_get(out.prompt_len), jax.device_get(out.length)) * per_slot
+  live = live_kv_slots(*mh.to_host((out.prompt_len, out.length))) * per_slot
   m = {'rollout/kv_peak_gb': peak_bytes / 2**30, 'rollout/kv_live_gb': live / 2**30}
   m['rollout/kv_peak_over_live'] = peak_bytes / max(live, 1)
   return m
