@@ -63,11 +63,10 @@ def normalize(tree: DraftTree, cur: jax.Array) -> DraftTree:
   root's token), so it sees only the prefix, the root and itself."""
   n = tree.tokens.shape[1]
   tokens, parents, depth = tree.tokens, tree.parents, tree.depth
-  live = tokens >= 0
+  live = (tokens >= 0).at[:, 0].set(True)
   for u in range(1, n):  # a node under an empty node is empty (parents[u] < u)
     par = jnp.clip(parents[:, u], 0, n - 1)
     live = live.at[:, u].set(live[:, u] & jnp.take_along_axis(live, par[:, None], 1)[:, 0])
-  live = live.at[:, 0].set(True)
   tokens = jnp.where(live, tokens, -1).at[:, 0].set(cur)
   root = jnp.arange(n)[None, :] == 0
   parents = jnp.where(live, parents, 0)

@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specrl.drafters import tree_build
+
 NO_TOKEN = -1  # corpus padding and "not proposed"
 
 
@@ -311,3 +313,33 @@ class SuffixDrafter:
       window = jnp.concatenate([window[:, 1:], tok[:, None]], axis=1)
       wlen = jnp.minimum(wlen + 1, n)
     return jnp.stack(drafts, axis=1), None, state, policy_cache
+
+  def propose_tree(
+    self, draft_params, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh=None, ctx=None
+  ):
+    """A draft tree of ``n_nodes`` (root included) per row: every continuation of the
+    occurrences of the row's longest suffix match (as :meth:`propose` finds it), expanded
+    best-first by empirical frequency under ``depth_cap`` (None: ``n_nodes - 1``;
+    :func:`specrl.drafters.tree_build.continuation_tree`). Rows without a match of ``n_min``
+    tokens get an empty tree (the round then samples the policy as a plain step does).
+    Returns (tokens, parents, depth int32 [B, n_nodes], state)."""
+    corpora = self._corpora(draft_params, seq_tokens, pos, ctx)
+    n = self.n_max
+    s = seq_tokens.shape[1]
+    idx = pos[:, None] - (n - 1) + jnp.arange(n)[None, :]
+    window = jnp.take_along_axis(seq_tokens, jnp.clip(idx, 0, s - 1), axis=1)
+    window = jnp.where(idx >= 0, window, NO_TOKEN).astype(jnp.int32)
+    wlen = jnp.minimum(pos + 1, n)
+    dcap = min(depth_cap or n_nodes - 1, n_nodes - 1)
+    b = pos.shape[0]
+    mls = [jnp.where(ok, match_lengths(window, wlen, toks), 0) for toks, ok, _ in corpora]
+    best = jnp.max(jnp.stack([jnp.max(ml.reshape(b, -1), axis=1) for ml in mls]), axis=0)
+    found = best >= self.n_min
+    conts = []
+    for (toks, ok, _), ml in zip(corpora, mls, strict=True):
+      occ = (ml == best[:, None, None]) & found[:, None, None] & ok
+      c = [jnp.broadcast_to(_shift(toks, -(d + 1)), ok.shape) for d in range(dcap)]
+      c = jnp.where(occ[..., None], jnp.stack(c, axis=-1), NO_TOKEN)  # [B, C, S, D]
+      conts.append(c.reshape(b, -1, dcap))
+    tokens, parents, depth = tree_build.continuation_tree(jnp.concatenate(conts, 1), n_nodes)
+    return tokens, parents, depth, state
