@@ -37,6 +37,7 @@ from specrl import model as model_lib
 from specrl import sharding as shd
 from specrl.decoding import executables, spec_math
 from specrl.decoding import profile as profile_lib
+from specrl.decoding import tree as tree_lib
 from specrl.decoding.state import (
   FINISH_CACHE,
   FINISH_EOS,
@@ -86,6 +87,7 @@ class RolloutEngine:
     self.mesh = mesh if mesh is not None else shd.make_mesh((1, 1, 1), jax.devices()[:1])
     if rcfg.num_draft and drafter is None:
       raise ValueError('rollout.num_draft > 0 needs a drafter (rollout.drafter != "none")')
+    tree_lib.check_drafter(drafter, rcfg)
     self._token = object()  # this engine's keys in the process-wide executable cache
     self._costs: dict = {}  # batch -> measure_step_costs
     self.last_draft_shared = None

@@ -109,6 +109,19 @@ def move_accepted_kv(cache, pos: jax.Array, path: jax.Array):
   return {'k': one(cache['k']), 'v': one(cache['v'])}
 
 
+def check_drafter(drafter, rcfg) -> None:
+  """Refuse draft trees (``rcfg.tree_nodes``) with a drafter that cannot propose them: one
+  without a tree builder whose drafts are sampled (they need rejection sampling)."""
+  if not rcfg.tree_nodes or drafter is None:
+    return
+  if not hasattr(drafter, 'propose_tree') and not getattr(drafter, 'one_hot', False):
+    raise ValueError(
+      f'rollout.tree_nodes={rcfg.tree_nodes} needs a deterministic (one-hot) drafter '
+      f'(suffix, ngram); {drafter.name!r} samples its drafts, which sample-and-compare cannot '
+      'verify exactly: use chains (rollout.tree_nodes=0)'
+    )
+
+
 def propose_tree(drafter, draft_params, state: RolloutState, n_nodes: int, rcfg, mesh=None):
   """The drafter's tree of ``n_nodes`` (its ``propose_tree`` if it has one, else its chain
   of ``n_nodes - 1`` one-hot drafts). Returns (tree, draft state, policy cache)."""
