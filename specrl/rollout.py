@@ -366,4 +366,12 @@ def rollout_metrics(out: RolloutOutput, seconds: float) -> dict:
       accepted_at=np.asarray(out.accepted_at).sum(axis=0).tolist(),
     )
   )
+  if out.tree_stats is not None:  # draft trees: nodes, non-first descents, depth histogram
+    nodes, non_first, leaf = np.asarray(out.tree_stats).sum(axis=0).tolist()
+    m.update(
+      spec_math.tree_metrics(
+        int(np.asarray(out.num_rounds).sum()), nodes, non_first, leaf,
+        np.asarray(out.accepted_at).sum(axis=0).tolist(),
+      )
+    )  # fmt: skip
   return m

@@ -262,3 +262,28 @@ def test_tree_config_refusals():
   with pytest.raises(ValueError, match='conflicts with rollout.tree_nodes'):
     RolloutConfig(tree_nodes=4, num_draft=2)
   assert dataclasses.replace(RolloutConfig(), tree_nodes=8).draft_width == 7
+
+
+def test_adaptive_engine_trees_with_compaction_emit_plain_tokens(tiny_cfg, tiny_params):
+  """Tree rounds in the adaptive engine (arm k = 5: trees of 6 nodes), EOS ends rows at
+  different lengths and the batch is compacted 8 -> 2: still plain decoding's tokens."""
+  from specrl import adaptive
+  from specrl import rollout as rollout_lib
+
+  sp = SETTINGS['t07_topk']
+  base = RolloutConfig(max_new_tokens=NEW, max_prompt_len=P, sampling=sp, eos_id=3, attend_bucket=0)
+  toks, lens, groups = _batch()
+  plain, _ = rollout_lib.RolloutEngine(tiny_cfg, base).generate(
+    tiny_params, toks, lens, jax.random.key(2), group_ids=groups
+  )
+  rcfg = dataclasses.replace(base, tree_nodes=6, tree_depth=3)
+  acfg = adaptive.AdaptiveConfig(policy='always', buckets=(8, 2), arms=(5,), chunk_steps=4)
+  eng = adaptive.AdaptiveRolloutEngine(tiny_cfg, rcfg, acfg, drafter=SuffixDrafter(16, 1, 4))
+  out, m = eng.generate(tiny_params, toks, lens, jax.random.key(2), group_ids=groups)
+  np.testing.assert_array_equal(np.asarray(out.length), np.asarray(plain.length))
+  assert len(set(np.asarray(plain.length).tolist())) > 1  # EOS at different lengths
+  np.testing.assert_array_equal(np.asarray(out.response), np.asarray(plain.response))
+  np.testing.assert_allclose(out.response_logprobs, plain.response_logprobs, atol=1e-5)
+  assert m['adaptive/compactions'] >= 1 and m['spec/accepted'] > 0
+  assert m['spec/tree/nodes_per_pass'] > 1 and 'spec/tree/depth/0' in m
+  assert np.asarray(out.tree_stats)[:, 1].sum() > 0  # non-first descents, kept by compaction
