@@ -287,3 +287,24 @@ def test_adaptive_engine_trees_with_compaction_emit_plain_tokens(tiny_cfg, tiny_
   assert m['adaptive/compactions'] >= 1 and m['spec/accepted'] > 0
   assert m['spec/tree/nodes_per_pass'] > 1 and 'spec/tree/depth/0' in m
   assert np.asarray(out.tree_stats)[:, 1].sum() > 0  # non-first descents, kept by compaction
+
+
+def test_trees_on_eight_devices_emit_plain_tokens():
+  """Static and adaptive (compaction) tree rounds on a (2, 2, 2) mesh of 8 fake devices vs
+  plain decoding on one device (tests/sharded_tree_check.py, a subprocess)."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  here = os.path.dirname(os.path.abspath(__file__))
+  r = subprocess.run(
+    [sys.executable, os.path.join(here, 'sharded_tree_check.py')],
+    capture_output=True, text=True, timeout=600, check=False,
+  )  # fmt: skip
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads(r.stdout.strip().splitlines()[-1])
+  for name in ('static', 'adaptive'):
+    assert res[name]['equal'] and res[name]['lp_diff'] < 1e-5, res
+    assert res[name]['accepted'] > 0 and res[name]['non_first'] > 0, res
+  assert res['adaptive']['compactions'] >= 1, res

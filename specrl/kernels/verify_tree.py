@@ -130,10 +130,9 @@ def verify_tree_pallas(
   n, path, non_first, leaf = ref_lib.walk(y, tokens, parents)
   d = jnp.arange(n_nodes)[None, :]
   toks = jnp.where(d <= n[:, None], jnp.take_along_axis(y, path, axis=1), 0).astype(jnp.int32)
-  raw = jnp.take_along_axis(
-    jnp.take_along_axis(target_logits, path[..., None], axis=1), toks[..., None], axis=-1
-  )[..., 0].astype(jnp.float32)
-  lp = raw / jnp.float32(sp.logprob_temperature) - jnp.take_along_axis(lse_raw, path, axis=1)
+  raw = jnp.take_along_axis(target_logits, y[..., None], axis=-1)[..., 0].astype(jnp.float32)
+  lp_nodes = raw / jnp.float32(sp.logprob_temperature) - lse_raw  # [B, N]
+  lp = jnp.take_along_axis(lp_nodes, path, axis=1)
   return ref_lib.TreeVerifyResult(
     num_accepted=n,
     tokens=toks,

@@ -110,8 +110,8 @@ def emit(y, n, path, target_logits, sp: sampling.SamplingParams) -> tuple[jax.Ar
   """Emitted tokens ``y[path[d]]`` and their reported logprobs for ``d <= n``, zeros after."""
   d = jnp.arange(path.shape[1])[None, :]
   toks = jnp.where(d <= n[:, None], jnp.take_along_axis(y, path, axis=1), 0)
-  rows = jnp.take_along_axis(target_logits, path[..., None], axis=1)  # [B, N, V]
-  lp = jnp.where(d <= n[:, None], sampling.token_logprobs(rows, toks, sp), 0.0)
+  lp_nodes = sampling.token_logprobs(target_logits, y, sp)  # [B, N]: no [B, N, V] gather
+  lp = jnp.where(d <= n[:, None], jnp.take_along_axis(lp_nodes, path, axis=1), 0.0)
   return toks.astype(jnp.int32), lp.astype(jnp.float32)
 
 
