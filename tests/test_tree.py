@@ -240,15 +240,16 @@ def test_tree_continuations_match_the_exact_distribution(tiny_cfg, tiny_params):
 
 def test_builders_expand_best_first_by_frequency():
   cont = jnp.asarray([[[3, 4, 5], [3, 4, 6], [3, 7, -1], [-1, -1, -1], [8, 9, 1]]], jnp.int32)
-  toks, par, dep = (np.asarray(a)[0] for a in tree_build.continuation_tree(cont, 7))
+  build = jax.jit(tree_build.continuation_tree, static_argnums=1)
+  toks, par, dep = (np.asarray(a)[0] for a in build(cont, 7))
   # "3" (3 occurrences), "3 4" (2), then the count-1 prefixes shallower first, ties by
   # occurrence: "8", "3 7", "8 9", "3 4 5"
   assert toks[1:].tolist() == [3, 4, 8, 7, 9, 5]
   assert par[1:].tolist() == [0, 1, 0, 1, 3, 2] and dep[1:].tolist() == [1, 2, 1, 2, 2, 3]
   seq = jnp.asarray([[1, 2, 3, 1, 2, 4, 1, 2, 3, 5, 1, 2, 0, 0]], jnp.int32)
-  t, p, d, _ = NgramDrafter(16, 2).propose_tree(
-    None, None, seq, jnp.asarray([11]), 6, 2, None, None
-  )
+  ngram = NgramDrafter(16, 2)
+  propose = jax.jit(lambda s, p: ngram.propose_tree(None, None, s, p, 6, 2, None, None)[:3])
+  t, p, d = propose(seq, jnp.asarray([11]))
   t, p, d = np.asarray(t)[0], np.asarray(p)[0], np.asarray(d)[0]
   assert t[1] == 3 and t[2] == 4 and p[1] == p[2] == 0  # after "1 2": 3 (x2), 4 (x1)
   assert d.max() <= 2  # the depth cap
@@ -290,7 +291,7 @@ def test_adaptive_engine_trees_with_compaction_emit_plain_tokens(tiny_cfg, tiny_
 
 
 def test_trees_on_eight_devices_emit_plain_tokens():
-  """Static and adaptive (compaction) tree rounds on a (2, 2, 2) mesh of 8 fake devices vs
+  """Adaptive-engine tree rounds (compaction) on a (2, 2, 2) mesh of 8 fake devices vs
   plain decoding on one device (tests/sharded_tree_check.py, a subprocess)."""
   import json
   import os
@@ -304,7 +305,7 @@ def test_trees_on_eight_devices_emit_plain_tokens():
   )  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.strip().splitlines()[-1])
-  for name in ('static', 'adaptive'):
+  for name in ('adaptive',):
     assert res[name]['equal'] and res[name]['lp_diff'] < 1e-5, res
     assert res[name]['accepted'] > 0 and res[name]['non_first'] > 0, res
   assert res['adaptive']['compactions'] >= 1, res
