@@ -263,6 +263,19 @@ def test_tree_config_refusals():
   with pytest.raises(ValueError, match='conflicts with rollout.tree_nodes'):
     RolloutConfig(tree_nodes=4, num_draft=2)
   assert dataclasses.replace(RolloutConfig(), tree_nodes=8).draft_width == 7
+  from configs import default
+  from specrl import run_config
+
+  c = default.get_config('smoke')
+  c.rollout.tree_nodes = 8
+  with pytest.raises(ValueError, match='tree_nodes=8 needs a drafter'):
+    run_config.resolve_num_draft(c, has_drafter=False)
+  assert run_config.resolve_num_draft(c, has_drafter=True) == 7  # the static engine's k
+  c.rollout.num_draft = 4
+  with pytest.raises(ValueError, match='conflicts with config.rollout.tree_nodes'):
+    run_config.resolve_num_draft(c, has_drafter=True)
+  with pytest.raises(ValueError, match='needs a deterministic'):
+    tree.check_drafter(type('Sampled', (), {'name': 'quantized'})(), RolloutConfig(tree_nodes=4))
 
 
 def test_adaptive_engine_trees_with_compaction_emit_plain_tokens(tiny_cfg, tiny_params):
