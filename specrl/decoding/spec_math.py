@@ -157,10 +157,10 @@ def tree_metrics(
 ) -> dict:
   """Draft-tree metrics (``rollout.tree_nodes``): ``spec/tree/nodes_per_pass`` (non-root
   nodes proposed per verify pass), ``spec/tree/non_first_per_pass`` (descents into a child
-  that is not its parent's first), ``spec/tree/leaf_frac`` (passes whose walk ended at a
-  leaf: the bonus token) and the accepted-depth histogram ``spec/tree/depth/<d>`` (fraction
-  of passes that accepted exactly d drafts, from ``accepted_at[i]`` = passes accepting
-  more than i). Empty without passes."""
+  that is not its parent's first), ``spec/tree/leaf_frac`` (passes whose walk accepted
+  down to a leaf: the bonus token) and the accepted-depth histogram
+  ``spec/tree/depth/<d>`` (fraction of passes that accepted exactly d drafts, from
+  ``accepted_at[i]`` = passes accepting more than i). Empty without passes."""
   if rounds <= 0:
     return {}
   m = {

@@ -187,7 +187,7 @@ class RolloutState:
   # (W = S, hidden_from = 0 for a drafter with ``hidden_history``: every position)
   hidden_from: Any = None  # int32 [B] ... valid for j < pos - hidden_from (W = K + 1)
   # tree rounds only (``rcfg.tree_nodes``): int32 [B, 3] nodes proposed, descents into a
-  # non-first child, walks that ended at a leaf (bonus token)
+  # non-first child, walks that accepted down to a leaf (bonus token)
   tree_stats: Any = None
 
 

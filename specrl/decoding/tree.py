@@ -150,7 +150,7 @@ def count_tree(state: RolloutState, before: RolloutState, res, tree: DraftTree) 
   """Acceptance counters of a tree round: depth i counts as proposed when the walk reached
   a node with children at depth i (``m = n + 1`` unless it ended at a leaf), so per-depth
   acceptance is ``accepted_at / reached``; ``tree_stats`` adds nodes proposed, non-first
-  descents and leaf (bonus) ends."""
+  descents and walks that accepted down to a leaf (the bonus token)."""
   n = res.num_accepted
   proposed = n + (~res.leaf).astype(jnp.int32)
   k = tree.tokens.shape[1] - 1
@@ -159,7 +159,8 @@ def count_tree(state: RolloutState, before: RolloutState, res, tree: DraftTree) 
     return state
   active = (~before.done).astype(jnp.int32)
   nodes = jnp.sum(tree.tokens[:, 1:] >= 0, axis=1).astype(jnp.int32)
-  add = jnp.stack([nodes, res.non_first, res.leaf.astype(jnp.int32)], axis=1)
+  bonus = res.leaf & (n > 0)  # accepted down to a leaf (an empty tree's root is none)
+  add = jnp.stack([nodes, res.non_first, bonus.astype(jnp.int32)], axis=1)
   return state.replace(tree_stats=state.tree_stats + add * active[:, None])
 
 
