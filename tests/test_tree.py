@@ -246,6 +246,12 @@ def test_builders_expand_best_first_by_frequency():
   # occurrence: "8", "3 7", "8 9", "3 4 5"
   assert toks[1:].tolist() == [3, 4, 8, 7, 9, 5]
   assert par[1:].tolist() == [0, 1, 0, 1, 3, 2] and dep[1:].tolist() == [1, 2, 1, 2, 2, 3]
+  # weighted (the suffix drafter's longest-match occurrences first): "3 4" x64 beats "5" x2
+  cont = jnp.asarray([[[3, 4], [5, 6], [5, 7]]], jnp.int32)
+  weight = jnp.asarray([[64, 1, 1]], jnp.int32)
+  wbuild = jax.jit(tree_build.continuation_tree, static_argnums=1)
+  toks, par, _ = (np.asarray(a)[0] for a in wbuild(cont, 6, weight))
+  assert toks[1:].tolist() == [3, 4, 5, 6, 7] and par[1:].tolist() == [0, 1, 0, 3, 3]
   seq = jnp.asarray([[1, 2, 3, 1, 2, 4, 1, 2, 3, 5, 1, 2, 0, 0]], jnp.int32)
   ngram = NgramDrafter(16, 2)
   propose = jax.jit(lambda s, p: ngram.propose_tree(None, None, s, p, 6, 2, None, None)[:3])

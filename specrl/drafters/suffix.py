@@ -47,6 +47,9 @@ import numpy as np
 from specrl.drafters import tree_build
 
 NO_TOKEN = -1  # corpus padding and "not proposed"
+# draft trees: one occurrence of the longest suffix match counts as this many occurrences
+# of a shorter (>= n_min) match when ranking continuations (:meth:`SuffixDrafter.propose_tree`)
+LONGEST_WEIGHT = 64
 
 
 def _shift(x: jax.Array, o: int) -> jax.Array:
@@ -318,10 +321,13 @@ class SuffixDrafter:
     self, draft_params, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh=None, ctx=None
   ):
     """A draft tree of ``n_nodes`` (root included) per row: every continuation of the
-    occurrences of the row's longest suffix match (as :meth:`propose` finds it), expanded
-    best-first by empirical frequency under ``depth_cap`` (None: ``n_nodes - 1``;
-    :func:`specrl.drafters.tree_build.continuation_tree`). Rows without a match of ``n_min``
-    tokens get an empty tree (the round then samples the policy as a plain step does).
+    occurrences of the row's suffix matches of ``>= n_min`` tokens, expanded best-first by
+    empirical frequency under ``depth_cap`` (None: ``n_nodes - 1``;
+    :func:`specrl.drafters.tree_build.continuation_tree`), an occurrence of the longest
+    match (the one :meth:`propose` follows) weighing :data:`LONGEST_WEIGHT` shorter ones: the
+    longest match's continuations first, the shorter matches' fill the remaining nodes.
+    Rows without a match of ``n_min`` tokens get an empty tree (the round then samples the
+    policy as a plain step does).
     Returns (tokens, parents, depth int32 [B, n_nodes], state)."""
     corpora = self._corpora(draft_params, seq_tokens, pos, ctx)
     n = self.n_max
@@ -335,11 +341,15 @@ class SuffixDrafter:
     mls = [jnp.where(ok, match_lengths(window, wlen, toks), 0) for toks, ok, _ in corpora]
     best = jnp.max(jnp.stack([jnp.max(ml.reshape(b, -1), axis=1) for ml in mls]), axis=0)
     found = best >= self.n_min
-    conts = []
+    conts, weights = [], []
     for (toks, ok, _), ml in zip(corpora, mls, strict=True):
-      occ = (ml == best[:, None, None]) & found[:, None, None] & ok
+      occ = (ml >= self.n_min) & found[:, None, None] & ok
       c = [jnp.broadcast_to(_shift(toks, -(d + 1)), ok.shape) for d in range(dcap)]
       c = jnp.where(occ[..., None], jnp.stack(c, axis=-1), NO_TOKEN)  # [B, C, S, D]
       conts.append(c.reshape(b, -1, dcap))
-    tokens, parents, depth = tree_build.continuation_tree(jnp.concatenate(conts, 1), n_nodes)
+      # an occurrence of the longest match counts LONGEST_WEIGHT shorter ones
+      weights.append(jnp.where(ml == best[:, None, None], LONGEST_WEIGHT, 1).reshape(b, -1))
+    tokens, parents, depth = tree_build.continuation_tree(
+      jnp.concatenate(conts, 1), n_nodes, jnp.concatenate(weights, 1)
+    )
     return tokens, parents, depth, state

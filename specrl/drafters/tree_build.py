@@ -43,12 +43,14 @@ def prefix_hashes(cont: jax.Array) -> jax.Array:
   return jnp.stack(out, axis=2)
 
 
-def continuation_tree(cont: jax.Array, n_nodes: int):
+def continuation_tree(cont: jax.Array, n_nodes: int, weight: jax.Array | None = None):
   """The draft tree of the N - 1 most frequent continuation prefixes (module doc).
 
   cont: int32 [B, M, D] the continuation of each occurrence (``< 0`` past its end, or for
-  every d where m is no occurrence). Returns (tokens, parents, depth) int32 [B, N]: node 0
-  the root (token -1: the engine puts the current token there), empty nodes -1.
+  every d where m is no occurrence). ``weight`` (int32 [B, M], optional, >= 1): what each
+  occurrence counts (default 1; the suffix drafter counts its longest-match occurrences
+  above shorter ones). Returns (tokens, parents, depth) int32 [B, N]: node 0 the root
+  (token -1: the engine puts the current token there), empty nodes -1.
   """
   b, m, dcap = cont.shape
   k = n_nodes - 1
@@ -57,9 +59,19 @@ def continuation_tree(cont: jax.Array, n_nodes: int):
   d = jnp.broadcast_to(jnp.arange(dcap, dtype=jnp.int32), (b, m, dcap)).reshape(b, m * dcap)
   order = jnp.argsort(h, axis=1, stable=True)
   hs = jnp.take_along_axis(h, order, axis=1)
-  count_s = jax.vmap(
-    lambda a: jnp.searchsorted(a, a, side='right') - jnp.searchsorted(a, a, side='left')
-  )(hs).astype(jnp.int32)
+  if weight is None:
+    count_s = jax.vmap(
+      lambda a: jnp.searchsorted(a, a, side='right') - jnp.searchsorted(a, a, side='left')
+    )(hs).astype(jnp.int32)
+  else:  # weighted: segment sums of the sorted weights
+    w = jnp.broadcast_to(weight.astype(jnp.int32)[:, :, None], (b, m, dcap)).reshape(b, -1)
+    cs = jnp.cumsum(jnp.take_along_axis(w, order, axis=1), axis=1)
+    cs = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), cs], axis=1)
+
+    def seg(a, c):
+      return c[jnp.searchsorted(a, a, side='right')] - c[jnp.searchsorted(a, a, side='left')]
+
+    count_s = jax.vmap(seg)(hs, cs).astype(jnp.int32)
   first_s = jnp.concatenate([jnp.ones((b, 1), bool), hs[:, 1:] != hs[:, :-1]], axis=1)
   first_s &= hs != _EMPTY
   rank = jnp.argsort(order, axis=1)  # sorted index of every flat entry
