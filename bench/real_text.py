@@ -38,6 +38,14 @@ Row figures (one row per drafter variant, engine, T and batch):
   another draw), so per-call lengths differ; tokens/s accounts for that.
   ``k``: the static engine's k; for the adaptive engine the k it ran the most rounds with
   (None if it never speculated; ``c``/``v`` then at ``max(arms)``).
+- draft trees (``--tree_nodes N``): engines ``static+tree`` (k = N - 1) and
+  ``adaptive+tree`` (an arm k runs trees of k + 1 nodes) for the one-hot drafters, their
+  rows with ``tree_nodes`` and ``nodes_per_pass`` (non-root nodes proposed per verify
+  pass); ``c`` and ``v`` are the chain profile's at k (the tree forward has the same
+  token count). ``--oracle_depth D`` adds ``oracle`` to the baseline rows: the fraction of
+  positions where the suffix corpus (siblings at the same step, the row's own text)
+  contains the true next 1..D tokens (:func:`oracle_bound`: what an unlimited tree could
+  accept).
 
 Drafter variants are entries of :data:`VARIANTS`: ``config.rollout.drafter`` name + the
 overrides of its ``config.drafter.<name>`` section, built by
@@ -49,6 +57,8 @@ there (e.g. ``'suffix': ('suffix', {})``).
   python bench/real_text.py --quick --drafters int8+kv,ngram --temperatures 1
   python bench/real_text.py --model tiny --quick   # random tiny model, char tokenizer (tests)
   python bench/real_text.py --quick --drafters eagle --eagle_head /tmp/eagle_head.npz
+  python bench/real_text.py --quick --drafters suffix --k 7 --arms 7 --tree_nodes 8 \
+      --oracle_depth 4     # suffix trees of 8 nodes beside chains of k = 7, oracle bound
 
 Prints the plain baselines, the drafter table and, as the last line, one JSON object
 ``{"bench": "real_text", "model", "device", "rows": [...]}``.
@@ -117,6 +127,8 @@ ROW_KEYS = (
   'spec_tok_s',
   'ratio',
   'ratio_vs_compaction',
+  'tree_nodes',
+  'nodes_per_pass',
 )
 QUICK = dict(batches='1x1,2x8', iters=1, drafters=QUICK_DRAFTERS, max_new_tokens=64)
 FULL = dict(batches='1x1,1x8,2x8,8x8', iters=3, drafters=DEFAULT_DRAFTERS, max_new_tokens=128)
@@ -225,8 +237,69 @@ def paired_ratio(calls: list[dict], base: list[dict]) -> float:
   return statistics.median(tok_s(a) / tok_s(b) for a, b in zip(calls, base, strict=True))
 
 
+def tree_stats(calls: list[dict]) -> dict:
+  """Draft-tree counters over every call: nodes per verify pass (None without trees)."""
+  outs = [c['out'] for c in calls if c['out'].tree_stats is not None]
+  if not outs:
+    return dict(nodes_per_pass=None)
+  nodes = sum(int(np.asarray(o.tree_stats)[:, 0].sum()) for o in outs)
+  rounds = sum(int(np.asarray(o.num_rounds).sum()) for o in outs)
+  return dict(nodes_per_pass=nodes / max(rounds, 1))
+
+
+def oracle_bound(calls: list[dict], n_min: int, n_max: int, depth: int) -> list[float]:
+  """How often the true next tokens are among the suffix corpus's continuations, per depth
+  (the bound any suffix tree can reach, unlimited nodes), on recorded rollouts.
+
+  For every generated position p of a row (the rollouts of ``calls``, plain decoding),
+  the corpus is what the suffix drafter sees at that step of a plain rollout: the row's
+  own text up to p and each sibling's text up to the same number of generated tokens. The
+  longest suffix match (``n_min..n_max`` tokens) gives the occurrences; depth d counts as
+  covered when some occurrence continues with the row's true next d tokens. Returns the
+  covered fraction at depths 1..depth (positions with d true tokens left only)."""
+  hit = np.zeros(depth)
+  tot = np.zeros(depth)
+  for c in calls:
+    out = c['out']
+    toks, plen, length = (np.asarray(x) for x in (out.tokens, out.prompt_len, out.length))
+    groups = c['groups']
+    for r in range(len(toks)):
+      sibs = np.nonzero(groups == groups[r])[0]
+      for g in range(int(length[r]) - 1):  # p = plen + g: the token after it is known
+        p = int(plen[r]) + g
+        texts = [toks[s, : int(plen[s]) + min(g, int(length[s]) - 1) + 1] for s in sibs]
+        own = toks[r, : p + 1]
+        best, occ = 0, []
+        for t in texts:
+          for j in range(len(t) - 1):  # occurrence ending at j, next token committed
+            m = 0
+            while m < min(n_max, j + 1, len(own)) and t[j - m] == own[len(own) - 1 - m]:
+              m += 1
+            if m >= n_min and m > best:
+              best, occ = m, []
+            if m >= n_min and m == best:
+              occ.append(t[j + 1 : j + 1 + depth])
+        true = toks[r, p + 1 : p + 1 + min(depth, int(length[r]) - 1 - g)]
+        for d in range(1, len(true) + 1):
+          tot[d - 1] += 1
+          if any(len(o) >= d and np.array_equal(o[:d], true[:d]) for o in occ):
+            hit[d - 1] += 1
+  return [float(h / t) if t else None for h, t in zip(hit, tot, strict=True)]
+
+
 def make_row(
-  variant, engine, temperature, prompts, gens, k, calls, timed, plain, compaction, profile
+  variant,
+  engine,
+  temperature,
+  prompts,
+  gens,
+  k,
+  calls,
+  timed,
+  plain,
+  compaction,
+  profile,
+  tree_nodes=0,
 ) -> dict:
   """One result row (keys :data:`ROW_KEYS`). ``calls``: every call of this engine (for
   acceptance); ``timed``: the timed ones, paired with ``plain`` / ``compaction`` (the
@@ -247,6 +320,8 @@ def make_row(
     spec_tok_s=statistics.median(tok_s(c) for c in timed),
     ratio=paired_ratio(timed, plain),
     ratio_vs_compaction=None if compaction is None else paired_ratio(timed, compaction),
+    tree_nodes=tree_nodes,
+    **tree_stats(calls),
   )
 
 
@@ -278,6 +353,17 @@ class Setup:
           eng[v, 'static'] = rollout_lib.RolloutEngine(cfg, srcfg, drafter=d)
         if 'adaptive' in args.engines:
           eng[v, 'adaptive'] = adaptive.AdaptiveRolloutEngine(cfg, rcfg, self.acfg, drafter=d)
+        if args.tree_nodes and (getattr(d, 'one_hot', False) or hasattr(d, 'propose_tree')):
+          trcfg = dataclasses.replace(
+            rcfg, tree_nodes=args.tree_nodes, tree_depth=args.tree_depth
+          )  # draft trees of --tree_nodes (an adaptive arm k: k + 1 nodes)
+          if 'static' in args.engines:
+            sk = dataclasses.replace(trcfg, num_draft=args.tree_nodes - 1)
+            eng[v, 'static+tree'] = rollout_lib.RolloutEngine(cfg, sk, drafter=d)
+          if 'adaptive' in args.engines:
+            eng[v, 'adaptive+tree'] = adaptive.AdaptiveRolloutEngine(
+              cfg, trcfg, self.acfg, drafter=d
+            )
       self.engines[t] = eng
     self.profiles: dict = {}  # (variant, B) -> CostProfile
 
@@ -345,6 +431,8 @@ class Setup:
       print(f'  T={temperature} B={b} (G={gens}): call {i} done', file=sys.stderr, flush=True)
     timed = {name: c[1:] for name, c in calls.items()}
     plain, comp = timed['plain', 'static'], timed['compaction', 'adaptive']
+    for c in calls['plain', 'static']:
+      c['groups'] = np.repeat(np.arange(prompts), gens)
     base = dict(
       T=temperature,
       B=b,
@@ -357,11 +445,15 @@ class Setup:
         np.mean([np.mean(np.asarray(c['out'].finish) == rollout_lib.FINISH_EOS) for c in plain])
       ),
     )
+    if args.oracle_depth:  # the suffix trees' bound on plain decoding's own rollouts
+      base['oracle'] = oracle_bound(calls['plain', 'static'], 2, 8, args.oracle_depth)
     rows = []
     for (v, kind), cs in calls.items():
       if v not in self.drafters:
         continue
-      k = args.k if kind == 'static' else most_used_k(cs)
+      tree = kind.endswith('+tree')
+      static_k = args.tree_nodes - 1 if tree else args.k
+      k = static_k if kind.startswith('static') else most_used_k(cs)
       rows.append(
         make_row(
           v,
@@ -373,8 +465,9 @@ class Setup:
           cs,
           timed[v, kind],
           plain,
-          comp if kind == 'adaptive' else None,
+          comp if kind.startswith('adaptive') else None,
           self.profiles[v, b],
+          args.tree_nodes if tree else 0,
         )
         | dict(k_used=common.k_summary(cs[-1]['report']))
       )
@@ -407,6 +500,21 @@ def main(argv=None):
   ap.add_argument('--arms', default='2,4', help="the adaptive engine's draft lengths")
   ap.add_argument('--buckets', default='', help='compaction buckets ("" = powers of 4 <= B)')
   ap.add_argument('--chunk_steps', type=int, default=16)
+  ap.add_argument(
+    '--tree_nodes',
+    type=int,
+    default=0,
+    help='also run draft trees of this many nodes (rows engine static+tree / adaptive+tree '
+    'for the one-hot drafters: suffix, ngram, hybrid); 0 = chains only',
+  )
+  ap.add_argument('--tree_depth', type=int, default=0, help='depth cap of the trees (0: N - 1)')
+  ap.add_argument(
+    '--oracle_depth',
+    type=int,
+    default=0,
+    help="per cell, the suffix corpus's oracle coverage of plain decoding's next tokens at "
+    'depths 1..this (baseline rows, key oracle); 0 = off',
+  )
   ap.add_argument('--iters', type=int, default=0, help='timed calls per engine (0: auto)')
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument(
@@ -505,6 +613,7 @@ def main(argv=None):
       ('ratio', '.2f'),
       ('ratio_vs_compaction', '.2f'),
       ('k_used', ''),
+      ('nodes_per_pass', '.2f'),
     ],
     shown,
   )

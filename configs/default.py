@@ -69,6 +69,13 @@ def get_config(arg: str | None = None):
       # k of the static engine; 0 = the mode's default (4 with a drafter, 0 without). The
       # adaptive engine takes its draft lengths from adaptive.arms instead.
       num_draft=0,
+      # draft trees (specrl/decoding/tree.py): nodes per verify pass, root included (0 =
+      # chains). >= 2: every speculative step verifies a tree by sample-and-compare keyed
+      # like plain decoding (emits plain decoding's very tokens; one-hot drafters: suffix,
+      # ngram, the hybrid's suffix rows); the static engine's k is then tree_nodes - 1, the
+      # adaptive engine's arm k runs trees of k + 1 nodes
+      tree_nodes=0,
+      tree_depth=0,  # depth cap of the tree builders; 0 = tree_nodes - 1
       verify_impl='jnp',  # jnp | pallas
       max_steps=0,  # safety cap on decode-loop iterations; 0 = derived
       # static engine: a decode step attends to the smallest power-of-two multiple of this

@@ -400,6 +400,32 @@ def _write_window(win, new, positions):
   return win.at[bidx, positions].set(new.astype(win.dtype), mode='drop')
 
 
+def tree_slots_mask(base, anc, s: int):
+  """Slots ``[B, T]`` (``base + u``) and attention mask ``[B, T, s]`` of a tree pass whose
+  root sits at ``base`` [B]: query t sees slot j iff ``j < base`` or ``j = base + u`` with
+  ``anc[b, t, u]`` (:func:`run_layers`' ``tree_anc``).
+
+  Up to 32 nodes each query's ancestors are an int32 bit set and the mask is elementwise
+  (shifts and compares XLA fuses into the attention); a gather of ``anc`` instead cost
+  SmolLM2-135M's 8-node pass ~2x a chain pass on CPU (``bench/tree_kv.py``)."""
+  t = anc.shape[-1]
+  rel = jnp.arange(s)[None, :] - base[:, None]  # [B, s]: node index of slot j
+  in_tree = (rel >= 0) & (rel < t)
+  if t <= 32:
+    bits = jnp.sum(
+      jnp.where(anc, jnp.left_shift(jnp.int32(1), jnp.arange(t, dtype=jnp.int32)), 0),
+      axis=-1,
+      dtype=jnp.int32,
+    )  # [B, T]
+    sh = jnp.clip(rel, 0, 31).astype(jnp.int32)[:, None, :]
+    vis = (jax.lax.shift_right_logical(bits[:, :, None], sh) & 1) == 1
+  else:
+    idx = jnp.broadcast_to(jnp.clip(rel, 0, t - 1)[:, None, :], anc.shape[:2] + (s,))
+    vis = jnp.take_along_axis(anc, idx, axis=2)
+  mask = (rel < 0)[:, None, :] | (vis & in_tree[:, None, :])
+  return base[:, None] + jnp.arange(t, dtype=base.dtype)[None, :], mask
+
+
 def run_layers(
   layers,
   cfg: ModelConfig,
@@ -413,6 +439,7 @@ def run_layers(
   attention_block: int = 512,
   remat: bool = False,
   attend_len=None,
+  tree_anc=None,
 ):
   """The decoder stack over x [B, T, D] at ``positions`` [B, T] (no embedding, no final
   norm): the policy's :func:`forward` and the eagle head's layers share it. ``layers``
@@ -436,7 +463,15 @@ def run_layers(
   the buffer in place
   (a dynamic-update-slice), so a step costs the live length, not the budget. The caller
   keeps every query it cares about at a position ``< attend_len``. None: the dense
-  reference (attention over every slot, k/v scattered into the whole buffer)."""
+  reference (attention over every slot, k/v scattered into the whole buffer).
+
+  With a cache, ``tree_anc`` (bool [B, T, T], optional): the T fed tokens are the nodes of
+  a draft tree (:mod:`specrl.decoding.tree`), node 0 the root at ``positions[:, 0]``.
+  Siblings share a position, so slot and position are decoupled: node u's k/v go to slot
+  ``positions[:, 0] + u`` (T scratch slots) and query t sees the slots ``<
+  positions[:, 0]`` (the committed prefix) and the slots of the nodes u with
+  ``tree_anc[b, t, u]`` (its ancestors and itself); RoPE still uses ``positions``. A chain
+  (``tree_anc`` lower-triangular, positions ``base + t``) is exactly the causal case."""
   rules = shd.DECODE_RULES if rules is None else rules
   if cache is None:
     if attention_impl not in ATTENTION_IMPLS:
@@ -469,7 +504,11 @@ def run_layers(
   s = cache['k'].shape[2]
   if attend_len is not None:
     s = min(int(attend_len), s)
-  mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+  if tree_anc is None:
+    slots = positions
+    mask = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+  else:
+    slots, mask = tree_slots_mask(positions[:, 0], tree_anc, s)
   bidx = jnp.arange(x.shape[0])[:, None]
 
   def body(carry, xs):
@@ -478,11 +517,11 @@ def run_layers(
 
     def kv_fn(k, v):
       if attend_len is None:  # the dense reference: scatter into, attend to, every slot
-        nk = ck.at[li, bidx, positions].set(k.astype(ck.dtype), mode='drop')
-        nv = cv.at[li, bidx, positions].set(v.astype(cv.dtype), mode='drop')
+        nk = ck.at[li, bidx, slots].set(k.astype(ck.dtype), mode='drop')
+        nv = cv.at[li, bidx, slots].set(v.astype(cv.dtype), mode='drop')
         return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
-      wk = _write_window(ck[li, :, :s], k, positions)  # [B, s, K, Dh]: the live slots only
-      wv = _write_window(cv[li, :, :s], v, positions)
+      wk = _write_window(ck[li, :, :s], k, slots)  # [B, s, K, Dh]: the live slots only
+      wv = _write_window(cv[li, :, :s], v, slots)
       # The window goes back into the buffer in place (a dynamic-update-slice). Not a
       # select over the window: XLA fuses that into its readers, which then read the old
       # buffer after this update, so it copies the whole buffer every step; a scatter is
@@ -514,6 +553,7 @@ def forward(
   attention_block: int = 512,
   remat: bool = False,
   attend_len: int | None = None,
+  tree_anc: jax.Array | None = None,
 ):
   """Run the transformer.
 
@@ -532,6 +572,8 @@ def forward(
       SmolLM2's V = 49152 more than the whole prefill trunk).
     attend_len: static; with a cache, attend to slots ``< attend_len`` only
       (:func:`run_layers`): a decode step at live length ``<= attend_len``.
+    tree_anc: optional bool [B, T, T]: the tokens are a draft tree's nodes (ancestor-or-self
+      matrix; slots ``positions[:, 0] + u``, :func:`run_layers`).
   Returns:
     ``(logits f32 [B, T, V], new_cache)`` (``new_cache`` is None without a cache);
     with ``return_hidden`` also the final normed hidden state [B, T, D] (every token);
@@ -554,6 +596,7 @@ def forward(
     attention_block=attention_block,
     remat=remat,
     attend_len=attend_len,
+    tree_anc=tree_anc,
   )
   x = rms_norm(x, params['final_norm'], cfg.norm_eps)
   if not head:

@@ -38,6 +38,7 @@ from specrl import multihost as mh
 from specrl import sharding as shd
 from specrl.decoding import executables, spec_math
 from specrl.decoding import profile as profile_lib
+from specrl.decoding import tree as tree_lib
 from specrl.decoding.state import (
   FINISH_CACHE,
   FINISH_EOS,
@@ -90,6 +91,7 @@ class RolloutEngine:
     self.mesh = mesh if mesh is not None else shd.make_mesh((1, 1, 1), jax.devices()[:1])
     if rcfg.num_draft and drafter is None:
       raise ValueError('rollout.num_draft > 0 needs a drafter (rollout.drafter != "none")')
+    tree_lib.check_drafter(drafter, rcfg)
     self._token = object()  # this engine's keys in the process-wide executable cache
     self._costs: dict = {}  # batch -> measure_step_costs
     self.last_draft_shared = None
@@ -428,4 +430,12 @@ def rollout_metrics(out: RolloutOutput, seconds: float) -> dict:
       accepted_at=h['accepted_at'].sum(axis=0).tolist(),
     )
   )
+  if out.tree_stats is not None:  # draft trees: nodes, non-first descents, depth histogram
+    nodes, non_first, leaf = np.asarray(out.tree_stats).sum(axis=0).tolist()
+    m.update(
+      spec_math.tree_metrics(
+        int(np.asarray(out.num_rounds).sum()), nodes, non_first, leaf,
+        np.asarray(out.accepted_at).sum(axis=0).tolist(),
+      )
+    )  # fmt: skip
   return m

@@ -76,6 +76,18 @@ def resolve_num_draft(config: ml_collections.ConfigDict, has_drafter: bool) -> i
   k = config.rollout.num_draft
   if k < 0:
     raise ValueError(f'config.rollout.num_draft must be >= 0 (0 = default), got {k}')
+  n = config.rollout.get('tree_nodes', 0)
+  if n and not has_drafter:
+    raise ValueError(
+      f"config.rollout.tree_nodes={n} needs a drafter: set config.rollout.drafter (it is 'none')"
+    )
+  if n and k:
+    raise ValueError(
+      f'config.rollout.num_draft={k} conflicts with config.rollout.tree_nodes={n}: a tree '
+      'round verifies tree_nodes - 1 drafts (leave rollout.num_draft=0)'
+    )
+  if n and not config.adaptive.enabled:
+    return n - 1
   if config.adaptive.enabled:
     if k:
       raise ValueError(

@@ -21,14 +21,29 @@ Mutants (``install(name, monkeypatch, k)``; ``k`` = drafts per verify pass):
   ``p_n`` itself instead of ``p_n`` without the rejected draft ``x_n``.
 - ``target_off_by_one``: draft ``i`` is judged (and the residual built) against the target
   distribution one position later, ``p_{i+1}`` instead of ``p_i``.
+
+Tree mutants (``install_tree(name, monkeypatch)``; draft trees, :mod:`specrl.decoding.tree`
+and the sample-and-compare reference :data:`VERIFY_TREE_MOD`), caught by
+``tests/test_tree.py``'s token equality with plain decoding:
+
+- ``tree_sibling_visible``: the tree mask lets a node see its siblings (and their
+  subtrees' roots), not only its ancestors.
+- ``tree_position_off_by_one``: a non-root node sits at ``pos + depth + 1``.
+- ``tree_no_compare``: the walk descends into the first child without comparing its token
+  with the draw.
+- ``tree_no_stop``: the walk does not stop at the first miss: it goes on into the first
+  child (counting it accepted) wherever no child matches.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from specrl.decoding import tree as TREE_MOD  # noqa: N812
+
 # The one place that names the jnp verify reference module: every mutant patches it.
 from specrl.kernels import verify_reference as VERIFY_MOD  # noqa: N812
+from specrl.kernels import verify_tree_reference as VERIFY_TREE_MOD  # noqa: N812
 
 
 def _no_residual(monkeypatch, k):
@@ -91,3 +106,65 @@ MUTANTS = {
 def install(name: str, monkeypatch, k: int) -> None:
   """Break :data:`VERIFY_MOD` in the way ``name`` says, for the rest of the test."""
   MUTANTS[name](monkeypatch, k)
+
+
+def _tree_sibling_visible(monkeypatch):
+  ancestors = TREE_MOD.ancestors
+
+  def with_siblings(parents):
+    sib = (parents[:, :, None] == parents[:, None, :]) & (parents[:, :, None] >= 0)
+    return ancestors(parents) | sib
+
+  monkeypatch.setattr(TREE_MOD, 'ancestors', with_siblings)
+
+
+def _tree_position_off_by_one(monkeypatch):
+  def off_by_one(pos, depth):
+    return pos[:, None] + depth + (depth > 0)
+
+  monkeypatch.setattr(TREE_MOD, 'node_positions', off_by_one)
+
+
+def _tree_no_compare(monkeypatch):
+  first_child = VERIFY_TREE_MOD.first_child
+
+  def any_child(cur, y_cur, tokens, parents):
+    del y_cur
+    return first_child(cur, tokens, parents)
+
+  monkeypatch.setattr(VERIFY_TREE_MOD, 'child_of', any_child)
+
+
+def _tree_no_stop(monkeypatch):
+  mod = VERIFY_TREE_MOD
+
+  def walk_through_misses(y, tokens, parents):
+    b, n_nodes = tokens.shape
+    take = lambda a, i: jnp.take_along_axis(a, i[:, None], axis=1)[:, 0]  # noqa: E731
+    cur = jnp.zeros((b,), jnp.int32)
+    n = jnp.zeros((b,), jnp.int32)
+    path = [cur]
+    for d in range(1, n_nodes):
+      c = mod.child_of(cur, take(y, cur), tokens, parents)
+      c = jnp.where(c >= 0, c, mod.first_child(cur, tokens, parents))  # a miss: go on
+      go = c >= 0
+      n += go.astype(jnp.int32)
+      cur = jnp.where(go, c, cur)
+      path.append(jnp.where(go, c, d).astype(jnp.int32))
+    leaf = mod.first_child(cur, tokens, parents) < 0
+    return n, jnp.stack(path, axis=1), jnp.zeros((b,), jnp.int32), leaf
+
+  monkeypatch.setattr(mod, 'walk', walk_through_misses)
+
+
+TREE_MUTANTS = {
+  'tree_sibling_visible': _tree_sibling_visible,
+  'tree_position_off_by_one': _tree_position_off_by_one,
+  'tree_no_compare': _tree_no_compare,
+  'tree_no_stop': _tree_no_stop,
+}
+
+
+def install_tree(name: str, monkeypatch) -> None:
+  """Break tree decoding in the way ``name`` says, for the rest of the test."""
+  TREE_MUTANTS[name](monkeypatch)

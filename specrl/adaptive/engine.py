@@ -107,6 +107,7 @@ from specrl.adaptive.state_ops import (
 )
 from specrl.decoding import executables
 from specrl.decoding import profile as profile_lib
+from specrl.decoding import tree as tree_lib
 from specrl.decoding.spec_math import CostProfile, optimistic_alpha
 from specrl.decoding.state import (
   RolloutConfig,
@@ -157,6 +158,7 @@ class AdaptiveRolloutEngine:
         f"adaptive.policy {acfg.policy!r} needs a drafter (use 'never' for "
         'plain decoding with compaction)'
       )
+    tree_lib.check_drafter(drafter, rcfg)  # draft trees: an arm k runs trees of k + 1 nodes
     self.cfg, self.rcfg, self.acfg, self.drafter = cfg, rcfg, acfg, drafter
     self.mesh = mesh if mesh is not None else shd.make_mesh((1, 1, 1), jax.devices()[:1])
     self.k_max = acfg.k_max

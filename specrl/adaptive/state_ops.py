@@ -104,7 +104,10 @@ def compact_rows(state: RolloutState, idx: jax.Array, origin: jax.Array, axes) -
 def scatter_rows(acc: RolloutState, state: RolloutState, origin: jax.Array) -> RolloutState:
   """Write the output fields of ``state`` (batch b) into ``acc`` (batch B) at rows
   ``origin`` (int32 [b]; B = padding row, dropped)."""
-  upd = {f: getattr(acc, f).at[origin].set(getattr(state, f), mode='drop') for f in OUTPUT_FIELDS}
+  fields = OUTPUT_FIELDS
+  if acc.tree_stats is not None and state.tree_stats is not None:  # draft trees' counters
+    fields = (*fields, 'tree_stats')
+  upd = {f: getattr(acc, f).at[origin].set(getattr(state, f), mode='drop') for f in fields}
   return acc.replace(**upd)
 
 

@@ -147,6 +147,33 @@ def speculation_metrics(
   return m
 
 
+def tree_metrics(
+  rounds: int,
+  nodes: int,
+  non_first: int,
+  leaf: int,
+  accepted_at: Sequence[int] = (),
+  prefix: str = 'spec',
+) -> dict:
+  """Draft-tree metrics (``rollout.tree_nodes``): ``spec/tree/nodes_per_pass`` (non-root
+  nodes proposed per verify pass), ``spec/tree/non_first_per_pass`` (descents into a child
+  that is not its parent's first), ``spec/tree/leaf_frac`` (passes whose walk accepted
+  down to a leaf: the bonus token) and the accepted-depth histogram
+  ``spec/tree/depth/<d>`` (fraction of passes that accepted exactly d drafts, from
+  ``accepted_at[i]`` = passes accepting more than i). Empty without passes."""
+  if rounds <= 0:
+    return {}
+  m = {
+    f'{prefix}/tree/nodes_per_pass': nodes / rounds,
+    f'{prefix}/tree/non_first_per_pass': non_first / rounds,
+    f'{prefix}/tree/leaf_frac': leaf / rounds,
+  }
+  at_least = [rounds, *accepted_at, 0]
+  for d in range(len(at_least) - 1):
+    m[f'{prefix}/tree/depth/{d}'] = (at_least[d] - at_least[d + 1]) / rounds
+  return m
+
+
 @dataclasses.dataclass(frozen=True)
 class CostProfile:
   """Measured unit costs (seconds) at one batch size and buffer length.

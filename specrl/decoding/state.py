@@ -71,6 +71,11 @@ class RolloutConfig:
   # (doubling, between loops / chunks) as rows get longer (:func:`kv_slots`); False: the
   # whole buffer from the start. Needs attend_bucket > 0 (no buckets: nothing to grow by)
   grow_kv: bool = True
+  # draft trees (:mod:`specrl.decoding.tree`): nodes per verify pass, root included (0 =
+  # chains: rejection sampling as before); with trees every speculative step with k drafts
+  # is a tree round of k + 1 nodes verified by sample-and-compare (one-hot drafters only)
+  tree_nodes: int = 0
+  tree_depth: int = 0  # depth cap of a drafter's tree builder (0 = tree_nodes - 1)
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -85,6 +90,23 @@ class RolloutConfig:
       raise ValueError(f"rollout.verify_impl must be 'jnp' or 'pallas', got {self.verify_impl!r}")
     if self.attend_bucket < 0:
       raise ValueError(f'rollout.attend_bucket must be >= 0, got {self.attend_bucket}')
+    if self.tree_nodes < 0 or self.tree_nodes == 1:
+      raise ValueError(
+        f'rollout.tree_nodes must be 0 (chains) or >= 2 (root + drafts), got {self.tree_nodes}'
+      )
+    if self.tree_depth < 0 or (self.tree_nodes and self.tree_depth > self.tree_nodes - 1):
+      raise ValueError(
+        f'rollout.tree_depth must be in [0, tree_nodes - 1 = {max(self.tree_nodes - 1, 0)}] '
+        f'(0 = no cap), got {self.tree_depth}'
+      )
+    if self.tree_depth and not self.tree_nodes:
+      raise ValueError('rollout.tree_depth needs rollout.tree_nodes >= 2 (it caps tree depth)')
+    if self.tree_nodes and self.num_draft not in (0, self.tree_nodes - 1):
+      raise ValueError(
+        f'rollout.num_draft={self.num_draft} conflicts with rollout.tree_nodes='
+        f'{self.tree_nodes} (a tree round verifies tree_nodes - 1 = {self.tree_nodes - 1} '
+        'drafts per pass): leave num_draft at 0'
+      )
     if self.cache_len and self.cache_len <= self.max_prompt_len:
       raise ValueError(
         f'rollout.cache_len ({self.cache_len}) must exceed rollout.max_prompt_len '
@@ -99,7 +121,7 @@ class RolloutConfig:
   @property
   def draft_width(self) -> int:
     """The largest k a state of this config can run (scratch and acceptance counters)."""
-    return max(self.num_draft, self.max_draft)
+    return max(self.num_draft, self.max_draft, self.tree_nodes - 1)
 
   @property
   def buffer_len(self) -> int:
@@ -199,6 +221,12 @@ class RolloutState:
   hidden: Any = None  # [B, W, D] policy hidden states at positions hidden_from + j ...
   # (W = S, hidden_from = 0 for a drafter with ``hidden_history``: every position)
   hidden_from: Any = None  # int32 [B] ... valid for j < pos - hidden_from (W = K + 1)
+  # tree rounds only (``rcfg.tree_nodes``): int32 [B, 3] nodes proposed, descents into a
+  # non-first child, walks that accepted down to a leaf (bonus token)
+  tree_stats: Any = None
+
+
+TREE_STATS = ('nodes', 'non_first', 'leaf')
 
 
 @flax.struct.dataclass
@@ -221,6 +249,7 @@ class RolloutOutput:
   num_drafted: jax.Array  # int32 [B]
   reached: jax.Array  # int32 [B, K]
   accepted_at: jax.Array  # int32 [B, K]
+  tree_stats: Any = None  # int32 [B, 3] (RolloutState.tree_stats) or None
 
 
 # RolloutState fields that a RolloutOutput is made of (with a batch axis).
@@ -271,6 +300,7 @@ def state_logical_axes(draft_axes=None, like: RolloutState | None = None) -> Rol
     draft_shared=None if shared is None else hooks.shared_logical_axes(shared),
     hidden=hooks.hidden_axes(like) if has_hidden else None,
     hidden_from=b if has_hidden else None,
+    tree_stats=bk if like is not None and like.tree_stats is not None else None,
   )
 
 
@@ -321,6 +351,30 @@ def commit(state: RolloutState, new_tokens, new_logprobs, count, rcfg: RolloutCo
   )
 
 
+def count_acceptance(
+  state: RolloutState, before: RolloutState, n, k: int, proposed=None
+) -> RolloutState:
+  """Add one round's acceptance counters (``spec_math``'s definitions): drafts proposed to
+  active rows, and per position the rounds that reached / committed-accepted it.
+  ``proposed`` int32 [B]: drafts each row was proposed (one-hot drafters may propose fewer
+  than ``k``, or none); None = ``k``."""
+  active = ~before.done
+  take = state.num_generated - before.num_generated  # tokens committed this round
+  n_committed = jnp.where(active, jnp.minimum(n, take), 0)  # accepted drafts the row got
+  i = jnp.arange(state.reached.shape[1])[None, :]
+  m = jnp.full_like(n, k) if proposed is None else proposed
+  on = active[:, None] & (i < m[:, None])
+  reached = on & (i <= n_committed[:, None])
+  accepted = on & (i < n_committed[:, None])
+  return state.replace(
+    num_rounds=state.num_rounds + active.astype(jnp.int32),
+    num_accepted=state.num_accepted + n_committed,
+    num_drafted=state.num_drafted + m * active.astype(jnp.int32),
+    reached=state.reached + reached.astype(jnp.int32),
+    accepted_at=state.accepted_at + accepted.astype(jnp.int32),
+  )
+
+
 def current_tokens(state: RolloutState) -> jax.Array:
   """The last committed token of each sequence, int32 [B]."""
   return jnp.take_along_axis(state.tokens, state.pos[:, None], axis=1)[:, 0]
@@ -347,4 +401,5 @@ def finalize(state: RolloutState, rcfg: RolloutConfig) -> RolloutOutput:
     num_drafted=state.num_drafted,
     reached=state.reached,
     accepted_at=state.accepted_at,
+    tree_stats=state.tree_stats,
   )

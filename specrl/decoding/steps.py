@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from specrl import model as model_lib
 from specrl import prng, sampling
 from specrl import sharding as shd
+from specrl.decoding import tree as tree_lib
 from specrl.decoding import verify as verify_lib
 from specrl.decoding.state import (
   RolloutConfig,
@@ -33,6 +34,7 @@ from specrl.decoding.state import (
   attend_buckets,
   bucket_for,
   commit,
+  count_acceptance,
   current_tokens,
   kv_slots,
   slots_needed,
@@ -130,6 +132,7 @@ def prefill(
     num_drafted=zeros,
     reached=kw,
     accepted_at=kw,
+    tree_stats=jnp.zeros((b, 3), jnp.int32) if rcfg.tree_nodes else None,
   )
   state = hooks.start(drafter, state, group_ids, prompt_ids, rcfg.seq_len)
   if hidden:
@@ -172,30 +175,6 @@ def plain_step(
   state = state.replace(cache=cache, step=state.step + 1)
   new = commit(state, tok[:, None], lp[:, None], jnp.ones_like(state.pos), rcfg)
   return hooks.after_commit(drafter, draft_params, new, state.pos, hidden)
-
-
-def _count_acceptance(
-  state: RolloutState, before: RolloutState, n, k: int, proposed=None
-) -> RolloutState:
-  """Add one round's acceptance counters (``spec_math``'s definitions): drafts proposed to
-  active rows, and per position the rounds that reached / committed-accepted it.
-  ``proposed`` int32 [B]: drafts each row was proposed (one-hot drafters may propose fewer
-  than ``k``, or none); None = ``k``."""
-  active = ~before.done
-  take = state.num_generated - before.num_generated  # tokens committed this round
-  n_committed = jnp.where(active, jnp.minimum(n, take), 0)  # accepted drafts the row got
-  i = jnp.arange(state.reached.shape[1])[None, :]
-  m = jnp.full_like(n, k) if proposed is None else proposed
-  on = active[:, None] & (i < m[:, None])
-  reached = on & (i <= n_committed[:, None])
-  accepted = on & (i < n_committed[:, None])
-  return state.replace(
-    num_rounds=state.num_rounds + active.astype(jnp.int32),
-    num_accepted=state.num_accepted + n_committed,
-    num_drafted=state.num_drafted + m * active.astype(jnp.int32),
-    reached=state.reached + reached.astype(jnp.int32),
-    accepted_at=state.accepted_at + accepted.astype(jnp.int32),
-  )
 
 
 def speculative_round(
@@ -269,7 +248,7 @@ def speculative_round(
   state = commit(state, res.tokens, res.logprobs, res.num_accepted + 1, rcfg)
   state = state.replace(draft=hooks.rollback(drafter, state.draft, state.pos))
   state = hooks.after_commit(drafter, draft_params, state, before.pos, hidden)
-  return _count_acceptance(state, before, res.num_accepted, k, proposed)
+  return count_acceptance(state, before, res.num_accepted, k, proposed)
 
 
 def decode_step(
@@ -298,6 +277,11 @@ def decode_step(
     raise ValueError(f'a speculative step (k={k}) needs a drafter')
   if k > rcfg.draft_width:
     raise ValueError(f'k={k} exceeds the buffer scratch laid out for {rcfg.draft_width}')
+  if rcfg.tree_nodes:  # draft trees: a tree round of k + 1 nodes, sample-and-compare
+    return tree_lib.tree_round(
+      params, draft_params, state, k + 1, cfg=cfg, rcfg=rcfg, drafter=drafter, mesh=mesh,
+      attend_len=attend_len,
+    )  # fmt: skip
   return speculative_round(
     params, draft_params, state, k, cfg=cfg, rcfg=rcfg, drafter=drafter, mesh=mesh,
     attend_len=attend_len,

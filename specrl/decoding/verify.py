@@ -15,13 +15,15 @@ from jax import lax
 from specrl.kernels import verify as kernel_lib
 from specrl.kernels import verify_reference as reference_lib
 from specrl.kernels import verify_tokens as tokens_kernel_lib
+from specrl.kernels import verify_tree as tree_kernel_lib
+from specrl.kernels import verify_tree_reference as tree_reference_lib
 from specrl.kernels.verify_reference import VerifyResult
 from specrl.sampling import SamplingParams
 
 INTERPRET_BATCH_CHUNK = 32  # rows per kernel call in CPU interpret mode (speed only)
 IMPLS = ('jnp', 'pallas')
 
-__all__ = ['IMPLS', 'VerifyResult', 'verify', 'verify_mixed', 'verify_tokens']
+__all__ = ['IMPLS', 'VerifyResult', 'verify', 'verify_mixed', 'verify_tokens', 'verify_tree']
 
 
 def verify(
@@ -115,6 +117,32 @@ def verify_mixed(
     )
 
   return lax.cond(jnp.all(one_hot), tokens_only, both)
+
+
+def verify_tree(
+  target_logits: jax.Array,
+  tokens: jax.Array,
+  parents: jax.Array,
+  seeds: jax.Array,
+  sp: SamplingParams,
+  impl: str = 'jnp',
+  interpret=None,
+  **kernel_options,
+):
+  """Sample-and-compare verification of draft trees (and deterministic chains), keyed like
+  plain decoding (:func:`specrl.kernels.verify_tree_reference.verify_tree_reference`: the
+  contract; :func:`specrl.kernels.verify_tree.verify_tree_pallas`: the kernel)."""
+  if impl == 'jnp':
+    return tree_reference_lib.verify_tree_reference(target_logits, tokens, parents, seeds, sp)
+  if impl == 'pallas':
+
+    def run(t, x, p, s):
+      return tree_kernel_lib.verify_tree_pallas(
+        t, x, p, s, sp, interpret=interpret, **kernel_options
+      )
+
+    return _chunked(run, (target_logits, tokens, parents, seeds), interpret)
+  raise ValueError(f"verify impl must be 'jnp' or 'pallas', got {impl!r}")
 
 
 def _chunked(run, args, interpret) -> VerifyResult:

@@ -146,3 +146,15 @@ class HybridSuffixDrafter:
     # them (one-hot rows commit the suffix's tokens there; all rows one-hot: none written)
     fed = jnp.where(one_hot, pos + 1, pos + k)
     return (tokens, logits, *fb.wrap_cache(cache, policy_cache, fed))
+
+  def propose_tree(
+    self, draft_params, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh=None, ctx=None
+  ):
+    """Draft trees (``rollout.tree_nodes``): the suffix part's trees; a row without a match
+    gets an empty tree, i.e. its round samples the policy exactly as a plain step (the
+    fallback's sampled drafts would need rejection sampling, which tree rounds do not run).
+    The fallback's state is left as it is (it catches up when it next drafts)."""
+    *tree, _ = self.suffix.propose_tree(
+      draft_params['history'], None, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, ctx=ctx
+    )
+    return (*tree, state)

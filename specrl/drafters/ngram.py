@@ -5,11 +5,15 @@ sequence and proposes the ``k`` tokens that followed it. Proposals are determini
 the drafter is ``one_hot``: it returns no draft logits and verification takes the
 token-only path (draft i accepted with probability p_i(x_i); still lossless).
 With no match it proposes repeats of the last token (cheap, and still lossless).
+As a tree (``rollout.tree_nodes``, :meth:`NgramDrafter.propose_tree`): all distinct
+continuations of every earlier occurrence of the last ``n`` tokens, best-first by frequency.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+
+from specrl.drafters import tree_build
 
 
 class NgramDrafter:
@@ -49,3 +53,27 @@ class NgramDrafter:
     idx = jnp.where((last[:, None] >= 0) & (idx <= pos[:, None]), idx, pos[:, None])
     draft_tokens = jnp.take_along_axis(seq_tokens, idx, axis=1).astype(jnp.int32)
     return draft_tokens, None, state, policy_cache
+
+  def propose_tree(
+    self, draft_params, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh=None
+  ):
+    """A tree of ``n_nodes`` per row: every earlier occurrence of the last ``n`` tokens
+    contributes its committed continuation; the distinct prefixes are kept best-first by
+    frequency under ``depth_cap`` (:func:`specrl.drafters.tree_build.continuation_tree`).
+    No match: an empty tree. Returns (tokens, parents, depth int32 [B, n_nodes], state)."""
+    b, s = seq_tokens.shape
+    n = self.n
+    dcap = min(depth_cap or n_nodes - 1, n_nodes - 1)
+    j = jnp.arange(s)[None, :]
+    match = (j < pos[:, None]) & (j >= n - 1)
+    for o in range(n):
+      cand = jnp.take_along_axis(seq_tokens, jnp.clip(j - o, 0, s - 1), axis=1)
+      ref = jnp.take_along_axis(seq_tokens, jnp.clip(pos - o, 0, s - 1)[:, None], axis=1)
+      match &= cand == ref
+    conts = []
+    for d in range(dcap):
+      at = j + 1 + d
+      tok = jnp.take_along_axis(seq_tokens, jnp.clip(at, 0, s - 1), axis=1)
+      conts.append(jnp.where(match & (at <= pos[:, None]), tok, -1))
+    tokens, parents, depth = tree_build.continuation_tree(jnp.stack(conts, axis=-1), n_nodes)
+    return tokens, parents, depth, state

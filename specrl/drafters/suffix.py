@@ -44,7 +44,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specrl.drafters import tree_build
+
 NO_TOKEN = -1  # corpus padding and "not proposed"
+# draft trees: one occurrence of the longest suffix match counts as this many occurrences
+# of a shorter (>= n_min) match when ranking continuations (:meth:`SuffixDrafter.propose_tree`)
+LONGEST_WEIGHT = 64
 
 
 def _shift(x: jax.Array, o: int) -> jax.Array:
@@ -311,3 +316,40 @@ class SuffixDrafter:
       window = jnp.concatenate([window[:, 1:], tok[:, None]], axis=1)
       wlen = jnp.minimum(wlen + 1, n)
     return jnp.stack(drafts, axis=1), None, state, policy_cache
+
+  def propose_tree(
+    self, draft_params, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh=None, ctx=None
+  ):
+    """A draft tree of ``n_nodes`` (root included) per row: every continuation of the
+    occurrences of the row's suffix matches of ``>= n_min`` tokens, expanded best-first by
+    empirical frequency under ``depth_cap`` (None: ``n_nodes - 1``;
+    :func:`specrl.drafters.tree_build.continuation_tree`), an occurrence of the longest
+    match (the one :meth:`propose` follows) weighing :data:`LONGEST_WEIGHT` shorter ones: the
+    longest match's continuations first, the shorter matches' fill the remaining nodes.
+    Rows without a match of ``n_min`` tokens get an empty tree (the round then samples the
+    policy as a plain step does).
+    Returns (tokens, parents, depth int32 [B, n_nodes], state)."""
+    corpora = self._corpora(draft_params, seq_tokens, pos, ctx)
+    n = self.n_max
+    s = seq_tokens.shape[1]
+    idx = pos[:, None] - (n - 1) + jnp.arange(n)[None, :]
+    window = jnp.take_along_axis(seq_tokens, jnp.clip(idx, 0, s - 1), axis=1)
+    window = jnp.where(idx >= 0, window, NO_TOKEN).astype(jnp.int32)
+    wlen = jnp.minimum(pos + 1, n)
+    dcap = min(depth_cap or n_nodes - 1, n_nodes - 1)
+    b = pos.shape[0]
+    mls = [jnp.where(ok, match_lengths(window, wlen, toks), 0) for toks, ok, _ in corpora]
+    best = jnp.max(jnp.stack([jnp.max(ml.reshape(b, -1), axis=1) for ml in mls]), axis=0)
+    found = best >= self.n_min
+    conts, weights = [], []
+    for (toks, ok, _), ml in zip(corpora, mls, strict=True):
+      occ = (ml >= self.n_min) & found[:, None, None] & ok
+      c = [jnp.broadcast_to(_shift(toks, -(d + 1)), ok.shape) for d in range(dcap)]
+      c = jnp.where(occ[..., None], jnp.stack(c, axis=-1), NO_TOKEN)  # [B, C, S, D]
+      conts.append(c.reshape(b, -1, dcap))
+      # an occurrence of the longest match counts LONGEST_WEIGHT shorter ones
+      weights.append(jnp.where(ml == best[:, None, None], LONGEST_WEIGHT, 1).reshape(b, -1))
+    tokens, parents, depth = tree_build.continuation_tree(
+      jnp.concatenate(conts, 1), n_nodes, jnp.concatenate(weights, 1)
+    )
+    return tokens, parents, depth, state
