@@ -430,12 +430,13 @@ def rollout_metrics(out: RolloutOutput, seconds: float) -> dict:
       accepted_at=h['accepted_at'].sum(axis=0).tolist(),
     )
   )
-  if out.tree_stats is not None:  # draft trees: nodes, non-first descents, depth histogram
-    nodes, non_first, leaf = np.asarray(out.tree_stats).sum(axis=0).tolist()
+  tree_stats = getattr(out, 'tree_stats', None)  # evaluation passes summed counts
+  if tree_stats is not None:  # draft trees: nodes, non-first descents, depth histogram
+    nodes, non_first, leaf = mh.to_host(tree_stats).sum(axis=0).tolist()
     m.update(
       spec_math.tree_metrics(
-        int(np.asarray(out.num_rounds).sum()), nodes, non_first, leaf,
-        np.asarray(out.accepted_at).sum(axis=0).tolist(),
+        int(h['num_rounds'].sum()), nodes, non_first, leaf,
+        h['accepted_at'].sum(axis=0).tolist(),
       )
     )  # fmt: skip
   return m
