@@ -159,6 +159,8 @@ def train_and_evaluate(
   progress = progress_lib.Progress(total, config.sft.steps, config.log_every)
   writer = metrics_io.tensorboard_writer(workdir)
   metrics_file = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115
+  # per-prompt validation scores (paired before / after intervals in the report)
+  eval_rows_file = open(os.path.join(workdir, report_lib.EVAL_ROWS_FILE), 'a')  # noqa: SIM115
   history = []
   end = total if max_steps is None else min(total, max_steps)
   # validation reads the rollout side's params (the rollout mesh), published if not yet
@@ -177,6 +179,9 @@ def train_and_evaluate(
       published = functools.partial(pipeline.current, state.params, step + 1)
       m.update(pending_eval or due(published, step + 1))
       pending_eval = {}
+      if 'eval/step' in m and evaluator is not None and evaluator.last_rows:
+        eval_rows_file.write(json.dumps({'step': m['eval/step'], **evaluator.last_rows}) + '\n')
+        eval_rows_file.flush()
       history.append(m)
       if writer is not None:
         for k, v in m.items():
@@ -204,6 +209,7 @@ def train_and_evaluate(
     if writer is not None:
       writer.close()
     metrics_file.close()
+    eval_rows_file.close()
     checkpointer.close()
   if end == total and end > start:
     progress.message(report_lib.write_report(workdir))

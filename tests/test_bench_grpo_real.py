@@ -1,0 +1,63 @@
+"""bench/grpo_real.py at CI size: the tiny embedded model on the arith task, every strategy
+(the eagle head fresh), two GRPO steps each; its JSON line has every field. The real-model
+runs are benchmarks, not tests."""
+
+import json
+
+from bench import grpo_real
+
+RUN_FIELDS = (
+  'steps',
+  'build_s',
+  'wall_s',
+  'rollout_s',
+  'train_s',
+  'eval_s',
+  'tokens',
+  'once_s',
+  'rollout_steady_s',
+  'wall_steady_s',
+  'alpha',
+  'load_avg',
+  'final',
+  'reward',
+  'paired_vs_plain',
+)
+
+
+def test_tiny_run_reports_every_field(capsys, tmp_path):
+  grpo_real.main(['--tiny', '--steps', '2', '--workdir', str(tmp_path), '--compile_cache', ''])
+  res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert res['bench'] == 'grpo_real' and res['tiny'] and res['steps'] == 2
+  assert res['skipped'] == {} and list(res['results']) == list(grpo_real.STRATEGIES)
+  for name, r in res['results'].items():
+    for f in RUN_FIELDS:
+      assert f in r, (name, f)
+    assert len(r['steps']) == 2 and r['wall_s'] > 0 and r['rollout_s'] > 0
+    for row in r['steps']:
+      assert set(grpo_real.STEP_FIELDS) <= set(row)
+    assert set(r['final']) >= {k for k, _ in grpo_real.EVAL_METRICS}
+    assert all(0.0 <= r['final'][k] <= 1.0 for k, _ in grpo_real.EVAL_METRICS)
+    refs = [x for x in ('plain', 'compaction') if x != name]
+    for ref in refs:
+      for kind in ('rollout_ratio', 'whole_run_ratio'):
+        assert r[f'{kind}_vs_{ref}'] > 0 and r[f'{kind}_vs_{ref}_steady'] > 0
+    if name != 'plain':  # paired held-out differences vs plain, each with its interval
+      assert set(r['paired_vs_plain']) == {k for k, _ in grpo_real.EVAL_METRICS}
+      for p in r['paired_vs_plain'].values():
+        assert p['ci95'] >= 0 and isinstance(p['agrees'], bool)
+  # a drafter's acceptance, per bucket where the adaptive engine speculated
+  for name in ('adaptive_suffix', 'adaptive_eagle', 'adaptive_int8'):
+    r = res['results'][name]
+    assert r['alpha'] is None or 0.0 <= r['alpha'] <= 1.0
+    for row in r['steps']:
+      assert all(0.0 <= a <= 1.0 for a in row['alpha'].values())
+
+
+def test_missing_head_file_is_skipped_with_a_reason(capsys, tmp_path):
+  grpo_real.main(
+    ['--tiny', '--steps', '1', '--strategies', 'plain,adaptive_eagle', '--eagle_head',
+     str(tmp_path / 'none.npz'), '--workdir', str(tmp_path), '--compile_cache', '']
+  )  # fmt: skip
+  res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert 'not found' in res['skipped']['adaptive_eagle'] and list(res['results']) == ['plain']
