@@ -86,8 +86,8 @@ def tiny_config(steps: int):
   c.sft.steps = 0
   c.rl.update(steps=steps, num_prompts=2, num_generations=4, warmup_steps=1)
   c.eval.update(every=0, prompts=4, generations=2, greedy=True)
-  # few compiles: two buckets, two draft lengths, one profiling call each
-  c.adaptive.update(buckets=(8, 2), arms=(2, 4), profile_iters=1, profile_reps=1)
+  # few compiles: two buckets, one draft length, one profiling call each
+  c.adaptive.update(buckets=(8, 2), arms=(2,), profile_iters=1, profile_reps=1)
   c.drafter.eagle.warmup_steps = 0
   c.checkpoint_every = 1000
   c.log_every = 1000

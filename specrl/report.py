@@ -114,6 +114,7 @@ def summarize(steps: list[dict]) -> dict:
     'tokens_per_s': tokens / rollout_s if rollout_s > 0 else None,
     'alpha': sum(m.get('spec/accepted', 0) for m in grpo) / drafted if drafted else None,
     'tokens_per_pass': None,
+    'evals': evals,
     'before': evals[0] if evals else None,
     'after': evals[-1] if len(evals) > 1 else None,
   }
@@ -165,6 +166,20 @@ def markdown(s: dict, workdir: str = '', paired: dict | None = None) -> str:
         'Final-line accuracy: the right number anywhere in the last line, whatever the format '
         "(a gain in the reward's accuracy without one here is a gain in format only)."
       )
+  curve = s.get('curve') or {}
+  evals = s.get('evals') or []
+  if len(evals) > 2:
+    keys = [k for k in EVAL_ROWS if k[2] and k[1] in evals[0] and 'reward' not in k[1]]
+    out += ['', '### Every validation (change: paired vs the first, 95% CI)', '']
+    out.append('| step | ' + ' | '.join(f'{label} | change' for label, _, _ in keys) + ' |')
+    out.append('|---' * (1 + 2 * len(keys)) + '|')
+    for m in evals:
+      cells = []
+      for _, key, ci in keys:
+        cells.append(_fmt(m[key], m.get(ci)))
+        d = curve.get(int(m['eval/step']), {}).get(key)
+        cells.append('-' if d is None else ('+' if d[0] >= 0 else '') + _fmt(*d))
+      out.append(f'| {int(m["eval/step"])} | ' + ' | '.join(cells) + ' |')
   out += ['', '## Time and throughput', '']
   t = s['rollout_time_s'] + s['train_time_s']
   share = f' ({100 * s["rollout_time_s"] / t:.0f}% of GRPO step time)' if t > 0 else ''
@@ -262,11 +277,14 @@ def write_report(workdir: str) -> str:
   """Writes ``report.md`` and ``report.png`` in ``workdir``; returns the markdown."""
   steps = load_steps(workdir)
   s = summarize(steps)
-  paired = {}
+  paired, rows = {}, load_eval_rows(workdir)
   if s['before'] is not None and s['after'] is not None:
-    paired = paired_changes(
-      load_eval_rows(workdir), int(s['before']['eval/step']), int(s['after']['eval/step'])
-    )
+    paired = paired_changes(rows, int(s['before']['eval/step']), int(s['after']['eval/step']))
+  if s['evals']:
+    first = int(s['evals'][0]['eval/step'])
+    s['curve'] = {
+      int(m['eval/step']): paired_changes(rows, first, int(m['eval/step'])) for m in s['evals']
+    }
   text = markdown(s, workdir, paired)
   with open(os.path.join(workdir, REPORT_MD), 'w') as f:
     f.write(text)

@@ -236,7 +236,7 @@ def test_greedy_only_validation_scores_both_checks_per_prompt():
 
 def test_report_pairs_the_change_over_prompts_and_shows_the_final_line_check(tmp_path):
   rows = []
-  for s, (acc, fl) in enumerate(((0.25, 0.5), (0.75, 0.75))):
+  for s, (acc, fl) in enumerate(((0.25, 0.5), (0.5, 0.5), (0.75, 0.75))):
     rows.append(
       {
         'step': s, 'phase': 1.0, 'step_time_s': 1.0, 'reward': 0.5, 'response_len_mean': 9.0,
@@ -251,12 +251,15 @@ def test_report_pairs_the_change_over_prompts_and_shows_the_final_line_check(tmp
     f.writelines(json.dumps(r) + '\n' for r in rows)
   before = {'greedy_accuracy': [1, 0, 0, 0], 'greedy_final_line_accuracy': [1, 1, 0, 0]}
   after = {'greedy_accuracy': [1, 1, 1, 0], 'greedy_final_line_accuracy': [1, 1, 1, 0]}
+  mid = {'greedy_accuracy': [1, 1, 0, 0], 'greedy_final_line_accuracy': [1, 1, 0, 0]}
   with open(tmp_path / report.EVAL_ROWS_FILE, 'w') as f:
-    f.write(json.dumps({'step': 0, **before}) + '\n' + json.dumps({'step': 2, **after}) + '\n')
+    for step, r in ((0, before), (2, mid), (4, after)):
+      f.write(json.dumps({'step': step, **r}) + '\n')
   md = report.write_report(str(tmp_path))
   d, ci = evaluation.paired_diff(before['greedy_accuracy'], after['greedy_accuracy'])
   assert d == 0.5 and ci == pytest.approx(evaluation.Z95 * np.std([0, 1, 1, 0], ddof=1) / 2)
   assert f'| greedy accuracy | 0.250 ± 0.500 | 0.750 ± 0.500 | +0.500 ± {ci:.3f} |' in md
   assert '| greedy final-line accuracy (any format) | 0.500 ± 0.500 | 0.750 ± 0.500 |' in md
   assert 'paired over the same held-out prompts' in md and 'one greedy decode each' in md
+  assert '| 2 | 0.500 ± 0.500 | +0.250 ± 0.490 | 0.500 ± 0.500 | +0.000 ± 0.000 |' in md
   assert (tmp_path / report.REPORT_PNG).stat().st_size > 1000
