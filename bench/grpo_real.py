@@ -315,6 +315,7 @@ def main(argv=None):
         eval_s=r['eval_s'],
         alpha=r['alpha'],
         roll_vs_plain=c.get('rollout_ratio_vs_plain'),
+        steady_vs_plain=c.get('rollout_ratio_vs_plain_steady'),
         roll_vs_compact=c.get('rollout_ratio_vs_compaction'),
         run_vs_plain=c.get('whole_run_ratio_vs_plain'),
         greedy_final_line=r['final']['greedy_final_line_accuracy'],
@@ -322,7 +323,10 @@ def main(argv=None):
         ci=c['paired_vs_plain'].get('greedy_final_line_accuracy', {}).get('ci95'),
       )
     )
-  print('## summary (ratios: > 1 = faster than the reference; d_vs_plain: paired, 95% CI)')
+  print(
+    '## summary (ratios: > 1 = faster than the reference; steady: steps after the first, '
+    'one-off compiles out; d_vs_plain: greedy final-line accuracy, paired, 95% CI)'
+  )
   common.print_table(
     [
       ('strategy', ''),
@@ -332,6 +336,7 @@ def main(argv=None):
       ('eval_s', '.1f'),
       ('alpha', '.3f'),
       ('roll_vs_plain', '.2f'),
+      ('steady_vs_plain', '.2f'),
       ('roll_vs_compact', '.2f'),
       ('run_vs_plain', '.2f'),
       ('greedy_final_line', '.3f'),

@@ -6,7 +6,28 @@ drafter's name. The real-model runs are benchmarks, not tests."""
 
 import json
 
+import jax
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
 from bench import grpo_real
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  """One persistent compile cache for this file (the strategies' train steps and greedy
+  engines are the same programs: compiled once); restored (off) afterwards. The bench is
+  passed ``--compile_cache ''`` so it leaves the setting to this fixture."""
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  compilation_cache.reset_cache()
+  yield ''
+  for n, v in old.items():
+    jax.config.update(n, v)
+  compilation_cache.reset_cache()
+
 
 RUN_FIELDS = (
   'steps',
@@ -27,11 +48,11 @@ RUN_FIELDS = (
 )
 
 
-def test_tiny_run_reports_every_field(capsys, tmp_path):
+def test_tiny_run_reports_every_field(capsys, tmp_path, cache):
   strategies = ['plain', 'compaction', 'adaptive_suffix']
   grpo_real.main(
     ['--tiny', '--steps', '2', '--strategies', ','.join(strategies), '--workdir', str(tmp_path),
-     '--compile_cache', '']
+     '--compile_cache', cache]
   )  # fmt: skip
   res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert res['bench'] == 'grpo_real' and res['tiny'] and res['steps'] == 2
@@ -59,10 +80,10 @@ def test_tiny_run_reports_every_field(capsys, tmp_path):
     assert all(k.startswith('b') and 0.0 <= a <= 1.0 for k, a in row['alpha'].items())
 
 
-def test_missing_head_file_is_skipped_with_a_reason(capsys, tmp_path):
+def test_missing_head_file_is_skipped_with_a_reason(capsys, tmp_path, cache):
   grpo_real.main(
     ['--tiny', '--steps', '1', '--strategies', 'plain,adaptive_eagle', '--eagle_head',
-     str(tmp_path / 'none.npz'), '--workdir', str(tmp_path), '--compile_cache', '']
+     str(tmp_path / 'none.npz'), '--workdir', str(tmp_path), '--compile_cache', cache]
   )  # fmt: skip
   res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert 'not found' in res['skipped']['adaptive_eagle'] and list(res['results']) == ['plain']
