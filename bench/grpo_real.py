@@ -175,7 +175,7 @@ def run_strategy(name: str, config, workdir: str) -> dict:
   rows = report.load_eval_rows(workdir)
   last = evals[-1] if evals else {}
   rollout = sum(r['rollout_s'] for r in steps)
-  steady = [r for r in steps[1:]]
+  steady = steps[1:]  # the first step compiles (static engine, train step)
   drafted = sum(m.get('spec/drafted', 0) for m in history)
   accepted = sum(m.get('spec/accepted', 0) for m in history)
   return dict(
