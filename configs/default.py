@@ -55,6 +55,16 @@ def get_config(arg: str | None = None):
       pool_seed=20260101,
       min_steps=1,
       max_steps=4,
+      # arith problem options (specrl.arith_task.ProblemOptions; the defaults give the
+      # original pool): first count < start_max, added amounts < add_max, counts <= mul_max
+      # may be doubled / tripled, the allowed operations, 'story' or 'equation' wording,
+      # the answer-format instruction ('hashes' | 'brief')
+      start_max=30,
+      add_max=20,
+      mul_max=20,
+      operations='add,sub,half,mul',
+      wording='story',
+      instruction='hashes',
     )
   )
 

@@ -8,7 +8,14 @@ and the notebook.
   rollout engine (so with a drafter it also measures acceptance): mean reward, accuracy
   (exact answer, per sample), pass@1 and pass@G, response length, 95% confidence
   intervals over prompts;
-- with ``eval.greedy``, one greedy (temperature 0) decode per prompt: greedy accuracy.
+- with ``eval.greedy``, one greedy (temperature 0) decode per prompt: greedy accuracy;
+- for a task with a format-agnostic check (``task.final_line_correct``: the right number
+  anywhere in the response's last line), that accuracy beside the reward's
+  (``eval/final_line_accuracy``, ``eval/greedy_final_line_accuracy``), so a gain in answer
+  format alone shows as such.
+
+Per-prompt scores of the last call stay in ``Evaluator.last_rows`` (the train loop writes
+them to ``eval_rows.jsonl``) for paired intervals between evaluations (:func:`paired_diff`).
 
 Deterministic for fixed params: sampled chunk ``i`` uses ``fold_in(rng, i)`` of the eval
 stream (:class:`specrl.rng_streams.RngStreams`), never a training key, and the adaptive engine's
@@ -48,7 +55,8 @@ class EvalConfig:
 
   every: GRPO steps between validations (0 = only at the start and end of GRPO).
   prompts: held-out prompts scored (0 = no validation).
-  generations: samples per prompt at the rollout temperature (pass@1, reward, ...).
+  generations: samples per prompt at the rollout temperature (pass@1, reward, ...); 0 with
+    ``greedy``: the greedy decode only (half the cost when one sample per prompt is noise).
   greedy: also decode each prompt once greedily (``eval/greedy_accuracy``).
   """
 
@@ -62,8 +70,11 @@ class EvalConfig:
       raise ValueError(
         f'config.eval.every and config.eval.prompts must be >= 0, got {self.every}, {self.prompts}'
       )
-    if self.generations < 1:
-      raise ValueError(f'config.eval.generations must be >= 1, got {self.generations}')
+    if self.generations < (0 if self.greedy else 1):
+      raise ValueError(
+        'config.eval.generations must be >= 1 (or 0 with eval.greedy: greedy only), got '
+        f'{self.generations}'
+      )
 
   @property
   def enabled(self) -> bool:
@@ -91,6 +102,13 @@ def mean_ci(x) -> tuple[float, float]:
   if x.size < 2:
     return float(x.mean()), 0.0
   return float(x.mean()), float(Z95 * x.std(ddof=1) / np.sqrt(x.size))
+
+
+def paired_diff(before, after) -> tuple[float, float]:
+  """Mean of ``after - before`` over the same prompts and the half-width of its 95%
+  interval (paired: the per-prompt differences' spread, not the two runs' added)."""
+  d = np.asarray(after, np.float64) - np.asarray(before, np.float64)
+  return mean_ci(d)
 
 
 def batch_devices(mesh) -> int:
@@ -163,9 +181,10 @@ class Evaluator:
     self.cfg, self.task, self.engine, self.rng = cfg, task, engine, rng
     self.prompts = task.heldout_prompts(cfg.prompts)
     n = len(self.prompts.lengths)
-    self.chunk_prompts = round_chunk(min(chunk_prompts, n), cfg.generations, devices)
+    self.chunk_prompts = round_chunk(min(chunk_prompts, n), max(cfg.generations, 1), devices)
     self.greedy_chunk = round_chunk(n, 1, devices)
     self.greedy_engine = greedy_engine
+    self.last_rows: dict[str, list[float]] = {}  # per-prompt scores of the last call
 
   @classmethod
   def from_experiment(cls, exp) -> Evaluator:
@@ -182,16 +201,19 @@ class Evaluator:
     return cls(cfg, exp.task, exp.engine, exp.rngs.eval, exp.config.rl.num_prompts, greedy, devices)
 
   def _correct_and_reward(self, responses, owner):
+    """Per row: reward, correct (the reward's check) and, for a task with the
+    format-agnostic check (``final_line_correct``), that check (else None)."""
     answers = self.prompts.answers
-    reward = np.array(
-      [self.task.reward(r, answers[i]) for r, i in zip(responses, owner, strict=True)]
-    )
-    correct = np.array(
-      [self.task.is_correct(r, answers[i]) for r, i in zip(responses, owner, strict=True)]
-    )
-    return reward, correct.astype(np.float64)
+    rows = list(zip(responses, owner, strict=True))
+    reward = np.array([self.task.reward(r, answers[i]) for r, i in rows])
+    correct = np.array([self.task.is_correct(r, answers[i]) for r, i in rows], np.float64)
+    loose = getattr(self.task, 'final_line_correct', None)
+    final = None if loose is None else np.array([loose(r, answers[i]) for r, i in rows], np.float64)
+    return reward, correct, final
 
-  def __call__(self, params, draft_params=None) -> dict[str, float]:
+  def _sampled(self, params, draft_params, m, rows):
+    """The ``eval.generations`` samples per prompt: their metrics into ``m``, per-prompt
+    scores into ``rows``."""
     g, n = self.cfg.generations, len(self.prompts.lengths)
     # The adaptive engine learns from every rollout: evaluation must not teach it.
     saved = self.engine.host_state() if hasattr(self.engine, 'host_state') else None
@@ -202,12 +224,17 @@ class Evaluator:
     finally:
       if saved is not None:
         self.engine.load_host_state(saved)
-    reward, correct = self._correct_and_reward(responses, owner)
+    reward, correct, final = self._correct_and_reward(responses, owner)
     per_prompt = lambda x: np.bincount(owner, x, minlength=n) / g  # noqa: E731
     c = np.bincount(owner, correct, minlength=n)
-    m = {'prompts': n, 'generations': g}
+    rows['accuracy'] = per_prompt(correct)
     (m['reward'], m['reward_ci95']) = mean_ci(per_prompt(reward))
-    (m['accuracy'], m['accuracy_ci95']) = mean_ci(per_prompt(correct))
+    (m['accuracy'], m['accuracy_ci95']) = mean_ci(rows['accuracy'])
+    if final is not None:
+      rows['final_line_accuracy'] = per_prompt(final)
+      (m['final_line_accuracy'], m['final_line_accuracy_ci95']) = mean_ci(
+        rows['final_line_accuracy']
+      )
     m['pass_at_1'] = float(np.mean(c / g))  # unbiased pass@1 (= accuracy: G samples per prompt)
     m[f'pass_at_{g}'] = float(np.mean(c > 0))
     m['response_len_mean'] = float(counts['length'].mean())
@@ -215,15 +242,34 @@ class Evaluator:
     rm = rollout_lib.rollout_metrics(types.SimpleNamespace(**counts), secs)
     m['tokens_per_s'], m['time_s'] = rm['rollout/tokens_per_s'], secs
     m.update({k: v for k, v in rm.items() if k.startswith('spec/')})
+
+  def __call__(self, params, draft_params=None) -> dict[str, float]:
+    g, n = self.cfg.generations, len(self.prompts.lengths)
+    m = {'prompts': n, 'generations': g, 'time_s': 0.0}
+    rows = {}
+    if g > 0:
+      self._sampled(params, draft_params, m, rows)
     if self.greedy_engine is not None:
       t0 = time.perf_counter()
-      gr, gowner, _, _ = _rollout_rows(
+      gr, gowner, gcounts, _ = _rollout_rows(
         self.greedy_engine, params, self.prompts, 1, self.greedy_chunk, self.rng, None
       )
-      greward, gcorrect = self._correct_and_reward(gr, gowner)
+      m['greedy_response_len_mean'] = float(gcounts['length'].mean())
+      if g == 0:  # greedy only: its lengths are the response lengths
+        m['response_len_mean'] = m['greedy_response_len_mean']
+        m['response_len_max'] = int(gcounts['length'].max())
+      greward, gcorrect, gfinal = self._correct_and_reward(gr, gowner)
+      order = np.argsort(gowner, kind='stable')  # rows in prompt order
+      rows['greedy_accuracy'] = gcorrect[order]
       (m['greedy_accuracy'], m['greedy_accuracy_ci95']) = mean_ci(gcorrect)
+      if gfinal is not None:
+        rows['greedy_final_line_accuracy'] = gfinal[order]
+        (m['greedy_final_line_accuracy'], m['greedy_final_line_accuracy_ci95']) = mean_ci(gfinal)
       m['greedy_reward'] = float(greward.mean())
       m['time_s'] += time.perf_counter() - t0
+    # per-prompt scores of this call (held-out prompt order), for paired intervals between
+    # two evaluations of the same prompts (:func:`paired_diff`, the run's eval_rows.jsonl)
+    self.last_rows = {k: v.tolist() for k, v in rows.items()}
     return {PREFIX + k: v for k, v in m.items()}
 
 
@@ -243,14 +289,22 @@ def validate_if_due(
 def format_line(m: dict) -> str:
   """One log line of validation results (``eval/...`` keys of ``m``)."""
   g = int(m['eval/generations'])
-  line = (
-    f'validation after {int(m["eval/step"])} steps ({int(m["eval/prompts"])} held-out prompts '
-    f'x {g}): reward {m["eval/reward"]:.3f}±{m["eval/reward_ci95"]:.3f} '
-    f'acc {m["eval/accuracy"]:.3f}±{m["eval/accuracy_ci95"]:.3f} '
-    f'pass@{g} {m[f"eval/pass_at_{g}"]:.3f} len {m["eval/response_len_mean"]:.1f}'
-  )
+  line = f'validation after {int(m["eval/step"])} steps ({int(m["eval/prompts"])} held-out prompts'
+  if g > 0:
+    line += (
+      f' x {g}): reward {m["eval/reward"]:.3f}±{m["eval/reward_ci95"]:.3f} '
+      f'acc {m["eval/accuracy"]:.3f}±{m["eval/accuracy_ci95"]:.3f} '
+      f'pass@{g} {m[f"eval/pass_at_{g}"]:.3f}'
+    )
+  else:
+    line += ', greedy only):'
+  line += f' len {m["eval/response_len_mean"]:.1f}'
+  if 'eval/final_line_accuracy' in m:
+    line += f' final-line acc {m["eval/final_line_accuracy"]:.3f}'
   if 'eval/greedy_accuracy' in m:
     line += f' greedy acc {m["eval/greedy_accuracy"]:.3f}'
+  if 'eval/greedy_final_line_accuracy' in m:
+    line += f' (final line {m["eval/greedy_final_line_accuracy"]:.3f})'
   if 'eval/spec/alpha' in m:
     pos = [
       m[f'eval/spec/per_position/{i}'] for i in range(1, 64) if f'eval/spec/per_position/{i}' in m

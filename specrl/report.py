@@ -31,11 +31,18 @@ from matplotlib.figure import Figure
 from specrl.metrics_io import METRICS_FILE
 
 REPORT_MD, REPORT_PNG = 'report.md', 'report.png'
+EVAL_ROWS_FILE = 'eval_rows.jsonl'  # per-prompt validation scores, one line per validation
 EVAL_ROWS = (  # (label, key, ci key)
   ('reward', 'eval/reward', 'eval/reward_ci95'),
   ('accuracy', 'eval/accuracy', 'eval/accuracy_ci95'),
   ('pass@1', 'eval/pass_at_1', None),
+  ('final-line accuracy (any format)', 'eval/final_line_accuracy', 'eval/final_line_accuracy_ci95'),
   ('greedy accuracy', 'eval/greedy_accuracy', 'eval/greedy_accuracy_ci95'),
+  (
+    'greedy final-line accuracy (any format)',
+    'eval/greedy_final_line_accuracy',
+    'eval/greedy_final_line_accuracy_ci95',
+  ),
   ('response length', 'eval/response_len_mean', None),
 )
 
@@ -50,6 +57,31 @@ def load_steps(workdir: str) -> list[dict]:
         m = json.loads(line)
         by_step[m['step']] = m
   return [by_step[s] for s in sorted(by_step)]
+
+
+def load_eval_rows(workdir: str) -> dict[int, dict]:
+  """``eval/step -> {metric: per-prompt scores}`` from ``eval_rows.jsonl`` ({} if absent;
+  the last line of a step logged twice counts)."""
+  path = os.path.join(workdir, EVAL_ROWS_FILE)
+  out = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          r = json.loads(line)
+          out[int(r.pop('step'))] = r
+  return out
+
+
+def paired_changes(rows: dict[int, dict], before: int, after: int) -> dict[str, tuple]:
+  """``eval/<metric> -> (mean change, 95% half-width)`` paired over the held-out prompts
+  scored at both validations (same prompts, same order)."""
+  from specrl.evaluation import paired_diff  # jax-free callers of this module stay so
+
+  b, a = rows.get(before), rows.get(after)
+  if not b or not a:
+    return {}
+  return {f'eval/{k}': paired_diff(b[k], a[k]) for k in b if k in a and len(a[k]) == len(b[k])}
 
 
 def _evals(steps):
@@ -82,6 +114,7 @@ def summarize(steps: list[dict]) -> dict:
     'tokens_per_s': tokens / rollout_s if rollout_s > 0 else None,
     'alpha': sum(m.get('spec/accepted', 0) for m in grpo) / drafted if drafted else None,
     'tokens_per_pass': None,
+    'evals': evals,
     'before': evals[0] if evals else None,
     'after': evals[-1] if len(evals) > 1 else None,
   }
@@ -91,8 +124,11 @@ def summarize(steps: list[dict]) -> dict:
   return s
 
 
-def markdown(s: dict, workdir: str = '') -> str:
-  """The report as markdown (also readable as plain text)."""
+def markdown(s: dict, workdir: str = '', paired: dict | None = None) -> str:
+  """The report as markdown (also readable as plain text). ``paired``: the
+  :func:`paired_changes` of the first and last validation (the change column's interval is
+  then paired over prompts; else ``sqrt(ci_before^2 + ci_after^2)``)."""
+  paired = paired or {}
   out = [f'# specrl run report{f": {workdir}" if workdir else ""}', '']
   out.append(f'{s["sft_steps"]} warm-up steps, {s["grpo_steps"]} GRPO steps.')
   out += ['', '## Validation (held-out prompts, 95% CI over prompts)', '']
@@ -113,10 +149,37 @@ def markdown(s: dict, workdir: str = '') -> str:
         cells.append(_fmt(a[key], a.get(ci) if ci else None))
         d = a[key] - b[key]
         dci = math.hypot(a[ci], b[ci]) if ci else None
+        if key in paired:
+          d, dci = paired[key]
         cells.append(('+' if d >= 0 else '') + _fmt(d, dci))
       out.append(f'| {label} | {" | ".join(cells)} |')
     out.append('')
-    out.append(f'{int(b["eval/prompts"])} held-out prompts x {g} samples (+ one greedy).')
+    out.append(
+      f'{int(b["eval/prompts"])} held-out prompts x {g} samples (+ one greedy).'
+      if g
+      else f'{int(b["eval/prompts"])} held-out prompts, one greedy decode each.'
+    )
+    if a and paired:
+      out.append("The change column's intervals are paired over the same held-out prompts.")
+    if 'eval/final_line_accuracy' in b:
+      out.append(
+        'Final-line accuracy: the right number anywhere in the last line, whatever the format '
+        "(a gain in the reward's accuracy without one here is a gain in format only)."
+      )
+  curve = s.get('curve') or {}
+  evals = s.get('evals') or []
+  if len(evals) > 2:
+    keys = [k for k in EVAL_ROWS if k[2] and k[1] in evals[0] and 'reward' not in k[1]]
+    out += ['', '### Every validation (change: paired vs the first, 95% CI)', '']
+    out.append('| step | ' + ' | '.join(f'{label} | change' for label, _, _ in keys) + ' |')
+    out.append('|---' * (1 + 2 * len(keys)) + '|')
+    for m in evals:
+      cells = []
+      for _, key, ci in keys:
+        cells.append(_fmt(m[key], m.get(ci)))
+        d = curve.get(int(m['eval/step']), {}).get(key)
+        cells.append('-' if d is None else ('+' if d[0] >= 0 else '') + _fmt(*d))
+      out.append(f'| {int(m["eval/step"])} | ' + ' | '.join(cells) + ' |')
   out += ['', '## Time and throughput', '']
   t = s['rollout_time_s'] + s['train_time_s']
   share = f' ({100 * s["rollout_time_s"] / t:.0f}% of GRPO step time)' if t > 0 else ''
@@ -154,7 +217,7 @@ def figure(steps: list[dict], path: str) -> None:
   axes = fig.subplots(1, 4)
   ax = axes[0]
   for key, label in (('eval/reward', 'reward'), ('eval/accuracy', 'accuracy')):
-    if evals:
+    if evals and key in evals[0]:
       ax.errorbar(
         [m['eval/step'] for m in evals],
         [m[key] for m in evals],
@@ -163,14 +226,21 @@ def figure(steps: list[dict], path: str) -> None:
         capsize=3,
         label=f'validation {label}',
       )
-  if evals and 'eval/greedy_accuracy' in evals[0]:
-    ax.plot(
-      [m['eval/step'] for m in evals],
-      [m['eval/greedy_accuracy'] for m in evals],
-      'k--',
-      marker='x',
-      label='greedy accuracy',
-    )
+  for key, style, label in (
+    ('eval/final_line_accuracy', 'g-', 'final-line accuracy'),
+    ('eval/greedy_accuracy', 'k--', 'greedy accuracy'),
+    ('eval/greedy_final_line_accuracy', 'm--', 'greedy final-line accuracy'),
+  ):
+    if evals and key in evals[0]:
+      ax.errorbar(
+        [m['eval/step'] for m in evals],
+        [m[key] for m in evals],
+        yerr=[m.get(f'{key}_ci95', 0.0) for m in evals],
+        fmt=style,
+        marker='x',
+        capsize=3,
+        label=label,
+      )
   ax.set(title='validation (95% CI)', xlabel='step', ylim=(-0.02, 1.02))
   if evals:
     ax.legend(fontsize=8)
@@ -206,7 +276,16 @@ def figure(steps: list[dict], path: str) -> None:
 def write_report(workdir: str) -> str:
   """Writes ``report.md`` and ``report.png`` in ``workdir``; returns the markdown."""
   steps = load_steps(workdir)
-  text = markdown(summarize(steps), workdir)
+  s = summarize(steps)
+  paired, rows = {}, load_eval_rows(workdir)
+  if s['before'] is not None and s['after'] is not None:
+    paired = paired_changes(rows, int(s['before']['eval/step']), int(s['after']['eval/step']))
+  if s['evals']:
+    first = int(s['evals'][0]['eval/step'])
+    s['curve'] = {
+      int(m['eval/step']): paired_changes(rows, first, int(m['eval/step'])) for m in s['evals']
+    }
+  text = markdown(s, workdir, paired)
   with open(os.path.join(workdir, REPORT_MD), 'w') as f:
     f.write(text)
   figure(steps, os.path.join(workdir, REPORT_PNG))

@@ -271,6 +271,26 @@ def extract_answer(text: str) -> str | None:
   return None
 
 
+def final_line(text: str) -> str:
+  """The last non-empty line of ``text`` (stripped; '' when there is none)."""
+  lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+  return lines[-1] if lines else ''
+
+
+def answer_in_final_line(text: str, reference: str) -> bool:
+  """The format-agnostic check: some number in the last non-empty line of ``text`` equals
+  ``reference`` (numerically; ``#### 14``, ``The answer is 14.``, ``= 14 apples`` and
+  ``\\boxed{14}`` all pass, a right number only in an earlier line does not)."""
+  ref = _to_number(reference)
+  if ref is None:
+    return False
+  for m in _NUMBER.finditer(final_line(text)):
+    v = _to_number(m.group(0))
+    if v is not None and math.isclose(v, ref, rel_tol=1e-6, abs_tol=1e-9):
+      return True
+  return False
+
+
 def _to_number(s: str) -> float | None:
   s = s.strip().replace('$', '').replace(',', '').rstrip('.')
   m = _NUMBER.fullmatch(s) or _NUMBER.search(s)
@@ -463,6 +483,12 @@ class ProblemPoolTask:
   def is_correct(self, response_ids: Sequence[int], answer: str) -> bool:
     return answers_match(extract_answer(self.response_text(response_ids)), answer)
 
+  def final_line_correct(self, response_ids: Sequence[int], answer: str) -> bool:
+    """The format-agnostic check (:func:`answer_in_final_line`): the right number anywhere
+    in the response's last line, whatever the format; validation reports it beside the
+    reward's check so a gain in format alone shows as such."""
+    return answer_in_final_line(self.response_text(response_ids), answer)
+
 
 class MathJsonlTask(ProblemPoolTask):
   """Problems from a jsonl file (any local GSM8K-format file), rewarded by answer
@@ -528,8 +554,11 @@ class ArithTask(ProblemPoolTask):
     max_prompt_len: int = 0,
     max_response_len: int = 0,
     format_reward: float = 0.0,
+    options: arith_task.ProblemOptions = arith_task.DEFAULT_OPTIONS,
   ):
-    pool = arith_task.generate_pool(pool_size, pool_seed, min_steps, max_steps, tail_exponent)
+    pool = arith_task.generate_pool(
+      pool_size, pool_seed, min_steps, max_steps, tail_exponent, options
+    )
     self.pool = pool
     held = [(p.question, p.answer) for p in pool if is_heldout_text(p.question)]
     train = [(p.question, p.answer) for p in pool if not is_heldout_text(p.question)]
@@ -558,9 +587,23 @@ class ArithTask(ProblemPoolTask):
     return toks, mask
 
 
-ARITH_ALPHABET = (
-  '0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,?!\'"#<>+-*/=:\n\\{}$'
+ARITH_ALPHABET = (  # '()' last (the equation wording): the older characters keep their ids
+  '0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,?!\'"#<>+-*/=:\n\\{}$()'
 )
+
+
+def arith_options(cfg) -> arith_task.ProblemOptions:
+  """The arith problem options of a ``task`` config section (defaults where a field is
+  absent)."""
+  d = arith_task.ProblemOptions()
+  return arith_task.ProblemOptions(
+    start_max=cfg.get('start_max', d.start_max),
+    add_max=cfg.get('add_max', d.add_max),
+    mul_max=cfg.get('mul_max', d.mul_max),
+    operations=arith_task.parse_operations(cfg.get('operations', d.operations)),
+    wording=cfg.get('wording', d.wording),
+    instruction=cfg.get('instruction', d.instruction),
+  )
 
 
 def make_task(cfg):
@@ -587,5 +630,6 @@ def make_task(cfg):
       max_prompt_len=cfg.max_prompt_len,
       max_response_len=cfg.max_response_len,
       format_reward=cfg.format_reward,
+      options=arith_options(cfg),
     )
   raise ValueError(f"task.name must be 'running_sum', 'math_jsonl' or 'arith', got {cfg.name!r}")

@@ -158,14 +158,19 @@ def train_and_evaluate(
   fns = jitted_steps(exp, sh)
   eval_cfg = evaluation.eval_config(config)
   evaluator = evaluation.Evaluator.from_experiment(exp) if eval_cfg.enabled else None
-  # Several processes: process 0 alone writes TensorBoard, metrics.jsonl, the progress line
-  # and the report (every process computes the same metrics); all of them checkpoint.
+  # Several processes: process 0 alone writes TensorBoard, metrics.jsonl, the progress line,
+  # the per-prompt validation rows and the report (every process computes the same
+  # metrics); all of them checkpoint.
   primary = multihost.is_primary()
   progress = progress_lib.Progress(
     total, config.sft.steps, config.log_every, stream=None if primary else open(os.devnull, 'w')
   )
   writer = metrics_io.tensorboard_writer(workdir) if primary else None
   metrics_file = open(os.path.join(workdir, METRICS_FILE), 'a') if primary else None  # noqa: SIM115
+  # per-prompt validation scores (paired before / after intervals in the report)
+  eval_rows_file = (
+    open(os.path.join(workdir, report_lib.EVAL_ROWS_FILE), 'a') if primary else None  # noqa: SIM115
+  )
   history = []
   end = total if max_steps is None else min(total, max_steps)
   # validation reads the rollout side's params (the rollout mesh), published if not yet
@@ -184,6 +189,9 @@ def train_and_evaluate(
       published = functools.partial(pipeline.current, state.params, step + 1)
       m.update(pending_eval or due(published, step + 1))
       pending_eval = {}
+      if 'eval/step' in m and evaluator is not None and evaluator.last_rows and primary:
+        eval_rows_file.write(json.dumps({'step': m['eval/step'], **evaluator.last_rows}) + '\n')
+        eval_rows_file.flush()
       history.append(m)
       if writer is not None:
         for k, v in m.items():
@@ -211,8 +219,9 @@ def train_and_evaluate(
     progress.close()
     if writer is not None:
       writer.close()
-    if metrics_file is not None:
-      metrics_file.close()
+    for f in (metrics_file, eval_rows_file):
+      if f is not None:
+        f.close()
     checkpointer.close()
   if end == total and end > start and primary:
     progress.message(report_lib.write_report(workdir))

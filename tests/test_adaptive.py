@@ -195,6 +195,13 @@ def test_strategy_switches_and_compaction_keep_greedy_outputs():
   assert rep.trace[0][1] == 8 and rep.trace[-1][1] == 0
   assert (m['adaptive/k/b8'], m['adaptive/k/b4'], m['adaptive/k/b1']) == (0, 1, 2)
   assert m['adaptive/phase/b1/k2/tokens_per_s'] > 0
+  # acceptance per bucket where it speculated; together the rollout's accepted / drafted
+  assert 'adaptive/alpha/b8' not in m
+  per = {b: rep.phases[p] for b, p in (('b4', 'b4/k1'), ('b1', 'b1/k2'))}
+  for b, p in per.items():
+    assert m[f'adaptive/alpha/{b}'] == pytest.approx(p['accepted'] / p['drafted'])
+  assert sum(p['drafted'] for p in per.values()) == m['spec/drafted']
+  assert sum(p['accepted'] for p in per.values()) == m['spec/accepted']
 
 
 def test_speculative_greedy_with_and_without_compaction():

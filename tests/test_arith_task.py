@@ -195,3 +195,88 @@ def test_sft_batch_is_the_worked_solution_of_a_training_problem(small):
     assert small.tokenizer.decode(row[m > 0]) == small.solutions[i]
     assert row[m > 0][-1] == small.tokenizer.eos_id  # decode stops at EOS; it is a target
     assert small.reward(row[m > 0], small.problems[i][1]) == 1.0
+
+
+# ------------------------------------------------------------- task options (issue 30)
+
+EASY = arith_task.ProblemOptions(
+  start_max=12, add_max=6, operations=('add', 'sub'), wording='equation', instruction='brief'
+)
+
+
+def test_default_options_keep_the_original_pool():
+  # the digest of the first 4096 questions before the options existed (issue 30)
+  import hashlib
+
+  digest = hashlib.md5(''.join(p.question for p in arith_task.generate_pool(4096)).encode())
+  assert digest.hexdigest() == 'd055d829870d0096fb0caceae4934700'
+
+
+def test_options_shape_the_problems():
+  pool = arith_task.generate_pool(200, 3, 1, 3, 1.0, EASY)
+  for p in pool:
+    assert p.question.startswith('What is ') and 'Answer briefly.' in p.question
+    ops = [ln.split()[1] for ln in p.solution.split('\n')[:-1]]
+    assert set(ops) <= {'+', '-'} and len(ops) == p.num_steps
+    assert 2 <= int(p.solution.split()[0]) < 12
+    expr = p.question[len('What is ') : p.question.index('?')]
+    assert eval(expr) == int(p.answer)  # noqa: S307 -- the equation wording is the sum itself
+  story = arith_task.generate_pool(
+    100, 3, 1, 1, 1.0, arith_task.ProblemOptions(operations=('add',))
+  )
+  assert all(' + ' in p.solution and 'How many' in p.question for p in story)
+  for bad in (
+    dict(operations=('add', 'pow')),
+    dict(operations=('sub',)),
+    dict(wording='poem'),
+    dict(instruction='loud'),
+    dict(start_max=2),
+  ):
+    with pytest.raises(ValueError, match='task.'):
+      arith_task.ProblemOptions(**bad)
+
+
+def test_both_checks_on_hand_written_responses():
+  c = default.get_config()
+  c.task.update(name='arith', pool_size=64, format_reward=0.1, min_steps=1, max_steps=2)
+  c.task.update(operations='add,sub', wording='equation', start_max=12, add_max=6)
+  t = tasks.make_task(c.task)
+  assert all(q.startswith('What is ') for q, _ in t.problems)
+  cases = [  # (response, reward's check, format-agnostic check)
+    ('7 + 5 = 12\n#### 12', True, True),
+    ('So the answer is \\boxed{12}.', True, True),
+    ('7 + 5 = 12', False, True),  # right number, no '####': only the agnostic check
+    ('The answer is 12 apples.', False, True),
+    ('#### 12\nHope that helps!', True, False),  # the last line has no number
+    ('12\nSo the answer is 13.', False, False),  # right number only on an earlier line
+    ('7 + 5 = 11\n#### 11', False, False),
+    ('#### 1,012', False, False),
+    ('', False, False),
+  ]
+  for text, strict, loose in cases:
+    ids = _ids(t, text)
+    assert t.is_correct(ids, '12') == strict, text
+    assert t.final_line_correct(ids, '12') == loose, text
+    assert (t.reward(ids, '12') == 1.0) == strict, text
+  assert t.final_line_correct(_ids(t, '= 1,012 coins'), '1012')
+  # what follows the end of the response does not count for either check
+  assert not t.final_line_correct(_ids(t, 'hmm') + _ids(t, '12'), '12')
+
+
+def test_options_keep_the_split_disjoint_and_the_walk_pure():
+  c = default.get_config()
+  c.task.update(name='arith', pool_size=300, min_steps=1, max_steps=2, operations='add,sub')
+  c.task.update(wording='equation', start_max=20, add_max=10)
+  t, again = tasks.make_task(c.task), tasks.make_task(c.task)
+  train_q, held_q = {q for q, _ in t.problems}, {q for q, _ in t.heldout}
+  assert held_q and not train_q & held_q and len(train_q) + len(held_q) == 300
+  walked = set(tasks.prompt_ids(t.prompts_for_step(0, 0, 2 * len(t.problems))))
+  assert not walked & set(tasks.prompt_ids(t.heldout_prompts(len(held_q))))
+  np.testing.assert_array_equal(t.heldout_prompts(9).tokens, again.heldout_prompts(9).tokens)
+  for seed, step in ((0, 0), (0, 41), (3, 41)):
+    a, b = t.prompts_for_step(seed, step, 6), again.prompts_for_step(seed, step, 6)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.answers == b.answers
+  assert t.prompts_for_step(0, 41, 6).answers != t.prompts_for_step(3, 41, 6).answers or not (
+    np.array_equal(t.prompts_for_step(0, 41, 6).tokens, t.prompts_for_step(3, 41, 6).tokens)
+  )

@@ -211,3 +211,55 @@ def test_no_backend_probe_line_on_cpu():
   if 'Unable to initialize backend' not in loud:
     pytest.skip('this JAX probes no missing backend here')
   assert 'Unable to initialize backend' not in run('quiet')
+
+
+def test_greedy_only_validation_scores_both_checks_per_prompt():
+  c = default.get_config('smoke')  # the tiny model on the arith task (character tokenizer)
+  c.model.vocab_size = 96
+  c.task.update(name='arith', pool_size=200, max_response_len=8, min_steps=1, max_steps=1)
+  c.sft.steps = 0
+  c.eval.update(prompts=4, generations=0, greedy=True)
+  exp = train.build_experiment(c)
+  ev = evaluation.Evaluator.from_experiment(exp)
+  m = ev(train.init_state(exp).params)
+  assert m['eval/generations'] == 0 and 'eval/reward' not in m and 'eval/accuracy' not in m
+  for k in ('greedy_accuracy', 'greedy_final_line_accuracy', 'response_len_mean'):
+    assert f'eval/{k}' in m and f'eval/{k}_ci95' in m or k == 'response_len_mean'
+  assert set(ev.last_rows) == {'greedy_accuracy', 'greedy_final_line_accuracy'}
+  assert all(len(v) == 4 for v in ev.last_rows.values())
+  assert np.mean(ev.last_rows['greedy_accuracy']) == m['eval/greedy_accuracy']
+  m['eval/step'] = 0
+  assert 'greedy only' in evaluation.format_line(m)
+  with pytest.raises(ValueError, match='generations'):
+    evaluation.EvalConfig(generations=0, greedy=False)
+
+
+def test_report_pairs_the_change_over_prompts_and_shows_the_final_line_check(tmp_path):
+  rows = []
+  for s, (acc, fl) in enumerate(((0.25, 0.5), (0.5, 0.5), (0.75, 0.75))):
+    rows.append(
+      {
+        'step': s, 'phase': 1.0, 'step_time_s': 1.0, 'reward': 0.5, 'response_len_mean': 9.0,
+        'rollout/time_s': 0.6, 'rollout/tokens': 60, 'rollout/tokens_per_s': 100.0,
+        'train/time_s': 0.3, 'eval/step': 2 * s, 'eval/prompts': 4, 'eval/generations': 0,
+        'eval/greedy_accuracy': acc, 'eval/greedy_accuracy_ci95': 0.5,
+        'eval/greedy_final_line_accuracy': fl, 'eval/greedy_final_line_accuracy_ci95': 0.5,
+        'eval/response_len_mean': 9.0, 'eval/time_s': 1.0,
+      }
+    )  # fmt: skip
+  with open(tmp_path / report.METRICS_FILE, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+  before = {'greedy_accuracy': [1, 0, 0, 0], 'greedy_final_line_accuracy': [1, 1, 0, 0]}
+  after = {'greedy_accuracy': [1, 1, 1, 0], 'greedy_final_line_accuracy': [1, 1, 1, 0]}
+  mid = {'greedy_accuracy': [1, 1, 0, 0], 'greedy_final_line_accuracy': [1, 1, 0, 0]}
+  with open(tmp_path / report.EVAL_ROWS_FILE, 'w') as f:
+    for step, r in ((0, before), (2, mid), (4, after)):
+      f.write(json.dumps({'step': step, **r}) + '\n')
+  md = report.write_report(str(tmp_path))
+  d, ci = evaluation.paired_diff(before['greedy_accuracy'], after['greedy_accuracy'])
+  assert d == 0.5 and ci == pytest.approx(evaluation.Z95 * np.std([0, 1, 1, 0], ddof=1) / 2)
+  assert f'| greedy accuracy | 0.250 ± 0.500 | 0.750 ± 0.500 | +0.500 ± {ci:.3f} |' in md
+  assert '| greedy final-line accuracy (any format) | 0.500 ± 0.500 | 0.750 ± 0.500 |' in md
+  assert 'paired over the same held-out prompts' in md and 'one greedy decode each' in md
+  assert '| 2 | 0.500 ± 0.500 | +0.250 ± 0.490 | 0.500 ± 0.500 | +0.000 ± 0.000 |' in md
+  assert (tmp_path / report.REPORT_PNG).stat().st_size > 1000

@@ -611,11 +611,14 @@ class AdaptiveRolloutEngine:
     )
     report.trace.append((t1, obs.active_end, b, strategy))
     ph = report.phases.setdefault(
-      f'b{b}/{strategy_name(strategy)}', dict(time_s=0.0, tokens=0, steps=0)
+      f'b{b}/{strategy_name(strategy)}',
+      dict(time_s=0.0, tokens=0, steps=0, accepted=0, drafted=0),
     )
     ph['time_s'] += t1 - t0
     ph['tokens'] += obs.tokens
     ph['steps'] += obs.steps
+    ph['accepted'] += obs.accepted
+    ph['drafted'] += obs.rounds * obs.strategy
     report.drafted += obs.rounds * obs.strategy
     prof = self._profiles.get((b, self.buffer_len))
     self.memory = memory_observe(self.memory, obs, prof, self.acfg)

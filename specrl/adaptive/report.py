@@ -11,7 +11,8 @@ class AdaptiveReport:
 
   ``trace``: (seconds since start, active, bucket, strategy) at every chunk start and end,
   compile and profiling time excluded (it is reported in ``compile_s`` / ``profile_s``);
-  ``phases``: 'b{bucket}/{plain|k<k>}' -> {'time_s', 'tokens', 'steps'};
+  ``phases``: 'b{bucket}/{plain|k<k>}' -> {'time_s', 'tokens', 'steps', 'accepted',
+  'drafted'} (the metric ``adaptive/alpha/b{bucket}``: accepted / drafted at that bucket);
   ``decisions``: one dict per strategy change; ``compile_s`` / ``profile_s``: per bucket.
   """
 
@@ -63,6 +64,15 @@ class AdaptiveReport:
       m[f'adaptive/phase/{name}/tokens_per_s'] = float(p['tokens'] / max(p['time_s'], 1e-9))
     for bucket, ks in self.chosen.items():
       m[f'adaptive/k/b{bucket}'] = int(ks[-1])
+    # acceptance (accepted / drafted) of the speculative chunks at each bucket
+    per_bucket: dict[str, list[int]] = {}
+    for name, p in self.phases.items():
+      if p.get('drafted', 0) > 0:
+        acc = per_bucket.setdefault(name.split('/')[0], [0, 0])
+        acc[0] += p['accepted']
+        acc[1] += p['drafted']
+    for bucket, (accepted, drafted) in per_bucket.items():
+      m[f'adaptive/alpha/{bucket}'] = accepted / drafted
     for bucket, sec in self.compile_s.items():
       m[f'adaptive/compile_s/b{bucket}'] = float(sec)
     return m
