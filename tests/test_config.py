@@ -100,8 +100,11 @@ def test_unknown_command_line_override_is_one_line():
 def test_eval_section_is_complete_and_bad_values_name_the_field():
   c = default.get_config('smoke')
   assert set(c.eval) == set(config_lib.init_field_names(evaluation.EvalConfig))
-  c.eval.generations = 0
+  c.eval.greedy, c.eval.generations = False, 0  # nothing would be validated
   with pytest.raises(ValueError, match=r'config\.eval\.generations must be >= 1'):
+    train.build_experiment(c)
+  c.eval.greedy, c.eval.generations = True, -1
+  with pytest.raises(ValueError, match=r'config\.eval\.generations must be >= 1 \(or 0'):
     train.build_experiment(c)
 
 
