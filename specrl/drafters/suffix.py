@@ -296,16 +296,22 @@ class SuffixDrafter:
       corpora.append((hist, hok, hrec[None].astype(jnp.int32)))
     return corpora
 
+  def _window(self, seq_tokens, pos):
+    """The last ``n_max`` committed tokens of each row up to ``pos`` (``NO_TOKEN`` before
+    position 0): (window int32 [B, n_max], its valid length [B]) -- the suffix a match
+    starts from, for :meth:`propose` and :meth:`propose_tree` alike."""
+    n, s = self.n_max, seq_tokens.shape[1]
+    idx = pos[:, None] - (n - 1) + jnp.arange(n)[None, :]
+    window = jnp.take_along_axis(seq_tokens, jnp.clip(idx, 0, s - 1), axis=1)
+    window = jnp.where(idx >= 0, window, NO_TOKEN).astype(jnp.int32)
+    return window, jnp.minimum(pos + 1, n)
+
   def propose(
     self, draft_params, state, seq_tokens, pos, k, seeds, sp, mesh=None, policy_cache=None, ctx=None
   ):
     corpora = self._corpora(draft_params, seq_tokens, pos, ctx)
     n = self.n_max
-    s = seq_tokens.shape[1]
-    idx = pos[:, None] - (n - 1) + jnp.arange(n)[None, :]
-    window = jnp.take_along_axis(seq_tokens, jnp.clip(idx, 0, s - 1), axis=1)
-    window = jnp.where(idx >= 0, window, NO_TOKEN).astype(jnp.int32)
-    wlen = jnp.minimum(pos + 1, n)
+    window, wlen = self._window(seq_tokens, pos)
     going = jnp.ones(pos.shape, bool)
     drafts = []
     for _ in range(k):
@@ -330,12 +336,7 @@ class SuffixDrafter:
     policy as a plain step does).
     Returns (tokens, parents, depth int32 [B, n_nodes], state)."""
     corpora = self._corpora(draft_params, seq_tokens, pos, ctx)
-    n = self.n_max
-    s = seq_tokens.shape[1]
-    idx = pos[:, None] - (n - 1) + jnp.arange(n)[None, :]
-    window = jnp.take_along_axis(seq_tokens, jnp.clip(idx, 0, s - 1), axis=1)
-    window = jnp.where(idx >= 0, window, NO_TOKEN).astype(jnp.int32)
-    wlen = jnp.minimum(pos + 1, n)
+    window, wlen = self._window(seq_tokens, pos)
     dcap = min(depth_cap or n_nodes - 1, n_nodes - 1)
     b = pos.shape[0]
     mls = [jnp.where(ok, match_lengths(window, wlen, toks), 0) for toks, ok, _ in corpora]
