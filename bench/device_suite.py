@@ -28,7 +28,8 @@ b. ``drafter_cost``: the drafter cost ``c = propose(k) / (k * plain step)`` from
    self-drafter ('jnp' and 'pallas' backends), k = 4.
 c. ``verify_cost``: ``v(k) = forward(T = k + 1) / forward(T = 1)`` for chains k = 2, 4, 8
    (the profiler's own cache-extending loop, over a random-valued KV cache); tree cells
-   (N = 8, 16, 32, 64 nodes) are recorded as ``{"skipped": "trees not built"}``.
+   (first model, first two batches, N = 8, 16, 32, 64 nodes, a breadth-first top-4 tree):
+   ``v_tree(N)`` of the tree verify pass beside ``v_chain`` of a chain pass of N tokens.
 d. ``long_tail``: :mod:`bench.long_tail` on the 215M ``gpu`` preset: static, compaction,
    and the adaptive engine with each cheap drafter (int8, suffix, hybrid), B = 64, 256.
 e. ``verify_kernel``: the verify kernels' bandwidth (the general one,
@@ -119,7 +120,6 @@ SECTIONS = {  # letter -> (name, results file)
 }
 RESULT_FILES = tuple(sorted({f for _, f in SECTIONS.values()}))
 TINY = dict(vocab_size=512, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128)
-TREES_NOT_BUILT = 'trees not built'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +200,7 @@ SMOKE = Grid(  # every section's code path on CPU in well under a minute (compil
   prof_reps=1,
   prof_iters=1,
   verify_ks=(2,),
-  tree_nodes=(8, 16, 32, 64),
+  tree_nodes=(8, 40),  # the bit-set mask (<= 32 nodes) and the gather one
   long_tail_model='tiny',
   long_tail_batches=(4,),
   long_tail_variants='static',
@@ -479,15 +479,59 @@ def verify_cost_cell(ctx: Context, model: str, batch: int, new: int) -> dict:
 
 
 def section_c(ctx: Context) -> Iterator[Cell]:
+  """Chains at every (budget, model, batch); trees (first model, the first two batches)
+  right after the first budget's chains, so a tight budget still records some of each."""
   g = ctx.grid
-  for new in g.new_tokens:
+  for i, new in enumerate(g.new_tokens):
     for model in g.models:
       for b in g.cost_batches:
         yield Cell(
           f'c/{model}/N{new}/B{b}', functools.partial(verify_cost_cell, ctx, model, b, new)
         )
-  for n in g.tree_nodes:
-    yield Cell(f'c/tree/N{n}', None, skip=TREES_NOT_BUILT)
+    if i == 0:
+      for b in g.cost_batches[:2]:
+        for n in g.tree_nodes:
+          yield Cell(
+            f'c/tree/{g.models[0]}/B{b}/N{n}',
+            functools.partial(tree_verify_cell, ctx, g.models[0], b, n),
+          )
+
+
+def tlt_parents(n: int, branch: int = 4) -> np.ndarray:
+  """int32 [N]: a breadth-first tree of ``branch`` children per node (node 0 the root) --
+  the bushy shape of TLT's top-4 arms; depth ~ log_branch(N)."""
+  return np.asarray([-1] + [(u - 1) // branch for u in range(1, n)], np.int32)
+
+
+def tree_verify_cell(ctx: Context, model: str, batch: int, n: int) -> dict:
+  """v(N) of a tree verify pass (tree mask, node positions, scratch K/V) of N nodes beside
+  the chain pass of the same N tokens, both over T = 1, in one call (random KV)."""
+  g = ctx.grid
+  cfg, params = ctx.cfg(model), ctx.params(model)
+  new = g.new_tokens[0]
+  buffer = g.prompt + new + n + 1
+  pos0 = g.prompt + new // 2
+  fwd_params = steps_lib.loop_params_jit(params, None)
+  parents = np.broadcast_to(tlt_parents(n), (batch, n))
+  fns = {
+    'fwd1': profile_lib.forward_loop(cfg, batch, 1, pos0, g.prof_reps),
+    'chain': profile_lib.forward_loop(cfg, batch, n, pos0, g.prof_reps),
+    'tree': profile_lib.tree_forward_loop(cfg, parents, pos0, g.prof_reps),
+  }
+  secs = {}
+  for name, fn in fns.items():
+    t = 1 if name == 'fwd1' else n
+    timer = profile_lib.LoopTimer(
+      fn, (fwd_params,), (random_cache(cfg, batch, buffer, t),), g.prof_reps
+    )
+    secs[name] = profile_lib.median_seconds(timer, iters=g.prof_iters) / g.prof_reps
+    del timer
+  return dict(
+    model=model, B=batch, nodes=n, new_tokens=new, fwd1_ms=1e3 * secs['fwd1'],
+    tree_ms=1e3 * secs['tree'], chain_ms=1e3 * secs['chain'],
+    v_tree=secs['tree'] / secs['fwd1'], v_chain=secs['chain'] / secs['fwd1'],
+    tree_over_chain=secs['tree'] / secs['chain'],
+  )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- (d) long tail

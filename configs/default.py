@@ -86,6 +86,7 @@ def get_config(arg: str | None = None):
       # adaptive engine's arm k runs trees of k + 1 nodes
       tree_nodes=0,
       tree_depth=0,  # depth cap of the tree builders; 0 = tree_nodes - 1
+      tree_branch=0,  # children per node of the tree builders; 0 = no cap
       verify_impl='jnp',  # jnp | pallas
       max_steps=0,  # safety cap on decode-loop iterations; 0 = derived
       # static engine: a decode step attends to the smallest power-of-two multiple of this

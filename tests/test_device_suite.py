@@ -54,7 +54,10 @@ def test_cpu_smoke_runs_every_section_into_four_files(smoke):
   assert all(r['c'] > 0 and r['fwd1_ms'] > 0 for r in b.values())
   c = cells(files, 'c')
   trees = {k: r for k, r in c.items() if k.startswith('c/tree/')}
-  assert len(trees) == 4 and all(r == {'skipped': ds.TREES_NOT_BUILT} for r in trees.values())
+  assert len(trees) == len(g.tree_nodes) * len(g.cost_batches[:2])
+  assert all(
+    r['v_tree'] > 0 and r['v_chain'] > 0 and r['tree_over_chain'] > 0 for r in trees.values()
+  )
   chains = [r for k, r in c.items() if k not in trees]
   assert chains and all(r[f'v{k}'] > 0 for r in chains for k in g.verify_ks)
   (d,) = cells(files, 'd').values()
@@ -80,7 +83,12 @@ def fake(monkeypatch):
     return cell
 
   monkeypatch.setattr(ds, 'clock', lambda: now[0])
-  for name, fn in (('a', 'decode_cell'), ('b', 'drafter_cell'), ('c', 'verify_cost_cell')):
+  for name, fn in (
+    ('a', 'decode_cell'),
+    ('b', 'drafter_cell'),
+    ('c', 'verify_cost_cell'),
+    ('c', 'tree_verify_cell'),
+  ):
     monkeypatch.setattr(ds, fn, stub(name))
   monkeypatch.setattr(ds, 'long_tail_cell', stub('d'))
   monkeypatch.setattr(ds, 'kernel_cell', stub('e'))
@@ -102,9 +110,7 @@ def test_budgets_skip_later_cells_and_sections_cleanly(fake, tmp_path):
     sec = files[ds.SECTIONS[letter][1]]['sections'][letter]
     ran = [r for r in sec['cells'].values() if 'stub' in r]
     assert sec['counts']['ran'] == len(ran) == {'a': 2, 'e': 0, 'f': 0}.get(letter, 1)
-    assert all(
-      r['skipped'] in ('budget', ds.TREES_NOT_BUILT) for r in sec['cells'].values() if r not in ran
-    )
+    assert all(r['skipped'] == 'budget' for r in sec['cells'].values() if r not in ran)
   assert list(cells(files, 'b').values())[1:] == [{'skipped': 'budget'}] * 3
   assert files['suite_costs.json']['sections']['b']['budget_s'] == 5
 

@@ -328,3 +328,138 @@ def test_trees_on_eight_devices_emit_plain_tokens():
     assert res[name]['equal'] and res[name]['lp_diff'] < 1e-5, res
     assert res[name]['accepted'] > 0 and res[name]['non_first'] > 0, res
   assert res['adaptive']['compactions'] >= 1, res
+
+
+def test_builders_cap_children_per_node():
+  """``branch`` keeps the most frequent children of every node; the nodes a capped subtree
+  would have taken go to the next allowed prefixes (never to a capped node's children)."""
+  cont = jnp.asarray(
+    [[[5, 6, 7], [5, 6, 8], [5, 9, 1], [2, 3, 4], [2, 3, 4], [4, 1, 1], [5, 6, 7]]], jnp.int32
+  )
+  build = jax.jit(tree_build.continuation_tree, static_argnums=(1, 3))
+  toks, par, _ = (np.asarray(a)[0] for a in build(cont, 8, None, None))
+  assert toks[1:].tolist() == [5, 6, 2, 3, 7, 4, 4]  # uncapped: "4" at the root too
+  toks, par, dep = (np.asarray(a)[0] for a in build(cont, 8, None, 2))
+  # root: 5 (x4), 2 (x2) -- "4" (x1) capped; under "5": 6, 9; the last node is "5 9", not
+  # "5 6 8" (deeper at the same count) nor anything under the capped "4"
+  assert toks[1:].tolist() == [5, 6, 2, 3, 7, 4, 9]
+  assert par[1:].tolist() == [0, 1, 0, 3, 2, 4, 1]
+  for node in range(1, 8):  # at most 2 children per node
+    assert (par[1:] == node).sum() <= 2 and (par[1:] == 0).sum() <= 2
+  toks, par, _ = (np.asarray(a)[0] for a in build(cont, 8, None, 1))
+  assert toks[1:4].tolist() == [5, 6, 7] and (toks[4:] == -1).all()  # a single chain
+
+
+def test_tree_arms_in_tlt_notation_and_their_pricing():
+  """Adaptive arms: 'depth_branch_nodes' strings beside chain lengths, stable ids, refusals,
+  and the cost model pricing a tree arm by its own measured tokens per pass."""
+  from specrl import adaptive
+  from specrl.adaptive import policies
+  from specrl.adaptive.config import TreeArm, drafts, tree_arm
+
+  acfg = adaptive.AdaptiveConfig(arms=(3, '4_2_8', '8_4_48'))
+  t = tree_arm(acfg.arms[1])
+  assert t == TreeArm(depth=4, branch=2, nodes=8) and drafts(acfg.arms[1]) == 7
+  assert tree_arm(3) is None and drafts(3) == 3
+  assert acfg.k_max == 47 and acfg.always_arm == acfg.arms[2]
+  assert policies.strategy_name(acfg.arms[1]) == 'tree4_2_8'
+  assert adaptive.AdaptiveConfig(arms=acfg.arms).arms == acfg.arms  # ids parse back
+  for bad, msg in [
+    (('4_2',), 'depth_branch_nodes'),
+    (('9_2_8',), 'depth <= nodes - 1'),
+    ((0,), 'draft length >= 1'),
+    ((3, 3), 'distinct'),
+  ]:
+    with pytest.raises(ValueError, match=msg):
+      adaptive.AdaptiveConfig(arms=bad)
+  with pytest.raises(ValueError, match='roofline policy must be chains'):
+    adaptive.AdaptiveConfig(policy='roofline', arms=(2, '2_2_4'))
+  # pricing: chain k = 3 and tree 4_2_8 at equal measured cost; acceptance 0.3
+  tree_id, mem = acfg.arms[1], policies.Memory(alpha=0.3)
+  obs = policies.ChunkObs(
+    bucket=4, strategy=tree_id, steps=10, seconds=1.0, tokens=120, rounds=40, accepted=80,
+    active_start=4, active_end=4,
+  )  # fmt: skip
+  assert obs.alpha is None and obs.tokens_per_pass == 3.0  # no chain formula for a tree
+  mem = policies.memory_observe(mem, obs, None, acfg)
+  assert mem.passes[(4, tree_id)] == (3.0, 40.0) and mem.alpha == 0.3
+  tpp = policies.arm_tokens_per_pass(mem, 4, tree_id, 0.3, optimism=0.0)
+  assert tpp == 3.0  # measured
+  prior = policies.arm_tokens_per_pass(policies.Memory(alpha=0.3), 4, tree_id, 0.3, 0.0)
+  assert policies.tree_tokens_prior(0.3, TreeArm(7, 1, 8)) == pytest.approx(
+    policies.expected_tokens(0.3, 7)
+  )  # a chain-shaped tree is priced as the chain
+  assert 1.0 < prior < 5.0
+  costs = {0: 1.0, 3: 1.5, tree_id: 1.5}
+  s, rates = policies.cost_model_choose(costs, 0.3, None, 0.1, {tree_id: tpp})
+  assert s == tree_id and rates[tree_id] == pytest.approx(2.0)
+  back = policies.memory_from_json(policies.memory_to_json(mem))
+  assert back.passes == mem.passes
+
+
+def test_adaptive_engine_explores_tree_arms_and_emits_plain_tokens(tiny_cfg, tiny_params):
+  """TLT exploring (epsilon = 1) over two tree arms of different shapes (one branch-capped):
+  every chunk's tree shape is its arm's, the output is still plain decoding's tokens, and
+  each arm's tokens per pass is in the engine's memory."""
+  from specrl import adaptive
+  from specrl import rollout as rollout_lib
+
+  sp = SETTINGS['t07_topk']
+  base = RolloutConfig(
+    max_new_tokens=NEW, max_prompt_len=P, sampling=sp, eos_id=-1, attend_bucket=0
+  )
+  toks, lens, groups = _batch()
+  plain, _ = rollout_lib.RolloutEngine(tiny_cfg, base).generate(
+    tiny_params, toks, lens, jax.random.key(2), group_ids=groups
+  )
+  acfg = adaptive.AdaptiveConfig(
+    policy='tlt', buckets=(8,), arms=('3_2_6', '2_0_5'), chunk_steps=2, tlt_threshold=8,
+    tlt_patience=0, tlt_epsilon=1.0, seed=3,
+  )  # fmt: skip
+  eng = adaptive.AdaptiveRolloutEngine(tiny_cfg, base, acfg, drafter=SuffixDrafter(16, 1, 4))
+  rc = eng._step_rcfg(acfg.arms[0])
+  assert (rc.tree_nodes, rc.tree_depth, rc.tree_branch) == (6, 3, 2)
+  out, m = eng.generate(tiny_params, toks, lens, jax.random.key(2), group_ids=groups)
+  np.testing.assert_array_equal(np.asarray(out.response), np.asarray(plain.response))
+  np.testing.assert_allclose(out.response_logprobs, plain.response_logprobs, atol=1e-5)
+  ran = {k.split('/')[1] for k in eng.last_report.phases}
+  assert {'tree3_2_6', 'tree2_0_5'} <= ran, ran
+  assert {s for _, s in eng.memory.passes} == set(acfg.arms)
+  assert m['spec/accepted'] > 0
+
+
+def test_hybrid_trees_emit_plain_tokens_with_unmatched_rows(tiny_cfg, tiny_params):
+  """The hybrid (suffix + int8 fallback) under trees, static engine, the Pallas tree kernel
+  (interpret mode) and length buckets with KV growth: matched rows verify the suffix part's
+  branch-capped trees, unmatched rows an empty tree (a plain-step sample, never the
+  fallback's sampled drafts); the output is the dense plain run's tokens."""
+  from configs import default
+  from specrl import drafters
+  from specrl import rollout as rollout_lib
+
+  c = default.get_config('smoke')
+  c.rollout.drafter = 'suffix'
+  c.drafter.suffix.update(fallback='quantized', n_min=2, n_max=4)
+  hybrid = drafters.make_drafter(c, tiny_cfg)
+  assert hasattr(hybrid, 'fallback') and hasattr(hybrid, 'propose_tree')
+  sp = SETTINGS['top_p']
+  base = RolloutConfig(
+    max_new_tokens=NEW, max_prompt_len=P, sampling=sp, eos_id=-1, attend_bucket=0
+  )
+  toks, lens, groups = _batch()
+  plain, _ = rollout_lib.RolloutEngine(tiny_cfg, base).generate(
+    tiny_params, toks, lens, jax.random.key(2), group_ids=groups
+  )
+  rcfg = dataclasses.replace(
+    base, num_draft=5, tree_nodes=6, tree_depth=3, tree_branch=2, verify_impl='pallas',
+    attend_bucket=8,  # length buckets 8 / 16 / 32 with a growing cache vs the dense plain run
+  )  # fmt: skip
+  eng = rollout_lib.RolloutEngine(tiny_cfg, rcfg, drafter=hybrid)
+  out, m = eng.generate(tiny_params, toks, lens, jax.random.key(2), group_ids=groups)
+  np.testing.assert_array_equal(np.asarray(out.response), np.asarray(plain.response))
+  np.testing.assert_allclose(out.response_logprobs, plain.response_logprobs, atol=1e-5)
+  nodes, non_first, _ = np.asarray(out.tree_stats).sum(0)
+  assert non_first > 0 and m['spec/accepted'] > 0
+  assert len(set(eng.last_kv_slots)) > 1  # the cache grew between length buckets
+  # some passes proposed nothing (no match of n_min = 2 yet): fewer nodes than 5 per pass
+  assert nodes < 5 * np.asarray(out.num_rounds).sum()

@@ -1,9 +1,11 @@
 """Static settings of the adaptive rollout engine (pure Python, no JAX).
 
 The draft lengths the engine may use come from one knob, ``arms``: ``cost_model`` and
-``tlt`` choose among them, ``roofline`` climbs them as its ladder (ascending), ``always``
-speculates with the largest. The state buffer's scratch is laid out for
-:meth:`AdaptiveConfig.k_max` (``max(arms)``; 0 for ``never``).
+``tlt`` choose among them, ``roofline`` climbs them as its ladder (ascending; chains only),
+``always`` speculates with the largest. An arm is a chain of k drafts or a draft tree
+(:class:`TreeArm`, TLT's ``depth_branch_nodes`` notation, e.g. ``'8_4_48'``). The state
+buffer's scratch is laid out for :meth:`AdaptiveConfig.k_max` (the most drafts per pass; 0
+for ``never``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,68 @@ import dataclasses
 
 POLICIES = ('cost_model', 'tlt', 'roofline', 'always', 'never')
 PLAIN = 0  # strategy id of plain decoding; k >= 1 = speculation with k drafts
+# Tree arms have strategy ids >= TREE_BASE that spell their shape in decimal digits
+# (``TREE_BASE + nodes * 10**4 + branch * 10**2 + depth``), so ids are stable across runs and
+# checkpoints (the engine's memory is keyed by them) and read back without a table.
+TREE_BASE = 10_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeArm:
+  """A draft-tree arm in TLT's ``depth_branch_nodes`` notation: at most ``depth`` levels,
+  at most ``branch`` children per node (0 = no cap), ``nodes`` verify tokens per row, root
+  (the last committed token) included -- so it verifies ``nodes - 1`` drafts per pass as a
+  chain arm ``k = nodes - 1`` does, but spread over alternatives."""
+
+  depth: int
+  branch: int
+  nodes: int
+
+  @property
+  def name(self) -> str:
+    return f'{self.depth}_{self.branch}_{self.nodes}'
+
+  @property
+  def id(self) -> int:
+    return TREE_BASE + self.nodes * 10_000 + self.branch * 100 + self.depth
+
+
+def tree_arm(s: int) -> TreeArm | None:
+  """The tree shape of strategy id ``s`` (None: plain or a chain)."""
+  if s < TREE_BASE:
+    return None
+  r = s - TREE_BASE
+  return TreeArm(depth=r % 100, branch=(r // 100) % 100, nodes=r // 10_000)
+
+
+def drafts(s: int) -> int:
+  """Draft tokens verified per pass by strategy ``s`` (0 plain, k a chain, nodes - 1 a tree):
+  what sizes its scratch slots and verify forward."""
+  t = tree_arm(s)
+  return s if t is None else t.nodes - 1
+
+
+def parse_arm(a) -> int:
+  """An ``adaptive.arms`` entry -> strategy id: an int k >= 1 (a chain of k drafts), a
+  ``'depth_branch_nodes'`` string (a tree, e.g. ``'4_2_8'``) or a tree id. Raises
+  ValueError naming the entry."""
+  if isinstance(a, str):
+    parts = a.split('_')
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+      raise ValueError(f"adaptive.arms entry {a!r} is no 'depth_branch_nodes' tree (e.g. '4_2_8')")
+    d, b, n = (int(p) for p in parts)
+    if not (2 <= n < 1000 and 1 <= d <= n - 1 and d < 100 and 0 <= b < 100):
+      raise ValueError(
+        f'adaptive.arms tree {a!r}: needs 2 <= nodes < 1000, 1 <= depth <= nodes - 1 (and '
+        '< 100), 0 <= branch < 100 (0 = no cap)'
+      )
+    return TreeArm(d, b, n).id
+  if isinstance(a, bool) or not isinstance(a, int) or a < 1:
+    raise ValueError(f"adaptive.arms entry {a!r} must be a draft length >= 1 or a 'd_b_n' tree")
+  if a >= TREE_BASE:
+    t = tree_arm(a)
+    parse_arm(t.name)  # validates the decoded shape
+  return a
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +85,9 @@ class AdaptiveConfig:
   compaction: bool = True
   buckets: tuple[int, ...] = (256, 128, 64, 32, 16, 8, 4, 2, 1)
   policy: str = 'cost_model'
-  arms: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)  # the draft lengths of every policy
+  # the draft lengths of every policy; a 'depth_branch_nodes' string is a draft-tree arm
+  # (TreeArm; stored as its strategy id)
+  arms: tuple = (1, 2, 3, 4, 5, 6, 7, 8)
   chunk_steps: int = 16  # rounds per jitted chunk (host decisions in between)
   # cost model
   hysteresis: float = 0.1  # switch strategy only for a > (1 + hysteresis) better rate
@@ -56,8 +122,17 @@ class AdaptiveConfig:
     b = self.buckets
     if not b or any(x < 1 for x in b) or list(b) != sorted(set(b), reverse=True):
       bad('buckets', 'must be distinct positive batch sizes in descending order')
-    if not self.arms or any(k < 1 for k in self.arms) or len(set(self.arms)) != len(self.arms):
-      bad('arms', 'must be distinct draft lengths >= 1')
+    if not self.arms:
+      bad('arms', 'must name at least one draft length or tree')
+    object.__setattr__(self, 'arms', tuple(parse_arm(a) for a in self.arms))
+    if len(set(self.arms)) != len(self.arms):
+      bad('arms', 'must be distinct')
+    if self.policy == 'roofline' and any(tree_arm(s) for s in self.arms):
+      bad(
+        'arms',
+        'of the roofline policy must be chains: its ladder is chain-only (draft trees: '
+        "use 'cost_model' or 'tlt')",
+      )
     if self.chunk_steps < 1:
       bad('chunk_steps', 'must be >= 1')
     if not 0.0 <= self.alpha_prior < 1.0:
@@ -75,10 +150,16 @@ class AdaptiveConfig:
 
   @property
   def k_max(self) -> int:
-    """Largest draft length the policy can choose (the buffer's scratch)."""
-    return 0 if self.policy == 'never' else max(self.arms)
+    """Most drafts per pass the policy can choose (the buffer's scratch)."""
+    return 0 if self.policy == 'never' else max(drafts(s) for s in self.arms)
+
+  @property
+  def always_arm(self) -> int:
+    """The ``always`` policy's arm: the one with the most drafts per pass (ties: the later
+    in ``arms``)."""
+    return max(reversed(self.arms), key=drafts)
 
   @property
   def ladder(self) -> tuple[int, ...]:
-    """The roofline policy's draft-length ladder: the arms, ascending."""
+    """The roofline policy's draft-length ladder: the arms, ascending (chains only)."""
     return tuple(sorted(self.arms))

@@ -69,11 +69,12 @@ from specrl import drafters as drafters_lib
 from specrl import model as model_lib
 from specrl import multihost as mh
 from specrl import sharding as shd
-from specrl.adaptive.config import PLAIN, AdaptiveConfig
+from specrl.adaptive.config import PLAIN, AdaptiveConfig, TreeArm, drafts, tree_arm
 from specrl.adaptive.policies import (
   ChunkObs,
   Memory,
   alpha_at,
+  arm_tokens_per_pass,
   cost_model_choose,
   memory_from_json,
   memory_observe,
@@ -125,6 +126,15 @@ from specrl.rollout import kv_metrics, prepare_prompts, prepare_row_ids, rollout
 log = logging.getLogger(__name__)
 
 
+def _as_tree_arm(s: int, rcfg: RolloutConfig) -> int:
+  """``rollout.tree_nodes`` with the adaptive engine: chain arm k -> the tree of k + 1
+  nodes under ``rollout.tree_depth`` / ``tree_branch`` (tree arms stay as they are)."""
+  if tree_arm(s) is not None:
+    return s
+  depth = min(rcfg.tree_depth or s, s)
+  return TreeArm(depth=depth, branch=rcfg.tree_branch, nodes=s + 1).id
+
+
 class AdaptiveRolloutEngine:
   """Rollout with compaction and a per-phase plain/speculative choice.
 
@@ -158,7 +168,12 @@ class AdaptiveRolloutEngine:
         f"adaptive.policy {acfg.policy!r} needs a drafter (use 'never' for "
         'plain decoding with compaction)'
       )
-    tree_lib.check_drafter(drafter, rcfg)  # draft trees: an arm k runs trees of k + 1 nodes
+    if rcfg.tree_nodes:  # rollout.tree_nodes: every chain arm k runs a tree of k + 1 nodes
+      acfg = dataclasses.replace(acfg, arms=tuple(_as_tree_arm(s, rcfg) for s in acfg.arms))
+    trees = [t for t in map(tree_arm, acfg.arms) if t is not None]
+    max_nodes = max((t.nodes for t in trees), default=0)
+    if trees and acfg.policy != 'never':  # tree arms need a drafter that can propose trees
+      tree_lib.check_drafter(drafter, dataclasses.replace(rcfg, tree_nodes=max_nodes))
     self.cfg, self.rcfg, self.acfg, self.drafter = cfg, rcfg, acfg, drafter
     self.mesh = mesh if mesh is not None else shd.make_mesh((1, 1, 1), jax.devices()[:1])
     self.k_max = acfg.k_max
@@ -168,8 +183,12 @@ class AdaptiveRolloutEngine:
     # Laid out for every arm (a 'never' engine never widens, so this costs it nothing) and,
     # for engines made by :meth:`with_config`, at least as wide as the engine they share
     # compiled functions and profiles with.
-    scratch = max(max(acfg.arms), _shared._wrcfg.max_draft if _shared is not None else 0)
-    self._wrcfg = dataclasses.replace(rcfg, max_draft=scratch)
+    scratch = max(acfg.k_max, _shared._wrcfg.max_draft if _shared is not None else 0)
+    # the state carries tree counters when any arm is a tree (each chunk's own tree shape
+    # comes from :meth:`_step_rcfg`)
+    self._wrcfg = dataclasses.replace(
+      rcfg, max_draft=scratch, tree_nodes=max_nodes, tree_depth=0, tree_branch=0
+    )
     self.narrow_len = rcfg.seq_len
     self.buffer_len = self._wrcfg.buffer_len
     # Drafter state (e.g. its own KV cache) exists only for drafters that keep one, and is
@@ -291,8 +310,17 @@ class AdaptiveRolloutEngine:
       return None
     return bucket_for(attend_buckets(self._wrcfg, width), need)
 
+  def _step_rcfg(self, strategy: int) -> RolloutConfig:
+    """The rollout config a chunk of ``strategy`` decodes with: a tree arm's shape as
+    ``tree_nodes`` / ``tree_depth`` / ``tree_branch`` (a tree round), none for a chain."""
+    t, w = tree_arm(strategy), self._wrcfg
+    if t is None:
+      return dataclasses.replace(w, tree_nodes=0) if w.tree_nodes else w
+    depth = 0 if t.depth >= t.nodes - 1 else t.depth
+    return dataclasses.replace(w, tree_nodes=t.nodes, tree_depth=depth, tree_branch=t.branch)
+
   def _chunk_fn(self, b, strategy, args, report, has_draft, attend_len=None):
-    cfg, rcfg, drafter, mesh = self.cfg, self._wrcfg, self.drafter, self.mesh
+    cfg, rcfg, drafter, mesh = self.cfg, self._step_rcfg(strategy), self.drafter, self.mesh
     limit = max_loop_steps(self.rcfg)
 
     def fn(params, dparams, state, min_active, max_steps):
@@ -302,7 +330,7 @@ class AdaptiveRolloutEngine:
         state,
         min_active,
         max_steps,
-        k=strategy,
+        k=drafts(strategy),
         cfg=cfg,
         rcfg=rcfg,
         drafter=drafter,  # plain steps only use its optional hooks (observe, hidden)
@@ -379,7 +407,7 @@ class AdaptiveRolloutEngine:
     if acfg.policy == 'never':
       return PLAIN, to_boundary, {}
     if acfg.policy == 'always':
-      return self.k_max, steps, {}
+      return acfg.always_arm, steps, {}
     if acfg.policy == 'tlt':
       u = (float(self._rng.random()), float(self._rng.random()))
       tlt, s, steps = tlt_update(mem.tlt, obs, n_active, b, acfg, u)
@@ -387,13 +415,20 @@ class AdaptiveRolloutEngine:
       return s, steps, dict(below_steps=tlt.below_steps)
     prof = self._profile(b, params, dparams_fn, report)
     if acfg.policy == 'cost_model':
-      arms = tuple(k for k in acfg.arms if k <= self.k_max)
+      arms = tuple(k for k in acfg.arms if drafts(k) <= self.k_max)
       costs = round_costs(mem, prof, b, (PLAIN,) + arms, acfg.learn_online)
       # seconds per round -> per *committed* round: a measured yield < 1 (rows finishing
       # mid-run) makes long drafts at this bucket proportionally dearer
       costs = {k: c / max(mem.yields.get((b, k), 1.0), 1e-3) for k, c in costs.items()}
       alpha = optimistic_alpha(*alpha_at(mem, b), acfg.alpha_optimism)
-      s, rates = cost_model_choose(costs, alpha, current, acfg.hysteresis)
+      # tree arms: their own measured tokens per pass (optimistic until measured)
+      base = alpha_at(mem, b)[0]
+      tokens = {
+        k: arm_tokens_per_pass(mem, b, k, base, acfg.alpha_optimism)
+        for k in arms
+        if tree_arm(k) is not None
+      }
+      s, rates = cost_model_choose(costs, alpha, current, acfg.hysteresis, tokens)
       steps = to_boundary if s == PLAIN else steps
       return s, steps, dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
     # roofline
@@ -539,7 +574,7 @@ class AdaptiveRolloutEngine:
       if strategy != PLAIN and self._stateful and state.draft is None:
         state = self._attach_draft(state, dparams, report)
       width = state.tokens.shape[1]
-      attend = self._attend_len(width, live + strategy)
+      attend = self._attend_len(width, live + drafts(strategy))
       if self._grow_kv:  # grow first: every write of the chunk lands inside the cache
         state = self._grow(state, attend or width, report)
       report.kv_peak = max(report.kv_peak, b * state.cache['k'].shape[2] * per_slot)
@@ -618,8 +653,8 @@ class AdaptiveRolloutEngine:
     ph['tokens'] += obs.tokens
     ph['steps'] += obs.steps
     ph['accepted'] += obs.accepted
-    ph['drafted'] += obs.rounds * obs.strategy
-    report.drafted += obs.rounds * obs.strategy
+    ph['drafted'] += obs.rounds * drafts(obs.strategy)
+    report.drafted += obs.rounds * drafts(obs.strategy)
     prof = self._profiles.get((b, self.buffer_len))
     self.memory = memory_observe(self.memory, obs, prof, self.acfg)
     return obs

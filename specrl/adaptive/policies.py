@@ -20,11 +20,12 @@ import dataclasses
 import statistics
 from collections.abc import Mapping, Sequence
 
-from specrl.adaptive.config import PLAIN, AdaptiveConfig
+from specrl.adaptive.config import PLAIN, AdaptiveConfig, TreeArm, drafts, tree_arm
 from specrl.decoding.spec_math import (
   CostProfile,
   alpha_from_tokens_per_round,
   expected_tokens,
+  optimistic_alpha,
 )
 
 
@@ -64,27 +65,45 @@ class ChunkObs:
     (:func:`alpha_from_tokens_per_round`), so the cost model can extrapolate to other k.
     Higher than ``spec/alpha`` (accepted / drafted) at the same tau; see
     :mod:`specrl.decoding.spec_math`."""
+    if self.strategy == PLAIN or self.rounds <= 0 or tree_arm(self.strategy) is not None:
+      return None  # a tree's tokens per pass are no chain's: kept per arm (Memory.passes)
+    return alpha_from_tokens_per_round(1.0 + self.accepted / self.rounds, self.strategy)
+
+  @property
+  def tokens_per_pass(self) -> float | None:
+    """Tokens a verify pass emitted per row (accepted + 1), None when it did not speculate."""
     if self.strategy == PLAIN or self.rounds <= 0:
       return None
-    return alpha_from_tokens_per_round(1.0 + self.accepted / self.rounds, self.strategy)
+    return 1.0 + self.accepted / self.rounds
 
 
 # ----------------------------------------------------------------------------- policies
 
 
 def cost_model_choose(
-  costs: Mapping[int, float], alpha: float, current: int | None, hysteresis: float
+  costs: Mapping[int, float],
+  alpha: float,
+  current: int | None,
+  hysteresis: float,
+  tokens: Mapping[int, float] | None = None,
 ) -> tuple[int, dict[int, float]]:
   """Strategy with the highest expected tokens/s per active row, with hysteresis.
 
   Args:
-    costs: strategy (0 = plain, k = speculative) -> seconds per round at this bucket.
-    alpha: running per-token acceptance.
+    costs: strategy (0 = plain, k = speculative, a tree id) -> seconds per round here.
+    alpha: running per-token acceptance (chains: ``expected_tokens(alpha, k)`` per pass).
     current: the strategy in use (kept unless another is ``> 1 + hysteresis`` better).
+    tokens: expected tokens per pass of strategies priced otherwise (tree arms:
+      :func:`arm_tokens_per_pass`).
   Returns:
     (strategy, rates {strategy: expected tokens per second per row}).
   """
-  rates = {s: expected_tokens(alpha, s) / max(t, 1e-12) for s, t in costs.items()}
+  tokens = tokens or {}
+
+  def per_pass(s):
+    return tokens[s] if s in tokens else expected_tokens(alpha, s)
+
+  rates = {s: per_pass(s) / max(t, 1e-12) for s, t in costs.items()}
   best = max(sorted(rates), key=lambda s: rates[s])  # ties: the smallest k (plain first)
   if current in rates and rates[best] <= rates[current] * (1.0 + hysteresis):
     return current, rates
@@ -212,6 +231,9 @@ class Memory:
   yields: dict = dataclasses.field(default_factory=dict)
   tlt: TltState = dataclasses.field(default_factory=TltState)
   roofline: RooflineState = dataclasses.field(default_factory=RooflineState)
+  # (bucket, strategy) -> (measured tokens per verify pass, sequence-rounds observed): what
+  # the cost model prices tree arms with (no chain formula inverted for an acceptance)
+  passes: dict = dataclasses.field(default_factory=dict)
 
 
 def memory_observe(
@@ -230,6 +252,13 @@ def memory_observe(
     w = obs.rounds / (obs.rounds + acfg.alpha_memory)
     bucket_alpha[obs.bucket] = ((1.0 - w) * prev + w * a, n + obs.rounds)
   costs, corr, yields = dict(mem.costs), dict(mem.corr), dict(mem.yields)
+  passes = dict(mem.passes)
+  tpp = obs.tokens_per_pass
+  if tpp is not None:
+    key = (obs.bucket, obs.strategy)
+    prev, n = passes.get(key, (tpp, 0.0))
+    w = obs.rounds / (obs.rounds + acfg.alpha_memory)
+    passes[key] = ((1.0 - w) * prev + w * tpp if n else tpp, n + obs.rounds)
   y = obs.yield_
   if y is not None:
     w = obs.rounds / (obs.rounds + acfg.alpha_memory)
@@ -253,7 +282,39 @@ def memory_observe(
     costs=costs,
     corr=corr,
     yields=yields,
+    passes=passes,
   )
+
+
+def tree_tokens_prior(alpha: float, arm: TreeArm) -> float:
+  """Tokens per pass a tree arm is assumed to reach before it is measured: a chain of
+  ``depth`` levels whose level is passed when any of its ``w`` candidates is right,
+  ``1 - (1 - alpha)^w``, with ``w`` = the arm's nodes per level (capped by its branch).
+  For a chain (one node per level) this is :func:`expected_tokens`."""
+  w = (arm.nodes - 1) / arm.depth
+  if arm.branch:
+    w = min(w, arm.branch)
+  a = min(max(float(alpha), 0.0), 1.0)
+  return expected_tokens(1.0 - (1.0 - a) ** max(w, 1.0), arm.depth)
+
+
+def arm_tokens_per_pass(mem: Memory, bucket: int, s: int, alpha: float, optimism: float) -> float:
+  """Expected tokens per verify pass of tree arm ``s`` at ``bucket``: its measured tokens
+  per pass (this bucket's, else the mean over the buckets it ran in), pulled towards the
+  optimistic prior (:func:`tree_tokens_prior` at acceptance ``alpha``) by ``optimism /
+  (optimism + n)`` after ``n`` sequence-rounds of it -- as the chains' acceptance is
+  (:func:`optimistic_alpha`), so an arm is tried where it could pay and dropped once
+  measured not to."""
+  prior = tree_tokens_prior(optimistic_alpha(alpha, 0.0, optimism), tree_arm(s))
+  if (bucket, s) in mem.passes:
+    tpp, n = mem.passes[(bucket, s)]
+  else:
+    seen = [(t, n) for (b, x), (t, n) in mem.passes.items() if x == s and n > 0]
+    n = sum(m for _, m in seen)
+    tpp = sum(t * m for t, m in seen) / n if n else prior
+  if optimism <= 0 or not n:
+    return tpp if n else prior
+  return tpp + (prior - tpp) * optimism / (optimism + n)
 
 
 def alpha_at(mem: Memory, bucket: int) -> tuple[float, float]:
@@ -279,12 +340,17 @@ def round_costs(
       continue
     kind = 'plain' if s == PLAIN else 'spec'
     c = mem.corr.get((bucket, kind), mem.corr.get((bucket, 'plain'), 1.0))
-    out[s] = profile.round(s) * (c if learn_online else 1.0)
+    # a tree of N nodes is priced as a chain of N - 1 drafts until measured
+    out[s] = profile.round(drafts(s)) * (c if learn_online else 1.0)
   return out
 
 
 def strategy_name(s: int) -> str:
-  return 'plain' if s == PLAIN else f'k{s}'
+  """'plain', 'k<k>' (a chain) or 'tree<depth>_<branch>_<nodes>'."""
+  if s == PLAIN:
+    return 'plain'
+  t = tree_arm(s)
+  return f'k{s}' if t is None else f'tree{t.name}'
 
 
 def policy_info(acfg: AdaptiveConfig) -> str:
@@ -317,6 +383,7 @@ def memory_to_json(mem: Memory) -> dict:
       rewards=[[b, k, list(r)] for (b, k), r in sorted(mem.tlt.rewards.items())],
     ),
     roofline_index=mem.roofline.index,
+    passes=[[b, s, t, n] for (b, s), (t, n) in sorted(mem.passes.items())],
   )
 
 
@@ -335,4 +402,5 @@ def memory_from_json(d: dict) -> Memory:
       rewards={(int(b), int(k)): tuple(float(x) for x in r) for b, k, r in d['tlt']['rewards']},
     ),
     roofline=RooflineState(index=int(d['roofline_index'])),
+    passes={(int(b), int(s)): (float(t), float(n)) for b, s, t, n in d.get('passes', [])},
   )

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from specrl import model as model_lib
 from specrl import sampling
 from specrl import sharding as shd
+from specrl.decoding import tree as tree_lib
 from specrl.decoding.spec_math import CostProfile
 from specrl.decoding.steps import loop_params_jit
 from specrl.drafters import hooks
@@ -76,6 +77,35 @@ def forward_loop(cfg, batch: int, t: int, pos0: int, reps: int, mesh=None, sp=No
       seeds = jnp.full((batch,), i, jnp.int32)
       nxt = sampling.sample_seeded(logits[:, -1], seeds, sp)
       return cache, jnp.broadcast_to(nxt[:, None], tok.shape)
+
+    cache, tok = jax.lax.fori_loop(0, reps, body, (cache, tok))
+    return tok, cache
+
+  return fn
+
+
+def tree_forward_loop(cfg, parents, pos0: int, reps: int, mesh=None):
+  """fn(params, cache) -> (tokens, cache): ``reps`` tree verify forwards (the tree round's
+  forward: ``tree_anc`` mask, node positions ``pos0 + depth``, K/V to scratch slots) of the
+  draft trees ``parents`` int32 [B, N] (parents before children, the root's -1) -- what a
+  tree arm's verify pass costs, beside :func:`forward_loop`'s chain of ``T = N``."""
+  parents = jnp.asarray(parents, jnp.int32)
+  batch, n = parents.shape
+  depth = jnp.zeros_like(parents)
+  for u in range(1, n):
+    depth = depth.at[:, u].set(jnp.take_along_axis(depth, parents[:, u : u + 1], 1)[:, 0] + 1)
+  anc = tree_lib.ancestors(parents)
+  positions = pos0 + depth
+
+  def fn(params, cache):
+    tok = jnp.full((batch, n), 3, jnp.int32)
+
+    def body(i, carry):
+      cache, tok = carry
+      logits, cache = model_lib.forward(
+        params, cfg, tok, positions, cache, mesh=mesh, rules=shd.DECODE_RULES, tree_anc=anc
+      )
+      return cache, tok + never(logits).astype(jnp.int32)[:, None]
 
     cache, tok = jax.lax.fori_loop(0, reps, body, (cache, tok))
     return tok, cache

@@ -76,6 +76,7 @@ class RolloutConfig:
   # is a tree round of k + 1 nodes verified by sample-and-compare (one-hot drafters only)
   tree_nodes: int = 0
   tree_depth: int = 0  # depth cap of a drafter's tree builder (0 = tree_nodes - 1)
+  tree_branch: int = 0  # children per node of a drafter's tree builder (0 = no cap)
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -101,6 +102,10 @@ class RolloutConfig:
       )
     if self.tree_depth and not self.tree_nodes:
       raise ValueError('rollout.tree_depth needs rollout.tree_nodes >= 2 (it caps tree depth)')
+    if self.tree_branch < 0:
+      raise ValueError(f'rollout.tree_branch must be >= 0 (0 = no cap), got {self.tree_branch}')
+    if self.tree_branch and not self.tree_nodes:
+      raise ValueError('rollout.tree_branch needs rollout.tree_nodes >= 2 (it caps children)')
     if self.tree_nodes and self.num_draft not in (0, self.tree_nodes - 1):
       raise ValueError(
         f'rollout.num_draft={self.num_draft} conflicts with rollout.tree_nodes='

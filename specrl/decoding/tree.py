@@ -27,6 +27,8 @@ SmolLM2-135M's shapes, B = 16, N = 8 on a 2-core CPU (``bench/tree_kv.py``,
 
 from __future__ import annotations
 
+import inspect
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -129,6 +131,13 @@ def propose_tree(drafter, draft_params, state: RolloutState, n_nodes: int, rcfg,
   draft_seeds = prng.event_seeds(state.seed, state.seq_id, state.pos, prng.STREAM_DRAFT)
   kw = hooks.propose_kwargs(drafter, state)
   if hasattr(drafter, 'propose_tree'):
+    if rcfg.tree_branch:  # passed only when set (TreeDrafter: a fixed tree may ignore it)
+      if 'branch' not in inspect.signature(drafter.propose_tree).parameters:
+        raise ValueError(
+          f'rollout.tree_branch={rcfg.tree_branch} (or a tree arm with a branch cap): drafter '
+          f'{drafter.name!r} builds trees without a branch cap (set the branch to 0)'
+        )
+      kw['branch'] = rcfg.tree_branch
     tokens, parents, depth, draft_state = drafter.propose_tree(
       draft_params, state.draft, state.tokens, state.pos, n_nodes, rcfg.tree_depth or None,
       draft_seeds, rcfg.sampling, mesh=mesh, **kw,

@@ -107,3 +107,17 @@ class Drafter(Protocol):
   ): ...
 
   def state_logical_axes(self) -> Any: ...
+
+
+class TreeDrafter(Protocol):
+  """A drafter that proposes draft trees (``rollout.tree_nodes``, adaptive tree arms):
+  ``propose_tree(...) -> (tokens, parents, depth int32 [B, n_nodes], state)``, node 0 the
+  root, parents before children, empty nodes token -1 (:mod:`specrl.decoding.tree`). The
+  tree must be a deterministic function of the drafter's inputs (it is verified by
+  sample-and-compare). ``depth_cap`` (None = ``n_nodes - 1``) and, passed only when set
+  (``rollout.tree_branch`` / a tree arm's branch), ``branch``: at most that many children per
+  node -- a builder that takes no ``branch`` keyword is refused then, naming the drafter."""
+
+  def propose_tree(
+    self, draft_params, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh=None, **kw
+  ): ...

@@ -148,13 +148,25 @@ class HybridSuffixDrafter:
     return (tokens, logits, *fb.wrap_cache(cache, policy_cache, fed))
 
   def propose_tree(
-    self, draft_params, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh=None, ctx=None
+    self,
+    draft_params,
+    state,
+    seq_tokens,
+    pos,
+    n_nodes,
+    depth_cap,
+    seeds,
+    sp,
+    mesh=None,
+    ctx=None,
+    branch=None,
   ):
     """Draft trees (``rollout.tree_nodes``): the suffix part's trees; a row without a match
     gets an empty tree, i.e. its round samples the policy exactly as a plain step (the
     fallback's sampled drafts would need rejection sampling, which tree rounds do not run).
     The fallback's state is left as it is (it catches up when it next drafts)."""
     *tree, _ = self.suffix.propose_tree(
-      draft_params['history'], None, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, ctx=ctx
-    )
+      draft_params['history'], None, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, ctx=ctx,
+      branch=branch,
+    )  # fmt: skip
     return (*tree, state)

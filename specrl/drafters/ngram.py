@@ -55,12 +55,23 @@ class NgramDrafter:
     return draft_tokens, None, state, policy_cache
 
   def propose_tree(
-    self, draft_params, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh=None
+    self,
+    draft_params,
+    state,
+    seq_tokens,
+    pos,
+    n_nodes,
+    depth_cap,
+    seeds,
+    sp,
+    mesh=None,
+    branch=None,
   ):
     """A tree of ``n_nodes`` per row: every earlier occurrence of the last ``n`` tokens
     contributes its committed continuation; the distinct prefixes are kept best-first by
-    frequency under ``depth_cap`` (:func:`specrl.drafters.tree_build.continuation_tree`).
-    No match: an empty tree. Returns (tokens, parents, depth int32 [B, n_nodes], state)."""
+    frequency under ``depth_cap`` and ``branch`` children per node
+    (:func:`specrl.drafters.tree_build.continuation_tree`). No match: an empty tree.
+    Returns (tokens, parents, depth int32 [B, n_nodes], state)."""
     b, s = seq_tokens.shape
     n = self.n
     dcap = min(depth_cap or n_nodes - 1, n_nodes - 1)
@@ -75,5 +86,7 @@ class NgramDrafter:
       at = j + 1 + d
       tok = jnp.take_along_axis(seq_tokens, jnp.clip(at, 0, s - 1), axis=1)
       conts.append(jnp.where(match & (at <= pos[:, None]), tok, -1))
-    tokens, parents, depth = tree_build.continuation_tree(jnp.stack(conts, axis=-1), n_nodes)
+    tokens, parents, depth = tree_build.continuation_tree(
+      jnp.stack(conts, axis=-1), n_nodes, branch=branch
+    )
     return tokens, parents, depth, state

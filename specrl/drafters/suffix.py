@@ -324,11 +324,23 @@ class SuffixDrafter:
     return jnp.stack(drafts, axis=1), None, state, policy_cache
 
   def propose_tree(
-    self, draft_params, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh=None, ctx=None
+    self,
+    draft_params,
+    state,
+    seq_tokens,
+    pos,
+    n_nodes,
+    depth_cap,
+    seeds,
+    sp,
+    mesh=None,
+    ctx=None,
+    branch=None,
   ):
     """A draft tree of ``n_nodes`` (root included) per row: every continuation of the
     occurrences of the row's suffix matches of ``>= n_min`` tokens, expanded best-first by
-    empirical frequency under ``depth_cap`` (None: ``n_nodes - 1``;
+    empirical frequency under ``depth_cap`` (None: ``n_nodes - 1``) and at most ``branch``
+    children per node (None: no cap;
     :func:`specrl.drafters.tree_build.continuation_tree`), an occurrence of the longest
     match (the one :meth:`propose` follows) weighing :data:`LONGEST_WEIGHT` shorter ones: the
     longest match's continuations first, the shorter matches' fill the remaining nodes.
@@ -351,6 +363,6 @@ class SuffixDrafter:
       # an occurrence of the longest match counts LONGEST_WEIGHT shorter ones
       weights.append(jnp.where(ml == best[:, None, None], LONGEST_WEIGHT, 1).reshape(b, -1))
     tokens, parents, depth = tree_build.continuation_tree(
-      jnp.concatenate(conts, 1), n_nodes, jnp.concatenate(weights, 1)
+      jnp.concatenate(conts, 1), n_nodes, jnp.concatenate(weights, 1), branch=branch
     )
     return tokens, parents, depth, state

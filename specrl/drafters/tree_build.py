@@ -28,6 +28,7 @@ from specrl import prng
 
 NO_TOKEN = -1
 _EMPTY = jnp.iinfo(jnp.int32).min
+_ROOT = jnp.iinfo(jnp.int32).max  # the parent "hash" of depth-1 prefixes (branch cap)
 
 
 def prefix_hashes(cont: jax.Array) -> jax.Array:
@@ -43,14 +44,54 @@ def prefix_hashes(cont: jax.Array) -> jax.Array:
   return jnp.stack(out, axis=2)
 
 
-def continuation_tree(cont: jax.Array, n_nodes: int, weight: jax.Array | None = None):
+def _group_first(values_sorted: jax.Array, x_sorted: jax.Array) -> jax.Array:
+  """Per row of sorted ``values_sorted`` [B, F]: ``x_sorted`` at the first entry of each
+  run of equal values, broadcast over the run."""
+  left = jax.vmap(lambda a: jnp.searchsorted(a, a, side='left'))(values_sorted)
+  return jnp.take_along_axis(x_sorted, left, axis=1)
+
+
+def _branch_allowed(h, parent_h, key, first, order, rank, dcap: int, branch: int):
+  """bool [B, F]: the prefix of each flat entry is among the ``branch`` best (highest
+  ``key``) children of its parent prefix, and so is every ancestor -- a capped node's
+  subtree never takes a node. Sibling rank: sort by (parent hash, key descending, index)
+  and count from the run start; only ``first`` entries (one per prefix) carry a key."""
+  b, f = h.shape
+  by_key = jnp.argsort(-key, axis=1, stable=True)  # key descending, then index
+  pk = jnp.take_along_axis(parent_h, by_key, axis=1)
+  by_parent = jnp.argsort(pk, axis=1, stable=True)
+  perm = jnp.take_along_axis(by_key, by_parent, axis=1)  # (parent, -key, index) order
+  pk_s = jnp.take_along_axis(parent_h, perm, axis=1)
+  left = jax.vmap(lambda a: jnp.searchsorted(a, a, side='left'))(pk_s)
+  sib_rank_s = jnp.arange(f, dtype=jnp.int32)[None, :] - left.astype(jnp.int32)
+  sib_rank = jnp.zeros_like(sib_rank_s).at[jnp.arange(b)[:, None], perm].set(sib_rank_s)
+  allowed = (sib_rank < branch) | ~first
+  hs = jnp.take_along_axis(h, order, axis=1)
+
+  def spread(a):  # every entry of a prefix gets the value of its first entry
+    a_s = _group_first(hs, jnp.take_along_axis(a, order, axis=1))
+    return jnp.take_along_axis(a_s, rank, axis=1)
+
+  allowed = spread(allowed)
+  a3 = allowed.reshape(b, -1, dcap)
+  for d in range(1, dcap):  # an entry's parent prefix is the same occurrence one level up
+    a3 = a3.at[:, :, d].set(a3[:, :, d] & a3[:, :, d - 1])
+    a3 = spread(a3.reshape(b, f)).reshape(b, -1, dcap)
+  return a3.reshape(b, f)
+
+
+def continuation_tree(
+  cont: jax.Array, n_nodes: int, weight: jax.Array | None = None, branch: int | None = None
+):
   """The draft tree of the N - 1 most frequent continuation prefixes (module doc).
 
   cont: int32 [B, M, D] the continuation of each occurrence (``< 0`` past its end, or for
   every d where m is no occurrence). ``weight`` (int32 [B, M], optional, >= 1): what each
   occurrence counts (default 1; the suffix drafter counts its longest-match occurrences
-  above shorter ones). Returns (tokens, parents, depth) int32 [B, N]: node 0 the root
-  (token -1: the engine puts the current token there), empty nodes -1.
+  above shorter ones). ``branch`` (static, None/0 = no cap): at most this many children per
+  node, the most frequent (TLT's top-b); the nodes a capped subtree would have taken go to
+  the next most frequent allowed prefixes. Returns (tokens, parents, depth) int32 [B, N]:
+  node 0 the root (token -1: the engine puts the current token there), empty nodes -1.
   """
   b, m, dcap = cont.shape
   k = n_nodes - 1
@@ -78,6 +119,10 @@ def continuation_tree(cont: jax.Array, n_nodes: int, weight: jax.Array | None = 
   count = jnp.take_along_axis(count_s, rank, axis=1)
   first = jnp.take_along_axis(first_s, rank, axis=1)
   key = jnp.where(first, count * (dcap + 1) + (dcap - d), -1)
+  prev_h = jnp.concatenate([jnp.full((b, 1), _EMPTY), h[:, :-1]], axis=1)
+  if branch:
+    parent_h = jnp.where(d == 0, _ROOT, prev_h)
+    key = jnp.where(_branch_allowed(h, parent_h, key, first, order, rank, dcap, branch), key, -1)
   if k > m * dcap:  # fewer candidate prefixes than nodes
     key = jnp.pad(key, ((0, 0), (0, k - m * dcap)), constant_values=-1)
   vals, idx = jax.lax.top_k(key, k)  # descending: a parent before its children
@@ -85,7 +130,7 @@ def continuation_tree(cont: jax.Array, n_nodes: int, weight: jax.Array | None = 
   idx = jnp.minimum(idx, m * dcap - 1)
   take = lambda a: jnp.take_along_axis(a, idx, axis=1)  # noqa: E731
   node_tok, node_d, node_h = take(tok), take(d), take(h)
-  parent_h = take(jnp.concatenate([jnp.full((b, 1), _EMPTY), h[:, :-1]], axis=1))
+  parent_h = take(prev_h)
   hit = (node_h[:, None, :] == parent_h[:, :, None]) & live[:, None, :]  # [B, child, cand]
   hit &= jnp.arange(k)[None, None, :] < jnp.arange(k)[None, :, None]
   par = jnp.where(node_d == 0, 0, jnp.where(jnp.any(hit, axis=2), jnp.argmax(hit, axis=2) + 1, -1))
