@@ -218,13 +218,14 @@ def acceptance_stats(calls: list[dict]) -> dict:
 
 
 def most_used_k(calls: list[dict]) -> int | None:
-  """The draft length an adaptive engine ran the most rounds with (None: plain only)."""
+  """The drafts per pass of the arm an adaptive engine ran the most rounds with (a chain's
+  k, a tree arm's nodes - 1; None: plain only)."""
   steps: collections.Counter = collections.Counter()
   for c in calls:
     for name, phase in c['report'].phases.items():
-      m = re.fullmatch(r'b\d+/k(\d+)', name)
+      m = re.fullmatch(r'b\d+/(?:k(\d+)|tree\d+_\d+_(\d+))', name)
       if m:
-        steps[int(m[1])] += phase['steps']
+        steps[int(m[1]) if m[1] else int(m[2]) - 1] += phase['steps']
   return max(steps, key=lambda k: (steps[k], k)) if steps else None
 
 
@@ -247,7 +248,7 @@ def tree_stats(calls: list[dict]) -> dict:
   return dict(nodes_per_pass=nodes / max(rounds, 1))
 
 
-def oracle_bound(calls: list[dict], n_min: int, n_max: int, depth: int) -> list[float]:
+def oracle_bound(calls: list[dict], n_min: int, n_max: int, depth: int) -> dict:
   """How often the true next tokens are among the suffix corpus's continuations, per depth
   (the bound any suffix tree can reach, unlimited nodes), on recorded rollouts.
 
@@ -255,16 +256,24 @@ def oracle_bound(calls: list[dict], n_min: int, n_max: int, depth: int) -> list[
   the corpus is what the suffix drafter sees at that step of a plain rollout: the row's
   own text up to p and each sibling's text up to the same number of generated tokens. The
   longest suffix match (``n_min..n_max`` tokens) gives the occurrences; depth d counts as
-  covered when some occurrence continues with the row's true next d tokens. Returns the
-  covered fraction at depths 1..depth (positions with d true tokens left only)."""
+  covered when some occurrence continues with the row's true next d tokens.
+
+  Returns ``coverage``: the covered fraction at depths 1..depth (positions with d true
+  tokens left only), and ``tokens_per_pass``: verify passes simulated along each rollout
+  with an unlimited tree (a pass at p accepts the deepest covered prefix, plus the token it
+  always emits, and the next pass starts after them). ``1 + sum(coverage)`` overstates
+  that bound: it weighs every position alike, while passes skip through long covered runs
+  and so land on hard positions more often."""
   hit = np.zeros(depth)
   tot = np.zeros(depth)
+  advanced = passes = 0
   for c in calls:
     out = c['out']
     toks, plen, length = (np.asarray(x) for x in (out.tokens, out.prompt_len, out.length))
     groups = c['groups']
     for r in range(len(toks)):
       sibs = np.nonzero(groups == groups[r])[0]
+      covered = []  # per generated position: the deepest covered prefix
       for g in range(int(length[r]) - 1):  # p = plen + g: the token after it is known
         p = int(plen[r]) + g
         texts = [toks[s, : int(plen[s]) + min(g, int(length[s]) - 1) + 1] for s in sibs]
@@ -280,11 +289,21 @@ def oracle_bound(calls: list[dict], n_min: int, n_max: int, depth: int) -> list[
             if m >= n_min and m == best:
               occ.append(t[j + 1 : j + 1 + depth])
         true = toks[r, p + 1 : p + 1 + min(depth, int(length[r]) - 1 - g)]
+        deepest = 0
         for d in range(1, len(true) + 1):
           tot[d - 1] += 1
           if any(len(o) >= d and np.array_equal(o[:d], true[:d]) for o in occ):
             hit[d - 1] += 1
-  return [float(h / t) if t else None for h, t in zip(hit, tot, strict=True)]
+            deepest = d
+        covered.append(deepest)
+      g = 0
+      while g < len(covered):  # unlimited-tree passes along the row
+        step = covered[g] + 1
+        advanced, passes, g = advanced + min(step, len(covered) - g), passes + 1, g + step
+  return dict(
+    coverage=[float(h / t) if t else None for h, t in zip(hit, tot, strict=True)],
+    tokens_per_pass=advanced / passes if passes else None,
+  )
 
 
 def make_row(
@@ -355,7 +374,10 @@ class Setup:
           eng[v, 'adaptive'] = adaptive.AdaptiveRolloutEngine(cfg, rcfg, self.acfg, drafter=d)
         if args.tree_nodes and (getattr(d, 'one_hot', False) or hasattr(d, 'propose_tree')):
           trcfg = dataclasses.replace(
-            rcfg, tree_nodes=args.tree_nodes, tree_depth=args.tree_depth
+            rcfg,
+            tree_nodes=args.tree_nodes,
+            tree_depth=args.tree_depth,
+            tree_branch=args.tree_branch,
           )  # draft trees of --tree_nodes (an adaptive arm k: k + 1 nodes)
           if 'static' in args.engines:
             sk = dataclasses.replace(trcfg, num_draft=args.tree_nodes - 1)
@@ -384,7 +406,7 @@ class Setup:
       rcfg = rollout_lib.RolloutConfig(
         max_new_tokens=self.args.max_new_tokens,
         max_prompt_len=self.task.max_prompt_len,
-        max_draft=max(self.args.arms + (self.args.k,)),
+        max_draft=max(adaptive.AdaptiveConfig(arms=self.args.arms).k_max, self.args.k),
       )
       self.profiles[key] = profile_lib.measure_profile(
         self.cfg,
@@ -509,6 +531,9 @@ def main(argv=None):
   )
   ap.add_argument('--tree_depth', type=int, default=0, help='depth cap of the trees (0: N - 1)')
   ap.add_argument(
+    '--tree_branch', type=int, default=0, help='children per node of the trees (0: no cap)'
+  )
+  ap.add_argument(
     '--oracle_depth',
     type=int,
     default=0,
@@ -542,13 +567,19 @@ def main(argv=None):
   batches = parse_batches(args.batches or grid['batches'])
   args.iters = args.iters or grid['iters']
   args.max_new_tokens = args.max_new_tokens or grid['max_new_tokens']
-  args.arms = tuple(common.ints(args.arms))
+  args.arms = tuple(
+    int(a) if a.strip().isdigit() else a.strip() for a in args.arms.split(',') if a.strip()
+  )  # draft lengths, or 'depth_branch_nodes' tree arms
   top = max(p * g for p, g in batches)
   args.buckets = tuple(
     common.ints(args.buckets) or sorted({4**i for i in range(8) if 4**i <= top}, reverse=True)
   )
-  if args.k < 1 or not args.arms or min(args.arms) < 1:
-    ap.error('--k and --arms need draft lengths >= 1')
+  try:
+    adaptive.AdaptiveConfig(arms=args.arms)
+  except ValueError as e:
+    ap.error(f'--arms: {e}')
+  if args.k < 1:
+    ap.error('--k needs a draft length >= 1')
   common.enable_compile_cache(args.compile_cache)
 
   label, cfg, params, tokenizer = load_model(args.model, args.dtype)

@@ -117,7 +117,9 @@ def get_config(arg: str | None = None):
       policy='cost_model',  # cost_model | tlt | roofline | always | never
       buckets=(256, 128, 64, 32, 16, 8, 4, 2, 1),  # compaction batch sizes, descending
       compaction=True,
-      arms=(1, 2, 3, 4, 5, 6, 7, 8),  # the draft lengths k the policy chooses from
+      # the draft lengths k the policy chooses from; 'depth_branch_nodes' strings are draft-
+      # tree arms (TLT notation, nodes incl. the root: '4_2_8'; not with roofline)
+      arms=(1, 2, 3, 4, 5, 6, 7, 8),
       chunk_steps=16,  # rounds between host decisions while speculating
       # cost model
       hysteresis=0.1,  # switch only for a > 10% better expected rate
