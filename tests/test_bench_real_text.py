@@ -120,3 +120,16 @@ def test_eagle_rows_use_the_saved_head_and_an_untrained_one_is_refused(tmp_path,
   with pytest.raises(SystemExit):
     real_text.main(['--drafters', 'eagle', '--compile_cache', ''])
   assert '--eagle_head' in capsys.readouterr().err
+
+
+def test_oracle_bound_simulates_unlimited_tree_passes():
+  """Hand-checked: generated 1 2 3 1 2 3 1 2 3 after prompt 7, one row. The deepest covered
+  prefix per position is [0, 0, 0, 3, 3, 3, 2, 1]; passes at 0, 1, 2, 3 (accepts 3 + 1) and
+  7: 8 positions in 5 passes -- below 1 + sum(coverage) = 2.70."""
+  from bench.real_text import oracle_bound
+
+  toks = np.asarray([[7, 1, 2, 3, 1, 2, 3, 1, 2, 3]])
+  out = types.SimpleNamespace(tokens=toks, prompt_len=np.asarray([1]), length=np.asarray([9]))
+  got = oracle_bound([dict(out=out, groups=np.asarray([0]))], 1, 8, 4)
+  np.testing.assert_allclose(got['coverage'], [5 / 8, 4 / 7, 3 / 6, 0.0])
+  assert got['tokens_per_pass'] == pytest.approx(8 / 5)
