@@ -100,6 +100,9 @@ VARIANTS = {
   'int4+kv': ('quantized', dict(bits=4, share_kv=True)),
   'ngram': ('ngram', {}),
   'suffix': ('suffix', {}),  # group siblings (no history: a bench call is one rollout)
+  # siblings + history "one epoch earlier": before every call, the same prompts' answers of
+  # an earlier plain rollout (another seed) are recorded as a GRPO run's history would be
+  'suffix+hist': ('suffix', dict(history=8)),
   'hybrid': ('suffix', dict(fallback='quantized')),  # suffix, else the int8 drafter per row
   'self': ('self', {}),  # the policy drafting for itself: alpha 1 at greedy (a check)
   'eagle': ('eagle', {}),  # the head of --eagle_head (bench/eagle_alpha.py --save_head)
@@ -248,14 +251,17 @@ def tree_stats(calls: list[dict]) -> dict:
   return dict(nodes_per_pass=nodes / max(rounds, 1))
 
 
-def oracle_bound(calls: list[dict], n_min: int, n_max: int, depth: int) -> dict:
+def oracle_bound(
+  calls: list[dict], n_min: int, n_max: int, depth: int, history: bool = False
+) -> dict:
   """How often the true next tokens are among the suffix corpus's continuations, per depth
   (the bound any suffix tree can reach, unlimited nodes), on recorded rollouts.
 
   For every generated position p of a row (the rollouts of ``calls``, plain decoding),
   the corpus is what the suffix drafter sees at that step of a plain rollout: the row's
-  own text up to p and each sibling's text up to the same number of generated tokens. The
-  longest suffix match (``n_min..n_max`` tokens) gives the occurrences; depth d counts as
+  own text up to p and each sibling's text up to the same number of generated tokens (with
+  ``history``, also the group's earlier answers, a call's ``history`` list). The longest
+  suffix match (``n_min..n_max`` tokens) gives the occurrences; depth d counts as
   covered when some occurrence continues with the row's true next d tokens.
 
   Returns ``coverage``: the covered fraction at depths 1..depth (positions with d true
@@ -277,6 +283,8 @@ def oracle_bound(calls: list[dict], n_min: int, n_max: int, depth: int) -> dict:
       for g in range(int(length[r]) - 1):  # p = plen + g: the token after it is known
         p = int(plen[r]) + g
         texts = [toks[s, : int(plen[s]) + min(g, int(length[s]) - 1) + 1] for s in sibs]
+        if history:
+          texts += c['history'][int(groups[r])]
         own = toks[r, : p + 1]
         best, occ = 0, []
         for t in texts:
@@ -437,14 +445,32 @@ class Setup:
         if name == v and kind == 'adaptive' and prof.k_ref == eng.k_max:
           eng.set_profile(prof)
     calls: dict = {name: [] for name in engines}
+    hist = {v: d for v, d in self.drafters.items() if getattr(d, 'history', 0)}
+    histories = []  # per call: group -> its earlier answers (the oracle's history corpus)
     for i in range(1 + args.iters):  # call 0: warm-up (compiles; kept for acceptance only)
       batch = batch_inputs(self.task, prompts, gens, i)
       seed = args.seed + 1000 * i
+      dparams = dict(self.dparams)
+      if hist:  # "one epoch earlier": the same prompts' answers of another plain rollout
+        prev, _ = engines['plain', 'static'].generate(
+          self.params, batch['toks'], batch['plen'], jax.random.key(seed + 500_000)
+        )
+        resp, n = np.asarray(prev.response), np.asarray(prev.length)
+        for v, d in hist.items():
+          d.store.answers.clear()
+          d.record(batch['prompt_ids'], resp, n)
+          dparams[v] = d.history_params(batch['prompt_ids'], args.max_new_tokens, dparams[v])
+        histories.append(
+          [
+            [resp[r, : n[r]] for r in np.nonzero(batch['group_ids'] == g)[0]]
+            for g in range(prompts)
+          ]
+        )
       for name in common.rotated(list(engines), i):
         v = name[0]
         kw = dict(group_ids=batch['group_ids'], prompt_ids=batch['prompt_ids'])
-        if v in self.dparams and self.dparams[v] is not None:
-          kw['draft_params'] = self.dparams[v]
+        if v in dparams and dparams[v] is not None:
+          kw['draft_params'] = dparams[v]
         calls[name].append(
           common.timed_generate(
             engines[name], self.params, batch['toks'], batch['plen'], seed, **kw
@@ -453,8 +479,10 @@ class Setup:
       print(f'  T={temperature} B={b} (G={gens}): call {i} done', file=sys.stderr, flush=True)
     timed = {name: c[1:] for name, c in calls.items()}
     plain, comp = timed['plain', 'static'], timed['compaction', 'adaptive']
-    for c in calls['plain', 'static']:
+    for i, c in enumerate(calls['plain', 'static']):
       c['groups'] = np.repeat(np.arange(prompts), gens)
+      if histories:
+        c['history'] = histories[i]
     base = dict(
       T=temperature,
       B=b,
@@ -469,6 +497,10 @@ class Setup:
     )
     if args.oracle_depth:  # the suffix trees' bound on plain decoding's own rollouts
       base['oracle'] = oracle_bound(calls['plain', 'static'], 2, 8, args.oracle_depth)
+      if histories:  # with the history variants' corpus
+        base['oracle_hist'] = oracle_bound(
+          calls['plain', 'static'], 2, 8, args.oracle_depth, history=True
+        )
     rows = []
     for (v, kind), cs in calls.items():
       if v not in self.drafters:
