@@ -8,6 +8,9 @@ same validation cadence, run once per strategy through the train loop itself
 - ``compaction``: the adaptive engine without a drafter (compaction into smaller buckets);
 - ``adaptive_suffix``: adaptive + the ``suffix`` drafter with ``history`` (earlier answers of
   the same prompt);
+- ``adaptive_suffix_tree``: the same drafter proposing draft trees: tree arms ``3_2_4`` and
+  ``4_2_8`` (TLT's ``depth_branch_nodes``; ``--tiny``: ``2_2_3``), verified by
+  sample-and-compare, so its rollouts are plain decoding's very tokens;
 - ``adaptive_eagle``: adaptive + the ``eagle`` head, ``mode=cotrain`` (its update fused into
   the GRPO step), loaded from ``--eagle_head`` (a ``save_head`` file; its reduced vocabulary
   is read from it). Without a usable head file it is skipped, and the JSON says why;
@@ -56,7 +59,14 @@ from bench import common  # noqa: E402
 from configs import default as default_config  # noqa: E402
 from specrl import evaluation, report, train  # noqa: E402
 
-STRATEGIES = ('plain', 'compaction', 'adaptive_suffix', 'adaptive_eagle', 'adaptive_int8')
+STRATEGIES = (
+  'plain',
+  'compaction',
+  'adaptive_suffix',
+  'adaptive_suffix_tree',
+  'adaptive_eagle',
+  'adaptive_int8',
+)
 EVAL_METRICS = (  # (name, eval key): the held-out metrics compared across strategies
   ('accuracy', 'accuracy'),
   ('final_line_accuracy', 'final_line_accuracy'),
@@ -99,9 +109,11 @@ def strategy_config(name: str, base, eagle_head: str = '', eagle_vocab: int = 0)
   c = base.copy_and_resolve_references()
   if name != 'plain':
     c.adaptive.enabled = True
-  if name == 'adaptive_suffix':
+  if name in ('adaptive_suffix', 'adaptive_suffix_tree'):
     c.rollout.drafter = 'suffix'
     c.drafter.suffix.update(history=8, max_group=max(16, c.rl.num_generations))
+  if name == 'adaptive_suffix_tree':  # small trees: a tree pass costs its node count
+    c.adaptive.arms = ('2_2_3',) if tuple(c.adaptive.arms) == (2,) else ('3_2_4', '4_2_8')
   elif name == 'adaptive_eagle':
     c.rollout.drafter = 'eagle'
     c.drafter.eagle.update(mode='cotrain', head_path=eagle_head, reduced_vocab=eagle_vocab)
