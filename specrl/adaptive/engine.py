@@ -185,9 +185,15 @@ class AdaptiveRolloutEngine:
     # compiled functions and profiles with.
     scratch = max(acfg.k_max, _shared._wrcfg.max_draft if _shared is not None else 0)
     # the state carries tree counters when any arm is a tree (each chunk's own tree shape
-    # comes from :meth:`_step_rcfg`)
+    # comes from :meth:`_step_rcfg`), or the engine it shares compiled functions with has
+    # them (one state structure for both)
+    shared_nodes = _shared._wrcfg.tree_nodes if _shared is not None else 0
     self._wrcfg = dataclasses.replace(
-      rcfg, max_draft=scratch, tree_nodes=max_nodes, tree_depth=0, tree_branch=0
+      rcfg,
+      max_draft=scratch,
+      tree_nodes=max(max_nodes, shared_nodes),
+      tree_depth=0,
+      tree_branch=0,
     )
     self.narrow_len = rcfg.seq_len
     self.buffer_len = self._wrcfg.buffer_len
