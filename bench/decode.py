@@ -101,7 +101,7 @@ def decode_steps(params, cfg: model_lib.ModelConfig, cache, tokens, positions, s
 @functools.partial(jax.jit, static_argnames=('cfg', 'batch', 'length'))
 def random_cache(cfg: model_lib.ModelConfig, batch: int, length: int, key):
   """A KV cache full of random values (never zeros: they can time faster than real data)."""
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)  # [L, B, K, S, Dh]
   kk, kv = jax.random.split(key)
   return {
     'k': jax.random.normal(kk, shape, cfg.cdtype),

@@ -8,7 +8,7 @@ One set of weights, three ways to call it (all through :func:`forward`):
 - extend the cache by ``T >= 1`` tokens at *per-sequence* positions: ``T = 1`` for
   decoding, ``T = k + 1`` for the speculative verify pass.
 
-The KV cache is a plain dict pytree ``{'k', 'v'}`` of shape ``[L, B, S, K, Dh]`` indexed
+The KV cache is a plain dict pytree ``{'k', 'v'}`` of shape ``[L, B, K, S, Dh]`` indexed
 by *position*: a token at position ``p`` lives in slot ``p``. A query at position ``p``
 sees slots ``<= p``. Slots beyond a sequence's current position hold stale data (prompt
 padding, rejected draft tokens) that the mask hides and later writes overwrite, so a
@@ -190,14 +190,26 @@ def count_params(params: Params) -> int:
 # ----------------------------------------------------------------------------- cache
 
 
+# The cache is kv-head major, ``[L, B, K, S, Dh]``: a layer's slice ``[B, K, S, Dh]`` is
+# what the attention einsums contract over (``'btkgd,bksd->bkgts'``), so a decode step
+# reads it in place. With the slots before the heads (``[L, B, S, K, Dh]``) XLA:CPU
+# transposed every layer's K and V (a copy of the whole live window) every step.
+CACHE_SLOT_AXIS = 3  # the slot axis of a KV cache leaf
+
+
 def cache_logical_axes() -> KVCache:
-  ax = ('layers', 'batch', 'cache_seq', 'kv_heads', 'head_dim')
+  ax = ('layers', 'batch', 'kv_heads', 'cache_seq', 'head_dim')
   return {'k': ax, 'v': ax}
 
 
+def cache_slots(cache: KVCache) -> int:
+  """Slots ``S`` of a KV cache ``[L, B, K, S, Dh]``."""
+  return cache['k'].shape[CACHE_SLOT_AXIS]
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
-  """Zeroed KV cache ``{'k','v'}: [L, B, S, K, Dh]`` in the compute dtype."""
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  """Zeroed KV cache ``{'k','v'}: [L, B, K, S, Dh]`` in the compute dtype."""
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
   dtype = cfg.cdtype if dtype is None else dtype
   return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
 
@@ -237,19 +249,21 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def attention(q, k, v, mask) -> jax.Array:
+def attention(q, k, v, mask, heads_major: bool = False) -> jax.Array:
   """Grouped-query attention.
 
-  q [B, T, H, Dh]; k, v [B, S, K, Dh]; mask [B, T, S] bool (True = visible).
+  q [B, T, H, Dh]; k, v [B, S, K, Dh] (``heads_major``: [B, K, S, Dh], a KV cache
+  layer's slice, read in place); mask [B, T, S] bool (True = visible).
   Returns [B, T, H, Dh]. Softmax in f32.
   """
   b, t, h, dh = q.shape
-  kh = k.shape[2]
+  kh = k.shape[1 if heads_major else 2]
+  kv = 'bksd' if heads_major else 'bskd'
   qg = q.reshape(b, t, kh, h // kh, dh)
-  scores = jnp.einsum('btkgd,bskd->bkgts', qg, k).astype(jnp.float32) / jnp.sqrt(dh)
+  scores = jnp.einsum(f'btkgd,{kv}->bkgts', qg, k).astype(jnp.float32) / jnp.sqrt(dh)
   scores = jnp.where(mask[:, None, None], scores, -1e30)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  out = jnp.einsum(f'bkgts,{kv}->btkgd', probs, v)
   return out.reshape(b, t, h, dh)
 
 
@@ -393,11 +407,12 @@ def _over_layers(body, carry, layers, with_index: bool = False):
 
 
 def _write_window(win, new, positions):
-  """``win`` [B, A, K, Dh] (cache slots ``0..A-1``) with ``new`` [B, T, K, Dh] written at
+  """``win`` [B, K, A, Dh] (cache slots ``0..A-1``) with ``new`` [B, T, K, Dh] written at
   ``positions`` [B, T]; positions ``>= A`` are dropped. A scatter into the window, not the
   buffer: what a step reads and writes grows with A, not the budget."""
   bidx = jnp.arange(win.shape[0])[:, None]
-  return win.at[bidx, positions].set(new.astype(win.dtype), mode='drop')
+  # advanced indices split by the head slice: the update is indexed [B, T, K, Dh]
+  return win.at[bidx, :, positions].set(new.astype(win.dtype), mode='drop')
 
 
 def tree_slots_mask(base, anc, s: int):
@@ -443,7 +458,7 @@ def run_layers(
 ):
   """The decoder stack over x [B, T, D] at ``positions`` [B, T] (no embedding, no final
   norm): the policy's :func:`forward` and the eagle head's layers share it. ``layers``
-  stacked or unstacked (:func:`unstack_layers`). With ``cache`` ``[L, B, S, K, Dh]`` the
+  stacked or unstacked (:func:`unstack_layers`). With ``cache`` ``[L, B, K, S, Dh]`` the
   new k/v are written at ``positions`` (``>= S``: dropped) and queries attend to slots
   ``<= position``; without, key j is visible to query i iff ``positions[j] <=
   positions[i]``. Returns (x [B, T, D], new cache or None).
@@ -501,7 +516,7 @@ def run_layers(
 
     x, _ = _over_layers(jax.checkpoint(body) if remat else body, x, layers)
     return x, None
-  s = cache['k'].shape[2]
+  s = cache_slots(cache)
   if attend_len is not None:
     s = min(int(attend_len), s)
   if tree_anc is None:
@@ -510,6 +525,7 @@ def run_layers(
   else:
     slots, mask = tree_slots_mask(positions[:, 0], tree_anc, s)
   bidx = jnp.arange(x.shape[0])[:, None]
+  attn_fn = functools.partial(attention, mask=mask, heads_major=True)
 
   def body(carry, xs):
     x, ck, cv = carry
@@ -517,11 +533,12 @@ def run_layers(
 
     def kv_fn(k, v):
       if attend_len is None:  # the dense reference: scatter into, attend to, every slot
-        nk = ck.at[li, bidx, slots].set(k.astype(ck.dtype), mode='drop')
-        nv = cv.at[li, bidx, slots].set(v.astype(cv.dtype), mode='drop')
+        # advanced indices split by the head slice: the update is indexed [B, T, K, Dh]
+        nk = ck.at[li, bidx, :, slots].set(k.astype(ck.dtype), mode='drop')
+        nv = cv.at[li, bidx, :, slots].set(v.astype(cv.dtype), mode='drop')
         return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
-      wk = _write_window(ck[li, :, :s], k, slots)  # [B, s, K, Dh]: the live slots only
-      wv = _write_window(cv[li, :, :s], v, slots)
+      wk = _write_window(ck[li, :, :, :s], k, slots)  # [B, K, s, Dh]: the live slots only
+      wv = _write_window(cv[li, :, :, :s], v, slots)
       # The window goes back into the buffer in place (a dynamic-update-slice). Not a
       # select over the window: XLA fuses that into its readers, which then read the old
       # buffer after this update, so it copies the whole buffer every step; a scatter is
@@ -530,7 +547,7 @@ def run_layers(
       nv = jax.lax.dynamic_update_slice(cv, wv[None], (li, 0, 0, 0, 0))
       return wk.astype(x.dtype), wv.astype(x.dtype), mask, (nk, nv)
 
-    y, (nk, nv) = _layer(cfg, lp, x, positions, kv_fn, mesh, rules)
+    y, (nk, nv) = _layer(cfg, lp, x, positions, kv_fn, mesh, rules, attn_fn)
     return (y, nk, nv), None
 
   (x, ck, cv), _ = _over_layers(body, (x, cache['k'], cache['v']), layers, True)
@@ -563,7 +580,7 @@ def forward(
   Args:
     tokens: int32 [B, T].
     positions: int32 [B, T] absolute positions (per sequence).
-    cache: optional KV cache ``[L, B, S, K, Dh]``; new k/v are written at ``positions``
+    cache: optional KV cache ``[L, B, K, S, Dh]``; new k/v are written at ``positions``
       (positions >= S are dropped) and queries attend to slots ``<= position``.
       Without a cache, key j is visible to query i iff ``positions[j] <= positions[i]``.
     logits_at: optional int32 [B]: compute the logits of token ``logits_at[b]`` of each row

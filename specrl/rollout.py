@@ -212,12 +212,13 @@ class RolloutEngine:
         if done.all() or step >= limit:
           break
         a = bucket_for(buckets, int(pos[~done].max()) + k + 1)  # slots_needed, on host
-      have = state.cache['k'].shape[2]
+      have = model_lib.cache_slots(state.cache)
       slots = kv_slots(rcfg, rcfg.buffer_len, a)
       if slots > have:  # grow first: every write of the loop lands inside the cache
         state = self._grow_fn(batch, have, slots, shardings)(state)
-      usage.setdefault('slots', []).append(state.cache['k'].shape[2])
-      usage['peak'] = max(usage['peak'], batch * state.cache['k'].shape[2] * usage['per_slot'])
+      now = model_lib.cache_slots(state.cache)
+      usage.setdefault('slots', []).append(now)
+      usage['peak'] = max(usage['peak'], batch * now * usage['per_slot'])
       attend = a if rcfg.attend_bucket else None  # 0: the dense reference
       state = self._decode_fn(batch, attend, shardings)(params, draft_params, state)
       visited.append(a)

@@ -86,7 +86,10 @@ def check_records(records, prefill, seq_len):
       ref = np.asarray(want[name])
       for b in range(len(pos)):
         np.testing.assert_allclose(
-          got[:, b, : pos[b] + 1], ref[:, b, : pos[b] + 1], atol=1e-5, err_msg=f'{name} row {b}'
+          got[:, b, :, : pos[b] + 1],
+          ref[:, b, :, : pos[b] + 1],
+          atol=1e-5,
+          err_msg=f'{name} row {b}',
         )
 
 

@@ -106,7 +106,7 @@ def _assert_cache_equal(plain, st):
   for name in ('k', 'v'):
     a, b = np.asarray(st.cache[name]), np.asarray(plain.cache[name])
     for r, p in enumerate(pos):  # every committed slot (< pos: the last token is not fed)
-      np.testing.assert_allclose(a[:, r, :p], b[:, r, :p], atol=2e-5, rtol=1e-5)
+      np.testing.assert_allclose(a[:, r, :, :p], b[:, r, :, :p], atol=2e-5, rtol=1e-5)
 
 
 def test_chain_tree_mask_is_the_causal_pass(tiny_cfg, tiny_params):

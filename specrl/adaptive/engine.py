@@ -368,7 +368,7 @@ class AdaptiveRolloutEngine:
   def _grow(self, state, slots: int, report):
     """The state with its policy KV cache grown to ``slots`` slots (``rollout.grow_kv``:
     doubling by length buckets; a chunk at bucket ``a`` stops before any row needs more)."""
-    have = state.cache['k'].shape[2]
+    have = model_lib.cache_slots(state.cache)
     if slots <= have:
       return state
     b = state.tokens.shape[0]
@@ -583,7 +583,7 @@ class AdaptiveRolloutEngine:
       attend = self._attend_len(width, live + drafts(strategy))
       if self._grow_kv:  # grow first: every write of the chunk lands inside the cache
         state = self._grow(state, attend or width, report)
-      report.kv_peak = max(report.kv_peak, b * state.cache['k'].shape[2] * per_slot)
+      report.kv_peak = max(report.kv_peak, b * model_lib.cache_slots(state.cache) * per_slot)
       cargs = (loop_params, dparams, state, i32(self._boundary(b)), i32(max_steps))
       report.length_buckets.add((width, attend))
       chunk = self._chunk_fn(b, strategy, cargs, report, state.draft is not None, attend)

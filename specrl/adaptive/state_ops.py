@@ -3,7 +3,7 @@ strip, clear scratch, chunk statistics, and the jitted decode chunk.
 
 Which axis of each leaf is the batch (or buffer-slot) axis comes from the logical axes
 (:func:`specrl.decoding.state.state_logical_axes`), so any drafter state that declares its
-axes is compacted and widened correctly: KV caches ``[L, B, S, K, Dh]`` on axis 1,
+axes is compacted and widened correctly: KV caches ``[L, B, K, S, Dh]`` on axis 1,
 ``[B, ...]`` leaves on axis 0.
 """
 
@@ -49,7 +49,7 @@ def arg_signature(args) -> tuple:
 
 def axis_positions(axes, name: str) -> Any:
   """Pytree like ``axes`` (logical-axis tuples): the position of ``name`` in each, -1 = none
-  (e.g. ``'batch'``: axis 1 of a KV cache ``[L, B, S, K, Dh]``, axis 0 elsewhere)."""
+  (e.g. ``'batch'``: axis 1 of a KV cache ``[L, B, K, S, Dh]``, axis 0 elsewhere)."""
   return jax.tree.map(
     lambda t: t.index(name) if name in t else -1, axes, is_leaf=lambda t: isinstance(t, tuple)
   )
@@ -73,7 +73,7 @@ def widen(state: RolloutState, axes, extra: int, pad_id: int):
 def gather_rows(state: RolloutState, idx: jax.Array, axes) -> RolloutState:
   """Rows ``idx`` (int32 [b]) of every batched leaf: a state of batch b.
 
-  KV caches ``[L, B, S, K, Dh]`` are gathered on axis 1, ``[B, ...]`` leaves on axis 0;
+  KV caches ``[L, B, K, S, Dh]`` are gathered on axis 1, ``[B, ...]`` leaves on axis 0;
   ``rng`` and ``step`` (no batch axis) are shared, and so is a drafter's shared state
   (axis ``'rows'``: every row of the original batch, never compacted).
   """

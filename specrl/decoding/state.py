@@ -169,22 +169,22 @@ def kv_slots(rcfg: RolloutConfig, buffer_len: int, need: int) -> int:
 
 
 def grow_cache(state: RolloutState, slots: int) -> RolloutState:
-  """The state with its policy KV cache ``[L, B, S, K, Dh]`` zero-padded to ``slots``
+  """The state with its policy KV cache ``[L, B, K, S, Dh]`` zero-padded to ``slots``
   slots (``>= S``). Slots past the live length are never read (attention masks by
   position), so padding with zeros is exact."""
   if state.cache is None:
     return state
-  have = state.cache['k'].shape[2]
+  have = model_lib.cache_slots(state.cache)
   if slots <= have:
     return state
-  pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, slots - have), (0, 0), (0, 0)))  # noqa: E731
+  pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, slots - have), (0, 0)))  # noqa: E731
   return state.replace(cache=jax.tree.map(pad, state.cache))
 
 
 def kv_bytes_per_slot(state: RolloutState) -> int:
   """Bytes of the policy KV cache per (row, slot): all layers, K and V."""
   return sum(
-    int(c.size // (c.shape[1] * c.shape[2])) * c.dtype.itemsize
+    int(c.size // (c.shape[1] * c.shape[model_lib.CACHE_SLOT_AXIS])) * c.dtype.itemsize
     for c in jax.tree.leaves(state.cache)
   )
 
@@ -208,7 +208,7 @@ class RolloutState:
   num_generated: jax.Array  # int32 [B]
   done: jax.Array  # bool [B]
   finish: jax.Array  # int32 [B] FINISH_*
-  cache: dict  # policy KV cache {'k','v'}: [L, B, S, K, Dh]
+  cache: dict  # policy KV cache {'k','v'}: [L, B, K, S, Dh]
   draft: Any  # drafter state pytree (None for plain decoding)
   seq_id: jax.Array  # int32 [B] row in the original batch (moves with the row on compaction)
   seed: jax.Array  # int32 [] rollout seed: every draw is keyed by (seed, seq_id, pos)

@@ -344,7 +344,7 @@ def decode(
   bounded = attend_len is not None and attend_len < state.tokens.shape[1]
   full = state.cache
   if bounded:  # the live window; done rows' writes past it are dropped (never read again)
-    state = state.replace(cache=jax.tree.map(lambda c: c[:, :, :attend_len], full))
+    state = state.replace(cache=jax.tree.map(lambda c: c[:, :, :, :attend_len], full))
 
   def cond(c):
     s, i = c

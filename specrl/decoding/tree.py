@@ -100,14 +100,16 @@ def move_accepted_kv(cache, pos: jax.Array, path: jax.Array):
   """Cache with slot ``pos + path[d]`` copied to ``pos + d`` for every d (a no-op where
   ``path[d] = d``): the accepted path's K/V in place, as plain decoding writes them.
   Slots past the cache are dropped (rows at its end, the length bucket's window)."""
-  s = cache['k'].shape[2]
+  s = model_lib.cache_slots(cache)
   d = jnp.arange(path.shape[1], dtype=jnp.int32)[None, :]
   src = jnp.minimum(pos[:, None] + path, s - 1)
   dst = pos[:, None] + d
   bidx = jnp.arange(pos.shape[0])[:, None]
 
   def one(c):
-    return c.at[:, bidx, dst].set(c[:, bidx, src], mode='drop')
+    # [L, B, K, S, Dh]: advanced (batch, slot) indices split by the head slice go first,
+    # so both sides are indexed [B, N, L, K, Dh]
+    return c.at[:, bidx, :, dst].set(c[:, bidx, :, src], mode='drop')
 
   return {'k': one(cache['k']), 'v': one(cache['v'])}
 

@@ -301,7 +301,7 @@ class EagleDrafter:
     p = first[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     feats = _at(hist, p - hfrom[:, None])
     nxt = _at(seq_tokens, p + 1)
-    write = jnp.where(valid, p, cache['k'].shape[2])  # invalid: out of range, dropped
+    write = jnp.where(valid, p, model_lib.cache_slots(cache))  # invalid: out of range, dropped
     x = head_input(dp, self.model_cfg, feats, nxt)
     y, cache = head_layers(
       dp['head']['layers'], self.hcfg, x, write, cache, mesh=mesh, rules=shd.DECODE_RULES

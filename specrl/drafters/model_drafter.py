@@ -104,7 +104,7 @@ class ModelDrafter:
   def _feed(self, draft_params, cache, seq_tokens, first, valid, mesh):
     """Feed the committed tokens at positions ``first[:, None] + j`` where ``valid`` [B, T]
     (the others are written out of range: dropped). No logits."""
-    t, s = valid.shape[1], cache['k'].shape[2]
+    t, s = valid.shape[1], model_lib.cache_slots(cache)
     p = first[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     tok = jnp.take_along_axis(seq_tokens, jnp.clip(p, 0, seq_tokens.shape[1] - 1), axis=1)
     _, cache, _ = model_lib.forward(
