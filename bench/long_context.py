@@ -73,7 +73,7 @@ def decode_call(engine, params, toks, lens):
     jax.block_until_ready(state)
     step0 = int(state.step)
     t0 = time.perf_counter()
-    state, visited = engine._decode(b, params, None, state, shardings)
+    state, visited, _ = engine._decode(b, params, None, state, shardings)
     jax.block_until_ready(state)
     dt = time.perf_counter() - t0
     steps = int(state.step) - step0
