@@ -56,7 +56,7 @@ def _step_bytes(budget: int, attend_bucket: int, live: int = 256, b: int = 4) ->
   state = jax.eval_shape(
     lambda pr, t, n: steps.prefill(pr, t, n, jax.random.key(0), cfg=cfg, rcfg=rcfg), lp, toks, lens
   )
-  window = lambda c: jax.ShapeDtypeStruct((*c.shape[:2], a, *c.shape[3:]), c.dtype)  # noqa: E731
+  window = lambda c: jax.ShapeDtypeStruct((*c.shape[:3], a, *c.shape[4:]), c.dtype)  # noqa: E731
   state = state.replace(cache=jax.tree.map(window, state.cache))
 
   def step(pr, s):
@@ -93,7 +93,7 @@ def test_window_forward_equals_dense():
   b, s = 3, 40
   rng = np.random.default_rng(0)
   cache = {
-    n: jnp.asarray(rng.standard_normal((CFG.n_layers, b, s, CFG.n_kv_heads, CFG.head_dim)))
+    n: jnp.asarray(rng.standard_normal((CFG.n_layers, b, CFG.n_kv_heads, s, CFG.head_dim)))
     for n in ('k', 'v')
   }
   cache = jax.tree.map(lambda x: x.astype(jnp.float32), cache)
