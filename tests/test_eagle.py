@@ -318,7 +318,9 @@ def test_head_is_fed_the_policys_hidden_state_at_every_position():
   for name in ('k', 'v'):
     for b in range(len(LENS)):
       np.testing.assert_allclose(
-        st.draft['cache'][name][:, b, : fed[b]], np.asarray(cache[name])[:, b, : fed[b]], atol=2e-5
+        st.draft['cache'][name][:, b, :, : fed[b]],
+        np.asarray(cache[name])[:, b, :, : fed[b]],
+        atol=2e-5,
       )
   # and the first draft's logits are the teacher-forced head's at position pos - 1 (the
   # window pass's output, through the head's final norm and the policy's LM head)
