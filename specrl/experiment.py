@@ -123,10 +123,4 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
   ):
     if n % mh.process_count():  # each process owns an equal block of prompts / rows
       raise ValueError(f'config.{key}={n} must be a multiple of the {mh.process_count()} processes')
-  if exp.drafter_trainer is not None and mh.is_multiprocess():
-    raise ValueError(
-      f'rollout.drafter={config.rollout.drafter} trains online (warm-up and spot updates '
-      'under a wall-clock budget each process would spend differently): not supported under '
-      f'{mh.process_count()} processes yet; use one process, or another drafter'
-    )
   return exp

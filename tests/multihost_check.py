@@ -59,6 +59,13 @@ def case_config(name: str):
     c.mesh_shape = ()
     c.rollout_mesh_shape, c.train_mesh_shape = (4, 1, 1), (2, 2, 1)
     c.rollout.drafter, c.rollout.num_draft = 'quantized', 2
+  elif name == 'eagle_spot':  # the eagle head trained online: warm-up, then spot updates
+    c.rollout.drafter, c.rollout.num_draft = 'eagle', 2
+    e = c.drafter.eagle
+    e.mode, e.reduced_vocab, e.warmup_steps, e.spot_max_updates = 'spot', 16, 2, 2
+    # budgets by update count (no wall clock: the runs stay comparable); the budget checks
+    # still run, taken by process 0
+    e.warmup_budget_s, e.spot_budget_s, e.spot_buffer_steps = 1e6, 1e6, 2
   else:
     raise ValueError(f'unknown case {name!r}')
   return c
@@ -75,7 +82,10 @@ def main():
     workdir = os.path.join(out, name, 'work')
     state, history = train.train_and_evaluate(case_config(name), workdir)
     first[name] = history[0]['step'] if history else None  # > 0: resumed
-    params = multihost.to_host(state.params)
+    params = {'policy': state.params}
+    if getattr(state.drafter, 'params', None) is not None:  # the eagle head, trained online
+      params['head'] = state.drafter.params
+    params = multihost.to_host(params)
     if multihost.is_primary():
       leaves = jax.tree_util.tree_flatten_with_path(params)[0]
       flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}

@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specrl import multihost as mh
+
 
 @flax.struct.dataclass
 class SpotBuffer:
@@ -171,7 +173,10 @@ class SpotScheduler:
     e = self.ecfg
     if e.spot_max_updates and self.updates >= e.spot_max_updates:
       return False
-    return self.seconds + (time.perf_counter() - t0) < e.spot_budget_s
+    # wall-clock: process 0 decides, every process follows (no-op with one process)
+    return mh.decide(
+      'the eagle spot budget', self.seconds + (time.perf_counter() - t0) < e.spot_budget_s
+    )
 
   def run(self, params) -> int:
     """Head updates on the buffer until this window's budget or cap is used up; the result

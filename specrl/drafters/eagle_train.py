@@ -347,14 +347,20 @@ def warmup(
       head_update, cfg=cfg, hcfg=hcfg, ecfg=ecfg, optimizer=optimizer, mesh=mesh, **lo
     )
   )
+  # Several processes: ``sample_batch`` returns every row on every process (the same numpy
+  # values), placed replicated on the mesh; one process: as before (jit places them).
+  put = jnp.asarray
+  if mh.is_multiprocess() and mesh is not None:
+    put = lambda x: jax.device_put(x, shd.replicated(mesh))  # noqa: E731
   t0, m, done = time.perf_counter(), {}, 0
   last = None  # a batch returned again keeps its device arrays, hidden states and targets
   for i in range(steps):
-    if time.perf_counter() - t0 > budget_s:
+    # wall-clock: process 0 decides, every process follows (no-op with one process)
+    if mh.decide('the eagle warm-up budget', time.perf_counter() - t0 > budget_s):
       break
     tokens, mask = sample_batch(i)
     if tokens is not last:
-      last, dtoks, dmask = tokens, jnp.asarray(tokens), jnp.asarray(mask)
+      last, dtoks, dmask = tokens, put(tokens), put(mask)
       hidden = hid(policy_params, tokens=dtoks)
       targets = top(policy_params, hidden=hidden) if ecfg.target_topk else None
     hstate, m = upd(hstate, policy_params, drafter.vocab_ids, dtoks, hidden, dmask, targets)
@@ -472,11 +478,18 @@ class HeadTrainer:
     total, n = c.sft.steps + c.rl.steps, c.rl.num_prompts * exp.rl_cfg.num_generations
     seq_len = exp.rollout_cfg.seq_len
 
+    own = mh.process_rows(n)  # several processes: each rolls out its block of the rows
+
     def sample_batch(i):
       pr = exp.task.prompts_for_step(c.seed, total + i, n)
       out, _ = engine.generate(
-        params, pr.tokens, pr.lengths, jax.random.fold_in(exp.rngs.drafter, i)
+        params,
+        pr.tokens[own],
+        pr.lengths[own],
+        jax.random.fold_in(exp.rngs.drafter, i),
+        group_ids=np.arange(n, dtype=np.int32)[own],  # global row ids, as with one process
       )
+      out = mh.to_host(out)  # every row, on every process
       toks, mask = np.asarray(out.tokens)[:, :seq_len], response_mask(out, seq_len)
       self.observe_tokens(toks, mask)
       return toks, mask
