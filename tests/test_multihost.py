@@ -222,3 +222,37 @@ def test_launcher_stops_the_others_when_one_process_fails():
   assert r.returncode == 3, r.stderr
   assert 'process 1 of 2 failed (exit status 3); stopped the other processes' in r.stderr
   assert time.perf_counter() - t0 < 30
+
+
+def test_process_splits_are_checked_at_start_up_and_eval_chunks_always_divide():
+  """Pure functions of the config and the process count (no processes needed): a GRPO or
+  SFT batch that does not split into equal process blocks is refused naming the field;
+  evaluation chunks are rounded up so their rows split over the batch devices and the
+  processes (never a failure at the first validation)."""
+  from configs import default
+  from specrl import evaluation, experiment
+
+  c = default.get_config('smoke')
+  c.rl.num_prompts, c.sft.batch_size = 4, 8
+  experiment.check_process_split(c, 2)  # fine
+  c.rl.num_prompts = 3
+  with pytest.raises(ValueError, match=r'config\.rl\.num_prompts=3 must be a multiple of the 2'):
+    experiment.check_process_split(c, 2)
+  c.rl.num_prompts, c.sft.batch_size = 4, 6
+  with pytest.raises(ValueError, match=r'config\.sft\.batch_size=6 must be a multiple of the 4'):
+    experiment.check_process_split(c, 4)
+  c.sft.steps = 0  # no SFT: its batch is not split
+  experiment.check_process_split(c, 4)
+  for prompts, gens, greedy, rl_prompts, devices, procs in [
+    (3, 1, True, 3, 1, 2),  # batch unsharded (a tensor-only mesh), 2 processes
+    (5, 0, True, 4, 1, 4),  # greedy only
+    (7, 3, False, 2, 4, 2),
+    (3, 2, True, 8, 6, 4),  # devices and processes not multiples of each other
+  ]:
+    cfg = evaluation.EvalConfig(prompts=prompts, generations=gens, greedy=greedy)
+    sampled, greedy_chunk = evaluation.chunk_sizes(cfg, prompts, rl_prompts, devices, procs)
+    for rows in (sampled * max(gens, 1), greedy_chunk):
+      assert rows % devices == 0 and rows % procs == 0, (prompts, gens, devices, procs, rows)
+    assert sampled >= min(rl_prompts, prompts) and greedy_chunk >= prompts
+  cfg = evaluation.EvalConfig(prompts=4, generations=4)  # one process: as before
+  assert evaluation.chunk_sizes(cfg, 4, 2, 8) == (2, 8)
