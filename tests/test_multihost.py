@@ -43,7 +43,10 @@ CHECK = os.path.join(HERE, 'multihost_check.py')
 CASES = ('static_quantized', 'async', 'eagle_spot', 'adaptive_suffix')
 KILLED = 'adaptive_suffix'
 TOL = 1e-4  # tests/test_sharding.py's bound for logprobs and params
-HEARTBEAT_S = 10  # SPECRL_HEARTBEAT_S: jax.distributed's heartbeat timeout (default 100 s)
+# SPECRL_HEARTBEAT_S: jax.distributed's heartbeat timeout (default 100 s). Not lower: on a
+# loaded 2-core machine 10 s once declared both live processes dead while they compiled (the
+# survivor of a kill exits within a second anyway, when its next collective fails)
+HEARTBEAT_S = 30
 KILL_BOUND_S = HEARTBEAT_S + 20  # the survivor's exit after the kill, load included
 # the disagreeing case's start (a run afresh: an SFT step and its first GRPO rollout, all
 # compiles from the cache) to both processes' exit; a hang would never end
