@@ -67,7 +67,7 @@ def case_config(name: str):
     c.sft.steps, c.rl.steps, c.checkpoint_every = 0, 2, 100  # spot updates in step 1's tail
     c.rollout.drafter, c.rollout.num_draft = 'eagle', 2
     e = c.drafter.eagle
-    e.mode, e.reduced_vocab, e.warmup_steps, e.spot_max_updates = 'spot', 16, 2, 2
+    e.mode, e.reduced_vocab, e.warmup_steps, e.spot_max_updates = 'spot', 16, 1, 1
     # budgets by update count (no wall clock: the runs stay comparable); the budget checks
     # still run, taken by process 0
     e.warmup_budget_s, e.spot_budget_s, e.spot_buffer_steps = 1e6, 1e6, 2
