@@ -330,7 +330,7 @@ def warmup(
   """Train the head before RL on the policy's own generations: ``sample_batch(i) ->
   (tokens [B, S], response_mask [B, S])`` (e.g. plain rollouts of the task's train prompts),
   ``steps`` updates or until ``budget_s`` seconds (the time spent is reported, never
-  hidden). The policy's hidden states and top-``ecfg.target_topk`` next-token
+  hidden; several processes: process 0's clock decides, :func:`specrl.multihost.decide`). The policy's hidden states and top-``ecfg.target_topk`` next-token
   distributions (:func:`policy_targets`; 0 = full softmax every update) are computed once
   per batch: a batch returned again (the same ``tokens`` object: several updates per
   generation) reuses them. ``loss_opts`` (:func:`loss_options`): the loss forward's
