@@ -330,13 +330,13 @@ def warmup(
   """Train the head before RL on the policy's own generations: ``sample_batch(i) ->
   (tokens [B, S], response_mask [B, S])`` (e.g. plain rollouts of the task's train prompts),
   ``steps`` updates or until ``budget_s`` seconds (the time spent is reported, never
-  hidden; several processes: process 0's clock decides, :func:`specrl.multihost.decide`). The policy's hidden states and top-``ecfg.target_topk`` next-token
-  distributions (:func:`policy_targets`; 0 = full softmax every update) are computed once
-  per batch: a batch returned again (the same ``tokens`` object: several updates per
-  generation) reuses them. ``loss_opts`` (:func:`loss_options`): the loss forward's
-  attention / remat for the policy's and the head's forwards, and the head's row groups. Sets
-  ``drafter.head_params``; returns (HeadState, metrics of the last update, seconds, updates
-  done)."""
+  hidden; several processes: process 0's clock decides, :func:`specrl.multihost.decide`).
+  The policy's hidden states and top-``ecfg.target_topk`` next-token distributions
+  (:func:`policy_targets`; 0 = full softmax every update) are computed once per batch: a
+  batch returned again (the same ``tokens`` object: several updates per generation) reuses
+  them. ``loss_opts`` (:func:`loss_options`): the loss forward's attention / remat for the
+  policy's and the head's forwards, and the head's row groups. Sets ``drafter.head_params``;
+  returns (HeadState, metrics of the last update, seconds, updates done)."""
   cfg, hcfg, ecfg = drafter.model_cfg, drafter.hcfg, drafter.ecfg
   lo = dict(loss_opts or {})
   fo = {k: v for k, v in lo.items() if k != 'micro_batch'}
