@@ -560,6 +560,10 @@ class AdaptiveRolloutEngine:
       if mh.is_multiprocess() and self.acfg.policy not in ('always', 'never'):
         # decided from measured times, which differ between processes: process 0's choice
         strategy, max_steps = (int(x) for x in mh.broadcast(np.asarray([strategy, max_steps])))
+      else:  # from replicated data: the same everywhere, or a clear error before dispatch
+        mh.check_agree(
+          f'the adaptive decision (strategy, steps) at bucket {b}', [strategy, max_steps]
+        )
       if strategy != current:
         d = dict(t=now(), bucket=b, active=n_active, strategy=strategy, **info)
         report.decisions.append(d)
