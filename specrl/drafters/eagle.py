@@ -35,6 +35,23 @@ known for every position ``< pos``, :mod:`specrl.drafters.hooks` ``hidden_histor
 So the head needs no extra policy forward: the prefill, plain steps and verify passes
 already return the hidden states, and the rollout state keeps every committed position's.
 
+Trees (``rollout.tree_nodes = N >= 2``; :meth:`EagleDrafter.propose_tree`): instead of one
+sampled chain the head proposes EAGLE-2's dynamic tree from its *top* candidates. Depth 1
+is the head's top ``b`` (``tree_branch``) tokens after ``ĥ_pos``, scored by their log q (q:
+the head's temperature-scaled softmax, over its reduced vocabulary if any; ties to the
+lower index). For each depth ``d < D`` (the ``tree_depth`` cap, else N - 1) the ``b`` best
+candidates of depth d by cumulative score are expanded: one head pass over those b nodes at
+head position ``pos - 1 + d``, each fed ``(ĥ of its parent, its token)`` and attending to
+the committed head positions ``< pos`` plus its ancestors' and its own K/V (a mask over the
+head cache; the b nodes' K/V go to scratch slots ``pos + (d - 1) b + j``, dropped past the
+buffer), giving its top b children, scored parent + log q. The N - 1 best candidates of
+all depths (a stable sort of the scores: a child's score is at most its parent's and it
+comes later, so they form a subtree, parents first) are the tree. ``D - 1`` head passes of
+b nodes, no draw from any random stream: the tree is a deterministic function of the
+head's inputs, so sample-and-compare verification emits plain decoding's tokens. The head's
+committed state is untouched: slots ``< pos`` are not written, ``fed`` becomes ``pos``, and
+the next round's catch-up feeds the accepted path's true features over the scratch.
+
 Reduced vocabulary (``reduced_vocab = N > 0``): the head's logits are computed only for
 ``vocab_ids`` (N ids, e.g. the most frequent tokens of the policy's generations); every other
 token gets ``NEG_INF``, so the draft distribution is exactly zero there. Still lossless:
