@@ -311,23 +311,10 @@ def tree_propose_seconds(
   )
   seq = jnp.full((batch, buffer_len), 3, jnp.int32)
   pos = jnp.full((batch,), pos0, jnp.int32)
-
-  def fn(dp, seq, pos, dstate):
-    kw = profile_lib.synthetic_context(drafter, seq, pos, n_nodes - 1, cfg.d_model)
-
-    def body(i, carry):
-      dstate, pos = carry
-      seeds = jnp.full(pos.shape, i, jnp.int32)
-      toks, _, _, dstate = drafter.propose_tree(
-        dp, dstate, seq, pos, n_nodes, depth or None, seeds, sp, **kw
-      )
-      return dstate, pos + (toks[:, -1] < -1).astype(pos.dtype)  # never: keeps the work
-
-    dstate, pos = jax.lax.fori_loop(0, reps, body, (dstate, pos))
-    return pos, dstate
-
+  fn = profile_lib.tree_propose_loop(drafter, n_nodes, depth, sp, reps, hidden_dim=cfg.d_model)
   dstate = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), dstate_abs)
-  timer = profile_lib.LoopTimer(fn, (dp, seq, pos), (dstate,), reps)
+  cache = model_lib.init_cache(cfg, batch, 1)  # unused by a tree builder: passed through
+  timer = profile_lib.LoopTimer(fn, (dp, seq, pos), (dstate, cache), reps)
   return profile_lib.median_seconds(timer, iters=iters) / reps
 
 

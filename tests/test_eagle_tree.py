@@ -141,3 +141,21 @@ def test_tree_builder_takes_the_heads_top_candidates():
       assert 0 <= par[b, u] < u and dep[b, u] == dep[b, par[b, u]] + 1 <= 2
   with pytest.raises(ValueError, match='tree_branch must be >= 1'):
     eagle.EagleConfig(tree_branch=0)
+
+
+def test_profile_times_tree_proposals_for_tree_rounds():
+  """With draft trees (``tree_depth`` given, as the adaptive engine passes it when
+  ``rollout.tree_nodes`` is set) the step-cost profiler times the drafter's tree builder for
+  arm k (a tree of k + 1 nodes), not its sampled chain."""
+  from specrl.decoding import profile as profile_lib
+
+  class TreeOnly(eagle.EagleDrafter):
+    def propose(self, *a, **kw):
+      raise AssertionError('the profile of tree rounds timed the chain')
+
+  d = TreeOnly(CFG, eagle.EagleConfig(tree_branch=2), eagle.init_head(CFG, 1, jax.random.key(1)))
+  prof = profile_lib.measure_profile(
+    CFG, POLICY, d, d.params_from_policy(POLICY), batch=2, buffer_len=32, k_ref=3,
+    sp=SETTINGS['t1'], max_prompt_len=P, reps=1, iters=1, tree_depth=2,
+  )  # fmt: skip
+  assert prof.prop1 > 0 and prof.prop_ref > 0 and prof.k_prop == 2

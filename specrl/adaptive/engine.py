@@ -235,6 +235,8 @@ class AdaptiveRolloutEngine:
       reps=self.acfg.profile_reps,
       iters=self.acfg.profile_iters,
       mesh=self.mesh,
+      # draft trees: an arm k is timed proposing a tree of k + 1 nodes (issue 29)
+      tree_depth=self.rcfg.tree_depth if self.rcfg.tree_nodes else None,
     )
 
   # -- compiled functions (AOT, cached per shape; compile time reported per bucket)
