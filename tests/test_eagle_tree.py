@@ -120,19 +120,20 @@ def test_tree_builder_takes_the_heads_top_candidates():
   its children with depth = parent's + 1; the depth cap holds; seeds are not read."""
   d = _drafter(branch=3)
   rcfg = _rcfg(SETTINGS['t1'], n=6, depth=2)
-  st = steps.prefill(
-    POLICY, TOKS, LENS, jax.random.key(2), cfg=CFG, rcfg=rcfg, drafter=d,
-    draft_params=d.params_from_policy(POLICY),
-  )  # fmt: skip
   dp = d.params_from_policy(POLICY)
-  ctx = hooks.context(st)
-  tree = [
-    np.asarray(a)
-    for a in d.propose_tree(dp, st.draft, st.tokens, st.pos, 6, 2, None, rcfg.sampling, ctx=ctx)[:3]
-  ]
+
+  @jax.jit
+  def go(params, dp, toks, lens):
+    st = steps.prefill(
+      params, toks, lens, jax.random.key(2), cfg=CFG, rcfg=rcfg, drafter=d, draft_params=dp
+    )
+    ctx = hooks.context(st)
+    tree = d.propose_tree(dp, st.draft, st.tokens, st.pos, 6, 2, None, rcfg.sampling, ctx=ctx)
+    feat = d._root(dp, st.draft, st.tokens, st.pos, 6, ctx, None)[0]
+    return tree[:3], eagle.head_logits(dp, CFG, feat)
+
+  tree, q = jax.device_get(go(POLICY, dp, TOKS, LENS))
   toks, par, dep = tree
-  feat = d._root(dp, st.draft, st.tokens, st.pos, 6, ctx, None)[0]
-  q = np.asarray(eagle.head_logits(dp, CFG, feat))
   top3 = np.argsort(-q, axis=1, kind='stable')[:, :3]
   for b in range(B):
     kids = [u for u in range(1, 6) if par[b, u] == 0]
