@@ -260,7 +260,14 @@ class AdaptiveRolloutEngine:
       reps=self.acfg.profile_reps,
       iters=self.acfg.profile_iters,
       mesh=self.mesh,
+      # draft trees: when the widest arm is a tree, the profile times proposing a tree of
+      # its nodes and depth (other arms' costs are inter/extrapolated until measured)
+      tree_depth=self._profile_tree_depth(),
     )
+
+  def _profile_tree_depth(self) -> int | None:
+    t = tree_arm(self.acfg.always_arm) if self.acfg.policy != 'never' else None
+    return None if t is None else t.depth
 
   # -- compiled functions (AOT, cached per shape; compile time reported per bucket)
 
