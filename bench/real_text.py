@@ -46,6 +46,13 @@ Row figures (one row per drafter variant, engine, T and batch):
   positions where the suffix corpus (siblings at the same step, the row's own text)
   contains the true next 1..D tokens (:func:`oracle_bound`: what an unlimited tree could
   accept).
+- eagle trees (``--drafters eagle --tree_nodes N``; ``--tree_branch b``: the head's top-b
+  children per expanded node, :meth:`specrl.drafters.eagle.EagleDrafter.propose_tree`): the
+  tree rows' ``c`` is the tree proposal's own cost (:func:`tree_propose_seconds`, per
+  non-root node), not the chain's; every eagle row carries ``top_b_hit`` (b = 1..4: how
+  often plain decoding's sampled token is among the head's top b, teacher-forced on the
+  policy's own rollouts of the cell, :func:`top_b_hits`: the bound a tree of branch b can
+  reach at depth 1). Per-depth acceptance of a tree row is its ``per_position``.
 
 Drafter variants are entries of :data:`VARIANTS`: ``config.rollout.drafter`` name + the
 overrides of its ``config.drafter.<name>`` section, built by
@@ -89,6 +96,7 @@ from specrl import rollout as rollout_lib  # noqa: E402
 from specrl.checkpoints import pretrained  # noqa: E402
 from specrl.decoding import profile as profile_lib  # noqa: E402
 from specrl.decoding import spec_math  # noqa: E402
+from specrl.decoding.state import RolloutConfig  # noqa: E402
 from specrl.drafters import eagle as eagle_lib  # noqa: E402
 from specrl.sampling import SamplingParams  # noqa: E402
 
@@ -132,7 +140,9 @@ ROW_KEYS = (
   'ratio_vs_compaction',
   'tree_nodes',
   'nodes_per_pass',
+  'top_b_hit',
 )
+HIT_B = 4  # top_b_hit for b = 1..HIT_B
 QUICK = dict(batches='1x1,2x8', iters=1, drafters=QUICK_DRAFTERS, max_new_tokens=64)
 FULL = dict(batches='1x1,1x8,2x8,8x8', iters=3, drafters=DEFAULT_DRAFTERS, max_new_tokens=128)
 # A random policy small enough for tests: the arith task's character tokenizer (88 ids).
@@ -157,14 +167,19 @@ def load_model(name: str, dtype: str):
   return common.load_checkpoint_model(name, dtype)
 
 
-def make_variant_drafter(variant: str, model_cfg: model_lib.ModelConfig, eagle_head: str = ''):
+def make_variant_drafter(
+  variant: str, model_cfg: model_lib.ModelConfig, eagle_head: str = '', tree_branch: int = 0
+):
   """The drafter of ``variant`` (:data:`VARIANTS`), built from the default config as a run
   builds it (:func:`specrl.drafters.make_drafter`); ``eagle``'s head from ``eagle_head``
-  (with the reduced vocabulary it was saved with)."""
+  (with the reduced vocabulary it was saved with), its trees' branch ``tree_branch`` (0:
+  the config's default)."""
   name, overrides = VARIANTS[variant]
   if name == 'eagle' and eagle_head:
     n = eagle_lib.saved_vocab_size(eagle_head)
     overrides = dict(overrides, head_path=eagle_head, reduced_vocab=n)
+  if name == 'eagle' and tree_branch:
+    overrides = dict(overrides, tree_branch=tree_branch)
   config = default_config.get_config()
   config.rollout.drafter = name
   if overrides:
@@ -251,6 +266,62 @@ def tree_stats(calls: list[dict]) -> dict:
   return dict(nodes_per_pass=nodes / max(rounds, 1))
 
 
+def top_b_hits(drafter, dp, cfg, params, calls, b_max: int = HIT_B) -> list[float] | None:
+  """The eagle head's teacher-forced top-b hit rate on recorded rollouts (plain decoding's):
+  for every generated token ``x_q`` after the first, is it among the head's ``b`` likeliest
+  tokens at head position ``q - 2`` (fed the policy's true features, as draft 1 is)? The
+  fraction for b = 1..b_max; None for a drafter without a head."""
+  if not hasattr(drafter, 'hcfg'):
+    return None
+  import jax.numpy as jnp
+
+  @jax.jit
+  def top(dp, toks):
+    pos = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
+    h = model_lib.forward(params, cfg, toks, pos, return_hidden=True)[2]
+    pred = eagle_lib.predict_features(dp, cfg, drafter.hcfg, h[:, :-1], toks[:, 1:], pos[:, :-1])
+    lg, ids = eagle_lib.head_logits_compact(dp, cfg, pred)
+    idx = jax.lax.top_k(lg, b_max)[1]
+    return idx if ids is None else jnp.take(ids, idx)
+
+  hits, tot = np.zeros(b_max), 0
+  for c in calls:
+    out = c['out']
+    toks, plen, length = (np.asarray(x) for x in (out.tokens, out.prompt_len, out.length))
+    cand = np.asarray(top(dp, jnp.asarray(toks)))  # [B, S - 1, b_max]: predicts x_{t + 2}
+    for r in range(len(toks)):
+      for q in range(int(plen[r]) + 1, int(plen[r]) + int(length[r])):
+        rank = np.nonzero(cand[r, q - 2] == toks[r, q])[0]
+        tot += 1
+        if len(rank):
+          hits[rank[0] :] += 1
+  return [float(h / tot) for h in hits] if tot else None
+
+
+def tree_propose_seconds(
+  cfg, drafter, dp, *, batch, buffer_len, max_prompt_len, n_nodes, depth, sp, pos0, reps, iters
+) -> float:
+  """Seconds of one tree proposal of ``n_nodes`` (the drafter's ``propose_tree``) at
+  ``batch``, timed as the shared profiler times a chain's (:mod:`specrl.decoding.profile`:
+  the drafter's state carried and donated, ``reps`` proposals per call, median of
+  ``iters`` calls)."""
+  import jax.numpy as jnp
+
+  dstate_abs = jax.eval_shape(
+    lambda dp: drafter.prefill(
+      dp, jnp.zeros((batch, max_prompt_len), jnp.int32), jnp.ones((batch,), jnp.int32), buffer_len
+    ),
+    dp,
+  )
+  seq = jnp.full((batch, buffer_len), 3, jnp.int32)
+  pos = jnp.full((batch,), pos0, jnp.int32)
+  fn = profile_lib.tree_propose_loop(drafter, n_nodes, depth, sp, reps, hidden_dim=cfg.d_model)
+  dstate = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), dstate_abs)
+  cache = model_lib.init_cache(cfg, batch, 1)  # unused by a tree builder: passed through
+  timer = profile_lib.LoopTimer(fn, (dp, seq, pos), (dstate, cache), reps)
+  return profile_lib.median_seconds(timer, iters=iters) / reps
+
+
 def oracle_bound(
   calls: list[dict], n_min: int, n_max: int, depth: int, history: bool = False
 ) -> dict:
@@ -327,11 +398,17 @@ def make_row(
   compaction,
   profile,
   tree_nodes=0,
+  tree_propose_s=None,
+  top_b_hit=None,
 ) -> dict:
   """One result row (keys :data:`ROW_KEYS`). ``calls``: every call of this engine (for
   acceptance); ``timed``: the timed ones, paired with ``plain`` / ``compaction`` (the
-  baselines' timed calls); ``profile``: the CostProfile for c and v at k."""
+  baselines' timed calls); ``profile``: the CostProfile for c and v at k;
+  ``tree_propose_s``: a tree row's proposal time (its c instead of the chain's)."""
   kc = k or profile.k_ref
+  c = profile.propose(kc) / (kc * profile.fwd1)
+  if tree_propose_s is not None:
+    c = tree_propose_s / ((tree_nodes - 1) * profile.fwd1)
   return dict(
     drafter=VARIANTS[variant][0],
     variant=variant,
@@ -341,7 +418,7 @@ def make_row(
     G=gens,
     k=k,
     **acceptance_stats(calls),
-    c=profile.propose(kc) / (kc * profile.fwd1),
+    c=c,
     v=profile.verify(kc) / profile.fwd1,
     plain_tok_s=statistics.median(tok_s(c) for c in plain),
     spec_tok_s=statistics.median(tok_s(c) for c in timed),
@@ -349,6 +426,7 @@ def make_row(
     ratio_vs_compaction=None if compaction is None else paired_ratio(timed, compaction),
     tree_nodes=tree_nodes,
     **tree_stats(calls),
+    top_b_hit=top_b_hit,
   )
 
 
@@ -360,7 +438,9 @@ class Setup:
 
   def __init__(self, args, cfg, params, task):
     self.args, self.cfg, self.params, self.task = args, cfg, params, task
-    self.drafters = {v: make_variant_drafter(v, cfg, args.eagle_head) for v in args.drafters}
+    self.drafters = {
+      v: make_variant_drafter(v, cfg, args.eagle_head, args.tree_branch) for v in args.drafters
+    }
     self.dparams = {v: d.params_from_policy(params) for v, d in self.drafters.items()}
     self.acfg = adaptive.AdaptiveConfig(
       buckets=args.buckets, arms=args.arms, chunk_steps=args.chunk_steps
@@ -396,6 +476,29 @@ class Setup:
             )
       self.engines[t] = eng
     self.profiles: dict = {}  # (variant, B) -> CostProfile
+    self.tree_costs: dict = {}  # (variant, B) -> seconds of one tree proposal
+
+  def tree_cost(self, variant: str, batch: int, sp) -> float | None:
+    """Seconds of one ``--tree_nodes`` proposal of ``variant`` at ``batch`` (None: no tree
+    builder), measured once, at the profile's mid-buffer position."""
+    d = self.drafters[variant]
+    if not self.args.tree_nodes or not hasattr(d, 'propose_tree'):
+      return None
+    key = (variant, batch)
+    if key not in self.tree_costs:
+      rcfg = RolloutConfig(
+        max_new_tokens=self.args.max_new_tokens,
+        max_prompt_len=self.task.max_prompt_len,
+        tree_nodes=self.args.tree_nodes,
+        max_draft=max(self.args.arms + (self.args.k,)),
+      )
+      self.tree_costs[key] = tree_propose_seconds(
+        self.cfg, d, self.dparams[variant], batch=batch, buffer_len=rcfg.buffer_len,
+        max_prompt_len=rcfg.max_prompt_len, n_nodes=self.args.tree_nodes,
+        depth=self.args.tree_depth, sp=sp, pos0=rcfg.seq_len // 2,
+        reps=self.acfg.profile_reps, iters=self.acfg.profile_iters,
+      )  # fmt: skip
+    return self.tree_costs[key]
 
   def release(self, temperature: float) -> None:
     """Drops one temperature's engines and every compiled executable: each engine holds its
@@ -501,6 +604,10 @@ class Setup:
         base['oracle_hist'] = oracle_bound(
           calls['plain', 'static'], 2, 8, args.oracle_depth, history=True
         )
+    hits = {  # the heads' top-b hit rate on plain decoding's rollouts of this cell
+      v: top_b_hits(d, self.dparams[v], self.cfg, self.params, calls['plain', 'static'])
+      for v, d in self.drafters.items()
+    }
     rows = []
     for (v, kind), cs in calls.items():
       if v not in self.drafters:
@@ -522,6 +629,8 @@ class Setup:
           comp if kind.startswith('adaptive') else None,
           self.profiles[v, b],
           args.tree_nodes if tree else 0,
+          self.tree_cost(v, b, sp) if tree else None,
+          hits[v],
         )
         | dict(k_used=common.k_summary(cs[-1]['report']))
       )
@@ -559,11 +668,15 @@ def main(argv=None):
     type=int,
     default=0,
     help='also run draft trees of this many nodes (rows engine static+tree / adaptive+tree '
-    'for the one-hot drafters: suffix, ngram, hybrid); 0 = chains only',
+    'for the drafters with a tree builder: suffix, ngram, hybrid, eagle); 0 = chains only',
   )
   ap.add_argument('--tree_depth', type=int, default=0, help='depth cap of the trees (0: N - 1)')
   ap.add_argument(
-    '--tree_branch', type=int, default=0, help='children per node of the trees (0: no cap)'
+    '--tree_branch',
+    type=int,
+    default=0,
+    help='children per node of the trees (suffix / ngram: the b most frequent, 0 = no cap; '
+    "eagle: the head's top-b per expanded node, 0 = drafter.eagle's default)",
   )
   ap.add_argument(
     '--oracle_depth',
@@ -656,6 +769,7 @@ def main(argv=None):
   shown = [
     r
     | dict(pp='/'.join('-' if a is None else f'{a:.2f}' for a in (r['per_position'] or [])) or '-')
+    | dict(hits='/'.join(f'{a:.2f}' for a in (r['top_b_hit'] or [])) or '-')
     for r in rows
   ]
   common.print_table(
@@ -677,6 +791,7 @@ def main(argv=None):
       ('ratio_vs_compaction', '.2f'),
       ('k_used', ''),
       ('nodes_per_pass', '.2f'),
+      ('hits', ''),
     ],
     shown,
   )

@@ -25,12 +25,14 @@ keys (``eval/time_s``, ``eval/tokens_per_s``) are the only ones that vary betwee
 Prompts are rolled out ``chunk_prompts`` at a time (the GRPO batch's prompt count, so with
 ``eval.generations == rl.num_generations`` the rollout reuses the training compile); the
 last chunk is filled by repeating prompts, whose rows are dropped. Chunks are rounded up so
-their rows divide the devices the mesh shards the batch over.
+their rows divide the devices the mesh shards the batch over and the processes
+(:func:`chunk_sizes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import types
 
@@ -125,6 +127,20 @@ def round_chunk(prompts: int, g: int, devices: int) -> int:
   )
 
 
+def chunk_sizes(
+  cfg: EvalConfig, n_prompts: int, rl_num_prompts: int, devices: int, processes: int = 1
+) -> tuple[int, int]:
+  """(prompts per sampled chunk, prompts per greedy chunk) for ``n_prompts`` held-out
+  prompts: the GRPO batch's prompt count at most (reusing its compile), rounded up so a
+  chunk's rows split evenly over the ``devices`` the batch is sharded over *and* over the
+  ``processes`` (each process rolls out an equal block, :func:`specrl.multihost.process_rows`):
+  to a multiple of their lcm. So any eval config splits over any process count (filler
+  prompts repeat real ones, their rows dropped); never a failure mid-run."""
+  split = math.lcm(max(devices, 1), max(processes, 1))
+  sampled = round_chunk(min(rl_num_prompts, n_prompts), max(cfg.generations, 1), split)
+  return sampled, round_chunk(n_prompts, 1, split)
+
+
 def _take(prompts: tasks_lib.PromptBatch, idx) -> tasks_lib.PromptBatch:
   return tasks_lib.PromptBatch(
     prompts.tokens[idx], prompts.lengths[idx], [prompts.answers[i] for i in idx]
@@ -174,15 +190,22 @@ class Evaluator:
   experiment and reuse it (its rollouts compile once)."""
 
   def __init__(
-    self, cfg: EvalConfig, task, engine, rng, chunk_prompts: int, greedy_engine=None, devices=1
+    self,
+    cfg: EvalConfig,
+    task,
+    engine,
+    rng,
+    chunk_prompts: int,
+    greedy_engine=None,
+    devices=1,
+    processes=1,
   ):
     if not cfg.enabled:
       raise ValueError('config.eval.prompts = 0: validation is off')
     self.cfg, self.task, self.engine, self.rng = cfg, task, engine, rng
     self.prompts = task.heldout_prompts(cfg.prompts)
     n = len(self.prompts.lengths)
-    self.chunk_prompts = round_chunk(min(chunk_prompts, n), max(cfg.generations, 1), devices)
-    self.greedy_chunk = round_chunk(n, 1, devices)
+    self.chunk_prompts, self.greedy_chunk = chunk_sizes(cfg, n, chunk_prompts, devices, processes)
     self.greedy_engine = greedy_engine
     self.last_rows: dict[str, list[float]] = {}  # per-prompt scores of the last call
 
@@ -198,7 +221,16 @@ class Evaluator:
       )
       greedy = rollout_lib.RolloutEngine(exp.model_cfg, rcfg, exp.engine.mesh)
     devices = batch_devices(exp.engine.mesh)
-    return cls(cfg, exp.task, exp.engine, exp.rngs.eval, exp.config.rl.num_prompts, greedy, devices)
+    return cls(
+      cfg,
+      exp.task,
+      exp.engine,
+      exp.rngs.eval,
+      exp.config.rl.num_prompts,
+      greedy,
+      devices,
+      mh.process_count(),
+    )
 
   def _correct_and_reward(self, responses, owner):
     """Per row: reward, correct (the reward's check) and, for a task with the

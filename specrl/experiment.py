@@ -54,6 +54,24 @@ class Experiment:
     return rollout_lib.RolloutEngine(self.model_cfg, rcfg, self.mesh)
 
 
+def check_process_split(config: ml_collections.ConfigDict, processes: int) -> None:
+  """Start-up check (pure: the config and the process count) that what several processes
+  split into equal blocks (:func:`specrl.multihost.process_rows`) divides: the GRPO
+  prompts (each process's rows then a multiple of G) and the SFT batch; a ValueError naming
+  the field and the values, before anything is built or dispatched. Evaluation chunks
+  always divide (:func:`specrl.evaluation.chunk_sizes` rounds them up), and async RL's
+  meshes are checked where they are made (:func:`specrl.async_rl.make_meshes`)."""
+  for key, n in (
+    ('rl.num_prompts', config.rl.num_prompts),
+    ('sft.batch_size', config.sft.batch_size if config.sft.steps else 0),
+  ):
+    if n % processes:  # each process owns an equal block of prompts / rows
+      raise ValueError(
+        f'config.{key}={n} must be a multiple of the {processes} processes (each process '
+        'owns an equal block of it)'
+      )
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """One optimizer for the whole run: linear warm-up to ``sft.lr`` over the supervised
   steps, then linear warm-up to ``rl.lr`` for GRPO."""
@@ -70,6 +88,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment:
   """Validates the whole config up front: a bad value fails here, naming the field."""
   run_config_lib.check_run_config(config)
+  check_process_split(config, mh.process_count())
   executables.CACHE.set_limit(config.rollout.max_executables)  # process-wide
   streams = rng_streams(config.seed)
   model_cfg = model_lib.ModelConfig.from_config(config.model)
@@ -117,16 +136,4 @@ def build_experiment(config: ml_collections.ConfigDict, mesh=None) -> Experiment
     rollout_mesh,
   )
   exp.drafter_trainer = hooks.make_trainer(drafter, exp)  # may validate against the run
-  for key, n in (
-    ('rl.num_prompts', config.rl.num_prompts),
-    ('sft.batch_size', config.sft.batch_size if config.sft.steps else 0),
-  ):
-    if n % mh.process_count():  # each process owns an equal block of prompts / rows
-      raise ValueError(f'config.{key}={n} must be a multiple of the {mh.process_count()} processes')
-  if exp.drafter_trainer is not None and mh.is_multiprocess():
-    raise ValueError(
-      f'rollout.drafter={config.rollout.drafter} trains online (warm-up and spot updates '
-      'under a wall-clock budget each process would spend differently): not supported under '
-      f'{mh.process_count()} processes yet; use one process, or another drafter'
-    )
   return exp

@@ -45,7 +45,9 @@ def rollout_batch(exp, params, step: int, rng, draft_params=None):
   toks = np.repeat(prompts.tokens[mine], g, axis=0)
   lens = np.repeat(prompts.lengths[mine], g, axis=0)
   answers = [prompts.answers[i] for i in mine for _ in range(g)]
-  extra = {'estimate_costs': True} if isinstance(exp.engine, rollout_lib.RolloutEngine) else {}
+  extra = {}
+  if isinstance(exp.engine, rollout_lib.RolloutEngine):  # static engine: its cost profile
+    extra['estimate_costs'] = bool(c.rollout.get('estimate_costs', True))
   all_prompt_ids = np.repeat(tasks_lib.prompt_ids(prompts), g)  # every process's rows
   row_prompt_ids = np.repeat(tasks_lib.prompt_ids(prompts)[mine], g)
   history = isinstance(exp.drafter, hooks.PromptHistory)  # drafts from earlier answers

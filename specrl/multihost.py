@@ -21,11 +21,13 @@ What that asks of host code, and where it lives:
 - **Host reads of whole arrays** (:func:`to_host`): ``jax.device_get`` when every shard is
   local (one process, or a replicated array), else ``multihost_utils.process_allgather``;
   every process then holds the same numpy value.
-- **Decisions made once** (:func:`broadcast`, :func:`check_agree`): a host decision taken
-  from measured wall-clock time (the adaptive engine's cost model) comes from process 0;
-  one computed from replicated data is checked to be equal everywhere before it is used,
-  and a disagreement raises :class:`ProcessesDisagree` on every process (never a hang:
-  all processes take part in the same all-gather).
+- **Decisions made once** (:func:`broadcast`, :func:`decide`, :func:`check_agree`): a host
+  decision taken from measured wall-clock time (the adaptive engine's cost model, the eagle
+  head's warm-up and spot budgets) comes from process 0; one computed from replicated data
+  (the compaction plan, a fixed adaptive policy's strategy and k) is checked to be equal
+  everywhere before it is used, and a disagreement raises :class:`ProcessesDisagree` on
+  every process, naming what differed (never a hang: all processes take part in the same
+  all-gather; ``SPECRL_TEST_DISAGREE`` injects one for the tests).
 - **Writes** (:func:`is_primary`): only process 0 writes TensorBoard, ``metrics.jsonl``,
   the report and the progress line; every process takes part in orbax saves / restores.
 
@@ -48,6 +50,7 @@ NUM_PROCESSES_ENV = 'JAX_NUM_PROCESSES'
 PROCESS_ID_ENV = 'JAX_PROCESS_ID'
 HEARTBEAT_ENV = 'SPECRL_HEARTBEAT_S'  # jax.distributed heartbeat timeout (seconds)
 DEFAULT_HEARTBEAT_S = 100  # jax.distributed's own default
+DISAGREE_ENV = 'SPECRL_TEST_DISAGREE'  # test-only: '<process>:<text>' (see check_agree)
 
 
 class ProcessesDisagree(RuntimeError):
@@ -247,12 +250,33 @@ def broadcast(tree):
   return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
 
 
+def decide(what: str, flag: bool) -> bool:
+  """A yes / no decision taken from this process's wall clock (a time budget): process 0's
+  ``flag`` on every process, so all of them take the same branch (one broadcast; ``what``
+  names it for readers of a trace). One process: ``flag``."""
+  del what
+  if not is_multiprocess():
+    return bool(flag)
+  return bool(broadcast(np.asarray(bool(flag), np.int32)))
+
+
+def _test_disagreement(what: str, v: np.ndarray) -> np.ndarray:
+  """Test-only (``SPECRL_TEST_DISAGREE=<process>:<text>``): on that process, the values of a
+  :func:`check_agree` whose ``what`` contains ``text`` are changed (+1), as if it had
+  computed something else, so a test can see the disagreement fail cleanly."""
+  spec = os.environ.get(DISAGREE_ENV, '')
+  proc, _, text = spec.partition(':')
+  if spec and text and text in what and int(proc) == jax.process_index():
+    return v + 1
+  return v
+
+
 def check_agree(what: str, values: Sequence[int] | np.ndarray) -> None:
   """Raise :class:`ProcessesDisagree` on every process unless ``values`` (integers) are the
   same on all of them. One all-gather that every process joins: no hang."""
   if not is_multiprocess():
     return
-  v = np.asarray(values, np.int64).ravel()
+  v = _test_disagreement(what, np.asarray(values, np.int64).ravel())
   sizes = allgather_rows(np.asarray([v.size], np.int64))
   if len(set(sizes.tolist())) != 1:
     raise ProcessesDisagree(f'processes disagree on {what}: sizes {sizes.tolist()}')

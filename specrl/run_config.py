@@ -30,7 +30,14 @@ RL_LOOP_KEYS = (
   'steps', 'num_prompts', 'lr', 'warmup_steps', 'weight_decay', 'grad_clip', 'async_staleness',
 )  # fmt: skip
 # rollout section keys that are not RolloutConfig fields
-ROLLOUT_OTHER_KEYS = ('drafter', 'temperature', 'top_k', 'top_p', 'max_executables')
+ROLLOUT_OTHER_KEYS = (
+  'drafter',
+  'temperature',
+  'top_k',
+  'top_p',
+  'max_executables',
+  'estimate_costs',
+)
 DEFAULT_NUM_DRAFT = 4  # the static engine's k with a drafter when rollout.num_draft = 0
 # AdaptiveConfig fields the adaptive section does not set: seed comes from config.seed.
 ADAPTIVE_NOT_IN_SECTION = ('seed',)
@@ -111,7 +118,12 @@ def sampling_params(config: ml_collections.ConfigDict) -> sampling.SamplingParam
     sampling.SamplingParams,
     config.rollout,
     'rollout',
-    ignore=[*(set(rollout_fields) - set(ROLLOUT_DERIVED)), 'drafter', 'max_executables'],
+    ignore=[
+      *(set(rollout_fields) - set(ROLLOUT_DERIVED)),
+      'drafter',
+      'max_executables',
+      'estimate_costs',
+    ],
   )
 
 

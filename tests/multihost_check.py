@@ -41,6 +41,7 @@ def base_config():
   c.mesh_shape = (2, 2, 2)  # data across the processes, fsdp and tensor inside each
   c.checkpoint_every, c.log_every = 2, 1
   c.eval.prompts = 0
+  c.rollout.estimate_costs = False  # timing-only metrics; their profile's compiles cost CPU
   return c
 
 
@@ -54,11 +55,22 @@ def case_config(name: str):
     c.adaptive.buckets, c.adaptive.arms, c.adaptive.chunk_steps = (8, 4, 2, 1), (2,), 3
     c.rollout.drafter = 'suffix'
     c.drafter.suffix.history = 2  # the host-side history store, all-gathered
+  elif name == 'disagree':  # adaptive_suffix's run (its compiles cached), process 1's
+    # compaction plan changed (SPECRL_TEST_DISAGREE): both processes must stop at once
+    c = case_config('adaptive_suffix')
   elif name == 'async':  # rollout / train split: each process gives devices to both meshes
     c.rl.async_staleness = 1
     c.mesh_shape = ()
     c.rollout_mesh_shape, c.train_mesh_shape = (4, 1, 1), (2, 2, 1)
     c.rollout.drafter, c.rollout.num_draft = 'quantized', 2
+  elif name == 'eagle_spot':  # the eagle head trained online: warm-up, then spot updates
+    c.sft.steps, c.rl.steps, c.checkpoint_every = 0, 2, 100  # spot updates in step 1's tail
+    c.rollout.drafter, c.rollout.num_draft = 'eagle', 2
+    e = c.drafter.eagle
+    e.mode, e.reduced_vocab, e.warmup_steps, e.spot_max_updates = 'spot', 16, 1, 1
+    # budgets by update count (no wall clock: the runs stay comparable); the budget checks
+    # still run, taken by process 0
+    e.warmup_budget_s, e.spot_budget_s, e.spot_buffer_steps = 1e6, 1e6, 2
   else:
     raise ValueError(f'unknown case {name!r}')
   return c
@@ -72,15 +84,24 @@ def main():
     t0 = time.perf_counter()
     if kill.partition('=')[0] == name:
       os.environ['SPECRL_FAULT'] = kill.partition('=')[2]
+    if name == 'disagree':
+      os.environ[multihost.DISAGREE_ENV] = '1:the compaction plan'
+    if multihost.is_primary():
+      print(json.dumps({'case': name, 'start': time.time()}), flush=True)
     workdir = os.path.join(out, name, 'work')
     state, history = train.train_and_evaluate(case_config(name), workdir)
     first[name] = history[0]['step'] if history else None  # > 0: resumed
-    params = multihost.to_host(state.params)
+    params = {'policy': state.params}
+    if getattr(state.drafter, 'params', None) is not None:  # the eagle head, trained online
+      params['head'] = state.drafter.params
+    params = multihost.to_host(params)
     if multihost.is_primary():
       leaves = jax.tree_util.tree_flatten_with_path(params)[0]
       flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
       np.savez(os.path.join(out, name, 'params.npz'), **flat)
     times[name] = time.perf_counter() - t0
+    if multihost.is_primary():
+      print(json.dumps({'case': name, 'seconds': times[name], 'first_step': first[name]}))
   if multihost.is_primary():
     print(json.dumps({'processes': jax.process_count(), 'seconds': times, 'first_step': first}))
 

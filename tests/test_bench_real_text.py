@@ -113,10 +113,18 @@ def test_eagle_rows_use_the_saved_head_and_an_untrained_one_is_refused(tmp_path,
     ['--model', 'tiny', '--temperatures', '1', '--batches', '1x2', '--drafters', 'eagle']
     + ['--max_new_tokens', '9', '--iters', '1', '--arms', '2', '--buckets', '2']
     + ['--engines', 'static', '--k', '2', '--compile_cache', '', '--eagle_head', path]
+    + ['--tree_nodes', '4', '--tree_branch', '2']
   )
   rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])['rows']
-  assert [(r['variant'], r['engine']) for r in rows] == [('eagle', 'static')]
-  assert 0.0 <= rows[0]['acceptance'] <= 1.0 and rows[0]['c'] > 0
+  assert [(r['variant'], r['engine']) for r in rows] == [
+    ('eagle', 'static'),
+    ('eagle', 'static+tree'),
+  ]
+  for r in rows:  # eagle trees: their own c; the head's top-b hit rate, b = 1..4
+    assert 0.0 <= r['acceptance'] <= 1.0 and r['c'] > 0
+    hit = r['top_b_hit']
+    assert len(hit) == 4 and all(0 <= a <= b <= 1 for a, b in zip(hit, hit[1:], strict=False))
+  assert rows[1]['tree_nodes'] == 4 and rows[1]['nodes_per_pass'] > 0
   with pytest.raises(SystemExit):
     real_text.main(['--drafters', 'eagle', '--compile_cache', ''])
   assert '--eagle_head' in capsys.readouterr().err

@@ -285,8 +285,11 @@ def test_tree_config_refusals():
 
 
 def test_adaptive_engine_trees_with_compaction_emit_plain_tokens(tiny_cfg, tiny_params):
-  """Tree rounds in the adaptive engine (arm k = 5: trees of 6 nodes), EOS ends rows at
-  different lengths and the batch is compacted 8 -> 2: still plain decoding's tokens."""
+  """Tree rounds in the adaptive engine, TLT exploring (epsilon = 1) two tree arms: arm 5
+  under ``rollout.tree_nodes`` (the tree ``3_0_6``: depth cap 3, no branch cap) and the
+  explicit, branch-capped ``3_2_6``; EOS ends rows at different lengths and the batch is
+  compacted 8 -> 2: still plain decoding's tokens, both arms ran, each has its measured
+  tokens per pass in the engine's memory."""
   from specrl import adaptive
   from specrl import rollout as rollout_lib
 
@@ -297,8 +300,15 @@ def test_adaptive_engine_trees_with_compaction_emit_plain_tokens(tiny_cfg, tiny_
     tiny_params, toks, lens, jax.random.key(2), group_ids=groups
   )
   rcfg = dataclasses.replace(base, tree_nodes=6, tree_depth=3)
-  acfg = adaptive.AdaptiveConfig(policy='always', buckets=(8, 2), arms=(5,), chunk_steps=4)
+  acfg = adaptive.AdaptiveConfig(
+    policy='tlt', buckets=(8, 2), arms=(5, '3_2_6'), chunk_steps=2, tlt_threshold=8,
+    tlt_patience=0, tlt_epsilon=1.0, seed=3,
+  )  # fmt: skip
   eng = adaptive.AdaptiveRolloutEngine(tiny_cfg, rcfg, acfg, drafter=SuffixDrafter(16, 1, 4))
+  arms = eng.acfg.arms  # the chain arm 5 became a tree
+  assert [adaptive.strategy_name(s) for s in arms] == ['tree3_0_6', 'tree3_2_6']
+  rc = eng._step_rcfg(arms[1])
+  assert (rc.tree_nodes, rc.tree_depth, rc.tree_branch) == (6, 3, 2)
   out, m = eng.generate(tiny_params, toks, lens, jax.random.key(2), group_ids=groups)
   np.testing.assert_array_equal(np.asarray(out.length), np.asarray(plain.length))
   assert len(set(np.asarray(plain.length).tolist())) > 1  # EOS at different lengths
@@ -307,6 +317,9 @@ def test_adaptive_engine_trees_with_compaction_emit_plain_tokens(tiny_cfg, tiny_
   assert m['adaptive/compactions'] >= 1 and m['spec/accepted'] > 0
   assert m['spec/tree/nodes_per_pass'] > 1 and 'spec/tree/depth/0' in m
   assert np.asarray(out.tree_stats)[:, 1].sum() > 0  # non-first descents, kept by compaction
+  ran = {k.split('/')[1] for k in eng.last_report.phases}
+  assert {'tree3_0_6', 'tree3_2_6'} <= ran, ran
+  assert {s for _, s in eng.memory.passes} == set(arms)
 
 
 def test_trees_on_eight_devices_emit_plain_tokens():
@@ -395,37 +408,6 @@ def test_tree_arms_in_tlt_notation_and_their_pricing():
   assert s == tree_id and rates[tree_id] == pytest.approx(2.0)
   back = policies.memory_from_json(policies.memory_to_json(mem))
   assert back.passes == mem.passes
-
-
-def test_adaptive_engine_explores_tree_arms_and_emits_plain_tokens(tiny_cfg, tiny_params):
-  """TLT exploring (epsilon = 1) over two tree arms of different shapes (one branch-capped):
-  every chunk's tree shape is its arm's, the output is still plain decoding's tokens, and
-  each arm's tokens per pass is in the engine's memory."""
-  from specrl import adaptive
-  from specrl import rollout as rollout_lib
-
-  sp = SETTINGS['t07_topk']
-  base = RolloutConfig(
-    max_new_tokens=NEW, max_prompt_len=P, sampling=sp, eos_id=-1, attend_bucket=0
-  )
-  toks, lens, groups = _batch()
-  plain, _ = rollout_lib.RolloutEngine(tiny_cfg, base).generate(
-    tiny_params, toks, lens, jax.random.key(2), group_ids=groups
-  )
-  acfg = adaptive.AdaptiveConfig(
-    policy='tlt', buckets=(8,), arms=('3_2_6', '2_0_5'), chunk_steps=2, tlt_threshold=8,
-    tlt_patience=0, tlt_epsilon=1.0, seed=3,
-  )  # fmt: skip
-  eng = adaptive.AdaptiveRolloutEngine(tiny_cfg, base, acfg, drafter=SuffixDrafter(16, 1, 4))
-  rc = eng._step_rcfg(acfg.arms[0])
-  assert (rc.tree_nodes, rc.tree_depth, rc.tree_branch) == (6, 3, 2)
-  out, m = eng.generate(tiny_params, toks, lens, jax.random.key(2), group_ids=groups)
-  np.testing.assert_array_equal(np.asarray(out.response), np.asarray(plain.response))
-  np.testing.assert_allclose(out.response_logprobs, plain.response_logprobs, atol=1e-5)
-  ran = {k.split('/')[1] for k in eng.last_report.phases}
-  assert {'tree3_2_6', 'tree2_0_5'} <= ran, ran
-  assert {s for _, s in eng.memory.passes} == set(acfg.arms)
-  assert m['spec/accepted'] > 0
 
 
 def test_hybrid_trees_emit_plain_tokens_with_unmatched_rows(tiny_cfg, tiny_params):

@@ -260,7 +260,14 @@ class AdaptiveRolloutEngine:
       reps=self.acfg.profile_reps,
       iters=self.acfg.profile_iters,
       mesh=self.mesh,
+      # draft trees: when the widest arm is a tree, the profile times proposing a tree of
+      # its nodes and depth (other arms' costs are inter/extrapolated until measured)
+      tree_depth=self._profile_tree_depth(),
     )
+
+  def _profile_tree_depth(self) -> int | None:
+    t = tree_arm(self.acfg.always_arm) if self.acfg.policy != 'never' else None
+    return None if t is None else t.depth
 
   # -- compiled functions (AOT, cached per shape; compile time reported per bucket)
 
@@ -560,6 +567,10 @@ class AdaptiveRolloutEngine:
       if mh.is_multiprocess() and self.acfg.policy not in ('always', 'never'):
         # decided from measured times, which differ between processes: process 0's choice
         strategy, max_steps = (int(x) for x in mh.broadcast(np.asarray([strategy, max_steps])))
+      else:  # from replicated data: the same everywhere, or a clear error before dispatch
+        mh.check_agree(
+          f'the adaptive decision (strategy, steps) at bucket {b}', [strategy, max_steps]
+        )
       if strategy != current:
         d = dict(t=now(), bucket=b, active=n_active, strategy=strategy, **info)
         report.decisions.append(d)

@@ -170,6 +170,29 @@ def propose_loop(drafter, k: int, sp, reps: int, mesh=None, hidden_dim: int | No
   return fn
 
 
+def tree_propose_loop(
+  drafter, n_nodes: int, depth: int, sp, reps: int, mesh=None, hidden_dim: int | None = None
+):
+  """:func:`propose_loop` for a tree builder: ``reps`` ``drafter.propose_tree`` calls of
+  ``n_nodes`` nodes (depth cap ``depth``, 0 = none) after ``pos``; same signature."""
+
+  def fn(dp, seq, pos, dstate, cache):
+    kw = synthetic_context(drafter, seq, pos, n_nodes - 1, hidden_dim)
+
+    def body(i, carry):
+      dstate, pos = carry
+      toks, _, _, dstate = drafter.propose_tree(
+        dp, dstate, seq, pos, n_nodes, depth or None, jnp.full(pos.shape, i, jnp.int32), sp,
+        mesh=mesh, **kw,
+      )  # fmt: skip
+      return dstate, pos + (toks[:, -1] < -1).astype(pos.dtype)  # never: keeps the work
+
+    dstate, pos = jax.lax.fori_loop(0, reps, body, (dstate, pos))
+    return pos, dstate, cache
+
+  return fn
+
+
 def measure_profile(
   cfg,
   params,
@@ -187,6 +210,7 @@ def measure_profile(
   mesh=None,
   k_prop: int | None = None,
   unroll_layers: bool | None = None,
+  tree_depth: int | None = None,
 ) -> CostProfile:
   """Time the unit costs of plain and speculative rounds at ``batch`` (see
   :class:`~specrl.decoding.spec_math.CostProfile`). Without a drafter (or ``k_ref = 0``)
@@ -199,7 +223,10 @@ def measure_profile(
   weights sliced once (:func:`specrl.model.unstack_layers`), the layout the decode loop
   runs. Why it matters: over stacked layers a CPU step costs ~1.4x more (SmolLM2-135M, B = 1:
   44 vs 31 ms) while a k + 1 token pass costs the same, so v came out ~1.15 where a
-  rollout's round measures 1.8-1.9 and the cost model speculated where it loses."""
+  rollout's round measures 1.8-1.9 and the cost model speculated where it loses.
+  ``tree_depth`` (not None: the rounds are draft trees, ``rollout.tree_nodes``, with this
+  depth cap, 0 = none): a drafter with a tree builder is timed proposing trees of k + 1
+  nodes (:func:`tree_propose_loop`; an eagle tree costs other than its sampled chain)."""
   pos0 = buffer_len // 2 if pos0 is None else pos0
   fwd_params = loop_params_jit(params, unroll_layers)
 
@@ -230,7 +257,10 @@ def measure_profile(
 
   def prop(k):
     dstate = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), dstate_abs)
-    fn = propose_loop(drafter, k, sp, reps, mesh, hidden_dim=cfg.d_model)
+    if tree_depth is not None and hasattr(drafter, 'propose_tree'):
+      fn = tree_propose_loop(drafter, k + 1, tree_depth, sp, reps, mesh, hidden_dim=cfg.d_model)
+    else:
+      fn = propose_loop(drafter, k, sp, reps, mesh, hidden_dim=cfg.d_model)
     return timed(fn, (draft_params, seq, pos), (dstate, fresh_cache()))
 
   prop1 = prop(1)

@@ -116,14 +116,15 @@ def move_accepted_kv(cache, pos: jax.Array, path: jax.Array):
 
 def check_drafter(drafter, rcfg) -> None:
   """Refuse draft trees (``rcfg.tree_nodes``) with a drafter that cannot propose them: one
-  without a tree builder whose drafts are sampled (they need rejection sampling)."""
+  without a tree builder (``propose_tree``: suffix, ngram, eagle's head-grown trees) whose
+  drafts are sampled (they need rejection sampling)."""
   if not rcfg.tree_nodes or drafter is None:
     return
   if not hasattr(drafter, 'propose_tree') and not getattr(drafter, 'one_hot', False):
     raise ValueError(
-      f'rollout.tree_nodes={rcfg.tree_nodes} needs a deterministic (one-hot) drafter '
-      f'(suffix, ngram); {drafter.name!r} samples its drafts, which sample-and-compare cannot '
-      'verify exactly: use chains (rollout.tree_nodes=0)'
+      f'rollout.tree_nodes={rcfg.tree_nodes} needs a deterministic drafter: a tree builder '
+      f'(suffix, ngram, eagle) or one-hot drafts; {drafter.name!r} samples its drafts, which '
+      'sample-and-compare cannot verify exactly: use chains (rollout.tree_nodes=0)'
     )
 
 

@@ -35,6 +35,23 @@ known for every position ``< pos``, :mod:`specrl.drafters.hooks` ``hidden_histor
 So the head needs no extra policy forward: the prefill, plain steps and verify passes
 already return the hidden states, and the rollout state keeps every committed position's.
 
+Trees (``rollout.tree_nodes = N >= 2``; :meth:`EagleDrafter.propose_tree`): instead of one
+sampled chain the head proposes EAGLE-2's dynamic tree from its *top* candidates. Depth 1
+is the head's top ``b`` (``tree_branch``) tokens after ``ĥ_pos``, scored by their log q (q:
+the head's temperature-scaled softmax, over its reduced vocabulary if any; ties to the
+lower index). For each depth ``d < D`` (the ``tree_depth`` cap, else N - 1) the ``b`` best
+candidates of depth d by cumulative score are expanded: one head pass over those b nodes at
+head position ``pos - 1 + d``, each fed ``(ĥ of its parent, its token)`` and attending to
+the committed head positions ``< pos`` plus its ancestors' and its own K/V (a mask over the
+head cache; the b nodes' K/V go to scratch slots ``pos + (d - 1) b + j``, dropped past the
+buffer), giving its top b children, scored parent + log q. The N - 1 best candidates of
+all depths (a stable sort of the scores: a child's score is at most its parent's and it
+comes later, so they form a subtree, parents first) are the tree. ``D - 1`` head passes of
+b nodes, no draw from any random stream: the tree is a deterministic function of the
+head's inputs, so sample-and-compare verification emits plain decoding's tokens. The head's
+committed state is untouched: slots ``< pos`` are not written, ``fed`` becomes ``pos``, and
+the next round's catch-up feeds the accepted path's true features over the scratch.
+
 Reduced vocabulary (``reduced_vocab = N > 0``): the head's logits are computed only for
 ``vocab_ids`` (N ids, e.g. the most frequent tokens of the policy's generations); every other
 token gets ``NEG_INF``, so the draft distribution is exactly zero there. Still lossless:
@@ -87,6 +104,8 @@ class EagleConfig:
   spot_max_updates: int = 0  # spot: head updates per RL step at most (0 = budget only)
   spot_minibatch: int = 0  # spot: rows per update, from one buffered step (0 = all)
   head_path: str = ''  # a head saved by save_head (e.g. after a warm-up); '' = fresh init
+  # draft trees (rollout.tree_nodes > 0): children per expanded node, the head's top ones
+  tree_branch: int = 4
 
   def __post_init__(self):
     if self.n_layers < 1:
@@ -95,6 +114,11 @@ class EagleConfig:
       raise ValueError(f'{SECTION}.reduced_vocab must be >= 0 (0 = off), got {self.reduced_vocab}')
     if self.mode not in MODES:
       raise ValueError(f'{SECTION}.mode must be one of {MODES}, got {self.mode!r}')
+    if self.tree_branch < 1:
+      raise ValueError(
+        f'{SECTION}.tree_branch must be >= 1 (children per expanded tree node; 1 = the '
+        f"head's argmax chain), got {self.tree_branch}"
+      )
     if self.spot_buffer_steps < 1 or self.spot_bucket < 1:
       raise ValueError(
         f'{SECTION}.spot_buffer_steps and spot_bucket must be >= 1, got '
@@ -308,13 +332,12 @@ class EagleDrafter:
     )
     return head_output(dp, self.model_cfg, y), cache
 
-  def propose(
-    self, dp, state, seq_tokens, pos, k, seeds, sp, mesh=None, policy_cache=None, ctx=None
-  ):
+  def _root(self, dp, state, seq_tokens, pos, w, ctx, mesh):
+    """Catch the head up on the committed positions (in ``catchup_chunk`` passes, then one
+    window of ``w`` ending at ``pos - 1``). Returns (ĥ_pos [B, D], head cache, fed)."""
     if ctx is None or ctx.hidden is None:
       raise ValueError('the eagle drafter needs the policy hidden states (ctx.hidden)')
-    cfg, hist, hfrom = self.model_cfg, ctx.hidden, ctx.hidden_from
-    w = k + 1
+    hist, hfrom = ctx.hidden, ctx.hidden_from
 
     def feed(cache, first, valid):
       return self._feed(dp, cache, seq_tokens, hist, hfrom, first, valid, mesh)[1]
@@ -326,7 +349,13 @@ class EagleDrafter:
     )
     valid = fed[:, None] + jnp.arange(w)[None, :] <= (pos - 1)[:, None]
     out, cache = self._feed(dp, cache, seq_tokens, hist, hfrom, fed, valid, mesh)
-    feat = _at(out, (pos - 1 - fed)[:, None])[:, 0]  # ĥ_pos [B, D]
+    return _at(out, (pos - 1 - fed)[:, None])[:, 0], cache, fed
+
+  def propose(
+    self, dp, state, seq_tokens, pos, k, seeds, sp, mesh=None, policy_cache=None, ctx=None
+  ):
+    cfg = self.model_cfg
+    feat, cache, fed = self._root(dp, state, seq_tokens, pos, k + 1, ctx, mesh)  # ĥ_pos
     logit0 = head_logits(dp, cfg, feat)
     tok0 = sampling.sample_seeded(logit0, seeds, sp, row=0)
 
@@ -356,6 +385,117 @@ class EagleDrafter:
     else:
       draft_tokens, draft_logits = tok0[:, None], logit0[:, None]
     return draft_tokens, draft_logits, {'cache': cache, 'fed': jnp.maximum(fed, pos)}, policy_cache
+
+  # --------------------------------------------------------------------------- trees
+
+  def _top_children(self, dp, feat, sp, branch):
+    """The head's ``branch`` likeliest next tokens after predicted features feat [B, M, D]:
+    (tokens int32 [B, M, b], log q f32 [B, M, b]), q the head's temperature-scaled softmax
+    (over its reduced vocabulary if any), best first; ties: the lower (vocabulary) index."""
+    lg, ids = head_logits_compact(dp, self.model_cfg, feat)
+    lq = jax.nn.log_softmax(sampling.scale_logits(lg, sp), axis=-1)
+    val, idx = jax.lax.top_k(lq, min(branch, lq.shape[-1]))
+    tok = idx if ids is None else jnp.take(ids, idx)
+    return tok.astype(jnp.int32), val
+
+  def _tree_layers(self, dp, x, positions, slots, mask, cache, mesh):
+    """The head's layers over tree nodes x [B, F, D] at RoPE ``positions`` [B, F]: their k/v
+    written to head-cache ``slots`` [B, F] (past the cache: dropped) and query f attending to
+    the slots ``mask[b, f]`` [B, F, S] allows. Returns (y [B, F, D], cache)."""
+    bidx = jnp.arange(x.shape[0])[:, None]
+
+    def body(carry, xs):
+      x, ck, cv = carry
+      lp, li = xs
+
+      def kv_fn(k, v):
+        nk = ck.at[li, bidx, slots].set(k.astype(ck.dtype), mode='drop')
+        nv = cv.at[li, bidx, slots].set(v.astype(cv.dtype), mode='drop')
+        return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
+
+      y, (nk, nv) = model_lib._layer(self.hcfg, lp, x, positions, kv_fn, mesh, shd.DECODE_RULES)
+      return (y, nk, nv), None
+
+    init = (x, cache['k'], cache['v'])
+    (x, ck, cv), _ = model_lib._over_layers(body, init, dp['head']['layers'], True)
+    return x, {'k': ck, 'v': cv}
+
+  def propose_tree(
+    self, dp, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh=None, ctx=None,
+    branch=None,
+  ):  # fmt: skip
+    """A draft tree of ``n_nodes`` grown from the head's top candidates (EAGLE-2's dynamic
+    tree; module doc "Trees"). Deterministic given the head's outputs: ``seeds`` unused.
+    ``branch``: children per expanded node (default ``drafter.eagle.tree_branch``).
+    Returns (tokens, parents, depth) int32 [B, N] (node 0 the root, token -1) and the state."""
+    cfg = self.model_cfg
+    b = int(branch or self.ecfg.tree_branch)
+    k = n_nodes - 1
+    dmax = max(1, min(int(depth_cap or k), k))
+    feat, cache, fed = self._root(dp, state, seq_tokens, pos, n_nodes, ctx, mesh)  # ĥ_pos
+    bsz, s = pos.shape[0], cache['k'].shape[2]
+    tok, score = (a[:, 0] for a in self._top_children(dp, feat[:, None], sp, b))  # depth 1
+    b = tok.shape[1]  # (a vocabulary smaller than the branch)
+    toks, scores, par_flat, depths = [tok], [score], [jnp.full((bsz, b), -1, jnp.int32)], [1]
+    par_feat = jnp.broadcast_to(feat[:, None], (bsz, b, feat.shape[-1]))  # of each candidate
+    anc = jnp.zeros((bsz, b, 0), jnp.int32)  # head-cache slots of each candidate's ancestors
+    offset = 0  # flat index of this level's first candidate
+    slot_ids = jnp.arange(s, dtype=jnp.int32)
+    for d in range(1, dmax):  # expand depth d's best b candidates: one head pass each level
+      fval, fi = jax.lax.top_k(scores[-1], b)  # stable: ties to the earlier candidate
+      take = lambda a, fi=fi: jnp.take_along_axis(a, fi.reshape(fi.shape + (1,) * (a.ndim - 2)), 1)  # noqa: E731
+      ftok, fpar, fanc = take(toks[-1]), take(par_feat), take(anc)
+      slots = pos[:, None] + (d - 1) * b + jnp.arange(b, dtype=jnp.int32)[None, :]
+      fanc = jnp.concatenate([fanc, slots[..., None]], axis=2)  # [B, b, d]: with itself
+      mask = (slot_ids[None, None, :] < pos[:, None, None]) | jnp.any(
+        slot_ids[None, None, :, None] == fanc[:, :, None, :], axis=-1
+      )
+      x = head_input(dp, cfg, fpar, ftok)
+      positions = jnp.broadcast_to((pos - 1 + d)[:, None], ftok.shape)
+      y, cache = self._tree_layers(dp, x, positions, slots, mask, cache, mesh)
+      out = head_output(dp, cfg, y)  # [B, b, D]: ĥ after each expanded node
+      ctok, clq = self._top_children(dp, out, sp, b)  # [B, b, b]
+      toks.append(ctok.reshape(bsz, b * b))
+      scores.append((fval[:, :, None] + clq).reshape(bsz, b * b))
+      par_flat.append(jnp.repeat(offset + fi, b, axis=1).astype(jnp.int32))
+      depths.append(d + 1)
+      par_feat = jnp.repeat(out, b, axis=1)
+      anc = jnp.repeat(fanc, b, axis=1)
+      offset += toks[-2].shape[1]
+    tree = _best_first(toks, scores, par_flat, depths, k)
+    return (*tree, {'cache': cache, 'fed': jnp.maximum(fed, pos)})
+
+
+def _best_first(toks, scores, par_flat, depths, k: int):
+  """The ``k`` best candidates of every level (lists of [B, C_d]: tokens, cumulative log q,
+  parent's flat candidate index (-1: the root), the level's depth) as a tree of ``k + 1``
+  nodes, parents before children. A child's score is its parent's plus a log q <= 0, and
+  the candidates are flat in level order, so a stable sort by score puts every parent before
+  its children and the best k are a subtree. A candidate of probability 0 (``NEG_INF``
+  logits) is an empty node. Returns (tokens, parents, depth) int32 [B, k + 1]."""
+  tok = jnp.concatenate(toks, axis=1)
+  score = jnp.concatenate(scores, axis=1)
+  pflat = jnp.concatenate(par_flat, axis=1)
+  dep = jnp.concatenate(
+    [jnp.full(t.shape, d, jnp.int32) for t, d in zip(toks, depths, strict=True)], axis=1
+  )
+  bsz, c = tok.shape
+  if c < k:  # fewer candidates than nodes (a branch of 1: one per level)
+    pad = lambda a, v: jnp.pad(a, ((0, 0), (0, k - c)), constant_values=v)  # noqa: E731
+    tok, score, pflat, dep = pad(tok, -1), pad(score, -jnp.inf), pad(pflat, -1), pad(dep, 1)
+  sel = jnp.argsort(-score, axis=1, stable=True)[:, :k]
+  take = lambda a: jnp.take_along_axis(a, sel, axis=1)  # noqa: E731
+  ntok, nscore, npf, ndep = take(tok), take(score), take(pflat), take(dep)
+  live = nscore > 0.5 * sampling.NEG_INF
+  hit = (sel[:, None, :] == npf[:, :, None]) & live[:, None, :]  # [B, node, candidate node]
+  par = jnp.where(npf < 0, 0, jnp.where(jnp.any(hit, axis=2), jnp.argmax(hit, axis=2) + 1, -1))
+  live &= par >= 0
+  root = jnp.zeros((bsz, 1), jnp.int32)
+  return (
+    jnp.concatenate([root - 1, jnp.where(live, ntok, -1)], axis=1).astype(jnp.int32),
+    jnp.concatenate([root - 1, jnp.where(live, par, 0)], axis=1).astype(jnp.int32),
+    jnp.concatenate([root, jnp.where(live, ndep, 1)], axis=1).astype(jnp.int32),
+  )
 
 
 # ----------------------------------------------------------------------------- head files

@@ -18,6 +18,8 @@ at the next weight sync. Here:
   :func:`spot_update` (one head step on a random minibatch of the buffer) until this RL
   step's ``spot_budget_s`` seconds or ``spot_max_updates`` updates (0 = budget only) are
   used up. The static engine has no buckets: the updates run right after the rollout.
+  Several processes: whether the budget allows one more update is process 0's call
+  (:func:`specrl.multihost.decide`), so every process runs the same updates.
 - *Hand-over*: updates go to a pending head; the rollout in flight keeps the head it
   started with. The GRPO step's wrapper (:func:`specrl.drafters.eagle_train.wrap_grpo`)
   puts the pending head into ``TrainState.drafter`` and the drafter: the rollout of step
@@ -45,6 +47,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from specrl import multihost as mh
 
 
 @flax.struct.dataclass
@@ -171,7 +175,10 @@ class SpotScheduler:
     e = self.ecfg
     if e.spot_max_updates and self.updates >= e.spot_max_updates:
       return False
-    return self.seconds + (time.perf_counter() - t0) < e.spot_budget_s
+    # wall-clock: process 0 decides, every process follows (no-op with one process)
+    return mh.decide(
+      'the eagle spot budget', self.seconds + (time.perf_counter() - t0) < e.spot_budget_s
+    )
 
   def run(self, params) -> int:
     """Head updates on the buffer until this window's budget or cap is used up; the result

@@ -330,13 +330,13 @@ def warmup(
   """Train the head before RL on the policy's own generations: ``sample_batch(i) ->
   (tokens [B, S], response_mask [B, S])`` (e.g. plain rollouts of the task's train prompts),
   ``steps`` updates or until ``budget_s`` seconds (the time spent is reported, never
-  hidden). The policy's hidden states and top-``ecfg.target_topk`` next-token
-  distributions (:func:`policy_targets`; 0 = full softmax every update) are computed once
-  per batch: a batch returned again (the same ``tokens`` object: several updates per
-  generation) reuses them. ``loss_opts`` (:func:`loss_options`): the loss forward's
-  attention / remat for the policy's and the head's forwards, and the head's row groups. Sets
-  ``drafter.head_params``; returns (HeadState, metrics of the last update, seconds, updates
-  done)."""
+  hidden; several processes: process 0's clock decides, :func:`specrl.multihost.decide`).
+  The policy's hidden states and top-``ecfg.target_topk`` next-token distributions
+  (:func:`policy_targets`; 0 = full softmax every update) are computed once per batch: a
+  batch returned again (the same ``tokens`` object: several updates per generation) reuses
+  them. ``loss_opts`` (:func:`loss_options`): the loss forward's attention / remat for the
+  policy's and the head's forwards, and the head's row groups. Sets ``drafter.head_params``;
+  returns (HeadState, metrics of the last update, seconds, updates done)."""
   cfg, hcfg, ecfg = drafter.model_cfg, drafter.hcfg, drafter.ecfg
   lo = dict(loss_opts or {})
   fo = {k: v for k, v in lo.items() if k != 'micro_batch'}
@@ -347,14 +347,20 @@ def warmup(
       head_update, cfg=cfg, hcfg=hcfg, ecfg=ecfg, optimizer=optimizer, mesh=mesh, **lo
     )
   )
+  # Several processes: ``sample_batch`` returns every row on every process (the same numpy
+  # values), placed replicated on the mesh; one process: as before (jit places them).
+  put = jnp.asarray
+  if mh.is_multiprocess() and mesh is not None:
+    put = lambda x: jax.device_put(x, shd.replicated(mesh))  # noqa: E731
   t0, m, done = time.perf_counter(), {}, 0
   last = None  # a batch returned again keeps its device arrays, hidden states and targets
   for i in range(steps):
-    if time.perf_counter() - t0 > budget_s:
+    # wall-clock: process 0 decides, every process follows (no-op with one process)
+    if mh.decide('the eagle warm-up budget', time.perf_counter() - t0 > budget_s):
       break
     tokens, mask = sample_batch(i)
     if tokens is not last:
-      last, dtoks, dmask = tokens, jnp.asarray(tokens), jnp.asarray(mask)
+      last, dtoks, dmask = tokens, put(tokens), put(mask)
       hidden = hid(policy_params, tokens=dtoks)
       targets = top(policy_params, hidden=hidden) if ecfg.target_topk else None
     hstate, m = upd(hstate, policy_params, drafter.vocab_ids, dtoks, hidden, dmask, targets)
@@ -472,11 +478,18 @@ class HeadTrainer:
     total, n = c.sft.steps + c.rl.steps, c.rl.num_prompts * exp.rl_cfg.num_generations
     seq_len = exp.rollout_cfg.seq_len
 
+    own = mh.process_rows(n)  # several processes: each rolls out its block of the rows
+
     def sample_batch(i):
       pr = exp.task.prompts_for_step(c.seed, total + i, n)
       out, _ = engine.generate(
-        params, pr.tokens, pr.lengths, jax.random.fold_in(exp.rngs.drafter, i)
+        params,
+        pr.tokens[own],
+        pr.lengths[own],
+        jax.random.fold_in(exp.rngs.drafter, i),
+        group_ids=np.arange(n, dtype=np.int32)[own],  # global row ids, as with one process
       )
+      out = mh.to_host(out)  # every row, on every process
       toks, mask = np.asarray(out.tokens)[:, :seq_len], response_mask(out, seq_len)
       self.observe_tokens(toks, mask)
       return toks, mask
