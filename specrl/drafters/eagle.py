@@ -409,11 +409,14 @@ class EagleDrafter:
       lp, li = xs
 
       def kv_fn(k, v):
-        nk = ck.at[li, bidx, slots].set(k.astype(ck.dtype), mode='drop')
-        nv = cv.at[li, bidx, slots].set(v.astype(cv.dtype), mode='drop')
+        nk = ck.at[li, bidx, :, slots].set(k.astype(ck.dtype), mode='drop')  # [L, B, K, S, Dh]
+        nv = cv.at[li, bidx, :, slots].set(v.astype(cv.dtype), mode='drop')
         return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
 
-      y, (nk, nv) = model_lib._layer(self.hcfg, lp, x, positions, kv_fn, mesh, shd.DECODE_RULES)
+      attn = lambda q, k, v: model_lib.attention(q, k, v, mask, heads_major=True)  # noqa: E731
+      y, (nk, nv) = model_lib._layer(
+        self.hcfg, lp, x, positions, kv_fn, mesh, shd.DECODE_RULES, attn
+      )
       return (y, nk, nv), None
 
     init = (x, cache['k'], cache['v'])
@@ -433,7 +436,7 @@ class EagleDrafter:
     k = n_nodes - 1
     dmax = max(1, min(int(depth_cap or k), k))
     feat, cache, fed = self._root(dp, state, seq_tokens, pos, n_nodes, ctx, mesh)  # ĥ_pos
-    bsz, s = pos.shape[0], cache['k'].shape[2]
+    bsz, s = pos.shape[0], model_lib.cache_slots(cache)
     tok, score = (a[:, 0] for a in self._top_children(dp, feat[:, None], sp, b))  # depth 1
     b = tok.shape[1]  # (a vocabulary smaller than the branch)
     toks, scores, par_flat, depths = [tok], [score], [jnp.full((bsz, b), -1, jnp.int32)], [1]
