@@ -75,7 +75,9 @@ def _assert_head_cache_is_teacher_forced(st, d):
   for name in ('k', 'v'):
     for b in range(B):
       np.testing.assert_allclose(
-        st.draft['cache'][name][:, b, : fed[b]], np.asarray(cache[name])[:, b, : fed[b]], atol=2e-5
+        st.draft['cache'][name][:, b, :, : fed[b]],
+        np.asarray(cache[name])[:, b, :, : fed[b]],
+        atol=2e-5,
       )
 
 
