@@ -37,17 +37,15 @@ def config(drafter, adaptive_policy=None):
   return c
 
 
-# Static engine + GRPO step. Not repeated here: 'self' (small_model's code path, a
-# ModelDrafter, with the policy's params) and 'ngram' (model-free like 'suffix'); both run
-# on the adaptive engine below.
+# Static engine + GRPO step. Not here: 'self' (small_model's code path, a ModelDrafter
+# with the policy's params: no sharding of its own) and 'ngram' (model-free like 'suffix';
+# it runs on the adaptive engine in the length-bucket case below).
 DRAFTERS = ('none', 'small_model', 'suffix', 'hybrid', 'quantized', 'eagle')
-# every drafter on the adaptive engine too (policy 'always' forces speculation)
+# the adaptive engine (policy 'always' forces speculation) with every drafter kind
 ADAPTIVE_CASES = (
   ('none', 'never'),
-  ('self', 'always'),
   ('hybrid', 'always'),
   ('small_model', 'always'),
-  ('ngram', 'always'),
   ('suffix', 'always'),
   ('quantized', 'cost_model'),
   ('eagle', 'always'),
