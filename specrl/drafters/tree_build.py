@@ -44,39 +44,34 @@ def prefix_hashes(cont: jax.Array) -> jax.Array:
   return jnp.stack(out, axis=2)
 
 
-def _group_first(values_sorted: jax.Array, x_sorted: jax.Array) -> jax.Array:
-  """Per row of sorted ``values_sorted`` [B, F]: ``x_sorted`` at the first entry of each
-  run of equal values, broadcast over the run."""
-  left = jax.vmap(lambda a: jnp.searchsorted(a, a, side='left'))(values_sorted)
-  return jnp.take_along_axis(x_sorted, left, axis=1)
+def _run_starts(values_sorted: jax.Array) -> jax.Array:
+  """int32 [B, F]: per row of sorted ``values_sorted``, the index of the first entry of
+  each entry's run of equal values."""
+  return jax.vmap(lambda a: jnp.searchsorted(a, a, side='left'))(values_sorted).astype(jnp.int32)
 
 
-def _branch_allowed(h, parent_h, key, first, order, rank, dcap: int, branch: int):
+def _branch_allowed(hs, parent_h, key, first, order, rank, dcap: int, branch: int):
   """bool [B, F]: the prefix of each flat entry is among the ``branch`` best (highest
   ``key``) children of its parent prefix, and so is every ancestor -- a capped node's
   subtree never takes a node. Sibling rank: sort by (parent hash, key descending, index)
-  and count from the run start; only ``first`` entries (one per prefix) carry a key."""
-  b, f = h.shape
+  and count from the run start; only ``first`` entries (one per prefix) carry a key.
+  ``hs``/``order``/``rank``: the sorted prefix hashes and their permutation (as
+  :func:`continuation_tree` has them)."""
+  b, f = hs.shape
   by_key = jnp.argsort(-key, axis=1, stable=True)  # key descending, then index
   pk = jnp.take_along_axis(parent_h, by_key, axis=1)
   by_parent = jnp.argsort(pk, axis=1, stable=True)
   perm = jnp.take_along_axis(by_key, by_parent, axis=1)  # (parent, -key, index) order
   pk_s = jnp.take_along_axis(parent_h, perm, axis=1)
-  left = jax.vmap(lambda a: jnp.searchsorted(a, a, side='left'))(pk_s)
-  sib_rank_s = jnp.arange(f, dtype=jnp.int32)[None, :] - left.astype(jnp.int32)
+  sib_rank_s = jnp.arange(f, dtype=jnp.int32)[None, :] - _run_starts(pk_s)
   sib_rank = jnp.zeros_like(sib_rank_s).at[jnp.arange(b)[:, None], perm].set(sib_rank_s)
-  allowed = (sib_rank < branch) | ~first
-  hs = jnp.take_along_axis(h, order, axis=1)
-
-  def spread(a):  # every entry of a prefix gets the value of its first entry
-    a_s = _group_first(hs, jnp.take_along_axis(a, order, axis=1))
-    return jnp.take_along_axis(a_s, rank, axis=1)
-
-  allowed = spread(allowed)
-  a3 = allowed.reshape(b, -1, dcap)
+  # flat index of the first entry of every entry's prefix: one gather spreads a value
+  # of the prefix to all its entries
+  head = jnp.take_along_axis(jnp.take_along_axis(order, _run_starts(hs), axis=1), rank, axis=1)
+  a3 = jnp.take_along_axis((sib_rank < branch) | ~first, head, axis=1).reshape(b, -1, dcap)
   for d in range(1, dcap):  # an entry's parent prefix is the same occurrence one level up
     a3 = a3.at[:, :, d].set(a3[:, :, d] & a3[:, :, d - 1])
-    a3 = spread(a3.reshape(b, f)).reshape(b, -1, dcap)
+    a3 = jnp.take_along_axis(a3.reshape(b, f), head, axis=1).reshape(b, -1, dcap)
   return a3.reshape(b, f)
 
 
@@ -122,7 +117,7 @@ def continuation_tree(
   prev_h = jnp.concatenate([jnp.full((b, 1), _EMPTY), h[:, :-1]], axis=1)
   if branch:
     parent_h = jnp.where(d == 0, _ROOT, prev_h)
-    key = jnp.where(_branch_allowed(h, parent_h, key, first, order, rank, dcap, branch), key, -1)
+    key = jnp.where(_branch_allowed(hs, parent_h, key, first, order, rank, dcap, branch), key, -1)
   if k > m * dcap:  # fewer candidate prefixes than nodes
     key = jnp.pad(key, ((0, 0), (0, k - m * dcap)), constant_values=-1)
   vals, idx = jax.lax.top_k(key, k)  # descending: a parent before its children
