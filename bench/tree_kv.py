@@ -3,8 +3,8 @@
 After a tree verify pass the accepted path's K/V sit in scratch slots ``pos + path[d]``;
 plain decoding's cache has them at ``pos + d``. Two ways to get there:
 
-- move (what :func:`specrl.decoding.tree.move_accepted_kv` does): gather N slots and
-  scatter them per layer (``2 L N K Dh`` values per row);
+- move (what :func:`specrl.decoding.tree.move_accepted_kv` does): scatter the accepted
+  nodes' k/v, kept from the pass, into N slots per layer (``2 L N K Dh`` values per row);
 - re-feed: run the policy again over the accepted tokens (a cache-extending forward of N
   tokens at positions ``pos .. pos + N - 1``, writing their K/V in place; no LM head).
 
@@ -102,8 +102,12 @@ def main(argv=None):
     c = model_lib.forward(params, cfg, toks, chain_pos, c, head=False)[1]
     return c, jnp.float32(0)
 
+  # the pass's new k/v of the N nodes, [L, B, N, K, Dh] (what a tree round moves from)
+  kv_shape = (cfg.n_layers, b, n, cfg.n_kv_heads, cfg.head_dim)
+  new_kv = {x: jax.random.normal(jax.random.key(2), kv_shape, cache[x].dtype) for x in 'kv'}
+
   def move(c):
-    return tree_lib.move_accepted_kv(c, pos, path), jnp.float32(0)
+    return tree_lib.move_accepted_kv(c, pos, path, new_kv), jnp.float32(0)
 
   kw = dict(reps=args.reps, iters=args.iters)
   res = dict(

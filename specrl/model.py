@@ -397,11 +397,16 @@ def unstack_layers(params: Params) -> Params:
 
 def _over_layers(body, carry, layers, with_index: bool = False):
   """``lax.scan(body, carry, layers)`` over stacked layers, or a Python loop over a tuple
-  of per-layer dicts (:func:`unstack_layers`); ``with_index`` passes ``(lp, layer index)``."""
+  of per-layer dicts (:func:`unstack_layers`); ``with_index`` passes ``(lp, layer index)``.
+  Per-layer outputs of ``body`` come back stacked on a leading layer axis (None: none)."""
   if isinstance(layers, tuple | list):
+    ys = []
     for i, lp in enumerate(layers):
-      carry, _ = body(carry, (lp, i) if with_index else lp)
-    return carry, None
+      carry, y = body(carry, (lp, i) if with_index else lp)
+      ys.append(y)
+    if all(y is None for y in ys):
+      return carry, None
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
   n = jax.tree.leaves(layers)[0].shape[0]
   return jax.lax.scan(body, carry, (layers, jnp.arange(n)) if with_index else layers)
 
@@ -455,6 +460,7 @@ def run_layers(
   remat: bool = False,
   attend_len=None,
   tree_anc=None,
+  return_new_kv: bool = False,
 ):
   """The decoder stack over x [B, T, D] at ``positions`` [B, T] (no embedding, no final
   norm): the policy's :func:`forward` and the eagle head's layers share it. ``layers``
@@ -486,7 +492,12 @@ def run_layers(
   ``positions[:, 0] + u`` (T scratch slots) and query t sees the slots ``<
   positions[:, 0]`` (the committed prefix) and the slots of the nodes u with
   ``tree_anc[b, t, u]`` (its ancestors and itself); RoPE still uses ``positions``. A chain
-  (``tree_anc`` lower-triangular, positions ``base + t``) is exactly the causal case."""
+  (``tree_anc`` lower-triangular, positions ``base + t``) is exactly the causal case.
+
+  ``return_new_kv`` (with a cache): also return the fed tokens' new k/v, ``{'k', 'v'}``
+  each ``[L, B, T, K, Dh]`` in the cache's dtype, as a third value. A draft-tree round
+  moves its accepted path into place from these (:func:`specrl.decoding.tree.move_accepted_kv`)
+  rather than gathering it back out of the cache, which made XLA copy the whole cache."""
   rules = shd.DECODE_RULES if rules is None else rules
   if cache is None:
     if attention_impl not in ATTENTION_IMPLS:
@@ -536,7 +547,7 @@ def run_layers(
         # advanced indices split by the head slice: the update is indexed [B, T, K, Dh]
         nk = ck.at[li, bidx, :, slots].set(k.astype(ck.dtype), mode='drop')
         nv = cv.at[li, bidx, :, slots].set(v.astype(cv.dtype), mode='drop')
-        return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
+        return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv, k, v)
       wk = _write_window(ck[li, :, :, :s], k, slots)  # [B, K, s, Dh]: the live slots only
       wv = _write_window(cv[li, :, :, :s], v, slots)
       # The window goes back into the buffer in place (a dynamic-update-slice). Not a
@@ -545,12 +556,15 @@ def run_layers(
       # not duplicated into its readers.
       nk = jax.lax.dynamic_update_slice(ck, wk[None], (li, 0, 0, 0, 0))
       nv = jax.lax.dynamic_update_slice(cv, wv[None], (li, 0, 0, 0, 0))
-      return wk.astype(x.dtype), wv.astype(x.dtype), mask, (nk, nv)
+      return wk.astype(x.dtype), wv.astype(x.dtype), mask, (nk, nv, k, v)
 
-    y, (nk, nv) = _layer(cfg, lp, x, positions, kv_fn, mesh, rules, attn_fn)
-    return (y, nk, nv), None
+    y, (nk, nv, k, v) = _layer(cfg, lp, x, positions, kv_fn, mesh, rules, attn_fn)
+    new = (k.astype(ck.dtype), v.astype(cv.dtype)) if return_new_kv else None
+    return (y, nk, nv), new
 
-  (x, ck, cv), _ = _over_layers(body, (x, cache['k'], cache['v']), layers, True)
+  (x, ck, cv), new = _over_layers(body, (x, cache['k'], cache['v']), layers, True)
+  if return_new_kv:
+    return x, {'k': ck, 'v': cv}, {'k': new[0], 'v': new[1]}
   return x, {'k': ck, 'v': cv}
 
 
@@ -571,6 +585,7 @@ def forward(
   remat: bool = False,
   attend_len: int | None = None,
   tree_anc: jax.Array | None = None,
+  return_new_kv: bool = False,
 ):
   """Run the transformer.
 
@@ -595,13 +610,15 @@ def forward(
     ``(logits f32 [B, T, V], new_cache)`` (``new_cache`` is None without a cache);
     with ``return_hidden`` also the final normed hidden state [B, T, D] (every token);
     ``head=False``: ``(None, new_cache, hidden)`` without computing any logits.
+    ``return_new_kv`` (with a cache): ``new_cache`` is ``(new_cache, new_kv)``, new_kv the
+    fed tokens' k/v ``{'k', 'v'}: [L, B, T, K, Dh]`` (:func:`run_layers`).
   Other keywords (:func:`run_layers`): ``attention_impl``, ``attention_block``, ``remat``:
   the no-cache forward's attention and per-layer rematerialisation.
   """
   rules = shd.DECODE_RULES if rules is None else rules
   x = _embed(params['embed'], tokens, cfg.cdtype)
   x = shd.constrain(x, ('batch', 'seq', 'embed'), mesh, rules)
-  x, new_cache = run_layers(
+  x, *new_cache = run_layers(
     params['layers'],
     cfg,
     x,
@@ -614,7 +631,9 @@ def forward(
     remat=remat,
     attend_len=attend_len,
     tree_anc=tree_anc,
+    return_new_kv=return_new_kv and cache is not None,
   )
+  new_cache = tuple(new_cache) if len(new_cache) > 1 else new_cache[0]
   x = rms_norm(x, params['final_norm'], cfg.norm_eps)
   if not head:
     return None, new_cache, x

@@ -103,13 +103,12 @@ def test_a_tree_round_transposes_no_cache():
   assert not bad, '\n'.join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason='open: move_accepted_kv copies the cache (see below)')
 def test_a_tree_round_copies_no_cache():
-  """Known: XLA fuses the verify pass's last window update into the gather of
-  :func:`specrl.decoding.tree.move_accepted_kv`, which then reads the previous layer's
-  buffer, so that layer's in-place update copies the whole cache (K and V, both layouts;
-  ``jax.lax.optimization_barrier`` does not survive to XLA:CPU's fusion). Fix: move the
-  accepted path from the pass's new K/V instead of gathering it from the cache."""
+  """A tree round moves its accepted path from the pass's new k/v
+  (:func:`specrl.decoding.tree.move_accepted_kv`). It used to gather the scratch slots back
+  out of the cache: XLA fused the verify pass's last window update into that gather, which
+  then read the previous layer's buffer, so that update copied the whole cache (K and V,
+  both layouts; this test failed, a strict xfail, until the move changed)."""
   bad = _bad(3, 4, 256)
   assert not bad, '\n'.join(bad)
 

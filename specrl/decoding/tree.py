@@ -15,9 +15,9 @@ slots ``< pos``) with ``N = rcfg.tree_nodes`` static nodes per row:
 3. :func:`specrl.decoding.verify.verify_tree` walks the tree by sample-and-compare keyed
    like the plain step (:mod:`specrl.kernels.verify_tree_reference`): the emitted tokens
    are plain decoding's tokens;
-4. the accepted path's K/V move into place (:func:`move_accepted_kv`: slot ``pos +
-   path[d]`` to ``pos + d``, a gather and a scatter of ``N`` slots per layer) so the cache
-   equals plain decoding's; :func:`specrl.decoding.state.commit` appends the tokens.
+4. the accepted path's K/V move into place (:func:`move_accepted_kv`: node ``path[d]``'s
+   k/v, kept from the pass, to slot ``pos + d``: a scatter of ``N`` slots per layer) so the
+   cache equals plain decoding's; :func:`specrl.decoding.state.commit` appends the tokens.
 
 Why move, not re-feed: re-feeding the accepted path is a second policy forward of up to N
 tokens per round; the move reads and writes ``2 L N K Dh`` values per row. Measured at
@@ -96,22 +96,27 @@ def node_positions(pos: jax.Array, depth: jax.Array) -> jax.Array:
   return pos[:, None] + depth
 
 
-def move_accepted_kv(cache, pos: jax.Array, path: jax.Array):
-  """Cache with slot ``pos + path[d]`` copied to ``pos + d`` for every d (a no-op where
-  ``path[d] = d``): the accepted path's K/V in place, as plain decoding writes them.
-  Slots past the cache are dropped (rows at its end, the length bucket's window)."""
-  s = model_lib.cache_slots(cache)
+def move_accepted_kv(cache, pos: jax.Array, path: jax.Array, new_kv):
+  """Cache with the accepted path's K/V at slots ``pos + d`` for every d, as plain decoding
+  writes them: node ``path[d]``'s k/v, taken from the pass's new k/v ``new_kv`` (``{'k',
+  'v'}: [L, B, N, K, Dh]``, :func:`specrl.model.forward`'s ``return_new_kv``). Slots past
+  the cache are dropped (rows at its end, the length bucket's window).
+
+  Why from the pass's k/v and not the scratch slots: gathering slot ``pos + path[d]`` back
+  out of the cache made XLA fuse the last layer's in-place window update into that gather,
+  so the update (and the move's scatter) copied the whole cache every round
+  (``tests/test_cache_layout.py``); a scatter whose update reads no cache runs in place."""
   d = jnp.arange(path.shape[1], dtype=jnp.int32)[None, :]
-  src = jnp.minimum(pos[:, None] + path, s - 1)
   dst = pos[:, None] + d
   bidx = jnp.arange(pos.shape[0])[:, None]
 
-  def one(c):
+  def one(c, new):
+    vals = new[:, bidx, path]  # [L, B, D, K, Dh]
     # [L, B, K, S, Dh]: advanced (batch, slot) indices split by the head slice go first,
-    # so both sides are indexed [B, N, L, K, Dh]
-    return c.at[:, bidx, :, dst].set(c[:, bidx, :, src], mode='drop')
+    # so the update is indexed [B, D, L, K, Dh]
+    return c.at[:, bidx, :, dst].set(jnp.moveaxis(vals, 0, 2), mode='drop')
 
-  return {'k': one(cache['k']), 'v': one(cache['v'])}
+  return {'k': one(cache['k'], new_kv['k']), 'v': one(cache['v'], new_kv['v'])}
 
 
 def check_drafter(drafter, rcfg) -> None:
@@ -197,7 +202,7 @@ def tree_round(
   tree = normalize(tree, cur)
   fed = jnp.where(tree.tokens >= 0, tree.tokens, cur[:, None])
   positions = node_positions(state.pos, tree.depth)
-  logits, cache, *hidden = model_lib.forward(
+  logits, (cache, new_kv), *hidden = model_lib.forward(
     params,
     cfg,
     fed,
@@ -208,6 +213,7 @@ def tree_round(
     return_hidden=hooks.wants_hidden(drafter),
     attend_len=attend_len,
     tree_anc=ancestors(tree.parents),
+    return_new_kv=True,
   )
   # the plain step's key at each node's position (not the forward's positions helper)
   seeds = prng.event_seeds(
@@ -216,7 +222,7 @@ def tree_round(
   res = verify_lib.verify_tree(
     logits, tree.tokens, tree.parents, seeds, rcfg.sampling, impl=rcfg.verify_impl
   )
-  cache = move_accepted_kv(cache, state.pos, res.path)
+  cache = move_accepted_kv(cache, state.pos, res.path, new_kv)
   if hidden:  # the accepted path's hidden states, in depth order
     hidden = [jnp.take_along_axis(hidden[0], res.path[..., None], axis=1)]
   before = state
