@@ -18,6 +18,25 @@ loops (length buckets) the rollout ran and could compile (``rollout/length_bucke
   python bench/long_context.py --quick   # S 256..4096, 4 of the 30 layers: a few minutes
   python bench/long_context.py           # S 256..32768, all 30 layers (GBs of cache)
 
+``--tail``: the long-tail rollout instead (issue 26's lognormal row). B = ``--groups`` x
+``--group`` rows (2 x 8) whose response lengths follow a lognormal (``bench/long_tail.py``'s
+deterministic quantiles) with median ``--tail_median`` (256) and longest ``--tail_max``
+(8192 = the budget ``max_new_tokens``), decoded plain and greedy by the adaptive engine with
+compaction only (``policy='never'``, batch buckets 16 .. 1), once per path: ``dense``
+(``attend_bucket = 0``: every step over the whole budget, the engine before length
+buckets: "today") and ``bucketed`` (``--bucket``, growing KV, the default). Row i's length
+is imposed through the engine's own ``max_new_tokens`` rule: its generated-token counter
+starts at ``max_new_tokens - n_i`` after prefill (a bench-only wrapper of
+``specrl.decoding.steps.prefill`` in the adaptive engine; random weights have no natural
+EOS), so both paths do identical work. Reported per path: median rollout seconds over
+``--iters`` round-robin calls after a warm-up, tokens/s (sum of n_i / time), the speedup
+(median of paired per-call ratios dense / bucketed), peak policy KV / live need (the
+engine's ``rollout/kv_peak_gb`` over the peak of sum(prompt + t) x bytes per slot over
+the active rows) and the length buckets run / compilable.
+
+  python bench/long_context.py --tail --quick   # median 64, longest 2048, 4 layers
+  python bench/long_context.py --tail --layers 4  # median 256, longest 8192
+
 Timings on a shared CPU are noisy; ratios between the round-robin-timed paths hold better.
 Prints a table, then, as its last line, one JSON object.
 """
@@ -32,6 +51,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
@@ -83,6 +103,125 @@ def decode_call(engine, params, toks, lens):
   return call, record
 
 
+def tail_lengths(b: int, median: int, longest: int, seed: int = 0) -> np.ndarray:
+  """[b] lognormal response lengths, median ``median``, the longest ``longest``."""
+  from bench.long_tail import long_tail_lengths
+
+  n = long_tail_lengths(b, median, longest / median, seed)
+  return np.minimum(n, longest).astype(np.int32)
+
+
+def with_row_budgets(lengths: np.ndarray):
+  """A context manager under which the adaptive engine's prefill leaves row i
+  ``lengths[i]`` tokens to generate (its counter set to ``max_new_tokens - lengths[i] +
+  1`` after the first token): a synthetic long tail through the engine's own length rule."""
+  import contextlib
+
+  from specrl.adaptive import engine as engine_mod
+
+  orig = engine_mod.prefill
+
+  def prefill(*a, rcfg, **kw):
+    state = orig(*a, rcfg=rcfg, **kw)
+    left = jnp.asarray(rcfg.max_new_tokens - lengths, jnp.int32)[state.seq_id]
+    return state.replace(num_generated=state.num_generated + left)
+
+  @contextlib.contextmanager
+  def ctx():
+    engine_mod.prefill = prefill
+    try:
+      yield
+    finally:
+      engine_mod.prefill = orig
+
+  return ctx()
+
+
+def tail_main(args) -> dict:
+  """The lognormal long-tail rollout, dense vs bucketed (see the module docstring)."""
+  from specrl import adaptive
+
+  median, longest = (64, 2048) if args.quick else (args.tail_median, args.tail_max)
+  layers = args.layers or (4 if args.quick else SMOLLM2_135M['n_layers'])
+  cfg = model_lib.ModelConfig(**{**SMOLLM2_135M, 'n_layers': layers})
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  b = args.groups * args.group
+  lengths = tail_lengths(b, median, longest)
+  rng = np.random.default_rng(0)
+  toks = rng.integers(3, cfg.vocab_size, size=(b, args.prompt)).astype(np.int32)
+  plen = np.full((b,), args.prompt, np.int32)
+  group_ids = np.repeat(np.arange(args.groups), args.group).astype(np.int32)
+  buckets = tuple(x for x in (256, 128, 64, 32, 16, 8, 4, 2, 1) if x <= b)
+  acfg = adaptive.AdaptiveConfig(
+    policy='never', buckets=buckets, chunk_steps=args.chunk_steps, learn_online=False
+  )
+  engines = {}
+  for path in PATHS:
+    rcfg = rollout_lib.RolloutConfig(
+      max_new_tokens=longest,
+      max_prompt_len=args.prompt,
+      sampling=SamplingParams(temperature=0.0),
+      eos_id=-1,
+      attend_bucket=0 if path == 'dense' else args.bucket,
+    )
+    engines[path] = adaptive.AdaptiveRolloutEngine(cfg, rcfg, acfg)
+  per_slot = 2 * layers * cfg.n_kv_heads * cfg.head_dim * np.dtype(cfg.cdtype).itemsize
+  live = rollout_lib.live_kv_slots(plen, lengths) * per_slot
+  runs = {p: [] for p in PATHS}
+  with with_row_budgets(lengths):
+    for i in range(args.iters + 1):  # the first round compiles (warm-up, not reported)
+      for path in common.rotated(PATHS, i):
+        r = common.timed_generate(engines[path], params, toks, plen, i, group_ids=group_ids)
+        assert (r['length'] == longest).all()  # every row ran its whole imposed budget
+        if i:
+          runs[path].append(r)
+        print(f'call {i} {path}: {r["time_s"]:.1f} s', flush=True)
+  rows = []
+
+  def pairs(path):
+    return zip(runs['dense'], runs[path], strict=True)
+
+  for path in PATHS:
+    m = runs[path][-1]['metrics']
+    rows.append(
+      dict(
+        path=path,
+        time_s=float(np.median([r['time_s'] for r in runs[path]])),
+        tokens_per_s=float(lengths.sum() / np.median([r['time_s'] for r in runs[path]])),
+        speedup=float(np.median([d['time_s'] / x['time_s'] for d, x in pairs(path)])),
+        kv_peak_gb=m['rollout/kv_peak_gb'],
+        kv_live_gb=live / 2**30,
+        peak_over_live=m['rollout/kv_peak_gb'] * 2**30 / live,
+        buckets_run=int(m['rollout/length_buckets']),
+        variants=int(m['rollout/length_bucket_variants']),
+        compactions=int(m.get('adaptive/compactions', 0)),
+      )
+    )
+  common.print_table(
+    [('path', ''), ('time_s', '.1f'), ('tokens_per_s', '.1f'), ('speedup', '.2f'),
+     ('kv_peak_gb', '.3f'), ('kv_live_gb', '.3f'), ('peak_over_live', '.2f'),
+     ('buckets_run', 'd'), ('variants', 'd'), ('compactions', 'd')],
+    rows,
+  )  # fmt: skip
+  summary = dict(
+    bench='long_context_tail',
+    **common.device_info(),
+    layers=layers,
+    batch=b,
+    groups=args.groups,
+    prompt=args.prompt,
+    median=median,
+    longest=longest,
+    tokens=int(lengths.sum()),
+    bucket=args.bucket,
+    iters=args.iters,
+    rows={r['path']: r for r in rows},
+    calls_s={p: [r['time_s'] for r in runs[p]] for p in PATHS},
+  )
+  common.emit_json(summary)
+  return summary
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--quick', action='store_true', help='S up to 4096, 4 layers')
@@ -93,9 +232,17 @@ def main(argv=None) -> dict:
   ap.add_argument('--new', type=int, default=64)
   ap.add_argument('--bucket', type=int, default=256, help='rollout.attend_bucket')
   ap.add_argument('--iters', type=int, default=3)
+  ap.add_argument('--tail', action='store_true', help='the lognormal long-tail rollout')
+  ap.add_argument('--tail_median', type=int, default=256)
+  ap.add_argument('--tail_max', type=int, default=8192, help='longest answer = the budget')
+  ap.add_argument('--groups', type=int, default=2, help='--tail: prompts')
+  ap.add_argument('--group', type=int, default=8, help='--tail: answers per prompt')
+  ap.add_argument('--chunk_steps', type=int, default=128, help='--tail: adaptive chunk')
   common.add_compile_cache_flag(ap)
   args = ap.parse_args(argv)
   common.enable_compile_cache(args.compile_cache)
+  if args.tail:
+    return tail_main(args)
   budgets = args.budgets or (
     [256, 1024, 4096] if args.quick else [256, 1024, 4096, 8192, 16384, 32768]
   )

@@ -40,11 +40,28 @@ def leaves_equal(a, b):
     dict(spot_budget_s=0.0),
     dict(spot_max_updates=-1),
     dict(spot_minibatch=-2),
+    dict(spot_max_len=1),
+    dict(spot_max_len=-4),
   ],
 )
 def test_bad_spot_options_are_refused(bad):
   with pytest.raises(ValueError, match='spot_'):
     eagle.EagleConfig(mode='spot', **bad)
+
+
+def test_a_long_budget_does_not_grow_the_ring():
+  """``spot_max_len`` caps the ring's positions per row whatever the token budget; a batch
+  longer than that keeps its first positions, a shorter one is zero-padded (mask 0)."""
+  assert es.buffer_len(32_800, 2048) == 2048 and es.buffer_len(300, 2048) == 300
+  assert es.buffer_len(32_800, 0) == 32_800
+  buf = es.init_buffer(2, 2, 4, 3, jnp.float32)
+  long_tok = jnp.arange(2 * 9, dtype=jnp.int32).reshape(2, 9)
+  hid = jnp.arange(2 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 3)
+  buf = es.push(buf, hid, long_tok, jnp.ones((2, 9)))
+  np.testing.assert_array_equal(np.asarray(buf.tokens[0]), np.asarray(long_tok[:, :4]))
+  np.testing.assert_array_equal(np.asarray(buf.hidden[0]), np.asarray(hid[:, :3]))
+  buf = es.push(buf, hid[:, :1], long_tok[:, :2], jnp.ones((2, 2)))
+  np.testing.assert_array_equal(np.asarray(buf.mask[1]), [[1, 1, 0, 0]] * 2)
 
 
 def test_buffer_is_a_ring_of_the_last_steps_and_samples_one_filled_slot():

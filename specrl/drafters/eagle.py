@@ -103,6 +103,10 @@ class EagleConfig:
   spot_budget_s: float = 5.0  # spot: seconds of head updates per RL step (added to it)
   spot_max_updates: int = 0  # spot: head updates per RL step at most (0 = budget only)
   spot_minibatch: int = 0  # spot: rows per update, from one buffered step (0 = all)
+  # spot: positions kept per buffered row (the first ones: prompt and the answer's start);
+  # the ring is N x B x this x D, fixed in the train state, so it must not follow the
+  # token budget (a 32k budget would hold GBs); 0 = the whole buffer (seq_len)
+  spot_max_len: int = 2048
   head_path: str = ''  # a head saved by save_head (e.g. after a warm-up); '' = fresh init
   # draft trees (rollout.tree_nodes > 0): children per expanded node, the head's top ones
   tree_branch: int = 4
@@ -126,6 +130,11 @@ class EagleConfig:
       )
     if not self.spot_budget_s > 0:
       raise ValueError(f'{SECTION}.spot_budget_s must be > 0 seconds, got {self.spot_budget_s}')
+    if self.spot_max_len < 0 or self.spot_max_len == 1:
+      raise ValueError(
+        f'{SECTION}.spot_max_len must be 0 (the whole buffer) or >= 2 positions, got '
+        f'{self.spot_max_len}'
+      )
     if self.spot_max_updates < 0 or self.spot_minibatch < 0:
       raise ValueError(
         f'{SECTION}.spot_max_updates (0 = budget only) and spot_minibatch (0 = whole step) '

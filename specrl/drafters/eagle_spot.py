@@ -10,9 +10,12 @@ at the next weight sync. Here:
   ring of the last ``spot_buffer_steps`` = N GRPO steps on device.
 - *Where the buffer lives*: in ``HeadState.buffer``, i.e. ``TrainState.drafter``, so the
   orbax checkpoint writes it as arrays and the donated GRPO step writes a step in place.
-  Not in the JSON host state: it is ``N * B * (S-1) * D`` activations (e.g. 4 x 256 x 1024
+  Not in the JSON host state: it is ``N * B * (W-1) * D`` activations (e.g. 4 x 256 x 1024
   x 576 bf16 = 1.2 GB for SmolLM2-135M), which JSON would hold as lists of floats. Its size
-  is reported as ``head/spot_buffer_bytes``.
+  is reported as ``head/spot_buffer_bytes``. W = ``min(seq_len,
+  drafter.eagle.spot_max_len)`` (default 2048): a row keeps its first W positions, so a 32k
+  token budget does not make the ring 16x larger (the longer answers' ends are not trained
+  on: the head learns from the starts of the step's answers).
 - *When*: :class:`SpotScheduler`. The adaptive engine calls ``tail_hook(params, bucket)``
   before every chunk; once the batch is compacted to ``bucket <= spot_bucket`` the hook runs
   :func:`spot_update` (one head step on a random minibatch of the buffer) until this RL
@@ -76,14 +79,22 @@ def buffer_bytes(buf: SpotBuffer) -> int:
   return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(buf)))
 
 
+def buffer_len(seq_len: int, max_len: int) -> int:
+  """Positions per buffered row: ``min(seq_len, max_len)`` (``max_len`` 0: ``seq_len``).
+  ``drafter.eagle.spot_max_len`` keeps the ring's size independent of the token budget."""
+  return min(seq_len, max_len) if max_len else seq_len
+
+
 def push(buf: SpotBuffer, hidden, tokens, mask) -> SpotBuffer:
   """Write one GRPO step (hidden [B, S-1, D], tokens [B, S], mask [B, S]) into the ring's
   next slot, overwriting the oldest once full. Pure (in place under donation). A batch
   trimmed to fewer positions than the buffer's (``rl.trim_length``) is zero-padded (mask 0
-  there, so the padding is never a training target)."""
+  there, so the padding is never a training target); a longer one keeps its first
+  positions (``drafter.eagle.spot_max_len``: the head trains on the answers' starts)."""
   slot = buf.pushes % buf.tokens.shape[0]
 
   def put(a, x):
+    x = x[tuple(slice(0, n) for n in a.shape[1:])]  # longer than the buffer: its start
     pad = [(0, n - m) for n, m in zip(a.shape[1:], x.shape, strict=True)]
     x = jnp.pad(x, pad) if any(p for _, p in pad) else x
     return jax.lax.dynamic_update_index_in_dim(a, x.astype(a.dtype), slot, 0)

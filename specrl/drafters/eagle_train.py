@@ -407,9 +407,8 @@ class HeadTrainer:
     rows = ecfg.spot_minibatch or b
     if rows > b:
       raise ValueError(f'drafter.eagle.spot_minibatch={rows} > the GRPO batch ({b} rows)')
-    buf = eagle_spot.init_buffer(
-      ecfg.spot_buffer_steps, b, exp.rollout_cfg.seq_len, cfg.d_model, cfg.cdtype
-    )
+    width = eagle_spot.buffer_len(exp.rollout_cfg.seq_len, ecfg.spot_max_len)
+    buf = eagle_spot.init_buffer(ecfg.spot_buffer_steps, b, width, cfg.d_model, cfg.cdtype)
     self.hstate = self.hstate.replace(buffer=buf)
     update_fn = functools.partial(
       head_update, cfg=cfg, hcfg=self.drafter.hcfg, ecfg=ecfg, optimizer=self.optimizer,
