@@ -69,6 +69,10 @@ def run_step(
     toks, mask = exp.task.sample_sft(
       data_rng(c.seed, step), c.sft.batch_size, exp.rollout_cfg.seq_len
     )
+    if exp.rl_cfg.trim_length:  # the longest worked solution's (bucketed) length: a 32k
+      # token budget must not make every warm-up step a 32k-position forward
+      n = rl_lib.trimmed_length(mask, toks.shape[1])  # every process's rows: same shape
+      toks, mask = toks[:, :n], mask[:, :n]
     own = multihost.process_rows(c.sft.batch_size)  # this process's rows (all, with one)
     state, m = sft_fn(state, *global_batch(exp, (toks[own], mask[own])))
     m = {k: float(v) for k, v in jax.device_get(m).items()}

@@ -37,6 +37,14 @@ def test_sharded_matches_single_device():
         assert d['strategies'] == [2], d  # speculated (k = 2), widened buffer
       continue
     assert d['param_maxdiff'] < 1e-4, (drafter, d)
+    # a 32k-token budget (issue 26): answers of a few tokens decoded in length buckets
+    # (more than one), a KV cache of at most 128 slots (the budget's would be 32790: 8 rows
+    # x 128 bytes per slot of this 1-layer, 2 x 8 head model), the train batch cut to them
+    long = d['long']
+    assert long['budget'] == 32768 and long['len_max'] < 64, (drafter, long)
+    assert long['length_buckets'] >= 2, (drafter, long)
+    assert 0 < long['kv_peak_gb'] * 2**30 <= 8 * 128 * 128, (drafter, long)
+    assert long['train_seq_len'] <= 64, (drafter, long)
     # params really were sharded over fsdp and tensor
     assert any('fsdp' in s for s in d['sharded_specs']), d['sharded_specs']
     assert any('tensor' in s for s in d['sharded_specs']), d['sharded_specs']

@@ -129,6 +129,17 @@ def test_history_by_prompt_id():
   assert d.memory_bytes() == 4 * (4 + 2 + 2)
 
 
+def test_history_width_follows_the_longest_answer_not_the_budget():
+  """A 32k budget with 20-token answers: the arrays are 32 wide (the power of two above
+  the longest answer of the rows asked for), never wider than the budget, at least 16."""
+  d = SuffixDrafter(VOCAB, history=2)
+  d.record([1, 2], np.arange(2 * 40).reshape(2, 40) % VOCAB, [20, 40])
+  assert d.history_params([1], width=32768)['tokens'].shape == (1, 2, 32)
+  assert d.history_params([1, 2], width=32768)['tokens'].shape == (2, 2, 64)
+  assert d.history_params([2], width=24)['tokens'].shape == (1, 2, 24)
+  assert d.history_params([7], width=32768)['tokens'].shape == (1, 2, 16)
+
+
 def test_host_state_round_trip():
   d = SuffixDrafter(VOCAB, history=3)
   d.record([4, 4, 9], np.arange(12).reshape(3, 4), [4, 3, 1])

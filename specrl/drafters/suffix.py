@@ -47,6 +47,7 @@ import numpy as np
 from specrl.drafters import tree_build
 
 NO_TOKEN = -1  # corpus padding and "not proposed"
+MIN_HISTORY_WIDTH = 16  # history arrays are at least this wide (HistoryStore.arrays)
 # draft trees: one occurrence of the longest suffix match counts as this many occurrences
 # of a shorter (>= n_min) match when ranking continuations (:meth:`SuffixDrafter.propose_tree`)
 LONGEST_WEIGHT = 64
@@ -160,9 +161,16 @@ class HistoryStore:
         self.answers.popitem(last=False)
 
   def arrays(self, prompt_ids, width: int) -> dict:
-    """``{'tokens': int32 [B, H, width], 'len': int32 [B, H]}``: row b's stored answers,
-    newest first, cut to ``width`` tokens, ``NO_TOKEN``-padded (H = ``per_prompt``)."""
+    """``{'tokens': int32 [B, H, W], 'len': int32 [B, H]}``: row b's stored answers,
+    newest first, cut to ``width`` tokens, ``NO_TOKEN``-padded (H = ``per_prompt``).
+
+    W is the longest of these answers rounded up to a power of two (at least
+    ``MIN_HISTORY_WIDTH``), at most ``width`` (the token budget): a lookup scans
+    ``B * H * W`` tokens, so a 32k budget with short answers must not scan 32k columns
+    (and the power of two bounds the shapes the rollout compiles for)."""
     ids = np.asarray(prompt_ids)
+    longest = max((len(a) for p in ids for a in self.answers.get(int(p), [])), default=0)
+    width = min(width, max(MIN_HISTORY_WIDTH, 1 << max(longest - 1, 0).bit_length()))
     h = max(self.per_prompt, 1)
     toks = np.full((len(ids), h, width), NO_TOKEN, np.int32)
     lens = np.zeros((len(ids), h), np.int32)
