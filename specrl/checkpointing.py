@@ -275,6 +275,9 @@ class Checkpointer:
     arrays: dict[str, np.ndarray] = {}
     host = {name: _to_json(obj.host_state(), arrays) for name, obj in self.host_objects.items()}
     host[_SELF] = {'kept': sorted(self.kept)}
+    # Several processes: process 0 writes the host item and arrays, but every process saves
+    # the same items (one orbax save): a different array count is an error, never a hang
+    mh.check_agree('the number of host state arrays to checkpoint', [len(arrays)])
     items = {'state': _StateSave(_to_saveable(state)), HOST: ocp.args.JsonSave(host)}
     if arrays:  # one commit: the step directory holds all items or is not renamed into place
       items[HOST_ARRAYS] = _StateSave(arrays)
