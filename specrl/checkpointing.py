@@ -14,6 +14,19 @@ with ``Checkpointer.register(name, obj)`` provides ``host_state() -> dict`` (JSO
 numpy arrays) and ``load_host_state(d)``; every save stores all registered objects' dicts as
 the checkpoint's ``host`` item and every restore hands each object its dict back.
 
+Host arrays are stored as arrays, not JSON text: every non-empty numeric numpy array (any
+integer, float, complex or bool dtype, bfloat16 included) in a host dict goes into a third
+orbax item, ``host_arrays`` (a flat dict ``{'a<i>': array}`` written like the train state,
+by process 0 only, as orbax writes numpy arrays), and the JSON keeps a reference
+``{'__host_array__': 'a<i>', 'dtype': ..., 'shape': [...]}`` in its place. All three items
+are committed together (one orbax step directory), so a checkpoint has both or is not
+committed. Empty arrays and non-numeric ones (strings, objects) stay inline as tagged JSON
+lists (``{'__ndarray__': [...], 'dtype', 'shape'}``), the format every host array had
+before; checkpoints written that way still restore. A reference whose array is missing,
+unreadable, or of another dtype / shape than the JSON records is a broken checkpoint
+(:class:`HostArrayError`, naming the host object and key): :meth:`Checkpointer.restore`
+quarantines it like a truncated state item.
+
 Faults (see :mod:`specrl.faults`): a checkpoint is never written from non-finite params;
 steps passed to ``keep`` (the last good checkpoint before a run of skipped updates) are
 never rotated out; if the latest checkpoint cannot be restored (truncated, corrupted,
@@ -25,7 +38,9 @@ newest one that restores is used; saves pass the fault points ``save:<step>:befo
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -49,6 +64,11 @@ class CheckpointMismatch(faults.FatalError, ValueError):
   refused as is, never quarantined."""
 
 
+class HostArrayError(ValueError):
+  """A host-state array referenced by the checkpoint's JSON is missing, unreadable or not
+  what the JSON records (a broken checkpoint: quarantined, see :meth:`Checkpointer.restore`)."""
+
+
 class NoRestorableCheckpoint(faults.FatalError):
   """Every checkpoint in the directory failed to restore (each moved to quarantine)."""
 
@@ -63,15 +83,26 @@ class _KeptSteps(pp.PreservationPolicy):
     return [c.step in self.steps for c in checkpoints]
 
 
-class _StateHandler(ocp.StandardCheckpointHandler):
-  """The train-state handler with the ``after_arrays`` fault point: ``finalize`` runs once
-  every array file is written and before the checkpoint is committed (renamed)."""
+@dataclasses.dataclass
+class _Saving:
+  """The save in progress: its step and how many array items are still to be finalized."""
 
-  saving_step: int | None = None
+  step: int
+  left: int
+
+
+class _StateHandler(ocp.StandardCheckpointHandler):
+  """The array-item handler (train state, host arrays) with the ``after_arrays`` fault
+  point: it passes once the last array item of the save is finalized (every array file
+  written) and before the checkpoint is committed (renamed)."""
+
+  saving: _Saving | None = None
 
   def finalize(self, directory) -> None:
-    if self.saving_step is not None:
-      faults.fault_point('save', self.saving_step, 'after_arrays')
+    if self.saving is not None:
+      self.saving.left -= 1
+      if self.saving.left == 0:
+        faults.fault_point('save', self.saving.step, 'after_arrays')
     super().finalize(directory)
 
 
@@ -110,49 +141,109 @@ class HostState(Protocol):
   def load_host_state(self, state: dict[str, Any]) -> None: ...
 
 
-_ARRAY_TAG = '__ndarray__'
+_ARRAY_TAG = '__ndarray__'  # an array inline as a JSON list (empty / non-numeric; old format)
+_ARRAY_REF = '__host_array__'  # an array stored in the host_arrays item under this key
+HOST = 'host'  # the JSON item
+HOST_ARRAYS = 'host_arrays'  # the array item (absent when no host array is stored)
 
 
-def _to_json(x):
-  """numpy arrays / scalars -> JSON-able values (arrays tagged with dtype and shape)."""
+def _stored_as_array(a: np.ndarray) -> bool:
+  """Arrays stored in the array item: numeric / bool (ml_dtypes such as bfloat16 too), not
+  empty (orbax does not save empty arrays)."""
+  numeric = a.dtype.kind in 'biufc' or a.dtype.type.__module__.split('.')[0] == 'ml_dtypes'
+  return numeric and a.size > 0
+
+
+def _to_json(x, arrays: dict[str, np.ndarray] | None = None):
+  """numpy arrays / scalars -> JSON-able values. With ``arrays``: each array orbax can store
+  is added to it under a new key ``a<i>`` and replaced by a reference (dtype and shape
+  recorded); without, and for the rest, arrays are tagged JSON lists."""
   if isinstance(x, dict):
-    return {str(k): _to_json(v) for k, v in x.items()}
+    return {str(k): _to_json(v, arrays) for k, v in x.items()}
   if isinstance(x, list | tuple):
-    return [_to_json(v) for v in x]
+    return [_to_json(v, arrays) for v in x]
   if isinstance(x, np.ndarray | jax.Array):
     a = np.asarray(x)
-    return {_ARRAY_TAG: a.ravel().tolist(), 'dtype': str(a.dtype), 'shape': list(a.shape)}
+    meta = {'dtype': str(a.dtype), 'shape': list(a.shape)}
+    if arrays is not None and _stored_as_array(a):
+      key = f'a{len(arrays)}'
+      arrays[key] = a
+      return {_ARRAY_REF: key, **meta}
+    return {_ARRAY_TAG: a.ravel().tolist(), **meta}
   if isinstance(x, np.generic):
     return x.item()
   return x
 
 
-def _from_json(x):
+def _from_json(x, arrays: dict[str, np.ndarray] | None = None, where: str = '', path=()):
+  """Inverse of :func:`_to_json`: tagged lists and references (looked up in ``arrays``, the
+  restored ``host_arrays`` item; None: the checkpoint has none) become numpy arrays.
+  ``where`` / ``path`` name the host object and key in errors."""
   if isinstance(x, dict):
     if _ARRAY_TAG in x:
       return np.asarray(x[_ARRAY_TAG], dtype=x['dtype']).reshape(x['shape'])
-    return {k: _from_json(v) for k, v in x.items()}
+    if _ARRAY_REF in x:
+      return _host_array(x, arrays, f'{where} key {"/".join(path)!r}')
+    return {k: _from_json(v, arrays, where, (*path, k)) for k, v in x.items()}
   if isinstance(x, list):
-    return [_from_json(v) for v in x]
+    return [_from_json(v, arrays, where, (*path, str(i))) for i, v in enumerate(x)]
   return x
+
+
+def _host_array(ref: dict, arrays: dict | None, what: str) -> np.ndarray:
+  key = ref[_ARRAY_REF]
+  if arrays is None:
+    raise HostArrayError(
+      f'{what} refers to array {key}, but the checkpoint has no {HOST_ARRAYS} item'
+    )
+  if key not in arrays:
+    raise HostArrayError(f'{what}: array {key} is missing from the {HOST_ARRAYS} item')
+  a = np.asarray(arrays[key])
+  want_dtype, want_shape = np.dtype(ref['dtype']), tuple(ref['shape'])
+  if a.dtype != want_dtype or a.shape != want_shape:
+    raise HostArrayError(
+      f'{what}: array {key} is {a.dtype}{list(a.shape)}, the host JSON records '
+      f'{want_dtype}{list(want_shape)}'
+    )
+  return a
+
+
+def _array_refs(x, where: str, path=(), out=None) -> dict[str, str]:
+  """{array key: 'host state <name> key <path>'} of every reference in ``x``."""
+  out = {} if out is None else out
+  if isinstance(x, dict):
+    if _ARRAY_REF in x:
+      out[x[_ARRAY_REF]] = f'{where} key {"/".join(path)!r}'
+      return out
+    for k, v in x.items():
+      _array_refs(v, where, (*path, k), out)
+  elif isinstance(x, list):
+    for i, v in enumerate(x):
+      _array_refs(v, where, (*path, str(i)), out)
+  return out
 
 
 class Checkpointer:
   """Orbax checkpoints of the train state (item ``state``) and registered host state
-  (item ``host``: ``{name: obj.host_state()}``) in ``<workdir>/checkpoints/<step>``."""
+  (item ``host``: ``{name: obj.host_state()}`` as JSON, its arrays in item ``host_arrays``)
+  in ``<workdir>/checkpoints/<step>``."""
 
   def __init__(self, workdir: str, keep: int = 2):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.kept: set[int] = set()
-    self._state_handler = _StateHandler()
+    self._state_handler, self._arrays_handler = _StateHandler(), _StateHandler()
     policy = pp.AnyPreservationPolicy([pp.LatestN(n=keep), _KeptSteps(self.kept)])
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
         create=True, preservation_policy=policy, enable_async_checkpointing=False
       ),
-      item_names=('state', 'host'),
-      item_handlers={'state': self._state_handler, 'host': ocp.JsonCheckpointHandler()},
+      item_names=('state', HOST_ARRAYS, HOST),
+      item_handlers={
+        'state': self._state_handler,
+        HOST_ARRAYS: self._arrays_handler,
+        HOST: ocp.JsonCheckpointHandler(),
+      },
     )
     self.host_objects: dict[str, HostState] = {}
     self.optional: set[str] = set()
@@ -181,19 +272,22 @@ class Checkpointer:
         f'refusing to write checkpoint {self.directory}/{step}: the params are not finite'
       )
     faults.fault_point('save', step, 'before')
-    host = {name: _to_json(obj.host_state()) for name, obj in self.host_objects.items()}
+    arrays: dict[str, np.ndarray] = {}
+    host = {name: _to_json(obj.host_state(), arrays) for name, obj in self.host_objects.items()}
     host[_SELF] = {'kept': sorted(self.kept)}
-    self._state_handler.saving_step = step
+    # Several processes: process 0 writes the host item and arrays, but every process saves
+    # the same items (one orbax save): a different array count is an error, never a hang
+    mh.check_agree('the number of host state arrays to checkpoint', [len(arrays)])
+    items = {'state': _StateSave(_to_saveable(state)), HOST: ocp.args.JsonSave(host)}
+    if arrays:  # one commit: the step directory holds all items or is not renamed into place
+      items[HOST_ARRAYS] = _StateSave(arrays)
+    saving = _Saving(step, left=1 + bool(arrays))
+    self._state_handler.saving = self._arrays_handler.saving = saving
     try:
-      self.manager.save(
-        step,
-        args=ocp.args.Composite(
-          state=_StateSave(_to_saveable(state)), host=ocp.args.JsonSave(host)
-        ),
-      )
+      self.manager.save(step, args=ocp.args.Composite(**items))
       self.manager.wait_until_finished()
     finally:
-      self._state_handler.saving_step = None
+      self._state_handler.saving = self._arrays_handler.saving = None
     faults.fault_point('save', step, 'after_commit')
 
   def restore(self, target: TrainState, step: int | None = None) -> TrainState:
@@ -246,7 +340,13 @@ class Checkpointer:
 
   def _restore_step(self, target: TrainState, step: int) -> TrainState:
     target = _to_saveable(target)
-    meta = self.manager.item_metadata(step)['state']
+    try:
+      metas = self.manager.item_metadata(step)
+    except Exception as e:  # noqa: BLE001 - an unreadable item; named if it is host_arrays
+      if f'{os.sep}{step}{os.sep}{HOST_ARRAYS}{os.sep}' in str(e):
+        raise self._unreadable_host_arrays(step, e, self._refs_on_disk(step)) from e
+      raise
+    meta = metas['state']
     if meta is None:
       raise FileNotFoundError(f'checkpoint {self.directory}/{step} has no state item')
     _validate(getattr(meta, 'tree', meta), target, f'{self.directory}/{step}')
@@ -261,17 +361,64 @@ class Checkpointer:
         state=_StateRestore(jax.tree.map(abstract, target)), host=ocp.args.JsonRestore()
       ),
     )
-    host = restored['host'] or {}
+    host = restored[HOST] or {}
     self.kept.update(int(s) for s in host.get(_SELF, {}).get('kept', []))
-    for name, obj in self.host_objects.items():
-      if name not in host and name in self.optional:
-        continue
-      if name not in host:
+    for name in self.host_objects:
+      if name not in host and name not in self.optional:
         raise CheckpointMismatch(
           f'checkpoint {self.directory}/{step} has no host state {name!r} (saved: {sorted(host)})'
         )
-      obj.load_host_state(_from_json(host[name]))
+    loads = {name: host[name] for name in self.host_objects if name in host}
+    arrays = self._restore_host_arrays(step, loads)
+    where = f'checkpoint {self.directory}/{step}: host state'
+    for name, d in loads.items():  # every array is read and checked before any object loads
+      loads[name] = _from_json(d, arrays, f'{where} {name!r}')
+    for name, d in loads.items():
+      self.host_objects[name].load_host_state(d)
     return _from_saveable(restored['state'])
+
+  def _restore_host_arrays(self, step: int, loads: dict[str, Any]) -> dict | None:
+    """The ``host_arrays`` item of checkpoint ``step`` (None when it has none), read only
+    when a host state to load refers to an array; a read failure names the host objects
+    and keys (the arrays of one checkpoint are read together)."""
+    refs: dict[str, str] = {}
+    for name, d in loads.items():
+      _array_refs(d, f'host state {name!r}', out=refs)
+    if not refs:
+      return None
+    if HOST_ARRAYS not in self.manager.item_metadata(step).keys():
+      return None  # _from_json names the first reference that has no array
+    try:
+      got = self.manager.restore(step, args=ocp.args.Composite(host_arrays=_StateRestore()))
+    except Exception as e:  # noqa: BLE001 - unreadable: a broken checkpoint (quarantined)
+      raise self._unreadable_host_arrays(step, e, refs) from e
+    return dict(got[HOST_ARRAYS] or {})
+
+  def _refs_on_disk(self, step: int) -> dict[str, str]:
+    """The array references of checkpoint ``step``'s host JSON, read from its file (for
+    naming an unreadable array item; {} if the JSON cannot be read either)."""
+    path = os.path.join(self.directory, str(step), HOST, 'metadata')
+    try:
+      with open(path) as f:
+        host = json.load(f)
+    except (OSError, ValueError):
+      return {}
+    refs: dict[str, str] = {}
+    for name, d in host.items():
+      if name in self.host_objects:
+        _array_refs(d, f'host state {name!r}', out=refs)
+    return refs
+
+  def _unreadable_host_arrays(self, step: int, e: Exception, refs: dict) -> HostArrayError:
+    """The error for an unreadable ``host_arrays`` item, naming the host objects (and the
+    keys of the arrays the read error names)."""
+    named = [what for key, what in refs.items() if re.search(rf'\b{key}\b', str(e))]
+    objs = sorted({what.split(' key ')[0] for what in refs.values()})
+    what = '; '.join(named[:3]) if named else f'arrays of {", ".join(objs) or "the host state"}'
+    return HostArrayError(
+      f'checkpoint {self.directory}/{step}: the {HOST_ARRAYS} item cannot be read ({what}): '
+      f'{_one_line(e)}'
+    )
 
   def close(self):
     self.manager.wait_until_finished()

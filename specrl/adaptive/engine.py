@@ -75,6 +75,7 @@ from specrl.adaptive.policies import (
   Memory,
   alpha_at,
   arm_tokens_per_pass,
+  corr_at,
   cost_model_choose,
   memory_from_json,
   memory_observe,
@@ -323,6 +324,16 @@ class AdaptiveRolloutEngine:
       return None
     return bucket_for(attend_buckets(self._wrcfg, width), need)
 
+  def _chunk_lengths(self, width: int, live: int, strategies) -> dict[int, int]:
+    """strategy -> the slots a chunk of it would attend to now (its length bucket, the
+    buffer width when dense): what its costs are keyed by (a speculative chunk runs on the
+    wide buffer and needs its drafts' slots too; as the chunk itself is laid out below)."""
+    out = {}
+    for s in strategies:
+      w = width if s == PLAIN else max(width, self.buffer_len)
+      out[s] = self._attend_len(w, live + drafts(s)) or w
+    return out
+
   def _step_rcfg(self, strategy: int) -> RolloutConfig:
     """The rollout config a chunk of ``strategy`` decodes with: a tree arm's shape as
     ``tree_nodes`` / ``tree_depth`` / ``tree_branch`` (a tree round), none for a chain."""
@@ -407,10 +418,19 @@ class AdaptiveRolloutEngine:
   # -- decisions
 
   def _decide(
-    self, obs: ChunkObs | None, b, n_active, current, params, dparams_fn, report: AdaptiveReport
+    self,
+    obs: ChunkObs | None,
+    b,
+    n_active,
+    current,
+    params,
+    dparams_fn,
+    report: AdaptiveReport,
+    lengths: dict[int, int] | None = None,
   ) -> tuple[int, int, dict]:
     """(strategy, max_steps, info) for the next chunk at batch ``b`` (``n_active`` rows
-    active; ``current``: the strategy running, None at the start)."""
+    active; ``current``: the strategy running, None at the start; ``lengths``: strategy ->
+    the length bucket its chunk would attend to, :meth:`_chunk_lengths`; None: unknown)."""
     acfg, mem = self.acfg, self.memory
     steps = acfg.chunk_steps
     # A plain chunk learns nothing that could change a cost-model / roofline decision at
@@ -429,7 +449,7 @@ class AdaptiveRolloutEngine:
     prof = self._profile(b, params, dparams_fn, report)
     if acfg.policy == 'cost_model':
       arms = tuple(k for k in acfg.arms if drafts(k) <= self.k_max)
-      costs = round_costs(mem, prof, b, (PLAIN,) + arms, acfg.learn_online)
+      costs = round_costs(mem, prof, b, (PLAIN,) + arms, acfg.learn_online, lengths)
       # seconds per round -> per *committed* round: a measured yield < 1 (rows finishing
       # mid-run) makes long drafts at this bucket proportionally dearer
       costs = {k: c / max(mem.yields.get((b, k), 1.0), 1e-3) for k, c in costs.items()}
@@ -443,13 +463,15 @@ class AdaptiveRolloutEngine:
       }
       s, rates = cost_model_choose(costs, alpha, current, acfg.hysteresis, tokens)
       steps = to_boundary if s == PLAIN else steps
-      return s, steps, dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
+      info = dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
+      return s, steps, info if lengths is None else dict(info, length=lengths[s])
     # roofline
     ladder = acfg.ladder
-    costs = round_costs(mem, prof, b, (PLAIN,) + ladder, acfg.learn_online)
-    corr = mem.corr.get((b, 'spec'), mem.corr.get((b, 'plain'), 1.0)) if acfg.learn_online else 1.0
+    costs = round_costs(mem, prof, b, (PLAIN,) + ladder, acfg.learn_online, lengths)
     ratios = {}
     for g in ladder:
+      length = None if lengths is None else lengths[g]
+      corr = corr_at(mem, b, length, 'spec') if acfg.learn_online else 1.0
       draft = prof.propose(g) * corr
       ratios[g] = (draft / g / costs[PLAIN], max(costs[g] - draft, 0.0) / costs[PLAIN])
     measured = obs.alpha if obs is not None else None
@@ -561,8 +583,9 @@ class AdaptiveRolloutEngine:
         t_hook = time.perf_counter()
         self.tail_hook(params, b)
         report.hook_s += time.perf_counter() - t_hook
+      lengths = self._chunk_lengths(state.tokens.shape[1], live, (PLAIN, *acfg.arms))
       strategy, max_steps, info = self._decide(
-        obs, b, n_active, current, params, dparams_fn, report
+        obs, b, n_active, current, params, dparams_fn, report, lengths
       )
       if mh.is_multiprocess() and self.acfg.policy not in ('always', 'never'):
         # decided from measured times, which differ between processes: process 0's choice
@@ -608,6 +631,7 @@ class AdaptiveRolloutEngine:
       last = strategy == PLAIN and self._boundary(b) == 0 and max_steps >= limit
       last &= attend is None or attend == width  # the last length bucket: no stop of its own
       pending = (both, t0, b, strategy, n_active, 0.0 if obs is not None else prefill_left)
+      pending += (attend or width,)  # the chunk's length bucket: its costs' key
       if last:
         break
       obs, pending = self._observe(pending, report, now), None
@@ -640,7 +664,7 @@ class AdaptiveRolloutEngine:
 
   def _observe(self, pending, report: AdaptiveReport, now) -> ChunkObs:
     """Read a chunk's stats (a host sync), record it and fold it into the memory."""
-    both, t0, b, strategy, n_active, prefill_s = pending
+    both, t0, b, strategy, n_active, prefill_s, length = pending
     st0, stats = mh.to_host(both)
     t1 = now()
     # The first chunk also waited for the prefill: learn from its time without it (not at
@@ -660,6 +684,7 @@ class AdaptiveRolloutEngine:
       global_step=int(stats[ST_STEP]),
       live_slots=int(stats[ST_LIVE]),
       timed=learn_s > 0.25 * (t1 - t0),
+      length=length,
     )
     report.trace.append((t1, obs.active_end, b, strategy))
     ph = report.phases.setdefault(

@@ -12,11 +12,20 @@ learned (:class:`Memory`) is plain data that goes into checkpoints
   bucket, reward = tokens per second of the chunk, median over a window.
 - ``roofline`` (:func:`roofline_update`): on iff predicted speedup ``L / (g r + v)`` beats
   ``roofline_min_speedup``; ``g`` climbs the ladder (the arms) on measured acceptance.
+
+Costs are keyed by (batch bucket, length bucket, strategy): a chunk runs at one batch
+bucket and attends to one length bucket (``rollout.attend_bucket``; the slots the chunk's
+steps attend to), and at long budgets a step over an 8k-slot window costs many times one
+over 256 slots, with a different verify / plain ratio. Acceptance (``alpha``,
+``bucket_alpha``, ``passes``, ``yields``) stays keyed by batch bucket: it is a property of
+the drafter and the text, not of the attention window. See :func:`round_costs` for the
+fallback of cells not measured yet.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 
@@ -47,6 +56,9 @@ class ChunkObs:
   timed: bool = True
   global_step: int = 0  # the rollout's loop iterations after the chunk
   live_slots: int = 0  # cache slots the next plain step needs (picks the length bucket)
+  # slots the chunk's steps attended to (its length bucket; the buffer width when dense);
+  # 0: unknown -- its costs are learned as the batch bucket's length-unknown cells
+  length: int = 0
 
   @property
   def yield_(self) -> float | None:
@@ -212,14 +224,18 @@ def roofline_update(
 class Memory:
   """What an engine learns across rollouts (host-side; all updates are pure ``replace``).
 
-  ``costs``: (bucket, strategy) -> measured seconds per round; ``corr``: (bucket, 'plain'
-  | 'spec') -> measured / profiled; ``alpha``: running implied per-token acceptance (the
-  i.i.d. rate that gives the measured tokens per pass, :attr:`ChunkObs.alpha`; the metric
-  ``adaptive/implied_alpha``, not ``spec/alpha``), measured over ``alpha_n``
+  ``costs``: (bucket, length, strategy) -> measured seconds per round; ``corr``: (bucket,
+  length, 'plain' | 'spec') -> measured / profiled (``length``: the chunk's length bucket,
+  :attr:`ChunkObs.length`; a key without it, ``(bucket, strategy)`` / ``(bucket, kind)``,
+  is a cell of unknown length: memory saved before costs were keyed by length, or chunks
+  observed without one; see :func:`round_costs`); ``alpha``: running implied per-token
+  acceptance (the i.i.d. rate that gives the measured tokens per pass,
+  :attr:`ChunkObs.alpha`; the metric ``adaptive/implied_alpha``, not ``spec/alpha``),
+  measured over ``alpha_n``
   sequence-rounds; ``bucket_alpha``: bucket -> (alpha, n), the same per bucket
   (acceptance differs along a rollout: the tail's rows are the long ones, and a drafter that
   reads finished siblings has more to read there), used where a bucket has been measured
-  (:func:`alpha_at`).
+  (:func:`alpha_at`). Acceptance, ``yields`` and ``passes`` are keyed by batch bucket only.
   """
 
   alpha: float
@@ -267,12 +283,13 @@ def memory_observe(
   if acfg.learn_online and obs.timed and obs.steps > 0 and obs.seconds > 0:
     per_round = obs.seconds / obs.steps
     w = obs.steps / (obs.steps + acfg.cost_memory)
-    key = (obs.bucket, obs.strategy)
+    cell = (obs.bucket, obs.length) if obs.length else (obs.bucket,)
+    key = (*cell, obs.strategy)
     costs[key] = per_round if key not in costs else (1 - w) * costs[key] + w * per_round
     if profile is not None:
       kind = 'plain' if obs.strategy == PLAIN else 'spec'
-      ratio = per_round / max(profile.round(obs.strategy), 1e-12)
-      ck = (obs.bucket, kind)
+      ratio = per_round / max(profile.round(drafts(obs.strategy)), 1e-12)
+      ck = (*cell, kind)
       corr[ck] = ratio if ck not in corr else (1 - w) * corr[ck] + w * ratio
   return dataclasses.replace(
     mem,
@@ -323,25 +340,81 @@ def alpha_at(mem: Memory, bucket: int) -> tuple[float, float]:
   return mem.bucket_alpha.get(bucket, (mem.alpha, mem.alpha_n))
 
 
+def _nearest_length(lengths, length: int) -> int:
+  """The length bucket of ``lengths`` nearest ``length`` (in log2: buckets double; ties:
+  the longer, whose costs are the dearer)."""
+  return min(lengths, key=lambda x: (abs(math.log2(x / length)), -x))
+
+
+def corr_at(mem: Memory, bucket: int, length: int | None, kind: str) -> float:
+  """Measured / profiled seconds per round of ``kind`` ('plain' | 'spec') for a chunk at
+  (``bucket``, ``length``); the first of:
+
+  1. this cell, measured;
+  2. the nearest measured length bucket of the same batch bucket (log2 distance, ties: the
+     longer), scaled by plain's measured length ratio ``corr(plain, length) / corr(plain,
+     nearest)`` when plain is measured at both (spec: the verify / plain ratio measured
+     there is carried over; plain: unscaled);
+  3. spec: plain's correction at this cell by 1 -- 2 (the engine overhead a profile of bare
+     forwards misses, which speculation pays too);
+  4. the batch bucket's length-unknown cell (``(bucket, kind)``: memory from before costs
+     were keyed by length), spec falling back to plain's;
+  5. 1 (the profile as measured).
+
+  ``length`` None: the length-unknown cell only (4 -- 5). Never another batch bucket's.
+  """
+  corr = mem.corr
+  if length:
+    c = _corr_at_length(corr, bucket, length, kind)
+    if c is None and kind != 'plain':
+      c = _corr_at_length(corr, bucket, length, 'plain')
+    if c is not None:
+      return c
+  return corr.get((bucket, kind), corr.get((bucket, 'plain'), 1.0))
+
+
+def _corr_at_length(corr: dict, bucket: int, length: int, kind: str) -> float | None:
+  """Rules 1 -- 2 of :func:`corr_at` (None: nothing measured at this batch bucket)."""
+  if (bucket, length, kind) in corr:
+    return corr[(bucket, length, kind)]
+  seen = [k[1] for k in corr if len(k) == 3 and k[0] == bucket and k[2] == kind]
+  if not seen:
+    return None
+  near = _nearest_length(seen, length)
+  c = corr[(bucket, near, kind)]
+  here, there = corr.get((bucket, length, 'plain')), corr.get((bucket, near, 'plain'))
+  if kind != 'plain' and here is not None and there:
+    c *= here / there
+  return c
+
+
 def round_costs(
   mem: Memory,
   profile: CostProfile,
   bucket: int,
   strategies: Sequence[int],
   learn_online: bool = True,
+  lengths: Mapping[int, int] | int | None = None,
 ) -> dict[int, float]:
-  """Seconds per round of each strategy at ``bucket``: measured if seen, else profiled and
-  scaled by the measured/profiled ratio of its kind (spec falls back to plain's ratio:
-  the engine overhead a profile of bare forwards misses)."""
+  """Seconds per round of each strategy for a chunk at ``bucket`` attending to
+  ``lengths[s]`` slots (an int: every strategy's; None: unknown). Measured if this
+  (bucket, length, strategy) cell has been seen, else the profiled round (a tree of N
+  nodes as a chain of N - 1 drafts) times :func:`corr_at` -- the measured / profiled ratio
+  of its kind at this cell, else at the nearest measured length bucket of the same batch
+  bucket (scaled by plain's length ratio), else plain's, else the length-unknown cell's.
+  So a new length bucket is priced from what was measured at its neighbours, never
+  profiled again (the one profile per batch bucket is the shape of the cost in k; the
+  corrections carry the length)."""
   out = {}
   for s in strategies:
-    if learn_online and (bucket, s) in mem.costs:
-      out[s] = mem.costs[(bucket, s)]
+    length = lengths.get(s) if isinstance(lengths, Mapping) else lengths
+    key = (bucket, length, s) if length else (bucket, s)
+    if learn_online and key in mem.costs:
+      out[s] = mem.costs[key]
       continue
     kind = 'plain' if s == PLAIN else 'spec'
-    c = mem.corr.get((bucket, kind), mem.corr.get((bucket, 'plain'), 1.0))
-    # a tree of N nodes is priced as a chain of N - 1 drafts until measured
-    out[s] = profile.round(drafts(s)) * (c if learn_online else 1.0)
+    c = corr_at(mem, bucket, length, kind) if learn_online else 1.0
+    out[s] = profile.round(drafts(s)) * c
   return out
 
 
@@ -361,6 +434,17 @@ def policy_info(acfg: AdaptiveConfig) -> str:
     'roofline': f'ladder={acfg.ladder}',
   }.get(acfg.policy, '')
   return f'{acfg.policy}{" " + extra if extra else ""}, compaction={acfg.compaction}'
+
+
+def _cells(rows, value=float) -> dict:
+  """Rows ``[bucket, length, x, v]`` -> {(bucket, length, x): v}; rows ``[bucket, x, v]``
+  (memory saved before costs were keyed by length) -> {(bucket, x): v}, the length-unknown
+  cells (:func:`corr_at`)."""
+  out = {}
+  for *k, v in rows:
+    x = k[-1] if isinstance(k[-1], str) else int(k[-1])
+    out[(*(int(i) for i in k[:-1]), x)] = value(v)
+  return out
 
 
 def _pairs(d: dict) -> list:
@@ -393,8 +477,8 @@ def memory_from_json(d: dict) -> Memory:
     alpha=float(d['alpha']),
     alpha_n=float(d['alpha_n']),
     bucket_alpha={int(b): (float(a), float(n)) for b, a, n in d.get('bucket_alpha', [])},
-    costs={(int(b), int(s)): float(v) for b, s, v in d['costs']},
-    corr={(int(b), str(kind)): float(v) for b, kind, v in d['corr']},
+    costs=_cells(d['costs']),
+    corr=_cells(d['corr']),
     yields={(int(b), int(k)): float(v) for b, k, v in d['yields']},
     tlt=TltState(
       below_steps=int(d['tlt']['below_steps']),
