@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from specrl import adaptive, drafters
+from specrl import adaptive, checkpointing, drafters
 from specrl import model as model_lib
 from specrl import rollout as rollout_lib
 from specrl.drafters import hooks
@@ -143,7 +143,10 @@ def test_history_width_follows_the_longest_answer_not_the_budget():
 def test_host_state_round_trip():
   d = SuffixDrafter(VOCAB, history=3)
   d.record([4, 4, 9], np.arange(12).reshape(3, 4), [4, 3, 1])
-  saved = json.loads(json.dumps(d.host_state()))
+  arrays = {}  # as a checkpoint stores it: JSON with the answers as array references
+  saved = json.loads(json.dumps(checkpointing._to_json(d.host_state(), arrays)))
+  assert arrays and all(a.dtype == np.int32 for a in arrays.values())
+  saved = checkpointing._from_json(saved, arrays)
   e = SuffixDrafter(VOCAB, history=3)
   e.load_host_state(saved)
   a, b = d.history_params([4, 9], 5), e.history_params([4, 9], 5)

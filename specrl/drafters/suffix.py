@@ -140,7 +140,7 @@ def group_members(groups: jax.Array, gid: jax.Array, size: int, own: jax.Array |
 class HistoryStore:
   """The last ``per_prompt`` answers to each prompt id, for at most ``max_prompts`` ids
   (least recently recorded dropped first). Host side; checkpointed via
-  ``host_state`` / ``load_host_state`` (JSON lists)."""
+  ``host_state`` / ``load_host_state`` (numpy arrays: stored as checkpoint arrays)."""
 
   def __init__(self, per_prompt: int, max_prompts: int):
     self.per_prompt, self.max_prompts = per_prompt, max_prompts
@@ -185,7 +185,12 @@ class HistoryStore:
     return sum(a.nbytes for lst in self.answers.values() for a in lst)
 
   def host_state(self) -> dict:
-    return {'answers': [[pid, [a.tolist() for a in lst]] for pid, lst in self.answers.items()]}
+    # numpy arrays: the checkpoint stores them as arrays (host_arrays), not JSON lists
+    return {
+      'answers': [
+        [pid, [np.asarray(a, np.int32) for a in lst]] for pid, lst in self.answers.items()
+      ]
+    }
 
   def load_host_state(self, d: dict) -> None:
     self.answers = collections.OrderedDict(
