@@ -176,6 +176,10 @@ def test_one_step_stale_resume_with_a_rollout_in_flight_is_exact(tmp_path, engin
   if engine == 'adaptive_always':
     c.adaptive.enabled, c.adaptive.policy, c.adaptive.arms = True, 'always', (2,)
     c.rollout.drafter = 'ngram'
+    # ... under a 32k-token budget (issue 26): the untrained policy's rows stop at the
+    # loop cap (24 rounds), the queued rollout in the checkpoint holds [B, 32k] arrays
+    c.rollout.max_new_tokens, c.rollout.max_steps, c.rollout.attend_bucket = 32768, 24, 16
+    c.rl.attention_impl = 'blocked'
   full, hist = train.train_and_evaluate(c, str(tmp_path / 'a'))
   grpo = [m for m in hist if m['phase'] == 1]
   assert [m['async/staleness'] for m in grpo] == [0, 1, 1]
@@ -185,6 +189,10 @@ def test_one_step_stale_resume_with_a_rollout_in_flight_is_exact(tmp_path, engin
   ck = checkpointing.Checkpointer(str(tmp_path / 'b'))
   assert ck.latest_step() == 6
   ck.close()
+  if engine == 'adaptive_always':  # the queued [B, S] batch went in as arrays, not JSON
+    items = sorted(p.name for p in (tmp_path / 'b' / 'checkpoints' / '6').iterdir())
+    assert 'host_arrays' in items, items
+    assert max(m['rollout/len_max'] for m in grpo) <= 3 * 24, grpo  # the cap, not the budget
   resumed, hist_b = train.train_and_evaluate(c, str(tmp_path / 'b'))
   assert [m['step'] for m in hist_b] == [6]
   for a, b in zip(_leaves(full), _leaves(resumed), strict=True):
