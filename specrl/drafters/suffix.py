@@ -30,7 +30,9 @@ alpha estimate.
 
 Cost per proposal: ``k`` lookups of ``O(B * G * S * n_max)`` compares (every row against
 the buffers of the ``G <= max_group`` rows of its group, gathered by a sort of the group
-ids; plus ``B * H * L * n_max`` for history) and a ``[B, V]`` scatter-add for the
+ids; plus ``B * H * L * n_max`` for history; S: the corpus columns a decode loop carries,
+the length bucket holding every committed position, not the budget:
+:meth:`SuffixDrafter.shared_slot_axes`) and a ``[B, V]`` scatter-add for the
 frequencies; no model. ``observe`` copies each row's committed prefix into the shared
 state after every commit (one ``[B, S]`` scatter: the corpus is current in plain phases
 too, with no rebuild when speculation starts).
@@ -257,6 +259,13 @@ class SuffixDrafter:
       'end': jnp.full((batch,), -1, jnp.int32),  # position of the last committed token
       'group': jnp.full((batch,), jnp.iinfo(jnp.int32).min, jnp.int32),
     }
+
+  def shared_slot_axes(self):
+    """The corpus is by position (``hooks.windows_shared``): a decode loop carries its
+    first ``w`` columns, ``w`` a length bucket holding every row's committed text (finished
+    rows' too), so :meth:`propose` scans ``w``, not ``seq_len``, columns. Exact: nothing
+    past a row's last committed position is matched (``ok``) or written (``observe``)."""
+    return {'tokens': 1, 'end': -1, 'group': -1}
 
   def observe(self, dp, shared, tokens, pos_before, pos_after, seq_id, group_ids, prompt_ids):
     """Copy every row's committed text (positions <= pos_after) into its original row."""
