@@ -23,9 +23,10 @@ from specrl import model as model_lib
 from specrl import rollout as rollout_lib
 from specrl.decoding import steps
 from specrl.decoding.state import RolloutConfig, attend_buckets, bucket_for, window_slots
-from specrl.drafters import eagle
+from specrl.drafters import eagle, hooks
 from specrl.drafters.model_drafter import ModelDrafter
 from specrl.drafters.suffix import SuffixDrafter
+from specrl.sampling import SamplingParams
 from tests.test_long_decode import COST_CFG, GREEDY, _assert_same, _bytes_accessed
 from tests.test_rollout import CFG, params
 
@@ -52,9 +53,14 @@ def _rcfg(**kw):
   )  # fmt: skip
 
 
-def _eagle():
-  ecfg = eagle.EagleConfig(catchup_chunk=4)
-  return eagle.EagleDrafter(CFG, ecfg, eagle.init_head(CFG, 1, jax.random.key(1)))
+def _eagle(attends: bool = False):
+  """A fresh head (``attends``: its attention's output projection random, not zero as
+  ``init_head`` starts it, so what its attention reads changes its outputs)."""
+  head = eagle.init_head(CFG, 1, jax.random.key(1))
+  if attends:
+    wo = head['layers']['wo']
+    head['layers']['wo'] = jax.random.normal(jax.random.key(2), wo.shape, wo.dtype)
+  return eagle.EagleDrafter(CFG, eagle.EagleConfig(catchup_chunk=4), head)
 
 
 DRAFTERS = {
@@ -66,9 +72,10 @@ DRAFTERS = {
 }
 
 
-def _static(rcfg, drafter):
+def _static(rcfg, drafter, lens=LENS):
   eng = rollout_lib.RolloutEngine(CFG, rcfg, drafter=drafter)
-  out, m = eng.generate(params(), _toks(), LENS, jax.random.key(0), group_ids=GROUPS)
+  toks = np.where(np.arange(P)[None, :] < lens[:, None], _toks(), 0)
+  out, m = eng.generate(params(), toks, lens, jax.random.key(0), group_ids=GROUPS)
   return jax.device_get(out), m, eng
 
 
@@ -99,6 +106,59 @@ def test_static_engine_drafters_equal_dense_reference_across_buckets(name):
     assert m['rollout/draft_kv_peak_over_live'] > 0
 
 
+def test_eagle_tree_over_a_window_is_the_dense_paths_tree(monkeypatch):
+  """Rows 6..7 slots below a 24-slot window's end propose 6-node trees of branch 2 (a head
+  temperature of 0.05: peaked, so the trees are 5 deep): the expanded nodes' K/V go to
+  head-cache slots up to pos + 7, past the window. Over the head cache and hidden history
+  cut to the window every one of them is kept, as over the whole buffer (none dropped
+  inside it), and the tree is the one over the whole buffer."""
+  d = _eagle(attends=True)
+  rcfg = dataclasses.replace(_rcfg(max_draft=5), max_prompt_len=18, eos_id=-1, extra_eos_ids=())
+  dp = d.params_from_policy(params())
+  lens = np.array([17, 18, 12, 16, 17, 18, 10, 17], np.int32)
+  toks = np.random.default_rng(2).integers(3, CFG.vocab_size, size=(8, 18)).astype(np.int32)
+  st = jax.jit(
+    lambda pr, dp, t, n: steps.prefill(
+      pr, t, n, jax.random.key(0), cfg=CFG, rcfg=rcfg, drafter=d, draft_params=dp
+    )
+  )(params(), dp, toks, lens)
+  dropped = []  # tree-node slots inside the buffer but past the head cache (lost K/V)
+  tree_layers = eagle.EagleDrafter._tree_layers
+
+  def spy(self, dp, x, positions, slots, mask, cache, mesh):
+    width = cache['k'].shape[3]
+    dropped.append(int(((slots >= width) & (slots < rcfg.buffer_len)).sum()))
+    return tree_layers(self, dp, x, positions, slots, mask, cache, mesh)
+
+  monkeypatch.setattr(eagle.EagleDrafter, '_tree_layers', spy)
+  out = []
+  for s in (st, window_slots(st, 24, d)):
+    *tree, ds = d.propose_tree(
+      dp, s.draft, s.tokens, s.pos, 6, None, jnp.zeros((8,), jnp.int32), SamplingParams(0.05),
+      ctx=hooks.context(s), branch=2,
+    )  # fmt: skip
+    out.append((tree, ds['cache']['k'].shape[3]))
+  (full, s_full), (win, s_win) = out
+  assert s_win == 24 and s_full == rcfg.buffer_len  # the window's cache comes back cut
+  assert len(dropped) == 8 and not any(dropped), dropped  # 4 expansions per tree
+  for a, b in zip(full, win, strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert np.asarray(full[2]).max() == 5  # deep trees: their scratch reaches past 24
+
+
+def test_static_engine_suffix_trees_equal_dense_reference_across_buckets():
+  """Tree rounds of 6 nodes, 2 children per node at most, from the cut corpus (eagle's trees
+  over a window: the test above). Prompts of <= 4 tokens: buckets 16, 32 and the buffer."""
+  drafter = DRAFTERS['suffix']()
+  rcfg = _rcfg(num_draft=5, tree_nodes=6, tree_branch=2)
+  lens = np.minimum(LENS, 4)
+  out, _, eng = _static(rcfg, drafter, lens)
+  ref, _, _ = _static(dataclasses.replace(rcfg, attend_bucket=0), drafter, lens)
+  _same_with_acceptance(out, ref)
+  np.testing.assert_array_equal(out.tree_stats, ref.tree_stats)
+  assert out.num_accepted.sum() > 0 and len(eng.last_buckets) >= 3
+
+
 def _adaptive(rcfg, drafter):
   from tests import test_adaptive as ta
 
@@ -124,7 +184,7 @@ def test_adaptive_engine_drafters_equal_dense_reference_with_compaction(name):
   assert m['adaptive/compactions'] >= 1
   assert m['rollout/length_buckets'] >= 3
   assert all(a is None and s is None for *_, a, s in ref_eng.last_windows)  # dense
-  print(eng.last_windows)
+  assert len({a for *_, a, _ in eng.last_windows}) >= 3, eng.last_windows  # 2 switches
   spec = [w for w in eng.last_windows if w[1] != 0]
   assert spec and all(a is not None and a < eng.buffer_len for _, _, a, _ in spec[:1])
   if name == 'suffix':
