@@ -275,3 +275,37 @@ def test_a_512_budget_eagle_rollout_of_mostly_short_answers_holds_at_most_2x_its
   assert m['rollout/draft_kv_peak_over_live'] <= 2.0, m
   assert m['rollout/kv_peak_over_live'] <= 2.0, m
   assert b * eng.buffer_len * per_slot / live > 4  # the whole buffer for the batch: >> 2x
+
+
+def test_history_arrays_follow_the_longest_answer_and_draft_the_same():
+  """The suffix history's arrays are as wide as the power of two holding the longest
+  stored answer (>= 16), not the budget, and the chains and trees drafted from them are
+  the ones drafted from budget-wide arrays (the ranking of stored positions is the same)."""
+  rng = np.random.default_rng(5)
+  d = SuffixDrafter(4, n_min=1, n_max=3, history=3)
+  lengths = np.array([20, 9, 33, 5, 17, 12])
+  d.record([1, 1, 2, 2, 2, 1], rng.integers(0, 4, (6, 40)), lengths)
+  assert d.history_params([1], width=4096)['tokens'].shape == (1, 3, 32)
+  assert d.history_params([1, 2], width=4096)['tokens'].shape == (2, 3, 64)
+  assert d.history_params([1], width=24)['tokens'].shape == (1, 3, 24)  # never the budget's
+  assert d.history_params([7], width=4096)['tokens'].shape == (1, 3, 16)
+  texts = [rng.integers(0, 4, n).tolist() for n in (6, 3, 9, 4)]
+  toks = np.zeros((4, 16), np.int32)
+  for i, t in enumerate(texts):
+    toks[i, : len(t)] = t
+  pos, ids = np.array([len(t) - 1 for t in texts], np.int32), np.array([1, 2, 2, 1], np.int32)
+  cut = d.history_params(ids, width=4096)
+  wide = dict(cut, tokens=jnp.pad(cut['tokens'], ((0, 0), (0, 0), (0, 448)), constant_values=-1))
+
+  @jax.jit
+  def drafts(dp, toks, pos):
+    sid, groups = jnp.arange(4, dtype=jnp.int32), jnp.array([0, 0, 1, 1], jnp.int32)
+    shared = d.observe(None, d.init_shared(4, 16), toks, pos * 0, pos, sid, groups, ids)
+    ctx = hooks.DraftContext(sid, groups, jnp.asarray(ids), shared, None, None)
+    chain = d.propose(dp, None, toks, pos, 4, None, None, ctx=ctx)[0]
+    return chain, d.propose_tree(dp, None, toks, pos, 6, None, None, None, ctx=ctx)[:3]
+
+  a, b = drafts(cut, toks, pos), drafts(wide, toks, pos)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert (np.asarray(a[0]) >= 0).sum() > 4  # it drafted

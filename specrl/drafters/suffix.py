@@ -52,6 +52,8 @@ NO_TOKEN = -1  # corpus padding and "not proposed"
 # draft trees: one occurrence of the longest suffix match counts as this many occurrences
 # of a shorter (>= n_min) match when ranking continuations (:meth:`SuffixDrafter.propose_tree`)
 LONGEST_WEIGHT = 64
+# the history arrays' width: a power of two >= the longest stored answer, at least this
+MIN_HISTORY_WIDTH = 16
 
 
 def _shift(x: jax.Array, o: int) -> jax.Array:
@@ -162,10 +164,18 @@ class HistoryStore:
         self.answers.popitem(last=False)
 
   def arrays(self, prompt_ids, width: int) -> dict:
-    """``{'tokens': int32 [B, H, width], 'len': int32 [B, H]}``: row b's stored answers,
-    newest first, cut to ``width`` tokens, ``NO_TOKEN``-padded (H = ``per_prompt``)."""
+    """``{'tokens': int32 [B, H, W], 'len': int32 [B, H]}``: row b's stored answers,
+    newest first, cut to ``width`` tokens, ``NO_TOKEN``-padded (H = ``per_prompt``). W: the
+    power of two (at least :data:`MIN_HISTORY_WIDTH`) holding the longest of them, at most
+    ``width`` -- every lookup scans W columns, so they follow the answers' lengths, not the
+    budget. Exact: the columns cut are empty (never matched) and the ranking of the stored
+    positions (:meth:`SuffixDrafter._corpora`) is the same at any width that holds them."""
     ids = np.asarray(prompt_ids)
     h = max(self.per_prompt, 1)
+    longest = max(
+      (min(len(a), width) for pid in ids for a in self.answers.get(int(pid), [])), default=0
+    )
+    width = min(width, max(MIN_HISTORY_WIDTH, 1 << max(longest - 1, 0).bit_length()))
     toks = np.full((len(ids), h, width), NO_TOKEN, np.int32)
     lens = np.zeros((len(ids), h), np.int32)
     for b, pid in enumerate(ids):
