@@ -333,7 +333,8 @@ class RolloutState:
   prompt_ids: Any = None  # int32 [B] stable prompt id across RL steps (-1 = unknown)
   draft_shared: Any = None  # drafter state NOT compacted: leaves [B_orig, ...] ('rows')
   hidden: Any = None  # [B, W, D] policy hidden states at positions hidden_from + j ...
-  # (W = S, hidden_from = 0 for a drafter with ``hidden_history``: every position)
+  # (by position, hidden_from = 0, for a drafter with ``hidden_history``: W = the policy
+  # cache's slots, grown with it; every position < pos)
   hidden_from: Any = None  # int32 [B] ... valid for j < pos - hidden_from (W = K + 1)
   # tree rounds only (``rcfg.tree_nodes``): int32 [B, 3] nodes proposed, descents into a
   # non-first child, walks that accepted down to a leaf (bonus token)

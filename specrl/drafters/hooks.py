@@ -217,7 +217,8 @@ def record_prefill_hidden(state, hidden: jax.Array, prompt_len: jax.Array, width
   """Start ``state.hidden [B, W=width, D]`` from the prompt pass's hidden states ``[B, P, D]``:
   its last W committed positions ``max(L - W, 0) .. L - 1`` (L = ``prompt_len``; the first
   sampled token then sits at ``pos = L``, not fed yet). Slots past L - 1 are not valid.
-  With W = the buffer length (``hidden_history``) this is the by-position layout."""
+  With ``state.hidden_history`` (W = the policy cache's slots) this is the by-position
+  layout."""
   w = width
   first = jnp.maximum(prompt_len - w, 0)
   idx = jnp.minimum(first[:, None] + jnp.arange(w)[None, :], hidden.shape[1] - 1)
