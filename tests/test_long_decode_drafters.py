@@ -12,6 +12,7 @@ accesses barely grow with the budget, and the eagle state's peak bytes follow th
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -146,19 +147,6 @@ def test_eagle_tree_over_a_window_is_the_dense_paths_tree(monkeypatch):
   assert np.asarray(full[2]).max() == 5  # deep trees: their scratch reaches past 24
 
 
-def test_static_engine_suffix_trees_equal_dense_reference_across_buckets():
-  """Tree rounds of 6 nodes, 2 children per node at most, from the cut corpus (eagle's trees
-  over a window: the test above). Prompts of <= 4 tokens: buckets 16, 32 and the buffer."""
-  drafter = DRAFTERS['suffix']()
-  rcfg = _rcfg(num_draft=5, tree_nodes=6, tree_branch=2)
-  lens = np.minimum(LENS, 4)
-  out, _, eng = _static(rcfg, drafter, lens)
-  ref, _, _ = _static(dataclasses.replace(rcfg, attend_bucket=0), drafter, lens)
-  _same_with_acceptance(out, ref)
-  np.testing.assert_array_equal(out.tree_stats, ref.tree_stats)
-  assert out.num_accepted.sum() > 0 and len(eng.last_buckets) >= 3
-
-
 def _adaptive(rcfg, drafter):
   from tests import test_adaptive as ta
 
@@ -277,10 +265,12 @@ def test_a_512_budget_eagle_rollout_of_mostly_short_answers_holds_at_most_2x_its
   assert b * eng.buffer_len * per_slot / live > 4  # the whole buffer for the batch: >> 2x
 
 
-def test_history_arrays_follow_the_longest_answer_and_draft_the_same():
+def test_suffix_corpus_and_history_cut_to_their_text_draft_the_same():
   """The suffix history's arrays are as wide as the power of two holding the longest
-  stored answer (>= 16), not the budget, and the chains and trees drafted from them are
-  the ones drafted from budget-wide arrays (the ranking of stored positions is the same)."""
+  stored answer (>= 16), not the budget; the chains and trees drafted from them and from
+  the sibling corpus cut to 16 slots (a bucket holding every committed position, as a
+  decode loop carries it) are the ones drafted from budget-wide arrays and corpus (the
+  ranking of stored positions, the tree builder's order of occurrences are the same)."""
   rng = np.random.default_rng(5)
   d = SuffixDrafter(4, n_min=1, n_max=3, history=3)
   lengths = np.array([20, 9, 33, 5, 17, 12])
@@ -290,22 +280,23 @@ def test_history_arrays_follow_the_longest_answer_and_draft_the_same():
   assert d.history_params([1], width=24)['tokens'].shape == (1, 3, 24)  # never the budget's
   assert d.history_params([7], width=4096)['tokens'].shape == (1, 3, 16)
   texts = [rng.integers(0, 4, n).tolist() for n in (6, 3, 9, 4)]
-  toks = np.zeros((4, 16), np.int32)
+  toks = np.zeros((4, 256), np.int32)
   for i, t in enumerate(texts):
     toks[i, : len(t)] = t
   pos, ids = np.array([len(t) - 1 for t in texts], np.int32), np.array([1, 2, 2, 1], np.int32)
   cut = d.history_params(ids, width=4096)
   wide = dict(cut, tokens=jnp.pad(cut['tokens'], ((0, 0), (0, 0), (0, 448)), constant_values=-1))
 
-  @jax.jit
-  def drafts(dp, toks, pos):
+  @functools.partial(jax.jit, static_argnums=3)
+  def drafts(dp, toks, pos, corpus):
     sid, groups = jnp.arange(4, dtype=jnp.int32), jnp.array([0, 0, 1, 1], jnp.int32)
-    shared = d.observe(None, d.init_shared(4, 16), toks, pos * 0, pos, sid, groups, ids)
+    shared = d.observe(None, d.init_shared(4, 256), toks, pos * 0, pos, sid, groups, ids)
+    shared['tokens'] = shared['tokens'][:, :corpus]
     ctx = hooks.DraftContext(sid, groups, jnp.asarray(ids), shared, None, None)
     chain = d.propose(dp, None, toks, pos, 4, None, None, ctx=ctx)[0]
     return chain, d.propose_tree(dp, None, toks, pos, 6, None, None, None, ctx=ctx)[:3]
 
-  a, b = drafts(cut, toks, pos), drafts(wide, toks, pos)
+  a, b = drafts(cut, toks, pos, 16), drafts(wide, toks, pos, 256)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
   assert (np.asarray(a[0]) >= 0).sum() > 4  # it drafted
