@@ -50,6 +50,8 @@ from specrl.decoding.state import (
   RolloutState,
   attend_buckets,
   bucket_for,
+  draft_bytes_per_slot,
+  draft_slots,
   finalize,
   grow_cache,
   kv_bytes_per_slot,
@@ -57,6 +59,7 @@ from specrl.decoding.state import (
   state_logical_axes,
 )
 from specrl.decoding.steps import decode, max_loop_steps, prefill, prefill_cache_slots
+from specrl.drafters import hooks
 
 __all__ = [
   'FINISH_CACHE',
@@ -120,15 +123,16 @@ class RolloutEngine:
       (self._token, batch), lambda: self._build(batch, params, draft_params), weight=2
     )
 
-  def _decode_fn(self, batch: int, attend_len: int | None, shardings):
-    """The decode loop at length bucket ``attend_len`` for ``batch`` rows: one executable
-    per (batch, bucket) in the process-wide LRU."""
+  def _decode_fn(self, batch: int, attend_len: int | None, shardings, shared_len=None):
+    """The decode loop at length bucket ``attend_len`` (and the drafter's shared corpus cut
+    to ``shared_len`` slots) for ``batch`` rows: one executable per (batch, bucket, corpus
+    bucket) in the process-wide LRU."""
     return executables.CACHE.get(
-      (self._token, batch, 'decode', attend_len),
-      lambda: self._build_decode(attend_len, shardings),
+      (self._token, batch, 'decode', attend_len, shared_len),
+      lambda: self._build_decode(attend_len, shardings, shared_len),
     )
 
-  def _build_decode(self, attend_len: int | None, shardings):
+  def _build_decode(self, attend_len: int | None, shardings, shared_len=None):
     cfg, rcfg, mesh, drafter = self.cfg, self.rcfg, self.mesh, self.drafter
     k = rcfg.num_draft if drafter is not None else 0
     psh, dsh, st_sh = shardings
@@ -136,7 +140,7 @@ class RolloutEngine:
     def decode_fn(params, draft_params, state):
       return decode(
         params, state, k, cfg=cfg, rcfg=rcfg, mesh=mesh, drafter=drafter,
-        draft_params=draft_params, attend_len=attend_len,
+        draft_params=draft_params, attend_len=attend_len, shared_len=shared_len,
       )[0]  # fmt: skip
 
     return jax.jit(
@@ -186,25 +190,33 @@ class RolloutEngine:
     return prefill_j, finalize_j, (psh, dsh, st_sh)
 
   def _grow_fn(self, batch: int, have: int, slots: int, shardings):
-    """The state with its policy KV cache grown from ``have`` to ``slots`` slots."""
-    st_sh = shardings[2]
+    """The state with its policy KV cache (and the drafter's position-indexed state: its
+    KV cache, the hidden history) grown from ``have`` to ``slots`` slots."""
+    st_sh, drafter = shardings[2], self.drafter
     return executables.CACHE.get(
       (self._token, batch, 'grow', have, slots),
-      lambda: jax.jit(lambda st: grow_cache(st, slots), in_shardings=(st_sh,), out_shardings=st_sh),
+      lambda: jax.jit(
+        lambda st: grow_cache(st, slots, drafter), in_shardings=(st_sh,), out_shardings=st_sh
+      ),
     )
 
   def _decode(self, batch, params, draft_params, state, shardings):
     """Decode to the end, one loop per length bucket, smallest first (the buckets a loop
     stops at are left once the longest live row outgrows them). With ``rcfg.grow_kv`` the
     policy KV cache is grown to each bucket before its loop (a loop never writes past its
-    bucket). Returns (state, buckets run, KV usage: peak cache bytes, bytes per slot)."""
-    rcfg = self.rcfg
+    bucket). The drafter's position-indexed state (its KV cache, the hidden history) grows
+    with the policy cache; its shared corpus (``hooks.windows_shared``) is carried cut to the
+    bucket holding every row's committed text (finished rows' too). Returns (state, buckets
+    run, KV usage: peak cache bytes, bytes per slot, the drafter's peak and per slot)."""
+    rcfg, drafter = self.rcfg, self.drafter
     buckets = attend_buckets(rcfg)
-    k = rcfg.num_draft if self.drafter is not None else 0
+    k = rcfg.num_draft if drafter is not None else 0
     limit = max_loop_steps(rcfg)
     visited = []
     usage = {'peak': 0, 'per_slot': kv_bytes_per_slot(state)}
+    usage.update(draft_peak=0, draft_per_slot=draft_bytes_per_slot(state, drafter))
     while True:
+      shared = None  # the corpus as it is (the dense path: the whole of it)
       if len(buckets) == 1:  # the dense path: no host read before the one loop
         a = buckets[0]
       else:
@@ -212,6 +224,9 @@ class RolloutEngine:
         if done.all() or step >= limit:
           break
         a = bucket_for(buckets, int(pos[~done].max()) + k + 1)  # slots_needed, on host
+        if hooks.windows_shared(drafter):  # every committed position, finished rows too
+          w = bucket_for(buckets, max(a, int(pos.max()) + 1))
+          shared = w if w < rcfg.seq_len else None
       have = model_lib.cache_slots(state.cache)
       slots = kv_slots(rcfg, rcfg.buffer_len, a)
       if slots > have:  # grow first: every write of the loop lands inside the cache
@@ -219,8 +234,13 @@ class RolloutEngine:
       now = model_lib.cache_slots(state.cache)
       usage.setdefault('slots', []).append(now)
       usage['peak'] = max(usage['peak'], batch * now * usage['per_slot'])
+      dnow = draft_slots(state, drafter)
+      usage.setdefault('draft_slots', []).append(dnow)
+      usage['draft_peak'] = max(usage['draft_peak'], batch * dnow * usage['draft_per_slot'])
       attend = a if rcfg.attend_bucket else None  # 0: the dense reference
-      state = self._decode_fn(batch, attend, shardings)(params, draft_params, state)
+      usage.setdefault('shared', []).append(shared)
+      fn = self._decode_fn(batch, attend, shardings, shared)
+      state = fn(params, draft_params, state)
       visited.append(a)
       if a == buckets[-1]:  # the last bucket has no stop of its own: ran to the end
         break
@@ -298,8 +318,12 @@ class RolloutEngine:
     metrics['rollout/length_buckets'] = len(visited)
     metrics['rollout/length_bucket_variants'] = len(attend_buckets(self.rcfg))
     metrics.update(kv_metrics(out, kv['peak'], kv['per_slot']))
+    if kv['draft_per_slot']:
+      metrics.update(kv_metrics(out, kv['draft_peak'], kv['draft_per_slot'], 'draft_kv'))
     self.last_buckets = visited
     self.last_kv_slots = kv.get('slots', [])  # the policy cache's slots in each loop
+    self.last_draft_slots = kv.get('draft_slots', [])  # the drafter's (0: none)
+    self.last_shared_slots = kv.get('shared', [])  # its shared corpus' (None: all)
     if estimate_costs and self.rcfg.num_draft:
       costs = self.measure_step_costs(params, b, draft_params)
       passes = int(mh.to_host(out.num_rounds).max())
@@ -396,15 +420,16 @@ def live_kv_slots(prompt_len, length) -> int:
   return int(live.max())
 
 
-def kv_metrics(out, peak_bytes: int, per_slot: int) -> dict:
+def kv_metrics(out, peak_bytes: int, per_slot: int, name: str = 'kv') -> dict:
   """The policy KV cache's use in a rollout (issue 26): ``rollout/kv_peak_gb``, the most
   the cache held (batch x slots x bytes per slot, at a loop / chunk start);
   ``rollout/kv_live_gb``, the peak of what the active rows needed (:func:`live_kv_slots`
   of the output) and their ratio ``rollout/kv_peak_over_live`` (the goal with
-  ``rollout.grow_kv`` and compaction: <= 2)."""
+  ``rollout.grow_kv`` and compaction: <= 2). ``name='draft_kv'``: the same for the
+  drafter's position-indexed state (its KV cache and the hidden history)."""
   live = live_kv_slots(*mh.to_host((out.prompt_len, out.length))) * per_slot
-  m = {'rollout/kv_peak_gb': peak_bytes / 2**30, 'rollout/kv_live_gb': live / 2**30}
-  m['rollout/kv_peak_over_live'] = peak_bytes / max(live, 1)
+  m = {f'rollout/{name}_peak_gb': peak_bytes / 2**30, f'rollout/{name}_live_gb': live / 2**30}
+  m[f'rollout/{name}_peak_over_live'] = peak_bytes / max(live, 1)
   return m
 
 

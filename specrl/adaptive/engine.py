@@ -92,6 +92,7 @@ from specrl.adaptive.state_ops import (
   ST_ACTIVE,
   ST_LIVE,
   ST_ROUNDS,
+  ST_SPAN,
   ST_STEP,
   ST_STEPS,
   ST_TOKENS,
@@ -117,11 +118,14 @@ from specrl.decoding.state import (
   RolloutState,
   attend_buckets,
   bucket_for,
+  draft_bytes_per_slot,
+  draft_slots,
   finalize,
   grow_cache,
   kv_bytes_per_slot,
 )
 from specrl.decoding.steps import loop_params_jit, max_loop_steps, prefill, prefill_cache_slots
+from specrl.drafters import hooks
 from specrl.rollout import kv_metrics, prepare_prompts, prepare_row_ids, rollout_metrics
 
 log = logging.getLogger(__name__)
@@ -343,7 +347,16 @@ class AdaptiveRolloutEngine:
     depth = 0 if t.depth >= t.nodes - 1 else t.depth
     return dataclasses.replace(w, tree_nodes=t.nodes, tree_depth=depth, tree_branch=t.branch)
 
-  def _chunk_fn(self, b, strategy, args, report, has_draft, attend_len=None):
+  def _shared_len(self, width: int, attend: int | None, span: int) -> int | None:
+    """Slots of the drafter's shared corpus a chunk carries (``hooks.windows_shared``): the
+    length bucket holding the chunk's ``attend`` and ``span`` (every position any row of the
+    rollout committed: finished and compacted-away rows' text stays visible); None = all."""
+    if attend is None or not hooks.windows_shared(self.drafter):
+      return None
+    w = bucket_for(attend_buckets(self._wrcfg, width), max(attend, span))
+    return w if w < self.rcfg.seq_len else None
+
+  def _chunk_fn(self, b, strategy, args, report, has_draft, attend_len=None, shared_len=None):
     cfg, rcfg, drafter, mesh = self.cfg, self._step_rcfg(strategy), self.drafter, self.mesh
     limit = max_loop_steps(self.rcfg)
 
@@ -361,17 +374,19 @@ class AdaptiveRolloutEngine:
         mesh=mesh,
         limit=limit,
         attend_len=attend_len,
+        shared_len=shared_len,
       )
 
-    key = ('chunk', b, strategy, args[2].tokens.shape[1], has_draft, attend_len)
+    key = ('chunk', b, strategy, args[2].tokens.shape[1], has_draft, attend_len, shared_len)
     return self._compiled(key, fn, args, (2,), report, b)
 
   def _widen(self, state, report):
     """The state on the wide buffer (``buffer_len`` slots), for speculation."""
     b, s = state.tokens.shape
     axes = axis_positions(state_axes(state, self.drafter), 'cache_seq')
-    if self._grow_kv and state.cache is not None:  # the policy cache grows by buckets
-      axes = axes.replace(cache=jax.tree.map(lambda _: -1, axes.cache))
+    if self._grow_kv:  # the policy cache, and the drafter's state by position, grow by buckets
+      none = lambda t: None if t is None else jax.tree.map(lambda _: -1, t)  # noqa: E731
+      axes = axes.replace(cache=none(axes.cache), draft=none(axes.draft), hidden=none(axes.hidden))
     extra, pad = self.buffer_len - s, self.rcfg.pad_id
     f = self._compiled(
       ('widen', b, 0, s, state.cache is None, state.draft is not None, self._grow_kv),
@@ -389,10 +404,10 @@ class AdaptiveRolloutEngine:
     have = model_lib.cache_slots(state.cache)
     if slots <= have:
       return state
-    b = state.tokens.shape[0]
+    b, drafter = state.tokens.shape[0], self.drafter
     f = self._compiled(
       ('grow', b, 0, have, slots, state.draft is not None),
-      lambda st: grow_cache(st, slots),
+      lambda st: grow_cache(st, slots, drafter),
       (state,),
       (),  # new shapes: nothing to donate into
       report,
@@ -404,9 +419,14 @@ class AdaptiveRolloutEngine:
     """Build the drafter's state for a running batch: its prefill over every committed
     token (positions ``0..pos``; slots beyond hold stale tokens that the drafter's causal
     mask hides until its proposals overwrite them). Why lazily: a drafter cache for the
-    full batch is wasted work when speculation only pays in the small-batch tail."""
+    full batch is wasted work when speculation only pays in the small-batch tail.
+    With ``rollout.grow_kv`` its state is as wide as the policy cache (grown to the chunk's
+    bucket first: every active row's committed positions lie below it) and the prefill
+    runs over those slots only, not the budget."""
     b, s = state.tokens.shape
     drafter, seq_len, mesh = self.drafter, self.rcfg.seq_len, self.mesh
+    if self._grow_kv:
+      s = seq_len = min(seq_len, model_lib.cache_slots(state.cache))
 
     def fn(dp, st):
       ds = drafter.prefill(dp, st.tokens[:, :seq_len], st.pos + 1, s, mesh=mesh)
@@ -573,6 +593,8 @@ class AdaptiveRolloutEngine:
     current: int | None = None
     obs: ChunkObs | None = None
     live = rcfg.max_prompt_len + 1  # slots a plain step needs after prefill (at most)
+    self._span = rcfg.max_prompt_len + 1  # slots any row committed to (at most), so far
+    self.last_windows = []  # per chunk: (batch, strategy, attend_len, shared_len)
     while n_active > 0 and step < limit:
       target = self._bucket_for(n_active, b) if acfg.compaction else b
       if target < b:
@@ -611,16 +633,22 @@ class AdaptiveRolloutEngine:
       dparams = None if strategy == PLAIN else dparams_fn()
       if strategy != PLAIN and state.tokens.shape[1] < self.buffer_len:
         state = self._widen(state, report)
-      if strategy != PLAIN and self._stateful and state.draft is None:
-        state = self._attach_draft(state, dparams, report)
       width = state.tokens.shape[1]
       attend = self._attend_len(width, live + drafts(strategy))
       if self._grow_kv:  # grow first: every write of the chunk lands inside the cache
         state = self._grow(state, attend or width, report)
+      if strategy != PLAIN and self._stateful and state.draft is None:
+        state = self._attach_draft(state, dparams, report)
       report.kv_peak = max(report.kv_peak, b * model_lib.cache_slots(state.cache) * per_slot)
+      dslots = draft_slots(state, self.drafter)
+      report.draft_kv_per_slot = dper = draft_bytes_per_slot(state, self.drafter)
+      report.draft_kv_peak = max(report.draft_kv_peak, b * dslots * dper)
+      # the drafter's shared corpus: a bucket holding every row's committed text
+      shared = self._shared_len(width, attend, self._span)
+      self.last_windows.append((b, strategy, attend, shared))
       cargs = (loop_params, dparams, state, i32(self._boundary(b)), i32(max_steps))
       report.length_buckets.add((width, attend))
-      chunk = self._chunk_fn(b, strategy, cargs, report, state.draft is not None, attend)
+      chunk = self._chunk_fn(b, strategy, cargs, report, state.draft is not None, attend, shared)
       t0 = now()
       report.trace.append((t0, n_active, b, strategy))
       state, both = chunk(*cargs)
@@ -687,6 +715,7 @@ class AdaptiveRolloutEngine:
       length=length,
     )
     report.trace.append((t1, obs.active_end, b, strategy))
+    self._span = max(self._span, int(stats[ST_SPAN]))  # committed slots, every row so far
     ph = report.phases.setdefault(
       f'b{b}/{strategy_name(strategy)}',
       dict(time_s=0.0, tokens=0, steps=0, accepted=0, drafted=0),
@@ -749,6 +778,8 @@ class AdaptiveRolloutEngine:
       {(w, a) for w in widths for a in attend_buckets(self._wrcfg, w)}
     )
     m.update(kv_metrics(out, report.kv_peak, report.kv_per_slot))
+    if report.draft_kv_per_slot:  # the drafter's state by position (its KV cache, hidden)
+      m.update(kv_metrics(out, report.draft_kv_peak, report.draft_kv_per_slot, 'draft_kv'))
     # the running i.i.d. per-token acceptance implied by tokens per pass (the cost model's);
     # not spec/alpha (committed accepted / drafted): see specrl.decoding.spec_math
     m['adaptive/implied_alpha'] = float(self.memory.alpha)

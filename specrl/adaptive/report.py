@@ -29,6 +29,8 @@ class AdaptiveReport:
   length_buckets: set = dataclasses.field(default_factory=set)
   kv_peak: int = 0  # bytes: the policy KV cache's largest (batch x slots) at a chunk start
   kv_per_slot: int = 0  # bytes of the policy KV cache per (row, slot)
+  draft_kv_peak: int = 0  # bytes: the drafter's state by position (KV cache, hidden), at most
+  draft_kv_per_slot: int = 0  # ... per (row, slot)
   drafted: int = 0  # draft tokens proposed to active rows (sum of k x sequence-rounds)
   hook_s: float = 0.0  # seconds in the engine's tail_hook (kept out of the timings above)
 

@@ -25,8 +25,8 @@ from specrl.decoding.state import (
   state_logical_axes,
 )
 
-# Layout of the per-chunk stats vector (int32 [7]).
-ST_STEPS, ST_ACTIVE, ST_TOKENS, ST_ROUNDS, ST_ACCEPTED, ST_STEP, ST_LIVE = range(7)
+# Layout of the per-chunk stats vector (int32 [8]).
+ST_STEPS, ST_ACTIVE, ST_TOKENS, ST_ROUNDS, ST_ACCEPTED, ST_STEP, ST_LIVE, ST_SPAN = range(8)
 
 
 def state_axes(state: RolloutState, drafter) -> RolloutState:
@@ -130,9 +130,10 @@ def clear_scratch(out: RolloutOutput, seq_len: int, width: int, pad_id: int) -> 
 
 
 def state_stats(state: RolloutState, steps) -> jax.Array:
-  """int32 [7]: steps, active, sum generated, sum rounds, sum accepted, global step, and
-  the cache slots the next plain step needs (:func:`specrl.decoding.state.slots_needed`:
-  the length bucket of the next chunk is chosen from it)."""
+  """int32 [8]: steps, active, sum generated, sum rounds, sum accepted, global step, the
+  cache slots the next plain step needs (:func:`specrl.decoding.state.slots_needed`: the
+  length bucket of the next chunk is chosen from it) and the slots any row's committed
+  text spans, finished rows' too (a drafter's shared corpus window)."""
   return jnp.stack(
     [
       jnp.asarray(steps, jnp.int32),
@@ -142,6 +143,7 @@ def state_stats(state: RolloutState, steps) -> jax.Array:
       jnp.sum(state.num_accepted),
       state.step,
       slots_needed(state, 0),
+      jnp.max(state.pos).astype(jnp.int32) + 1,
     ]
   )
 
@@ -160,6 +162,7 @@ def decode_chunk(
   mesh,
   limit: int,
   attend_len: int | None = None,
+  shared_len: int | None = None,
 ):
   """At most ``max_steps`` rounds of :func:`specrl.decoding.steps.decode_step` with ``k``
   drafts (0 = plain), stopping once ``active <= min_active`` or the global step reaches
@@ -181,5 +184,6 @@ def decode_chunk(
     max_steps=max_steps,
     limit=limit,
     attend_len=attend_len,
+    shared_len=shared_len,
   )
   return state, jnp.stack([before, state_stats(state, n)])

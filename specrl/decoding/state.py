@@ -168,17 +168,126 @@ def kv_slots(rcfg: RolloutConfig, buffer_len: int, need: int) -> int:
   return bucket_for(attend_buckets(rcfg, buffer_len), need)
 
 
-def grow_cache(state: RolloutState, slots: int) -> RolloutState:
+def _resize(x: jax.Array, ax: int, n: int, fill=0) -> jax.Array:
+  """``x`` with axis ``ax`` cut or padded (with ``fill``) to ``n``."""
+  have = x.shape[ax]
+  if n == have:
+    return x
+  if n < have:
+    return jax.lax.slice_in_dim(x, 0, n, axis=ax)
+  widths = [(0, 0)] * x.ndim
+  widths[ax] = (0, n - have)
+  return jnp.pad(x, widths, constant_values=jnp.asarray(fill, x.dtype))
+
+
+def _slot_axes(state: RolloutState, drafter=None) -> dict:
+  """The state's position-indexed per-row fields and the slot axis of each leaf (-1: none):
+  the policy KV cache, the drafter's own state (its leaves with a ``'cache_seq'`` logical
+  axis, e.g. a drafter's or the eagle head's KV cache) and the hidden history
+  (``hidden_history``: ``[B, S, D]`` by position). The three follow the length buckets
+  together (:func:`grow_cache`, :func:`window_slots`)."""
+  out = {}
+  if state.cache is not None:
+    out['cache'] = jax.tree.map(lambda _: model_lib.CACHE_SLOT_AXIS, state.cache)
+  axes = None if drafter is None or state.draft is None else drafter.state_logical_axes()
+  if axes is not None:
+    out['draft'] = jax.tree.map(
+      lambda t: t.index('cache_seq') if 'cache_seq' in t else -1,
+      axes,
+      is_leaf=lambda t: isinstance(t, tuple),
+    )
+  if state.hidden is not None and hooks.is_history(state):
+    out['hidden'] = 1
+  return out
+
+
+def _shared_axes(state: RolloutState, drafter=None):
+  """Slot axes of the drafter's shared state (``shared_slot_axes``: its corpus of committed
+  text by position), or None for drafters that declare none."""
+  if state.draft_shared is None or not hooks.windows_shared(drafter):
+    return None
+  return drafter.shared_slot_axes()
+
+
+def grow_cache(state: RolloutState, slots: int, drafter=None) -> RolloutState:
   """The state with its policy KV cache ``[L, B, K, S, Dh]`` zero-padded to ``slots``
-  slots (``>= S``). Slots past the live length are never read (attention masks by
-  position), so padding with zeros is exact."""
-  if state.cache is None:
-    return state
-  have = model_lib.cache_slots(state.cache)
-  if slots <= have:
-    return state
-  pad = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, 0), (0, slots - have), (0, 0)))  # noqa: E731
-  return state.replace(cache=jax.tree.map(pad, state.cache))
+  slots (``>= S``), and with ``drafter``: its own KV cache and the hidden history too
+  (:func:`_slot_axes`; a drafter's state follows the live length as the policy's does).
+  Slots past the live length are never read (attention masks by position, the hidden
+  history is read below ``pos``), so padding with zeros is exact."""
+  upd = {}
+  for name, axes in _slot_axes(state, drafter).items():
+    grow = lambda ax, x: x if ax < 0 or x.shape[ax] >= slots else _resize(x, ax, slots)  # noqa: E731
+    upd[name] = jax.tree.map(grow, axes, getattr(state, name))
+  return state.replace(**upd)
+
+
+def window_slots(
+  state: RolloutState, slots: int | None, drafter=None, shared_slots: int | None = None
+) -> RolloutState:
+  """The state a decode loop at length bucket ``slots`` carries: every position-indexed
+  leaf (:func:`_slot_axes`) cut to its first ``slots`` slots, and the drafter's shared
+  corpus (``shared_slot_axes``) to its first ``shared_slots`` (None: as they are). Exact for
+  a loop that stops before any active row needs more than ``slots`` slots, with
+  ``shared_slots`` covering every position any row -- finished ones too -- committed: what
+  lies past them is never read (nor, for the corpus, written: it is empty there)."""
+  upd = {}
+  if slots is not None:
+    for name, axes in _slot_axes(state, drafter).items():
+      cut = lambda ax, x: x if ax < 0 or x.shape[ax] <= slots else _resize(x, ax, slots)  # noqa: E731
+      upd[name] = jax.tree.map(cut, axes, getattr(state, name))
+  axes = _shared_axes(state, drafter)
+  if shared_slots is not None and axes is not None:
+    cut = lambda ax, x: x if ax < 0 or x.shape[ax] <= shared_slots else _resize(x, ax, shared_slots)  # noqa: E731
+    upd['draft_shared'] = jax.tree.map(cut, axes, state.draft_shared)
+  return state.replace(**upd)
+
+
+def put_slots(full: RolloutState, window: RolloutState, drafter=None) -> RolloutState:
+  """``window`` (a :func:`window_slots` of ``full`` after a loop) with its cut leaves put
+  back in place into ``full``'s (a dynamic-update-slice each: in place on a donated
+  buffer); the slots past the window keep ``full``'s."""
+
+  def put(ax, f, w):
+    if ax < 0 or f.shape[ax] == w.shape[ax]:
+      return w
+    return jax.lax.dynamic_update_slice(f, w.astype(f.dtype), (0,) * f.ndim)
+
+  upd = {}
+  for name, axes in _slot_axes(window, drafter).items():
+    upd[name] = jax.tree.map(put, axes, getattr(full, name), getattr(window, name))
+  axes = _shared_axes(window, drafter)
+  if axes is not None:
+    upd['draft_shared'] = jax.tree.map(put, axes, full.draft_shared, window.draft_shared)
+  return window.replace(**upd)
+
+
+def draft_bytes_per_slot(state: RolloutState, drafter=None) -> int:
+  """Bytes per (row, slot) of the drafter's position-indexed state: its own KV cache and
+  the hidden history (0 for drafters without them)."""
+  parts = _slot_axes(state, drafter)
+  total = 0
+  for name in ('draft', 'hidden'):
+    if name not in parts:
+      continue
+    for ax, x in zip(
+      jax.tree.leaves(parts[name]), jax.tree.leaves(getattr(state, name)), strict=True
+    ):
+      if ax >= 0:
+        total += int(x.size // (x.shape[ax] * state.pos.shape[0])) * x.dtype.itemsize
+  return total
+
+
+def draft_slots(state: RolloutState, drafter=None) -> int:
+  """Slots the drafter's position-indexed state holds now (0: none)."""
+  parts = _slot_axes(state, drafter)
+  for name in ('draft', 'hidden'):
+    for ax, x in zip(
+      jax.tree.leaves(parts.get(name, ())), jax.tree.leaves(getattr(state, name)), strict=False
+    ):
+      if ax >= 0:
+        return int(x.shape[ax])
+  return 0
 
 
 def kv_bytes_per_slot(state: RolloutState) -> int:
@@ -224,11 +333,15 @@ class RolloutState:
   prompt_ids: Any = None  # int32 [B] stable prompt id across RL steps (-1 = unknown)
   draft_shared: Any = None  # drafter state NOT compacted: leaves [B_orig, ...] ('rows')
   hidden: Any = None  # [B, W, D] policy hidden states at positions hidden_from + j ...
-  # (W = S, hidden_from = 0 for a drafter with ``hidden_history``: every position)
+  # (by position, hidden_from = 0, for a drafter with ``hidden_history``: W = the policy
+  # cache's slots, grown with it; every position < pos)
   hidden_from: Any = None  # int32 [B] ... valid for j < pos - hidden_from (W = K + 1)
   # tree rounds only (``rcfg.tree_nodes``): int32 [B, 3] nodes proposed, descents into a
   # non-first child, walks that accepted down to a leaf (bonus token)
   tree_stats: Any = None
+  # static: ``hidden`` is the by-position history (``hidden_history`` drafters), whatever its
+  # width (it follows the length buckets, like the policy cache); else the last pass's window
+  hidden_history: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 TREE_STATS = ('nodes', 'non_first', 'leaf')
@@ -306,6 +419,7 @@ def state_logical_axes(draft_axes=None, like: RolloutState | None = None) -> Rol
     hidden=hooks.hidden_axes(like) if has_hidden else None,
     hidden_from=b if has_hidden else None,
     tree_stats=bk if like is not None and like.tree_stats is not None else None,
+    hidden_history=like is not None and like.hidden_history,
   )
 
 

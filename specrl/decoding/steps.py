@@ -37,7 +37,9 @@ from specrl.decoding.state import (
   count_acceptance,
   current_tokens,
   kv_slots,
+  put_slots,
   slots_needed,
+  window_slots,
 )
 from specrl.drafters import hooks
 
@@ -70,9 +72,10 @@ def prefill(
   prompt_tokens: int32 [B, P] right-padded (P = rcfg.max_prompt_len); prompt_len [B].
   ``buffer_len`` (default ``rcfg.buffer_len``): slots of the buffer and caches; the
   adaptive engine starts narrow (``rcfg.seq_len``) and widens when it first speculates.
-  ``cache_slots`` (default ``buffer_len``): slots of the policy KV cache alone; the engines
-  pass the prompt's length bucket with ``rcfg.grow_kv`` (:func:`prefill_cache_slots`) and
-  grow it between loops (:func:`specrl.decoding.state.grow_cache`).
+  ``cache_slots`` (default ``buffer_len``): slots of the policy KV cache, and of the
+  drafter's position-indexed state (its KV cache, the hidden history); the engines pass the
+  prompt's length bucket with ``rcfg.grow_kv`` (:func:`prefill_cache_slots`) and grow them
+  together between loops (:func:`specrl.decoding.state.grow_cache`).
   ``group_ids`` / ``prompt_ids`` int32 [B] (default: each row its own group; -1 = unknown
   prompt). ``build_draft=False``: the drafter's optional hooks (shared state, hidden states,
   ``observe``; :mod:`specrl.drafters.hooks`) are set up but not its own state (the adaptive
@@ -109,9 +112,12 @@ def prefill(
   tok = sampling.sample_seeded(last, seeds, rcfg.sampling)
   lp = sampling.token_logprobs(last, tok, rcfg.sampling)
   tokens = jnp.full((b, s), rcfg.pad_id, jnp.int32).at[:, :p].set(prompt_tokens)
+  # the drafter's position-indexed state (its KV cache, the hidden history) starts as wide
+  # as the policy cache and grows with it (decoding.state.grow_cache)
+  slots = cache_slots or s
   draft_state = None
   if drafter is not None and build_draft:
-    draft_state = drafter.prefill(draft_params, prompt_tokens, prompt_len, s, mesh=mesh)
+    draft_state = drafter.prefill(draft_params, prompt_tokens, prompt_len, slots, mesh=mesh)
   zeros = jnp.zeros((b,), jnp.int32)
   kw = jnp.zeros((b, max(rcfg.draft_width, 1)), jnp.int32)
   state = RolloutState(
@@ -136,7 +142,8 @@ def prefill(
   )
   state = hooks.start(drafter, state, group_ids, prompt_ids, rcfg.seq_len)
   if hidden:
-    width = hooks.hidden_width(drafter, rcfg.draft_width + 1, s)
+    width = hooks.hidden_width(drafter, rcfg.draft_width + 1, slots)
+    state = state.replace(hidden_history=hooks.keeps_history(drafter))
     state = hooks.record_prefill_hidden(state, hidden[0], prompt_len, width)
   state = commit(state, tok[:, None], lp[:, None], jnp.ones((b,), jnp.int32), rcfg)
   return hooks.observe(drafter, draft_params, state, prompt_len - 1)
@@ -321,6 +328,7 @@ def decode(
   limit: int | None = None,
   unroll_layers: bool | None = None,
   attend_len: int | None = None,
+  shared_len: int | None = None,
 ) -> tuple[RolloutState, jax.Array]:
   """Run :func:`decode_step` with ``k`` drafts in a ``lax.while_loop`` until every sequence
   is done, the active count drops to ``min_active`` (compaction), ``max_steps`` rounds ran
@@ -338,13 +346,20 @@ def decode(
   an ``attend_len``-slot cache -- no per-step work or copy grows with the buffer -- and it
   stops before a step whose active rows would need more (:func:`slots_needed`); the caller
   then moves on to a larger bucket. At the buffer length, or None: the whole cache, no such
-  stop (the dense reference)."""
+  stop (the dense reference). The drafter's position-indexed state -- its own KV cache, the
+  hidden history (:func:`specrl.decoding.state.window_slots`) -- is carried cut to the same
+  window, so its per-round work follows the live length too.
+
+  ``shared_len`` (static; None = as it is): the drafter's shared corpus by position
+  (``shared_slot_axes``, :func:`specrl.drafters.hooks.windows_shared`) is carried cut to its
+  first ``shared_len`` slots: the caller passes a length bucket that holds every position
+  any row committed, finished rows included, and ``>= attend_len``."""
   limit = max_loop_steps(rcfg) if limit is None else limit
   params = loop_params(params, unroll_layers)  # sliced once, not in every step
   bounded = attend_len is not None and attend_len < state.tokens.shape[1]
-  full = state.cache
-  if bounded:  # the live window; done rows' writes past it are dropped (never read again)
-    state = state.replace(cache=jax.tree.map(lambda c: c[:, :, :, :attend_len], full))
+  full = state
+  # the live window; done rows' writes past it are dropped (never read again)
+  state = window_slots(state, attend_len if bounded else None, drafter, shared_len)
 
   def cond(c):
     s, i = c
@@ -359,9 +374,4 @@ def decode(
     return s, i + 1
 
   state, n = jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))
-  if bounded:
-    cache = jax.tree.map(
-      lambda f, w: jax.lax.dynamic_update_slice(f, w, (0,) * f.ndim), full, state.cache
-    )
-    state = state.replace(cache=cache)
-  return state, n
+  return put_slots(full, state, drafter), n

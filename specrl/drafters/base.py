@@ -7,6 +7,12 @@ state are pytrees passed through the jitted rollout (never closed over):
   *live* policy (identity for ``self``, quantization for ``quantized``, the drafter's own
   weights for ``small_model``). Called inside the jitted step where possible.
 - ``prefill(draft_params, prompt_tokens [B,P], prompt_len [B], buffer_len, mesh) -> state``
+  ``buffer_len``: the slots of its position-indexed leaves (those whose logical axes name
+  ``'cache_seq'``: a KV cache), the policy cache's -- with ``rollout.grow_kv`` a length
+  bucket, not the budget. The engines zero-pad them as the policy cache grows and a decode
+  loop carries them cut to its bucket (:func:`specrl.decoding.state.window_slots`), so a
+  drafter must read and write them only below the positions a round may touch (writes
+  past them are dropped, as on the policy's cache).
 - ``propose(draft_params, state, seq_tokens [B,S], pos [B], k, seeds, sampling, mesh,
   policy_cache) -> (draft_tokens int32 [B,k], draft_logits f32 [B,k,V], state,
   policy_cache)``: proposals x_1..x_k
@@ -84,7 +90,9 @@ them traces exactly what it would without them: no extra state, outputs or work)
   The adaptive engine's lazy drafter prefill (:meth:`prefill` over committed tokens) gets
   no hidden states.
 - ``hidden_history = True`` (with ``wants_hidden``): ``ctx.hidden`` is ``[B, S, D]`` by
-  position with ``hidden_from = 0`` -- the same contract with W = S: every committed
+  position with ``hidden_from = 0`` (S: the slots of the length bucket the decode loop runs
+  in -- it grows with the policy cache, :func:`specrl.decoding.state.grow_cache`, and every
+  committed position below ``pos`` lies in it) -- the same contract with W = S: every committed
   position ``< pos`` is valid, so a drafter can catch up on positions it has not consumed
   (the prompt, plain phases of the adaptive engine) without an extra policy forward.
 """

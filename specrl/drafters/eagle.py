@@ -448,6 +448,15 @@ class EagleDrafter:
     bsz, s = pos.shape[0], model_lib.cache_slots(cache)
     tok, score = (a[:, 0] for a in self._top_children(dp, feat[:, None], sp, b))  # depth 1
     b = tok.shape[1]  # (a vocabulary smaller than the branch)
+    # The expanded nodes' K/V take head-cache scratch slots up to pos + (dmax - 1) b - 1,
+    # past a length-bucket window (the loop carries the head cache cut to it): carry as
+    # many more slots as the buffer has (its end drops the rest, on every path alike), so
+    # the tree is the dense path's; cut back to the window after the tree.
+    window = s
+    s = min(window + (dmax - 1) * b, seq_tokens.shape[1])
+    if s > window:
+      pad = ((0, 0),) * model_lib.CACHE_SLOT_AXIS + ((0, s - window),) + ((0, 0),)
+      cache = jax.tree.map(lambda c: jnp.pad(c, pad[: c.ndim]), cache)
     toks, scores, par_flat, depths = [tok], [score], [jnp.full((bsz, b), -1, jnp.int32)], [1]
     par_feat = jnp.broadcast_to(feat[:, None], (bsz, b, feat.shape[-1]))  # of each candidate
     anc = jnp.zeros((bsz, b, 0), jnp.int32)  # head-cache slots of each candidate's ancestors
@@ -475,6 +484,8 @@ class EagleDrafter:
       anc = jnp.repeat(fanc, b, axis=1)
       offset += toks[-2].shape[1]
     tree = _best_first(toks, scores, par_flat, depths, k)
+    if s > window:
+      cache = jax.tree.map(lambda c: c[:, :, :, :window], cache)
     return (*tree, {'cache': cache, 'fed': jnp.maximum(fed, pos)})
 
 

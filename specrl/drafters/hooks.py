@@ -14,6 +14,9 @@ work). See :mod:`specrl.drafters.base` for the contract of each part:
   phases, the prompt);
 - ``init_shared(batch, seq_len) -> pytree``: state that is *not* compacted, leaves
   ``[B_orig, ...]`` (logical axis ``'rows'``), indexed by ``seq_id``;
+- ``shared_slot_axes() -> pytree`` (with ``init_shared``): the shared leaves by position
+  (e.g. the suffix corpus), which a decode loop then carries cut to a length bucket that
+  holds every committed position (:func:`windows_shared`);
 - ``observe(draft_params, shared, tokens, pos_before, pos_after, seq_id, group_ids,
   prompt_ids) -> shared``: called after every commit, plain steps included;
 - ``rollback(state, pos) -> state``: called after every speculative round's commit with the
@@ -85,15 +88,16 @@ def keeps_history(drafter) -> bool:
 
 
 def hidden_width(drafter, window: int, buffer_len: int) -> int:
-  """Width of ``RolloutState.hidden``: the buffer (by position) for a drafter that keeps
-  the history, else ``window`` (the last pass's positions)."""
+  """Width of ``RolloutState.hidden``: ``buffer_len`` (by position; the engines pass the
+  policy cache's slots, which grow with the length buckets) for a drafter that keeps the
+  history, else ``window`` (the last pass's positions)."""
   return buffer_len if keeps_history(drafter) else window
 
 
 def is_history(state) -> bool:
-  """``state.hidden`` is position-indexed (as wide as the token buffer; the window layout
-  is ``draft_width + 1`` < buffer wide, so the two never coincide)."""
-  return state.hidden.shape[1] == state.tokens.shape[1]
+  """``state.hidden`` is position-indexed (``RolloutState.hidden_history``, set by the
+  prefill for a drafter that keeps the history; its width follows the length buckets)."""
+  return bool(getattr(state, 'hidden_history', False))
 
 
 def hidden_axes(state):
@@ -111,6 +115,16 @@ def init_shared(drafter, batch: int, seq_len: int):
   if drafter is None or not hasattr(drafter, 'init_shared'):
     return None
   return drafter.init_shared(batch, seq_len)
+
+
+def windows_shared(drafter) -> bool:
+  """The drafter's shared state has leaves by position (``shared_slot_axes() -> pytree``
+  of the slot axis of each shared leaf, -1 = none; e.g. the suffix corpus ``[B, seq_len]``):
+  a decode loop then carries only the first ``w`` slots of them, ``w`` a length bucket
+  holding every position any row committed (:func:`specrl.decoding.state.window_slots`),
+  so a lookup over the corpus costs the live length, not the budget. The drafter must
+  read and write nothing past the committed positions there."""
+  return drafter is not None and hasattr(drafter, 'shared_slot_axes')
 
 
 def shared_logical_axes(shared) -> Any:
@@ -203,7 +217,8 @@ def record_prefill_hidden(state, hidden: jax.Array, prompt_len: jax.Array, width
   """Start ``state.hidden [B, W=width, D]`` from the prompt pass's hidden states ``[B, P, D]``:
   its last W committed positions ``max(L - W, 0) .. L - 1`` (L = ``prompt_len``; the first
   sampled token then sits at ``pos = L``, not fed yet). Slots past L - 1 are not valid.
-  With W = the buffer length (``hidden_history``) this is the by-position layout."""
+  With ``state.hidden_history`` (W = the policy cache's slots) this is the by-position
+  layout."""
   w = width
   first = jnp.maximum(prompt_len - w, 0)
   idx = jnp.minimum(first[:, None] + jnp.arange(w)[None, :], hidden.shape[1] - 1)

@@ -109,6 +109,9 @@ class HybridSuffixDrafter:
   def init_shared(self, batch: int, seq_len: int):
     return self.suffix.init_shared(batch, seq_len)
 
+  def shared_slot_axes(self):
+    return self.suffix.shared_slot_axes()
+
   def observe(self, dp, shared, tokens, pos_before, pos_after, seq_id, group_ids, prompt_ids):
     return self.suffix.observe(
       None, shared, tokens, pos_before, pos_after, seq_id, group_ids, prompt_ids

@@ -30,7 +30,9 @@ alpha estimate.
 
 Cost per proposal: ``k`` lookups of ``O(B * G * S * n_max)`` compares (every row against
 the buffers of the ``G <= max_group`` rows of its group, gathered by a sort of the group
-ids; plus ``B * H * L * n_max`` for history) and a ``[B, V]`` scatter-add for the
+ids; plus ``B * H * L * n_max`` for history; S: the corpus columns a decode loop carries,
+the length bucket holding every committed position, not the budget:
+:meth:`SuffixDrafter.shared_slot_axes`) and a ``[B, V]`` scatter-add for the
 frequencies; no model. ``observe`` copies each row's committed prefix into the shared
 state after every commit (one ``[B, S]`` scatter: the corpus is current in plain phases
 too, with no rebuild when speculation starts).
@@ -47,10 +49,11 @@ import numpy as np
 from specrl.drafters import tree_build
 
 NO_TOKEN = -1  # corpus padding and "not proposed"
-MIN_HISTORY_WIDTH = 16  # history arrays are at least this wide (HistoryStore.arrays)
 # draft trees: one occurrence of the longest suffix match counts as this many occurrences
 # of a shorter (>= n_min) match when ranking continuations (:meth:`SuffixDrafter.propose_tree`)
 LONGEST_WEIGHT = 64
+# the history arrays' width: a power of two >= the longest stored answer, at least this
+MIN_HISTORY_WIDTH = 16
 
 
 def _shift(x: jax.Array, o: int) -> jax.Array:
@@ -162,16 +165,17 @@ class HistoryStore:
 
   def arrays(self, prompt_ids, width: int) -> dict:
     """``{'tokens': int32 [B, H, W], 'len': int32 [B, H]}``: row b's stored answers,
-    newest first, cut to ``width`` tokens, ``NO_TOKEN``-padded (H = ``per_prompt``).
-
-    W is the longest of these answers rounded up to a power of two (at least
-    ``MIN_HISTORY_WIDTH``), at most ``width`` (the token budget): a lookup scans
-    ``B * H * W`` tokens, so a 32k budget with short answers must not scan 32k columns
-    (and the power of two bounds the shapes the rollout compiles for)."""
+    newest first, cut to ``width`` tokens, ``NO_TOKEN``-padded (H = ``per_prompt``). W: the
+    power of two (at least :data:`MIN_HISTORY_WIDTH`) holding the longest of them, at most
+    ``width`` -- every lookup scans W columns, so they follow the answers' lengths, not the
+    budget. Exact: the columns cut are empty (never matched) and the ranking of the stored
+    positions (:meth:`SuffixDrafter._corpora`) is the same at any width that holds them."""
     ids = np.asarray(prompt_ids)
-    longest = max((len(a) for p in ids for a in self.answers.get(int(p), [])), default=0)
-    width = min(width, max(MIN_HISTORY_WIDTH, 1 << max(longest - 1, 0).bit_length()))
     h = max(self.per_prompt, 1)
+    longest = max(
+      (min(len(a), width) for pid in ids for a in self.answers.get(int(pid), [])), default=0
+    )
+    width = min(width, max(MIN_HISTORY_WIDTH, 1 << max(longest - 1, 0).bit_length()))
     toks = np.full((len(ids), h, width), NO_TOKEN, np.int32)
     lens = np.zeros((len(ids), h), np.int32)
     for b, pid in enumerate(ids):
@@ -270,6 +274,13 @@ class SuffixDrafter:
       'end': jnp.full((batch,), -1, jnp.int32),  # position of the last committed token
       'group': jnp.full((batch,), jnp.iinfo(jnp.int32).min, jnp.int32),
     }
+
+  def shared_slot_axes(self):
+    """The corpus is by position (``hooks.windows_shared``): a decode loop carries its
+    first ``w`` columns, ``w`` a length bucket holding every row's committed text (finished
+    rows' too), so :meth:`propose` scans ``w``, not ``seq_len``, columns. Exact: nothing
+    past a row's last committed position is matched (``ok``) or written (``observe``)."""
+    return {'tokens': 1, 'end': -1, 'group': -1}
 
   def observe(self, dp, shared, tokens, pos_before, pos_after, seq_id, group_ids, prompt_ids):
     """Copy every row's committed text (positions <= pos_after) into its original row."""
