@@ -203,7 +203,7 @@ def speculative_round(
   draft_tokens, draft_logits, draft_state, policy_cache = drafter.propose(
     draft_params,
     state.draft,
-    state.tokens,
+    hooks.proposal_text(drafter, state, attend_len),
     state.pos,
     k,
     draft_seeds,

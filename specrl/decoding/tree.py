@@ -133,7 +133,9 @@ def check_drafter(drafter, rcfg) -> None:
     )
 
 
-def propose_tree(drafter, draft_params, state: RolloutState, n_nodes: int, rcfg, mesh=None):
+def propose_tree(
+  drafter, draft_params, state: RolloutState, n_nodes: int, rcfg, mesh=None, attend_len=None
+):
   """The drafter's tree of ``n_nodes`` (its ``propose_tree`` if it has one, else its chain
   of ``n_nodes - 1`` one-hot drafts). Returns (tree, draft state, policy cache)."""
   draft_seeds = prng.event_seeds(state.seed, state.seq_id, state.pos, prng.STREAM_DRAFT)
@@ -147,7 +149,8 @@ def propose_tree(drafter, draft_params, state: RolloutState, n_nodes: int, rcfg,
         )
       kw['branch'] = rcfg.tree_branch
     tokens, parents, depth, draft_state = drafter.propose_tree(
-      draft_params, state.draft, state.tokens, state.pos, n_nodes, rcfg.tree_depth or None,
+      draft_params, state.draft, hooks.proposal_text(drafter, state, attend_len), state.pos,
+      n_nodes, rcfg.tree_depth or None,
       draft_seeds, rcfg.sampling, mesh=mesh, **kw,
     )  # fmt: skip
     tree = DraftTree(tokens=tokens, parents=parents, depth=depth)
@@ -157,8 +160,9 @@ def propose_tree(drafter, draft_params, state: RolloutState, n_nodes: int, rcfg,
       f'rollout.tree_nodes needs a deterministic (one-hot) drafter; {drafter.name!r} samples '
       'its drafts (verify it with chains: rollout.tree_nodes=0)'
     )
+  text = hooks.proposal_text(drafter, state, attend_len)
   drafts, _, draft_state, policy_cache = drafter.propose(
-    draft_params, state.draft, state.tokens, state.pos, n_nodes - 1, draft_seeds,
+    draft_params, state.draft, text, state.pos, n_nodes - 1, draft_seeds,
     rcfg.sampling, mesh=mesh, policy_cache=state.cache, **kw,
   )  # fmt: skip
   return chain_tree(current_tokens(state), drafts), draft_state, policy_cache
@@ -196,7 +200,7 @@ def tree_round(
 ) -> RolloutState:
   """One propose / tree verify / move / commit round with ``n_nodes`` static nodes."""
   tree, draft_state, policy_cache = propose_tree(
-    drafter, draft_params, state, n_nodes, rcfg, mesh=mesh
+    drafter, draft_params, state, n_nodes, rcfg, mesh=mesh, attend_len=attend_len
   )
   cur = current_tokens(state)
   tree = normalize(tree, cur)

@@ -161,6 +161,17 @@ def context(state) -> DraftContext:
   )
 
 
+def proposal_text(drafter, state, attend_len: int | None):
+  """The committed text ``[B, S]`` a proposal reads: cut to the loop's length bucket
+  (``attend_len``, which holds every active row's committed positions) for a drafter that
+  declares ``scans_text = True`` (it scans its row's whole text every round, e.g. ngram's
+  match search: that scan must follow the live length, not the budget); the whole buffer
+  otherwise (drafters that index it by position, or size scratch by its width)."""
+  if attend_len is None or not getattr(drafter, 'scans_text', False):
+    return state.tokens
+  return state.tokens[:, :attend_len]
+
+
 def propose_kwargs(drafter, state) -> dict:
   """Extra keyword arguments for ``drafter.propose``: ``ctx`` for drafters that want it."""
   return {'ctx': context(state)} if wants_context(drafter) else {}

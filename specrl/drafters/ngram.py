@@ -20,6 +20,9 @@ class NgramDrafter:
   name = 'ngram'
   derived = False  # model-free: no params
   one_hot = True  # deterministic: token-only verification (no [B, k, V] draft logits)
+  # every round scans the row's whole text: handed the text cut to the loop's length
+  # bucket (drafters.hooks.proposal_text), so the scan follows the live length
+  scans_text = True
 
   def __init__(self, vocab_size: int, ngram: int = 2):
     if ngram < 1:
