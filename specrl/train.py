@@ -52,6 +52,14 @@ from specrl.rng_streams import data_rng
 from specrl.train_steps import global_batch, init_state, jitted_steps  # noqa: F401
 
 
+def sft_len(exp: Experiment) -> int:
+  """Positions of a warm-up (SFT) batch: the task's longest prompt + worked solution, at
+  most the rollout buffer -- one static shape, and a 32k token budget does not make every
+  warm-up step a 32k-position forward (with the task's default budget: the buffer)."""
+  task = exp.task
+  return min(exp.rollout_cfg.seq_len, task.max_prompt_len + task.max_response_len)
+
+
 def run_step(
   exp: Experiment, state: rl_lib.TrainState, step: int, steps_fns, pipeline=None
 ) -> tuple[rl_lib.TrainState, dict]:
@@ -66,13 +74,7 @@ def run_step(
   c = exp.config
   t0 = time.perf_counter()
   if step < c.sft.steps:
-    toks, mask = exp.task.sample_sft(
-      data_rng(c.seed, step), c.sft.batch_size, exp.rollout_cfg.seq_len
-    )
-    if exp.rl_cfg.trim_length:  # the longest worked solution's (bucketed) length: a 32k
-      # token budget must not make every warm-up step a 32k-position forward
-      n = rl_lib.trimmed_length(mask, toks.shape[1])  # every process's rows: same shape
-      toks, mask = toks[:, :n], mask[:, :n]
+    toks, mask = exp.task.sample_sft(data_rng(c.seed, step), c.sft.batch_size, sft_len(exp))
     own = multihost.process_rows(c.sft.batch_size)  # this process's rows (all, with one)
     state, m = sft_fn(state, *global_batch(exp, (toks[own], mask[own])))
     m = {k: float(v) for k, v in jax.device_get(m).items()}

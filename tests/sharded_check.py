@@ -38,9 +38,10 @@ def config(drafter, adaptive_policy=None):
 
 
 # Static engine + GRPO step. Not here: 'self' (small_model's code path, a ModelDrafter
-# with the policy's params: no sharding of its own) and 'ngram' (model-free like 'suffix';
-# it runs on the adaptive engine in the length-bucket case below).
-DRAFTERS = ('none', 'small_model', 'suffix', 'hybrid', 'quantized', 'eagle')
+# with the policy's params: no sharding of its own), 'ngram' (model-free like 'suffix';
+# it runs on the adaptive engine in the length-bucket case below) and 'hybrid' (suffix +
+# quantized, both here; the hybrid itself runs on the adaptive engine below).
+DRAFTERS = ('none', 'small_model', 'suffix', 'quantized', 'eagle')
 # the adaptive engine (policy 'always' forces speculation) with every drafter kind
 ADAPTIVE_CASES = (
   ('none', 'never'),

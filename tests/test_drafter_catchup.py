@@ -51,7 +51,7 @@ class Scripted(adaptive.AdaptiveRolloutEngine):
     self.calls = 0
     return super().generate(*args, **kw)
 
-  def _decide(self, obs, b, n_active, current, params, dparams_fn, report):
+  def _decide(self, obs, b, n_active, current, params, dparams_fn, report, lengths=None):
     strategy, steps = self.script[self.calls % len(self.script)]
     self.calls += 1
     return strategy, steps, {}
