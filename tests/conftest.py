@@ -29,6 +29,10 @@ LONG_POLES = (
   'tests/test_sharding.py::test_sharded_matches_single_device',
   'tests/test_end_to_end.py::',
   'tests/test_multihost.py::',
+  # then the 40-50 s ones, so none of them is left for the end either
+  'tests/test_eagle.py::test_cotrain_run_with_warmup_resumes_exactly',
+  'tests/test_async_rl.py::test_one_step_stale_resume_with_a_rollout_in_flight_is_exact',
+  'tests/test_faults.py::test_killed_anywhere_resumes_bit_for_bit',
 )
 
 
