@@ -111,6 +111,26 @@ def decode_call(engine, params, toks, lens):
   return call, record
 
 
+def round_robin_runs(engines: dict, iters: int, call) -> dict:
+  """``call(engine, i) -> timed_generate dict`` for every path of ``engines``, ``iters + 1``
+  rounds (the first compiles: a warm-up, not kept), the order rotated every round.
+  Returns path -> the kept calls."""
+  runs = {path: [] for path in PATHS}
+  for i in range(iters + 1):
+    for path in common.rotated(PATHS, i):
+      r = call(engines[path], i)
+      if i:
+        runs[path].append(r)
+      print(f'call {i} {path}: {r["time_s"]:.1f} s, lengths {r["length"].tolist()}', flush=True)
+  return runs
+
+
+def paired_speedup(runs: dict, path: str) -> float:
+  """Median over rounds of dense time / ``path`` time (calls of one round run side by side)."""
+  pairs = zip(runs['dense'], runs[path], strict=True)
+  return float(np.median([d['time_s'] / x['time_s'] for d, x in pairs]))
+
+
 def tail_lengths(b: int, median: int, longest: int, seed: int = 0) -> np.ndarray:
   """[b] lognormal response lengths, median ``median``, the longest ``longest``."""
   from bench.long_tail import long_tail_lengths
@@ -175,20 +195,15 @@ def tail_main(args) -> dict:
     engines[path] = adaptive.AdaptiveRolloutEngine(cfg, rcfg, acfg)
   per_slot = 2 * layers * cfg.n_kv_heads * cfg.head_dim * np.dtype(cfg.cdtype).itemsize
   live = rollout_lib.live_kv_slots(plen, lengths) * per_slot
-  runs = {p: [] for p in PATHS}
+
+  def call(engine, i):
+    r = common.timed_generate(engine, params, toks, plen, i, group_ids=group_ids)
+    assert (r['length'] == longest).all()  # every row ran its whole imposed budget
+    return r
+
   with with_row_budgets(lengths):
-    for i in range(args.iters + 1):  # the first round compiles (warm-up, not reported)
-      for path in common.rotated(PATHS, i):
-        r = common.timed_generate(engines[path], params, toks, plen, i, group_ids=group_ids)
-        assert (r['length'] == longest).all()  # every row ran its whole imposed budget
-        if i:
-          runs[path].append(r)
-        print(f'call {i} {path}: {r["time_s"]:.1f} s', flush=True)
+    runs = round_robin_runs(engines, args.iters, call)
   rows = []
-
-  def pairs(path):
-    return zip(runs['dense'], runs[path], strict=True)
-
   for path in PATHS:
     m = runs[path][-1]['metrics']
     rows.append(
@@ -196,7 +211,7 @@ def tail_main(args) -> dict:
         path=path,
         time_s=float(np.median([r['time_s'] for r in runs[path]])),
         tokens_per_s=float(lengths.sum() / np.median([r['time_s'] for r in runs[path]])),
-        speedup=float(np.median([d['time_s'] / x['time_s'] for d, x in pairs(path)])),
+        speedup=paired_speedup(runs, path),
         kv_peak_gb=m['rollout/kv_peak_gb'],
         kv_live_gb=live / 2**30,
         peak_over_live=m['rollout/kv_peak_gb'] * 2**30 / live,
@@ -247,15 +262,13 @@ def real_main(args) -> dict:
     )
     engines[path] = rollout_lib.RolloutEngine(cfg, rcfg)
   batch = real_text.batch_inputs(task, p, g, 0)
-  runs = {path: [] for path in PATHS}
-  for i in range(args.iters + 1):  # the first round compiles (warm-up, not reported)
-    for path in common.rotated(PATHS, i):
-      r = common.timed_generate(
-        engines[path], params, batch['toks'], batch['plen'], i, group_ids=batch['group_ids']
-      )
-      if i:
-        runs[path].append(r)
-      print(f'call {i} {path}: {r["time_s"]:.1f} s, lengths {r["length"].tolist()}', flush=True)
+  runs = round_robin_runs(
+    engines,
+    args.iters,
+    lambda engine, i: common.timed_generate(
+      engine, params, batch['toks'], batch['plen'], i, group_ids=batch['group_ids']
+    ),
+  )
   for r_d, r_b in zip(runs['dense'], runs['bucketed'], strict=True):
     assert np.array_equal(r_d['length'], r_b['length'])  # greedy: the same answers
   rows = []
@@ -268,11 +281,7 @@ def real_main(args) -> dict:
         time_s=t,
         tokens=int(runs[path][-1]['length'].sum()),
         tokens_per_s=float(runs[path][-1]['length'].sum() / t),
-        speedup=float(
-          np.median(
-            [d['time_s'] / x['time_s'] for d, x in zip(runs['dense'], runs[path], strict=True)]
-          )
-        ),
+        speedup=paired_speedup(runs, path),
         len_max=int(runs[path][-1]['length'].max()),
         kv_peak_gb=m['rollout/kv_peak_gb'],
         peak_over_live=m['rollout/kv_peak_over_live'],

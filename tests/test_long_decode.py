@@ -198,6 +198,20 @@ def test_adaptive_engine_equals_dense_reference_with_compaction(policy):
   assert mref['rollout/length_buckets'] == 1  # dense: the whole buffer
 
 
+def mostly_short_workload(b: int = 16, p: int = 4):
+  """(prompts [b, p], lengths [b], eos ids): random prompts whose greedy answers under the
+  tiny model mostly end at their first token -- every id but those the most repetitive
+  row's answer repeats ends a response -- while that row (and any twin) runs to the budget."""
+  rng = np.random.default_rng(3)
+  toks = rng.integers(3, CFG.vocab_size, size=(b, p)).astype(np.int32)
+  lens = np.full((b,), p, np.int32)
+  short = RolloutConfig(max_new_tokens=64, max_prompt_len=p, eos_id=-1, sampling=GREEDY)
+  probe, _ = rollout_lib.RolloutEngine(CFG, short).generate(params(), toks, lens, jax.random.key(0))
+  resp = np.asarray(probe.response)[:, :64]
+  star = int(np.argmin([len(set(r[8:].tolist())) for r in resp]))  # the most repetitive row
+  return toks, lens, sorted(set(range(CFG.vocab_size)) - set(resp[star].tolist()))
+
+
 def test_a_4k_budget_rollout_of_mostly_short_answers_holds_at_most_2x_its_live_kv():
   """Issue 26's memory goal: 16 rows with a 4092-token budget, 14 of them ending at their
   first token (every id but the one two rows' greedy answers repeat is an end-of-sequence
@@ -207,15 +221,8 @@ def test_a_4k_budget_rollout_of_mostly_short_answers_holds_at_most_2x_its_live_k
   growth (``grow_kv=False``, measured once: 8.0x) the whole buffer is held from the start."""
   from specrl import adaptive
 
-  b, p = 16, 4
-  rng = np.random.default_rng(3)
-  toks = rng.integers(3, CFG.vocab_size, size=(b, p)).astype(np.int32)
-  lens = np.full((b,), p, np.int32)
-  short = RolloutConfig(max_new_tokens=64, max_prompt_len=p, eos_id=-1, sampling=GREEDY)
-  probe, _ = rollout_lib.RolloutEngine(CFG, short).generate(params(), toks, lens, jax.random.key(0))
-  resp = np.asarray(probe.response)[:, :64]
-  star = int(np.argmin([len(set(r[8:].tolist())) for r in resp]))  # the most repetitive row
-  eos = sorted(set(range(CFG.vocab_size)) - set(resp[star].tolist()))
+  toks, lens, eos = mostly_short_workload()
+  b, p = toks.shape
   rcfg = RolloutConfig(
     max_new_tokens=4092, max_prompt_len=p, eos_id=eos[0], extra_eos_ids=tuple(eos[1:]),
     sampling=GREEDY,

@@ -29,7 +29,13 @@ from specrl.drafters.model_drafter import ModelDrafter
 from specrl.drafters.ngram import NgramDrafter
 from specrl.drafters.suffix import SuffixDrafter
 from specrl.sampling import SamplingParams
-from tests.test_long_decode import COST_CFG, GREEDY, _assert_same, _bytes_accessed
+from tests.test_long_decode import (
+  COST_CFG,
+  GREEDY,
+  _assert_same,
+  _bytes_accessed,
+  mostly_short_workload,
+)
 from tests.test_rollout import CFG, params
 
 # 8 rows in groups of two (suffix siblings), prompts of ragged lengths; greedy with these
@@ -240,15 +246,8 @@ def test_a_512_budget_eagle_rollout_of_mostly_short_answers_holds_at_most_2x_its
   their peak is within 2x the peak live need (sum over active rows of position + 1, times
   their bytes per slot). Held for the whole buffer from the start (b43feda: both were
   allocated at the buffer's width) it would be 16 x 515 slots: ~8x."""
-  b, p = 16, 4
-  rng = np.random.default_rng(3)
-  toks = rng.integers(3, CFG.vocab_size, size=(b, p)).astype(np.int32)
-  lens = np.full((b,), p, np.int32)
-  short = RolloutConfig(max_new_tokens=64, max_prompt_len=p, eos_id=-1, sampling=GREEDY)
-  probe, _ = rollout_lib.RolloutEngine(CFG, short).generate(params(), toks, lens, jax.random.key(0))
-  resp = np.asarray(probe.response)[:, :64]
-  star = int(np.argmin([len(set(r[8:].tolist())) for r in resp]))  # the most repetitive row
-  eos = sorted(set(range(CFG.vocab_size)) - set(resp[star].tolist()))
+  toks, lens, eos = mostly_short_workload()
+  b, p = toks.shape
   rcfg = RolloutConfig(
     max_new_tokens=508, max_prompt_len=p, eos_id=eos[0], extra_eos_ids=tuple(eos[1:]),
     sampling=GREEDY, attend_bucket=64,
