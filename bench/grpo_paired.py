@@ -1,0 +1,333 @@
+"""A whole GRPO run with every rollout strategy timed at every step on the same params
+(issue 30): the paired design.
+
+``bench/grpo_real.py`` runs the whole loop once per strategy, one after another: ~80
+minutes each for 150 steps of ``configs/smollm2_arith.py:learn`` on a 2-core CPU, with the
+load drifting between runs. Here one run trains (on the ``plain`` rollout, the
+reference), and at every GRPO step each strategy rolls out the step's prompts with the
+step's params and its own engine and drafter state (adaptive memory, suffix history), in an
+order rotated every step; then the train step runs once. So:
+
+- every strategy's rollout seconds are taken side by side at every point of the run, on the
+  same policy: the ratios are paired per step and need no quiet machine between runs;
+- the train step and validation are timed once (they do not depend on the rollout
+  strategy); a strategy's whole-run seconds are ``train + validation + its own rollouts``
+  (the ratio vs plain is reported beside the rollout ratio, bounded by the train share);
+- losslessness is checked on the run itself: ``compaction`` and the token-exact drafts
+  (``adaptive_suffix_tree``: sample-and-compare) must emit plain decoding's very tokens in
+  every row of every step (``exact_rows``); every strategy's per-step mean reward is paired
+  with plain's, and the interval of the difference must hold 0 (``reward_vs_plain``).
+
+What this design does not show: a strategy's effect on *training* (all strategies train on
+plain's tokens; with lossless rollouts the trajectory is the same in distribution, and
+``grpo_real.py`` is the independent-runs check of held-out accuracy). Strategies whose
+drafter trains in the GRPO step (``adaptive_eagle``, mode ``cotrain``) are not available
+here; their drafter would need its own train step.
+
+An int8 drafter's params, derived inside the train step in a real run, are derived here by
+one jitted call per step, timed (``derive_s``) and counted in that strategy's rollout.
+
+  python bench/grpo_paired.py --steps 150            # the documented run (learn config)
+  python bench/grpo_paired.py --quick                # SmolLM2, 3 steps
+  python bench/grpo_paired.py --tiny                 # the tiny embedded model (CI)
+
+Prints a per-strategy summary and, as the last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import common, grpo_real  # noqa: E402
+from specrl import async_rl, evaluation, grpo_batch, train  # noqa: E402
+from specrl import multihost as mh  # noqa: E402
+from specrl.drafters import hooks  # noqa: E402
+
+STRATEGIES = ('plain', 'compaction', 'adaptive_suffix', 'adaptive_suffix_tree', 'adaptive_int8')
+# strategies whose rollouts are plain decoding's very tokens (README "What is exact")
+TOKEN_EXACT = ('compaction', 'adaptive_suffix_tree')
+REFERENCE = 'plain'
+
+
+def new_tokens(config) -> int:
+  """The rollout's token budget (``rollout.max_new_tokens``, else the task's)."""
+  return int(config.rollout.max_new_tokens or config.task.max_response_len)
+
+
+def rotated(names: list[str], step: int) -> list[str]:
+  """``names`` rotated by ``step``: each strategy runs first, middle and last equally often
+  (what runs just before changes caches and the CPU's clock)."""
+  i = step % len(names)
+  return names[i:] + names[:i]
+
+
+def response_rows(batch: dict) -> list[tuple[int, ...]]:
+  """Each row's response tokens (the masked positions of the train batch)."""
+  toks, mask = np.asarray(batch['tokens']), np.asarray(batch['response_mask']) > 0
+  return [tuple(int(t) for t in toks[i][mask[i]]) for i in range(toks.shape[0])]
+
+
+def rollout(exp, params, step: int, derive) -> tuple[dict, np.ndarray, dict, float, float]:
+  """One strategy's GRPO rollout for ``step``: (batch, rewards, metrics, seconds, derive
+  seconds). Seconds: the whole :func:`specrl.grpo_batch.rollout_batch` call (prompts,
+  engine, scoring, batch), which is what the train loop waits for."""
+  draft_params, derive_s = None, 0.0
+  if derive is not None:
+    t0 = time.perf_counter()
+    draft_params = jax.block_until_ready(derive(params))
+    derive_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  batch, rewards, _, m = grpo_batch.rollout_batch(exp, params, step, exp.rngs.rollout, draft_params)
+  return batch, np.asarray(rewards), m, time.perf_counter() - t0, derive_s
+
+
+def summarize(name: str, rows: list[dict], shared: dict, ref_rows: list[dict] | None) -> dict:
+  """Totals of one strategy's per-step rows, its whole-run seconds with the shared train
+  and validation time, and its pairing with the reference."""
+  roll = sum(r['rollout_s'] + r['derive_s'] for r in rows)
+  once = sum(r['once_s'] for r in rows)
+  steady = rows[1:]
+  drafted = sum(r['drafted'] for r in rows)
+  accepted = sum(r['accepted'] for r in rows)
+  out = dict(
+    rollout_s=roll,
+    rollout_steady_s=sum(r['rollout_s'] + r['derive_s'] - r['once_s'] for r in steady),
+    derive_s=sum(r['derive_s'] for r in rows),
+    once_s=once,
+    engine_s=sum(r['engine_s'] for r in rows),
+    whole_run_s=roll + shared['train_s'] + shared['eval_s'],
+    tokens=sum(r['tokens'] for r in rows),
+    alpha=accepted / drafted if drafted else None,
+    reward=float(np.mean([r['reward'] for r in rows])),
+  )
+  if ref_rows is not None:
+    n = sum(r['rows'] for r in rows)
+    out['exact_rows'] = sum(r['exact_rows'] for r in rows) / n if n else None
+    diffs = [r['reward'] - q['reward'] for r, q in zip(rows, ref_rows, strict=True)]
+    d, ci = evaluation.mean_ci(diffs)
+    out['reward_vs_plain'] = dict(diff=d, ci95=ci, agrees=bool(abs(d) <= ci or d == 0.0))
+    # token-exact strategies: every row of every step; the others: the rewards' interval
+    out['lossless'] = out['reward_vs_plain']['agrees'] and (
+      name not in TOKEN_EXACT or out['exact_rows'] == 1.0
+    )
+  return out
+
+
+def ratios(res: dict, shared: dict) -> None:
+  """Adds ``*_ratio_vs_{plain,compaction}`` (> 1: faster than the reference) in place."""
+  for name, r in res.items():
+    for ref in (REFERENCE, 'compaction'):
+      if ref in res and ref != name:
+        b = res[ref]
+        r[f'rollout_ratio_vs_{ref}'] = grpo_real.ratio(b['rollout_s'], r['rollout_s'])
+        r[f'rollout_ratio_vs_{ref}_steady'] = grpo_real.ratio(
+          b['rollout_steady_s'], r['rollout_steady_s']
+        )
+        r[f'whole_run_ratio_vs_{ref}'] = grpo_real.ratio(b['whole_run_s'], r['whole_run_s'])
+  # the best a rollout speed-up can do to the whole run: rollout time -> 0
+  total = res[REFERENCE]['whole_run_s']
+  shared['whole_run_bound_vs_plain'] = grpo_real.ratio(total, shared['train_s'] + shared['eval_s'])
+
+
+def run(
+  base, strategies: list[str], log=print, rows_out: str = ''
+) -> tuple[dict, dict, list[dict]]:
+  """The paired run. Returns (per-strategy summaries, shared train / validation totals, per-
+  step rows). ``rows_out``: each step's row is appended there as a JSON line as it ends (a
+  long run's record survives an interrupted run)."""
+  exps = {s: train.build_experiment(grpo_real.strategy_config(s, base)) for s in strategies}
+  ref = exps[REFERENCE]
+  derive = {
+    s: jax.jit(e.drafter.params_from_policy) if hooks.derives_in_train_step(e.drafter) else None
+    for s, e in exps.items()
+  }
+  state = train.init_state(ref)
+  fns = train.jitted_steps(ref, jax.tree.map(lambda x: x.sharding, state))
+  pipeline = train.make_pipeline(ref)
+  validates = evaluation.eval_config(base).enabled
+  evaluator = evaluation.Evaluator.from_experiment(ref) if validates else None
+  total = base.sft.steps + base.rl.steps
+  due = lambda version: evaluation.validate_if_due(  # noqa: E731
+    evaluator, lambda: pipeline.current(state.params, version), version,
+    sft_steps=base.sft.steps, total=total,
+  )  # fmt: skip
+  per = {s: [] for s in strategies}
+  steps, evals = [], []
+  t0 = time.perf_counter()
+  first = due(0)
+  evals += [first] if first else []
+  for step in range(base.sft.steps, total):
+    params, _ = pipeline.current(state.params, step)
+    load = os.getloadavg()[0]
+    got = {}
+    for s in rotated(strategies, step):
+      batch, rewards, m, secs, dsecs = rollout(exps[s], params, step, derive[s])
+      got[s] = (batch, m)
+      per[s].append(
+        dict(
+          step=step,
+          rollout_s=secs,
+          derive_s=dsecs,
+          engine_s=float(m.get('rollout/time_s', secs)),
+          once_s=float(m.get('adaptive/compile_s', 0.0) + m.get('adaptive/profile_s', 0.0)),
+          tokens=int(m.get('rollout/tokens', 0)),
+          drafted=float(m.get('spec/drafted', 0.0)),
+          accepted=float(m.get('spec/accepted', 0.0)),
+          reward=float(np.mean(rewards)),
+          rows=len(rewards),
+          answers=response_rows(batch),
+        )
+      )
+    ref_answers = per[REFERENCE][-1]['answers']
+    for s in strategies:
+      row = per[s][-1]
+      row['exact_rows'] = sum(a == b for a, b in zip(row.pop('answers'), ref_answers, strict=True))
+    batch, m = got[REFERENCE]
+    pipeline.queue[step] = async_rl.Rollout(step, pipeline.version, batch, m)
+    state, tm = train.run_step(ref, state, step, fns, pipeline)
+    ev = due(step + 1)
+    if ev:
+      evals.append(ev)
+    steps.append(
+      dict(step=step, train_s=tm['train/time_s'], eval_s=ev.get('eval/time_s', 0.0), load=load)
+    )
+    if rows_out:
+      with open(rows_out, 'a') as f:
+        f.write(json.dumps(common.rounded(dict(steps[-1], **{s: per[s][-1] for s in strategies})))
+                + '\n')  # fmt: skip
+    log(
+      f'step {step}: train {tm["train/time_s"]:.1f}s '
+      + ' '.join(f'{s} {per[s][-1]["rollout_s"] + per[s][-1]["derive_s"]:.2f}s' for s in strategies)
+      + f' | reward {per[REFERENCE][-1]["reward"]:.2f} load {load:.1f}'
+      + (f' | {evaluation.format_line(ev)}' if ev else '')
+    )
+  wall = time.perf_counter() - t0
+  shared = dict(
+    train_s=sum(r['train_s'] for r in steps),
+    eval_s=sum(r['eval_s'] for r in steps) + (first or {}).get('eval/time_s', 0.0),
+    wall_s=wall,
+    evals=[
+      {k: e.get(f'eval/{key}') for k, key in grpo_real.EVAL_METRICS} | {'step': e['eval/step']}
+      for e in evals
+    ],
+  )
+  res = {
+    s: summarize(s, per[s], shared, None if s == REFERENCE else per[REFERENCE]) for s in strategies
+  }
+  ratios(res, shared)
+  return res, shared, [dict(r, **{s: per[s][i] for s in strategies}) for i, r in enumerate(steps)]
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--config', default='configs/smollm2_arith.py:learn')
+  ap.add_argument('--quick', action='store_true', help='3 steps, 16 held-out prompts')
+  ap.add_argument('--tiny', action='store_true', help='the tiny embedded model (CI)')
+  ap.add_argument('--steps', type=int, default=0, help='GRPO steps (0: 3 quick / tiny, config)')
+  ap.add_argument('--strategies', default=','.join(STRATEGIES))
+  ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--json_out', default='', help='also write the JSON object (with steps) here')
+  ap.add_argument('--rows_out', default='', help="append each step's row here as it ends")
+  common.add_compile_cache_flag(ap)
+  args = ap.parse_args(argv)
+  common.enable_compile_cache(args.compile_cache)
+  strategies = [s for s in args.strategies.split(',') if s]
+  unknown = set(strategies) - set(STRATEGIES)
+  if unknown:
+    raise SystemExit(f'--strategies: unknown {sorted(unknown)} (known: {", ".join(STRATEGIES)})')
+  strategies = [REFERENCE] + [s for s in strategies if s != REFERENCE]
+  if args.tiny:
+    base = grpo_real.tiny_config(args.steps or 3)
+  else:
+    base = grpo_real.load_config(args.config)
+    base.rl.steps = args.steps or (3 if args.quick else base.rl.steps)
+    if args.quick:
+      base.eval.update(every=0, prompts=16)
+  base.seed = args.seed
+  if mh.is_multiprocess():
+    raise SystemExit('bench/grpo_paired.py runs in one process')
+  info = common.device_info()
+  print(
+    f'# paired GRPO run: {info}, {os.cpu_count()} cores, config '
+    f'{"tiny" if args.tiny else args.config}, {base.rl.steps} steps, {base.rl.num_prompts} '
+    f'prompts x {base.rl.num_generations}, <= {new_tokens(base)} new tokens, '
+    f'strategies {",".join(strategies)} (trains on {REFERENCE}), seed {base.seed}, load '
+    f'{os.getloadavg()[0]:.1f}',
+    flush=True,
+  )
+  res, shared, steps = run(
+    base, strategies, log=lambda s: print(s, flush=True), rows_out=args.rows_out
+  )
+  print(
+    f'## shared: train {shared["train_s"]:.1f}s, validation {shared["eval_s"]:.1f}s, wall '
+    f'{shared["wall_s"]:.1f}s; whole-run bound (rollouts free) '
+    f'{shared["whole_run_bound_vs_plain"]:.2f}x plain'
+  )
+  rows = []
+  for s, r in res.items():
+    rw = r.get('reward_vs_plain', {})
+    rows.append(
+      dict(
+        strategy=s,
+        rollout_s=r['rollout_s'],
+        once_s=r['once_s'],
+        alpha=r['alpha'],
+        roll_vs_plain=r.get('rollout_ratio_vs_plain'),
+        steady_vs_plain=r.get('rollout_ratio_vs_plain_steady'),
+        roll_vs_compact=r.get('rollout_ratio_vs_compaction'),
+        run_vs_plain=r.get('whole_run_ratio_vs_plain'),
+        exact_rows=r.get('exact_rows'),
+        d_reward=rw.get('diff'),
+        ci=rw.get('ci95'),
+      )
+    )
+  print('## per strategy (ratios > 1: faster than the reference; d_reward: paired vs plain, 95%)')
+  common.print_table(
+    [
+      ('strategy', ''),
+      ('rollout_s', '.1f'),
+      ('once_s', '.1f'),
+      ('alpha', '.3f'),
+      ('roll_vs_plain', '.2f'),
+      ('steady_vs_plain', '.2f'),
+      ('roll_vs_compact', '.2f'),
+      ('run_vs_plain', '.2f'),
+      ('exact_rows', '.3f'),
+      ('d_reward', '+.3f'),
+      ('ci', '.3f'),
+    ],
+    rows,
+  )
+  out = dict(
+    bench='grpo_paired',
+    quick=args.quick,
+    tiny=args.tiny,
+    **info,
+    cpu_count=os.cpu_count(),
+    config='tiny' if args.tiny else args.config,
+    steps=base.rl.steps,
+    seed=base.seed,
+    num_prompts=base.rl.num_prompts,
+    num_generations=base.rl.num_generations,
+    max_new_tokens=new_tokens(base),
+    strategies=strategies,
+    shared=shared,
+    results=res,
+  )
+  if args.json_out:
+    with open(args.json_out, 'w') as f:
+      json.dump(common.rounded(out | dict(per_step=steps)), f, indent=1)
+  common.emit_json(out)
+
+
+if __name__ == '__main__':
+  main()
