@@ -1,8 +1,9 @@
-"""bench/grpo_real.py at CI size: the tiny embedded model on the arith task, two GRPO steps
-per strategy; its JSON line has every field. Plain, compaction only and adaptive + suffix
-(a model-free drafter: the per-bucket acceptance without a second model to compile) keep
-it short; the eagle and int8 strategies share every code path of the bench but the
-drafter's name. The real-model runs are benchmarks, not tests."""
+"""bench/grpo_real.py and bench/grpo_paired.py at CI size: the tiny embedded model on the
+arith task, two GRPO steps; their JSON lines have every field. Plain and adaptive + suffix
+(a model-free drafter: the per-bucket acceptance without a second model to compile) in
+independent runs, plain, compaction only and suffix trees in the paired run keep it short;
+the eagle and int8 strategies share every code path of the benches but the drafter's
+name. The real-model runs are benchmarks, not tests."""
 
 import json
 
@@ -10,7 +11,7 @@ import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from bench import grpo_real
+from bench import grpo_paired, grpo_real
 
 
 @pytest.fixture(scope='module')
@@ -49,7 +50,7 @@ RUN_FIELDS = (
 
 
 def test_tiny_run_reports_every_field(capsys, tmp_path, cache):
-  strategies = ['plain', 'compaction', 'adaptive_suffix']
+  strategies = ['plain', 'adaptive_suffix']  # compaction: the paired test below
   grpo_real.main(
     ['--tiny', '--steps', '2', '--strategies', ','.join(strategies), '--workdir', str(tmp_path),
      '--compile_cache', cache]
@@ -65,7 +66,7 @@ def test_tiny_run_reports_every_field(capsys, tmp_path, cache):
       assert set(grpo_real.STEP_FIELDS) <= set(row)
     assert set(r['final']) >= {k for k, _ in grpo_real.EVAL_METRICS}
     assert all(0.0 <= r['final'][k] <= 1.0 for k, _ in grpo_real.EVAL_METRICS)
-    refs = [x for x in ('plain', 'compaction') if x != name]
+    refs = [x for x in ('plain',) if x != name]  # vs compaction: the same code
     for ref in refs:
       for kind in ('rollout_ratio', 'whole_run_ratio'):
         assert r[f'{kind}_vs_{ref}'] > 0 and r[f'{kind}_vs_{ref}_steady'] > 0
@@ -87,3 +88,58 @@ def test_missing_head_file_is_skipped_with_a_reason(capsys, tmp_path, cache):
   )  # fmt: skip
   res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert 'not found' in res['skipped']['adaptive_eagle'] and list(res['results']) == ['plain']
+
+
+def test_tiny_paired_run_times_every_strategy_on_one_run(capsys, tmp_path, cache):
+  """bench/grpo_paired.py: every strategy rolls out every step on the trained params; the
+  token-exact ones emit plain's very tokens in every row (checked on the run itself)."""
+  strategies = ['plain', 'compaction', 'adaptive_suffix_tree']
+  rows_out = tmp_path / 'rows.jsonl'
+  grpo_paired.main(
+    ['--tiny', '--steps', '2', '--strategies', 'compaction,plain,adaptive_suffix_tree',
+     '--rows_out', str(rows_out), '--compile_cache', cache]
+  )  # fmt: skip
+  res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert res['bench'] == 'grpo_paired' and res['steps'] == 2
+  assert res['strategies'] == strategies  # the reference first, whatever the order given
+  shared = res['shared']
+  assert shared['train_s'] > 0 and shared['whole_run_bound_vs_plain'] > 1.0
+  assert [e['step'] for e in shared['evals']] == [0, 2]
+  for name, r in res['results'].items():
+    assert r['rollout_s'] > 0 and r['tokens'] > 0
+    whole = r['rollout_s'] + shared['train_s'] + shared['eval_s']
+    assert r['whole_run_s'] == pytest.approx(whole, rel=1e-3)  # the JSON rounds
+    if name != 'plain':
+      assert r['exact_rows'] == 1.0 and r['lossless'], name
+      assert r['reward_vs_plain']['diff'] == 0.0
+      assert r['rollout_ratio_vs_plain'] > 0 and r['whole_run_ratio_vs_plain'] > 0
+  rows = [json.loads(line) for line in rows_out.read_text().splitlines()]
+  assert [r['step'] for r in rows] == [0, 1]
+  assert all(r[s]['rows'] == 8 for r in rows for s in strategies)
+
+
+def test_paired_summary_flags_a_strategy_that_is_not_lossless():
+  """``summarize``: a token-exact strategy with one differing row, or any strategy whose
+  rewards differ from plain's beyond their interval, is not lossless."""
+
+  def rows(rewards, exact):
+    return [
+      dict(rollout_s=1.0, derive_s=0.0, once_s=0.0, engine_s=1.0, tokens=8, drafted=0.0,
+           accepted=0.0, reward=r, rows=4, exact_rows=e)
+      for r, e in zip(rewards, exact, strict=True)
+    ]  # fmt: skip
+
+  shared = dict(train_s=1.0, eval_s=0.0)
+  ref = rows([0.5, 0.2, 0.7, 0.1], [4] * 4)
+  same = grpo_paired.summarize('compaction', rows([0.5, 0.2, 0.7, 0.1], [4] * 4), shared, ref)
+  assert same['exact_rows'] == 1.0 and same['lossless']
+  one_row = grpo_paired.summarize(
+    'compaction', rows([0.5, 0.2, 0.7, 0.1], [4, 3, 4, 4]), shared, ref
+  )
+  assert one_row['exact_rows'] == 15 / 16 and not one_row['lossless']
+  # a sampled strategy may differ row by row, not in its rewards' distribution
+  assert grpo_paired.summarize('adaptive_int8', rows([0.5, 0.2, 0.7, 0.1], [0] * 4), shared, ref)[
+    'lossless'
+  ]
+  higher = grpo_paired.summarize('adaptive_int8', rows([0.9, 0.7, 1.0, 0.6], [0] * 4), shared, ref)
+  assert not higher['reward_vs_plain']['agrees'] and not higher['lossless']
