@@ -112,6 +112,16 @@ def summarize(name: str, rows: list[dict], shared: dict, ref_rows: list[dict] | 
   if ref_rows is not None:
     n = sum(r['rows'] for r in rows)
     out['exact_rows'] = sum(r['exact_rows'] for r in rows) / n if n else None
+    # per-step speed ratio vs plain (steps after the first, one-off seconds out): the
+    # geometric mean and its 95% interval over the paired steps
+    logs = [
+      np.log((q['rollout_s'] + q['derive_s'] - q['once_s']) / own)
+      for r, q in zip(rows[1:], ref_rows[1:], strict=True)
+      if (own := r['rollout_s'] + r['derive_s'] - r['once_s']) > 0
+    ]
+    if len(logs) > 1:
+      m, h = evaluation.mean_ci(logs)
+      out['step_ratio_vs_plain'] = dict(geo_mean=np.exp(m), lo=np.exp(m - h), hi=np.exp(m + h))
     diffs = [r['reward'] - q['reward'] for r, q in zip(rows, ref_rows, strict=True)]
     d, ci = evaluation.mean_ci(diffs)
     out['reward_vs_plain'] = dict(diff=d, ci95=ci, agrees=bool(abs(d) <= ci or d == 0.0))
@@ -200,6 +210,8 @@ def run(
     steps.append(
       dict(step=step, train_s=tm['train/time_s'], eval_s=ev.get('eval/time_s', 0.0), load=load)
     )
+    if len(steps) == 1:  # the validation before training
+      steps[0]['eval0_s'] = (first or {}).get('eval/time_s', 0.0)
     if rows_out:
       with open(rows_out, 'a') as f:
         f.write(json.dumps(common.rounded(dict(steps[-1], **{s: per[s][-1] for s in strategies})))
@@ -210,21 +222,83 @@ def run(
       + f' | reward {per[REFERENCE][-1]["reward"]:.2f} load {load:.1f}'
       + (f' | {evaluation.format_line(ev)}' if ev else '')
     )
-  wall = time.perf_counter() - t0
   shared = dict(
-    train_s=sum(r['train_s'] for r in steps),
-    eval_s=sum(r['eval_s'] for r in steps) + (first or {}).get('eval/time_s', 0.0),
-    wall_s=wall,
+    wall_s=time.perf_counter() - t0,
     evals=[
       {k: e.get(f'eval/{key}') for k, key in grpo_real.EVAL_METRICS} | {'step': e['eval/step']}
       for e in evals
     ],
   )
+  rows = [dict(r, **{s: per[s][i] for s in strategies}) for i, r in enumerate(steps)]
+  res, totals = results(rows)
+  return res, shared | totals, rows
+
+
+def results(rows: list[dict]) -> tuple[dict, dict]:
+  """(per-strategy summaries, shared totals) of per-step rows (:func:`run`'s, or a
+  ``--rows_out`` file's, also of a run still going)."""
+  strategies = [k for k, v in rows[0].items() if isinstance(v, dict)]
+  per = {s: [r[s] for r in rows] for s in strategies}
+  shared = dict(
+    steps_done=len(rows),
+    train_s=sum(r['train_s'] for r in rows),
+    # validations after a step, and the one before training (``eval0_s``: first row)
+    eval_s=sum(r['eval_s'] + r.get('eval0_s', 0.0) for r in rows),
+    load=[min(r['load'] for r in rows), float(np.median([r['load'] for r in rows])),
+          max(r['load'] for r in rows)],
+  )  # fmt: skip
   res = {
     s: summarize(s, per[s], shared, None if s == REFERENCE else per[REFERENCE]) for s in strategies
   }
   ratios(res, shared)
-  return res, shared, [dict(r, **{s: per[s][i] for s in strategies}) for i, r in enumerate(steps)]
+  return res, shared
+
+
+def print_summary(res: dict, shared: dict) -> None:
+  print(
+    f'## shared over {shared["steps_done"]} steps: train {shared["train_s"]:.1f}s, validation '
+    f'{shared["eval_s"]:.1f}s, load min/median/max {"/".join(f"{x:.1f}" for x in shared["load"])}'
+    f'; whole-run bound (rollouts free) {shared["whole_run_bound_vs_plain"]:.2f}x plain'
+  )
+  rows = []
+  for s, r in res.items():
+    rw = r.get('reward_vs_plain', {})
+    rows.append(
+      dict(
+        strategy=s,
+        rollout_s=r['rollout_s'],
+        once_s=r['once_s'],
+        alpha=r['alpha'],
+        roll_vs_plain=r.get('rollout_ratio_vs_plain'),
+        steady_vs_plain=r.get('rollout_ratio_vs_plain_steady'),
+        roll_vs_compact=r.get('rollout_ratio_vs_compaction'),
+        run_vs_plain=r.get('whole_run_ratio_vs_plain'),
+        step_ratio=(lambda q: q and f'{q["geo_mean"]:.2f} [{q["lo"]:.2f}, {q["hi"]:.2f}]')(
+          r.get('step_ratio_vs_plain')
+        ),
+        exact_rows=r.get('exact_rows'),
+        d_reward=rw.get('diff'),
+        ci=rw.get('ci95'),
+      )
+    )
+  print('## per strategy (ratios > 1: faster than the reference; d_reward: paired vs plain, 95%)')
+  common.print_table(
+    [
+      ('strategy', ''),
+      ('rollout_s', '.1f'),
+      ('once_s', '.1f'),
+      ('alpha', '.3f'),
+      ('roll_vs_plain', '.2f'),
+      ('steady_vs_plain', '.2f'),
+      ('roll_vs_compact', '.2f'),
+      ('run_vs_plain', '.2f'),
+      ('step_ratio', ''),
+      ('exact_rows', '.3f'),
+      ('d_reward', '+.3f'),
+      ('ci', '.3f'),
+    ],
+    rows,
+  )
 
 
 def main(argv=None):
@@ -237,8 +311,20 @@ def main(argv=None):
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--json_out', default='', help='also write the JSON object (with steps) here')
   ap.add_argument('--rows_out', default='', help="append each step's row here as it ends")
+  ap.add_argument('--from_rows', default='', help='only summarize a --rows_out file and exit')
   common.add_compile_cache_flag(ap)
   args = ap.parse_args(argv)
+  if args.from_rows:  # a summary of a rows file, e.g. of a run still going
+    with open(args.from_rows) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+      raise SystemExit(f'--from_rows {args.from_rows}: no step rows in it')
+    res, shared = results(rows)
+    print_summary(res, shared)
+    common.emit_json(
+      dict(bench='grpo_paired', from_rows=args.from_rows, shared=shared, results=res)
+    )
+    return
   common.enable_compile_cache(args.compile_cache)
   strategies = [s for s in args.strategies.split(',') if s]
   unknown = set(strategies) - set(STRATEGIES)
@@ -267,46 +353,7 @@ def main(argv=None):
   res, shared, steps = run(
     base, strategies, log=lambda s: print(s, flush=True), rows_out=args.rows_out
   )
-  print(
-    f'## shared: train {shared["train_s"]:.1f}s, validation {shared["eval_s"]:.1f}s, wall '
-    f'{shared["wall_s"]:.1f}s; whole-run bound (rollouts free) '
-    f'{shared["whole_run_bound_vs_plain"]:.2f}x plain'
-  )
-  rows = []
-  for s, r in res.items():
-    rw = r.get('reward_vs_plain', {})
-    rows.append(
-      dict(
-        strategy=s,
-        rollout_s=r['rollout_s'],
-        once_s=r['once_s'],
-        alpha=r['alpha'],
-        roll_vs_plain=r.get('rollout_ratio_vs_plain'),
-        steady_vs_plain=r.get('rollout_ratio_vs_plain_steady'),
-        roll_vs_compact=r.get('rollout_ratio_vs_compaction'),
-        run_vs_plain=r.get('whole_run_ratio_vs_plain'),
-        exact_rows=r.get('exact_rows'),
-        d_reward=rw.get('diff'),
-        ci=rw.get('ci95'),
-      )
-    )
-  print('## per strategy (ratios > 1: faster than the reference; d_reward: paired vs plain, 95%)')
-  common.print_table(
-    [
-      ('strategy', ''),
-      ('rollout_s', '.1f'),
-      ('once_s', '.1f'),
-      ('alpha', '.3f'),
-      ('roll_vs_plain', '.2f'),
-      ('steady_vs_plain', '.2f'),
-      ('roll_vs_compact', '.2f'),
-      ('run_vs_plain', '.2f'),
-      ('exact_rows', '.3f'),
-      ('d_reward', '+.3f'),
-      ('ci', '.3f'),
-    ],
-    rows,
-  )
+  print_summary(res, shared)
   out = dict(
     bench='grpo_paired',
     quick=args.quick,

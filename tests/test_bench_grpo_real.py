@@ -116,6 +116,14 @@ def test_tiny_paired_run_times_every_strategy_on_one_run(capsys, tmp_path, cache
   rows = [json.loads(line) for line in rows_out.read_text().splitlines()]
   assert [r['step'] for r in rows] == [0, 1]
   assert all(r[s]['rows'] == 8 for r in rows for s in strategies)
+  # the rows file alone gives the run's summary back (as for a run still going)
+  grpo_paired.main(['--from_rows', str(rows_out)])
+  again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert again['shared']['steps_done'] == 2
+  for name, r in res['results'].items():
+    assert again['results'][name]['rollout_s'] == pytest.approx(r['rollout_s'], rel=1e-3)
+    assert again['results'][name].get('exact_rows') == r.get('exact_rows')
+  assert again['shared']['eval_s'] == pytest.approx(shared['eval_s'], rel=1e-3, abs=1e-3)
 
 
 def test_paired_summary_flags_a_strategy_that_is_not_lossless():
