@@ -168,3 +168,5 @@ def test_bad_fuse_matmuls_is_refused():
     RolloutConfig(fuse_matmuls='yes')
   assert dataclasses.replace(RolloutConfig(), fuse_matmuls='off').fuse_matmuls == 'off'
   assert steps.fuse_setting(RolloutConfig()) is None
+  with pytest.raises(ValueError, match='fuse'):
+    steps.loop_params(PARAMS, True, 'off')  # a string is not a setting here (truthy)

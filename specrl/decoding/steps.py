@@ -328,6 +328,11 @@ def loop_params(params, unroll_layers: bool | None = None, fuse: bool | None = N
     unroll_layers = jax.default_backend() == 'cpu'
   if fuse is None:
     fuse = fuse_default()
+  if fuse not in (True, False):  # e.g. 'off', which is truthy: refuse, never guess
+    raise ValueError(
+      f"loop_params' fuse must be True, False or None (rollout.fuse_matmuls 'on' | 'off' | "
+      f"'auto': steps.fuse_setting), got {fuse!r}"
+    )
   if fuse and not model_lib.is_fused(params):
     params = model_lib.fuse_layers(params)  # stacked: one concatenation per kind
     params = _place_fused(params, mesh)
