@@ -13,7 +13,9 @@ Sections (device grid; ``--cpu_smoke`` swaps in tiny shapes):
 a. ``decode``: the engine's plain decode step -- :func:`specrl.decoding.steps.decode` with
    ``k = 0``, i.e. the rollout engines' own ``while_loop`` of plain steps (prefill, sample,
    commit; greedy), run in chunks of ``steps`` steps as the adaptive engine runs it, the
-   state donated, timed around the middle of the rollout (:func:`skip_ahead`) -- vs the
+   state donated, timed around the middle of the rollout (:func:`skip_ahead`), each cell
+   with the per-layer matmuls separate (``ms``, comparable with earlier runs) and fused
+   (``ms_fused``, ``fused_speedup``: ``rollout.fuse_matmuls``), chunks interleaved -- vs the
    bandwidth floor ``(weight bytes + live KV bytes) / copy bandwidth`` (live KV: the
    prompt plus half the budget, the average step of a rollout).
    ``floor_buffer_ms`` counts the whole KV buffer instead (what attention over every slot
@@ -299,41 +301,53 @@ def skip_ahead(state, n: int):
 
 
 def decode_cell(ctx: Context, model: str, batch: int, new: int, check: bool) -> dict:
-  """ms per plain decode step of the engine's loop (see the module docstring, (a)).
+  """ms per plain decode step of the engine's loop (see the module docstring, (a)), with the
+  per-layer matmuls separate (``ms``: what earlier runs measured) and fused (``ms_fused``;
+  ``rollout.fuse_matmuls``, :func:`specrl.decoding.steps.loop_params`).
 
-  Prefill, one untimed chunk of ``steps`` steps (compiles; its tokens are the greedy check's),
-  :func:`skip_ahead` so the timed window is centred on the middle of the ``new``-token
-  rollout, then ``reps`` timed chunks (median)."""
+  Prefill, one untimed chunk of ``steps`` steps per variant (compiles; their tokens are the
+  greedy check's), :func:`skip_ahead` so the timed window is centred on the middle of the
+  ``new``-token rollout, then ``reps`` timed chunks per variant, interleaved (unfused,
+  fused, unfused, ...) on the one rollout state (medians)."""
   g = ctx.grid
   cfg, params = ctx.cfg(model), ctx.params(model)
-  steps = min(g.steps, (new - 2) // (g.reps + 1))  # no row may finish while timed
+  calls = 2 * (g.reps + 1)  # per variant: one compiling chunk and reps timed ones
+  steps = min(g.steps, (new - 2) // calls)  # no row may finish while timed
   if steps < 1:
-    raise ValueError(f'budget {new} is too short for {g.reps + 1} calls of >= 1 step')
-  ahead = max(new // 2 - 1 - steps - g.reps * steps // 2, 0)
+    raise ValueError(f'budget {new} is too short for {calls} calls of >= 1 step')
+  ahead = max(new // 2 - 1 - 2 * steps - g.reps * steps, 0)
   greedy = SamplingParams(temperature=0.0)
   rcfg = RolloutConfig(max_new_tokens=new, max_prompt_len=g.prompt, sampling=greedy, eos_id=-1)
   toks, plen = prompts(cfg, batch, g.prompt, seed=batch)
   pre = jax.jit(functools.partial(steps_lib.prefill, cfg=cfg, rcfg=rcfg))
+  variants = {'unfused': False, 'fused': True}
+  chunks, lps = {}, {}
+  for name, fuse in variants.items():
+    vr = dataclasses.replace(rcfg, fuse_matmuls='on' if fuse else 'off')
 
-  def chunk_fn(lp, state):
-    return steps_lib.decode(lp, state, 0, cfg=cfg, rcfg=rcfg, max_steps=steps)[0]
+    def chunk_fn(lp, state, vr=vr):
+      return steps_lib.decode(lp, state, 0, cfg=cfg, rcfg=vr, max_steps=steps)[0]
 
-  chunk = jax.jit(chunk_fn, donate_argnums=1)
-  lp = steps_lib.loop_params_jit(params, None)  # the loop's layer layout, sliced once
+    chunks[name] = jax.jit(chunk_fn, donate_argnums=1)
+    # the loop's layer layout, sliced (and fused) once
+    lps[name] = steps_lib.loop_params_jit(params, None, fuse)
   t0 = clock()
   state = jax.block_until_ready(pre(params, toks, plen, jax.random.key(0)))
-  state = jax.block_until_ready(chunk(lp, state))  # compiles
+  for name in variants:  # compiles
+    state = jax.block_until_ready(chunks[name](lps[name], state))
   compile_s = clock() - t0
-  first = np.asarray(state.tokens[:, g.prompt : g.prompt + steps + 1])
+  first = np.asarray(state.tokens[:, g.prompt : g.prompt + 2 * steps + 1])
   state = skip_ahead(state, ahead)
   start = int(np.asarray(state.pos).max())
-  times = []
+  times = {name: [] for name in variants}
   for _ in range(g.reps):
-    t0 = time.perf_counter()
-    state = jax.block_until_ready(chunk(lp, state))
-    times.append(time.perf_counter() - t0)
+    for name in variants:
+      t0 = time.perf_counter()
+      state = jax.block_until_ready(chunks[name](lps[name], state))
+      times[name].append(time.perf_counter() - t0)
   gen = np.asarray(state.num_generated)
-  ms = 1e3 * statistics.median(times) / steps
+  ms = 1e3 * statistics.median(times['unfused']) / steps
+  ms_fused = 1e3 * statistics.median(times['fused']) / steps
   bw = ctx.copy_bandwidth()
   wbytes = quant.param_bytes(params)
   live = g.prompt + new / 2
@@ -344,26 +358,30 @@ def decode_cell(ctx: Context, model: str, batch: int, new: int, check: bool) -> 
     new_tokens=new,
     prompt=g.prompt,
     buffer=rcfg.buffer_len,
-    timed_positions=[start, start + g.reps * steps],
+    timed_positions=[start, start + 2 * g.reps * steps],
     steps_per_call=steps,
     calls=g.reps,
     ms=ms,
+    ms_fused=ms_fused,
+    fused_speedup=ms / ms_fused,
     floor_ms=floor_ms,
     x_floor=ms / floor_ms,
+    x_floor_fused=ms_fused / floor_ms,
     floor_buffer_ms=1e3 * (wbytes + kv_bytes(cfg, batch, rcfg.buffer_len)) / bw,
     GBps=(wbytes + kv_bytes(cfg, batch, live)) / (ms * 1e-3) / 1e9,
     weight_GB=wbytes / 1e9,
     kv_live_GB=kv_bytes(cfg, batch, live) / 1e9,
     compile_s=compile_s,
-    steps_ok=bool((gen == 1 + ahead + steps * (g.reps + 1)).all()),
+    steps_ok=bool((gen == 1 + ahead + steps * calls).all()),
   )
-  del state
-  if check:  # the timed path commits what the static engine commits (greedy)
+  del state, lps
+  if check:  # the timed path (an unfused chunk, then a fused one) commits what the engine does
     from specrl import rollout as rollout_lib
 
-    ck = dataclasses.replace(rcfg, max_new_tokens=steps + 1, cache_len=rcfg.seq_len)
+    n = 2 * steps + 1
+    ck = dataclasses.replace(rcfg, max_new_tokens=n, cache_len=rcfg.seq_len)
     out, _ = rollout_lib.RolloutEngine(cfg, ck).generate(params, toks, plen, jax.random.key(0))
-    rec['greedy_match'] = bool(np.array_equal(np.asarray(out.response)[:, : steps + 1], first))
+    rec['greedy_match'] = bool(np.array_equal(np.asarray(out.response)[:, :n], first))
   return rec
 
 

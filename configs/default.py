@@ -96,6 +96,10 @@ def get_config(arg: str | None = None):
       # the policy's KV cache holds the length bucket in use and doubles between loops as
       # rows grow (memory follows use, not the budget); False: the whole buffer up front
       grow_kv=True,
+      # decode loops fuse each layer's q/k/v and gate/up matmuls into one each (weights
+      # concatenated once per rollout, never stored): 'on' | 'off' | 'auto' (the backend's
+      # default: on for GPU / TPU, off on CPU; specrl.decoding.steps.fuse_default)
+      fuse_matmuls='auto',
       # compiled executables kept by all rollout engines of the process together (LRU;
       # evictions are counted in the metrics as compile/evictions)
       max_executables=64,

@@ -94,31 +94,49 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- params
 
 
+# Logical axes of every per-layer leaf there can be (stacked: with the leading 'layers').
+_LAYER_AXES = {
+  'attn_norm': ('layers', 'norm'),
+  'wq': ('layers', 'embed', 'heads', 'head_dim'),
+  'wk': ('layers', 'embed', 'kv_heads', 'head_dim'),
+  'wv': ('layers', 'embed', 'kv_heads', 'head_dim'),
+  'wo': ('layers', 'heads', 'head_dim', 'embed'),
+  'mlp_norm': ('layers', 'norm'),
+  'w_gate': ('layers', 'embed', 'mlp'),
+  'w_up': ('layers', 'embed', 'mlp'),
+  'w_down': ('layers', 'mlp', 'embed'),
+  'bq': ('layers', 'heads', 'head_dim'),
+  'bk': ('layers', 'kv_heads', 'head_dim'),
+  'bv': ('layers', 'kv_heads', 'head_dim'),
+  'q_norm': ('layers', 'norm'),
+  'k_norm': ('layers', 'norm'),
+  # the decode loop's fused weights (:func:`fuse_layers`; never stored): the q/k/v and the
+  # gate/up axes carry no rule, so a mesh shards them by kv head / MLP column as the parts
+  'wqkv': ('layers', 'embed', 'kv_heads', 'qkv', 'head_dim'),
+  'bqkv': ('layers', 'kv_heads', 'qkv', 'head_dim'),
+  'w_gate_up': ('layers', 'embed', 'gate_up', 'mlp'),
+}
+
+
 def param_logical_axes(cfg: ModelConfig) -> dict:
   """Pytree of logical-axis tuples matching :func:`init_params`."""
-  layers = {
-    'attn_norm': ('layers', 'norm'),
-    'wq': ('layers', 'embed', 'heads', 'head_dim'),
-    'wk': ('layers', 'embed', 'kv_heads', 'head_dim'),
-    'wv': ('layers', 'embed', 'kv_heads', 'head_dim'),
-    'wo': ('layers', 'heads', 'head_dim', 'embed'),
-    'mlp_norm': ('layers', 'norm'),
-    'w_gate': ('layers', 'embed', 'mlp'),
-    'w_up': ('layers', 'embed', 'mlp'),
-    'w_down': ('layers', 'mlp', 'embed'),
-  }
+  names = ['attn_norm', 'wq', 'wk', 'wv', 'wo', 'mlp_norm', 'w_gate', 'w_up', 'w_down']
   if cfg.qkv_bias:
-    layers.update(
-      bq=('layers', 'heads', 'head_dim'),
-      bk=('layers', 'kv_heads', 'head_dim'),
-      bv=('layers', 'kv_heads', 'head_dim'),
-    )
+    names += ['bq', 'bk', 'bv']
   if cfg.qk_norm:
-    layers.update(q_norm=('layers', 'norm'), k_norm=('layers', 'norm'))
+    names += ['q_norm', 'k_norm']
+  layers = {n: _LAYER_AXES[n] for n in names}
   tree = {'embed': ('vocab', 'embed'), 'layers': layers, 'final_norm': ('norm',)}
   if not cfg.tie_embeddings:
     tree['lm_head'] = ('embed', 'vocab')
   return tree
+
+
+def layer_logical_axes(name: str, stacked: bool = True) -> tuple:
+  """Logical axes of the per-layer leaf ``name`` (fused ones included: :func:`fuse_layers`),
+  stacked ``[L, ...]`` or one layer's slice (``stacked=False``)."""
+  axes = _LAYER_AXES[name]
+  return axes if stacked else axes[1:]
 
 
 def param_shapes(cfg: ModelConfig) -> dict:
@@ -354,13 +372,21 @@ def _layer(cfg: ModelConfig, lp, x, positions, kv_fn, mesh, rules, attn_fn=None)
   ``attn_fn(q, k_all, v_all)``: the attention instead of :func:`attention` with the mask.
   """
   h = rms_norm(x, lp['attn_norm'], cfg.norm_eps)
-  q = _einsum('btd,dhk->bthk', h, lp['wq'])
-  k = _einsum('btd,dhk->bthk', h, lp['wk'])
-  v = _einsum('btd,dhk->bthk', h, lp['wv'])
-  if cfg.qkv_bias:
-    q = q + lp['bq'].astype(q.dtype)
-    k = k + lp['bk'].astype(k.dtype)
-    v = v + lp['bv'].astype(v.dtype)
+  if 'wqkv' in lp:  # fused (:func:`fuse_layers`): one matmul, then split
+    qkv = _einsum('btd,dkgh->btkgh', h, lp['wqkv'])  # [B, T, K, G + 2, Dh]
+    if cfg.qkv_bias:
+      qkv = qkv + lp['bqkv'].astype(qkv.dtype)
+    b, t, kh, g2, dh = qkv.shape
+    q = qkv[:, :, :, : g2 - 2].reshape(b, t, kh * (g2 - 2), dh)  # head k * G + g
+    k, v = qkv[:, :, :, g2 - 2], qkv[:, :, :, g2 - 1]
+  else:
+    q = _einsum('btd,dhk->bthk', h, lp['wq'])
+    k = _einsum('btd,dhk->bthk', h, lp['wk'])
+    v = _einsum('btd,dhk->bthk', h, lp['wv'])
+    if cfg.qkv_bias:
+      q = q + lp['bq'].astype(q.dtype)
+      k = k + lp['bk'].astype(k.dtype)
+      v = v + lp['bv'].astype(v.dtype)
   if cfg.qk_norm:
     q = rms_norm(q, lp['q_norm'], cfg.norm_eps)
     k = rms_norm(k, lp['k_norm'], cfg.norm_eps)
@@ -371,8 +397,12 @@ def _layer(cfg: ModelConfig, lp, x, positions, kv_fn, mesh, rules, attn_fn=None)
   o = attention(q, k_all, v_all, mask) if attn_fn is None else attn_fn(q, k_all, v_all)
   x = x + _einsum('bthk,hkd->btd', o, lp['wo'])
   h = rms_norm(x, lp['mlp_norm'], cfg.norm_eps)
-  g = _einsum('btd,df->btf', h, lp['w_gate'])
-  u = _einsum('btd,df->btf', h, lp['w_up'])
+  if 'w_gate_up' in lp:  # fused: [B, T, 2, F], gate then up
+    gu = _einsum('btd,dcf->btcf', h, lp['w_gate_up'])
+    g, u = gu[:, :, 0], gu[:, :, 1]
+  else:
+    g = _einsum('btd,df->btf', h, lp['w_gate'])
+    u = _einsum('btd,df->btf', h, lp['w_up'])
   x = x + _einsum('btf,fd->btd', jax.nn.silu(g) * u, lp['w_down'])
   return shd.constrain(x, ('batch', 'seq', 'embed'), mesh, rules), aux
 
@@ -393,6 +423,59 @@ def unstack_layers(params: Params) -> Params:
     return params
   n = jax.tree.leaves(layers)[0].shape[0]
   return {**params, 'layers': tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))}
+
+
+_UNFUSED = ('wq', 'wk', 'wv', 'bq', 'bk', 'bv', 'w_gate', 'w_up')
+
+
+def _fuse_layer(lp: dict) -> dict:
+  """One layer's dict (stacked ``[L, ...]`` leaves or one layer's) with ``wq``/``wk``/``wv``
+  as ``wqkv`` and ``w_gate``/``w_up`` as ``w_gate_up`` (see :func:`fuse_layers`)."""
+  if 'wqkv' in lp or any(hasattr(lp[n], 'qeinsum') for n in _UNFUSED if n in lp):
+    return lp  # already fused, or quantized (a QWeight's scales are per part: kept apart)
+  wq, wk, wv = lp['wq'], lp['wk'], lp['wv']
+  kh, h = wk.shape[-2], wq.shape[-2]
+
+  def qkv(q, k, v):  # [..., H, Dh], [..., K, Dh] x2 -> [..., K, G + 2, Dh]
+    q = q.reshape(*q.shape[:-2], kh, h // kh, q.shape[-1])
+    return jnp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+
+  out = {n: a for n, a in lp.items() if n not in _UNFUSED}
+  out['wqkv'] = qkv(wq, wk, wv)
+  if 'bq' in lp:
+    out['bqkv'] = qkv(lp['bq'], lp['bk'], lp['bv'])
+  out['w_gate_up'] = jnp.stack([lp['w_gate'], lp['w_up']], axis=-2)  # [..., D, 2, F]
+  return out
+
+
+def fuse_layers(params: Params) -> Params:
+  """``params`` with each layer's q/k/v projections as one ``wqkv`` ``[D, K, G + 2, Dh]``
+  (``G = H / K`` query heads per kv head: kv head ``k``'s G query heads, then its key, then
+  its value; biases likewise as ``bqkv`` ``[K, G + 2, Dh]``) and its MLP gate / up as one
+  ``w_gate_up`` ``[D, 2, F]`` (gate, up); stacked or unstacked layers, a leading layer axis
+  kept. :func:`forward` then runs one matmul where it ran three (two), and splits. Same
+  math; a decode loop's layout (:func:`specrl.decoding.steps.loop_params`), never stored.
+
+  Why this layout and not ``[D, (H + 2K) Dh]``: the fused axes stay the parts' sharded axes
+  (``kv_heads``, ``mlp``: :func:`layer_logical_axes`), so a tensor-parallel mesh gives each
+  device its kv heads' q, k and v (its MLP columns' gate and up) and the split is local;
+  a flat concatenation split across devices would cut through q | k | v. Query head
+  ``k * G + g`` is the head :func:`attention` groups with kv head ``k``.
+
+  Quantized weights (``qeinsum``) stay separate. Idempotent."""
+  layers = params['layers']
+  if isinstance(layers, tuple | list):
+    fused = tuple(_fuse_layer(lp) for lp in layers)
+  else:
+    fused = _fuse_layer(layers)
+  return {**params, 'layers': fused}
+
+
+def is_fused(params: Params) -> bool:
+  """Whether ``params``' layers carry fused weights (:func:`fuse_layers`)."""
+  layers = params['layers']
+  lp = layers[0] if isinstance(layers, tuple | list) else layers
+  return 'wqkv' in lp
 
 
 def _over_layers(body, carry, layers, with_index: bool = False):

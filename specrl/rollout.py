@@ -58,7 +58,13 @@ from specrl.decoding.state import (
   kv_slots,
   state_logical_axes,
 )
-from specrl.decoding.steps import decode, max_loop_steps, prefill, prefill_cache_slots
+from specrl.decoding.steps import (
+  decode,
+  fuse_setting,
+  max_loop_steps,
+  prefill,
+  prefill_cache_slots,
+)
 from specrl.drafters import hooks
 
 __all__ = [
@@ -270,6 +276,7 @@ class RolloutEngine:
       max_prompt_len=self.rcfg.max_prompt_len,
       pos0=self.rcfg.max_prompt_len - 1,
       mesh=self.mesh,
+      fuse=fuse_setting(self.rcfg),  # the layout the decode loop runs
     )
     costs = {'plain_step_s': prof.fwd1}
     if k:

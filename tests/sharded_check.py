@@ -107,6 +107,8 @@ def rollout(mesh, drafter, adaptive_policy=None, attend_bucket=None):
   report or None)."""
   c = config(drafter, adaptive_policy)
   c.rollout.cache_len, c.rollout.max_new_tokens = 26, 24
+  if adaptive_policy:  # fused q/k/v and gate/up weights placed on the mesh (off on CPU)
+    c.rollout.fuse_matmuls = 'on'
   if attend_bucket is not None:
     c.rollout.attend_bucket = attend_bucket
   exp = train.build_experiment(c, mesh)
@@ -143,8 +145,8 @@ def main():
       'sharded_specs': sorted(sh8),
       'long': long,
     }
-  # Adaptive engine (compaction, widening, speculation) on the 8-device mesh vs the static
-  # plain engine on 1 device: greedy, so tokens must be identical.
+  # Adaptive engine (compaction, widening, speculation; fused matmuls) on the 8-device mesh
+  # vs the static plain engine on 1 device: greedy, so tokens must be identical.
   t1, l1, _ = rollout(shd.make_mesh((1, 1, 1), jax.devices()[:1]), 'none')
   for drafter, policy in ADAPTIVE_CASES:
     t8, l8, report = rollout(shd.make_mesh((2, 2, 2)), drafter, policy)

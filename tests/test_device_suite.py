@@ -48,6 +48,7 @@ def test_cpu_smoke_runs_every_section_into_four_files(smoke):
   for r in a.values():
     assert r['ms'] > 0 and r['floor_ms'] > 0 and r['x_floor'] > 0 and r['steps_ok'] is True
     assert r['floor_buffer_ms'] >= r['floor_ms']
+    assert r['ms_fused'] > 0 and r['fused_speedup'] > 0  # fused matmuls, same cell
   assert [r.get('greedy_match') for r in a.values()][0] is True  # first cell of the model
   b = cells(files, 'b')
   assert sorted(r['drafter'] for r in b.values()) == sorted(g.drafters)

@@ -266,24 +266,29 @@ def test_cost_profiler_gives_context_drafters_a_context(wants_hidden):
   assert hidden.shape == ((4, 3, CFG.d_model) if wants_hidden else (4, 1, 1))
 
 
-@pytest.mark.parametrize('unroll', [None, False])
-def test_cost_profiler_times_the_decode_loops_layer_layout(unroll, monkeypatch):
+@pytest.mark.parametrize('unroll,fuse', [(None, None), (False, True)])
+def test_cost_profiler_times_the_decode_loops_layer_layout(unroll, fuse, monkeypatch):
   """On CPU the decode loop runs the policy over per-layer weights sliced once
   (``unstack_layers``); the profiler must time that layout (by default on CPU), or its
-  plain step is the stacked scan's, ~1.4x dearer on SmolLM2, and v comes out too low."""
+  plain step is the stacked scan's, ~1.4x dearer on SmolLM2, and v comes out too low.
+  Likewise the fused q/k/v and gate/up weights when the loop fuses (``fuse``; the engines
+  pass ``rollout.fuse_matmuls``; default: the backend's, off on CPU)."""
   from specrl.decoding import profile
 
-  seen = []
+  seen, fused = [], []
 
   def forward_spy(params, *a, **kw):
     seen.append(isinstance(params['layers'], tuple))
+    fused.append(model_lib.is_fused(params))
     return real_forward(params, *a, **kw)
 
   real_forward = model_lib.forward
   monkeypatch.setattr(model_lib, 'forward', forward_spy)
   profile.measure_profile(
     CFG, PARAMS, None, None, batch=2, buffer_len=16, k_ref=0, sp=SamplingParams(),
-    max_prompt_len=4, reps=1, iters=1, unroll_layers=unroll,
+    max_prompt_len=4, reps=1, iters=1, unroll_layers=unroll, fuse=fuse,
   )  # fmt: skip
   assert seen and all(seen) == (unroll is None and jax.default_backend() == 'cpu'), seen
   assert any(seen) == all(seen)
+  want = steps.fuse_default() if fuse is None else fuse
+  assert fused and all(f == want for f in fused), fused

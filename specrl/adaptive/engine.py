@@ -124,7 +124,13 @@ from specrl.decoding.state import (
   grow_cache,
   kv_bytes_per_slot,
 )
-from specrl.decoding.steps import loop_params_jit, max_loop_steps, prefill, prefill_cache_slots
+from specrl.decoding.steps import (
+  fuse_setting,
+  loop_params_jit,
+  max_loop_steps,
+  prefill,
+  prefill_cache_slots,
+)
 from specrl.drafters import hooks
 from specrl.rollout import kv_metrics, prepare_prompts, prepare_row_ids, rollout_metrics
 
@@ -265,6 +271,7 @@ class AdaptiveRolloutEngine:
       reps=self.acfg.profile_reps,
       iters=self.acfg.profile_iters,
       mesh=self.mesh,
+      fuse=fuse_setting(self.rcfg),  # the layout the chunks run
       # draft trees: when the widest arm is a tree, the profile times proposing a tree of
       # its nodes and depth (other arms' costs are inter/extrapolated until measured)
       tree_depth=self._profile_tree_depth(),
@@ -586,7 +593,8 @@ class AdaptiveRolloutEngine:
       prefill_left = self._prefill_s[bsz]
     n_active, step = bsz, 0
     limit = max_loop_steps(rcfg)
-    loop_params = loop_params_jit(params)  # CPU: layers sliced once per rollout
+    # CPU: layers sliced once per rollout; q/k/v and gate/up fused (rollout.fuse_matmuls)
+    loop_params = loop_params_jit(params, None, fuse_setting(rcfg), mesh)
     pending = None  # a chunk whose stats are not read yet
     b, origin, acc = bsz, None, None
     per_slot = report.kv_per_slot = kv_bytes_per_slot(state)

@@ -211,6 +211,7 @@ def measure_profile(
   k_prop: int | None = None,
   unroll_layers: bool | None = None,
   tree_depth: int | None = None,
+  fuse: bool | None = None,
 ) -> CostProfile:
   """Time the unit costs of plain and speculative rounds at ``batch`` (see
   :class:`~specrl.decoding.spec_math.CostProfile`). Without a drafter (or ``k_ref = 0``)
@@ -226,9 +227,11 @@ def measure_profile(
   rollout's round measures 1.8-1.9 and the cost model speculated where it loses.
   ``tree_depth`` (not None: the rounds are draft trees, ``rollout.tree_nodes``, with this
   depth cap, 0 = none): a drafter with a tree builder is timed proposing trees of k + 1
-  nodes (:func:`tree_propose_loop`; an eagle tree costs other than its sampled chain)."""
+  nodes (:func:`tree_propose_loop`; an eagle tree costs other than its sampled chain).
+  ``fuse`` (default :func:`specrl.decoding.steps.fuse_default`; the engines pass
+  ``rollout.fuse_matmuls``): time the fused q/k/v and gate/up matmuls, as the loop runs."""
   pos0 = buffer_len // 2 if pos0 is None else pos0
-  fwd_params = loop_params_jit(params, unroll_layers)
+  fwd_params = loop_params_jit(params, unroll_layers, fuse, mesh)
 
   def timed(fn, fixed, carried):
     return median_seconds(LoopTimer(fn, fixed, carried, reps), iters=iters) / reps

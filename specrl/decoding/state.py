@@ -46,6 +46,9 @@ FINISH_NAMES = {
 }
 
 
+FUSE_MATMULS = ('auto', 'on', 'off')
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
   """Static rollout settings (hashable)."""
@@ -77,8 +80,16 @@ class RolloutConfig:
   tree_nodes: int = 0
   tree_depth: int = 0  # depth cap of a drafter's tree builder (0 = tree_nodes - 1)
   tree_branch: int = 0  # children per node of a drafter's tree builder (0 = no cap)
+  # the decode loops' per-layer q/k/v and gate/up matmuls fused into one each
+  # (:func:`specrl.decoding.steps.loop_params`): 'on' | 'off' | 'auto' (the backend's
+  # default, :func:`specrl.decoding.steps.fuse_default`)
+  fuse_matmuls: str = 'auto'
 
   def __post_init__(self):
+    if self.fuse_matmuls not in FUSE_MATMULS:
+      raise ValueError(
+        f'rollout.fuse_matmuls must be one of {FUSE_MATMULS}, got {self.fuse_matmuls!r}'
+      )
     if self.max_new_tokens < 1:
       raise ValueError(f'rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}')
     if self.max_prompt_len < 1:

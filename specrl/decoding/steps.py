@@ -295,18 +295,69 @@ def decode_step(
   )  # fmt: skip
 
 
-def loop_params(params, unroll_layers: bool | None = None):
+def fuse_default() -> bool:
+  """Whether a decode loop fuses its matmuls by default (:func:`loop_params`), per backend:
+  on accelerators (GPU / TPU), where every matmul is a kernel launch with a fixed cost (on
+  an H200 ~2.4 ms of the 3.5 ms Qwen2.5-1.5B step is not weight reading), yes; on CPU no:
+  there a matmul costs no launch, and on the 2-core Xeon the fused SmolLM2-135M step
+  measured the same as the separate one within noise (``bench/fused_step.py``,
+  docs/benchmarks.md), so the CPU path stays the one every test and CPU run has used."""
+  return jax.default_backend() != 'cpu'
+
+
+def fuse_setting(rcfg: RolloutConfig) -> bool | None:
+  """``rollout.fuse_matmuls`` as :func:`loop_params`' ``fuse``: 'auto' -> None (the
+  backend's default, :func:`fuse_default`), 'on' -> True, 'off' -> False."""
+  return {'auto': None, 'on': True, 'off': False}[rcfg.fuse_matmuls]
+
+
+def loop_params(params, unroll_layers: bool | None = None, fuse: bool | None = None, mesh=None):
   """The policy params a decode loop runs on: with ``unroll_layers`` (default: on the CPU
   backend) the layers sliced once (:func:`specrl.model.unstack_layers`; XLA:CPU otherwise
-  copies every layer's weights out of the stacked arrays in every step), else ``params``.
+  copies every layer's weights out of the stacked arrays in every step), else ``params``;
+  with ``fuse`` (default :func:`fuse_default`; ``rollout.fuse_matmuls``,
+  :func:`fuse_setting`) each layer's q/k/v and gate/up weights concatenated once
+  (:func:`specrl.model.fuse_layers`: one matmul each per step where there were three and
+  two; same math). Fused arrays are placed by their logical axes under
+  :data:`specrl.sharding.PARAM_RULES` on ``mesh`` (the parts' own axes: kv heads, MLP
+  columns). ``fuse=False`` leaves already fused params as they are. The stored params are
+  never changed: this is a derived copy (fusing costs one copy of those weights).
   Idempotent. The adaptive engine calls it once per rollout (jitted, :data:`loop_params_jit`),
   not once per chunk: the slicing copies every weight (~0.2 s for SmolLM2-135M on CPU)."""
   if unroll_layers is None:
     unroll_layers = jax.default_backend() == 'cpu'
+  if fuse is None:
+    fuse = fuse_default()
+  if fuse not in (True, False):  # e.g. 'off', which is truthy: refuse, never guess
+    raise ValueError(
+      f"loop_params' fuse must be True, False or None (rollout.fuse_matmuls 'on' | 'off' | "
+      f"'auto': steps.fuse_setting), got {fuse!r}"
+    )
+  if fuse and not model_lib.is_fused(params):
+    params = model_lib.fuse_layers(params)  # stacked: one concatenation per kind
+    params = _place_fused(params, mesh)
   return model_lib.unstack_layers(params) if unroll_layers else params
 
 
-loop_params_jit = jax.jit(loop_params, static_argnums=1)
+def _place_fused(params, mesh):
+  """The fused layer weights constrained to their logical axes' shardings (PARAM_RULES)."""
+  if mesh is None or mesh.size == 1:
+    return params
+  layers = params['layers']
+  stacked = not isinstance(layers, tuple | list)
+
+  def place(lp):
+    return {
+      n: shd.constrain(a, model_lib.layer_logical_axes(n, stacked), mesh, shd.PARAM_RULES)
+      if n in ('wqkv', 'bqkv', 'w_gate_up')
+      else a
+      for n, a in lp.items()
+    }
+
+  return {**params, 'layers': place(layers) if stacked else tuple(place(lp) for lp in layers)}
+
+
+loop_params_jit = jax.jit(loop_params, static_argnums=(1, 2, 3))
 
 
 def max_loop_steps(rcfg: RolloutConfig) -> int:
@@ -329,6 +380,7 @@ def decode(
   unroll_layers: bool | None = None,
   attend_len: int | None = None,
   shared_len: int | None = None,
+  fuse: bool | None = None,
 ) -> tuple[RolloutState, jax.Array]:
   """Run :func:`decode_step` with ``k`` drafts in a ``lax.while_loop`` until every sequence
   is done, the active count drops to ``min_active`` (compaction), ``max_steps`` rounds ran
@@ -339,6 +391,8 @@ def decode(
   per-layer weights sliced once before the loop (:func:`specrl.model.unstack_layers`):
   XLA:CPU otherwise copies every layer's weights out of the stacked arrays in every step.
   Same math, same tokens (:func:`loop_params`; already unstacked params pass as they are).
+  ``fuse`` (default: ``rcfg.fuse_matmuls``, :func:`fuse_setting`): the q/k/v and gate/up
+  matmuls fused (:func:`loop_params`; already fused params pass as they are).
 
   ``attend_len`` (static; a length bucket, :func:`specrl.decoding.state.attend_buckets`):
   the loop carries only the first ``attend_len`` slots of the policy cache (sliced once
@@ -355,7 +409,9 @@ def decode(
   first ``shared_len`` slots: the caller passes a length bucket that holds every position
   any row committed, finished rows included, and ``>= attend_len``."""
   limit = max_loop_steps(rcfg) if limit is None else limit
-  params = loop_params(params, unroll_layers)  # sliced once, not in every step
+  if fuse is None:
+    fuse = fuse_setting(rcfg)
+  params = loop_params(params, unroll_layers, fuse, mesh)  # sliced once, not in every step
   bounded = attend_len is not None and attend_len < state.tokens.shape[1]
   full = state
   # the live window; done rows' writes past it are dropped (never read again)
