@@ -3,10 +3,14 @@ into a tree and verified by sample-and-compare.
 
 - token equality with plain decoding (same seeds) at T = 1 and with top-p, in the static
   engine and the adaptive one (with EOS and compaction), with a trained tiny head, and
-  descents into non-first children happen (``tree_stats``' non-first count);
+  descents into non-first children happen (``tree_stats``' non-first count); the top-p
+  static case with a reduced-vocabulary head (3 of the 4 ids, not the lowest, in another
+  order), whose trees only ever hold those full-vocabulary ids (every proposal recorded);
+  on 8 devices: ``tests/sharded_tree_check.py``;
 - after the tree rounds (partial acceptance included) the head's KV cache below ``fed``
   equals the head's KV from feeding the committed path teacher-forced;
-- the builder: parents precede children, depth 1 holds the head's top b, its refusals.
+- the builder: parents precede children, depth 1 holds the head's top b (mapped back to
+  full-vocabulary ids when the head's vocabulary is reduced), its refusals.
 """
 
 import dataclasses
@@ -30,11 +34,27 @@ B, P, NEW = 8, 4, 16
 TOKS = np.random.default_rng(7).integers(0, CFG.vocab_size, (B, P)).astype(np.int32)
 LENS = np.array([4, 2, 3, 4, 1, 4, 3, 2], np.int32)
 SETTINGS = {'t1': SamplingParams(1.0), 'top_p': SamplingParams(1.0, top_p=0.8)}
+# a reduced vocabulary: not the lowest ids (a head proposing its compact indices 0..2 would
+# propose id 0) and not in id order (a mapping that sorts would reorder the children)
+REDUCED = (2, 1, 3)
 
 
-def _drafter(branch=2):
+class _Recording(eagle.EagleDrafter):
+  """The eagle drafter keeping every tree it proposes (tokens [B, N]) in ``proposed``."""
+
+  def propose_tree(self, *a, **kw):
+    out = super().propose_tree(*a, **kw)
+    jax.debug.callback(lambda t: self.proposed.append(np.asarray(t)), out[0])
+    return out
+
+
+def _drafter(branch=2, vocab=None):
   d = te.trained_drafter()[0]
-  return eagle.EagleDrafter(CFG, dataclasses.replace(d.ecfg, tree_branch=branch), d.head_params)
+  ecfg = dataclasses.replace(d.ecfg, tree_branch=branch, reduced_vocab=len(vocab or ()))
+  ids = None if vocab is None else jnp.asarray(vocab, jnp.int32)
+  rec = _Recording(CFG, ecfg, d.head_params, ids)
+  rec.proposed = []
+  return rec
 
 
 def _rcfg(sp, n=0, depth=0, eos=-1):
@@ -81,21 +101,28 @@ def _assert_head_cache_is_teacher_forced(st, d):
       )
 
 
-@pytest.mark.parametrize('name', list(SETTINGS))
-def test_eagle_trees_emit_plain_tokens_and_keep_the_head_cache(name):
+@pytest.mark.parametrize(
+  'name,vocab', [('t1', None), ('top_p', REDUCED)], ids=['t1', 'top_p_reduced']
+)
+def test_eagle_trees_emit_plain_tokens_and_keep_the_head_cache(name, vocab):
   sp = SETTINGS[name]
   plain = _run(_rcfg(sp), None)
-  d = _drafter()
+  d = _drafter(vocab=vocab)
   st = _run(_rcfg(sp, n=6, depth=3), d)
   w = P + NEW
   np.testing.assert_array_equal(st.pos, plain.pos)
   np.testing.assert_array_equal(st.tokens[:, :w], plain.tokens[:, :w])
   np.testing.assert_allclose(st.logprobs[:, :w], plain.logprobs[:, :w], atol=1e-5)
+  # (tokens equal plain decoding's whatever the trees hold: their contents are checked here)
+  proposed = np.concatenate(d.proposed)[:, 1:]  # every round's non-root nodes
+  assert (proposed >= 0).all()  # full trees: no empty node
+  ids = np.unique(proposed).tolist()
+  assert ids == sorted(vocab or range(CFG.vocab_size)), ids  # only (and all) the head's ids
   nodes, non_first, leaf = st.tree_stats.sum(0)
   rounds = st.num_rounds.sum()
+  assert nodes == 5 * rounds  # a full tree every pass
   assert non_first > 0 and leaf > 0, (nodes, non_first, leaf)  # second children accepted
   assert st.num_accepted.sum() > rounds  # > 1 accepted draft per pass: the head is trained
-  assert nodes == 5 * rounds  # a full tree every pass
   _assert_head_cache_is_teacher_forced(st, d)
 
 
@@ -119,29 +146,37 @@ def test_adaptive_engine_eagle_trees_with_compaction_emit_plain_tokens():
 
 def test_tree_builder_takes_the_heads_top_candidates():
   """Depth 1 holds the head's top-b tokens at the root, best first; every parent precedes
-  its children with depth = parent's + 1; the depth cap holds; seeds are not read."""
-  d = _drafter(branch=3)
+  its children with depth = parent's + 1; the depth cap holds; seeds are not read. The same
+  with the head's vocabulary reduced to ``REDUCED``: its nodes are those full-vocabulary
+  ids, depth 1 the top b of its logits (``NEG_INF`` elsewhere)."""
+  d, red = _drafter(branch=3), _drafter(branch=3, vocab=REDUCED)
   rcfg = _rcfg(SETTINGS['t1'], n=6, depth=2)
-  dp = d.params_from_policy(POLICY)
+  dps = (d.params_from_policy(POLICY), red.params_from_policy(POLICY))
 
   @jax.jit
-  def go(params, dp, toks, lens):
+  def go(params, dps, toks, lens):
     st = steps.prefill(
-      params, toks, lens, jax.random.key(2), cfg=CFG, rcfg=rcfg, drafter=d, draft_params=dp
+      params, toks, lens, jax.random.key(2), cfg=CFG, rcfg=rcfg, drafter=d, draft_params=dps[0]
     )
     ctx = hooks.context(st)
-    tree = d.propose_tree(dp, st.draft, st.tokens, st.pos, 6, 2, None, rcfg.sampling, ctx=ctx)
-    feat = d._root(dp, st.draft, st.tokens, st.pos, 6, ctx, None)[0]
-    return tree[:3], eagle.head_logits(dp, CFG, feat)
+    out = []
+    for dr, dp in zip((d, red), dps, strict=True):  # the same state: the heads share params
+      tree = dr.propose_tree(dp, st.draft, st.tokens, st.pos, 6, 2, None, rcfg.sampling, ctx=ctx)
+      feat = dr._root(dp, st.draft, st.tokens, st.pos, 6, ctx, None)[0]
+      out.append((tree[:3], eagle.head_logits(dp, CFG, feat)))
+    return out
 
-  tree, q = jax.device_get(go(POLICY, dp, TOKS, LENS))
-  toks, par, dep = tree
-  top3 = np.argsort(-q, axis=1, kind='stable')[:, :3]
-  for b in range(B):
-    kids = [u for u in range(1, 6) if par[b, u] == 0]
-    assert toks[b, kids].tolist() == top3[b, : len(kids)].tolist() and len(kids) >= 1
-    for u in range(1, 6):
-      assert 0 <= par[b, u] < u and dep[b, u] == dep[b, par[b, u]] + 1 <= 2
+  trees = jax.device_get(go(POLICY, dps, TOKS, LENS))
+  for (tree, q), ids in zip(trees, (None, REDUCED), strict=True):
+    toks, par, dep = tree
+    top3 = np.argsort(-q, axis=1, kind='stable')[:, :3]
+    for b in range(B):
+      kids = [u for u in range(1, 6) if par[b, u] == 0]
+      assert toks[b, kids].tolist() == top3[b, : len(kids)].tolist() and len(kids) >= 1
+      for u in range(1, 6):
+        assert 0 <= par[b, u] < u and dep[b, u] == dep[b, par[b, u]] + 1 <= 2
+    if ids is not None:
+      assert np.isin(toks[:, 1:], ids).all(), toks  # no empty node, none outside the ids
   with pytest.raises(ValueError, match='tree_branch must be >= 1'):
     eagle.EagleConfig(tree_branch=0)
 

@@ -323,8 +323,10 @@ def test_adaptive_engine_trees_with_compaction_emit_plain_tokens(tiny_cfg, tiny_
 
 
 def test_trees_on_eight_devices_emit_plain_tokens():
-  """Adaptive-engine tree rounds (compaction) on a (2, 2, 2) mesh of 8 fake devices vs
-  plain decoding on one device (tests/sharded_tree_check.py, a subprocess)."""
+  """Tree rounds on a (2, 2, 2) mesh of 8 fake devices vs plain decoding on one device
+  (tests/sharded_tree_check.py, a subprocess): suffix trees in the adaptive engine
+  (compaction), eagle trees from a trained head in the static engine, the head's KV cache
+  teacher-forced below ``fed`` and sharded over the batch and its kv heads."""
   import json
   import os
   import subprocess
@@ -337,10 +339,21 @@ def test_trees_on_eight_devices_emit_plain_tokens():
   )  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads(r.stdout.strip().splitlines()[-1])
-  for name in ('adaptive',):
+  for name in ('adaptive', 'eagle'):
     assert res[name]['equal'] and res[name]['lp_diff'] < 1e-5, res
-    assert res[name]['accepted'] > 0 and res[name]['non_first'] > 0, res
+    assert res[name]['accepted'] > 0 and res[name]['non_first'] > 0, res  # second children
+    assert res[name]['leaf'] > 0, res  # bonus tokens
   assert res['adaptive']['compactions'] >= 1, res
+  e = res['eagle']
+  assert e['accepted'] > e['rounds'], e  # > 1 accepted draft per pass: the head is trained
+  assert e['nodes'] == 5 * e['rounds'], e  # a full tree every pass
+  # head KV below fed teacher-forced in every row, fed caught up to the last tree round's
+  # root (pos - fed <= depth cap + 1)
+  assert e['head_kv_diff'] < 2e-5 and e['unfed'] <= 4, e
+  # head KV cache [L, B, K, S, Dh]: the batch over data x fsdp, its 2 kv heads over tensor;
+  # hidden history [B, S, D]: the batch over data x fsdp
+  batch = ['data', 'fsdp']
+  assert e['layouts'] == [[None, batch, 'tensor', None, None], [batch, None, None]], e
 
 
 def test_builders_cap_children_per_node():
