@@ -30,6 +30,8 @@ one jitted call per step, timed (``derive_s``) and counted in that strategy's ro
   python bench/grpo_paired.py --steps 150            # the documented run (learn config)
   python bench/grpo_paired.py --quick                # SmolLM2, 3 steps
   python bench/grpo_paired.py --tiny                 # the tiny embedded model (CI)
+  python3 bench/grpo_paired.py --checkpoint /tmp/smollm2.gguf --max_minutes 6 \
+      --rows_out $OUT/rows.jsonl                     # a GPU lease (bench/device_pack.py)
 
 Prints a per-strategy summary and, as the last line, one JSON object.
 """
@@ -149,11 +151,13 @@ def ratios(res: dict, shared: dict) -> None:
 
 
 def run(
-  base, strategies: list[str], log=print, rows_out: str = ''
+  base, strategies: list[str], log=print, rows_out: str = '', max_minutes: float = 0.0
 ) -> tuple[dict, dict, list[dict]]:
   """The paired run. Returns (per-strategy summaries, shared train / validation totals, per-
   step rows). ``rows_out``: each step's row is appended there as a JSON line as it ends (a
-  long run's record survives an interrupted run)."""
+  long run's record survives an interrupted run). ``max_minutes`` > 0: no step starts after
+  that much wall time (a device lease); the summary covers the steps that ran
+  (``shared['steps_done']``)."""
   exps = {s: train.build_experiment(grpo_real.strategy_config(s, base)) for s in strategies}
   ref = exps[REFERENCE]
   derive = {
@@ -176,6 +180,9 @@ def run(
   first = due(0)
   evals += [first] if first else []
   for step in range(base.sft.steps, total):
+    if max_minutes > 0 and time.perf_counter() - t0 > 60 * max_minutes:
+      log(f'stopped before step {step}: --max_minutes {max_minutes:g} spent')
+      break
     params, _ = pipeline.current(state.params, step)
     load = os.getloadavg()[0]
     got = {}
@@ -230,6 +237,8 @@ def run(
     ],
   )
   rows = [dict(r, **{s: per[s][i] for s in strategies}) for i, r in enumerate(steps)]
+  if not rows:
+    raise SystemExit(f'no GRPO step ran (--max_minutes {max_minutes:g} spent before the first)')
   res, totals = results(rows)
   return res, shared | totals, rows
 
@@ -312,6 +321,8 @@ def main(argv=None):
   ap.add_argument('--json_out', default='', help='also write the JSON object (with steps) here')
   ap.add_argument('--rows_out', default='', help="append each step's row here as it ends")
   ap.add_argument('--from_rows', default='', help='only summarize a --rows_out file and exit')
+  ap.add_argument('--max_minutes', type=float, default=0.0, help='start no step after this')
+  ap.add_argument('--checkpoint', default='', help='model.checkpoint (and tokenizer) override')
   common.add_compile_cache_flag(ap)
   args = ap.parse_args(argv)
   if args.from_rows:  # a summary of a rows file, e.g. of a run still going
@@ -335,6 +346,8 @@ def main(argv=None):
     base = grpo_real.tiny_config(args.steps or 3)
   else:
     base = grpo_real.load_config(args.config)
+    if args.checkpoint:  # e.g. the GGUF joined on a device machine (bench/device_pack.py)
+      base.model.checkpoint = base.task.tokenizer_path = args.checkpoint
     base.rl.steps = args.steps or (3 if args.quick else base.rl.steps)
     if args.quick:
       base.eval.update(every=0, prompts=16)
@@ -351,8 +364,9 @@ def main(argv=None):
     flush=True,
   )
   res, shared, steps = run(
-    base, strategies, log=lambda s: print(s, flush=True), rows_out=args.rows_out
-  )
+    base, strategies, log=lambda s: print(s, flush=True), rows_out=args.rows_out,
+    max_minutes=args.max_minutes,
+  )  # fmt: skip
   print_summary(res, shared)
   out = dict(
     bench='grpo_paired',
