@@ -24,10 +24,6 @@ import math
 import os
 import sys
 
-# The object-oriented Figure renders with Agg whatever pyplot's backend is: importing this
-# module never changes a notebook's or a script's plotting backend.
-from matplotlib.figure import Figure
-
 from specrl.metrics_io import METRICS_FILE
 
 REPORT_MD, REPORT_PNG = 'report.md', 'report.png'
@@ -211,6 +207,11 @@ def markdown(s: dict, workdir: str = '', paired: dict | None = None) -> str:
 def figure(steps: list[dict], path: str) -> None:
   """``report.png``: validation reward / accuracy, response length, rollout tokens/s and
   acceptance against the step."""
+  # The object-oriented Figure renders with Agg whatever pyplot's backend is: this never
+  # changes a notebook's or a script's plotting backend. Imported here, not at the top: the
+  # train loop (and a device machine without matplotlib) needs it only for the report.
+  from matplotlib.figure import Figure
+
   grpo = [m for m in steps if m.get('phase') == 1.0]
   evals = _evals(steps)
   fig = Figure(figsize=(18, 3.6))
