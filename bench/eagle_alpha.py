@@ -76,8 +76,23 @@ def tiny(args, res):
     d, hs, state.params, sample_batch, steps=steps, budget_s=600, optimizer=opt
   )
   a1, per1 = alpha(exp, state.params, held, 1)
-  costs = exp.engine.measure_step_costs(state.params, 32)
-  cr = costs['draft_k_s'] / (exp.rollout_cfg.num_draft * costs['plain_step_s'])
+  k = exp.rollout_cfg.num_draft
+  rc = exp.rollout_cfg
+  prof = profile_lib.measure_profile(  # c timed at k itself, not extrapolated from k = 1, 2
+    exp.model_cfg,
+    state.params,
+    d,
+    d.params_from_policy(state.params),
+    batch=32,
+    buffer_len=rc.buffer_len,
+    k_ref=k,
+    k_prop=k,
+    sp=rc.sampling,
+    max_prompt_len=rc.max_prompt_len,
+    pos0=rc.max_prompt_len - 1,
+    mesh=exp.mesh,
+  )
+  cr = prof.prop_ref / (k * prof.fwd1)
   print(
     f'tiny default task (d_model {exp.model_cfg.d_model}, {exp.model_cfg.n_layers} layers, '
     f'V {exp.model_cfg.vocab_size}), SFT {c.sft.steps} steps ({sft_s:.0f}s), k=4, T=1, '

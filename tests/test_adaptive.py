@@ -363,6 +363,16 @@ def test_round_costs_profile_then_measured():
   assert adaptive.round_costs(mem, prof, 4, (0,), learn_online=False) == {0: 1.0}
 
 
+def test_profile_costs_never_fall_with_more_tokens():
+  """Two timed points that came out inverted (a loaded machine) must not extrapolate to
+  cheaper, or negative, longer proposals and passes (a CI run measured c = -0.12)."""
+  prof = CostProfile(batch=4, k_ref=2, fwd1=1.0, fwd_ref=0.9, prop1=0.3, prop_ref=0.1, k_prop=2)
+  assert [prof.propose(k) for k in (1, 2, 4, 8)] == [0.3] * 4
+  assert [prof.verify(k) for k in (0, 1, 4)] == [1.0] * 3
+  ok = CostProfile(batch=4, k_ref=2, fwd1=1.0, fwd_ref=1.2, prop1=0.1, prop_ref=0.2, k_prop=2)
+  assert ok.propose(4) == pytest.approx(0.4) and ok.verify(4) == pytest.approx(1.4)
+
+
 def _obs(active_start, active_end, steps=4, strategy=0, tokens=0, seconds=1.0, bucket=4):
   return ChunkObs(
     bucket=bucket,

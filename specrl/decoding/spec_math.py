@@ -183,6 +183,9 @@ class CostProfile:
   Costs at other k are linear inter/extrapolations: a forward's cost is affine in T over
   this small range, and ``propose`` is one T <= 2 step plus k - 1 T = 1 steps (so two
   points pin it down; :func:`specrl.decoding.profile.measure_profile` measures k = 1, 2).
+  Slopes are clamped at 0: more tokens never cost less, but on a loaded machine the two
+  timed points can come out inverted, and extrapolating the inverted slope gave negative
+  proposal costs (a CI run measured c = -0.12 at k = 4).
   """
 
   batch: int
@@ -195,13 +198,13 @@ class CostProfile:
 
   def verify(self, k: int) -> float:
     """Policy forward over the k + 1 verify tokens."""
-    return self.fwd1 + (self.fwd_ref - self.fwd1) * k / max(self.k_ref, 1)
+    return self.fwd1 + max(self.fwd_ref - self.fwd1, 0.0) * k / max(self.k_ref, 1)
 
   def propose(self, k: int) -> float:
     kp = self.k_prop or self.k_ref
     if kp <= 1:
       return self.prop1 * k
-    return self.prop1 + (self.prop_ref - self.prop1) * (k - 1) / (kp - 1)
+    return self.prop1 + max(self.prop_ref - self.prop1, 0.0) * (k - 1) / (kp - 1)
 
   def round(self, k: int) -> float:
     """Profiled seconds per round with k drafts (0 = plain), engine overhead excluded."""
