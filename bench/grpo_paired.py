@@ -20,9 +20,18 @@ order rotated every step; then the train step runs once. So:
 
 What this design does not show: a strategy's effect on *training* (all strategies train on
 plain's tokens; with lossless rollouts the trajectory is the same in distribution, and
-``grpo_real.py`` is the independent-runs check of held-out accuracy). Strategies whose
-drafter trains in the GRPO step (``adaptive_eagle``, mode ``cotrain``) are not available
-here; their drafter would need its own train step.
+``grpo_real.py`` is the independent-runs check of held-out accuracy).
+
+A drafter that trains in the GRPO step (``adaptive_eagle``: the eagle head, mode
+``cotrain``) trains here as cotrain trains it, on the batch the GRPO step trains on
+(plain's: the policy's own samples, the distribution its own lossless rollout has) with
+the policy's hidden states at the step's pre-update params: one ``head_update`` per step
+(:mod:`specrl.drafters.eagle_train`). Cotrain reads those hidden states from the GRPO
+loss's own forward; here they come from a separate forward that is *not* charged to the
+strategy, while the head update is (``train_extra_s``, in its whole-run seconds), as is
+its warm-up before the first GRPO step (``--eagle_warmup`` updates on the policy's
+generations; or ``--eagle_head``, a saved head). The policy's own update is the plain
+step's either way (cotrain's head reads the policy under a stop-gradient).
 
 An int8 drafter's params, derived inside the train step in a real run, are derived here by
 one jitted call per step, timed (``derive_s``) and counted in that strategy's rollout.
@@ -30,6 +39,8 @@ one jitted call per step, timed (``derive_s``) and counted in that strategy's ro
   python bench/grpo_paired.py --steps 150            # the documented run (learn config)
   python bench/grpo_paired.py --quick                # SmolLM2, 3 steps
   python bench/grpo_paired.py --tiny                 # the tiny embedded model (CI)
+  python bench/grpo_paired.py --steps 150 --strategies plain,compaction,adaptive_eagle \
+      --eagle_warmup 300 --eagle_vocab 4096          # the eagle head, cotrained
   python3 bench/grpo_paired.py --checkpoint /tmp/smollm2.gguf --max_minutes 6 \
       --rows_out $OUT/rows.jsonl                     # a GPU lease (bench/device_pack.py)
 
@@ -39,6 +50,7 @@ Prints a per-strategy summary and, as the last line, one JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -52,9 +64,17 @@ import numpy as np  # noqa: E402
 from bench import common, grpo_real  # noqa: E402
 from specrl import async_rl, evaluation, grpo_batch, train  # noqa: E402
 from specrl import multihost as mh  # noqa: E402
-from specrl.drafters import hooks  # noqa: E402
+from specrl import rl as rl_lib  # noqa: E402
+from specrl.drafters import eagle, eagle_train, hooks  # noqa: E402
 
-STRATEGIES = ('plain', 'compaction', 'adaptive_suffix', 'adaptive_suffix_tree', 'adaptive_int8')
+STRATEGIES = (
+  'plain',
+  'compaction',
+  'adaptive_suffix',
+  'adaptive_suffix_tree',
+  'adaptive_eagle',
+  'adaptive_int8',
+)
 # strategies whose rollouts are plain decoding's very tokens (README "What is exact")
 TOKEN_EXACT = ('compaction', 'adaptive_suffix_tree')
 REFERENCE = 'plain'
@@ -92,6 +112,64 @@ def rollout(exp, params, step: int, derive) -> tuple[dict, np.ndarray, dict, flo
   return batch, np.asarray(rewards), m, time.perf_counter() - t0, derive_s
 
 
+class CotrainedHead:
+  """The eagle head of a ``cotrain`` strategy, trained in the paired run as cotrain trains it
+  (module docstring): :meth:`before_rl` runs the trainer's own warm-up once (timed),
+  :meth:`update` one ``head_update`` on the GRPO batch (timed; the hidden-state forward
+  before it is not: cotrain gets it from the loss's forward). The strategy's drafter reads
+  the new head (``HeadTrainer.set_state``), and its reduced vocabulary follows the batches'
+  tokens as in a run (``observe_tokens``)."""
+
+  def __init__(self, exp):
+    self.exp, self.trainer = exp, exp.drafter_trainer
+    d = self.trainer.drafter
+    self.hidden = jax.jit(
+      lambda p, toks: eagle_train.policy_hidden(
+        p, d.model_cfg, toks, exp.mesh, **rl_lib.forward_options(exp.rl_cfg)
+      )
+    )
+    self._update = jax.jit(
+      functools.partial(
+        eagle_train.head_update,
+        cfg=d.model_cfg,
+        hcfg=d.hcfg,
+        ecfg=d.ecfg,
+        optimizer=self.trainer.optimizer,
+        mesh=exp.mesh,
+        **eagle_train.loss_options(exp.rl_cfg),
+      )
+    )
+    self.trainer.set_state(self.trainer.init_state(exp.mesh))
+
+  def before_rl(self, state, step: int) -> float:
+    """The trainer's warm-up (its config's ``warmup_steps``; none: nothing) on the policy
+    ``state.params``; seconds."""
+    t0 = time.perf_counter()
+    st = self.trainer.before_step(self.exp, state.replace(drafter=self.trainer.hstate), step)
+    jax.block_until_ready(st.drafter)
+    self.trainer.set_state(st.drafter)
+    return time.perf_counter() - t0
+
+  def update(self, params, batch: dict) -> tuple[float, dict]:
+    """One head update on ``batch`` (the GRPO step's, global) at the pre-update ``params``:
+    (seconds of the update alone, its ``head/*`` metrics)."""
+    toks, mask = batch['tokens'], batch['response_mask']
+    hidden = jax.block_until_ready(self.hidden(params, toks))
+    tr = self.trainer
+    t0 = time.perf_counter()
+    hs, m = self._update(tr.hstate, params, tr.drafter.vocab_ids, toks, hidden, mask)
+    m = jax.device_get(m)
+    secs = time.perf_counter() - t0
+    tr.set_state(hs)
+    tr.observe_tokens(toks, mask)
+    return secs, {k: float(v) for k, v in m.items()}
+
+  def save(self, path: str) -> None:
+    """The head and its reduced vocabulary as one ``.npz`` (:func:`eagle.save_head`)."""
+    d = self.trainer.drafter
+    eagle.save_head(path, d.head_params, d.vocab_ids)
+
+
 def summarize(name: str, rows: list[dict], shared: dict, ref_rows: list[dict] | None) -> dict:
   """Totals of one strategy's per-step rows, its whole-run seconds with the shared train
   and validation time, and its pairing with the reference."""
@@ -100,13 +178,15 @@ def summarize(name: str, rows: list[dict], shared: dict, ref_rows: list[dict] | 
   steady = rows[1:]
   drafted = sum(r['drafted'] for r in rows)
   accepted = sum(r['accepted'] for r in rows)
+  extra = sum(r.get('train_extra_s', 0.0) for r in rows)  # e.g. a cotrained head's updates
   out = dict(
     rollout_s=roll,
     rollout_steady_s=sum(r['rollout_s'] + r['derive_s'] - r['once_s'] for r in steady),
     derive_s=sum(r['derive_s'] for r in rows),
     once_s=once,
     engine_s=sum(r['engine_s'] for r in rows),
-    whole_run_s=roll + shared['train_s'] + shared['eval_s'],
+    train_extra_s=extra,
+    whole_run_s=roll + extra + shared['train_s'] + shared['eval_s'],
     tokens=sum(r['tokens'] for r in rows),
     alpha=accepted / drafted if drafted else None,
     reward=float(np.mean([r['reward'] for r in rows])),
@@ -151,19 +231,34 @@ def ratios(res: dict, shared: dict) -> None:
 
 
 def run(
-  base, strategies: list[str], log=print, rows_out: str = '', max_minutes: float = 0.0
+  base,
+  strategies: list[str],
+  log=print,
+  rows_out: str = '',
+  max_minutes: float = 0.0,
+  eagle_head: str = '',
+  eagle_vocab: int = 0,
+  save_head: str = '',
 ) -> tuple[dict, dict, list[dict]]:
   """The paired run. Returns (per-strategy summaries, shared train / validation totals, per-
   step rows). ``rows_out``: each step's row is appended there as a JSON line as it ends (a
   long run's record survives an interrupted run). ``max_minutes`` > 0: no step starts after
   that much wall time (a device lease); the summary covers the steps that ran
-  (``shared['steps_done']``)."""
-  exps = {s: train.build_experiment(grpo_real.strategy_config(s, base)) for s in strategies}
+  (``shared['steps_done']``). ``eagle_head`` / ``eagle_vocab``: ``adaptive_eagle``'s head
+  file and reduced vocabulary (its warm-up: ``base.drafter.eagle.warmup_steps``);
+  ``save_head``: its head and vocabulary are written there at the end (``eagle.save_head``:
+  the head the run trained, for ``--eagle_head`` / ``drafter.eagle.head_path`` elsewhere)."""
+  exps = {
+    s: train.build_experiment(grpo_real.strategy_config(s, base, eagle_head, eagle_vocab))
+    for s in strategies
+  }
   ref = exps[REFERENCE]
   derive = {
     s: jax.jit(e.drafter.params_from_policy) if hooks.derives_in_train_step(e.drafter) else None
     for s, e in exps.items()
   }
+  # drafters that train in the GRPO step (the eagle head, cotrain): trained beside the run
+  heads = {s: CotrainedHead(e) for s, e in exps.items() if e.drafter_trainer is not None}
   state = train.init_state(ref)
   fns = train.jitted_steps(ref, jax.tree.map(lambda x: x.sharding, state))
   pipeline = train.make_pipeline(ref)
@@ -185,6 +280,7 @@ def run(
       break
     params, _ = pipeline.current(state.params, step)
     load = os.getloadavg()[0]
+    warm = {s: h.before_rl(state, step) for s, h in heads.items()} if step == base.sft.steps else {}
     got = {}
     for s in rotated(strategies, step):
       batch, rewards, m, secs, dsecs = rollout(exps[s], params, step, derive[s])
@@ -209,6 +305,9 @@ def run(
       row = per[s][-1]
       row['exact_rows'] = sum(a == b for a, b in zip(row.pop('answers'), ref_answers, strict=True))
     batch, m = got[REFERENCE]
+    for s, h in heads.items():  # before the step: it donates the pre-update params
+      secs, hm = h.update(state.params, train.global_batch(ref, batch))
+      per[s][-1].update(train_extra_s=warm.get(s, 0.0) + secs, head_loss=hm.get('head/loss'))
     pipeline.queue[step] = async_rl.Rollout(step, pipeline.version, batch, m)
     state, tm = train.run_step(ref, state, step, fns, pipeline)
     ev = due(step + 1)
@@ -229,6 +328,10 @@ def run(
       + f' | reward {per[REFERENCE][-1]["reward"]:.2f} load {load:.1f}'
       + (f' | {evaluation.format_line(ev)}' if ev else '')
     )
+  for s, h in heads.items():
+    if save_head:
+      h.save(save_head)
+      log(f'{s}: head saved to {save_head}')
   shared = dict(
     wall_s=time.perf_counter() - t0,
     evals=[
@@ -281,6 +384,7 @@ def print_summary(res: dict, shared: dict) -> None:
         roll_vs_plain=r.get('rollout_ratio_vs_plain'),
         steady_vs_plain=r.get('rollout_ratio_vs_plain_steady'),
         roll_vs_compact=r.get('rollout_ratio_vs_compaction'),
+        extra_s=r.get('train_extra_s'),
         run_vs_plain=r.get('whole_run_ratio_vs_plain'),
         step_ratio=(lambda q: q and f'{q["geo_mean"]:.2f} [{q["lo"]:.2f}, {q["hi"]:.2f}]')(
           r.get('step_ratio_vs_plain')
@@ -290,7 +394,10 @@ def print_summary(res: dict, shared: dict) -> None:
         ci=rw.get('ci95'),
       )
     )
-  print('## per strategy (ratios > 1: faster than the reference; d_reward: paired vs plain, 95%)')
+  print(
+    '## per strategy (ratios > 1: faster than the reference; extra_s: train-side seconds of '
+    'the strategy only, e.g. a cotrained head; d_reward: paired vs plain, 95%)'
+  )
   common.print_table(
     [
       ('strategy', ''),
@@ -300,6 +407,7 @@ def print_summary(res: dict, shared: dict) -> None:
       ('roll_vs_plain', '.2f'),
       ('steady_vs_plain', '.2f'),
       ('roll_vs_compact', '.2f'),
+      ('extra_s', '.1f'),
       ('run_vs_plain', '.2f'),
       ('step_ratio', ''),
       ('exact_rows', '.3f'),
@@ -323,8 +431,22 @@ def main(argv=None):
   ap.add_argument('--from_rows', default='', help='only summarize a --rows_out file and exit')
   ap.add_argument('--max_minutes', type=float, default=0.0, help='start no step after this')
   ap.add_argument('--checkpoint', default='', help='model.checkpoint (and tokenizer) override')
+  ap.add_argument('--eagle_head', default='', help='adaptive_eagle: a save_head .npz to start')
+  ap.add_argument(
+    '--eagle_vocab',
+    type=int,
+    default=-1,
+    help='adaptive_eagle: reduced vocabulary (-1: 4096, tiny 0, a file: its own)',
+  )
+  ap.add_argument('--save_head', default='', help='adaptive_eagle: write the trained head here')
+  ap.add_argument(
+    '--eagle_warmup',
+    type=int,
+    default=-1,
+    help='adaptive_eagle: head updates before RL (-1: 300, tiny / with a file 0)',
+  )
   common.add_compile_cache_flag(ap)
-  args = ap.parse_args(argv)
+  args = ap.parse_args(argv)  # fmt: skip
   if args.from_rows:  # a summary of a rows file, e.g. of a run still going
     with open(args.from_rows) as f:
       rows = [json.loads(line) for line in f if line.strip()]
@@ -352,6 +474,16 @@ def main(argv=None):
     if args.quick:
       base.eval.update(every=0, prompts=16)
   base.seed = args.seed
+  eagle_vocab = args.eagle_vocab
+  if 'adaptive_eagle' in strategies:
+    if args.eagle_head:
+      n, why = grpo_real.head_vocab(args.eagle_head, base)
+      if why:
+        raise SystemExit(f'--eagle_head: {why}')
+      eagle_vocab = n if eagle_vocab < 0 else eagle_vocab
+    fresh_default = 0 if (args.tiny or args.eagle_head) else 300
+    base.drafter.eagle.warmup_steps = fresh_default if args.eagle_warmup < 0 else args.eagle_warmup
+    eagle_vocab = (0 if args.tiny else 4096) if eagle_vocab < 0 else eagle_vocab
   if mh.is_multiprocess():
     raise SystemExit('bench/grpo_paired.py runs in one process')
   info = common.device_info()
@@ -365,7 +497,8 @@ def main(argv=None):
   )
   res, shared, steps = run(
     base, strategies, log=lambda s: print(s, flush=True), rows_out=args.rows_out,
-    max_minutes=args.max_minutes,
+    max_minutes=args.max_minutes, eagle_head=args.eagle_head, eagle_vocab=max(eagle_vocab, 0),
+    save_head=args.save_head,
   )  # fmt: skip
   print_summary(res, shared)
   out = dict(
@@ -384,6 +517,10 @@ def main(argv=None):
     shared=shared,
     results=res,
   )
+  if 'adaptive_eagle' in strategies:
+    out['eagle'] = dict(
+      head=args.eagle_head, vocab=eagle_vocab, warmup_steps=base.drafter.eagle.warmup_steps
+    )
   if args.json_out:
     with open(args.json_out, 'w') as f:
       json.dump(common.rounded(out | dict(per_step=steps)), f, indent=1)

@@ -1,17 +1,20 @@
 """bench/grpo_real.py and bench/grpo_paired.py at CI size: the tiny embedded model on the
 arith task, two GRPO steps; their JSON lines have every field. Plain and adaptive + suffix
 (a model-free drafter: the per-bucket acceptance without a second model to compile) in
-independent runs, plain, compaction only and suffix trees in the paired run keep it short;
-the eagle and int8 strategies share every code path of the benches but the drafter's
-name. The real-model runs are benchmarks, not tests."""
+independent runs, plain, compaction only, suffix trees and the cotrained eagle head (its own
+head update per step) in the paired run keep it short; the int8 strategy shares every code
+path of the benches but the drafter's name. The real-model runs are benchmarks, not
+tests."""
 
 import json
 
 import jax
+import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from bench import grpo_paired, grpo_real
+from specrl import train
 
 
 @pytest.fixture(scope='module')
@@ -92,12 +95,14 @@ def test_missing_head_file_is_skipped_with_a_reason(capsys, tmp_path, cache):
 
 def test_tiny_paired_run_times_every_strategy_on_one_run(capsys, tmp_path, cache):
   """bench/grpo_paired.py: every strategy rolls out every step on the trained params; the
-  token-exact ones emit plain's very tokens in every row (checked on the run itself)."""
-  strategies = ['plain', 'compaction', 'adaptive_suffix_tree']
+  token-exact ones emit plain's very tokens in every row (checked on the run itself); the
+  cotrained eagle head updates once per step, charged to its whole run only."""
+  strategies = ['plain', 'compaction', 'adaptive_suffix_tree', 'adaptive_eagle']
   rows_out = tmp_path / 'rows.jsonl'
   grpo_paired.main(
-    ['--tiny', '--steps', '2', '--strategies', 'compaction,plain,adaptive_suffix_tree',
-     '--rows_out', str(rows_out), '--compile_cache', cache]
+    ['--tiny', '--steps', '2', '--strategies', 'compaction,plain,adaptive_suffix_tree,'
+     'adaptive_eagle', '--rows_out', str(rows_out), '--save_head', str(tmp_path / 'head.npz'),
+     '--compile_cache', cache]
   )  # fmt: skip
   res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert res['bench'] == 'grpo_paired' and res['steps'] == 2
@@ -107,15 +112,22 @@ def test_tiny_paired_run_times_every_strategy_on_one_run(capsys, tmp_path, cache
   assert [e['step'] for e in shared['evals']] == [0, 2]
   for name, r in res['results'].items():
     assert r['rollout_s'] > 0 and r['tokens'] > 0
-    whole = r['rollout_s'] + shared['train_s'] + shared['eval_s']
+    whole = r['rollout_s'] + r['train_extra_s'] + shared['train_s'] + shared['eval_s']
     assert r['whole_run_s'] == pytest.approx(whole, rel=1e-3)  # the JSON rounds
-    if name != 'plain':
+    assert (r['train_extra_s'] > 0) == (name == 'adaptive_eagle'), name
+    if name in grpo_paired.TOKEN_EXACT:
       assert r['exact_rows'] == 1.0 and r['lossless'], name
       assert r['reward_vs_plain']['diff'] == 0.0
+    if name != 'plain':
       assert r['rollout_ratio_vs_plain'] > 0 and r['whole_run_ratio_vs_plain'] > 0
+  assert res['eagle'] == dict(head='', vocab=0, warmup_steps=0)
   rows = [json.loads(line) for line in rows_out.read_text().splitlines()]
   assert [r['step'] for r in rows] == [0, 1]
   assert all(r[s]['rows'] == 8 for r in rows for s in strategies)
+  # the head trained once per step (its loss on the step's batch), beside the run
+  assert all(r['adaptive_eagle']['head_loss'] > 0 for r in rows)
+  with np.load(tmp_path / 'head.npz') as saved:  # the trained head, for --eagle_head
+    assert len(saved.files) > 3
   # the rows file alone gives the run's summary back (as for a run still going)
   grpo_paired.main(['--from_rows', str(rows_out)])
   again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -151,3 +163,28 @@ def test_paired_summary_flags_a_strategy_that_is_not_lossless():
   ]
   higher = grpo_paired.summarize('adaptive_int8', rows([0.9, 0.7, 1.0, 0.6], [0] * 4), shared, ref)
   assert not higher['reward_vs_plain']['agrees'] and not higher['lossless']
+
+
+def test_cotrained_head_trains_the_strategys_drafter():
+  """``grpo_paired.CotrainedHead``: one head update on a GRPO batch moves the head the
+  strategy's drafter proposes with, and is timed."""
+  exp = train.build_experiment(
+    grpo_real.strategy_config('adaptive_eagle', grpo_real.tiny_config(1))
+  )
+  head = grpo_paired.CotrainedHead(exp)
+  state = train.init_state(exp)
+  before = jax.tree.map(np.asarray, exp.drafter.head_params)
+  s = exp.rollout_cfg.seq_len
+  toks = np.random.RandomState(0).randint(3, 90, (8, s)).astype(np.int32)
+  mask = np.zeros((8, s), np.float32)
+  mask[:, 6:] = 1.0
+  secs, m = head.update(
+    state.params, train.global_batch(exp, {'tokens': toks, 'response_mask': mask})
+  )
+  assert secs > 0 and m['head/loss'] > 0
+  assert int(head.trainer.hstate.step) == 1
+  assert exp.drafter.head_params is head.trainer.hstate.params
+  moved = jax.tree.map(
+    lambda a, b: float(np.abs(np.asarray(a) - b).max()), exp.drafter.head_params, before
+  )
+  assert max(jax.tree.leaves(moved)) > 0
