@@ -24,9 +24,13 @@ def cells(files: dict, letter: str) -> dict:
 
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
-  """One real ``--cpu_smoke`` run of every section (tiny shapes; ~30 s on 2 cores)."""
+  """One real ``--cpu_smoke`` run of every section (tiny shapes; ~30 s on 2 idle cores, 133 s
+  beside a benchmark). Budgets far above that: the test asserts that no cell was skipped, and
+  budget skipping has its own test below; a slow machine must not turn into a failure."""
   out = tmp_path_factory.mktemp('suite')
-  assert ds.main(['--cpu_smoke', '--out', str(out), '--compile_cache', '']) == 0
+  budgets = ','.join(f'{k}=600' for k in ds.SMOKE.budgets)
+  argv = ['--cpu_smoke', '--out', str(out), '--compile_cache', '', '--budget_s', '3600']
+  assert ds.main([*argv, '--section_budgets', budgets]) == 0
   return out
 
 
@@ -41,7 +45,7 @@ def test_cpu_smoke_runs_every_section_into_four_files(smoke):
       assert ds.SECTIONS[letter][1] == f['file']
       assert sec['counts']['error'] == 0, sec
       assert not [k for k, r in sec['cells'].items() if r.get('skipped') == 'budget'], sec
-      assert sec['spent_s'] <= sec['budget_s'] + 60
+      assert sec['spent_s'] <= sec['budget_s']
   g = ds.SMOKE
   a = cells(files, 'a')
   assert len(a) == len(g.new_tokens) * len(g.batches)
