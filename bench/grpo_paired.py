@@ -186,6 +186,8 @@ def summarize(name: str, rows: list[dict], shared: dict, ref_rows: list[dict] | 
     once_s=once,
     engine_s=sum(r['engine_s'] for r in rows),
     train_extra_s=extra,
+    # steps after the first: no warm-up, no compile of the head's update
+    train_extra_steady_s=sum(r.get('train_extra_s', 0.0) for r in steady),
     whole_run_s=roll + extra + shared['train_s'] + shared['eval_s'],
     tokens=sum(r['tokens'] for r in rows),
     alpha=accepted / drafted if drafted else None,

@@ -115,6 +115,7 @@ def test_tiny_paired_run_times_every_strategy_on_one_run(capsys, tmp_path, cache
     whole = r['rollout_s'] + r['train_extra_s'] + shared['train_s'] + shared['eval_s']
     assert r['whole_run_s'] == pytest.approx(whole, rel=1e-3)  # the JSON rounds
     assert (r['train_extra_s'] > 0) == (name == 'adaptive_eagle'), name
+    assert 0 <= r['train_extra_steady_s'] <= r['train_extra_s']
     if name in grpo_paired.TOKEN_EXACT:
       assert r['exact_rows'] == 1.0 and r['lossless'], name
       assert r['reward_vs_plain']['diff'] == 0.0
