@@ -170,6 +170,24 @@ class CotrainedHead:
     eagle.save_head(path, d.head_params, d.vocab_ids)
 
 
+def step_ratio(rows: list[dict], ref_rows: list[dict]) -> dict | None:
+  """The per-step speed ratio ``ref / own`` (steps after the first, one-off seconds out):
+  its geometric mean and 95% interval over the paired steps; None under two steps."""
+
+  def steady(r):
+    return r['rollout_s'] + r['derive_s'] - r['once_s']
+
+  logs = [
+    np.log(steady(q) / steady(r))
+    for r, q in zip(rows[1:], ref_rows[1:], strict=True)
+    if steady(r) > 0 and steady(q) > 0
+  ]
+  if len(logs) < 2:
+    return None
+  m, h = evaluation.mean_ci(logs)
+  return dict(geo_mean=np.exp(m), lo=np.exp(m - h), hi=np.exp(m + h))
+
+
 def summarize(name: str, rows: list[dict], shared: dict, ref_rows: list[dict] | None) -> dict:
   """Totals of one strategy's per-step rows, its whole-run seconds with the shared train
   and validation time, and its pairing with the reference."""
@@ -196,16 +214,9 @@ def summarize(name: str, rows: list[dict], shared: dict, ref_rows: list[dict] | 
   if ref_rows is not None:
     n = sum(r['rows'] for r in rows)
     out['exact_rows'] = sum(r['exact_rows'] for r in rows) / n if n else None
-    # per-step speed ratio vs plain (steps after the first, one-off seconds out): the
-    # geometric mean and its 95% interval over the paired steps
-    logs = [
-      np.log((q['rollout_s'] + q['derive_s'] - q['once_s']) / own)
-      for r, q in zip(rows[1:], ref_rows[1:], strict=True)
-      if (own := r['rollout_s'] + r['derive_s'] - r['once_s']) > 0
-    ]
-    if len(logs) > 1:
-      m, h = evaluation.mean_ci(logs)
-      out['step_ratio_vs_plain'] = dict(geo_mean=np.exp(m), lo=np.exp(m - h), hi=np.exp(m + h))
+    ratio = step_ratio(rows, ref_rows)
+    if ratio is not None:
+      out['step_ratio_vs_plain'] = ratio
     diffs = [r['reward'] - q['reward'] for r, q in zip(rows, ref_rows, strict=True)]
     d, ci = evaluation.mean_ci(diffs)
     out['reward_vs_plain'] = dict(diff=d, ci95=ci, agrees=bool(abs(d) <= ci or d == 0.0))
@@ -364,8 +375,18 @@ def results(rows: list[dict]) -> tuple[dict, dict]:
   res = {
     s: summarize(s, per[s], shared, None if s == REFERENCE else per[REFERENCE]) for s in strategies
   }
+  if 'compaction' in per:  # what speculation adds on top of compaction, step by step
+    for s in strategies:
+      ratio = None if s in (REFERENCE, 'compaction') else step_ratio(per[s], per['compaction'])
+      if ratio is not None:
+        res[s]['step_ratio_vs_compaction'] = ratio
   ratios(res, shared)
   return res, shared
+
+
+def interval(q: dict | None) -> str | None:
+  """'geo [lo, hi]' of a :func:`step_ratio`."""
+  return q and f'{q["geo_mean"]:.2f} [{q["lo"]:.2f}, {q["hi"]:.2f}]'
 
 
 def print_summary(res: dict, shared: dict) -> None:
@@ -386,11 +407,11 @@ def print_summary(res: dict, shared: dict) -> None:
         roll_vs_plain=r.get('rollout_ratio_vs_plain'),
         steady_vs_plain=r.get('rollout_ratio_vs_plain_steady'),
         roll_vs_compact=r.get('rollout_ratio_vs_compaction'),
+        steady_vs_compact=r.get('rollout_ratio_vs_compaction_steady'),
         extra_s=r.get('train_extra_s'),
         run_vs_plain=r.get('whole_run_ratio_vs_plain'),
-        step_ratio=(lambda q: q and f'{q["geo_mean"]:.2f} [{q["lo"]:.2f}, {q["hi"]:.2f}]')(
-          r.get('step_ratio_vs_plain')
-        ),
+        step_ratio=interval(r.get('step_ratio_vs_plain')),
+        step_vs_compact=interval(r.get('step_ratio_vs_compaction')),
         exact_rows=r.get('exact_rows'),
         d_reward=rw.get('diff'),
         ci=rw.get('ci95'),
@@ -409,9 +430,11 @@ def print_summary(res: dict, shared: dict) -> None:
       ('roll_vs_plain', '.2f'),
       ('steady_vs_plain', '.2f'),
       ('roll_vs_compact', '.2f'),
+      ('steady_vs_compact', '.2f'),
       ('extra_s', '.1f'),
       ('run_vs_plain', '.2f'),
       ('step_ratio', ''),
+      ('step_vs_compact', ''),
       ('exact_rows', '.3f'),
       ('d_reward', '+.3f'),
       ('ci', '.3f'),

@@ -189,3 +189,27 @@ def test_cotrained_head_trains_the_strategys_drafter():
     lambda a, b: float(np.abs(np.asarray(a) - b).max()), exp.drafter.head_params, before
   )
   assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_paired_results_give_per_step_ratios_vs_plain_and_vs_compaction():
+  """``results``: per-step geometric-mean ratios with their interval, the first step (compiles)
+  left out, vs plain and vs compaction (what speculation adds on top of compaction)."""
+
+  def strat(secs, once=0.0):
+    return dict(rollout_s=secs, derive_s=0.0, once_s=once, engine_s=secs, tokens=8,
+                drafted=4.0, accepted=2.0, reward=0.5, rows=4, exact_rows=4)  # fmt: skip
+
+  once = [9.0, 0.0, 0.0, 0.0, 0.0]  # the first step's compiles
+  rows = [
+    dict(step=i, train_s=1.0, eval_s=0.0, load=1.0, plain=strat(2.0 * f),
+         compaction=strat(1.6 * f), adaptive_eagle=strat(1.6 * f / 1.1 + once[i], once[i]))
+    for i, f in enumerate([1.0, 1.0, 2.0, 0.5, 1.5])
+  ]  # fmt: skip
+  res, shared = grpo_paired.results(rows)
+  e = res['adaptive_eagle']
+  assert e['step_ratio_vs_compaction']['geo_mean'] == pytest.approx(1.1)
+  assert e['step_ratio_vs_plain']['geo_mean'] == pytest.approx(1.1 * 2.0 / 1.6)
+  assert e['step_ratio_vs_compaction']['lo'] <= 1.1 <= e['step_ratio_vs_compaction']['hi']
+  assert 'step_ratio_vs_compaction' not in res['compaction']
+  assert e['rollout_ratio_vs_compaction'] < 1.0 < e['rollout_ratio_vs_compaction_steady']
+  assert shared['steps_done'] == 5
