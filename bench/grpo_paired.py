@@ -67,14 +67,7 @@ from specrl import multihost as mh  # noqa: E402
 from specrl import rl as rl_lib  # noqa: E402
 from specrl.drafters import eagle, eagle_train, hooks  # noqa: E402
 
-STRATEGIES = (
-  'plain',
-  'compaction',
-  'adaptive_suffix',
-  'adaptive_suffix_tree',
-  'adaptive_eagle',
-  'adaptive_int8',
-)
+STRATEGIES = grpo_real.STRATEGIES  # the same strategies as the one-run-each bench
 # strategies whose rollouts are plain decoding's very tokens (README "What is exact")
 TOKEN_EXACT = ('compaction', 'adaptive_suffix_tree')
 REFERENCE = 'plain'
@@ -170,13 +163,14 @@ class CotrainedHead:
     eagle.save_head(path, d.head_params, d.vocab_ids)
 
 
+def steady(r: dict) -> float:
+  """A strategy's rollout seconds at one step without the one-off ones (compiles, profiles)."""
+  return r['rollout_s'] + r['derive_s'] - r['once_s']
+
+
 def step_ratio(rows: list[dict], ref_rows: list[dict]) -> dict | None:
   """The per-step speed ratio ``ref / own`` (steps after the first, one-off seconds out):
   its geometric mean and 95% interval over the paired steps; None under two steps."""
-
-  def steady(r):
-    return r['rollout_s'] + r['derive_s'] - r['once_s']
-
   logs = [
     np.log(steady(q) / steady(r))
     for r, q in zip(rows[1:], ref_rows[1:], strict=True)
@@ -193,19 +187,19 @@ def summarize(name: str, rows: list[dict], shared: dict, ref_rows: list[dict] | 
   and validation time, and its pairing with the reference."""
   roll = sum(r['rollout_s'] + r['derive_s'] for r in rows)
   once = sum(r['once_s'] for r in rows)
-  steady = rows[1:]
+  later = rows[1:]  # steps after the first (its compiles, a warm-up)
   drafted = sum(r['drafted'] for r in rows)
   accepted = sum(r['accepted'] for r in rows)
   extra = sum(r.get('train_extra_s', 0.0) for r in rows)  # e.g. a cotrained head's updates
   out = dict(
     rollout_s=roll,
-    rollout_steady_s=sum(r['rollout_s'] + r['derive_s'] - r['once_s'] for r in steady),
+    rollout_steady_s=sum(steady(r) for r in later),
     derive_s=sum(r['derive_s'] for r in rows),
     once_s=once,
     engine_s=sum(r['engine_s'] for r in rows),
     train_extra_s=extra,
     # steps after the first: no warm-up, no compile of the head's update
-    train_extra_steady_s=sum(r.get('train_extra_s', 0.0) for r in steady),
+    train_extra_steady_s=sum(r.get('train_extra_s', 0.0) for r in later),
     whole_run_s=roll + extra + shared['train_s'] + shared['eval_s'],
     tokens=sum(r['tokens'] for r in rows),
     alpha=accepted / drafted if drafted else None,
