@@ -14,6 +14,11 @@ os.environ['XLA_FLAGS'] = (
   ' --xla_llvm_disable_expensive_passes=true'
 )
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import xla_env  # noqa: E402  (no jax import: env first)
+
+if 'SPECRL_TEST_LEGACY_EMITTERS' not in os.environ:  # probed once, by the controller
+  os.environ['SPECRL_TEST_LEGACY_EMITTERS'] = '1' if xla_env.accepts_legacy_emitters() else '0'
+
 
 # One persistent XLA compilation cache per test run, fresh each run (no result depends on
 # an earlier run) and shared by the xdist workers (they inherit the controller's
@@ -29,6 +34,12 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
   if importlib.util.find_spec('filelock') is not None:
     os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 << 30))
+
+# The benchmarks' own cache flag (bench/common.py, ``--compile_cache``, default a fixed
+# /tmp dir shared across runs) defaults to this run's cache too: a bench test calling its
+# ``main`` in-process must not move the worker's cache out of the run's (results would then
+# depend on earlier runs, and the rest of the worker's tests would compile afresh).
+os.environ['SPECRL_JAX_CACHE'] = os.environ.get('JAX_COMPILATION_CACHE_DIR', '')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -37,6 +37,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.xla_env import compile_bound_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CHECK = os.path.join(HERE, 'multihost_check.py')
@@ -127,7 +129,8 @@ def test_two_processes_match_one_and_survive_a_killed_process(tmp_path):
   # the 2 x 4 launches share a persistent compilation cache: the relaunch compiles nothing
   # XLA's backend optimizations off (LLVM -O0): these runs are compile-bound (a third less
   # CPU time); both sides of every comparison run with the same flags
-  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  # and with the legacy fusion emitters (tests/xla_env.py)
+  env = compile_bound_env(dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1'))
   env2 = dict(env, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'))
   env2['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
