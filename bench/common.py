@@ -28,6 +28,7 @@ import numpy as np
 from specrl import adaptive, tasks
 from specrl import rollout as rollout_lib
 from specrl.checkpoints import pretrained
+from specrl.decoding import profile as profile_lib
 from specrl.sampling import SamplingParams
 
 
@@ -65,29 +66,9 @@ def median_ms(fn: Callable, *args, warmup: int = 1, iters: int = 5, **kwargs) ->
   return 1e3 * median_time(fn, *args, warmup=warmup, iters=iters, **kwargs)
 
 
-def interleaved_medians(
-  fns: dict[Any, Callable[[], Any]], warmup: int = 1, iters: int | dict[Any, int] = 5
-) -> dict[Any, float]:
-  """Median wall seconds of each no-argument callable, timed round-robin.
-
-  Calling ``a, b, c, a, b, c, ...`` rather than ``a, a, a, b, b, b, ...`` exposes every
-  callable to the same background load, so ratios between them stay meaningful on a
-  shared or throttling machine. ``warmup`` untimed rounds come first (compilation).
-  ``iters`` may be a per-name dict: a callable with fewer calls than the longest is
-  called in evenly spread rounds.
-  """
-  counts = {name: iters[name] if isinstance(iters, dict) else iters for name in fns}
-  for _ in range(warmup):
-    for fn in fns.values():
-      jax.block_until_ready(fn())
-  rounds = max(counts.values(), default=0)
-  times: dict[Any, list[float]] = {name: [] for name in fns}
-  for r in range(rounds):
-    for name, fn in fns.items():
-      n = counts[name]
-      if (r + 1) * n // rounds > r * n // rounds:
-        times[name].append(time_call(fn))
-  return {name: statistics.median(t) for name, t in times.items()}
+# Round-robin medians (``a, b, c, a, b, c, ...``): the library's, which the adaptive
+# engine's cost profile uses too.
+interleaved_medians = profile_lib.interleaved_medians
 
 
 def add_compile_cache_flag(ap) -> None:

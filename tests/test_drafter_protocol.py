@@ -292,3 +292,37 @@ def test_cost_profiler_times_the_decode_loops_layer_layout(unroll, fuse, monkeyp
   assert any(seen) == all(seen)
   want = steps.fuse_default() if fuse is None else fuse
   assert fused and all(f == want for f in fused), fused
+
+
+def test_cost_profile_times_its_units_round_robin(monkeypatch):
+  """v = fwd_ref / fwd1 and c = prop / fwd1 are ratios, so the profile times its units
+  interleaved (a, b, c, d, a, b, c, d, ...): a change of machine load between units cannot
+  skew them (timed one unit after the other, SmolLM2's v once came out 1.22 where a
+  rollout's rounds cost 1.87 plain steps)."""
+  from specrl.decoding import profile
+
+  order = []
+  real_call = profile.LoopTimer.__call__
+
+  def spy(self):
+    order.append(id(self))
+    return real_call(self)
+
+  monkeypatch.setattr(profile.LoopTimer, '__call__', spy)
+  prof = profile.measure_profile(
+    CFG, PARAMS, RecordingDrafter(), None, batch=2, buffer_len=24, k_ref=3,
+    sp=SamplingParams(), max_prompt_len=8, reps=1, iters=3,
+  )  # fmt: skip
+  units = list(dict.fromkeys(order))
+  assert len(units) == 4  # fwd1, fwd_ref (k_ref + 1 tokens), prop at k = 1 and k_prop = 2
+  assert order == units * 4  # one warm-up round, then 3 timed rounds of every unit
+  assert prof.k_prop == 2 and min(prof.fwd1, prof.fwd_ref, prof.prop1, prof.prop_ref) > 0
+
+
+def test_interleaved_medians_spread_a_units_fewer_calls_evenly():
+  from specrl.decoding import profile
+
+  calls = []
+  fns = {n: (lambda n=n: calls.append(n) or jnp.zeros(())) for n in 'ab'}
+  med = profile.interleaved_medians(fns, warmup=1, iters={'a': 4, 'b': 2})
+  assert calls == ['a', 'b', 'a', 'a', 'b', 'a', 'a', 'b'] and sorted(med) == ['a', 'b']

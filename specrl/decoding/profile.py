@@ -4,7 +4,8 @@ draft/verify time estimates and the benchmarks all time steps here.
 Steps inside a ``while_loop`` cannot be timed one by one, so unit costs are measured on
 inputs of the real shapes: each timed call runs ``reps`` steps in a jitted ``fori_loop``
 with the cache carried and donated (no per-call dispatch, host sync or cache copy, as inside
-the rollout's loop; :class:`LoopTimer`), and the median of ``iters`` calls is taken.
+the rollout's loop; :class:`LoopTimer`), and the median of ``iters`` calls is taken, the
+units of one profile timed round-robin (:func:`interleaved_medians`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,33 @@ def median_seconds(fn, *args, iters: int = 3) -> float:
     jax.block_until_ready(fn(*args))
     ts.append(time.perf_counter() - t0)
   return statistics.median(ts)
+
+
+def interleaved_medians(fns: dict, warmup: int = 1, iters: int | dict = 5) -> dict:
+  """Median wall seconds of each no-argument callable (outputs blocked on), timed
+  round-robin.
+
+  Calling ``a, b, c, a, b, c, ...`` rather than ``a, a, a, b, b, b, ...`` exposes every
+  callable to the same background load, so ratios between them stay meaningful on a
+  shared or throttling machine (a plain step timed in a quiet minute and a verify pass in a
+  busy one once gave the adaptive engine v = 1.22 where a rollout's rounds cost 1.87 plain
+  steps). ``warmup`` untimed rounds come first (compilation). ``iters`` may be a per-name
+  dict: a callable with fewer calls than the longest is called in evenly spread rounds.
+  """
+  counts = {name: iters[name] if isinstance(iters, dict) else iters for name in fns}
+  for _ in range(warmup):
+    for fn in fns.values():
+      jax.block_until_ready(fn())
+  rounds = max(counts.values(), default=0)
+  times: dict = {name: [] for name in fns}
+  for r in range(rounds):
+    for name, fn in fns.items():
+      n = counts[name]
+      if (r + 1) * n // rounds > r * n // rounds:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 class LoopTimer:
@@ -232,45 +260,53 @@ def measure_profile(
   ``rollout.fuse_matmuls``): time the fused q/k/v and gate/up matmuls, as the loop runs."""
   pos0 = buffer_len // 2 if pos0 is None else pos0
   fwd_params = loop_params_jit(params, unroll_layers, fuse, mesh)
-
-  def timed(fn, fixed, carried):
-    return median_seconds(LoopTimer(fn, fixed, carried, reps), iters=iters) / reps
+  speculative = drafter is not None and k_ref >= 1
+  kp = (min(k_ref, 2) if k_prop is None else k_prop) if speculative else 0
+  if speculative and not 1 <= kp <= k_ref:
+    raise ValueError(f'k_prop={kp} must be in [1, k_ref={k_ref}]')
 
   def fresh_cache():
     return model_lib.init_cache(cfg, batch, buffer_len)
 
-  fwd1 = timed(forward_loop(cfg, batch, 1, pos0, reps, mesh), (fwd_params,), (fresh_cache(),))
-  if drafter is None or k_ref < 1:
+  def fwd_timer(t):
+    return LoopTimer(
+      forward_loop(cfg, batch, t, pos0, reps, mesh), (fwd_params,), (fresh_cache(),), reps
+    )
+
+  # every unit built first, then timed round-robin (interleaved_medians): v = fwd_ref / fwd1
+  # and c = prop / fwd1 are ratios of calls that saw the same background load
+  timers = {'fwd1': fwd_timer(1)}
+  if speculative:
+    timers['fwd_ref'] = fwd_timer(k_ref + 1)
+    dstate_abs = jax.eval_shape(
+      lambda dp: drafter.prefill(
+        dp,
+        jnp.zeros((batch, max_prompt_len), jnp.int32),
+        jnp.ones((batch,), jnp.int32),
+        buffer_len,
+        mesh=mesh,
+      ),
+      draft_params,
+    )
+    seq = jnp.full((batch, buffer_len), 3, jnp.int32)
+    pos = jnp.full((batch,), pos0, jnp.int32)
+
+    def prop_timer(k):
+      dstate = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), dstate_abs)
+      if tree_depth is not None and hasattr(drafter, 'propose_tree'):
+        fn = tree_propose_loop(drafter, k + 1, tree_depth, sp, reps, mesh, hidden_dim=cfg.d_model)
+      else:
+        fn = propose_loop(drafter, k, sp, reps, mesh, hidden_dim=cfg.d_model)
+      return LoopTimer(fn, (draft_params, seq, pos), (dstate, fresh_cache()), reps)
+
+    timers['prop1'] = prop_timer(1)
+    if kp > 1:
+      timers['prop_ref'] = prop_timer(kp)
+  sec = {name: t / reps for name, t in interleaved_medians(timers, iters=iters).items()}
+  if not speculative:
+    fwd1 = sec['fwd1']
     return CostProfile(batch=batch, k_ref=0, fwd1=fwd1, fwd_ref=fwd1, prop1=0.0, prop_ref=0.0)
-  fwd_ref = timed(
-    forward_loop(cfg, batch, k_ref + 1, pos0, reps, mesh), (fwd_params,), (fresh_cache(),)
-  )
-  dstate_abs = jax.eval_shape(
-    lambda dp: drafter.prefill(
-      dp,
-      jnp.zeros((batch, max_prompt_len), jnp.int32),
-      jnp.ones((batch,), jnp.int32),
-      buffer_len,
-      mesh=mesh,
-    ),
-    draft_params,
-  )
-  seq = jnp.full((batch, buffer_len), 3, jnp.int32)
-  pos = jnp.full((batch,), pos0, jnp.int32)
-
-  def prop(k):
-    dstate = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), dstate_abs)
-    if tree_depth is not None and hasattr(drafter, 'propose_tree'):
-      fn = tree_propose_loop(drafter, k + 1, tree_depth, sp, reps, mesh, hidden_dim=cfg.d_model)
-    else:
-      fn = propose_loop(drafter, k, sp, reps, mesh, hidden_dim=cfg.d_model)
-    return timed(fn, (draft_params, seq, pos), (dstate, fresh_cache()))
-
-  prop1 = prop(1)
-  kp = min(k_ref, 2) if k_prop is None else k_prop
-  if not 1 <= kp <= k_ref:
-    raise ValueError(f'k_prop={kp} must be in [1, k_ref={k_ref}]')
-  prop_ref = prop(kp) if kp > 1 else prop1
   return CostProfile(
-    batch=batch, k_ref=k_ref, fwd1=fwd1, fwd_ref=fwd_ref, prop1=prop1, prop_ref=prop_ref, k_prop=kp
-  )
+    batch=batch, k_ref=k_ref, fwd1=sec['fwd1'], fwd_ref=sec['fwd_ref'], prop1=sec['prop1'],
+    prop_ref=sec.get('prop_ref', sec['prop1']), k_prop=kp,
+  )  # fmt: skip
