@@ -298,7 +298,8 @@ def test_cost_profile_times_its_units_round_robin(monkeypatch):
   """v = fwd_ref / fwd1 and c = prop / fwd1 are ratios, so the profile times its units
   interleaved (a, b, c, d, a, b, c, d, ...): a change of machine load between units cannot
   skew them (timed one unit after the other, SmolLM2's v once came out 1.22 where a
-  rollout's rounds cost 1.87 plain steps)."""
+  rollout's rounds cost 1.87 plain steps). All alive at once, they share one policy cache
+  (on a device a rollout-sized cache each would be 4x the memory)."""
   from specrl.decoding import profile
 
   order = []
@@ -309,6 +310,11 @@ def test_cost_profile_times_its_units_round_robin(monkeypatch):
     return real_call(self)
 
   monkeypatch.setattr(profile.LoopTimer, '__call__', spy)
+  caches = []
+  real_init = model_lib.init_cache
+  monkeypatch.setattr(
+    model_lib, 'init_cache', lambda *a, **k: caches.append(a) or real_init(*a, **k)
+  )
   prof = profile.measure_profile(
     CFG, PARAMS, RecordingDrafter(), None, batch=2, buffer_len=24, k_ref=3,
     sp=SamplingParams(), max_prompt_len=8, reps=1, iters=3,
@@ -316,6 +322,7 @@ def test_cost_profile_times_its_units_round_robin(monkeypatch):
   units = list(dict.fromkeys(order))
   assert len(units) == 4  # fwd1, fwd_ref (k_ref + 1 tokens), prop at k = 1 and k_prop = 2
   assert order == units * 4  # one warm-up round, then 3 timed rounds of every unit
+  assert len(caches) == 1  # the units pass one policy cache along (CarryCell), not one each
   assert prof.k_prop == 2 and min(prof.fwd1, prof.fwd_ref, prof.prop1, prof.prop_ref) > 0
 
 

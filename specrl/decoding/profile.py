@@ -69,19 +69,35 @@ def interleaved_medians(fns: dict, warmup: int = 1, iters: int | dict = 5) -> di
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+class CarryCell:
+  """One carried value (a KV cache) that several :class:`LoopTimer` s pass along: each call
+  donates it and stores the updated one back. Its contents never matter to a timing (the
+  shapes fix the work), only that it is not held once per timer."""
+
+  def __init__(self, value):
+    self.value = value
+
+
 class LoopTimer:
   """A jitted ``fn(*fixed, *carried) -> (out, *carried)`` called again and again with its
   carried state (KV caches, drafter state) donated and fed back, so it is updated in place
   as inside the rollout's ``while_loop``. ``timer()`` runs one call (``reps`` steps) and
-  returns ``out`` (block on it to time)."""
+  returns ``out`` (block on it to time).
 
-  def __init__(self, fn, fixed, carried, reps: int):
-    n = len(fixed)
-    self.fn = jax.jit(fn, donate_argnums=tuple(range(n, n + len(carried))))
-    self.fixed, self.carried, self.reps = tuple(fixed), tuple(carried), reps
+  With ``cell`` (a :class:`CarryCell`), the last carried value is not the timer's own: it
+  is taken from the cell and put back after the call, so timers interleaved on one cell
+  (:func:`measure_profile`) hold one KV cache between them, not one each."""
+
+  def __init__(self, fn, fixed, carried, reps: int, cell: CarryCell | None = None):
+    n, m = len(fixed), len(carried) + (cell is not None)
+    self.fn = jax.jit(fn, donate_argnums=tuple(range(n, n + m)))
+    self.fixed, self.carried, self.reps, self.cell = tuple(fixed), tuple(carried), reps, cell
 
   def __call__(self):
-    out, *carried = self.fn(*self.fixed, *self.carried)
+    shared = () if self.cell is None else (self.cell.value,)
+    out, *carried = self.fn(*self.fixed, *self.carried, *shared)
+    if self.cell is not None:
+      *carried, self.cell.value = carried
     self.carried = tuple(carried)
     return out
 
@@ -265,13 +281,11 @@ def measure_profile(
   if speculative and not 1 <= kp <= k_ref:
     raise ValueError(f'k_prop={kp} must be in [1, k_ref={k_ref}]')
 
-  def fresh_cache():
-    return model_lib.init_cache(cfg, batch, buffer_len)
+  # every unit carries the one policy cache of this cell (as big as the rollout's own)
+  cell = CarryCell(model_lib.init_cache(cfg, batch, buffer_len))
 
   def fwd_timer(t):
-    return LoopTimer(
-      forward_loop(cfg, batch, t, pos0, reps, mesh), (fwd_params,), (fresh_cache(),), reps
-    )
+    return LoopTimer(forward_loop(cfg, batch, t, pos0, reps, mesh), (fwd_params,), (), reps, cell)
 
   # every unit built first, then timed round-robin (interleaved_medians): v = fwd_ref / fwd1
   # and c = prop / fwd1 are ratios of calls that saw the same background load
@@ -297,7 +311,7 @@ def measure_profile(
         fn = tree_propose_loop(drafter, k + 1, tree_depth, sp, reps, mesh, hidden_dim=cfg.d_model)
       else:
         fn = propose_loop(drafter, k, sp, reps, mesh, hidden_dim=cfg.d_model)
-      return LoopTimer(fn, (draft_params, seq, pos), (dstate, fresh_cache()), reps)
+      return LoopTimer(fn, (draft_params, seq, pos), (dstate,), reps, cell)
 
     timers['prop1'] = prop_timer(1)
     if kp > 1:
