@@ -1,6 +1,5 @@
 """Shared test setup: CPU only, 64-bit off, repo root on sys.path."""
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -24,16 +23,17 @@ if 'SPECRL_TEST_LEGACY_EMITTERS' not in os.environ:  # probed once, by the contr
 # an earlier run) and shared by the xdist workers (they inherit the controller's
 # environment) and the subprocess tests: many tests compile programs another test already
 # compiled (the smoke config's train step, resumed runs, engines rebuilt per test); those
-# load the executable instead (test_faults: 91 -> 71 s). A size cap turns on jax's file
-# lock, so a worker never reads an entry the other is still writing.
+# load the executable instead (test_faults: 91 -> 71 s). No size cap: a cap turns on jax's
+# LRU eviction, which lists and stats every entry under a file lock on each write --
+# quadratic over a run of thousands of compiles, with the other worker waiting on the lock
+# (the suite took 1666 s with it, 2-core Xeon). Without the lock, a read that meets an entry
+# still being written fails to decompress, and jax warns and compiles instead.
 _OWN_XLA_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _OWN_XLA_CACHE = tempfile.mkdtemp(prefix='specrl-tests-xla-')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_XLA_CACHE
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-  if importlib.util.find_spec('filelock') is not None:
-    os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 << 30))
 
 # The benchmarks' own cache flag (bench/common.py, ``--compile_cache``, default a fixed
 # /tmp dir shared across runs) defaults to this run's cache too: a bench test calling its
