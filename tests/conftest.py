@@ -26,8 +26,9 @@ if 'SPECRL_TEST_LEGACY_EMITTERS' not in os.environ:  # probed once, by the contr
 # load the executable instead (test_faults: 91 -> 71 s). No size cap: a cap turns on jax's
 # LRU eviction, which lists and stats every entry under a file lock on each write --
 # quadratic over a run of thousands of compiles, with the other worker waiting on the lock
-# (the suite took 1666 s with it, 2-core Xeon). Without the lock, a read that meets an entry
-# still being written fails to decompress, and jax warns and compiles instead.
+# (fresh-clone suite, 2-core Xeon: 1666 s with the cap, 1125 s without). Without the lock,
+# a read that meets an entry still being written fails to decompress, and jax warns and
+# compiles instead.
 _OWN_XLA_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _OWN_XLA_CACHE = tempfile.mkdtemp(prefix='specrl-tests-xla-')
