@@ -89,7 +89,8 @@ class _Hooks:
 def left_out(unit: str, fixed_tree=None):
   """Patches :mod:`specrl.decoding.tree` for the ``tree - <piece>`` units while tracing
   (``tree - propose``: every round proposes ``fixed_tree``, the drafter's state untouched)."""
-  saved = dict(tree_lib.__dict__)
+  patched = ('propose_tree', 'move_accepted_kv', 'hooks', 'verify_lib')
+  saved = {name: getattr(tree_lib, name) for name in patched}
   if unit == 'tree - propose':
     tree_lib.propose_tree = lambda drafter, dp, state, *a, **kw: (
       fixed_tree,
@@ -105,8 +106,8 @@ def left_out(unit: str, fixed_tree=None):
   try:
     yield
   finally:
-    for name in ('propose_tree', 'move_accepted_kv', 'hooks', 'verify_lib'):
-      setattr(tree_lib, name, saved[name])
+    for name, value in saved.items():
+      setattr(tree_lib, name, value)
 
 
 def main(argv=None):

@@ -32,14 +32,9 @@ def never(x: jax.Array) -> jax.Array:
 
 
 def median_seconds(fn, *args, iters: int = 3) -> float:
-  """Median wall time of ``fn(*args)`` over ``iters`` calls, after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
+  """Median wall time of ``fn(*args)`` over ``iters`` calls, after one warm-up call (the
+  one-unit case of :func:`interleaved_medians`)."""
+  return interleaved_medians({'fn': lambda: fn(*args)}, warmup=1, iters=iters)['fn']
 
 
 def interleaved_medians(fns: dict, warmup: int = 1, iters: int | dict = 5) -> dict:
