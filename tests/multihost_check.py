@@ -9,6 +9,7 @@ Each case trains a tiny model for a few steps (greedy rollouts, a fixed adaptive
 (outside the workdir). The last line printed by process 0 is a JSON object of wall times.
 """
 
+import faulthandler
 import json
 import os
 import sys
@@ -78,6 +79,10 @@ def case_config(name: str):
 
 def main():
   out, cases = sys.argv[1], sys.argv[2].split(',')
+  # MULTIHOST_DEADLINE_S: a hang becomes a failure with every thread's stack on stderr
+  # (where it waits), before the test's own timeout would leave nothing to read
+  if deadline := float(os.environ.get('MULTIHOST_DEADLINE_S', 0)):
+    faulthandler.dump_traceback_later(deadline, exit=True)
   times, first = {}, {}
   kill = os.environ.pop('MULTIHOST_KILL', '')  # '<case>=<SPECRL_FAULT spec>'
   for name in cases:
@@ -88,6 +93,7 @@ def main():
       os.environ[multihost.DISAGREE_ENV] = '1:the compaction plan'
     if multihost.is_primary():
       print(json.dumps({'case': name, 'start': time.time()}), flush=True)
+    print(f'case {name} starts in process {jax.process_index()}', file=sys.stderr, flush=True)
     workdir = os.path.join(out, name, 'work')
     state, history = train.train_and_evaluate(case_config(name), workdir)
     first[name] = history[0]['step'] if history else None  # > 0: resumed
