@@ -34,7 +34,8 @@ XLA_VARIANTS = {
 
 
 def measure(args) -> dict:
-  """{'ms': {B: {T: ms per forward}}, 'v': {B: {T: v(T)}}} in this process."""
+  """{'model', 'device', 'ms': {B: {T: ms per forward}}, 'v': {B: {T: v(T)}}}, measured in
+  this process."""
   import jax
 
   from bench import common, real_text
@@ -55,6 +56,18 @@ def measure(args) -> dict:
   ms = {b: {t: 1e3 * med[(b, t)] / args.reps for t in args.widths} for b in args.batches}
   v = {b: {t: ms[b][t] / ms[b][args.widths[0]] for t in args.widths} for b in args.batches}
   return {'model': label, 'device': common.device_info(), 'ms': ms, 'v': v}
+
+
+def _variant_argv(args) -> list[str]:
+  """The command line of one ``--xla_variants`` run: these settings (``--quick`` already
+  applied), measured in that process, its JSON alone printed."""
+  return [
+    '--model', args.model, '--dtype', args.dtype,
+    '--widths', ','.join(map(str, args.widths)), '--batches', ','.join(map(str, args.batches)),
+    '--slots', str(args.slots), '--pos', str(args.pos),
+    '--reps', str(args.reps), '--iters', str(args.iters),
+    '--compile_cache', args.compile_cache, '--json_only',
+  ]  # fmt: skip
 
 
 def main(argv=None):
@@ -92,16 +105,8 @@ def main(argv=None):
     for name in variants:
       env = dict(os.environ)
       env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + XLA_VARIANTS[name]).strip()
-      skip = {'--xla_variants'}
-      rest, it = [], iter(argv if argv is not None else sys.argv[1:])
-      for a in it:
-        if a.split('=')[0] in skip:
-          if '=' not in a:
-            next(it, None)
-          continue
-        rest.append(a)
       r = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), *rest, '--json_only'],
+        [sys.executable, os.path.abspath(__file__), *_variant_argv(args)],
         env=env,
         capture_output=True,
         text=True,
