@@ -247,6 +247,25 @@ def most_used_k(calls: list[dict]) -> int | None:
   return max(steps, key=lambda k: (steps[k], k)) if steps else None
 
 
+def write_reports(path: str, temperature: float, prompts: int, gens: int, calls: dict):
+  """Append one JSON line per adaptive call of a cell (call 0: the warm-up): its time,
+  the compile / profiling time taken out of it (``late``) and the engine's own record
+  (phases, decisions, compactions, chunk trace), to see where an adaptive row's time went."""
+  with open(path, 'a') as f:
+    for (v, kind), cs in calls.items():
+      for i, c in enumerate(cs):
+        rep = c['report']
+        if rep is None:
+          continue
+        line = dict(
+          T=temperature, P=prompts, G=gens, variant=v, engine=kind, call=i,
+          time_s=c['time_s'], wall_s=c['wall_s'], late=c['late'], tokens=c['tokens'],
+          phases=rep.phases, decisions=rep.decisions, compactions=rep.compactions,
+          trace=rep.trace, compile_s=rep.compile_s, profile_s=rep.profile_s,
+        )  # fmt: skip
+        f.write(json.dumps(common.rounded(line), default=str) + '\n')
+
+
 def tok_s(call: dict) -> float:
   return call['tokens'] / max(call['time_s'], 1e-9)
 
@@ -582,6 +601,8 @@ class Setup:
       print(f'  T={temperature} B={b} (G={gens}): call {i} done', file=sys.stderr, flush=True)
     timed = {name: c[1:] for name, c in calls.items()}
     plain, comp = timed['plain', 'static'], timed['compaction', 'adaptive']
+    if args.reports:
+      write_reports(args.reports, temperature, prompts, gens, calls)
     for i, c in enumerate(calls['plain', 'static']):
       c['groups'] = np.repeat(np.arange(prompts), gens)
       if histories:
@@ -691,6 +712,12 @@ def main(argv=None):
     '--eagle_head',
     default='',
     help="the eagle variant's head (.npz of bench/eagle_alpha.py --real-alpha --save_head)",
+  )
+  ap.add_argument(
+    '--reports',
+    default='',
+    help="append every adaptive call's record (phases, decisions, compactions, trace; call 0 "
+    'the warm-up) to this file as JSON lines',
   )
   common.add_compile_cache_flag(ap)
   args = ap.parse_args(argv)

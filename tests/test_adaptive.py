@@ -513,6 +513,26 @@ def test_cost_model_learns_yield_and_skips_the_prefill_chunk():
   assert s == 0, info  # 3 x 1/3 tokens per 1.24 s < 1 token per 1.0 s: back to plain
 
 
+def test_a_rollout_starts_speculating_only_for_more_than_the_hysteresis_margin():
+  """Plain is the incumbent at a rollout's start: an arm predicted 6% faster (within the
+  10% hysteresis) is not started, one 25% faster is; once speculating, the 6% arm is kept
+  (the margin is a switching cost, not a threshold on speculation)."""
+  acfg = dict(policy='cost_model', arms=(2,), alpha_prior=0.5, alpha_optimism=0.0)
+  report = adaptive.AdaptiveReport(batch=4, policy='cost_model')
+  # plain 1.0 s per round; k2: 1.75 tokens per pass (alpha 0.5) per fwd_ref + prop_ref
+  for fwd_ref, started in ((1.5, False), (1.25, True)):  # k2: 1.06x / 1.25x plain's rate
+    eng = engine(**acfg)
+    eng.set_profile(_profile(4, 1.0, fwd_ref, 0.075, 0.15))
+    s, _, info = eng._decide(None, 4, 4, None, PARAMS, lambda: None, report)
+    assert s == (2 if started else 0), info
+    # with no incumbent (the pure choice), k2 would have been started at both costs
+    assert adaptive.cost_model_choose({0: 1.0, 2: fwd_ref + 0.15}, 0.5, None, 0.1)[0] == 2
+  s, _, info = eng._decide(None, 4, 4, 2, PARAMS, lambda: None, report)  # already on k2
+  assert s == 2, info
+  eng.set_profile(_profile(4, 1.0, 1.5, 0.075, 0.15))
+  assert eng._decide(None, 4, 4, 2, PARAMS, lambda: None, report)[0] == 2
+
+
 def test_memory_and_host_state_round_trip_through_json():
   """What the engine learned goes into checkpoints as JSON (the host-state hook)."""
   import json

@@ -12,16 +12,25 @@ from specrl import tasks
 from specrl.checkpoints import pretrained
 
 
-def test_tiny_run_emits_rows_of_the_schema_with_sane_numbers(capsys):
+def test_tiny_run_emits_rows_of_the_schema_with_sane_numbers(capsys, tmp_path):
   # max_new_tokens 11 = 1 (prefill) + 2 rounds of k + 1 = 5: at greedy the self-drafter's
   # drafts are all accepted and none is cut off by the length limit, so alpha is exactly 1.
   real_text.main(
     ['--model', 'tiny', '--temperatures', '0', '--batches', '1x2', '--drafters', 'self']
     + ['--max_new_tokens', '11', '--iters', '1', '--arms', '4', '--buckets', '2']
-    + ['--compile_cache', '']
+    + ['--compile_cache', '', '--reports', str(tmp_path / 'reports.jsonl')]
   )
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary['bench'] == 'real_text'
+  # --reports: every adaptive call (warm-up included) of both adaptive engines, with its
+  # phases summing to the call's decode tokens
+  reports = [json.loads(ln) for ln in (tmp_path / 'reports.jsonl').read_text().splitlines()]
+  assert sorted((r['variant'], r['call']) for r in reports) == [
+    (v, i) for v in ('compaction', 'self') for i in (0, 1)
+  ]
+  for r in reports:
+    assert r['phases'] and r['decisions'] and r['trace'] and r['late'] >= 0
+    assert sum(p['tokens'] for p in r['phases'].values()) <= r['tokens']
   assert summary['model'].startswith('tiny') and summary['device']
   rows = summary['rows']
   assert {(r['variant'], r['engine']) for r in rows} == {('self', 'static'), ('self', 'adaptive')}

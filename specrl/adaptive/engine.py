@@ -488,7 +488,12 @@ class AdaptiveRolloutEngine:
         for k in arms
         if tree_arm(k) is not None
       }
-      s, rates = cost_model_choose(costs, alpha, current, acfg.hysteresis, tokens)
+      # At a rollout's start plain is the incumbent: speculation must beat it by the
+      # hysteresis margin, as any switch must (it widens the buffer and builds the
+      # drafter's state, which no rate includes). A near tie -- typically an arm whose
+      # rate its optimistic prior still lifts just above plain's -- decodes plain.
+      incumbent = PLAIN if current is None else current
+      s, rates = cost_model_choose(costs, alpha, incumbent, acfg.hysteresis, tokens)
       steps = to_boundary if s == PLAIN else steps
       info = dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
       return s, steps, info if lengths is None else dict(info, length=lengths[s])
