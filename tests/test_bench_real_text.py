@@ -22,8 +22,8 @@ def test_tiny_run_emits_rows_of_the_schema_with_sane_numbers(capsys, tmp_path):
   )
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary['bench'] == 'real_text'
-  # --reports: every adaptive call (warm-up included) of both adaptive engines, with its
-  # phases summing to the call's decode tokens
+  # --reports: every adaptive call (warm-up included) of both adaptive engines; its phases
+  # hold its decode tokens (the prefill's first token is in none)
   reports = [json.loads(ln) for ln in (tmp_path / 'reports.jsonl').read_text().splitlines()]
   assert sorted((r['variant'], r['call']) for r in reports) == [
     (v, i) for v in ('compaction', 'self') for i in (0, 1)
