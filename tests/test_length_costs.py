@@ -180,3 +180,85 @@ def test_engine_learns_costs_per_length_bucket_of_its_chunks():
   assert all(len(k) == 3 for k in cells), cells
   assert {k[1] for k in cells} <= ran and len({k[1] for k in cells}) >= 2
   assert {k[0] for k in cells} == {4} and {k[2] for k in cells} == {2}
+
+
+def test_plain_is_measured_before_a_batch_bucket_first_speculates():
+  """The one profile per batch bucket is taken at the buffer's full width. An arm that ran
+  is priced at the length it ran; plain, if it never ran there, stays priced at the full
+  width -- too slow -- and the arm keeps running on a false comparison (1x4 at a 1024-token
+  budget: plain priced at 14.4 tok/s per row, measured ~19). So before a batch bucket's
+  first speculation a plain chunk of ``plain_probe_steps`` measures plain there."""
+  acfg = dataclasses.replace(ACFG, alpha_prior=0.5, alpha_optimism=0, plain_probe_steps=5)
+  eng = adaptive.AdaptiveRolloutEngine(CFG, _rcfg(), acfg, DRAFTER)
+  eng.set_profile(PROF)  # plain 1.0 s, k2 1.4 s per round: k2 1.25x plain at alpha 0.5
+  report = adaptive.AdaptiveReport(batch=4, policy='cost_model')
+  lengths = {0: 256, 2: 256}
+
+  def decide(current=None):
+    return eng._decide(None, 4, 4, current, PARAMS, lambda: None, report, lengths)
+
+  # k2 ran at 256 (0.9 s a round: the short length is cheaper than the full-width
+  # profile; 2 tokens per pass); plain never ran: without the probe, k2 (2 / 0.9 tokens
+  # per s) beats the profiled plain (1 / 1.0) by 2.2x
+  eng.memory = _learn(_obs(2, 9.0, 256))
+  assert (
+    policies.cost_model_choose(
+      policies.round_costs(eng.memory, PROF, 4, (0, 2), lengths=lengths), 0.5, None, 0.1
+    )[0]
+    == 2
+  )
+  s, steps, info = decide(current=2)
+  assert (s, steps, info['probe'], info['length']) == (0, 5, True, 256), info
+  # measured: plain is 0.4 s a round here, faster than k2's 2 tokens per 0.9 s
+  eng.memory = _learn(_obs(0, 2.0, 256, steps=5), mem=eng.memory)
+  s, steps, info = decide(current=0)
+  assert s == 0 and 'probe' not in info, info
+  # where plain measures slow, the arm runs after the probe (with plain's correction: 2.0)
+  eng2 = adaptive.AdaptiveRolloutEngine(CFG, _rcfg(), acfg, DRAFTER)
+  eng2.set_profile(PROF)
+  eng2.memory = _learn(_obs(0, 10.0, 256, steps=5))
+  s, _, info = eng2._decide(None, 4, 4, 0, PARAMS, lambda: None, report, lengths)
+  assert s == 2 and 'probe' not in info, info
+  # a probe that taught nothing (untimed) is retried once, then the arm runs unprobed
+  eng3 = adaptive.AdaptiveRolloutEngine(CFG, _rcfg(), acfg, DRAFTER)
+  eng3.set_profile(PROF)
+  got = [eng3._decide(None, 4, 4, None, PARAMS, lambda: None, report, lengths)[0] for _ in range(3)]
+  assert got == [0, 0, 2]
+  # off: plain_probe_steps = 0, or learn_online off (nothing would be learned)
+  for off in (dict(plain_probe_steps=0), dict(learn_online=False)):
+    e = adaptive.AdaptiveRolloutEngine(CFG, _rcfg(), dataclasses.replace(acfg, **off), DRAFTER)
+    e.set_profile(PROF)
+    assert e._decide(None, 4, 4, None, PARAMS, lambda: None, report, lengths)[0] == 2
+
+
+def test_a_rollout_probes_plain_once_per_batch_bucket_then_speculates():
+  """Through generate: the first chunk at the bucket is a plain probe of
+  ``plain_probe_steps`` steps (measured: plain's correction is learned), then the arm; the
+  next rollout, plain already measured, probes no more."""
+  acfg = AdaptiveConfig(
+    policy='cost_model',
+    arms=(2,),
+    buckets=(4,),
+    chunk_steps=3,
+    alpha_prior=0.5,
+    alpha_optimism=0,
+    plain_probe_steps=4,
+  )
+  rcfg = dataclasses.replace(_rcfg(), attend_bucket=0)  # one length bucket: chunks run whole
+  eng = adaptive.AdaptiveRolloutEngine(CFG, rcfg, acfg, DRAFTER)
+  eng.set_profile(PROF)  # k2 1.25x plain as profiled
+  rng = np.random.default_rng(0)
+  toks = rng.integers(3, CFG.vocab_size, size=(4, 6)).astype(np.int32)
+  out, _ = eng.generate(PARAMS, toks, np.full(4, 6, np.int32), jax.random.key(0))
+  rep = eng.last_report
+  # (then the measured costs decide: on this CPU the tiny model's k2 may lose to plain)
+  assert rep.chosen[4][:2] == [0, 2], rep.chosen
+  first, second = rep.decisions[:2]
+  assert first['probe'] and (first['step'], second['step']) == (0, 4), rep.decisions
+  assert policies.plain_measured(eng.memory, 4)
+  # the probe changes no token: greedy, plain's own output
+  ref = rollout_lib.RolloutEngine(CFG, rcfg)
+  want, _ = ref.generate(PARAMS, toks, np.full(4, 6, np.int32), jax.random.key(0))
+  np.testing.assert_array_equal(out.response, want.response)
+  eng.generate(PARAMS, toks, np.full(4, 6, np.int32), jax.random.key(1))
+  assert not any(d.get('probe') for d in eng.last_report.decisions), eng.last_report.decisions

@@ -99,6 +99,11 @@ class AdaptiveConfig:
   alpha_optimism: float = 16.0
   learn_online: bool = True  # correct profiled costs with measured chunk times
   cost_memory: float = 8.0  # inertia of measured round times, in rounds
+  # Before the cost model first speculates at a batch bucket, a chunk of this many plain
+  # steps measures plain there (0 = off): the one profile per batch bucket is taken at the
+  # buffer's full width, so an unmeasured plain is priced at that width while a measured
+  # arm is priced at the length it ran (at a 1024-token budget plain was priced 25% slow)
+  plain_probe_steps: int = 16
   profile_reps: int = 4  # steps per timed profiling call
   profile_iters: int = 3  # timed profiling calls (median)
   # TLT
@@ -143,6 +148,8 @@ class AdaptiveConfig:
       bad('tlt_window', 'window >= 1, patience >= 0 and threshold >= 1 are required')
     if self.hysteresis < 0:
       bad('hysteresis', 'must be >= 0')
+    if self.plain_probe_steps < 0:
+      bad('plain_probe_steps', 'must be >= 0 (0 = off)')
     if self.alpha_optimism < 0:
       bad('alpha_optimism', 'must be >= 0')
     if self.profile_reps < 1 or self.profile_iters < 1:

@@ -76,6 +76,7 @@ from specrl.adaptive.policies import (
   alpha_at,
   arm_tokens_per_pass,
   corr_at,
+  plain_measured,
   cost_model_choose,
   memory_from_json,
   memory_observe,
@@ -226,6 +227,7 @@ class AdaptiveRolloutEngine:
     self._prefill_s: dict = _shared._prefill_s if _shared is not None else {}  # batch -> s
     self.memory = Memory(alpha=acfg.alpha_prior)
     self._rng = np.random.default_rng(acfg.seed)
+    self._probes: dict[int, int] = {}  # batch bucket -> plain probe chunks run (at most 2)
     self.last_report: AdaptiveReport | None = None
     self.last_draft_shared = None  # as RolloutEngine's
     self.tail_hook = None  # callable(params, bucket): see the class docstring
@@ -494,8 +496,19 @@ class AdaptiveRolloutEngine:
       # rate its optimistic prior still lifts just above plain's -- decodes plain.
       incumbent = PLAIN if current is None else current
       s, rates = cost_model_choose(costs, alpha, incumbent, acfg.hysteresis, tokens)
-      steps = to_boundary if s == PLAIN else steps
       info = dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
+      if s != PLAIN and self._probe_plain(b):
+        # measure plain here before speculating: otherwise it stays priced at the profile's
+        # full buffer width while the arm is priced at the length it runs, and a too-slow
+        # plain keeps the arm running (a plain chunk costs nothing against plain decoding)
+        self._probes[b] = self._probes.get(b, 0) + 1
+        info = dict(info, probe=True)
+        return (
+          PLAIN,
+          acfg.plain_probe_steps,
+          info if lengths is None else dict(info, length=lengths[PLAIN]),
+        )
+      steps = to_boundary if s == PLAIN else steps
       return s, steps, info if lengths is None else dict(info, length=lengths[s])
     # roofline
     ladder = acfg.ladder
@@ -512,6 +525,18 @@ class AdaptiveRolloutEngine:
     self.memory = dataclasses.replace(mem, roofline=rs)
     steps = to_boundary if s == PLAIN else steps
     return s, steps, dict(alpha=alpha, gamma=ladder[rs.index], speedup=speedup)
+
+  def _probe_plain(self, b: int) -> bool:
+    """Whether the next chunk at batch b must be a plain probe (``plain_probe_steps``):
+    plain is unmeasured there and fewer than 2 probes ran (a probe whose time could not be
+    learned from, e.g. one that waited for the prefill, is retried once)."""
+    acfg = self.acfg
+    return bool(
+      acfg.plain_probe_steps
+      and acfg.learn_online
+      and self._probes.get(b, 0) < 2
+      and not plain_measured(self.memory, b)
+    )
 
   def _bucket_for(self, n_active: int, b: int) -> int:
     """Smallest bucket >= n_active (b itself when no bucket below b fits)."""
@@ -630,7 +655,7 @@ class AdaptiveRolloutEngine:
           f'the adaptive decision (strategy, steps) at bucket {b}', [strategy, max_steps]
         )
       if strategy != current:
-        d = dict(t=now(), bucket=b, active=n_active, strategy=strategy, **info)
+        d = dict(t=now(), step=step, bucket=b, active=n_active, strategy=strategy, **info)
         report.decisions.append(d)
         log.info(
           'adaptive[%s]: bucket %d, %d active -> %s %s',

@@ -373,6 +373,13 @@ def corr_at(mem: Memory, bucket: int, length: int | None, kind: str) -> float:
   return corr.get((bucket, kind), corr.get((bucket, 'plain'), 1.0))
 
 
+def plain_measured(mem: Memory, bucket: int) -> bool:
+  """Whether plain's round cost has been measured at batch ``bucket`` (any length bucket,
+  or the length-unknown cell): what :func:`corr_at` needs to price plain and speculation
+  alike there."""
+  return any(k[0] == bucket and k[-1] == 'plain' for k in mem.corr)
+
+
 def _corr_at_length(corr: dict, bucket: int, length: int, kind: str) -> float | None:
   """Rules 1 -- 2 of :func:`corr_at` (None: nothing measured at this batch bucket)."""
   if (bucket, length, kind) in corr:
