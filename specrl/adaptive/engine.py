@@ -228,6 +228,7 @@ class AdaptiveRolloutEngine:
     self.memory = Memory(alpha=acfg.alpha_prior)
     self._rng = np.random.default_rng(acfg.seed)
     self._probes: dict[int, int] = {}  # batch bucket -> plain probe chunks run (at most 2)
+    self._after_probe: dict[int, int] = {}  # batch bucket -> the arm a running probe defers
     self.last_report: AdaptiveReport | None = None
     self.last_draft_shared = None  # as RolloutEngine's
     self.tail_hook = None  # callable(params, bucket): see the class docstring
@@ -495,6 +496,12 @@ class AdaptiveRolloutEngine:
       # drafter's state, which no rate includes). A near tie -- typically an arm whose
       # rate its optimistic prior still lifts just above plain's -- decodes plain.
       incumbent = PLAIN if current is None else current
+      # A plain probe (below) is a measurement, not a switch: the decision after it keeps
+      # the arm chosen before it as the incumbent (else a probe would make plain the
+      # incumbent and a near tie, e.g. a compacted tail's first chunk, would stay plain)
+      resumed = self._after_probe.pop(b, None)
+      if resumed is not None and current == PLAIN:
+        incumbent = resumed
       s, rates = cost_model_choose(costs, alpha, incumbent, acfg.hysteresis, tokens)
       info = dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
       if s != PLAIN and self._probe_plain(b):
@@ -502,6 +509,7 @@ class AdaptiveRolloutEngine:
         # full buffer width while the arm is priced at the length it runs, and a too-slow
         # plain keeps the arm running (a plain chunk costs nothing against plain decoding)
         self._probes[b] = self._probes.get(b, 0) + 1
+        self._after_probe[b] = s
         info = dict(info, probe=True)
         return (
           PLAIN,
@@ -588,6 +596,7 @@ class AdaptiveRolloutEngine:
     acfg = self.acfg
     report = AdaptiveReport(batch=bsz, policy=acfg.policy)
     self.memory = dataclasses.replace(self.memory, tlt=tlt_reset(self.memory.tlt))
+    self._after_probe.clear()  # a probe's deferred arm never outlives its rollout
     cfg, mesh, wrcfg = self.cfg, self.mesh, self._wrcfg
     i32 = np.int32
 
