@@ -503,7 +503,9 @@ class AdaptiveRolloutEngine:
       if resumed is not None and current == PLAIN:
         incumbent = resumed
       s, rates = cost_model_choose(costs, alpha, incumbent, acfg.hysteresis, tokens)
+      # every strategy's predicted rate, for the decision record (reports, bench --reports)
       info = dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
+      info['rates'] = {strategy_name(k): round(float(v), 4) for k, v in rates.items()}
       if s != PLAIN and self._probe_plain(b):
         # measure plain here before speculating: otherwise it stays priced at the profile's
         # full buffer width while the arm is priced at the length it runs, and a too-slow
