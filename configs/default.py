@@ -136,7 +136,7 @@ def get_config(arg: str | None = None):
       alpha_optimism=16.0,  # optimism while acceptance is unmeasured (0 = off)
       learn_online=True,  # correct profiled costs with measured chunk times
       cost_memory=8.0,  # inertia of measured round times, in rounds
-      plain_probe_steps=16,  # plain steps measured at a bucket before it first speculates
+      plain_probe_steps=16,  # plain steps measured in a cell before speculating there (0: off)
       profile_reps=4,  # steps per timed profiling call
       profile_iters=3,  # timed profiling calls (median)
       # TLT bandit

@@ -182,12 +182,13 @@ def test_engine_learns_costs_per_length_bucket_of_its_chunks():
   assert {k[0] for k in cells} == {4} and {k[2] for k in cells} == {2}
 
 
-def test_plain_is_measured_before_a_batch_bucket_first_speculates():
+def test_plain_is_measured_before_speculating_at_a_cell_where_it_never_ran():
   """The one profile per batch bucket is taken at the buffer's full width. An arm that ran
   is priced at the length it ran; plain, if it never ran there, stays priced at the full
   width -- too slow -- and the arm keeps running on a false comparison (1x4 at a 1024-token
-  budget: plain priced at 14.4 tok/s per row, measured ~19). So before a batch bucket's
-  first speculation a plain chunk of ``plain_probe_steps`` measures plain there."""
+  budget: plain priced at 14.4 tok/s per row, measured ~19). So before speculating at a
+  (batch bucket, length bucket) cell where plain has not run, a plain chunk of
+  ``plain_probe_steps`` measures plain there."""
   acfg = dataclasses.replace(ACFG, alpha_prior=0.5, alpha_optimism=0, plain_probe_steps=5)
   eng = adaptive.AdaptiveRolloutEngine(CFG, _rcfg(), acfg, DRAFTER)
   eng.set_profile(PROF)  # plain 1.0 s, k2 1.4 s per round: k2 1.25x plain at alpha 0.5
@@ -228,6 +229,10 @@ def test_plain_is_measured_before_a_batch_bucket_first_speculates():
   eng2.memory = _learn(_obs(0, 10.0, 256, steps=5))
   s, _, info = eng2._decide(None, 4, 4, 0, PARAMS, lambda: None, report, lengths)
   assert s == 2 and 'probe' not in info, info
+  # a length bucket plain has not run at is a cell of its own, probed too: priced from
+  # 256 slots, plain would be off by its length's share of the step
+  s, _, info = eng2._decide(None, 4, 4, 2, PARAMS, lambda: None, report, {0: 512, 2: 512})
+  assert s == 0 and info['probe'] and info['length'] == 512, info
   # a probe that taught nothing (untimed) is retried once, then the arm runs unprobed
   eng3 = adaptive.AdaptiveRolloutEngine(CFG, _rcfg(), acfg, DRAFTER)
   eng3.set_profile(PROF)

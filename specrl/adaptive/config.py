@@ -99,10 +99,11 @@ class AdaptiveConfig:
   alpha_optimism: float = 16.0
   learn_online: bool = True  # correct profiled costs with measured chunk times
   cost_memory: float = 8.0  # inertia of measured round times, in rounds
-  # Before the cost model first speculates at a batch bucket, a chunk of this many plain
-  # steps measures plain there (0 = off): the one profile per batch bucket is taken at the
-  # buffer's full width, so an unmeasured plain is priced at that width while a measured
-  # arm is priced at the length it ran (at a 1024-token budget plain was priced 25% slow)
+  # Before the cost model speculates at a (batch bucket, length bucket) cell where plain
+  # has not run, a chunk of this many plain steps measures plain there (0 = off): the one
+  # profile per batch bucket is taken at the buffer's full width, so an unmeasured plain
+  # is priced at that width (or at another length) while a measured arm is priced at the
+  # length it ran (at a 1024-token budget plain was priced 25% slow)
   plain_probe_steps: int = 16
   profile_reps: int = 4  # steps per timed profiling call
   profile_iters: int = 3  # timed profiling calls (median)

@@ -227,7 +227,7 @@ class AdaptiveRolloutEngine:
     self._prefill_s: dict = _shared._prefill_s if _shared is not None else {}  # batch -> s
     self.memory = Memory(alpha=acfg.alpha_prior)
     self._rng = np.random.default_rng(acfg.seed)
-    self._probes: dict[int, int] = {}  # batch bucket -> plain probe chunks run (at most 2)
+    self._probes: dict = {}  # (batch bucket, length bucket) -> plain probes run (at most 2)
     self._after_probe: dict[int, int] = {}  # batch bucket -> the arm a running probe defers
     self.last_report: AdaptiveReport | None = None
     self.last_draft_shared = None  # as RolloutEngine's
@@ -506,11 +506,12 @@ class AdaptiveRolloutEngine:
       # every strategy's predicted rate, for the decision record (reports, bench --reports)
       info = dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
       info['rates'] = {strategy_name(k): round(float(v), 4) for k, v in rates.items()}
-      if s != PLAIN and self._probe_plain(b):
+      plain_len = None if lengths is None else lengths[PLAIN]
+      if s != PLAIN and self._probe_plain(b, plain_len):
         # measure plain here before speculating: otherwise it stays priced at the profile's
         # full buffer width while the arm is priced at the length it runs, and a too-slow
         # plain keeps the arm running (a plain chunk costs nothing against plain decoding)
-        self._probes[b] = self._probes.get(b, 0) + 1
+        self._probes[(b, plain_len)] = self._probes.get((b, plain_len), 0) + 1
         self._after_probe[b] = s
         info = dict(info, probe=True)
         return (
@@ -536,16 +537,18 @@ class AdaptiveRolloutEngine:
     steps = to_boundary if s == PLAIN else steps
     return s, steps, dict(alpha=alpha, gamma=ladder[rs.index], speedup=speedup)
 
-  def _probe_plain(self, b: int) -> bool:
-    """Whether the next chunk at batch b must be a plain probe (``plain_probe_steps``):
-    plain is unmeasured there and fewer than 2 probes ran (a probe whose time could not be
-    learned from, e.g. one that waited for the prefill, is retried once)."""
+  def _probe_plain(self, b: int, length: int | None) -> bool:
+    """Whether the next chunk at batch b, attending ``length`` slots, must be a plain
+    probe (``plain_probe_steps``): plain is unmeasured at that cell (priced from another
+    length bucket, plain is off by its length's share of the step: 10-25% from 256 to 1024
+    slots for SmolLM2 at B = 1) and fewer than 2 probes ran there (a probe whose time could
+    not be learned from, e.g. one that waited for the prefill, is retried once)."""
     acfg = self.acfg
     return bool(
       acfg.plain_probe_steps
       and acfg.learn_online
-      and self._probes.get(b, 0) < 2
-      and not plain_measured(self.memory, b)
+      and self._probes.get((b, length), 0) < 2
+      and not plain_measured(self.memory, b, length)
     )
 
   def _bucket_for(self, n_active: int, b: int) -> int:

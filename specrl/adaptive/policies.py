@@ -373,10 +373,12 @@ def corr_at(mem: Memory, bucket: int, length: int | None, kind: str) -> float:
   return corr.get((bucket, kind), corr.get((bucket, 'plain'), 1.0))
 
 
-def plain_measured(mem: Memory, bucket: int) -> bool:
-  """Whether plain's round cost has been measured at batch ``bucket`` (any length bucket,
-  or the length-unknown cell): what :func:`corr_at` needs to price plain and speculation
-  alike there."""
+def plain_measured(mem: Memory, bucket: int, length: int | None = None) -> bool:
+  """Whether plain's round cost has been measured at batch ``bucket`` and length bucket
+  ``length`` (None: at any length, or in the length-unknown cell): what :func:`corr_at`
+  needs to price plain and speculation alike there."""
+  if length:
+    return (bucket, length, 'plain') in mem.corr
   return any(k[0] == bucket and k[-1] == 'plain' for k in mem.corr)
 
 
