@@ -60,13 +60,15 @@ def get_config(arg: str | None = None):
 
   if arg == 'learn':  # issue 30: a task setting the base model gets partly right; >= 150 steps
     learn(c)
+  elif arg == 'learn_long':  # the same run at a reasoning-length token budget
+    learn_long(c)
   elif arg == 'smoke':  # about a minute on a 2-core CPU
     c.task.max_response_len = c.rollout.max_new_tokens = 24
     c.rl.update(steps=2, num_prompts=2, num_generations=2)
     c.eval.update(prompts=4, generations=2)
     c.checkpoint_every = 2
   elif arg:
-    raise ValueError(f'unknown config argument {arg!r} (known: learn, smoke)')
+    raise ValueError(f'unknown config argument {arg!r} (known: learn, learn_long, smoke)')
   return c
 
 
@@ -91,6 +93,18 @@ def learn(c):
   c.rl.update(steps=150, num_prompts=2, num_generations=4, lr=1e-5, warmup_steps=5)
   c.eval.update(every=75, prompts=128, generations=0, greedy=True)
   c.checkpoint_every = 25
+
+
+def learn_long(c):
+  """``:learn_long``: ``:learn`` with a 1024-token budget, the length RL on reasoning tasks
+  decodes at (4k-32k on accelerators). The untrained model's answers average ~300 tokens
+  there at T = 1 and 17% run to the budget (docs/benchmarks.md), so the batch's long tail,
+  what compaction and speculation exist for, is in every rollout. Validation is off: 128
+  greedy answers of up to 1024 tokens cost more than a CPU step; ``:learn`` measures the
+  accuracy, this setting the rollout time over a run (``bench/grpo_paired.py``)."""
+  learn(c)
+  c.task.max_response_len = c.rollout.max_new_tokens = 1024
+  c.eval.update(every=0, prompts=0)
 
 
 def get_hyper(hyper):

@@ -547,11 +547,11 @@ def test_memory_and_host_state_round_trip_through_json():
   assert adaptive.memory_from_json(json.loads(json.dumps(adaptive.memory_to_json(mem)))) == mem
   eng = engine(policy='tlt')
   eng.memory = mem
-  eng._rng.random()
+  eng.decider.rng.random()
   state = json.loads(json.dumps(eng.host_state()))
   fresh = engine(policy='tlt')
   fresh.load_host_state(state)
-  assert fresh.memory == mem and fresh._rng.random() == eng._rng.random()
+  assert fresh.memory == mem and fresh.decider.rng.random() == eng.decider.rng.random()
 
 
 def test_policies_and_speculation_maths_are_pure_python():

@@ -190,59 +190,57 @@ def test_plain_is_measured_before_speculating_at_a_cell_where_it_never_ran():
   (batch bucket, length bucket) cell where plain has not run, a plain chunk of
   ``plain_probe_steps`` measures plain there."""
   acfg = dataclasses.replace(ACFG, alpha_prior=0.5, alpha_optimism=0, plain_probe_steps=5)
-  eng = adaptive.AdaptiveRolloutEngine(CFG, _rcfg(), acfg, DRAFTER)
-  eng.set_profile(PROF)  # plain 1.0 s, k2 1.4 s per round: k2 1.25x plain at alpha 0.5
-  report = adaptive.AdaptiveReport(batch=4, policy='cost_model')
+  # the decision alone (host maths, no model): PROF is plain 1.0 s, k2 1.4 s per round,
+  # k2 1.25x plain at alpha 0.5
+  new = lambda a=acfg: adaptive.Decider(a, k_max=2, to_boundary=64)  # noqa: E731
+  dec = new()
   lengths = {0: 256, 2: 256}
 
   def decide(current=None):
-    return eng._decide(None, 4, 4, current, PARAMS, lambda: None, report, lengths)
+    return dec.decide(None, 4, 4, current, PROF, lengths)
 
   # k2 ran at 256 (0.9 s a round: the short length is cheaper than the full-width
   # profile; 2 tokens per pass); plain never ran: without the probe, k2 (2 / 0.9 tokens
   # per s) beats the profiled plain (1 / 1.0) by 2.2x
-  eng.memory = _learn(_obs(2, 9.0, 256))
+  dec.memory = _learn(_obs(2, 9.0, 256))
   assert (
     policies.cost_model_choose(
-      policies.round_costs(eng.memory, PROF, 4, (0, 2), lengths=lengths), 0.5, None, 0.1
+      policies.round_costs(dec.memory, PROF, 4, (0, 2), lengths=lengths), 0.5, None, 0.1
     )[0]
     == 2
   )
   s, steps, info = decide(current=2)
   assert (s, steps, info['probe'], info['length']) == (0, 5, True, 256), info
   # measured: plain is 0.4 s a round here, faster than k2's 2 tokens per 0.9 s
-  eng.memory = _learn(_obs(0, 2.0, 256, steps=5), mem=eng.memory)
+  dec.memory = _learn(_obs(0, 2.0, 256, steps=5), mem=dec.memory)
   s, steps, info = decide(current=0)
   assert s == 0 and 'probe' not in info, info
   # the probe is a measurement, not a switch: after it, the arm chosen before it is the
   # incumbent, kept at a near tie (plain measured at 0.48 s a round: 2.08 tokens per s
   # against k2's 2.22, within the 10% margin; plain as the incumbent would have stayed)
-  eng.memory = _learn(_obs(2, 9.0, 256))
-  eng._probes.clear()
+  dec.memory = _learn(_obs(2, 9.0, 256))
+  dec.probes.clear()
   assert decide(current=None)[2]['probe']
-  eng.memory = _learn(_obs(0, 2.4, 256, steps=5), mem=eng.memory)
+  dec.memory = _learn(_obs(0, 2.4, 256, steps=5), mem=dec.memory)
   assert decide(current=0)[0] == 2
   assert decide(current=0)[0] == 0  # (deferred once: a later plain chunk is plain's again)
   # where plain measures slow, the arm runs after the probe (with plain's correction: 2.0)
-  eng2 = adaptive.AdaptiveRolloutEngine(CFG, _rcfg(), acfg, DRAFTER)
-  eng2.set_profile(PROF)
-  eng2.memory = _learn(_obs(0, 10.0, 256, steps=5))
-  s, _, info = eng2._decide(None, 4, 4, 0, PARAMS, lambda: None, report, lengths)
+  dec2 = new()
+  dec2.memory = _learn(_obs(0, 10.0, 256, steps=5))
+  s, _, info = dec2.decide(None, 4, 4, 0, PROF, lengths)
   assert s == 2 and 'probe' not in info, info
   # a length bucket plain has not run at is a cell of its own, probed too: priced from
   # 256 slots, plain would be off by its length's share of the step
-  s, _, info = eng2._decide(None, 4, 4, 2, PARAMS, lambda: None, report, {0: 512, 2: 512})
+  s, _, info = dec2.decide(None, 4, 4, 2, PROF, {0: 512, 2: 512})
   assert s == 0 and info['probe'] and info['length'] == 512, info
   # a probe that taught nothing (untimed) is retried once, then the arm runs unprobed
-  eng3 = adaptive.AdaptiveRolloutEngine(CFG, _rcfg(), acfg, DRAFTER)
-  eng3.set_profile(PROF)
-  got = [eng3._decide(None, 4, 4, None, PARAMS, lambda: None, report, lengths)[0] for _ in range(3)]
+  dec3 = new()
+  got = [dec3.decide(None, 4, 4, None, PROF, lengths)[0] for _ in range(3)]
   assert got == [0, 0, 2]
   # off: plain_probe_steps = 0, or learn_online off (nothing would be learned)
   for off in (dict(plain_probe_steps=0), dict(learn_online=False)):
-    e = adaptive.AdaptiveRolloutEngine(CFG, _rcfg(), dataclasses.replace(acfg, **off), DRAFTER)
-    e.set_profile(PROF)
-    assert e._decide(None, 4, 4, None, PARAMS, lambda: None, report, lengths)[0] == 2
+    off_dec = new(dataclasses.replace(acfg, **off))
+    assert off_dec.decide(None, 4, 4, None, PROF, lengths)[0] == 2
 
 
 def test_a_rollout_probes_plain_once_per_batch_bucket_then_speculates():

@@ -3,11 +3,14 @@
 - :mod:`~specrl.adaptive.config`: :class:`AdaptiveConfig` (pure Python);
 - :mod:`~specrl.adaptive.policies`: the decision policies and the engine's memory (pure
   host maths, no JAX);
+- :mod:`~specrl.adaptive.decisions`: :class:`Decider`, the choice at each chunk boundary and
+  the state it learns (memory, bandit RNG, plain probes; host only);
 - :mod:`~specrl.adaptive.state_ops`: device-state surgery (widen, compact, decode chunk);
 - :mod:`~specrl.adaptive.engine`: :class:`AdaptiveRolloutEngine`.
 """
 
 from specrl.adaptive.config import PLAIN, POLICIES, AdaptiveConfig
+from specrl.adaptive.decisions import Decider
 from specrl.adaptive.engine import AdaptiveRolloutEngine
 from specrl.adaptive.policies import (
   ChunkObs,
@@ -41,6 +44,7 @@ __all__ = [
   'AdaptiveRolloutEngine',
   'ChunkObs',
   'CostProfile',
+  'Decider',
   'Memory',
   'RooflineState',
   'TltState',

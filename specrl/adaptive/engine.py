@@ -70,23 +70,8 @@ from specrl import model as model_lib
 from specrl import multihost as mh
 from specrl import sharding as shd
 from specrl.adaptive.config import PLAIN, AdaptiveConfig, TreeArm, drafts, tree_arm
-from specrl.adaptive.policies import (
-  ChunkObs,
-  Memory,
-  alpha_at,
-  arm_tokens_per_pass,
-  corr_at,
-  cost_model_choose,
-  memory_from_json,
-  memory_observe,
-  memory_to_json,
-  plain_measured,
-  roofline_update,
-  round_costs,
-  strategy_name,
-  tlt_reset,
-  tlt_update,
-)
+from specrl.adaptive.decisions import Decider
+from specrl.adaptive.policies import ChunkObs, strategy_name
 from specrl.adaptive.report import AdaptiveReport
 from specrl.adaptive.state_ops import (
   ST_ACCEPTED,
@@ -112,7 +97,7 @@ from specrl.adaptive.state_ops import (
 from specrl.decoding import executables
 from specrl.decoding import profile as profile_lib
 from specrl.decoding import tree as tree_lib
-from specrl.decoding.spec_math import CostProfile, optimistic_alpha
+from specrl.decoding.spec_math import CostProfile
 from specrl.decoding.state import (
   RolloutConfig,
   RolloutOutput,
@@ -225,10 +210,8 @@ class AdaptiveRolloutEngine:
     self._token = _shared._token if _shared is not None else object()
     self._profiles: dict = _shared._profiles if _shared is not None else {}
     self._prefill_s: dict = _shared._prefill_s if _shared is not None else {}  # batch -> s
-    self.memory = Memory(alpha=acfg.alpha_prior)
-    self._rng = np.random.default_rng(acfg.seed)
-    self._probes: dict = {}  # (batch bucket, length bucket) -> plain probes run (at most 2)
-    self._after_probe: dict[int, int] = {}  # batch bucket -> the arm a running probe defers
+    # the choice at each chunk boundary and what it learned (host state, no JAX)
+    self.decider = Decider(acfg, self.k_max, max_loop_steps(rcfg))
     self.last_report: AdaptiveReport | None = None
     self.last_draft_shared = None  # as RolloutEngine's
     self.tail_hook = None  # callable(params, bucket): see the class docstring
@@ -447,6 +430,16 @@ class AdaptiveRolloutEngine:
 
   # -- decisions
 
+  @property
+  def memory(self):
+    """What the policy has learned (:class:`~specrl.adaptive.policies.Memory`), the
+    decider's."""
+    return self.decider.memory
+
+  @memory.setter
+  def memory(self, mem) -> None:
+    self.decider.memory = mem
+
   def _decide(
     self,
     obs: ChunkObs | None,
@@ -458,98 +451,12 @@ class AdaptiveRolloutEngine:
     report: AdaptiveReport,
     lengths: dict[int, int] | None = None,
   ) -> tuple[int, int, dict]:
-    """(strategy, max_steps, info) for the next chunk at batch ``b`` (``n_active`` rows
-    active; ``current``: the strategy running, None at the start; ``lengths``: strategy ->
-    the length bucket its chunk would attend to, :meth:`_chunk_lengths`; None: unknown)."""
-    acfg, mem = self.acfg, self.memory
-    steps = acfg.chunk_steps
-    # A plain chunk learns nothing that could change a cost-model / roofline decision at
-    # this bucket (acceptance is only measured while speculating; plain's measured cost
-    # rescales the speculative estimates alike), so it runs to the bucket boundary.
-    to_boundary = max_loop_steps(self.rcfg)
-    if acfg.policy == 'never':
-      return PLAIN, to_boundary, {}
-    if acfg.policy == 'always':
-      return acfg.always_arm, steps, {}
-    if acfg.policy == 'tlt':
-      u = (float(self._rng.random()), float(self._rng.random()))
-      tlt, s, steps = tlt_update(mem.tlt, obs, n_active, b, acfg, u)
-      self.memory = dataclasses.replace(mem, tlt=tlt)
-      return s, steps, dict(below_steps=tlt.below_steps)
-    prof = self._profile(b, params, dparams_fn, report)
-    if acfg.policy == 'cost_model':
-      arms = tuple(k for k in acfg.arms if drafts(k) <= self.k_max)
-      costs = round_costs(mem, prof, b, (PLAIN,) + arms, acfg.learn_online, lengths)
-      # seconds per round -> per *committed* round: a measured yield < 1 (rows finishing
-      # mid-run) makes long drafts at this bucket proportionally dearer
-      costs = {k: c / max(mem.yields.get((b, k), 1.0), 1e-3) for k, c in costs.items()}
-      alpha = optimistic_alpha(*alpha_at(mem, b), acfg.alpha_optimism)
-      # tree arms: their own measured tokens per pass (optimistic until measured)
-      base = alpha_at(mem, b)[0]
-      tokens = {
-        k: arm_tokens_per_pass(mem, b, k, base, acfg.alpha_optimism)
-        for k in arms
-        if tree_arm(k) is not None
-      }
-      # At a rollout's start plain is the incumbent: speculation must beat it by the
-      # hysteresis margin, as any switch must (it widens the buffer and builds the
-      # drafter's state, which no rate includes). A near tie -- typically an arm whose
-      # rate its optimistic prior still lifts just above plain's -- decodes plain.
-      incumbent = PLAIN if current is None else current
-      # A plain probe (below) is a measurement, not a switch: the decision after it keeps
-      # the arm chosen before it as the incumbent (else a probe would make plain the
-      # incumbent and a near tie, e.g. a compacted tail's first chunk, would stay plain)
-      resumed = self._after_probe.pop(b, None)
-      if resumed is not None and current == PLAIN:
-        incumbent = resumed
-      s, rates = cost_model_choose(costs, alpha, incumbent, acfg.hysteresis, tokens)
-      # every strategy's predicted rate, for the decision record (reports, bench --reports)
-      info = dict(alpha=alpha, rate=rates[s], plain_rate=rates[PLAIN])
-      info['rates'] = {strategy_name(k): round(float(v), 4) for k, v in rates.items()}
-      plain_len = None if lengths is None else lengths[PLAIN]
-      if s != PLAIN and self._probe_plain(b, plain_len):
-        # measure plain here before speculating: otherwise it stays priced at the profile's
-        # full buffer width while the arm is priced at the length it runs, and a too-slow
-        # plain keeps the arm running (a plain chunk costs nothing against plain decoding)
-        self._probes[(b, plain_len)] = self._probes.get((b, plain_len), 0) + 1
-        self._after_probe[b] = s
-        info = dict(info, probe=True)
-        return (
-          PLAIN,
-          acfg.plain_probe_steps,
-          info if lengths is None else dict(info, length=lengths[PLAIN]),
-        )
-      steps = to_boundary if s == PLAIN else steps
-      return s, steps, info if lengths is None else dict(info, length=lengths[s])
-    # roofline
-    ladder = acfg.ladder
-    costs = round_costs(mem, prof, b, (PLAIN,) + ladder, acfg.learn_online, lengths)
-    ratios = {}
-    for g in ladder:
-      length = None if lengths is None else lengths[g]
-      corr = corr_at(mem, b, length, 'spec') if acfg.learn_online else 1.0
-      draft = prof.propose(g) * corr
-      ratios[g] = (draft / g / costs[PLAIN], max(costs[g] - draft, 0.0) / costs[PLAIN])
-    measured = obs.alpha if obs is not None else None
-    alpha = alpha_at(mem, b)[0]
-    rs, s, speedup = roofline_update(mem.roofline, alpha, measured, ratios, acfg)
-    self.memory = dataclasses.replace(mem, roofline=rs)
-    steps = to_boundary if s == PLAIN else steps
-    return s, steps, dict(alpha=alpha, gamma=ladder[rs.index], speedup=speedup)
-
-  def _probe_plain(self, b: int, length: int | None) -> bool:
-    """Whether the next chunk at batch b, attending ``length`` slots, must be a plain
-    probe (``plain_probe_steps``): plain is unmeasured at that cell (priced from another
-    length bucket, plain is off by its length's share of the step: 10-25% from 256 to 1024
-    slots for SmolLM2 at B = 1) and fewer than 2 probes ran there (a probe whose time could
-    not be learned from, e.g. one that waited for the prefill, is retried once)."""
-    acfg = self.acfg
-    return bool(
-      acfg.plain_probe_steps
-      and acfg.learn_online
-      and self._probes.get((b, length), 0) < 2
-      and not plain_measured(self.memory, b, length)
-    )
+    """(strategy, max_steps, info) for the next chunk at batch ``b``: the decider's
+    (:meth:`Decider.decide`), with the bucket's cost profile measured first where the
+    policy prices strategies (once per batch bucket)."""
+    dec = self.decider
+    prof = self._profile(b, params, dparams_fn, report) if dec.needs_profile else None
+    return dec.decide(obs, b, n_active, current, prof, lengths)
 
   def _bucket_for(self, n_active: int, b: int) -> int:
     """Smallest bucket >= n_active (b itself when no bucket below b fits)."""
@@ -600,8 +507,7 @@ class AdaptiveRolloutEngine:
 
     acfg = self.acfg
     report = AdaptiveReport(batch=bsz, policy=acfg.policy)
-    self.memory = dataclasses.replace(self.memory, tlt=tlt_reset(self.memory.tlt))
-    self._after_probe.clear()  # a probe's deferred arm never outlives its rollout
+    self.decider.start_rollout()
     cfg, mesh, wrcfg = self.cfg, self.mesh, self._wrcfg
     i32 = np.int32
 
@@ -779,7 +685,7 @@ class AdaptiveRolloutEngine:
     ph['drafted'] += obs.rounds * drafts(obs.strategy)
     report.drafted += obs.rounds * drafts(obs.strategy)
     prof = self._profiles.get((b, self.buffer_len))
-    self.memory = memory_observe(self.memory, obs, prof, self.acfg)
+    self.decider.observe(obs, prof)
     return obs
 
   def _compact(self, state, origin, acc, target, bsz, report):
@@ -840,10 +746,9 @@ class AdaptiveRolloutEngine:
   # -- host state (checkpointed with the train state)
 
   def host_state(self) -> dict:
-    """What the engine has learned across rollouts, as JSON-able data: the policy's
-    memory and the TLT bandit's RNG. Profiles are re-measured after a restart."""
-    return dict(memory=memory_to_json(self.memory), rng=self._rng.bit_generator.state)
+    """What the engine has learned across rollouts (:meth:`Decider.host_state`). Profiles
+    are re-measured after a restart."""
+    return self.decider.host_state()
 
   def load_host_state(self, d: dict) -> None:
-    self.memory = memory_from_json(d['memory'])
-    self._rng.bit_generator.state = d['rng']
+    self.decider.load_host_state(d)
