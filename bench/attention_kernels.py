@@ -2,8 +2,8 @@
 backward time of one layer's causal attention at the SmolLM2-135M shape (9 query heads over
 3 kv heads, head dim 64) vs sequence length.
 
-  full          the [B, H, S, S] reference (``specrl.model.attention``)
-  blocked       flash-style jnp (``specrl.model.blocked_attention``), masked key blocks skipped
+  full          the [B, H, S, S] reference (``specrl.attention.attention``)
+  blocked       flash-style jnp (``specrl.attention.blocked_attention``), masked key blocks skipped
   blocked_all   the same computing every key block (``skip_masked=False``): the skip's gain
   xla           ``jax.nn.dot_product_attention(is_causal=True)`` (cuDNN's kernel on GPU)
   pallas        jax's Pallas flash kernels (``specrl.kernels.flash_attention``; GPU / TPU only)
@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench import common  # noqa: E402
-from specrl import model as model_lib  # noqa: E402
+from specrl import attention as attention_lib  # noqa: E402
 from specrl.kernels import flash_attention as flash_lib  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
@@ -46,15 +46,15 @@ def implementations(s: int, block: int, full_max: int) -> dict:
     return run
 
   impls = {
-    'blocked': with_pos(functools.partial(model_lib.blocked_attention, block=block)),
+    'blocked': with_pos(functools.partial(attention_lib.blocked_attention, block=block)),
     'blocked_all': with_pos(
-      functools.partial(model_lib.blocked_attention, block=block, skip_masked=False)
+      functools.partial(attention_lib.blocked_attention, block=block, skip_masked=False)
     ),
-    'xla': model_lib.xla_causal_attention,
+    'xla': attention_lib.xla_causal_attention,
   }
   if s <= full_max:
     mask = jnp.tril(jnp.ones((s, s), bool))[None]
-    impls = {'full': lambda q, k, v: model_lib.attention(q, k, v, mask), **impls}
+    impls = {'full': lambda q, k, v: attention_lib.attention(q, k, v, mask), **impls}
   if jax.default_backend() in flash_lib.PLATFORMS:
     impls['pallas'] = flash_lib.causal_flash_attention
   return impls

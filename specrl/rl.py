@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from specrl import attention as attention_lib
 from specrl import faults
 from specrl import model as model_lib
 from specrl import sharding as shd
@@ -100,10 +101,9 @@ class RLConfig:
       raise ValueError(f'rl.offpolicy must be one of {OFFPOLICY}, got {self.offpolicy!r}')
     if self.micro_batch < 0:
       raise ValueError(f'rl.micro_batch must be >= 0 (0 = whole minibatch), got {self.micro_batch}')
-    if self.attention_impl not in model_lib.ATTENTION_IMPLS:
-      raise ValueError(
-        f'rl.attention_impl must be one of {model_lib.ATTENTION_IMPLS}, got {self.attention_impl!r}'
-      )
+    if self.attention_impl not in attention_lib.ATTENTION_IMPLS:
+      impls = attention_lib.ATTENTION_IMPLS
+      raise ValueError(f'rl.attention_impl must be one of {impls}, got {self.attention_impl!r}')
     if self.attention_block < 1:
       raise ValueError(f'rl.attention_block must be >= 1, got {self.attention_block}')
     if not self.is_cap >= 1:

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from specrl import attention as attention_lib
 from specrl import model as model_lib
 from specrl import rl as rl_lib
 from specrl import train_fit
@@ -116,14 +117,14 @@ def test_blocked_and_xla_attention_equal_the_full_attention(t, block):
   q = jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, t, 2, 8)), jnp.float32) for _ in range(2))
   pos = jnp.broadcast_to(jnp.arange(t), (2, t))
-  ref = model_lib.attention(q, k, v, pos[:, None, :] <= pos[:, :, None])
-  got = jax.jit(model_lib.blocked_attention, static_argnums=5)(q, k, v, pos, pos, block)
+  ref = attention_lib.attention(q, k, v, pos[:, None, :] <= pos[:, :, None])
+  got = jax.jit(attention_lib.blocked_attention, static_argnums=5)(q, k, v, pos, pos, block)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(model_lib.xla_causal_attention(q, k, v), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(attention_lib.xla_causal_attention(q, k, v), ref, rtol=1e-5, atol=1e-6)
   # gradients too (the blocked backward recomputes each query block)
   f = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), (0, 1, 2)))  # noqa: E731
-  g_ref = f(lambda q, k, v: model_lib.attention(q, k, v, pos[:, None, :] <= pos[:, :, None]))
-  g_got = f(lambda q, k, v: model_lib.blocked_attention(q, k, v, pos, pos, block))
+  g_ref = f(lambda q, k, v: attention_lib.attention(q, k, v, pos[:, None, :] <= pos[:, :, None]))
+  g_got = f(lambda q, k, v: attention_lib.blocked_attention(q, k, v, pos, pos, block))
   for a, b in zip(g_ref(q, k, v), g_got(q, k, v), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 

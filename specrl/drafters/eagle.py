@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specrl import attention as attention_lib
 from specrl import config as config_lib
 from specrl import model as model_lib
 from specrl import sampling
@@ -422,7 +423,7 @@ class EagleDrafter:
         nv = cv.at[li, bidx, :, slots].set(v.astype(cv.dtype), mode='drop')
         return nk[li].astype(x.dtype), nv[li].astype(x.dtype), mask, (nk, nv)
 
-      attn = lambda q, k, v: model_lib.attention(q, k, v, mask, heads_major=True)  # noqa: E731
+      attn = lambda q, k, v: attention_lib.attention(q, k, v, mask, heads_major=True)  # noqa: E731
       y, (nk, nv) = model_lib._layer(
         self.hcfg, lp, x, positions, kv_fn, mesh, shd.DECODE_RULES, attn
       )

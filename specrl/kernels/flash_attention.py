@@ -10,7 +10,7 @@ block size (padded keys sit after every real query, so a causal mask hides them)
 ``interpret`` switch, so CPU tests run the same kernels in Pallas's interpreter.
 
 The pure-jnp reference is :func:`specrl.kernels.flash_attention_reference.causal_attention`
-(it never imports this module); ``specrl.model.blocked_attention`` is the memory-bounded jnp
+(it never imports this module); ``specrl.attention.blocked_attention`` is the memory-bounded jnp
 path for CPU. Only valid where positions increase by one along the sequence (training's
 forward), as for ``rl.attention_impl='xla'``.
 """
@@ -29,7 +29,7 @@ TPU_LANES = 128  # the TPU kernel's key block must be a multiple of this
 
 def _gqa_repeat(x: jax.Array, heads: int) -> jax.Array:
   """[B, T, K, Dh] -> [B, T, H, Dh]: each key / value head serves H / K query heads (the
-  grouping of ``specrl.model.attention``: query head h reads kv head h // (H / K))."""
+  grouping of ``specrl.attention.attention``: query head h reads kv head h // (H / K))."""
   return jnp.repeat(x, heads // x.shape[2], axis=2)
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from specrl import attention as attention_lib
 from specrl import model as model_lib
 from specrl.kernels import flash_attention as flash_lib
 from specrl.kernels import flash_attention_reference as ref_lib
@@ -33,7 +34,7 @@ def test_the_reference_equals_the_models_masked_attention():
   t = q.shape[1]
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (q.shape[0], t, t))
   np.testing.assert_allclose(
-    ref_lib.causal_attention(q, k, v), model_lib.attention(q, k, v, mask), rtol=1e-6, atol=1e-6
+    ref_lib.causal_attention(q, k, v), attention_lib.attention(q, k, v, mask), rtol=1e-6, atol=1e-6
   )
 
 
