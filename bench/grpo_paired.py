@@ -22,16 +22,17 @@ What this design does not show: a strategy's effect on *training* (all strategie
 plain's tokens; with lossless rollouts the trajectory is the same in distribution, and
 ``grpo_real.py`` is the independent-runs check of held-out accuracy).
 
-A drafter that trains in the GRPO step (``adaptive_eagle``: the eagle head, mode
-``cotrain``) trains here as cotrain trains it, on the batch the GRPO step trains on
-(plain's: the policy's own samples, the distribution its own lossless rollout has) with
-the policy's hidden states at the step's pre-update params: one ``head_update`` per step
-(:mod:`specrl.drafters.eagle_train`). Cotrain reads those hidden states from the GRPO
-loss's own forward; here they come from a separate forward that is *not* charged to the
-strategy, while the head update is (``train_extra_s``, in its whole-run seconds), as is
-its warm-up before the first GRPO step (``--eagle_warmup`` updates on the policy's
-generations; or ``--eagle_head``, a saved head). The policy's own update is the plain
-step's either way (cotrain's head reads the policy under a stop-gradient).
+A drafter that trains in the GRPO step (``adaptive_eagle`` / ``adaptive_eagle_tree``: the
+eagle head, mode ``cotrain``; each strategy trains its own) trains here as cotrain trains
+it, on the batch the GRPO step trains on (plain's: the policy's own samples, the
+distribution its own lossless rollout has) with the policy's hidden states at the step's
+pre-update params: one ``head_update`` per step (:mod:`specrl.drafters.eagle_train`).
+Cotrain reads those hidden states from the GRPO loss's own forward; here they come from a
+separate forward that is *not* charged to the strategy, while the head update is
+(``train_extra_s``, in its whole-run seconds), as is its warm-up before the first GRPO
+step (``--eagle_warmup`` updates on the policy's generations; or ``--eagle_head``, a saved
+head). The policy's own update is the plain step's either way (cotrain's head reads the
+policy under a stop-gradient).
 
 An int8 drafter's params, derived inside the train step in a real run, are derived here by
 one jitted call per step, timed (``derive_s``) and counted in that strategy's rollout.
@@ -69,7 +70,7 @@ from specrl.drafters import eagle, eagle_train, hooks  # noqa: E402
 
 STRATEGIES = grpo_real.STRATEGIES  # the same strategies as the one-run-each bench
 # strategies whose rollouts are plain decoding's very tokens (README "What is exact")
-TOKEN_EXACT = ('compaction', 'adaptive_suffix_tree')
+TOKEN_EXACT = ('compaction', 'adaptive_suffix_tree', 'adaptive_eagle_tree')
 REFERENCE = 'plain'
 
 
@@ -336,9 +337,10 @@ def run(
       + (f' | {evaluation.format_line(ev)}' if ev else '')
     )
   for s, h in heads.items():
-    if save_head:
-      h.save(save_head)
-      log(f'{s}: head saved to {save_head}')
+    if save_head:  # two cotrained strategies: the second's file is named after it
+      path = save_head if s == next(iter(heads)) else save_head.replace('.npz', f'_{s}.npz')
+      h.save(path)
+      log(f'{s}: head saved to {path}')
   shared = dict(
     wall_s=time.perf_counter() - t0,
     evals=[
@@ -494,7 +496,8 @@ def main(argv=None):
       base.eval.update(every=0, prompts=16)
   base.seed = args.seed
   eagle_vocab = args.eagle_vocab
-  if 'adaptive_eagle' in strategies:
+  eagles = set(grpo_real.EAGLE) & set(strategies)
+  if eagles:
     if args.eagle_head:
       n, why = grpo_real.head_vocab(args.eagle_head, base)
       if why:
@@ -536,7 +539,7 @@ def main(argv=None):
     shared=shared,
     results=res,
   )
-  if 'adaptive_eagle' in strategies:
+  if eagles:
     out['eagle'] = dict(
       head=args.eagle_head, vocab=eagle_vocab, warmup_steps=base.drafter.eagle.warmup_steps
     )

@@ -15,6 +15,9 @@ same validation cadence, run once per strategy through the train loop itself
   the GRPO step), loaded from ``--eagle_head`` (a ``save_head`` file; its reduced vocabulary
   is read from it). Without a usable head file it is skipped, and the JSON says why;
   ``--eagle_fresh`` runs it from a fresh head instead (the ``--tiny`` default);
+- ``adaptive_eagle_tree``: the same head proposing trees of its top candidates: the tree arm
+  ``3_4_8`` (``--tiny``: ``2_2_3``), the shape that beat plain at B = 1 on real text
+  (docs/benchmarks.md), verified by sample-and-compare: plain decoding's very tokens;
 - ``adaptive_int8``: adaptive + the int8 ``quantized`` self-drafter.
 
 Per step (from each run's ``metrics.jsonl``): rollout, train and validation seconds, rollout
@@ -65,8 +68,10 @@ STRATEGIES = (
   'adaptive_suffix',
   'adaptive_suffix_tree',
   'adaptive_eagle',
+  'adaptive_eagle_tree',
   'adaptive_int8',
 )
+EAGLE = ('adaptive_eagle', 'adaptive_eagle_tree')  # the strategies that read --eagle_head
 EVAL_METRICS = (  # (name, eval key): the held-out metrics compared across strategies
   ('accuracy', 'accuracy'),
   ('final_line_accuracy', 'final_line_accuracy'),
@@ -114,9 +119,11 @@ def strategy_config(name: str, base, eagle_head: str = '', eagle_vocab: int = 0)
     c.drafter.suffix.update(history=8, max_group=max(16, c.rl.num_generations))
   if name == 'adaptive_suffix_tree':  # small trees: a tree pass costs its node count
     c.adaptive.arms = ('2_2_3',) if tuple(c.adaptive.arms) == (2,) else ('3_2_4', '4_2_8')
-  elif name == 'adaptive_eagle':
+  elif name in EAGLE:
     c.rollout.drafter = 'eagle'
     c.drafter.eagle.update(mode='cotrain', head_path=eagle_head, reduced_vocab=eagle_vocab)
+  if name == 'adaptive_eagle_tree':  # the head's top-4 per node, 8 nodes, 3 levels
+    c.adaptive.arms = ('2_2_3',) if tuple(c.adaptive.arms) == (2,) else ('3_4_8',)
   elif name == 'adaptive_int8':
     c.rollout.drafter = 'quantized'
     c.drafter.quantized.bits = 8
@@ -247,7 +254,7 @@ def main(argv=None):
   ap.add_argument('--eval_every', type=int, default=-1, help='-1: the config (0 tiny / quick)')
   ap.add_argument('--eval_prompts', type=int, default=0, help='0: the config (16 quick)')
   ap.add_argument('--strategies', default=','.join(STRATEGIES))
-  ap.add_argument('--eagle_head', default='', help='an eagle.save_head .npz for adaptive_eagle')
+  ap.add_argument('--eagle_head', default='', help='eagle strategies: a save_head .npz')
   ap.add_argument('--eagle_fresh', action='store_true', help='eagle from a fresh head')
   ap.add_argument('--seed', type=int, default=0)
   ap.add_argument('--workdir', default='', help='runs go under it (default: a temp dir)')
@@ -276,10 +283,10 @@ def main(argv=None):
   if args.eval_prompts:
     base.eval.prompts = args.eval_prompts
   skipped, eagle_vocab = {}, 0
-  if 'adaptive_eagle' in strategies and not args.eagle_fresh:
+  if set(EAGLE) & set(strategies) and not args.eagle_fresh:
     eagle_vocab, why = head_vocab(args.eagle_head, base)
     if why:
-      skipped['adaptive_eagle'] = why
+      skipped.update({s: why for s in EAGLE if s in strategies})
   root = args.workdir or tempfile.mkdtemp(prefix='grpo_real_')
   info = common.device_info()
   print(

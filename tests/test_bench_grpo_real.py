@@ -98,11 +98,12 @@ def test_tiny_paired_run_times_every_strategy_on_one_run(capsys, tmp_path, cache
   token-exact ones emit plain's very tokens in every row (checked on the run itself); the
   cotrained eagle head updates once per step, charged to its whole run only."""
   strategies = ['plain', 'compaction', 'adaptive_suffix_tree', 'adaptive_eagle']
+  strategies += ['adaptive_eagle_tree']
   rows_out = tmp_path / 'rows.jsonl'
   grpo_paired.main(
     ['--tiny', '--steps', '2', '--strategies', 'compaction,plain,adaptive_suffix_tree,'
-     'adaptive_eagle', '--rows_out', str(rows_out), '--save_head', str(tmp_path / 'head.npz'),
-     '--compile_cache', cache]
+     'adaptive_eagle,adaptive_eagle_tree', '--rows_out', str(rows_out), '--save_head',
+     str(tmp_path / 'head.npz'), '--compile_cache', cache]
   )  # fmt: skip
   res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert res['bench'] == 'grpo_paired' and res['steps'] == 2
@@ -114,7 +115,7 @@ def test_tiny_paired_run_times_every_strategy_on_one_run(capsys, tmp_path, cache
     assert r['rollout_s'] > 0 and r['tokens'] > 0
     whole = r['rollout_s'] + r['train_extra_s'] + shared['train_s'] + shared['eval_s']
     assert r['whole_run_s'] == pytest.approx(whole, rel=1e-3)  # the JSON rounds
-    assert (r['train_extra_s'] > 0) == (name == 'adaptive_eagle'), name
+    assert (r['train_extra_s'] > 0) == (name in grpo_real.EAGLE), name
     assert 0 <= r['train_extra_steady_s'] <= r['train_extra_s']
     if name in grpo_paired.TOKEN_EXACT:
       assert r['exact_rows'] == 1.0 and r['lossless'], name
@@ -126,9 +127,10 @@ def test_tiny_paired_run_times_every_strategy_on_one_run(capsys, tmp_path, cache
   assert [r['step'] for r in rows] == [0, 1]
   assert all(r[s]['rows'] == 8 for r in rows for s in strategies)
   # the head trained once per step (its loss on the step's batch), beside the run
-  assert all(r['adaptive_eagle']['head_loss'] > 0 for r in rows)
-  with np.load(tmp_path / 'head.npz') as saved:  # the trained head, for --eagle_head
-    assert len(saved.files) > 3
+  assert all(r[s]['head_loss'] > 0 for r in rows for s in grpo_real.EAGLE)
+  for name in ('head.npz', 'head_adaptive_eagle_tree.npz'):  # each strategy's trained head
+    with np.load(tmp_path / name) as saved:  # for --eagle_head
+      assert len(saved.files) > 3
   # the rows file alone gives the run's summary back (as for a run still going)
   grpo_paired.main(['--from_rows', str(rows_out)])
   again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
