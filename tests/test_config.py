@@ -173,3 +173,23 @@ def test_bad_int4_group_size_is_a_config_error_naming_the_field():
   with pytest.raises(ValueError, match=msg):
     train.build_experiment(_smollm_shaped(128))
   train.build_experiment(_smollm_shaped(64))  # divides 16, 64 and 576
+
+
+def test_every_real_model_config_argument_is_a_valid_run_config():
+  """``configs/smollm2_arith.py``'s arguments pass the loop's checks and every section's
+  dataclass (no model is loaded); ``:learn_long`` is ``:learn`` at a 1024-token budget with
+  validation off, and an unknown argument names the known ones."""
+  from configs import smollm2_arith
+
+  for arg in (None, 'learn', 'learn_long', 'smoke'):
+    c = smollm2_arith.get_config(arg)
+    run_config.check_run_config(c)
+    run_config.rl_config(c, run_config.sampling_params(c))
+    run_config.adaptive_config(c, has_drafter=True)
+  learn, long = smollm2_arith.get_config('learn'), smollm2_arith.get_config('learn_long')
+  assert long.rollout.max_new_tokens == long.task.max_response_len == 1024
+  assert learn.rollout.max_new_tokens == 64 and not evaluation.eval_config(long).enabled
+  assert long.task.to_dict() == dict(learn.task.to_dict(), max_response_len=1024)
+  assert long.rl.to_dict() == learn.rl.to_dict()
+  with pytest.raises(ValueError, match='known: learn, learn_long, smoke'):
+    smollm2_arith.get_config('lern')
