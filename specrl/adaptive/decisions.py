@@ -60,6 +60,9 @@ class Decider:
   """
 
   def __init__(self, acfg: AdaptiveConfig, k_max: int, to_boundary: int):
+    # A plain chunk learns nothing that could change a cost-model / roofline decision at
+    # its bucket (acceptance is only measured while speculating; plain's measured cost
+    # rescales the speculative estimates alike), so it runs to the bucket boundary.
     self.acfg, self.k_max, self.to_boundary = acfg, k_max, to_boundary
     self.memory = Memory(alpha=acfg.alpha_prior)
     self.rng = np.random.default_rng(acfg.seed)
