@@ -122,8 +122,8 @@ def strategy_config(name: str, base, eagle_head: str = '', eagle_vocab: int = 0)
   elif name in EAGLE:
     c.rollout.drafter = 'eagle'
     c.drafter.eagle.update(mode='cotrain', head_path=eagle_head, reduced_vocab=eagle_vocab)
-  if name == 'adaptive_eagle_tree':  # the head's top-4 per node, 8 nodes, 3 levels
-    c.adaptive.arms = ('2_2_3',) if tuple(c.adaptive.arms) == (2,) else ('3_4_8',)
+    if name == 'adaptive_eagle_tree':  # the head's top-4 per node, 8 nodes, 3 levels
+      c.adaptive.arms = ('2_2_3',) if tuple(c.adaptive.arms) == (2,) else ('3_4_8',)
   elif name == 'adaptive_int8':
     c.rollout.drafter = 'quantized'
     c.drafter.quantized.bits = 8
