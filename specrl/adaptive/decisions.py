@@ -120,11 +120,11 @@ class Decider:
     # seconds per round -> per *committed* round: a measured yield < 1 (rows finishing
     # mid-run) makes long drafts at this bucket proportionally dearer
     costs = {k: c / max(mem.yields.get((b, k), 1.0), 1e-3) for k, c in costs.items()}
-    alpha = optimistic_alpha(*alpha_at(mem, b), acfg.alpha_optimism)
+    measured = alpha_at(mem, b)  # (running acceptance, its weight in sequence-rounds)
+    alpha = optimistic_alpha(*measured, acfg.alpha_optimism)
     # tree arms: their own measured tokens per pass (optimistic until measured)
-    base = alpha_at(mem, b)[0]
     tokens = {
-      k: arm_tokens_per_pass(mem, b, k, base, acfg.alpha_optimism)
+      k: arm_tokens_per_pass(mem, b, k, measured[0], acfg.alpha_optimism)
       for k in arms
       if tree_arm(k) is not None
     }
