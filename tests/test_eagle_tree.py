@@ -197,3 +197,34 @@ def test_profile_times_tree_proposals_for_tree_rounds():
     sp=SETTINGS['t1'], max_prompt_len=P, reps=1, iters=1, tree_depth=2,
   )  # fmt: skip
   assert prof.prop1 > 0 and prof.prop_ref > 0 and prof.k_prop == 2
+
+
+def test_a_branch_one_tree_at_greedy_is_the_heads_greedy_chain():
+  """At T = 0 the sampled chain is the head's argmax chain, and a tree of branch 1 is the
+  head's top-1 path: the same tokens from the same state, also with a reduced vocabulary,
+  and the same head KV written (branch 1 puts depth d's node in the chain's slot
+  pos + d - 1, at the same RoPE position): the docs compare the two shapes' acceptance by
+  depth, so a difference between the paths must show here first."""
+  sp = SamplingParams(0.0)
+  seeds = jnp.zeros((B, 2), jnp.uint32)
+  for vocab in (None, REDUCED):
+    d = _drafter(branch=1, vocab=vocab)
+    rcfg = _rcfg(sp, n=6, depth=5)
+    dp = d.params_from_policy(POLICY)
+
+    @jax.jit
+    def go(params, dp, toks, lens, d=d, rcfg=rcfg):
+      st = steps.prefill(
+        params, toks, lens, jax.random.key(2), cfg=CFG, rcfg=rcfg, drafter=d, draft_params=dp
+      )
+      ctx = hooks.context(st)
+      tree = d.propose_tree(dp, st.draft, st.tokens, st.pos, 6, 5, None, sp, ctx=ctx)
+      chain = d.propose(dp, st.draft, st.tokens, st.pos, 5, seeds, sp, ctx=ctx)
+      return tree[:2], chain[0], tree[3]['cache'], chain[2]['cache']
+
+    (toks, par), chain, tree_kv, chain_kv = jax.device_get(go(POLICY, dp, TOKS, LENS))
+    assert (par[:, 1:] == np.arange(5)[None]).all(), par  # a path: node u's parent is u - 1
+    np.testing.assert_array_equal(toks[:, 1:], chain)
+    for name in ('k', 'v'):
+      np.testing.assert_allclose(tree_kv[name], chain_kv[name], atol=1e-6, err_msg=name)
+    assert len(np.unique(chain)) > 1, chain  # not a constant proposal
