@@ -102,7 +102,7 @@ class RolloutEngine:
       raise ValueError('rollout.num_draft > 0 needs a drafter (rollout.drafter != "none")')
     tree_lib.check_drafter(drafter, rcfg)
     self._token = object()  # this engine's keys in the process-wide executable cache
-    self._costs: dict = {}  # batch -> measure_step_costs
+    self._costs: dict = {}  # (batch, width) -> measure_step_costs
     self.last_draft_shared = None
     self.last_buckets: list[int] = []  # length buckets the last rollout decoded in
 
@@ -252,15 +252,23 @@ class RolloutEngine:
         break
     return state, visited, usage
 
-  def measure_step_costs(self, params, batch: int, draft_params=None) -> dict:
+  def measure_step_costs(
+    self, params, batch: int, draft_params=None, width: int | None = None
+  ) -> dict:
     """Seconds of one plain decode step (T = 1), one verify pass (T = k + 1) and one
-    drafter proposal of k tokens at this batch size (:mod:`specrl.decoding.profile`).
+    drafter proposal of k tokens at this batch size (:mod:`specrl.decoding.profile`), with
+    attention (and the drafter's position-indexed state) over ``width`` slots (default: the
+    whole buffer).
 
     Steps run inside a ``while_loop`` can't be timed individually, so per-rollout drafter
-    and verify times are estimated as (verify passes) x these costs. Cached per batch.
+    and verify times are estimated as (verify passes) x these costs. :meth:`generate` passes
+    the widest length bucket its loops ran at: a 32k-token budget whose answers stop within
+    a 16-slot bucket must not be priced (nor profiled, for seconds) at 32k slots. Cached per
+    (batch, width).
     """
-    if batch in self._costs:
-      return self._costs[batch]
+    width = self.rcfg.buffer_len if width is None else int(width)
+    if (batch, width) in self._costs:
+      return self._costs[(batch, width)]
     if self.drafter is not None and draft_params is None:
       draft_params = self.drafter.params_from_policy(params)
     k = self.rcfg.num_draft if self.drafter is not None else 0
@@ -270,11 +278,12 @@ class RolloutEngine:
       self.drafter,
       draft_params,
       batch=batch,
-      buffer_len=self.rcfg.buffer_len,
+      buffer_len=width,
       k_ref=k,
       sp=self.rcfg.sampling,
       max_prompt_len=self.rcfg.max_prompt_len,
-      pos0=self.rcfg.max_prompt_len - 1,
+      # the prompt's end, where decoding starts; inside the window with room for a round
+      pos0=max(0, min(self.rcfg.max_prompt_len - 1, width - k - 2)),
       mesh=self.mesh,
       fuse=fuse_setting(self.rcfg),  # the layout the decode loop runs
     )
@@ -282,7 +291,7 @@ class RolloutEngine:
     if k:
       costs['verify_pass_s'] = prof.verify(k)
       costs['draft_k_s'] = prof.propose(k)
-    self._costs[batch] = costs
+    self._costs[(batch, width)] = costs
     return costs
 
   def generate(
@@ -332,7 +341,9 @@ class RolloutEngine:
     self.last_draft_slots = kv.get('draft_slots', [])  # the drafter's (0: none)
     self.last_shared_slots = kv.get('shared', [])  # its shared corpus' (None: all)
     if estimate_costs and self.rcfg.num_draft:
-      costs = self.measure_step_costs(params, b, draft_params)
+      # (no loop ran when every row ended at its prefill token: the first bucket's costs)
+      width = max(visited, default=attend_buckets(self.rcfg)[0])
+      costs = self.measure_step_costs(params, b, draft_params, width=width)
       passes = int(mh.to_host(out.num_rounds).max())
       metrics['spec/draft_time_est_s'] = passes * costs['draft_k_s']
       metrics['spec/verify_time_est_s'] = passes * costs['verify_pass_s']

@@ -304,3 +304,34 @@ def test_suffix_corpus_and_history_cut_to_their_text_draft_the_same():
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
   assert (np.asarray(a[0]) >= 0).sum() > 4  # it drafted
+
+
+def test_static_cost_estimates_are_profiled_at_the_widest_bucket_the_rollout_ran(monkeypatch):
+  """``estimate_costs`` (spec/draft_time_est_s, spec/verify_time_est_s) prices a rollout's
+  passes at the attention window its loops ran, not the budget's: a rollout that stays
+  within the first 16-slot bucket of a 4k-token budget is profiled over 16 slots, once per
+  (batch, width). (Profiled over the budget, a 32k-budget rollout of 8-token answers was
+  priced at ~50x its whole rollout time, and the profile took seconds of each run.)"""
+  from specrl.decoding import profile as profile_lib
+
+  widths = []
+  real = profile_lib.measure_profile
+
+  def recording(*a, **kw):
+    widths.append(kw['buffer_len'])
+    return real(*a, **kw)
+
+  monkeypatch.setattr(profile_lib, 'measure_profile', recording)
+  toks = np.where(np.arange(P)[None, :] < LENS[:, None], _toks(), 0)
+  # the decode loop capped at 2 rounds (as if every answer stopped there): prompts of up
+  # to 11 tokens + 2 rounds of k + 1 = 3 stay within the first bucket, 16 slots
+  rcfg = dataclasses.replace(_rcfg(num_draft=2), max_new_tokens=4096, max_steps=2)
+  eng = rollout_lib.RolloutEngine(CFG, rcfg, drafter=DRAFTERS['suffix']())
+  for seed in (0, 1):
+    _, m = eng.generate(
+      params(), toks, LENS, jax.random.key(seed), group_ids=GROUPS, estimate_costs=True
+    )
+    assert m['spec/draft_time_est_s'] >= 0 and m['spec/verify_time_est_s'] >= 0, m
+  assert eng.last_buckets == [16], eng.last_buckets
+  assert widths == [16], widths  # the second rollout reused the first's profile
+  assert rcfg.buffer_len > 4096
