@@ -104,8 +104,9 @@ def get_config(arg: str | None = None):
       # evictions are counted in the metrics as compile/evictions)
       max_executables=64,
       # static engine with a drafter: profile its draft / verify step times once per batch
-      # size for spec/draft_time_est_s, spec/verify_time_est_s, spec/draft_cost_ratio
-      # (their compiles: seconds on CPU); False: no profile, no such metrics
+      # size and widest length bucket run, for spec/draft_time_est_s, spec/verify_time_est_s,
+      # spec/draft_cost_ratio (their compiles: seconds on CPU); False: no profile, no such
+      # metrics
       estimate_costs=True,
     )
   )
