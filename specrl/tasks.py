@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import zlib
@@ -44,6 +43,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from specrl import arith_task
+from specrl.answers import answer_in_final_line, answers_match, extract_answer, to_number
 from specrl.checkpoints import pretrained
 from specrl.faults import DataError
 
@@ -255,66 +255,6 @@ def _pack(tokenizer, texts, answers, max_len) -> PromptBatch:
 
 # ----------------------------------------------------------------------------- jsonl math
 
-_BOXED = re.compile(r'\\boxed\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}')
-_HASHES = re.compile(r'####\s*([^\n]+)')
-_NUMBER = re.compile(r'-?\d[\d,]*(?:\.\d+)?(?:/\d+)?')
-
-
-def extract_answer(text: str) -> str | None:
-  """Final answer from a model response: last ``\\boxed{..}``, else ``#### ..``, else None."""
-  boxed = _BOXED.findall(text)
-  if boxed:
-    return boxed[-1].strip()
-  m = _HASHES.findall(text)
-  if m:
-    return m[-1].strip()
-  return None
-
-
-def final_line(text: str) -> str:
-  """The last non-empty line of ``text`` (stripped; '' when there is none)."""
-  lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-  return lines[-1] if lines else ''
-
-
-def answer_in_final_line(text: str, reference: str) -> bool:
-  """The format-agnostic check: some number in the last non-empty line of ``text`` equals
-  ``reference`` (numerically; ``#### 14``, ``The answer is 14.``, ``= 14 apples`` and
-  ``\\boxed{14}`` all pass, a right number only in an earlier line does not)."""
-  ref = _to_number(reference)
-  if ref is None:
-    return False
-  for m in _NUMBER.finditer(final_line(text)):
-    v = _to_number(m.group(0))
-    if v is not None and math.isclose(v, ref, rel_tol=1e-6, abs_tol=1e-9):
-      return True
-  return False
-
-
-def _to_number(s: str) -> float | None:
-  s = s.strip().replace('$', '').replace(',', '').rstrip('.')
-  m = _NUMBER.fullmatch(s) or _NUMBER.search(s)
-  if m is None:
-    return None
-  v = m.group(0).replace(',', '')
-  try:
-    if '/' in v:
-      a, b = v.split('/')
-      return float(a) / float(b)
-    return float(v)
-  except (ValueError, ZeroDivisionError):
-    return None
-
-
-def answers_match(predicted: str | None, reference: str) -> bool:
-  """Numeric comparison (commas, $ and fractions tolerated); exact string otherwise."""
-  if predicted is None:
-    return False
-  a, b = _to_number(predicted), _to_number(reference)
-  if a is not None and b is not None:
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-  return predicted.strip() == reference.strip()
-
 
 def read_math_jsonl(path: str, question_key: str = 'question', answer_key: str = 'answer'):
   """Reads ``{"question": ..., "answer": ...}`` lines. GSM8K-style answers ('... #### 42')
@@ -477,7 +417,7 @@ class ProblemPoolTask:
     predicted = extract_answer(self.response_text(response_ids))
     if answers_match(predicted, answer):
       return 1.0
-    well_formed = predicted is not None and _to_number(predicted) is not None
+    well_formed = predicted is not None and to_number(predicted) is not None
     return self.format_reward if well_formed else 0.0
 
   def is_correct(self, response_ids: Sequence[int], answer: str) -> bool:

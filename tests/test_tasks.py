@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from specrl import tasks
+from specrl import answers, tasks
 
 
 def test_running_sum_solution_reward_and_long_tail():
@@ -46,15 +46,15 @@ def test_sft_batch_masks_the_response():
   ],
 )
 def test_extract_answer(text, ans):
-  assert tasks.extract_answer(text) == ans
+  assert answers.extract_answer(text) == ans
 
 
 def test_answers_match_numeric():
-  assert tasks.answers_match('1,234', '1234')
-  assert tasks.answers_match('$5.00', '5')
-  assert tasks.answers_match('3/4', '0.75')
-  assert not tasks.answers_match('5', '6')
-  assert not tasks.answers_match(None, '6')
+  assert answers.answers_match('1,234', '1234')
+  assert answers.answers_match('$5.00', '5')
+  assert answers.answers_match('3/4', '0.75')
+  assert not answers.answers_match('5', '6')
+  assert not answers.answers_match(None, '6')
 
 
 def test_read_math_jsonl(tmp_path):
