@@ -168,18 +168,24 @@ def load_model(name: str, dtype: str):
 
 
 def make_variant_drafter(
-  variant: str, model_cfg: model_lib.ModelConfig, eagle_head: str = '', tree_branch: int = 0
+  variant: str,
+  model_cfg: model_lib.ModelConfig,
+  eagle_head: str = '',
+  tree_branch: int = 0,
+  tree_children: str = 'top',
 ):
   """The drafter of ``variant`` (:data:`VARIANTS`), built from the default config as a run
   builds it (:func:`specrl.drafters.make_drafter`); ``eagle``'s head from ``eagle_head``
   (with the reduced vocabulary it was saved with), its trees' branch ``tree_branch`` (0:
-  the config's default)."""
+  the config's default) and children ``tree_children`` (``drafter.eagle.tree_children``)."""
   name, overrides = VARIANTS[variant]
   if name == 'eagle' and eagle_head:
     n = eagle_lib.saved_vocab_size(eagle_head)
     overrides = dict(overrides, head_path=eagle_head, reduced_vocab=n)
   if name == 'eagle' and tree_branch:
     overrides = dict(overrides, tree_branch=tree_branch)
+  if name == 'eagle':
+    overrides = dict(overrides, tree_children=tree_children)
   config = default_config.get_config()
   config.rollout.drafter = name
   if overrides:
@@ -458,7 +464,8 @@ class Setup:
   def __init__(self, args, cfg, params, task):
     self.args, self.cfg, self.params, self.task = args, cfg, params, task
     self.drafters = {
-      v: make_variant_drafter(v, cfg, args.eagle_head, args.tree_branch) for v in args.drafters
+      v: make_variant_drafter(v, cfg, args.eagle_head, args.tree_branch, args.tree_children)
+      for v in args.drafters
     }
     self.dparams = {v: d.params_from_policy(params) for v, d in self.drafters.items()}
     self.acfg = adaptive.AdaptiveConfig(
@@ -700,6 +707,14 @@ def main(argv=None):
     "eagle: the head's top-b per expanded node, 0 = drafter.eagle's default)",
   )
   ap.add_argument(
+    '--tree_children',
+    default='top',
+    choices=('top', 'sampled'),
+    help="eagle trees: the head's top candidates, verified by sample-and-compare (plain "
+    "decoding's tokens), or children drawn from the head, recursive rejection sampling "
+    "(plain decoding's distribution; T > 0): drafter.eagle.tree_children",
+  )
+  ap.add_argument(
     '--oracle_depth',
     type=int,
     default=0,
@@ -829,6 +844,7 @@ def main(argv=None):
     quick=args.quick,
     max_new_tokens=args.max_new_tokens,
     iters=args.iters,
+    tree_children=args.tree_children,
     arms=list(args.arms),
     buckets=list(args.buckets),
     baselines=bases,

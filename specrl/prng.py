@@ -28,6 +28,7 @@ STREAM_SAMPLE = 2  # verify: Gumbel noise of the residual / bonus row; plain: th
 STREAM_PLAIN = 3  # event seed of a plain decoding step (and the prefill's first token)
 STREAM_VERIFY = 4  # event seed of a verify pass
 STREAM_DRAFT = 5  # event seed of a drafter's proposals
+STREAM_TREE = 6  # event seed of a node of a sampled draft tree's verification
 
 
 def _i32(c: int) -> np.int32:

@@ -47,6 +47,11 @@ class _Recording(eagle.EagleDrafter):
     jax.debug.callback(lambda t: self.proposed.append(np.asarray(t)), out[0])
     return out
 
+  def propose_sampled_tree(self, *a, **kw):
+    out = super().propose_sampled_tree(*a, **kw)
+    jax.debug.callback(lambda t: self.proposed.append(np.asarray(t)), out[0])
+    return out
+
 
 def _drafter(branch=2, vocab=None):
   d = te.trained_drafter()[0]

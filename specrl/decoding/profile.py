@@ -213,14 +213,18 @@ def tree_propose_loop(
   drafter, n_nodes: int, depth: int, sp, reps: int, mesh=None, hidden_dim: int | None = None
 ):
   """:func:`propose_loop` for a tree builder: ``reps`` ``drafter.propose_tree`` calls of
-  ``n_nodes`` nodes (depth cap ``depth``, 0 = none) after ``pos``; same signature."""
+  ``n_nodes`` nodes (depth cap ``depth``, 0 = none) after ``pos``; same signature. A
+  drafter that samples its trees at ``sp`` (``samples_tree_children``) is timed on
+  ``propose_sampled_tree``, the call its tree rounds make."""
+  sampled = bool(getattr(drafter, 'samples_tree_children', False)) and not sp.greedy
 
   def fn(dp, seq, pos, dstate, cache):
     kw = synthetic_context(drafter, seq, pos, n_nodes - 1, hidden_dim)
 
     def body(i, carry):
       dstate, pos = carry
-      toks, _, _, dstate = drafter.propose_tree(
+      propose = drafter.propose_sampled_tree if sampled else drafter.propose_tree
+      toks, *_, dstate = propose(
         dp, dstate, seq, pos, n_nodes, depth or None, jnp.full(pos.shape, i, jnp.int32), sp,
         mesh=mesh, **kw,
       )  # fmt: skip

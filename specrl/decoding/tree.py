@@ -45,11 +45,15 @@ from specrl.drafters import hooks
 class DraftTree:
   """Per-row draft trees of N nodes (static N). tokens int32 [B, N] (node 0 the root; ``< 0``
   empty), parents int32 [B, N] (``parents[:, u] < u``; the root's is -1), depth int32
-  [B, N] (the root's 0, a node's = its parent's + 1)."""
+  [B, N] (the root's 0, a node's = its parent's + 1). A *sampled* tree also carries the
+  distribution each node was drawn from: draft_logits f32 [B, N, R] over the vocabulary
+  ids draft_ids [R] (None: R = V); None for a deterministic tree."""
 
   tokens: jax.Array
   parents: jax.Array
   depth: jax.Array
+  draft_logits: jax.Array | None = None
+  draft_ids: jax.Array | None = None
 
 
 def chain_tree(cur: jax.Array, drafts: jax.Array) -> DraftTree:
@@ -76,7 +80,14 @@ def normalize(tree: DraftTree, cur: jax.Array) -> DraftTree:
   parents = jnp.where(root, -1, parents)
   depth = jnp.where(live, depth, 1)
   depth = jnp.where(root, 0, depth)
-  return DraftTree(tokens=tokens.astype(jnp.int32), parents=parents, depth=depth)
+  return tree.replace(tokens=tokens.astype(jnp.int32), parents=parents, depth=depth)
+
+
+def samples_children(drafter, rcfg) -> bool:
+  """Whether this configuration's tree rounds draw sampled trees (``drafter.
+  samples_tree_children``, e.g. ``drafter.eagle.tree_children = 'sampled'``), verified by
+  recursive rejection sampling. Never at T = 0: greedy trees are the head's top candidates."""
+  return bool(getattr(drafter, 'samples_tree_children', False)) and not rcfg.sampling.greedy
 
 
 def ancestors(parents: jax.Array) -> jax.Array:
@@ -125,6 +136,12 @@ def check_drafter(drafter, rcfg) -> None:
   drafts are sampled (they need rejection sampling)."""
   if not rcfg.tree_nodes or drafter is None:
     return
+  if samples_children(drafter, rcfg) and rcfg.verify_impl != 'jnp':
+    raise ValueError(
+      f'rollout.verify_impl={rcfg.verify_impl!r}: sampled draft trees ({drafter.name!r} with '
+      "sampled tree children) are verified by the jnp reference only: set verify_impl='jnp' "
+      "or the drafter's tree children to 'top'"
+    )
   if not hasattr(drafter, 'propose_tree') and not getattr(drafter, 'one_hot', False):
     raise ValueError(
       f'rollout.tree_nodes={rcfg.tree_nodes} needs a deterministic drafter: a tree builder '
@@ -148,6 +165,13 @@ def propose_tree(
           f'{drafter.name!r} builds trees without a branch cap (set the branch to 0)'
         )
       kw['branch'] = rcfg.tree_branch
+    if samples_children(drafter, rcfg):
+      tokens, parents, depth, draft_logits, draft_ids, draft_state = drafter.propose_sampled_tree(
+        draft_params, state.draft, hooks.proposal_text(drafter, state, attend_len), state.pos,
+        n_nodes, rcfg.tree_depth or None, draft_seeds, rcfg.sampling, mesh=mesh, **kw,
+      )  # fmt: skip
+      tree = DraftTree(tokens, parents, depth, draft_logits=draft_logits, draft_ids=draft_ids)
+      return tree, draft_state, state.cache
     tokens, parents, depth, draft_state = drafter.propose_tree(
       draft_params, state.draft, hooks.proposal_text(drafter, state, attend_len), state.pos,
       n_nodes, rcfg.tree_depth or None,
@@ -219,13 +243,18 @@ def tree_round(
     tree_anc=ancestors(tree.parents),
     return_new_kv=True,
   )
-  # the plain step's key at each node's position (not the forward's positions helper)
-  seeds = prng.event_seeds(
-    state.seed, state.seq_id[:, None], state.pos[:, None] + tree.depth, prng.STREAM_PLAIN
-  )
-  res = verify_lib.verify_tree(
-    logits, tree.tokens, tree.parents, seeds, rcfg.sampling, impl=rcfg.verify_impl
-  )
+  node_pos = state.pos[:, None] + tree.depth  # (not the forward's positions helper)
+  if tree.draft_logits is None:  # the plain step's key at each node's position
+    seeds = prng.event_seeds(state.seed, state.seq_id[:, None], node_pos, prng.STREAM_PLAIN)
+    res = verify_lib.verify_tree(
+      logits, tree.tokens, tree.parents, seeds, rcfg.sampling, impl=rcfg.verify_impl
+    )
+  else:  # sampled: recursive rejection sampling, its own stream
+    seeds = prng.event_seeds(state.seed, state.seq_id[:, None], node_pos, prng.STREAM_TREE)
+    res = verify_lib.verify_sampled_tree(
+      logits, tree.tokens, tree.parents, tree.draft_logits, tree.draft_ids, seeds,
+      rcfg.sampling, impl=rcfg.verify_impl,
+    )  # fmt: skip
   cache = move_accepted_kv(cache, state.pos, res.path, new_kv)
   if hidden:  # the accepted path's hidden states, in depth order
     hidden = [jnp.take_along_axis(hidden[0], res.path[..., None], axis=1)]

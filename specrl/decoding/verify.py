@@ -14,6 +14,7 @@ from jax import lax
 
 from specrl.kernels import verify as kernel_lib
 from specrl.kernels import verify_reference as reference_lib
+from specrl.kernels import verify_sampled_tree_reference as sampled_tree_lib
 from specrl.kernels import verify_tokens as tokens_kernel_lib
 from specrl.kernels import verify_tree as tree_kernel_lib
 from specrl.kernels import verify_tree_reference as tree_reference_lib
@@ -23,7 +24,10 @@ from specrl.sampling import SamplingParams
 INTERPRET_BATCH_CHUNK = 32  # rows per kernel call in CPU interpret mode (speed only)
 IMPLS = ('jnp', 'pallas')
 
-__all__ = ['IMPLS', 'VerifyResult', 'verify', 'verify_mixed', 'verify_tokens', 'verify_tree']
+__all__ = [
+  'IMPLS', 'VerifyResult', 'verify', 'verify_mixed', 'verify_sampled_tree', 'verify_tokens',
+  'verify_tree',
+]  # fmt: skip
 
 
 def verify(
@@ -143,6 +147,26 @@ def verify_tree(
 
     return _chunked(run, (target_logits, tokens, parents, seeds), interpret)
   raise ValueError(f"verify impl must be 'jnp' or 'pallas', got {impl!r}")
+
+
+def verify_sampled_tree(
+  target_logits: jax.Array,
+  tokens: jax.Array,
+  parents: jax.Array,
+  draft_logits: jax.Array,
+  draft_ids,
+  seeds: jax.Array,
+  sp: SamplingParams,
+  impl: str = 'jnp',
+):
+  """Recursive rejection sampling over sampled draft trees
+  (:func:`specrl.kernels.verify_sampled_tree_reference.verify_sampled_tree_reference`).
+  jnp only: :func:`specrl.decoding.tree.check_drafter` refuses ``'pallas'`` up front."""
+  if impl != 'jnp':
+    raise ValueError(f"sampled draft trees have no {impl!r} verify kernel: use verify_impl='jnp'")
+  return sampled_tree_lib.verify_sampled_tree_reference(
+    target_logits, tokens, parents, draft_logits, draft_ids, seeds, sp
+  )
 
 
 def _chunked(run, args, interpret) -> VerifyResult:

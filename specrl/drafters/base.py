@@ -124,7 +124,14 @@ class TreeDrafter(Protocol):
   tree must be a deterministic function of the drafter's inputs (it is verified by
   sample-and-compare). ``depth_cap`` (None = ``n_nodes - 1``) and, passed only when set
   (``rollout.tree_branch`` / a tree arm's branch), ``branch``: at most that many children per
-  node -- a builder that takes no ``branch`` keyword is refused then, naming the drafter."""
+  node -- a builder that takes no ``branch`` keyword is refused then, naming the drafter.
+
+  A drafter whose ``samples_tree_children`` is true instead has its trees drawn at T > 0:
+  ``propose_sampled_tree(...) -> (tokens, parents, depth, draft_logits [B, N, R], draft_ids
+  [R] | None, state)``, row u of ``draft_logits`` the distribution node u was drawn from
+  (its parent's), siblings in draw order, verified by recursive rejection sampling
+  (:mod:`specrl.kernels.verify_sampled_tree_reference`, which says what a builder must
+  respect)."""
 
   def propose_tree(
     self, draft_params, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh=None, **kw

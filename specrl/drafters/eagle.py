@@ -52,6 +52,20 @@ head's inputs, so sample-and-compare verification emits plain decoding's tokens.
 committed state is untouched: slots ``< pos`` are not written, ``fed`` becomes ``pos``, and
 the next round's catch-up feeds the accepted path's true features over the scratch.
 
+Sampled trees (``tree_children = 'sampled'``, T > 0; :meth:`EagleDrafter.
+propose_sampled_tree`): the same growth, but each expanded node's b children are *drawn*
+from the head's processed q (temperature, top-k, top-p) without replacement (Gumbel-top-b,
+row keys of the round's draft seed), and slot j is scored by the j-th largest log q -- not
+by the drawn token's own, so that whether a slot is kept never depends on what was drawn
+into it. The tree carries each node's q (compact logits [B, N, R]) and is verified by
+recursive rejection sampling (:mod:`specrl.kernels.verify_sampled_tree_reference`): each
+child is accepted with probability ``min(1, P/Q)``, a rejection moves to the residual, and
+the output follows the policy's distribution exactly, but not plain decoding's very
+tokens. Why: a top-candidate tree accepts a child with the policy's own mass on it,
+``p(c)``; a sampled child is accepted with ``Σ min(p, q)``, which a calibrated head makes
+larger (the sampled chain's depth-1 acceptance exceeds the head's top-1 hit rate), and the
+later siblings then try the residual. At T = 0 the trees are the top candidates.
+
 Reduced vocabulary (``reduced_vocab = N > 0``): the head's logits are computed only for
 ``vocab_ids`` (N ids, e.g. the most frequent tokens of the policy's generations); every other
 token gets ``NEG_INF``, so the draft distribution is exactly zero there. Still lossless:
@@ -71,13 +85,14 @@ import numpy as np
 from specrl import attention as attention_lib
 from specrl import config as config_lib
 from specrl import model as model_lib
-from specrl import sampling
+from specrl import prng, sampling
 from specrl import sharding as shd
 from specrl.drafters import catchup
 
 SECTION = 'drafter.eagle'
 FEATURE_EPS = 1e-6  # in 1 / g: the unit-scale feature of a final-norm weight g near 0 is 0
 MODES = ('frozen', 'cotrain', 'spot')
+TREE_CHILDREN = ('top', 'sampled')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +126,10 @@ class EagleConfig:
   head_path: str = ''  # a head saved by save_head (e.g. after a warm-up); '' = fresh init
   # draft trees (rollout.tree_nodes > 0): children per expanded node, the head's top ones
   tree_branch: int = 4
+  # 'top': the head's top candidates, sample-and-compare (plain decoding's very tokens);
+  # 'sampled' (T > 0): drawn from the head without replacement, recursive rejection sampling
+  # (plain decoding's distribution, not its tokens). Module doc "Sampled trees".
+  tree_children: str = 'top'
 
   def __post_init__(self):
     if self.n_layers < 1:
@@ -123,6 +142,10 @@ class EagleConfig:
       raise ValueError(
         f'{SECTION}.tree_branch must be >= 1 (children per expanded tree node; 1 = the '
         f"head's argmax chain), got {self.tree_branch}"
+      )
+    if self.tree_children not in TREE_CHILDREN:
+      raise ValueError(
+        f'{SECTION}.tree_children must be one of {TREE_CHILDREN}, got {self.tree_children!r}'
       )
     if self.spot_buffer_steps < 1 or self.spot_bucket < 1:
       raise ValueError(
@@ -316,6 +339,11 @@ class EagleDrafter:
       vocab_ids = jnp.arange(min(ecfg.reduced_vocab, model_cfg.vocab_size), dtype=jnp.int32)
     self.vocab_ids = vocab_ids
 
+  @property
+  def samples_tree_children(self) -> bool:
+    """Tree rounds at T > 0 call :meth:`propose_sampled_tree` (``tree_children='sampled'``)."""
+    return self.ecfg.tree_children == 'sampled'
+
   def params_from_policy(self, policy_params):
     return draft_params(policy_params, self.head_params, self.vocab_ids)
 
@@ -398,15 +426,30 @@ class EagleDrafter:
 
   # --------------------------------------------------------------------------- trees
 
-  def _top_children(self, dp, feat, sp, branch):
-    """The head's ``branch`` likeliest next tokens after predicted features feat [B, M, D]:
-    (tokens int32 [B, M, b], log q f32 [B, M, b]), q the head's temperature-scaled softmax
-    (over its reduced vocabulary if any), best first; ties: the lower (vocabulary) index."""
+  def _top_children(self, dp, feat, sp, branch, keys=None):
+    """The head's ``branch`` next tokens after predicted features feat [B, M, D]: (tokens
+    int32 [B, M, b], scores f32 [B, M, b], compact logits f32 [B, M, R]).
+
+    ``keys`` None: its likeliest tokens, best first (ties: the lower vocabulary index),
+    scored by their log q (q: the head's temperature-scaled softmax, over its reduced
+    vocabulary if any). ``keys`` int32 [B, M] (row keys, :mod:`specrl.prng`): b tokens drawn
+    without replacement from the processed q (temperature, top-k, top-p: the distribution
+    the verifier is given) by Gumbel-top-b, in draw order; slot j's score is the j-th
+    largest log q -- not the drawn token's, so that whether a slot is kept never depends on
+    what was drawn into it (:mod:`specrl.kernels.verify_sampled_tree_reference`)."""
     lg, ids = head_logits_compact(dp, self.model_cfg, feat)
-    lq = jax.nn.log_softmax(sampling.scale_logits(lg, sp), axis=-1)
-    val, idx = jax.lax.top_k(lq, min(branch, lq.shape[-1]))
+    b = min(branch, lg.shape[-1])
+    if keys is None:
+      lq = jax.nn.log_softmax(sampling.scale_logits(lg, sp), axis=-1)
+      val, idx = jax.lax.top_k(lq, b)
+    else:
+      pl = sampling.processed_logits(lg, sp)
+      val = jax.lax.top_k(jax.nn.log_softmax(pl, axis=-1), b)[0]
+      cols = jnp.arange(lg.shape[-1], dtype=jnp.int32)
+      g = prng.gumbel_from_bits(prng.element_bits(keys[..., None], cols))
+      idx = jax.lax.top_k(pl + g, b)[1]
     tok = idx if ids is None else jnp.take(ids, idx)
-    return tok.astype(jnp.int32), val
+    return tok.astype(jnp.int32), val, lg
 
   def _tree_layers(self, dp, x, positions, slots, mask, cache, mesh):
     """The head's layers over tree nodes x [B, F, D] at RoPE ``positions`` [B, F]: their k/v
@@ -441,13 +484,47 @@ class EagleDrafter:
     tree; module doc "Trees"). Deterministic given the head's outputs: ``seeds`` unused.
     ``branch``: children per expanded node (default ``drafter.eagle.tree_branch``).
     Returns (tokens, parents, depth) int32 [B, N] (node 0 the root, token -1) and the state."""
+    tokens, parents, depth, _, state = self._grow_tree(
+      dp, state, seq_tokens, pos, n_nodes, depth_cap, None, sp, mesh, ctx, branch
+    )
+    return tokens, parents, depth, state
+
+  def propose_sampled_tree(
+    self, dp, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh=None, ctx=None,
+    branch=None,
+  ):  # fmt: skip
+    """A draft tree of ``n_nodes`` whose children are drawn from the head (module doc
+    "Sampled trees"), for recursive rejection sampling. ``seeds`` [B]: the round's draft
+    event seeds. Returns (tokens, parents, depth int32 [B, N], draft_logits f32 [B, N, R]:
+    row u the head's logits node u was drawn from, the head's vocabulary ids [R] or None,
+    the state)."""
+    tokens, parents, depth, q, state = self._grow_tree(
+      dp, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh, ctx, branch
+    )
+    return tokens, parents, depth, q, dp.get('vocab_ids'), state
+
+  def _grow_tree(
+    self, dp, state, seq_tokens, pos, n_nodes, depth_cap, seeds, sp, mesh, ctx, branch
+  ):  # fmt: skip
+    """The tree of :meth:`propose_tree` (``seeds`` None) or :meth:`propose_sampled_tree`
+    (children drawn with row keys of ``seeds``: the root's row 0, the j-th node expanded at
+    depth d row ``1 + (d - 1) b + j``). Returns (tokens, parents, depth, draft logits [B, N,
+    R] or None, state)."""
     cfg = self.model_cfg
     b = int(branch or self.ecfg.tree_branch)
     k = n_nodes - 1
     dmax = max(1, min(int(depth_cap or k), k))
+    sampled = seeds is not None
+
+    def keys(rows):  # row keys [B, len(rows)] of the children draws (None: top candidates)
+      if not sampled:
+        return None
+      return prng.row_key(prng.seeds_to_i32(seeds)[:, None], rows[None, :], prng.STREAM_SAMPLE)
+
     feat, cache, fed = self._root(dp, state, seq_tokens, pos, n_nodes, ctx, mesh)  # ĥ_pos
     bsz, s = pos.shape[0], model_lib.cache_slots(cache)
-    tok, score = (a[:, 0] for a in self._top_children(dp, feat[:, None], sp, b))  # depth 1
+    root = self._top_children(dp, feat[:, None], sp, b, keys(jnp.zeros((1,), jnp.int32)))
+    tok, score, lg = (a[:, 0] for a in root)  # depth 1
     b = tok.shape[1]  # (a vocabulary smaller than the branch)
     # The expanded nodes' K/V take head-cache scratch slots up to pos + (dmax - 1) b - 1,
     # past a length-bucket window (the loop carries the head cache cut to it): carry as
@@ -459,6 +536,8 @@ class EagleDrafter:
       pad = ((0, 0),) * model_lib.CACHE_SLOT_AXIS + ((0, s - window),) + ((0, 0),)
       cache = jax.tree.map(lambda c: jnp.pad(c, pad[: c.ndim]), cache)
     toks, scores, par_flat, depths = [tok], [score], [jnp.full((bsz, b), -1, jnp.int32)], [1]
+    logits = [lg[:, None]]  # of every expanded node (the root first)
+    src = [jnp.zeros((bsz, b), jnp.int32)]  # each candidate's expanded parent in `logits`
     par_feat = jnp.broadcast_to(feat[:, None], (bsz, b, feat.shape[-1]))  # of each candidate
     anc = jnp.zeros((bsz, b, 0), jnp.int32)  # head-cache slots of each candidate's ancestors
     offset = 0  # flat index of this level's first candidate
@@ -476,28 +555,36 @@ class EagleDrafter:
       positions = jnp.broadcast_to((pos - 1 + d)[:, None], ftok.shape)
       y, cache = self._tree_layers(dp, x, positions, slots, mask, cache, mesh)
       out = head_output(dp, cfg, y)  # [B, b, D]: ĥ after each expanded node
-      ctok, clq = self._top_children(dp, out, sp, b)  # [B, b, b]
+      rows = 1 + (d - 1) * b + jnp.arange(b, dtype=jnp.int32)
+      ctok, clq, clg = self._top_children(dp, out, sp, b, keys(rows))  # [B, b, b]
       toks.append(ctok.reshape(bsz, b * b))
       scores.append((fval[:, :, None] + clq).reshape(bsz, b * b))
       par_flat.append(jnp.repeat(offset + fi, b, axis=1).astype(jnp.int32))
       depths.append(d + 1)
+      logits.append(clg)
+      src.append(jnp.broadcast_to(jnp.repeat(rows, b)[None, :], (bsz, b * b)))
       par_feat = jnp.repeat(out, b, axis=1)
       anc = jnp.repeat(fanc, b, axis=1)
       offset += toks[-2].shape[1]
-    tree = _best_first(toks, scores, par_flat, depths, k)
+    tokens, parents, depth, sel_src = _best_first(toks, scores, par_flat, depths, k, src)
+    q = None
+    if sampled:  # row u: the logits of u's parent (the root's row: unused)
+      q = jnp.take_along_axis(jnp.concatenate(logits, axis=1), sel_src[..., None], axis=1)
     if s > window:
       cache = jax.tree.map(lambda c: c[:, :, :, :window], cache)
-    return (*tree, {'cache': cache, 'fed': jnp.maximum(fed, pos)})
+    return tokens, parents, depth, q, {'cache': cache, 'fed': jnp.maximum(fed, pos)}
 
 
-def _best_first(toks, scores, par_flat, depths, k: int):
+def _best_first(toks, scores, par_flat, depths, k: int, src):
   """The ``k`` best candidates of every level (lists of [B, C_d]: tokens, cumulative log q,
   parent's flat candidate index (-1: the root), the level's depth) as a tree of ``k + 1``
   nodes, parents before children. A child's score is its parent's plus a log q <= 0, and
   the candidates are flat in level order, so a stable sort by score puts every parent before
   its children and the best k are a subtree. A candidate of probability 0 (``NEG_INF``
-  logits) is an empty node. Returns (tokens, parents, depth) int32 [B, k + 1]."""
+  logits) is an empty node. ``src``: a list like ``toks`` of per-candidate ints, returned
+  for the nodes too (the root's 0). Returns (tokens, parents, depth, src) int32 [B, k + 1]."""
   tok = jnp.concatenate(toks, axis=1)
+  srcs = jnp.concatenate(src, axis=1)
   score = jnp.concatenate(scores, axis=1)
   pflat = jnp.concatenate(par_flat, axis=1)
   dep = jnp.concatenate(
@@ -507,6 +594,7 @@ def _best_first(toks, scores, par_flat, depths, k: int):
   if c < k:  # fewer candidates than nodes (a branch of 1: one per level)
     pad = lambda a, v: jnp.pad(a, ((0, 0), (0, k - c)), constant_values=v)  # noqa: E731
     tok, score, pflat, dep = pad(tok, -1), pad(score, -jnp.inf), pad(pflat, -1), pad(dep, 1)
+    srcs = pad(srcs, 0)
   sel = jnp.argsort(-score, axis=1, stable=True)[:, :k]
   take = lambda a: jnp.take_along_axis(a, sel, axis=1)  # noqa: E731
   ntok, nscore, npf, ndep = take(tok), take(score), take(pflat), take(dep)
@@ -519,6 +607,7 @@ def _best_first(toks, scores, par_flat, depths, k: int):
     jnp.concatenate([root - 1, jnp.where(live, ntok, -1)], axis=1).astype(jnp.int32),
     jnp.concatenate([root - 1, jnp.where(live, par, 0)], axis=1).astype(jnp.int32),
     jnp.concatenate([root, jnp.where(live, ndep, 1)], axis=1).astype(jnp.int32),
+    jnp.concatenate([root, take(srcs)], axis=1).astype(jnp.int32),
   )
 
 
