@@ -76,6 +76,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -141,6 +142,7 @@ ROW_KEYS = (
   'tree_nodes',
   'nodes_per_pass',
   'top_b_hit',
+  'root_accept',
 )
 HIT_B = 4  # top_b_hit for b = 1..HIT_B
 QUICK = dict(batches='1x1,2x8', iters=1, drafters=QUICK_DRAFTERS, max_new_tokens=64)
@@ -323,6 +325,98 @@ def top_b_hits(drafter, dp, cfg, params, calls, b_max: int = HIT_B) -> list[floa
   return [float(h / tot) for h in hits] if tot else None
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def expected_root_acceptance(p, q, key, b_max: int, draws: int):
+  """Summed over rows of p, q [C, V] (processed policy / head probabilities at a node):
+  (top [b_max], sampled [b_max]). ``top[b - 1]``: p's mass on q's top b (sample-and-compare
+  of the head's top b children); ``sampled[b - 1]``: the probability that recursive
+  rejection sampling accepts one of b children drawn from q without replacement, averaged
+  over ``draws`` Monte Carlo draws (b = 1: ``Σ min(p, q)`` in expectation)."""
+  import jax.numpy as jnp
+
+  from specrl.kernels import verify_sampled_tree_reference as rrs
+
+  top = jax.lax.top_k(q, b_max)[1]
+  top_mass = jnp.cumsum(jnp.take_along_axis(p, top, axis=1), axis=1).sum(0)
+  logq = jnp.where(q > 0, jnp.log(jnp.where(q > 0, q, 1.0)), -jnp.inf)
+
+  def one(i, acc):
+    kg, ku = jax.random.split(jax.random.fold_in(key, i))
+    order = jax.lax.top_k(logq + jax.random.gumbel(kg, q.shape), b_max)[1]  # w/o replacement
+    u = jax.random.uniform(ku, (b_max, q.shape[0]))
+    pp, qq, hit, hits = p, q, jnp.zeros(q.shape[0], bool), []
+    for j in range(b_max):
+      x = order[:, j]
+      px = jnp.take_along_axis(pp, x[:, None], 1)[:, 0]
+      qx = jnp.take_along_axis(qq, x[:, None], 1)[:, 0]
+      hit |= (qx > 0) & (u[j] * qx < px)  # (q > 0: a drawn token, not a filtered one)
+      hits.append(hit.sum())
+      pp, qq = rrs.residual(pp, qq), rrs.without(qq, x)
+    return acc + jnp.stack(hits).astype(jnp.float32)
+
+  sampled = jax.lax.fori_loop(0, draws, one, jnp.zeros(b_max, jnp.float32)) / draws
+  return top_mass, sampled
+
+
+def root_acceptance(
+  drafter, dp, cfg, params, calls, sp, b_max: int = HIT_B, draws: int = 32, chunk: int = 64
+) -> dict | None:
+  """Expected acceptance at the root of b = 1..b_max eagle-tree children, teacher-forced on
+  recorded rollouts (plain decoding's): at every generated token after the first, the
+  policy's processed p and the head's q (fed the true features, as draft 1 is). ``top``:
+  the head's top b, verified by sample-and-compare, i.e. p's mass on them; ``sampled``: b
+  children drawn from q without replacement, verified by recursive rejection sampling
+  (:mod:`specrl.kernels.verify_sampled_tree_reference`), a Monte Carlo mean over ``draws``
+  draws. None for a drafter without a head, or at T = 0 (where both are the top-b hit)."""
+  if not hasattr(drafter, 'hcfg') or sp.greedy:
+    return None
+  import jax.numpy as jnp
+
+  from specrl.kernels import verify_sampled_tree_reference as rrs
+
+  @jax.jit
+  def features(dp, toks):  # the policy's final-norm states and the head's predictions
+    pos = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
+    h = model_lib.forward(params, cfg, toks, pos, return_hidden=True)[2]
+    pred = eagle_lib.predict_features(dp, cfg, drafter.hcfg, h[:, :-1], toks[:, 1:], pos[:, :-1])
+    return h, pred
+
+  @jax.jit
+  def dists(dp, h, pred, rows, cols):
+    # token at position t: the policy's logits at t - 1, the head's output at t - 2
+    p = model_lib.lm_head(params, cfg, h[rows, cols - 1][None])[0]
+    q = eagle_lib.head_logits(dp, cfg, pred[rows, cols - 2])
+    return rrs.node_probs(p, sp), rrs.node_probs(q, sp)
+
+  top, sampled, n = np.zeros(b_max), np.zeros(b_max), 0
+  key = jax.random.key(0)
+  for c in calls:
+    out = c['out']
+    toks, plen, length = (np.asarray(x) for x in (out.tokens, out.prompt_len, out.length))
+    h, pred = features(dp, jnp.asarray(toks))
+    pairs = [
+      (r, t)
+      for r in range(len(toks))
+      for t in range(int(plen[r]) + 1, int(plen[r]) + int(length[r]))
+    ]
+    for i in range(0, len(pairs), chunk):
+      part = pairs[i : i + chunk]
+      pad = part + [part[-1]] * (chunk - len(part))  # one shape: one compile
+      rows, cols = (jnp.asarray(a, jnp.int32) for a in zip(*pad, strict=True))
+      p, q = dists(dp, h, pred, rows, cols)
+      keep = (jnp.arange(chunk) < len(part))[:, None]
+      t, smp = expected_root_acceptance(
+        jnp.where(keep, p, 0.0), jnp.where(keep, q, 1.0 / q.shape[1]), key, b_max, draws
+      )
+      key = jax.random.fold_in(key, i + 1)
+      top += np.asarray(t)
+      sampled += np.asarray(smp)
+      n += len(part)
+  if not n:
+    return None
+  return dict(top=[float(x / n) for x in top], sampled=[float(x / n) for x in sampled])
+
+
 def tree_propose_seconds(
   cfg, drafter, dp, *, batch, buffer_len, max_prompt_len, n_nodes, depth, sp, pos0, reps, iters
 ) -> float:
@@ -425,6 +519,7 @@ def make_row(
   tree_nodes=0,
   tree_propose_s=None,
   top_b_hit=None,
+  root_accept=None,
 ) -> dict:
   """One result row (keys :data:`ROW_KEYS`). ``calls``: every call of this engine (for
   acceptance); ``timed``: the timed ones, paired with ``plain`` / ``compaction`` (the
@@ -452,6 +547,7 @@ def make_row(
     tree_nodes=tree_nodes,
     **tree_stats(calls),
     top_b_hit=top_b_hit,
+    root_accept=root_accept,
   )
 
 
@@ -636,6 +732,10 @@ class Setup:
       v: top_b_hits(d, self.dparams[v], self.cfg, self.params, calls['plain', 'static'])
       for v, d in self.drafters.items()
     }
+    roots = {  # expected root acceptance of top / sampled eagle-tree children
+      v: root_acceptance(d, self.dparams[v], self.cfg, self.params, calls['plain', 'static'], sp)
+      for v, d in self.drafters.items()
+    }
     rows = []
     for (v, kind), cs in calls.items():
       if v not in self.drafters:
@@ -659,6 +759,7 @@ class Setup:
           args.tree_nodes if tree else 0,
           self.tree_cost(v, b, sp) if tree else None,
           hits[v],
+          roots[v],
         )
         | dict(k_used=common.k_summary(cs[-1]['report']))
       )

@@ -122,7 +122,7 @@ def test_eagle_rows_use_the_saved_head_and_an_untrained_one_is_refused(tmp_path,
     ['--model', 'tiny', '--temperatures', '1', '--batches', '1x2', '--drafters', 'eagle']
     + ['--max_new_tokens', '9', '--iters', '1', '--arms', '2', '--buckets', '2']
     + ['--engines', 'static', '--k', '2', '--compile_cache', '', '--eagle_head', path]
-    + ['--tree_nodes', '4', '--tree_branch', '2']
+    + ['--tree_nodes', '4', '--tree_branch', '2', '--tree_children', 'sampled']
   )
   rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])['rows']
   assert [(r['variant'], r['engine']) for r in rows] == [
@@ -133,6 +133,9 @@ def test_eagle_rows_use_the_saved_head_and_an_untrained_one_is_refused(tmp_path,
     assert 0.0 <= r['acceptance'] <= 1.0 and r['c'] > 0
     hit = r['top_b_hit']
     assert len(hit) == 4 and all(0 <= a <= b <= 1 for a, b in zip(hit, hit[1:], strict=False))
+    for kind in ('top', 'sampled'):  # expected root acceptance of b = 1..4 children
+      acc = r['root_accept'][kind]
+      assert len(acc) == 4 and all(0 <= a <= b <= 1 for a, b in zip(acc, acc[1:], strict=False))
   assert rows[1]['tree_nodes'] == 4 and rows[1]['nodes_per_pass'] > 0
   with pytest.raises(SystemExit):
     real_text.main(['--drafters', 'eagle', '--compile_cache', ''])
@@ -150,3 +153,31 @@ def test_oracle_bound_simulates_unlimited_tree_passes():
   got = oracle_bound([dict(out=out, groups=np.asarray([0]))], 1, 8, 4)
   np.testing.assert_allclose(got['coverage'], [5 / 8, 4 / 7, 3 / 6, 0.0])
   assert got['tokens_per_pass'] == pytest.approx(8 / 5)
+
+
+def test_expected_root_acceptance_is_exact_where_it_can_be_computed():
+  """top b: p's mass on q's top b; sampled, b = 1: Σ min(p, q); b = V (every token drawn):
+  1 for a q with full support, p's mass on q's support otherwise (each rejected token leaves
+  the residual, so the final draw falls outside the support)."""
+  import jax
+  import jax.numpy as jnp
+
+  rng = np.random.default_rng(0)
+  p = rng.dirichlet(np.ones(5), size=40).astype(np.float32)
+  q = rng.dirichlet(np.ones(5), size=40).astype(np.float32)
+  top, smp = real_text.expected_root_acceptance(
+    jnp.asarray(p), jnp.asarray(q), jax.random.key(1), 5, 400
+  )
+  order = np.argsort(-q, axis=1)
+  want_top = np.cumsum(np.take_along_axis(p, order, 1), axis=1).sum(0)
+  np.testing.assert_allclose(np.asarray(top), want_top, rtol=1e-5)
+  overlap = np.minimum(p, q).sum()
+  assert abs(float(smp[0]) - overlap) < 0.03 * 40, (float(smp[0]), overlap)
+  assert float(smp[-1]) == 40.0 and np.all(np.diff(np.asarray(smp)) >= 0)
+  q2 = q.copy()
+  q2[:, 3:] = 0  # two tokens the head never proposes: their mass is never accepted
+  q2 /= q2.sum(1, keepdims=True)
+  _, smp2 = real_text.expected_root_acceptance(
+    jnp.asarray(p), jnp.asarray(q2), jax.random.key(1), 5, 50
+  )
+  assert abs(float(smp2[-1]) - p[:, :3].sum()) < 0.03 * 40, (float(smp2[-1]), p[:, :3].sum())
