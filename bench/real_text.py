@@ -367,7 +367,9 @@ def root_acceptance(
   the head's top b, verified by sample-and-compare, i.e. p's mass on them; ``sampled``: b
   children drawn from q without replacement, verified by recursive rejection sampling
   (:mod:`specrl.kernels.verify_sampled_tree_reference`), a Monte Carlo mean over ``draws``
-  draws. None for a drafter without a head, or at T = 0 (where both are the top-b hit)."""
+  draws. None for a drafter without a head, or at T = 0 (where both are the top-b hit).
+  With a reduced head vocabulary the tokens off it are one pooled column: q is 0 there, so
+  no draw lands on them and their total mass is all the residual needs."""
   if not hasattr(drafter, 'hcfg') or sp.greedy:
     return None
   import jax.numpy as jnp
@@ -386,7 +388,13 @@ def root_acceptance(
     # token at position t: the policy's logits at t - 1, the head's output at t - 2
     p = model_lib.lm_head(params, cfg, h[rows, cols - 1][None])[0]
     q = eagle_lib.head_logits(dp, cfg, pred[rows, cols - 2])
-    return rrs.node_probs(p, sp), rrs.node_probs(q, sp)
+    p, q = rrs.node_probs(p, sp), rrs.node_probs(q, sp)
+    if 'vocab_ids' in dp:  # q is 0 off the head's vocabulary: pool p's mass there (exact)
+      ids = dp['vocab_ids']
+      p_in, q_in = p[:, ids], q[:, ids]
+      off = jnp.maximum(1.0 - p_in.sum(1, keepdims=True), 0.0)
+      p, q = jnp.concatenate([p_in, off], 1), jnp.concatenate([q_in, jnp.zeros_like(off)], 1)
+    return p, q
 
   top, sampled, n = np.zeros(b_max), np.zeros(b_max), 0
   key = jax.random.key(0)
