@@ -14,7 +14,11 @@ slots ``< pos``) with ``N = rcfg.tree_nodes`` static nodes per row:
    verify slots with ``k = N - 1``: same buffer scratch, same length buckets);
 3. :func:`specrl.decoding.verify.verify_tree` walks the tree by sample-and-compare keyed
    like the plain step (:mod:`specrl.kernels.verify_tree_reference`): the emitted tokens
-   are plain decoding's tokens;
+   are plain decoding's tokens. A *sampled* tree (a drafter whose ``samples_tree_children``
+   is true, at T > 0: :func:`samples_children`) carries the distribution each node was drawn
+   from and is verified by recursive rejection sampling instead
+   (:mod:`specrl.kernels.verify_sampled_tree_reference`, its own key stream): plain
+   decoding's distribution, not its tokens;
 4. the accepted path's K/V move into place (:func:`move_accepted_kv`: node ``path[d]``'s
    k/v, kept from the pass, to slot ``pos + d``: a scatter of ``N`` slots per layer) so the
    cache equals plain decoding's; :func:`specrl.decoding.state.commit` appends the tokens.
