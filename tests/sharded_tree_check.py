@@ -8,6 +8,9 @@ device):
   layouts, and the head's KV below ``fed`` equals what feeding the committed tokens
   teacher-forced writes (1 device), so no tree scratch is left in a committed slot.
 
+- sampled eagle trees (recursive rejection sampling) in the static engine: the same tokens
+  on 8 devices as on 1 (every draw is keyed by sequence and position), not plain's.
+
 Not here (CI time: ~4 s more): eagle trees in the adaptive engine on 8 devices; they run
 on 1 device with compaction (tests/test_eagle_tree.py), and the adaptive engine's tree
 rounds are the same ``decode_step`` as the static engine's. Prints one JSON line. Executed
@@ -125,6 +128,22 @@ def main():
       leaf=leaf,
       compactions=int(m.get('adaptive/compactions', 0)),
     )
+  # sampled eagle trees (recursive rejection sampling): not plain's tokens, but every draw
+  # is keyed by (seed, sequence, position), so 8 devices give the 1-device run's tokens
+  sd = eagle.EagleDrafter(cfg, dataclasses.replace(d.ecfg, tree_children='sampled'), d.head_params)
+  srcfg = dataclasses.replace(trcfg, num_draft=5)
+  outs = [
+    rollout_lib.RolloutEngine(cfg, srcfg, mesh, sd).generate(
+      params, toks, lens, jax.random.key(2), group_ids=groups
+    )[0]
+    for mesh in (eight, one)
+  ]
+  res['sampled'] = dict(
+    equal=bool(np.array_equal(np.asarray(outs[0].response), np.asarray(outs[1].response))),
+    differs_from_plain=bool(np.any(np.asarray(outs[0].response) != np.asarray(plain.response))),
+    accepted=int(np.asarray(outs[0].num_accepted).sum()),
+    non_first=int(np.asarray(outs[0].tree_stats)[:, 1].sum()),
+  )
   st = eag.last_state
   res['eagle']['layouts'] = [list(x.sharding.spec) for x in (st.draft['cache']['k'], st.hidden)]
   res['eagle']['head_kv_diff'], res['eagle']['unfed'] = head_kv_diff(cfg, params, d, st)

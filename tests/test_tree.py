@@ -326,7 +326,8 @@ def test_trees_on_eight_devices_emit_plain_tokens():
   """Tree rounds on a (2, 2, 2) mesh of 8 fake devices vs plain decoding on one device
   (tests/sharded_tree_check.py, a subprocess): suffix trees in the adaptive engine
   (compaction), eagle trees from a trained head in the static engine, the head's KV cache
-  teacher-forced below ``fed`` and sharded over the batch and its kv heads."""
+  teacher-forced below ``fed`` and sharded over the batch and its kv heads; sampled eagle
+  trees: the 1-device run's tokens on 8 devices."""
   import json
   import os
   import subprocess
@@ -354,6 +355,9 @@ def test_trees_on_eight_devices_emit_plain_tokens():
   # hidden history [B, S, D]: the batch over data x fsdp
   batch = ['data', 'fsdp']
   assert e['layouts'] == [[None, batch, 'tensor', None, None], [batch, None, None]], e
+  smp = res['sampled']  # sampled eagle trees: 8 devices = 1 device, token for token
+  assert smp['equal'] and smp['differs_from_plain'], smp
+  assert smp['accepted'] > 0 and smp['non_first'] > 0, smp
 
 
 def test_builders_cap_children_per_node():
