@@ -11,7 +11,8 @@ have power:
   the drawn token's own probability (EAGLE-2's expansion; the module doc says why not);
 - the eagle drafter's sampled trees through the rollout engines (static: chi-square on the
   first tokens against the exact joint; a residual-less verifier caught there too;
-  the adaptive engine: the same), with non-first children accepted, and the head's KV
+  the adaptive engine: the same; with EOS and compaction, the static engine's very tokens,
+  since every draw is keyed by sequence and position), with non-first children accepted, and the head's KV
   after the rounds equal to feeding the committed path;
 - refusals: an unknown ``tree_children``, the Pallas verifier.
 """
@@ -209,3 +210,22 @@ def test_sampled_tree_refusals():
   greedy = dataclasses.replace(rcfg, sampling=SamplingParams(0.0))
   tree_lib.check_drafter(d, greedy)  # greedy trees are the top candidates: any verifier
   assert not tree_lib.samples_children(d, greedy)
+
+
+def test_sampled_trees_with_compaction_emit_the_static_engines_tokens():
+  """Every draw of a sampled tree round is keyed by (seed, sequence, position), so the
+  adaptive engine's rounds, compacted mid-rollout, emit the static engine's tokens."""
+  sp = tet.SETTINGS['t1']
+  base = dataclasses.replace(tet._rcfg(sp, n=6, depth=3, eos=1), max_new_tokens=2 * tet.NEW)
+  static = rollout_lib.RolloutEngine(
+    ts.CFG, dataclasses.replace(base, num_draft=5), drafter=_sampled_drafter()
+  )
+  want, _ = static.generate(ts.POLICY, tet.TOKS, tet.LENS, jax.random.key(0))
+  acfg = adaptive.AdaptiveConfig(policy='always', buckets=(8, 2), arms=(5,), chunk_steps=2)
+  eng = adaptive.AdaptiveRolloutEngine(ts.CFG, base, acfg, drafter=_sampled_drafter())
+  out, m = eng.generate(ts.POLICY, tet.TOKS, tet.LENS, jax.random.key(0))
+  assert len(set(np.asarray(want.length).tolist())) > 1  # EOS at different lengths
+  assert m['adaptive/compactions'] >= 1 and m['spec/accepted'] > 0
+  np.testing.assert_array_equal(np.asarray(out.length), np.asarray(want.length))
+  np.testing.assert_array_equal(np.asarray(out.response), np.asarray(want.response))
+  assert np.asarray(out.tree_stats)[:, 1].sum() > 0  # non-first descents
