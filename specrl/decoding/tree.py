@@ -169,20 +169,14 @@ def propose_tree(
           f'{drafter.name!r} builds trees without a branch cap (set the branch to 0)'
         )
       kw['branch'] = rcfg.tree_branch
-    if samples_children(drafter, rcfg):
-      tokens, parents, depth, draft_logits, draft_ids, draft_state = drafter.propose_sampled_tree(
-        draft_params, state.draft, hooks.proposal_text(drafter, state, attend_len), state.pos,
-        n_nodes, rcfg.tree_depth or None, draft_seeds, rcfg.sampling, mesh=mesh, **kw,
-      )  # fmt: skip
-      tree = DraftTree(tokens, parents, depth, draft_logits=draft_logits, draft_ids=draft_ids)
-      return tree, draft_state, state.cache
-    tokens, parents, depth, draft_state = drafter.propose_tree(
+    sampled = samples_children(drafter, rcfg)
+    propose = drafter.propose_sampled_tree if sampled else drafter.propose_tree
+    tokens, parents, depth, *drawn_from, draft_state = propose(
       draft_params, state.draft, hooks.proposal_text(drafter, state, attend_len), state.pos,
-      n_nodes, rcfg.tree_depth or None,
-      draft_seeds, rcfg.sampling, mesh=mesh, **kw,
+      n_nodes, rcfg.tree_depth or None, draft_seeds, rcfg.sampling, mesh=mesh, **kw,
     )  # fmt: skip
-    tree = DraftTree(tokens=tokens, parents=parents, depth=depth)
-    return tree, draft_state, state.cache
+    # a sampled tree also returns (draft_logits, draft_ids): what its nodes were drawn from
+    return DraftTree(tokens, parents, depth, *drawn_from), draft_state, state.cache
   if not getattr(drafter, 'one_hot', False):
     raise ValueError(
       f'rollout.tree_nodes needs a deterministic (one-hot) drafter; {drafter.name!r} samples '

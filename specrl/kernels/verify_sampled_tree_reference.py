@@ -53,15 +53,7 @@ import jax.numpy as jnp
 
 from specrl import sampling
 from specrl.kernels.verify_tree_reference import TreeVerifyResult, first_child
-from specrl.prng import (
-  STREAM_ACCEPT,
-  STREAM_SAMPLE,
-  element_bits,
-  gumbel_from_bits,
-  row_key,
-  seeds_to_i32,
-  uniform_from_bits,
-)
+from specrl.prng import STREAM_ACCEPT, row_gumbels, row_key, seeds_to_i32, uniform_from_bits
 
 
 def node_probs(logits: jax.Array, sp: sampling.SamplingParams) -> jax.Array:
@@ -101,8 +93,7 @@ def without(q: jax.Array, x: jax.Array) -> jax.Array:
 
 def draw(p: jax.Array, seeds: jax.Array) -> jax.Array:
   """One token of ``p`` [B, V] per row by Gumbel-max keyed by ``seeds`` [B] (row 0)."""
-  key = row_key(seeds_to_i32(seeds), jnp.zeros(seeds.shape, jnp.int32), STREAM_SAMPLE)
-  g = gumbel_from_bits(element_bits(key[:, None], jnp.arange(p.shape[-1], dtype=jnp.int32)))
+  g = row_gumbels(seeds, 0, p.shape[-1])
   score = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)) + g, -jnp.inf)
   return jnp.argmax(score, axis=-1).astype(jnp.int32)
 
@@ -166,9 +157,16 @@ def verify_sampled_tree_reference(
   y = draw(p, seeds[rows, cur])
   d = jnp.arange(n_nodes, dtype=jnp.int32)[None, :]
   nxt = jnp.take_along_axis(tokens, jnp.roll(path, -1, axis=1), axis=1)  # path[d + 1]'s token
-  toks = jnp.where(d < depth[:, None], nxt, jnp.where(d == depth[:, None], y[:, None], 0))
-  rows_logits = jnp.take_along_axis(target_logits, path[..., None], axis=1)  # [B, N, V]
-  lp = jnp.where(d <= depth[:, None], sampling.token_logprobs(rows_logits, toks, sp), 0.0)
+  on_path = d <= depth[:, None]
+  toks = jnp.where(d < depth[:, None], nxt, jnp.where(on_path, y[:, None], 0))
+  # each path node's emitted token at that node (logprobs per node: no [B, N, V] gather)
+  after = (
+    jnp.zeros_like(tokens)
+    .at[rows[:, None], jnp.where(on_path, path, n_nodes)]
+    .set(toks, mode='drop')
+  )
+  lp_nodes = sampling.token_logprobs(target_logits, after, sp)  # [B, N]
+  lp = jnp.where(on_path, jnp.take_along_axis(lp_nodes, path, axis=1), 0.0)
   leaf = first_child(cur, tokens, parents) < 0
   return TreeVerifyResult(
     num_accepted=depth, tokens=toks.astype(jnp.int32), logprobs=lp.astype(jnp.float32),
