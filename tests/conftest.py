@@ -6,17 +6,18 @@ import sys
 import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# Tests are dominated by XLA compile time on a 2-core CPU; cheap compiles cut it ~3x.
-# (Inherited by the subprocess tests.) Benchmarks never run under these flags.
-os.environ['XLA_FLAGS'] = (
-  os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
-  ' --xla_llvm_disable_expensive_passes=true'
-)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests import xla_env  # noqa: E402  (no jax import: env first)
 
 if 'SPECRL_TEST_LEGACY_EMITTERS' not in os.environ:  # probed once, by the controller
   os.environ['SPECRL_TEST_LEGACY_EMITTERS'] = '1' if xla_env.accepts_legacy_emitters() else '0'
+# Tests are dominated by XLA compile time on a 2-core CPU; cheap compiles cut it ~3x, the
+# older fusion emitters by a further ~30% (tests/xla_env.py). Inherited by the subprocess
+# tests; benchmarks never run under these flags.
+_FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true')
+if os.environ['SPECRL_TEST_LEGACY_EMITTERS'] == '1':
+  _FAST_COMPILE += (xla_env.LEGACY_EMITTERS,)
+os.environ['XLA_FLAGS'] = xla_env.add_flags(os.environ.get('XLA_FLAGS', ''), *_FAST_COMPILE)
 
 
 # One persistent XLA compilation cache per test run, fresh each run (no result depends on

@@ -370,10 +370,27 @@ def _grpo_batch(cfg):
   }
 
 
-def test_cotrain_leaves_the_policy_update_bit_identical():
+def assert_same_policy_update(before, plain, other):
+  """``other``'s policy state (step, params, optimizer state) is ``plain``'s, both one
+  step from ``before``: integers exactly, floats to float32 rounding. Not bit for bit: two
+  separately compiled programs that share the policy's step may fuse (and round) it
+  differently (tests/xla_env.py); seen: 2 of 256 elements 6 ulps apart. A gradient leaking
+  from the head into the policy would change the update itself, O(lr) per element, which
+  the second bound (1e-4 of the largest change the step made to the leaf) catches."""
+  pick = lambda st: jax.tree.leaves((st.step, st.params, st.opt_state))  # noqa: E731
+  for b, p, o in zip(pick(before), pick(plain), pick(other), strict=True):
+    b, p, o = np.asarray(b), np.asarray(p), np.asarray(o)
+    if not np.issubdtype(p.dtype, np.floating):
+      np.testing.assert_array_equal(o, p)
+      continue
+    np.testing.assert_allclose(o, p, rtol=1e-5, atol=1e-9)
+    assert np.max(np.abs(o - p), initial=0.0) <= 1e-4 * np.max(np.abs(p - b), initial=0.0)
+
+
+def test_cotrain_leaves_the_policy_update_unchanged():
   """The fused step (head trained on the GRPO loss's own hidden states, in
-  ``TrainState.drafter``) gives the plain step's policy state bit for bit, and the head
-  moves."""
+  ``TrainState.drafter``) gives the plain step's policy state (to float rounding:
+  :func:`assert_same_policy_update`), and the head moves."""
   cfg = GCFG
   d = make(cfg)
   opt = rl_lib.make_optimizer(1e-3, 0.0, 1.0)
@@ -390,10 +407,8 @@ def test_cotrain_leaves_the_policy_update_bit_identical():
     )
   )
   co_state, cm = fused(state, batch)
-  policy = lambda st: jax.tree.leaves((st.step, st.params, st.opt_state))  # noqa: E731
-  for a, b in zip(policy(plain_state), policy(co_state), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert float(pm['loss']) == float(cm['loss'])
+  assert_same_policy_update(state, plain_state, co_state)
+  assert float(cm['loss']) == pytest.approx(float(pm['loss']), rel=1e-6)
   assert plain_state.drafter is not None  # the plain step carries the head through
   hs2 = co_state.drafter
   assert int(hs2.step) == 1 and np.isfinite(float(cm['head/loss']))

@@ -12,8 +12,8 @@ have power:
 - the eagle drafter's sampled trees through the rollout engines (static: chi-square on the
   first tokens against the exact joint; a residual-less verifier caught there too;
   the adaptive engine: the same; with EOS and compaction, the static engine's very tokens,
-  since every draw is keyed by sequence and position), with non-first children accepted, and the head's KV
-  after the rounds equal to feeding the committed path;
+  since every draw is keyed by sequence and position), with non-first children accepted,
+  and the head's KV after the rounds equal to feeding the committed path;
 - refusals: an unknown ``tree_children``, the Pallas verifier.
 """
 

@@ -37,6 +37,8 @@ import time
 import numpy as np
 import pytest
 
+from tests import xla_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CHECK = os.path.join(HERE, 'multihost_check.py')
@@ -139,9 +141,10 @@ def test_two_processes_match_one_and_survive_a_killed_process(tmp_path):
   # the 2 x 4 launches share a persistent compilation cache: the relaunch compiles nothing
   # XLA's backend optimizations off (LLVM -O0): these runs are compile-bound (a third less
   # CPU time); both sides of every comparison run with the same flags. Not the legacy
-  # fusion emitters (tests/xla_env.py): 116 -> 68 s alone on a 2-core EPYC, but the one CI
-  # run that had them here never finished its first launch (> 600 s), cause unseen
-  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  # fusion emitters the rest of the suite has (tests/xla_env.py): 116 -> 68 s alone on a
+  # 2-core EPYC, but the one CI run that had them here never finished its first launch
+  # (> 600 s), cause unseen
+  env = dict(xla_env.without_legacy_emitters(), JAX_DISABLE_MOST_OPTIMIZATIONS='1')
   env['MULTIHOST_DEADLINE_S'] = str(DEADLINE_S)
   env2 = dict(env, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'))
   env2['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'

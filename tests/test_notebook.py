@@ -24,8 +24,6 @@ NUM_DRAFT = 3
 EVAL_EVERY = 1
 """
 
-FAST_COMPILE = ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
-
 # Appended: what the test checks beyond "no errors", as one JSON line.
 SUMMARY_CELL = """\
 import json
@@ -72,9 +70,8 @@ def test_notebook_runs(monkeypatch, tmp_path):
   # whatever a user-level kernelspec points at: JUPYTER_PATH is searched first.
   ipykernel.kernelspec.write_kernel_spec(tmp_path / 'jupyter' / 'kernels' / 'python3')
   monkeypatch.setenv('JUPYTER_PATH', str(tmp_path / 'jupyter'))
-  # The kernel inherits this environment: JAX_PLATFORMS=cpu (conftest), and cheap XLA
-  # compiles, since compiling the train and rollout steps is most of a smoke run.
-  monkeypatch.setenv('XLA_FLAGS', ' '.join([os.environ.get('XLA_FLAGS', ''), *FAST_COMPILE]))
+  # The kernel inherits this environment: JAX_PLATFORMS=cpu and the cheap XLA compiles of
+  # tests/conftest.py, since compiling the train and rollout steps is most of a smoke run.
   monkeypatch.setenv('TMPDIR', str(tmp_path))  # the notebook's tempfile.mkdtemp() workdir
   # Started in colabs/, as Jupyter would: the notebook finds the repo root itself.
   client = nbclient.NotebookClient(

@@ -10,7 +10,6 @@ import jax
 import pytest
 
 from specrl import sharding as shd
-from tests.xla_env import compile_bound_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -18,7 +17,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_sharded_matches_single_device():
   r = subprocess.run(
     [sys.executable, os.path.join(HERE, 'sharded_check.py')],
-    env=compile_bound_env(),  # nearly all compilation (tests/xla_env.py)
     capture_output=True,
     text=True,
     timeout=600,

@@ -129,7 +129,8 @@ def spot_update(core, policy_params, vocab_ids, buf: SpotBuffer, key, *, rows, u
 
 def spot_step(state, batch: dict, *, step_fn):
   """The GRPO step of mode ``spot``: ``step_fn(state, batch, return_hidden=True)``
-  (:func:`specrl.rl.train_step`; the policy's update is the plain step's, bit for bit),
+  (:func:`specrl.rl.train_step`; the policy's update is the plain step's computation, to
+  float rounding: :func:`specrl.drafters.eagle_train.cotrain_step`),
   then the loss forward's hidden states, the batch's tokens and response mask are pushed
   into ``state.drafter.buffer``. The head itself is not touched. Returns (state, metrics)."""
   new_state, metrics, hidden = step_fn(state, batch, return_hidden=True)

@@ -13,7 +13,8 @@ counts when the token those distributions predict, ``x_{t+2}``, is a response to
 - :func:`cotrain_step`: the GRPO step and a head update in *one* jitted function; the head
   reads the final-norm hidden states the GRPO loss's own forward computed (at the
   pre-update params, what the rollout used; no second policy forward) under a
-  stop-gradient, so the policy's update is the plain step's, bit for bit.
+  stop-gradient, so the policy's update is the plain step's computation (the same bits
+  wherever XLA fuses the two programs' shared part alike; a few ulps apart otherwise).
 - :func:`warmup`: head updates on the policy's own generations before RL, under a budget;
   the policy's hidden states and top-k next-token distributions (:func:`policy_targets`)
   are computed once per batch, and the head's logits only over its own vocabulary.
