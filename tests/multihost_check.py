@@ -48,10 +48,7 @@ def base_config():
 
 def case_config(name: str):
   c = base_config()
-  if name == 'static_quantized':  # static engine, quantized self-drafter, validation on
-    c.rollout.drafter, c.rollout.num_draft = 'quantized', 2
-    c.eval.prompts, c.eval.generations, c.eval.every, c.eval.greedy = 2, 4, 0, False
-  elif name == 'adaptive_suffix':  # compaction to buckets below the 4-way batch sharding
+  if name == 'adaptive_suffix':  # compaction to buckets below the 4-way batch sharding
     c.adaptive.enabled, c.adaptive.policy = True, 'always'
     c.adaptive.buckets, c.adaptive.arms, c.adaptive.chunk_steps = (8, 4, 2, 1), (2,), 3
     c.rollout.drafter = 'suffix'
@@ -63,8 +60,10 @@ def case_config(name: str):
     c.rl.async_staleness = 1
     c.mesh_shape = ()
     c.rollout_mesh_shape, c.train_mesh_shape = (4, 1, 1), (2, 2, 1)
-    c.rollout.drafter, c.rollout.num_draft = 'quantized', 2
-  elif name == 'eagle_spot':  # the eagle head trained online: warm-up, then spot updates
+    c.rollout.drafter, c.rollout.num_draft = 'quantized', 2  # self-drafter of the new params
+    c.eval.prompts, c.eval.generations, c.eval.every, c.eval.greedy = 2, 4, 0, False
+  elif name == 'eagle_spot':  # static engine, 2 x 2 x 2 mesh; the eagle head trained online:
+    # a warm-up, then spot updates
     c.sft.steps, c.rl.steps, c.checkpoint_every = 0, 2, 100  # spot updates in step 1's tail
     c.rollout.drafter, c.rollout.num_draft = 'eagle', 2
     e = c.drafter.eagle
