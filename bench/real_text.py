@@ -87,6 +87,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
@@ -99,6 +100,7 @@ from specrl.decoding import profile as profile_lib  # noqa: E402
 from specrl.decoding import spec_math  # noqa: E402
 from specrl.decoding.state import RolloutConfig  # noqa: E402
 from specrl.drafters import eagle as eagle_lib  # noqa: E402
+from specrl.kernels import verify_sampled_tree_reference as rrs  # noqa: E402
 from specrl.sampling import SamplingParams  # noqa: E402
 
 # variant -> (config.rollout.drafter, overrides of config.drafter.<that name>)
@@ -293,6 +295,41 @@ def tree_stats(calls: list[dict]) -> dict:
   return dict(nodes_per_pass=nodes / max(rounds, 1))
 
 
+@functools.partial(jax.jit, static_argnames=('cfg', 'hcfg'))
+def _teacher_forced_features(params, dp, toks, *, cfg, hcfg):
+  """The policy's final-norm states h [B, S, D] of ``toks`` [B, S] and the head's predicted
+  features [B, S - 1, D] fed the true ones (as draft 1 is). Params are arguments, never
+  constants: one compile per shape, whatever the cell."""
+  pos = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
+  h = model_lib.forward(params, cfg, toks, pos, return_hidden=True)[2]
+  return h, eagle_lib.predict_features(dp, cfg, hcfg, h[:, :-1], toks[:, 1:], pos[:, :-1])
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'hcfg', 'b_max'))
+def _head_top_b(params, dp, toks, *, cfg, hcfg, b_max):
+  """The head's b_max likeliest token ids [B, S - 1, b_max] at every position (full-vocab)."""
+  _, pred = _teacher_forced_features(params, dp, toks, cfg=cfg, hcfg=hcfg)
+  lg, ids = eagle_lib.head_logits_compact(dp, cfg, pred)
+  idx = jax.lax.top_k(lg, b_max)[1]
+  return idx if ids is None else jnp.take(ids, idx)
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'sp'))
+def _root_dists(params, dp, h, pred, rows, cols, *, cfg, sp):
+  """Processed p (policy) and q (head) [C, V'] for the tokens at (rows, cols) [C]: the
+  policy's logits at t - 1, the head's output at t - 2. With a reduced head vocabulary
+  V' = its size + 1: q is 0 off it, so p's mass there is pooled in one column (exact)."""
+  p = model_lib.lm_head(params, cfg, h[rows, cols - 1][None])[0]
+  q = eagle_lib.head_logits(dp, cfg, pred[rows, cols - 2])
+  p, q = rrs.node_probs(p, sp), rrs.node_probs(q, sp)
+  if 'vocab_ids' in dp:
+    ids = dp['vocab_ids']
+    p_in, q_in = p[:, ids], q[:, ids]
+    off = jnp.maximum(1.0 - p_in.sum(1, keepdims=True), 0.0)
+    p, q = jnp.concatenate([p_in, off], 1), jnp.concatenate([q_in, jnp.zeros_like(off)], 1)
+  return p, q
+
+
 def top_b_hits(drafter, dp, cfg, params, calls, b_max: int = HIT_B) -> list[float] | None:
   """The eagle head's teacher-forced top-b hit rate on recorded rollouts (plain decoding's):
   for every generated token ``x_q`` after the first, is it among the head's ``b`` likeliest
@@ -300,22 +337,12 @@ def top_b_hits(drafter, dp, cfg, params, calls, b_max: int = HIT_B) -> list[floa
   fraction for b = 1..b_max; None for a drafter without a head."""
   if not hasattr(drafter, 'hcfg'):
     return None
-  import jax.numpy as jnp
-
-  @jax.jit
-  def top(dp, toks):
-    pos = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
-    h = model_lib.forward(params, cfg, toks, pos, return_hidden=True)[2]
-    pred = eagle_lib.predict_features(dp, cfg, drafter.hcfg, h[:, :-1], toks[:, 1:], pos[:, :-1])
-    lg, ids = eagle_lib.head_logits_compact(dp, cfg, pred)
-    idx = jax.lax.top_k(lg, b_max)[1]
-    return idx if ids is None else jnp.take(ids, idx)
-
   hits, tot = np.zeros(b_max), 0
   for c in calls:
     out = c['out']
     toks, plen, length = (np.asarray(x) for x in (out.tokens, out.prompt_len, out.length))
-    cand = np.asarray(top(dp, jnp.asarray(toks)))  # [B, S - 1, b_max]: predicts x_{t + 2}
+    # [B, S - 1, b_max]: predicts x_{t + 2}
+    cand = np.asarray(_head_top_b(params, dp, toks, cfg=cfg, hcfg=drafter.hcfg, b_max=b_max))
     for r in range(len(toks)):
       for q in range(int(plen[r]) + 1, int(plen[r]) + int(length[r])):
         rank = np.nonzero(cand[r, q - 2] == toks[r, q])[0]
@@ -332,10 +359,6 @@ def expected_root_acceptance(p, q, key, b_max: int, draws: int):
   of the head's top b children); ``sampled[b - 1]``: the probability that recursive
   rejection sampling accepts one of b children drawn from q without replacement, averaged
   over ``draws`` Monte Carlo draws (b = 1: ``Σ min(p, q)`` in expectation)."""
-  import jax.numpy as jnp
-
-  from specrl.kernels import verify_sampled_tree_reference as rrs
-
   top = jax.lax.top_k(q, b_max)[1]
   top_mass = jnp.cumsum(jnp.take_along_axis(p, top, axis=1), axis=1).sum(0)
   logq = jnp.where(q > 0, jnp.log(jnp.where(q > 0, q, 1.0)), -jnp.inf)
@@ -372,36 +395,12 @@ def root_acceptance(
   no draw lands on them and their total mass is all the residual needs."""
   if not hasattr(drafter, 'hcfg') or sp.greedy:
     return None
-  import jax.numpy as jnp
-
-  from specrl.kernels import verify_sampled_tree_reference as rrs
-
-  @jax.jit
-  def features(dp, toks):  # the policy's final-norm states and the head's predictions
-    pos = jnp.broadcast_to(jnp.arange(toks.shape[1]), toks.shape)
-    h = model_lib.forward(params, cfg, toks, pos, return_hidden=True)[2]
-    pred = eagle_lib.predict_features(dp, cfg, drafter.hcfg, h[:, :-1], toks[:, 1:], pos[:, :-1])
-    return h, pred
-
-  @jax.jit
-  def dists(dp, h, pred, rows, cols):
-    # token at position t: the policy's logits at t - 1, the head's output at t - 2
-    p = model_lib.lm_head(params, cfg, h[rows, cols - 1][None])[0]
-    q = eagle_lib.head_logits(dp, cfg, pred[rows, cols - 2])
-    p, q = rrs.node_probs(p, sp), rrs.node_probs(q, sp)
-    if 'vocab_ids' in dp:  # q is 0 off the head's vocabulary: pool p's mass there (exact)
-      ids = dp['vocab_ids']
-      p_in, q_in = p[:, ids], q[:, ids]
-      off = jnp.maximum(1.0 - p_in.sum(1, keepdims=True), 0.0)
-      p, q = jnp.concatenate([p_in, off], 1), jnp.concatenate([q_in, jnp.zeros_like(off)], 1)
-    return p, q
-
   top, sampled, n = np.zeros(b_max), np.zeros(b_max), 0
   key = jax.random.key(0)
   for c in calls:
     out = c['out']
     toks, plen, length = (np.asarray(x) for x in (out.tokens, out.prompt_len, out.length))
-    h, pred = features(dp, jnp.asarray(toks))
+    h, pred = _teacher_forced_features(params, dp, toks, cfg=cfg, hcfg=drafter.hcfg)
     pairs = [
       (r, t)
       for r in range(len(toks))
@@ -411,7 +410,7 @@ def root_acceptance(
       part = pairs[i : i + chunk]
       pad = part + [part[-1]] * (chunk - len(part))  # one shape: one compile
       rows, cols = (jnp.asarray(a, jnp.int32) for a in zip(*pad, strict=True))
-      p, q = dists(dp, h, pred, rows, cols)
+      p, q = _root_dists(params, dp, h, pred, rows, cols, cfg=cfg, sp=sp)
       keep = (jnp.arange(chunk) < len(part))[:, None]
       t, smp = expected_root_acceptance(
         jnp.where(keep, p, 0.0), jnp.where(keep, q, 1.0 / q.shape[1]), key, b_max, draws
@@ -432,8 +431,6 @@ def tree_propose_seconds(
   ``batch``, timed as the shared profiler times a chain's (:mod:`specrl.decoding.profile`:
   the drafter's state carried and donated, ``reps`` proposals per call, median of
   ``iters`` calls)."""
-  import jax.numpy as jnp
-
   dstate_abs = jax.eval_shape(
     lambda dp: drafter.prefill(
       dp, jnp.zeros((batch, max_prompt_len), jnp.int32), jnp.ones((batch,), jnp.int32), buffer_len
