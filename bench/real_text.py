@@ -305,10 +305,19 @@ def _teacher_forced_features(params, dp, toks, *, cfg, hcfg):
   return h, eagle_lib.predict_features(dp, cfg, hcfg, h[:, :-1], toks[:, 1:], pos[:, :-1])
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'hcfg', 'b_max'))
-def _head_top_b(params, dp, toks, *, cfg, hcfg, b_max):
+def teacher_forced(drafter, dp, cfg, params, calls) -> list | None:
+  """(h, pred) of :func:`_teacher_forced_features` for each recorded call's tokens, computed
+  once for both :func:`top_b_hits` and :func:`root_acceptance`; None without a head."""
+  if not hasattr(drafter, 'hcfg'):
+    return None
+  return [
+    _teacher_forced_features(params, dp, c['out'].tokens, cfg=cfg, hcfg=drafter.hcfg) for c in calls
+  ]
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'b_max'))
+def _head_top_b(dp, pred, *, cfg, b_max):
   """The head's b_max likeliest token ids [B, S - 1, b_max] at every position (full-vocab)."""
-  _, pred = _teacher_forced_features(params, dp, toks, cfg=cfg, hcfg=hcfg)
   lg, ids = eagle_lib.head_logits_compact(dp, cfg, pred)
   idx = jax.lax.top_k(lg, b_max)[1]
   return idx if ids is None else jnp.take(ids, idx)
@@ -330,19 +339,19 @@ def _root_dists(params, dp, h, pred, rows, cols, *, cfg, sp):
   return p, q
 
 
-def top_b_hits(drafter, dp, cfg, params, calls, b_max: int = HIT_B) -> list[float] | None:
+def top_b_hits(dp, cfg, calls, feats, b_max: int = HIT_B) -> list[float] | None:
   """The eagle head's teacher-forced top-b hit rate on recorded rollouts (plain decoding's):
   for every generated token ``x_q`` after the first, is it among the head's ``b`` likeliest
   tokens at head position ``q - 2`` (fed the policy's true features, as draft 1 is)? The
-  fraction for b = 1..b_max; None for a drafter without a head."""
-  if not hasattr(drafter, 'hcfg'):
+  fraction for b = 1..b_max; None for a drafter without a head. ``feats``:
+  :func:`teacher_forced` of ``calls``."""
+  if feats is None:
     return None
   hits, tot = np.zeros(b_max), 0
-  for c in calls:
+  for c, (_, pred) in zip(calls, feats, strict=True):
     out = c['out']
     toks, plen, length = (np.asarray(x) for x in (out.tokens, out.prompt_len, out.length))
-    # [B, S - 1, b_max]: predicts x_{t + 2}
-    cand = np.asarray(_head_top_b(params, dp, toks, cfg=cfg, hcfg=drafter.hcfg, b_max=b_max))
+    cand = np.asarray(_head_top_b(dp, pred, cfg=cfg, b_max=b_max))  # predicts x_{t + 2}
     for r in range(len(toks)):
       for q in range(int(plen[r]) + 1, int(plen[r]) + int(length[r])):
         rank = np.nonzero(cand[r, q - 2] == toks[r, q])[0]
@@ -382,7 +391,7 @@ def expected_root_acceptance(p, q, key, b_max: int, draws: int):
 
 
 def root_acceptance(
-  drafter, dp, cfg, params, calls, sp, b_max: int = HIT_B, draws: int = 32, chunk: int = 64
+  dp, cfg, params, calls, feats, sp, b_max: int = HIT_B, draws: int = 32, chunk: int = 64
 ) -> dict | None:
   """Expected acceptance at the root of b = 1..b_max eagle-tree children, teacher-forced on
   recorded rollouts (plain decoding's): at every generated token after the first, the
@@ -392,15 +401,15 @@ def root_acceptance(
   (:mod:`specrl.kernels.verify_sampled_tree_reference`), a Monte Carlo mean over ``draws``
   draws. None for a drafter without a head, or at T = 0 (where both are the top-b hit).
   With a reduced head vocabulary the tokens off it are one pooled column: q is 0 there, so
-  no draw lands on them and their total mass is all the residual needs."""
-  if not hasattr(drafter, 'hcfg') or sp.greedy:
+  no draw lands on them and their total mass is all the residual needs. ``feats``:
+  :func:`teacher_forced` of ``calls``."""
+  if feats is None or sp.greedy:
     return None
   top, sampled, n = np.zeros(b_max), np.zeros(b_max), 0
   key = jax.random.key(0)
-  for c in calls:
+  for c, (h, pred) in zip(calls, feats, strict=True):
     out = c['out']
     toks, plen, length = (np.asarray(x) for x in (out.tokens, out.prompt_len, out.length))
-    h, pred = _teacher_forced_features(params, dp, toks, cfg=cfg, hcfg=drafter.hcfg)
     pairs = [
       (r, t)
       for r in range(len(toks))
@@ -733,14 +742,13 @@ class Setup:
         base['oracle_hist'] = oracle_bound(
           calls['plain', 'static'], 2, 8, args.oracle_depth, history=True
         )
-    hits = {  # the heads' top-b hit rate on plain decoding's rollouts of this cell
-      v: top_b_hits(d, self.dparams[v], self.cfg, self.params, calls['plain', 'static'])
-      for v, d in self.drafters.items()
-    }
-    roots = {  # expected root acceptance of top / sampled eagle-tree children
-      v: root_acceptance(d, self.dparams[v], self.cfg, self.params, calls['plain', 'static'], sp)
-      for v, d in self.drafters.items()
-    }
+    plain_calls = calls['plain', 'static']
+    hits, roots = {}, {}
+    for v, d in self.drafters.items():  # the heads, teacher-forced on plain's rollouts
+      feats = teacher_forced(d, self.dparams[v], self.cfg, self.params, plain_calls)
+      hits[v] = top_b_hits(self.dparams[v], self.cfg, plain_calls, feats)  # top-b hit rate
+      # expected root acceptance of top / sampled eagle-tree children
+      roots[v] = root_acceptance(self.dparams[v], self.cfg, self.params, plain_calls, feats, sp)
     rows = []
     for (v, kind), cs in calls.items():
       if v not in self.drafters:
