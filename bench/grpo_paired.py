@@ -16,14 +16,17 @@ order rotated every step; then the train step runs once. So:
 - losslessness is checked on the run itself: ``compaction`` and the token-exact drafts
   (``adaptive_suffix_tree``: sample-and-compare) must emit plain decoding's very tokens in
   every row of every step (``exact_rows``); every strategy's per-step mean reward is paired
-  with plain's, and the interval of the difference must hold 0 (``reward_vs_plain``).
+  with plain's, and the interval of the difference must hold 0 (``reward_vs_plain``): the
+  check for the sampled drafts (eagle chains, sampled eagle trees, int8), lossless in
+  distribution, not token for token.
 
 What this design does not show: a strategy's effect on *training* (all strategies train on
 plain's tokens; with lossless rollouts the trajectory is the same in distribution, and
 ``grpo_real.py`` is the independent-runs check of held-out accuracy).
 
-A drafter that trains in the GRPO step (``adaptive_eagle`` / ``adaptive_eagle_tree``: the
-eagle head, mode ``cotrain``; each strategy trains its own) trains here as cotrain trains
+A drafter that trains in the GRPO step (``adaptive_eagle`` / ``adaptive_eagle_tree`` /
+``adaptive_eagle_tree_sampled``: the eagle head, mode ``cotrain``; each strategy trains its
+own) trains here as cotrain trains
 it, on the batch the GRPO step trains on (plain's: the policy's own samples, the
 distribution its own lossless rollout has) with the policy's hidden states at the step's
 pre-update params: one ``head_update`` per step (:mod:`specrl.drafters.eagle_train`).

@@ -18,6 +18,11 @@ same validation cadence, run once per strategy through the train loop itself
 - ``adaptive_eagle_tree``: the same head proposing trees of its top candidates: the tree arm
   ``3_4_8`` (``--tiny``: ``2_2_3``), the shape that beat plain at B = 1 on real text
   (docs/benchmarks.md), verified by sample-and-compare: plain decoding's very tokens;
+- ``adaptive_eagle_tree_sampled``: the same tree arm with its children *drawn* from the head
+  (``drafter.eagle.tree_children='sampled'``), verified by recursive rejection sampling:
+  lossless in distribution, not token for token; at T = 1, the temperature GRPO samples at,
+  it accepted 1.10x the sampled chain's tokens per pass where top-b trees tied it
+  (docs/benchmarks.md);
 - ``adaptive_int8``: adaptive + the int8 ``quantized`` self-drafter.
 
 Per step (from each run's ``metrics.jsonl``): rollout, train and validation seconds, rollout
@@ -69,9 +74,11 @@ STRATEGIES = (
   'adaptive_suffix_tree',
   'adaptive_eagle',
   'adaptive_eagle_tree',
+  'adaptive_eagle_tree_sampled',
   'adaptive_int8',
 )
-EAGLE = ('adaptive_eagle', 'adaptive_eagle_tree')  # the strategies that read --eagle_head
+EAGLE_TREES = ('adaptive_eagle_tree', 'adaptive_eagle_tree_sampled')
+EAGLE = ('adaptive_eagle', *EAGLE_TREES)  # the strategies that read --eagle_head
 EVAL_METRICS = (  # (name, eval key): the held-out metrics compared across strategies
   ('accuracy', 'accuracy'),
   ('final_line_accuracy', 'final_line_accuracy'),
@@ -122,8 +129,11 @@ def strategy_config(name: str, base, eagle_head: str = '', eagle_vocab: int = 0)
   elif name in EAGLE:
     c.rollout.drafter = 'eagle'
     c.drafter.eagle.update(mode='cotrain', head_path=eagle_head, reduced_vocab=eagle_vocab)
-    if name == 'adaptive_eagle_tree':  # the head's top-4 per node, 8 nodes, 3 levels
+    if name in EAGLE_TREES:  # 4 children per node, 8 nodes, 3 levels
       c.adaptive.arms = ('2_2_3',) if tuple(c.adaptive.arms) == (2,) else ('3_4_8',)
+    if name == 'adaptive_eagle_tree_sampled':  # recursive rejection sampling: no kernel
+      c.drafter.eagle.tree_children = 'sampled'
+      c.rollout.verify_impl = 'jnp'
   elif name == 'adaptive_int8':
     c.rollout.drafter = 'quantized'
     c.drafter.quantized.bits = 8

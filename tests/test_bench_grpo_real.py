@@ -127,7 +127,7 @@ def test_tiny_paired_run_times_every_strategy_on_one_run(capsys, tmp_path, cache
   assert [r['step'] for r in rows] == [0, 1]
   assert all(r[s]['rows'] == 8 for r in rows for s in strategies)
   # the head trained once per step (its loss on the step's batch), beside the run
-  assert all(r[s]['head_loss'] > 0 for r in rows for s in grpo_real.EAGLE)
+  assert all(r[s]['head_loss'] > 0 for r in rows for s in grpo_real.EAGLE if s in strategies)
   for name in ('head.npz', 'head_adaptive_eagle_tree.npz'):  # each strategy's trained head
     with np.load(tmp_path / name) as saved:  # for --eagle_head
       assert len(saved.files) > 3
@@ -166,6 +166,24 @@ def test_paired_summary_flags_a_strategy_that_is_not_lossless():
   ]
   higher = grpo_paired.summarize('adaptive_int8', rows([0.9, 0.7, 1.0, 0.6], [0] * 4), shared, ref)
   assert not higher['reward_vs_plain']['agrees'] and not higher['lossless']
+
+
+def test_sampled_eagle_tree_strategy_draws_its_trees():
+  """``adaptive_eagle_tree_sampled``: the eagle tree arm with children drawn from the head
+  and verified by recursive rejection sampling (jnp: no kernel); ``adaptive_eagle_tree``
+  keeps the head's top children (sample-and-compare, plain's very tokens)."""
+  base = grpo_real.tiny_config(1)
+  built = {
+    s: train.build_experiment(grpo_real.strategy_config(s, base))
+    for s in ('adaptive_eagle_tree', 'adaptive_eagle_tree_sampled')
+  }
+  for s, exp in built.items():
+    assert exp.config.adaptive.arms == ('2_2_3',), s
+    assert exp.config.drafter.eagle.mode == 'cotrain', s
+  assert built['adaptive_eagle_tree_sampled'].drafter.samples_tree_children
+  assert built['adaptive_eagle_tree_sampled'].rollout_cfg.verify_impl == 'jnp'
+  assert not built['adaptive_eagle_tree'].drafter.samples_tree_children
+  assert 'adaptive_eagle_tree_sampled' not in grpo_paired.TOKEN_EXACT
 
 
 def test_cotrained_head_trains_the_strategys_drafter():
