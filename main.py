@@ -31,10 +31,14 @@ def _load_config_file(spec: str):
 
 
 def parse_flags(argv):
-  """absl flag parsing, with a one-line error for an override of a key the config does
-  not have (ml_collections raises AttributeError / KeyError with a traceback)."""
+  """absl flag parsing, with a one-line error for a user mistake: an override of a key the
+  config does not have (ml_collections raises AttributeError / KeyError), a value of the
+  wrong type, an unknown or missing flag (absl's ``flags.Error``; with a custom parser
+  ``app.run`` would show it as a traceback)."""
   try:
     return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}')
   except (AttributeError, KeyError) as e:
     spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
     if spec is not None:
