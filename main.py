@@ -4,7 +4,6 @@ python main.py --config=configs/default.py --workdir=/tmp/specrl
 python main.py --config=configs/default.py --workdir=/tmp/r --config.rl.num_generations=4
 """
 
-import importlib.util
 import logging as pylogging
 import sys
 
@@ -12,42 +11,12 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from specrl import config as config_lib
-from specrl import faults, multihost, progress, train
+from specrl import cli, faults, multihost, progress, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard events.')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def _load_config_file(spec: str):
-  """``path.py[:arg]`` -> that file's ``get_config(arg)`` (the config before overrides)."""
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_specrl_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
-def parse_flags(argv):
-  """absl flag parsing, with a one-line error for a user mistake: an override of a key the
-  config does not have (ml_collections raises AttributeError / KeyError), a value of the
-  wrong type, an unknown or missing flag (absl's ``flags.Error``; with a custom parser
-  ``app.run`` would show it as a traceback)."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'error: {e}')
-  except (AttributeError, KeyError) as e:
-    spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-    if spec is not None:
-      config = _load_config_file(spec)
-      for dotted in config_lib.config_overrides(argv):
-        msg = config_lib.unknown_override(config, dotted)
-        if msg:
-          sys.exit(f'error: {msg}')
-    sys.exit(f'error: bad --config override: {e}')
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -81,4 +50,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)  # user mistakes: one line

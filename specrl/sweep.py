@@ -17,11 +17,11 @@ written. ``--config.a.b=v`` overrides apply to every point.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import json
 import os
 import re
+import sys
 import time
 import types
 
@@ -34,11 +34,8 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from specrl import cli, faults, metrics_io, train  # noqa: E402
 from specrl import config as config_lib  # noqa: E402
-from specrl import (
-  metrics_io,  # noqa: E402
-  train,  # noqa: E402
-)
 
 DONE = 'DONE'
 SUMMARY_FIELDS = ('final_reward', 'final_accuracy', 'tokens_per_s', 'step_time_s', 'steps')
@@ -133,7 +130,12 @@ def run_point(base, overrides: dict, workdir: str) -> dict:
     with open(marker) as f:
       return json.load(f)
   t0 = time.perf_counter()
-  train.train_and_evaluate(apply_overrides(base, overrides), workdir)
+  config = apply_overrides(base, overrides)
+  try:  # a bad value in the point or the base config: one line naming the point
+    exp = train.build_experiment(config)
+  except (ValueError, OSError) as e:
+    raise faults.FatalError(f'sweep point {point_name(overrides)}: {e}') from e
+  train.train_and_evaluate(config, workdir, exp=exp)
   row = {'name': point_name(overrides), **overrides, **summarize(workdir)}
   row['wall_s'] = time.perf_counter() - t0  # of the run that finished it
   tmp = marker + '.tmp'
@@ -164,11 +166,20 @@ def write_summary(rows: list[dict], workdir: str) -> None:
   plt.close(fig)
 
 
-def run_sweep(base, points: list[dict], workdir: str) -> list[dict]:
-  """Every point in its own ``workdir/<name>``, then the summary files."""
+def check_points(base, points: list[dict]) -> list[str]:
+  """The points' names; a repeated point or an override of a key the config does not have
+  is refused (ValueError, one line) before any point runs."""
   names = [point_name(p) for p in points]
   if len(set(names)) != len(names):
     raise ValueError(f'sweep points must be distinct, got {names}')
+  for p in points:
+    apply_overrides(base, p)
+  return names
+
+
+def run_sweep(base, points: list[dict], workdir: str) -> list[dict]:
+  """Every point in its own ``workdir/<name>``, then the summary files."""
+  names = check_points(base, points)
   os.makedirs(workdir, exist_ok=True)
   rows = []
   for i, (name, point) in enumerate(zip(names, points, strict=True)):
@@ -181,9 +192,7 @@ def run_sweep(base, points: list[dict], workdir: str) -> list[dict]:
 def load_get_hyper(config_spec: str):
   """``get_hyper`` of the config file named by ``path.py[:arg]``."""
   path = config_spec.partition(':')[0]
-  spec = importlib.util.spec_from_file_location('_specrl_sweep_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = cli.load_config_module(config_spec, '_specrl_sweep_config')
   if not hasattr(module, 'get_hyper'):
     raise ValueError(f'{path} has no get_hyper(hyper): nothing to sweep')
   return module.get_hyper
@@ -200,9 +209,16 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  points = load_get_hyper(config_flags.get_config_filename(FLAGS['config']))(hyper)
-  run_sweep(FLAGS.config, points, FLAGS.workdir)
+  try:  # the sweep file and its points: one line, before any point runs
+    points = load_get_hyper(config_flags.get_config_filename(FLAGS['config']))(hyper)
+    check_points(FLAGS.config, points)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  try:
+    run_sweep(FLAGS.config, points, FLAGS.workdir)
+  except faults.FatalError as e:  # a bad point, bad data, no restorable checkpoint
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)  # user mistakes in the flags: one line

@@ -82,3 +82,57 @@ def test_sweep_is_resumable_after_a_kill(tmp_path):
     assert 0.0 <= float(row['final_reward']) <= 1.0 and float(row['tokens_per_s']) > 0
     assert int(row['steps']) == 2
   assert (tmp_path / 'summary.png').stat().st_size > 0
+
+
+def _flag_values(argv):
+  """A fresh set of the entry points' flags (``--workdir``, ``--config``; its overrides are
+  registered from ``argv``, as ``config_flags`` does from ``sys.argv``)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  fv = flags.FlagValues()
+  flags.DEFINE_string('workdir', None, 'dir', flag_values=fv)
+  config_flags.DEFINE_config_file(
+    'config', None, 'cfg', flag_values=fv, lock_config=True, sys_argv=argv
+  )
+  flags.mark_flag_as_required('workdir', flag_values=fv)
+  return fv
+
+
+@pytest.mark.parametrize(
+  'flag,message',
+  [
+    ('--config.rl.nokey=1', 'error: unknown key config.rl.nokey; valid keys: aggregation, '),
+    ('--config.rl.steps=abc', 'error: flag --config.rl.steps=abc: invalid literal for int()'),
+    ('--config.adaptive.enabled=maybe', 'error: flag --config.adaptive.enabled=maybe: '),
+    ('--wrkdir=/tmp', "error: Unknown command line flag 'wrkdir'"),
+  ],
+)
+def test_flag_mistakes_of_both_entry_points_are_one_line(flag, message):
+  """``cli.parse_flags`` (main.py and ``python -m specrl.sweep``): a user mistake in the flags
+  exits with one line naming it, not a traceback (absl's errors escaped a custom parser)."""
+  from specrl import cli
+
+  argv = ['prog', f'--config={ROOT}/configs/default.py:smoke', flag]
+  argv += [] if flag.startswith('--wrkdir') else ['--workdir=/tmp/x']
+  with pytest.raises(SystemExit) as e:
+    cli.parse_flags(argv, _flag_values(argv))
+  assert str(e.value.code).startswith(message), e.value.code
+  good = argv[:2] + ['--workdir=/tmp/x', '--config.rl.steps=3']
+  fv = _flag_values(good)
+  assert cli.parse_flags(good, fv) == ['prog'] and fv.config.rl.steps == 3
+
+
+def test_a_bad_point_is_refused_naming_it(tmp_path):
+  """An unknown key in any point is refused before the first point runs; a bad value in a
+  point is a one-line ``FatalError`` naming the point, before its run starts."""
+  from specrl import faults
+
+  base = default.get_config('smoke')
+  points = [{'config.seed': 0}, {'config.rl.nokey': 1}]
+  with pytest.raises(ValueError, match=r'^sweep point rl\.nokey=1: unknown key config\.rl\.nokey'):
+    sweep.run_sweep(base, points, str(tmp_path))
+  assert not (tmp_path / 'seed=0').exists()  # nothing ran
+  with pytest.raises(faults.FatalError, match=r'^sweep point rl\.num_prompts=0: config\.rl\.'):
+    sweep.run_point(base, {'config.rl.num_prompts': 0}, str(tmp_path / 'bad'))
+  assert not (tmp_path / 'bad' / sweep.DONE).exists()
