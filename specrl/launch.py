@@ -179,15 +179,18 @@ def main(argv=None) -> int:
   a = ap.parse_args(own)
   if not cmd:
     ap.error('give the command after --, e.g. -- main.py --config=... --workdir=...')
-  return launch(
-    cmd,
-    a.num_processes,
-    a.devices_per_process,
-    a.heartbeat_s,
-    a.grace_s,
-    a.log_dir,
-    stop_others=not a.no_stop_others,
-  )
+  try:
+    return launch(
+      cmd,
+      a.num_processes,
+      a.devices_per_process,
+      a.heartbeat_s,
+      a.grace_s,
+      a.log_dir,
+      stop_others=not a.no_stop_others,
+    )
+  except ValueError as e:  # a bad argument: argparse's one-line form, not a traceback
+    ap.error(str(e))
 
 
 if __name__ == '__main__':

@@ -13,8 +13,14 @@ import os
 import jax
 import jax.numpy as jnp
 
+from specrl import faults
 from specrl import model as model_lib
 from specrl.rl import RLConfig, logprob_chunk, micro_batches
+
+
+class TrainDoesNotFit(faults.FatalError, ValueError):
+  """A GRPO step that cannot fit the device: a configuration mistake, so one line from
+  ``main.py`` (a ValueError too, for callers that catch config errors)."""
 
 
 def estimate_train_bytes(
@@ -98,7 +104,7 @@ def check_train_fits(
     fix = f'set a smaller rl.micro_batch (rows per forward/backward, {now})'
   else:
     fix = 'lower rollout.max_new_tokens (the sequence budget) or use a larger device'
-  raise ValueError(
+  raise TrainDoesNotFit(
     f'the GRPO train step at {seq_len} tokens x {m} rows per forward needs an estimated '
     f'{gb(total)} ({parts}), more than the {gb(limit)} of device memory: {fix}'
   )

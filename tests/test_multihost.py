@@ -248,6 +248,20 @@ def test_launcher_stops_the_others_when_one_process_fails():
   assert time.perf_counter() - t0 < 30
 
 
+def test_launcher_refuses_bad_arguments_in_one_line(capsys):
+  """A process or device count below 1 is argparse's one-line error (exit 2), not a
+  traceback; nothing is started."""
+  from specrl import launch
+
+  for bad in ('--num_processes=0', '--devices_per_process=-1'):
+    with pytest.raises(SystemExit) as e:
+      launch.main([bad, '--', 'main.py'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith('error: num_processes and devices_per_process must be >= 1'), err
+    assert not any('Traceback' in line for line in err)
+
+
 def test_process_splits_are_checked_at_start_up_and_eval_chunks_always_divide():
   """Pure functions of the config and the process count (no processes needed): a GRPO or
   SFT batch that does not split into equal process blocks is refused naming the field;

@@ -83,13 +83,14 @@ def test_bad_config_values_fail_naming_the_field(field, value, match):
 
 
 def test_main_rejects_user_mistakes_in_one_line_without_a_traceback(tmp_path):
-  """An unknown key, a bad value, a value of the wrong type, an unknown flag and a missing
-  checkpoint file (five processes at once)."""
+  """An unknown key, a bad value, a value of the wrong type, an unknown flag, a token budget
+  whose train step cannot fit and a missing checkpoint file (six processes at once)."""
   cases = {
     '--config.rl.learning_rate=3': 'learning_rate',
     '--config.rl.num_prompts=0': 'config.rl.num_prompts must be > 0, got 0',
     '--config.rl.steps=abc': 'error: flag --config.rl.steps=abc: invalid literal for int()',
     '--wrkdir=/tmp': "error: Unknown command line flag 'wrkdir'",
+    '--config.rollout.max_new_tokens=100000': 'of device memory: set rl.attention_impl=',
     '--config.model.checkpoint=/nonexistent.gguf': "config.model.checkpoint='/nonexistent.gguf'",
   }
   procs = {
