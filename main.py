@@ -11,7 +11,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from specrl import cli, faults, multihost, progress, train
+from specrl import cli, faults, multihost, progress, run_config, train
+from specrl import config as config_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard events.')
@@ -38,6 +39,10 @@ def main(argv):
     'JAX %s, %d devices (%s)', jax.__version__, jax.device_count(), jax.devices()[0].platform
   )
   with multihost.exit_on_failure():  # several processes: one line and out, never a hang
+    for dotted in config_lib.config_overrides(sys.argv):  # typed here and would do nothing
+      msg = run_config.ineffective_override(FLAGS.config, dotted)
+      if msg:
+        sys.exit(f'error: {msg}')
     try:
       exp = train.build_experiment(FLAGS.config)
     except (ValueError, OSError, faults.FatalError) as e:  # a user mistake: one line

@@ -18,6 +18,7 @@ from specrl import rl as rl_lib
 from specrl import rollout as rollout_lib
 from specrl import tasks as tasks_lib
 from specrl.decoding import executables
+from specrl.drafters import registry as drafter_registry
 
 TOP_LEVEL_KEYS = (
   'seed', 'model', 'task', 'rollout', 'drafter', 'adaptive', 'sft', 'rl', 'mesh_shape',
@@ -74,6 +75,46 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
       "config.rl.attention_impl='pallas' (jax's Pallas flash kernels) needs a GPU or TPU, "
       f"this run's backend is {jax.default_backend()!r}: use 'blocked' (memory-bounded jnp)"
     )
+
+
+def ineffective_override(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+  """One line for a command-line override ``--config.<dotted>`` that this run never reads
+  (None if it may be read), naming what would make it count:
+
+  - ``task.<key>`` that the chosen task does not read (:data:`specrl.tasks.TASK_FIELDS`: the
+    section is shared by the tasks);
+  - ``drafter.<name>.*`` of a section the chosen drafter does not read
+    (:func:`specrl.drafters.registry.sections_read`);
+  - ``adaptive.*`` with the adaptive engine off (``adaptive.enabled``).
+
+  ``main.py`` refuses such an override: a setting that silently does nothing is a wrong
+  answer. Checked on the command line only, where a user just typed it: a config file or a
+  sweep's base may keep other tasks' or drafters' settings on purpose."""
+  section, _, rest = dotted.partition('.')
+  key = rest.split('.')[0]
+  if not key:
+    return None
+  if section == 'task':
+    reads = tasks_lib.TASK_FIELDS.get(config.task.name)
+    if reads is not None and key not in reads and key != 'name':
+      return (
+        f'--config.{dotted} has no effect on task {config.task.name!r} (it reads '
+        f'{", ".join(reads)})'
+      )
+  if section == 'drafter' and config.rollout.drafter in drafter_registry.names():
+    reads = drafter_registry.sections_read(config)
+    if key not in reads:
+      what = f'reads drafter.{", drafter.".join(reads)}' if reads else 'reads no drafter section'
+      return (
+        f'--config.{dotted} has no effect: rollout.drafter={config.rollout.drafter!r} {what} '
+        f'(set --config.rollout.drafter)'
+      )
+  if section == 'adaptive' and key != 'enabled' and not config.adaptive.enabled:
+    return (
+      f'--config.{dotted} has no effect with the adaptive engine off '
+      '(set --config.adaptive.enabled=True)'
+    )
+  return None
 
 
 def resolve_num_draft(config: ml_collections.ConfigDict, has_drafter: bool) -> int:

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from specrl import arith_task
+from specrl import config as config_lib
 from specrl.answers import answer_in_final_line, answers_match, extract_answer, to_number
 from specrl.checkpoints import pretrained
 from specrl.faults import DataError
@@ -546,8 +547,33 @@ def arith_options(cfg) -> arith_task.ProblemOptions:
   )
 
 
+# The ``task`` section's fields that each task reads (besides ``name``). The section is
+# shared by the tasks; a field only other tasks read does nothing, so ``main.py`` refuses it
+# as a command-line override (:func:`specrl.run_config.ineffective_override`; e.g.
+# task.max_prompt_len on running_sum, whose prompts are always 2 * max_terms wide).
+# TASK_DEFAULTS = configs/default.py's values (tests/test_config.py).
+TASK_FIELDS = {
+  'running_sum': ('min_terms', 'max_terms', 'tail_exponent'),
+  'math_jsonl': (
+    'path', 'tokenizer_path', 'max_prompt_len', 'max_response_len', 'eval_path', 'format_reward'
+  ),
+  'arith': (
+    'tokenizer_path', 'pool_size', 'pool_seed', 'min_steps', 'max_steps', 'tail_exponent',
+    'max_prompt_len', 'max_response_len', 'format_reward',
+    'start_max', 'add_max', 'mul_max', 'operations', 'wording', 'instruction',
+  ),
+}  # fmt: skip
+TASK_DEFAULTS = dict(
+  min_terms=2, max_terms=16, tail_exponent=1.3, path='', tokenizer_path='', max_prompt_len=0,
+  max_response_len=0, eval_path='', format_reward=0.0, pool_size=4096, pool_seed=20260101,
+  min_steps=1, max_steps=4, start_max=30, add_max=20, mul_max=20,
+  operations='add,sub,half,mul', wording='story', instruction='hashes',
+)  # fmt: skip
+
+
 def make_task(cfg):
-  """Task from the ``task`` config section."""
+  """Task from the ``task`` config section (an unknown key is refused, one line)."""
+  config_lib.check_keys(cfg, 'task', ('name', *TASK_DEFAULTS))
   if cfg.name == 'running_sum':
     return RunningSumTask(cfg.min_terms, cfg.max_terms, cfg.tail_exponent)
   if cfg.name == 'math_jsonl':

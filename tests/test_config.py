@@ -193,3 +193,43 @@ def test_every_real_model_config_argument_is_a_valid_run_config():
   assert long.rl.to_dict() == learn.rl.to_dict()
   with pytest.raises(ValueError, match='known: learn, learn_long, smoke'):
     smollm2_arith.get_config('lern')
+
+
+def test_an_override_the_run_never_reads_is_named():
+  """``run_config.ineffective_override`` (main.py refuses these command-line overrides): a
+  task field the chosen task does not read, another drafter's section, an adaptive field
+  with the adaptive engine off. The task section's defaults are configs/default.py's; an
+  unknown task key is refused by the build."""
+  from specrl import run_config, tasks
+
+  full = default.get_config(None)
+  assert {k: v for k, v in full.task.items() if k != 'name'} == tasks.TASK_DEFAULTS
+  c = default.get_config('smoke')
+  assert set(tasks.TASK_FIELDS) == {'running_sum', 'math_jsonl', 'arith'}
+  for fields in tasks.TASK_FIELDS.values():
+    assert set(fields) <= set(tasks.TASK_DEFAULTS)
+  off = run_config.ineffective_override
+  # running_sum's prompts are always 2 * max_terms wide
+  assert off(c, 'task.max_prompt_len') == (
+    "--config.task.max_prompt_len has no effect on task 'running_sum' (it reads min_terms, "
+    'max_terms, tail_exponent)'
+  )
+  assert off(c, 'task.max_terms') is None and off(c, 'task.name') is None
+  assert off(c, 'drafter.eagle.mode') == (
+    "--config.drafter.eagle.mode has no effect: rollout.drafter='none' reads no drafter "
+    'section (set --config.rollout.drafter)'
+  )
+  assert off(c, 'adaptive.policy').endswith('(set --config.adaptive.enabled=True)')
+  assert off(c, 'adaptive.enabled') is None and off(c, 'rl.lr') is None
+  c.task.name, c.rollout.drafter, c.adaptive.enabled = 'arith', 'suffix', True
+  assert off(c, 'task.max_prompt_len') is None and off(c, 'adaptive.policy') is None
+  assert "no effect on task 'arith'" in off(c, 'task.max_terms')
+  assert off(c, 'drafter.suffix.history') is None
+  assert "rollout.drafter='suffix' reads drafter.suffix (" in off(c, 'drafter.quantized.bits')
+  c.drafter.suffix.fallback = 'quantized'  # the hybrid reads its fallback's section
+  assert off(c, 'drafter.quantized.bits') is None
+  assert 'reads drafter.suffix, drafter.quantized' in off(c, 'drafter.eagle.lr')
+  c = default.get_config('smoke')
+  c.task.foo = 1
+  with pytest.raises(ValueError, match=r'^unknown key config\.task\.foo; valid keys: add_max, '):
+    train.build_experiment(c)

@@ -83,13 +83,15 @@ def test_bad_config_values_fail_naming_the_field(field, value, match):
 
 
 def test_main_rejects_user_mistakes_in_one_line_without_a_traceback(tmp_path):
-  """An unknown key, a bad value, a value of the wrong type, an unknown flag, a token budget
-  whose train step cannot fit and a missing checkpoint file (six processes at once)."""
+  """An unknown key, a bad value, a value of the wrong type, an unknown flag, an override the
+  run never reads, a token budget whose train step cannot fit and a missing checkpoint file
+  (seven processes at once)."""
   cases = {
     '--config.rl.learning_rate=3': 'learning_rate',
     '--config.rl.num_prompts=0': 'config.rl.num_prompts must be > 0, got 0',
     '--config.rl.steps=abc': 'error: flag --config.rl.steps=abc: invalid literal for int()',
     '--wrkdir=/tmp': "error: Unknown command line flag 'wrkdir'",
+    '--config.task.max_prompt_len=64': 'error: --config.task.max_prompt_len has no effect on',
     '--config.rollout.max_new_tokens=100000': 'of device memory: set rl.attention_impl=',
     '--config.model.checkpoint=/nonexistent.gguf': "config.model.checkpoint='/nonexistent.gguf'",
   }

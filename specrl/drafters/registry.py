@@ -41,6 +41,9 @@ class DrafterEntry:
   fallback), the policy's ``ModelConfig`` and the drafter RNG stream key.
   ``section() -> ConfigDict | None``: the default options, ``config.drafter.<name>`` (None:
   the drafter has none). ``summary``: the docs table's line; ``module``: where it lives.
+  ``reads(config) -> names``: the sections of ``config.drafter`` the drafter reads when it
+  is chosen (None: its own, if it has one), so an override of another section, which
+  would do nothing, can be refused (:func:`sections_read`).
   """
 
   name: str
@@ -48,6 +51,7 @@ class DrafterEntry:
   section: Callable[[], ml_collections.ConfigDict] | None
   summary: str
   module: str
+  reads: Callable[[ml_collections.ConfigDict], tuple[str, ...]] | None = None
 
 
 _REGISTRY: dict[str, DrafterEntry] = {}
@@ -74,6 +78,18 @@ def entry(name: str) -> DrafterEntry:
   if name not in _REGISTRY:
     raise ValueError(f'config.rollout.drafter must be one of {names()}, got {name!r}')
   return _REGISTRY[name]
+
+
+def sections_read(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The sections of ``config.drafter`` the run's drafter (``config.rollout.drafter``) reads;
+  () for plain decoding."""
+  name = config.rollout.drafter
+  if name == NONE:
+    return ()
+  e = entry(name)
+  if e.reads is not None:
+    return e.reads(config)
+  return (name,) if e.section is not None else ()
 
 
 def default_sections() -> ml_collections.ConfigDict:
@@ -183,6 +199,12 @@ def _suffix(config, model_cfg, rng):
   return hybrid.HybridSuffixDrafter(suffix, fallback)
 
 
+def _suffix_reads(config) -> tuple[str, ...]:
+  """The hybrid's fallback reads its own section too (``drafter.suffix.fallback``)."""
+  fallback = config.drafter.suffix.get('fallback', '')
+  return ('suffix', fallback) if fallback else ('suffix',)
+
+
 def _suffix_section():
   return ml_collections.ConfigDict(
     dict(
@@ -263,6 +285,7 @@ register(
     "model-free lookup in the GRPO group's sibling answers and earlier answers to the same "
     'prompt; with `fallback`, the hybrid',
     'specrl/drafters/suffix.py',
+    reads=_suffix_reads,
   )
 )
 register(
