@@ -243,11 +243,19 @@ def prompt_ids(prompts: PromptBatch) -> np.ndarray:
   )
 
 
-def _pack(tokenizer, texts, answers, max_len) -> PromptBatch:
+def _pack(tokenizer, texts, answers, max_len, what: str = 'prompt', shown=None) -> PromptBatch:
+  """Right-padded prompt tokens; a prompt longer than ``max_len`` is refused naming the
+  field that sets it and the longest prompt (``what``: whose prompts; ``shown``: the text
+  to quote per prompt, e.g. the question without its chat template; default ``texts``)."""
   ids = [tokenizer.encode(t) for t in texts]
-  longest = max(len(x) for x in ids)
-  if longest > max_len:
-    raise ValueError(f'prompt of {longest} tokens exceeds max prompt length {max_len}')
+  longest = int(np.argmax([len(x) for x in ids]))
+  if len(ids[longest]) > max_len:
+    n, quote = len(ids[longest]), (texts if shown is None else shown)[longest]
+    raise ValueError(
+      f'config.task.max_prompt_len={max_len} is shorter than the {what} {quote[:60]!r}'
+      f'{"..." if len(quote) > 60 else ""} ({n} tokens): set it >= {n}, or 0 for the longest '
+      'prompt of the pool'
+    )
   toks = np.full((len(ids), max_len), tokenizer.pad_id, np.int32)
   for i, x in enumerate(ids):
     toks[i, : len(x)] = x
@@ -372,9 +380,16 @@ class ProblemPoolTask:
     if max_prompt_len <= 0:  # 0 = the longest prompt of the pool
       max_prompt_len = max(len(tokenizer.encode(t)) for t in texts + held_texts)
     self.max_prompt_len, self.max_response_len = max_prompt_len, max_response_len
-    self._train = _pack(tokenizer, texts, [a for _, a in self.problems], max_prompt_len)
+    answers = [a for _, a in self.problems]
+    self._train = _pack(
+      tokenizer, texts, answers, max_prompt_len, f'{self.name} question',
+      [q for q, _ in self.problems],
+    )  # fmt: skip
     self._held = (
-      _pack(tokenizer, held_texts, [a for _, a in self.heldout], max_prompt_len)
+      _pack(
+        tokenizer, held_texts, [a for _, a in self.heldout], max_prompt_len,
+        f'{self.name} held-out question', [q for q, _ in self.heldout],
+      )  # fmt: skip
       if self.heldout
       else None
     )

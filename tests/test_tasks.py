@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -73,7 +74,14 @@ def test_read_math_jsonl(tmp_path):
     tasks.read_math_jsonl(str(bad))
 
 
-def test_prompt_too_long_is_refused():
+def test_prompt_too_long_is_refused_naming_the_field_and_the_prompt(tmp_path):
   tok = tasks.CharTokenizer('ab')
-  with pytest.raises(ValueError, match='exceeds max prompt length'):
-    tasks._pack(tok, ['abababab'], ['1'], 4)
+  want = "config.task.max_prompt_len=4 is shorter than the prompt 'abababab' (8 tokens): set it"
+  with pytest.raises(ValueError, match='^' + re.escape(want)):
+    tasks._pack(tok, ['ab', 'abababab'], ['1', '2'], 4)
+  p = tmp_path / 'p.jsonl'
+  p.write_text(''.join(json.dumps({'question': 'a' * n, 'answer': 1}) + '\n' for n in range(1, 40)))
+  # the question is quoted, not the prompt rendered from it (template: question + newline)
+  want = r'^config\.task\.max_prompt_len=8 is shorter than the math_jsonl (held-out )?question '
+  with pytest.raises(ValueError, match=want + r"'a{39}' \(40 tokens\): set it >= 40, or 0"):
+    tasks.MathJsonlTask(str(p), tasks.CharTokenizer('a\n'), max_prompt_len=8, max_response_len=4)
