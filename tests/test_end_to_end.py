@@ -38,7 +38,10 @@ def test_default_config_grpo_raises_reward():
   assert (before['step'], after['step']) == (150, 180)  # start and end of GRPO
   assert before['prompts'] == after['prompts'] == 128  # the held-out pool, 8 samples each
   assert before['accuracy'] > 0.05, f'warm-up did not teach the format: {before}'
+  # 12 fixed batches of unseen training-distribution prompts, the same keys before and after
+  # (default seed, EPYC: +0.031 on average, batches -0.005..+0.081; seed 1: +0.062)
   seen = res['train_distribution']
+  assert len(seen['before_batches']) == len(seen['after_batches']) == 12
   assert seen['after'] > seen['before'] + 0.015, f'GRPO did not raise reward: {seen}'
   # no collapse on the held-out split: within its 95% interval of where it started
   assert after['reward'] > before['reward'] - before['reward_ci95'], (before, after)
