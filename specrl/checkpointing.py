@@ -37,10 +37,13 @@ newest one that restores is used; saves pass the fault points ``save:<step>:befo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -122,6 +125,64 @@ def _one_line(e: BaseException, limit: int = 240) -> str:
   lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
   msg = f'{type(e).__name__}: {lines[0] if lines else ""}'
   return msg if len(msg) <= limit else msg[: limit - 3] + '...'
+
+
+def _is_orbax_coroutine(obj) -> bool:
+  code = getattr(obj, 'cr_code', None)
+  return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+
+
+def _is_failed_read_leftover(unraisable) -> bool:
+  """An unraisable exception left behind by orbax after a checkpoint read failed: one of its
+  abandoned read coroutines collected (it turns the GeneratorExit into its read error), or
+  a TensorStore callback thread scheduling onto orbax's already closed event loop."""
+  if _is_orbax_coroutine(unraisable.object):
+    return True
+  return (
+    unraisable.object is None
+    and unraisable.exc_type is RuntimeError
+    and str(unraisable.exc_value) == 'Event loop is closed'
+  )
+
+
+_LEFTOVERS = {'hook': None, 'dropped': 0}
+
+
+@contextlib.contextmanager
+def _failed_read_leftovers_filtered():
+  """While restoring, drop orbax's leftovers of a failed read (:func:`_is_failed_read_leftover`)
+  from ``sys.unraisablehook``; yields ``keep()``, which leaves the filter installed for the
+  rest of the process (a read failed: its leftovers may surface later) and collects the
+  ones already unreachable. Without ``keep()`` the previous hook is put back.
+
+  Why: when one array of a checkpoint cannot be read, orbax raises that error and leaves its
+  other reads behind; each prints ~70 lines ("Exception ignored in: <coroutine ...>" with a
+  TensorStore spec, or "Event loop is closed" from a callback thread) whenever it is
+  collected or its thread wakes, in the middle of a run that has already quarantined the
+  checkpoint and said so in one line. Any other unraisable exception still goes to the
+  hook that was there before."""
+  previous = sys.unraisablehook
+  ours = previous is _LEFTOVERS['hook']
+  if not ours:
+
+    def hook(unraisable):
+      if _is_failed_read_leftover(unraisable):
+        _LEFTOVERS['dropped'] += 1
+      else:
+        previous(unraisable)
+
+    _LEFTOVERS['hook'] = sys.unraisablehook = hook
+  kept = []
+
+  def keep():
+    kept.append(True)
+    gc.collect()
+
+  try:
+    yield keep
+  finally:
+    if not ours and not kept and sys.unraisablehook is _LEFTOVERS['hook']:
+      sys.unraisablehook = previous
 
 
 def _to_saveable(state: TrainState):
@@ -301,19 +362,21 @@ class Checkpointer:
     if step is not None:
       return self._restore_step(target, step)
     failures = []
-    while (step := self.latest_step()) is not None:
-      try:
-        return self._restore_step(target, step)
-      except CheckpointMismatch:
-        raise
-      except Exception as e:  # noqa: BLE001 - any read failure means a bad checkpoint
-        reason = _one_line(e)
-        dest = self._quarantine(step)
-        logging.warning(
-          'checkpoint %s/%d cannot be restored (%s): moved to %s, trying the previous one',
-          self.directory, step, reason, dest,
-        )  # fmt: skip
-        failures.append(f'step {step}: {reason}')
+    with _failed_read_leftovers_filtered() as keep_filter:
+      while (step := self.latest_step()) is not None:
+        try:
+          return self._restore_step(target, step)
+        except CheckpointMismatch:
+          raise
+        except Exception as e:  # noqa: BLE001 - any read failure means a bad checkpoint
+          reason = _one_line(e)
+          dest = self._quarantine(step)
+          logging.warning(
+            'checkpoint %s/%d cannot be restored (%s): moved to %s, trying the previous one',
+            self.directory, step, reason, dest,
+          )  # fmt: skip
+          failures.append(f'step {step}: {reason}')
+        keep_filter()  # after the except block: the failure's objects are freed
     if failures:
       raise NoRestorableCheckpoint(
         f'no checkpoint in {self.directory} could be restored (each moved to '
