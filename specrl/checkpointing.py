@@ -145,7 +145,7 @@ def _is_failed_read_leftover(unraisable) -> bool:
   )
 
 
-_LEFTOVERS = {'hook': None, 'dropped': 0}
+_LEFTOVERS = {'hook': None}  # the filter installed by the last restore that kept it
 
 
 @contextlib.contextmanager
@@ -166,9 +166,7 @@ def _failed_read_leftovers_filtered():
   if not ours:
 
     def hook(unraisable):
-      if _is_failed_read_leftover(unraisable):
-        _LEFTOVERS['dropped'] += 1
-      else:
+      if not _is_failed_read_leftover(unraisable):
         previous(unraisable)
 
     _LEFTOVERS['hook'] = sys.unraisablehook = hook

@@ -387,8 +387,12 @@ class ProblemPoolTask:
     )  # fmt: skip
     self._held = (
       _pack(
-        tokenizer, held_texts, [a for _, a in self.heldout], max_prompt_len,
-        f'{self.name} held-out question', [q for q, _ in self.heldout],
+        tokenizer,
+        held_texts,
+        [a for _, a in self.heldout],
+        max_prompt_len,
+        f'{self.name} held-out question',
+        [q for q, _ in self.heldout],
       )  # fmt: skip
       if self.heldout
       else None
