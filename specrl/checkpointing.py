@@ -357,10 +357,14 @@ class Checkpointer:
     (:class:`CheckpointMismatch`) is raised as is; if none restores,
     :class:`NoRestorableCheckpoint` names the directory and every failure.
     """
-    if step is not None:
-      return self._restore_step(target, step)
     failures = []
     with _failed_read_leftovers_filtered() as keep_filter:
+      if step is not None:  # the error as is, to the caller that asked for this step
+        try:
+          return self._restore_step(target, step)
+        except Exception:
+          keep_filter()  # its leftovers surface once the caller drops the error
+          raise
       while (step := self.latest_step()) is not None:
         try:
           return self._restore_step(target, step)
