@@ -38,6 +38,13 @@ from specrl import cli, faults, metrics_io, train  # noqa: E402
 from specrl import config as config_lib  # noqa: E402
 
 DONE = 'DONE'
+
+
+class SweepError(faults.FatalError, ValueError):
+  """A mistake in the sweep itself (its file, a repeated point, an unknown key in a point):
+  one line, before any point runs."""
+
+
 SUMMARY_FIELDS = ('final_reward', 'final_accuracy', 'tokens_per_s', 'step_time_s', 'steps')
 
 
@@ -68,7 +75,7 @@ def _zip(sweeps) -> list[dict]:
   """Points merged position by position (the sweeps must have equal lengths)."""
   lengths = {len(s) for s in sweeps}
   if len(lengths) > 1:
-    raise ValueError(f'hyper.zip needs sweeps of equal length, got {sorted(lengths)}')
+    raise SweepError(f'hyper.zip needs sweeps of equal length, got {sorted(lengths)}')
   return [_merge(ps) for ps in zip(*sweeps, strict=True)]
 
 
@@ -99,7 +106,7 @@ def apply_overrides(base: ml_collections.ConfigDict, overrides: dict):
     dotted = key.removeprefix('config.')
     msg = config_lib.unknown_override(c, dotted)
     if msg:
-      raise ValueError(f'sweep point {point_name(overrides)}: {msg}')
+      raise SweepError(f'sweep point {point_name(overrides)}: {msg}')
     *path, leaf = dotted.split('.')
     node = c
     for part in path:
@@ -168,10 +175,10 @@ def write_summary(rows: list[dict], workdir: str) -> None:
 
 def check_points(base, points: list[dict]) -> list[str]:
   """The points' names; a repeated point or an override of a key the config does not have
-  is refused (ValueError, one line) before any point runs."""
+  is refused (:class:`SweepError`, one line) before any point runs."""
   names = [point_name(p) for p in points]
   if len(set(names)) != len(names):
-    raise ValueError(f'sweep points must be distinct, got {names}')
+    raise SweepError(f'sweep points must be distinct, got {names}')
   for p in points:
     apply_overrides(base, p)
   return names
@@ -194,7 +201,7 @@ def load_get_hyper(config_spec: str):
   path = config_spec.partition(':')[0]
   module = cli.load_config_module(config_spec, '_specrl_sweep_config')
   if not hasattr(module, 'get_hyper'):
-    raise ValueError(f'{path} has no get_hyper(hyper): nothing to sweep')
+    raise SweepError(f'{path} has no get_hyper(hyper): nothing to sweep')
   return module.get_hyper
 
 
@@ -209,14 +216,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:  # the sweep file and its points: one line, before any point runs
+  try:  # the sweep file or its points, a bad point, bad data, no restorable checkpoint
     points = load_get_hyper(config_flags.get_config_filename(FLAGS['config']))(hyper)
-    check_points(FLAGS.config, points)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
-  try:
     run_sweep(FLAGS.config, points, FLAGS.workdir)
-  except faults.FatalError as e:  # a bad point, bad data, no restorable checkpoint
+  except faults.FatalError as e:
     sys.exit(f'error: {e}')
 
 

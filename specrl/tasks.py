@@ -570,7 +570,7 @@ def arith_options(cfg) -> arith_task.ProblemOptions:
 # shared by the tasks; a field only other tasks read does nothing, so ``main.py`` refuses it
 # as a command-line override (:func:`specrl.run_config.ineffective_override`; e.g.
 # task.max_prompt_len on running_sum, whose prompts are always 2 * max_terms wide).
-# TASK_DEFAULTS = configs/default.py's values (tests/test_config.py).
+# TASK_KEYS: every key of the section (configs/default.py's, tests/test_config.py).
 TASK_FIELDS = {
   'running_sum': ('min_terms', 'max_terms', 'tail_exponent'),
   'math_jsonl': (
@@ -582,17 +582,12 @@ TASK_FIELDS = {
     'start_max', 'add_max', 'mul_max', 'operations', 'wording', 'instruction',
   ),
 }  # fmt: skip
-TASK_DEFAULTS = dict(
-  min_terms=2, max_terms=16, tail_exponent=1.3, path='', tokenizer_path='', max_prompt_len=0,
-  max_response_len=0, eval_path='', format_reward=0.0, pool_size=4096, pool_seed=20260101,
-  min_steps=1, max_steps=4, start_max=30, add_max=20, mul_max=20,
-  operations='add,sub,half,mul', wording='story', instruction='hashes',
-)  # fmt: skip
+TASK_KEYS = ('name', *sorted(set().union(*TASK_FIELDS.values())))
 
 
 def make_task(cfg):
   """Task from the ``task`` config section (an unknown key is refused, one line)."""
-  config_lib.check_keys(cfg, 'task', ('name', *TASK_DEFAULTS))
+  config_lib.check_keys(cfg, 'task', TASK_KEYS)
   if cfg.name == 'running_sum':
     return RunningSumTask(cfg.min_terms, cfg.max_terms, cfg.tail_exponent)
   if cfg.name == 'math_jsonl':
