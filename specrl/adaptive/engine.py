@@ -475,7 +475,10 @@ class AdaptiveRolloutEngine:
   def generate(
     self, params, prompt_tokens, prompt_len, rng, draft_params=None, group_ids=None, prompt_ids=None
   ):
-    rcfg = self.rcfg
+    """The static engine's ``generate`` (same arguments and output), decoded in chunks:
+    before each, compact to the smallest bucket holding the active rows and let the policy
+    pick plain decoding or a draft length; after each, read its 6-int stats."""
+    rcfg, acfg = self.rcfg, self.acfg
     prompt_tokens, prompt_len = prepare_prompts(
       prompt_tokens, prompt_len, rcfg, self.cfg.vocab_size
     )
@@ -485,69 +488,26 @@ class AdaptiveRolloutEngine:
       prompt_tokens, prompt_len = mh.allgather_rows(prompt_tokens), mh.allgather_rows(prompt_len)
       row_ids = tuple(mh.allgather_rows(x) for x in row_ids)
     bsz = prompt_tokens.shape[0]
-    derived = []
-
-    def dparams_fn():
-      """The drafter's params on first use only (a rollout that never speculates never
-      pays for them): derived from the policy inside jit (params are arguments), or the
-      drafter's own params as they are -- never closed over as jit constants."""
-      if self.drafter is None:
-        return None
-      if not derived:
-        dp = draft_params
-        if dp is None and not self.drafter.derived:
-          dp = self.drafter.params_from_policy(params)
-        elif dp is None:
-          derive = executables.CACHE.get(
-            (self._token, 'derive'), lambda: jax.jit(self.drafter.params_from_policy)
-          )
-          dp = derive(params)
-        derived.append(drafters_lib.place_draft_params(self.drafter, dp, self.mesh))
-      return derived[0]
-
-    acfg = self.acfg
+    dparams_fn = self._draft_params_getter(params, draft_params)
     report = AdaptiveReport(batch=bsz, policy=acfg.policy)
     self.decider.start_rollout()
-    cfg, mesh, wrcfg = self.cfg, self.mesh, self._wrcfg
     i32 = np.int32
-
     t_start = time.perf_counter()
 
     def now():  # seconds since the start, compile and profiling time excluded
       extra = sum(report.compile_s.values()) + sum(report.profile_s.values()) + report.hook_s
       return time.perf_counter() - t_start - extra
 
-    def prefill_fn(params, dparams, toks, lens, rng, group_ids, prompt_ids):
-      pkw = dict(drafter=self.drafter, draft_params=dparams, buffer_len=self._prefill_len)
-      pkw['cache_slots'] = prefill_cache_slots(wrcfg, self._prefill_len)
-      pkw.update(group_ids=group_ids, prompt_ids=prompt_ids, build_draft=self._eager_draft)
-      state = prefill(params, toks, lens, rng, cfg=cfg, rcfg=wrcfg, mesh=mesh, **pkw)
-      return state, state_stats(state, 0)
-
-    dp0 = dparams_fn() if self._eager_draft else None
-    args = (params, dp0, prompt_tokens, prompt_len, rng) + row_ids
-    prefill_j = self._compiled(
-      ('prefill', bsz, 0, self._prefill_len, self._eager_draft), prefill_fn, args, (), report, bsz
+    state, prefill_left = self._prefill(
+      params, dparams_fn, prompt_tokens, prompt_len, rng, row_ids, report, now
     )
-    # Not synced (after the first rollout at this batch size, which measures the prefill
-    # once): the first chunk runs at the full batch whatever finished at prefill (a row
-    # done at its first token only shows up as a smaller active count after it), and the
-    # prefill's measured time is taken off that chunk's time before it is learned from.
-    state, pstats = prefill_j(*args)
-    if bsz not in self._prefill_s:
-      t0 = now()
-      jax.block_until_ready(pstats)
-      self._prefill_s[bsz] = now() - t0
-      prefill_left = 0.0
-    else:
-      prefill_left = self._prefill_s[bsz]
     n_active, step = bsz, 0
     limit = max_loop_steps(rcfg)
     # CPU: layers sliced once per rollout; q/k/v and gate/up fused (rollout.fuse_matmuls)
-    loop_params = loop_params_jit(params, None, fuse_setting(rcfg), mesh)
+    loop_params = loop_params_jit(params, None, fuse_setting(rcfg), self.mesh)
     pending = None  # a chunk whose stats are not read yet
     b, origin, acc = bsz, None, None
-    per_slot = report.kv_per_slot = kv_bytes_per_slot(state)
+    report.kv_per_slot = kv_bytes_per_slot(state)
     current: int | None = None
     obs: ChunkObs | None = None
     live = rcfg.max_prompt_len + 1  # slots a plain step needs after prefill (at most)
@@ -564,30 +524,9 @@ class AdaptiveRolloutEngine:
         self.tail_hook(params, b)
         report.hook_s += time.perf_counter() - t_hook
       lengths = self._chunk_lengths(state.tokens.shape[1], live, (PLAIN, *acfg.arms))
-      strategy, max_steps, info = self._decide(
-        obs, b, n_active, current, params, dparams_fn, report, lengths
+      strategy, max_steps = self._agreed_decision(
+        obs, b, n_active, current, params, dparams_fn, report, lengths, now, step
       )
-      if mh.is_multiprocess() and self.acfg.policy not in ('always', 'never'):
-        # decided from measured times, which differ between processes: process 0's choice
-        strategy, max_steps = (int(x) for x in mh.broadcast(np.asarray([strategy, max_steps])))
-      else:  # from replicated data: the same everywhere, or a clear error before dispatch
-        mh.check_agree(
-          f'the adaptive decision (strategy, steps) at bucket {b}', [strategy, max_steps]
-        )
-      if strategy != current:
-        d = dict(t=now(), step=step, bucket=b, active=n_active, strategy=strategy, **info)
-        report.decisions.append(d)
-        log.info(
-          'adaptive[%s]: bucket %d, %d active -> %s %s',
-          acfg.policy,
-          b,
-          n_active,
-          strategy_name(strategy),
-          info,
-        )
-      report.chosen.setdefault(b, [])
-      if not report.chosen[b] or report.chosen[b][-1] != strategy:
-        report.chosen[b].append(strategy)
       dparams = None if strategy == PLAIN else dparams_fn()
       if strategy != PLAIN and state.tokens.shape[1] < self.buffer_len:
         state = self._widen(state, report)
@@ -597,10 +536,7 @@ class AdaptiveRolloutEngine:
         state = self._grow(state, attend or width, report)
       if strategy != PLAIN and self._stateful and state.draft is None:
         state = self._attach_draft(state, dparams, report)
-      report.kv_peak = max(report.kv_peak, b * model_lib.cache_slots(state.cache) * per_slot)
-      dslots = draft_slots(state, self.drafter)
-      report.draft_kv_per_slot = dper = draft_bytes_per_slot(state, self.drafter)
-      report.draft_kv_peak = max(report.draft_kv_peak, b * dslots * dper)
+      self._note_memory(state, b, report)
       # the drafter's shared corpus: a bucket holding every row's committed text
       shared = self._shared_len(width, attend, self._span)
       self.last_windows.append((b, strategy, attend, shared))
@@ -626,7 +562,117 @@ class AdaptiveRolloutEngine:
       if obs.steps == 0 and self._bucket_for(n_active, b) == b:  # no progress possible
         break
 
-    seq_len, width, pad = rcfg.seq_len, rcfg.buffer_len, rcfg.pad_id
+    self.last_draft_shared = state.draft_shared  # rows of the original batch: not compacted
+    out = self._finalize(state, acc, origin, b, bsz, report)
+    if pending is not None:
+      self._observe(pending, report, now)
+    out = jax.block_until_ready(out)
+    dt = time.perf_counter() - t_start - report.hook_s
+    self.last_report = report
+    return out, self._metrics(out, dt, report)
+
+  def _draft_params_getter(self, params, draft_params):
+    """A function giving the drafter's params on first use only (a rollout that never
+    speculates never pays for them): derived from the policy inside jit (params are
+    arguments), or the drafter's own params as they are -- never closed over as jit
+    constants."""
+    derived = []
+
+    def dparams_fn():
+      if self.drafter is None:
+        return None
+      if not derived:
+        dp = draft_params
+        if dp is None and not self.drafter.derived:
+          dp = self.drafter.params_from_policy(params)
+        elif dp is None:
+          derive = executables.CACHE.get(
+            (self._token, 'derive'), lambda: jax.jit(self.drafter.params_from_policy)
+          )
+          dp = derive(params)
+        derived.append(drafters_lib.place_draft_params(self.drafter, dp, self.mesh))
+      return derived[0]
+
+    return dparams_fn
+
+  def _prefill(self, params, dparams_fn, prompt_tokens, prompt_len, rng, row_ids, report, now):
+    """(state, prefill seconds still to take off the first chunk's time). The prefill is
+    not synced (after the first rollout at this batch size, which measures it once): the
+    first chunk runs at the full batch whatever finished at prefill (a row done at its
+    first token only shows up as a smaller active count after it), and the prefill's
+    measured time is taken off that chunk's time before it is learned from."""
+    cfg, mesh, wrcfg, bsz = self.cfg, self.mesh, self._wrcfg, prompt_tokens.shape[0]
+
+    def prefill_fn(params, dparams, toks, lens, rng, group_ids, prompt_ids):
+      pkw = dict(drafter=self.drafter, draft_params=dparams, buffer_len=self._prefill_len)
+      pkw['cache_slots'] = prefill_cache_slots(wrcfg, self._prefill_len)
+      pkw.update(group_ids=group_ids, prompt_ids=prompt_ids, build_draft=self._eager_draft)
+      state = prefill(params, toks, lens, rng, cfg=cfg, rcfg=wrcfg, mesh=mesh, **pkw)
+      return state, state_stats(state, 0)
+
+    dp0 = dparams_fn() if self._eager_draft else None
+    args = (params, dp0, prompt_tokens, prompt_len, rng) + row_ids
+    prefill_j = self._compiled(
+      ('prefill', bsz, 0, self._prefill_len, self._eager_draft), prefill_fn, args, (), report, bsz
+    )
+    state, pstats = prefill_j(*args)
+    if bsz in self._prefill_s:
+      return state, self._prefill_s[bsz]
+    t0 = now()
+    jax.block_until_ready(pstats)
+    self._prefill_s[bsz] = now() - t0
+    return state, 0.0
+
+  def _agreed_decision(
+    self, obs, b, n_active, current, params, dparams_fn, report, lengths, now, step
+  ) -> tuple[int, int]:
+    """(strategy, max_steps) for the next chunk, the same in every process, recorded in
+    the report (and logged) where the strategy changes."""
+    strategy, max_steps, info = self._decide(
+      obs, b, n_active, current, params, dparams_fn, report, lengths
+    )
+    if mh.is_multiprocess() and self.acfg.policy not in ('always', 'never'):
+      # decided from measured times, which differ between processes: process 0's choice
+      strategy, max_steps = (int(x) for x in mh.broadcast(np.asarray([strategy, max_steps])))
+    else:  # from replicated data: the same everywhere, or a clear error before dispatch
+      mh.check_agree(
+        f'the adaptive decision (strategy, steps) at bucket {b}', [strategy, max_steps]
+      )
+    if strategy != current:
+      d = dict(t=now(), step=step, bucket=b, active=n_active, strategy=strategy, **info)
+      report.decisions.append(d)
+      log.info(
+        'adaptive[%s]: bucket %d, %d active -> %s %s',
+        self.acfg.policy,
+        b,
+        n_active,
+        strategy_name(strategy),
+        info,
+      )
+    report.chosen.setdefault(b, [])
+    if not report.chosen[b] or report.chosen[b][-1] != strategy:
+      report.chosen[b].append(strategy)
+    return strategy, max_steps
+
+  def _note_memory(self, state, b: int, report: AdaptiveReport) -> None:
+    """The peak KV bytes of the policy's cache and the drafter's state, as the chunk about
+    to run at batch ``b`` holds them."""
+    report.kv_peak = max(
+      report.kv_peak, b * model_lib.cache_slots(state.cache) * report.kv_per_slot
+    )
+    report.draft_kv_per_slot = dper = draft_bytes_per_slot(state, self.drafter)
+    report.draft_kv_peak = max(report.draft_kv_peak, b * draft_slots(state, self.drafter) * dper)
+
+  def _finalize(self, state, acc, origin, b: int, bsz: int, report: AdaptiveReport):
+    """The rollout's output in the original ``[bsz, ...]`` layout: rows still in the
+    compacted state scattered back into those that left earlier, scratch cleared, cut or
+    padded to ``rcfg.buffer_len`` (dispatched, not waited on)."""
+    seq_len, width, pad, wrcfg = (
+      self.rcfg.seq_len,
+      self.rcfg.buffer_len,
+      self.rcfg.pad_id,
+      self._wrcfg,
+    )
     fin_width = state.tokens.shape[1]
 
     def fin_fn(acc, st, origin):
@@ -634,19 +680,11 @@ class AdaptiveRolloutEngine:
         st = scatter_rows(acc, st, origin)
       return clear_scratch(finalize(st, wrcfg), seq_len, width, pad)
 
-    self.last_draft_shared = state.draft_shared  # rows of the original batch: not compacted
     if acc is not None and acc.tokens.shape[1] < fin_width:  # rows left before widening
       acc = self._widen(acc, report)
     fargs = (acc, strip(state), origin)
     key = ('final', bsz, None if acc is None else b, fin_width)
-    fin = self._compiled(key, fin_fn, fargs, (), report, bsz)
-    out = fin(*fargs)
-    if pending is not None:
-      self._observe(pending, report, now)
-    out = jax.block_until_ready(out)
-    dt = time.perf_counter() - t_start - report.hook_s
-    self.last_report = report
-    return out, self._metrics(out, dt, report)
+    return self._compiled(key, fin_fn, fargs, (), report, bsz)(*fargs)
 
   def _observe(self, pending, report: AdaptiveReport, now) -> ChunkObs:
     """Read a chunk's stats (a host sync), record it and fold it into the memory."""
