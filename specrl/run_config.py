@@ -85,7 +85,10 @@ def ineffective_override(config: ml_collections.ConfigDict, dotted: str) -> str 
     section is shared by the tasks);
   - ``drafter.<name>.*`` of a section the chosen drafter does not read
     (:func:`specrl.drafters.registry.sections_read`);
-  - ``adaptive.*`` with the adaptive engine off (``adaptive.enabled``).
+  - ``adaptive.*`` with the adaptive engine off (``adaptive.enabled``);
+  - a field that only one mode reads, in another mode (:data:`MODE_FIELDS`: e.g.
+    ``rollout.verify_impl`` without a drafter, ``eval.generations`` with validation off,
+    ``adaptive.tlt_patience`` under another policy).
 
   ``main.py`` refuses such an override: a setting that silently does nothing is a wrong
   answer. Checked on the command line only, where a user just typed it: a config file or a
@@ -114,7 +117,67 @@ def ineffective_override(config: ml_collections.ConfigDict, dotted: str) -> str 
       f'--config.{dotted} has no effect with the adaptive engine off '
       '(set --config.adaptive.enabled=True)'
     )
+  field = f'{section}.{key}'
+  for prefixes, reads, what in MODE_FIELDS:
+    if any(field.startswith(p) for p in prefixes) and not reads(config):
+      return f'--config.{dotted} has no effect: {what}'
   return None
+
+
+def _no_drafter(c) -> bool:
+  return c.rollout.drafter == 'none'
+
+
+# Fields that only one mode of the run reads: (field name prefixes, whether this config
+# reads them, why not and what would make them count). Each was checked against its reader.
+MODE_FIELDS = (
+  (
+    ('rollout.verify_impl',),
+    lambda c: not _no_drafter(c),
+    "rollout.drafter='none' runs no verify pass (set --config.rollout.drafter)",
+  ),
+  (
+    ('rollout.estimate_costs',),
+    lambda c: not _no_drafter(c) and not c.adaptive.enabled,
+    'only the static engine with a drafter profiles its costs (rollout.drafter, '
+    'adaptive.enabled=False)',
+  ),
+  (
+    ('eval.every', 'eval.generations', 'eval.greedy'),
+    lambda c: c.eval.prompts > 0,
+    'eval.prompts=0 turns validation off (set --config.eval.prompts)',
+  ),
+  (
+    ('sft.batch_size', 'sft.lr', 'sft.warmup_steps'),
+    lambda c: c.sft.steps > 0,
+    'sft.steps=0 runs no warm-up (set --config.sft.steps)',
+  ),
+  (
+    ('rl.is_cap',),
+    lambda c: c.rl.get('offpolicy', 'none') != 'none',
+    "rl.offpolicy='none' computes no importance weights (set --config.rl.offpolicy)",
+  ),
+  (
+    ('rl.attention_block',),
+    lambda c: c.rl.get('attention_impl', 'full') == 'blocked',
+    "only rl.attention_impl='blocked' attends in blocks (set --config.rl.attention_impl)",
+  ),
+  (
+    ('train.max_skips',),
+    lambda c: c.train.nonfinite == 'skip',
+    "train.nonfinite='halt' stops at the first non-finite update (set --config.train.nonfinite)",
+  ),
+  (
+    ('adaptive.tlt_',),
+    lambda c: c.adaptive.policy == 'tlt',
+    "only adaptive.policy='tlt' reads it (set --config.adaptive.policy)",
+  ),
+  (
+    ('adaptive.roofline_',),
+    lambda c: c.adaptive.policy == 'roofline',
+    "only adaptive.policy='roofline' reads it (set --config.adaptive.policy)",
+  ),
+)
 
 
 def resolve_num_draft(config: ml_collections.ConfigDict, has_drafter: bool) -> int:

@@ -227,6 +227,27 @@ def test_an_override_the_run_never_reads_is_named():
   c.drafter.suffix.fallback = 'quantized'  # the hybrid reads its fallback's section
   assert off(c, 'drafter.quantized.bits') is None
   assert 'reads drafter.suffix, drafter.quantized' in off(c, 'drafter.eagle.lr')
+  # fields one mode reads (run_config.MODE_FIELDS), in another mode
+  c = default.get_config('smoke')
+  assert off(c, 'rollout.verify_impl') == (
+    "--config.rollout.verify_impl has no effect: rollout.drafter='none' runs no verify pass "
+    '(set --config.rollout.drafter)'
+  )
+  c.eval.prompts, c.sft.steps, c.train.nonfinite = 0, 0, 'halt'
+  for field in ('eval.generations', 'sft.lr', 'rl.is_cap', 'rl.attention_block'):
+    assert off(c, field).startswith(f'--config.{field} has no effect: '), field
+  assert 'train.nonfinite' in off(c, 'train.max_skips')
+  c.rollout.drafter, c.adaptive.enabled = 'ngram', True
+  assert off(c, 'rollout.verify_impl') is None and 'static engine' in off(
+    c, 'rollout.estimate_costs'
+  )
+  assert "policy='tlt'" in off(c, 'adaptive.tlt_patience')
+  c.adaptive.policy, c.eval.prompts, c.sft.steps, c.train.nonfinite = 'tlt', 4, 2, 'skip'
+  c.rl.offpolicy, c.rl.attention_impl = 'tis', 'blocked'
+  for field in ('adaptive.tlt_patience', 'eval.generations', 'sft.lr', 'train.max_skips'):
+    assert off(c, field) is None, field
+  assert off(c, 'rl.is_cap') is None and off(c, 'rl.attention_block') is None
+  assert "policy='roofline'" in off(c, 'adaptive.roofline_up')
   c = default.get_config('smoke')
   c.task.foo = 1
   with pytest.raises(ValueError, match=r'^unknown key config\.task\.foo; valid keys: add_max, '):
