@@ -34,15 +34,15 @@ import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from specrl import cli, faults, metrics_io, train  # noqa: E402
+from specrl import cli, faults, metrics_io, run_config, train  # noqa: E402
 from specrl import config as config_lib  # noqa: E402
 
 DONE = 'DONE'
 
 
 class SweepError(faults.FatalError, ValueError):
-  """A mistake in the sweep itself (its file, a repeated point, an unknown key in a point):
-  one line, before any point runs."""
+  """A mistake in the sweep itself (its file, a repeated point, an unknown key in a point,
+  an override its point never reads): one line, before any point runs."""
 
 
 SUMMARY_FIELDS = ('final_reward', 'final_accuracy', 'tokens_per_s', 'step_time_s', 'steps')
@@ -174,13 +174,21 @@ def write_summary(rows: list[dict], workdir: str) -> None:
 
 
 def check_points(base, points: list[dict]) -> list[str]:
-  """The points' names; a repeated point or an override of a key the config does not have
-  is refused (:class:`SweepError`, one line) before any point runs."""
+  """The points' names; a repeated point, an override of a key the config does not have, or
+  a point's own override that its run would never read (:func:`run_config.
+  ineffective_override` on the point's config: e.g. ``drafter.eagle.mode`` in a point whose
+  drafter is ``'none'``, a run the same as another point's) is refused (:class:`SweepError`,
+  one line) before any point runs. The base config and the command line's overrides may
+  hold settings that only some points read."""
   names = [point_name(p) for p in points]
   if len(set(names)) != len(names):
     raise SweepError(f'sweep points must be distinct, got {names}')
-  for p in points:
-    apply_overrides(base, p)
+  for name, p in zip(names, points, strict=True):
+    config = apply_overrides(base, p)
+    for key in p:
+      msg = run_config.ineffective_override(config, key.removeprefix('config.'))
+      if msg:
+        raise SweepError(f'sweep point {name}: {msg} (build the points with hyper.chain)')
   return names
 
 

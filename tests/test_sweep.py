@@ -133,6 +133,18 @@ def test_a_bad_point_is_refused_naming_it(tmp_path):
   with pytest.raises(ValueError, match=r'^sweep point rl\.nokey=1: unknown key config\.rl\.nokey'):
     sweep.run_sweep(base, points, str(tmp_path))
   assert not (tmp_path / 'seed=0').exists()  # nothing ran
+  # a product that gives the 'none' drafter an eagle mode: a point no different from another
+  points = [
+    {'config.rollout.drafter': d, 'config.drafter.eagle.mode': m}
+    for d in ('none', 'eagle')
+    for m in ('cotrain', 'spot')
+  ]
+  msg = (
+    r'^sweep point rollout\.drafter=none\+drafter\.eagle\.mode=cotrain: --config\.drafter\.eagle'
+  )
+  with pytest.raises(sweep.SweepError, match=msg + r'.*\(build the points with hyper\.chain\)$'):
+    sweep.run_sweep(base, points, str(tmp_path))
+  assert sweep.check_points(base, points[2:]) == [sweep.point_name(p) for p in points[2:]]
   with pytest.raises(faults.FatalError, match=r'^sweep point rl\.num_prompts=0: config\.rl\.'):
     sweep.run_point(base, {'config.rl.num_prompts': 0}, str(tmp_path / 'bad'))
   assert not (tmp_path / 'bad' / sweep.DONE).exists()
