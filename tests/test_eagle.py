@@ -74,6 +74,44 @@ def test_head_file_round_trips_and_bad_files_are_clear_errors(tmp_path):
     eagle.load_head(str(tmp_path / 'absent.npz'), cfg, 1)
 
 
+def test_a_bfloat16_head_file_is_half_the_size_and_a_named_digest_is_checked(tmp_path):
+  """``save_head(..., 'bfloat16')`` (a GPU-trained head must come back under a device
+  call's 16 MiB) stores the weights' bf16 bits and loads them back as the head's float32,
+  bf16-rounded; ``drafter.eagle.head_sha256`` refuses another file naming both digests, and
+  is refused without a head_path or when it is not a sha256."""
+  cfg = ts.CFG
+  head = jax.tree.map(lambda x: x + 0.1, make(cfg, seed=4).head_params)
+  vocab = jnp.asarray([0, 2, 3], jnp.int32)
+  full, half = str(tmp_path / 'f32.npz'), str(tmp_path / 'bf16.npz')
+  eagle.save_head(full, head, vocab)
+  eagle.save_head(half, head, vocab, 'bfloat16')
+  with np.load(full) as f, np.load(half) as h:  # the weights' bytes halve (zip headers stay)
+    weights = [k for k in f.files if k != eagle.VOCAB_KEY]
+    assert sorted(h[eagle.BF16_KEY].tolist()) == sorted(weights)
+    assert 2 * sum(h[k].nbytes for k in weights) == sum(f[k].nbytes for k in weights)
+  sec = default.get_config().drafter.eagle
+  sec.head_path, sec.reduced_vocab, sec.head_sha256 = half, 3, eagle.file_sha256(half)
+  got = eagle.make_eagle_drafter(sec, cfg, jax.random.key(0))
+  for a, b in zip(jax.tree.leaves(got.head_params), jax.tree.leaves(head), strict=True):
+    assert a.dtype == b.dtype == jnp.float32
+    want = np.asarray(b).astype(jnp.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(a), want)
+  assert any(
+    not np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(got.head_params), jax.tree.leaves(head), strict=True)
+  )  # rounded: the bf16 file really is bf16
+  np.testing.assert_array_equal(np.asarray(got.vocab_ids), np.asarray(vocab))
+  sec.head_path = full  # another file than the digest names
+  with pytest.raises(ValueError, match=rf'has sha256 {eagle.file_sha256(full)}, .*expects '):
+    eagle.make_eagle_drafter(sec, cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match='64 lowercase hex digits'):
+    eagle.EagleConfig(head_path=full, head_sha256='abc')
+  with pytest.raises(ValueError, match='head_path, which is empty'):
+    eagle.EagleConfig(head_sha256='0' * 64)
+  with pytest.raises(ValueError, match='head dtype must be one of'):
+    eagle.save_head(full, head, vocab, 'float16')
+
+
 def test_a_loaded_vocabulary_survives_the_first_rollout():
   """The trainer re-picks the reduced vocabulary from decayed counts of recent rollouts; a
   head that comes with one (a warmed head's file) keeps it for the ids no rollout emitted

@@ -47,7 +47,9 @@ rejection sampling only needs the drafts to be sampled from the q it is given.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 import zipfile
 
 import jax
@@ -107,6 +109,9 @@ class EagleConfig:
   # token budget (a 32k budget would hold GBs); 0 = the whole buffer (seq_len)
   spot_max_len: int = 2048
   head_path: str = ''  # a head saved by save_head (e.g. after a warm-up); '' = fresh init
+  # the sha256 (hex) head_path's file must have: a shipped or downloaded head is checked on
+  # load, and a different file is refused naming both digests ('' = not checked)
+  head_sha256: str = ''
   # draft trees (rollout.tree_nodes > 0): children per expanded node, the head's top ones
   tree_branch: int = 4
   # 'top': the head's top candidates, sample-and-compare (plain decoding's very tokens);
@@ -137,6 +142,15 @@ class EagleConfig:
       )
     if not self.spot_budget_s > 0:
       raise ValueError(f'{SECTION}.spot_budget_s must be > 0 seconds, got {self.spot_budget_s}')
+    if self.head_sha256 and not re.fullmatch(r'[0-9a-f]{64}', self.head_sha256):
+      raise ValueError(
+        f'{SECTION}.head_sha256 must be 64 lowercase hex digits (sha256sum of the file), got '
+        f'{self.head_sha256!r}'
+      )
+    if self.head_sha256 and not self.head_path:
+      raise ValueError(
+        f'{SECTION}.head_sha256 checks the file of {SECTION}.head_path, which is empty'
+      )
     if self.spot_max_len < 0 or self.spot_max_len == 1:
       raise ValueError(
         f'{SECTION}.spot_max_len must be 0 (the whole buffer) or >= 2 positions, got '
@@ -278,36 +292,73 @@ class EagleDrafter(eagle_tree.EagleTrees):
 # ----------------------------------------------------------------------------- head files
 
 VOCAB_KEY = 'vocab_ids'
+BF16_KEY = 'bfloat16_leaves'  # names of the leaves save_head stored as bfloat16 bits
+HEAD_DTYPES = ('float32', 'bfloat16')
 
 
 def _leaf_name(path) -> str:
   return '/'.join(str(getattr(k, 'key', k)) for k in path)
 
 
-def save_head(path: str, head_params, vocab_ids=None) -> None:
+def save_head(path: str, head_params, vocab_ids=None, dtype: str = 'float32') -> None:
   """Write a head (and its reduced vocabulary, if any) to ``path`` (an ``.npz``): a head
   warmed up once (``bench/eagle_alpha.py --real-alpha --save_head``) is reused by benchmarks
   and runs (``drafter.eagle.head_path``) instead of re-training it each time. Training runs
-  checkpoint the head with orbax (``TrainState.drafter``); this is the portable single file."""
+  checkpoint the head with orbax (``TrainState.drafter``); this is the portable single file.
+
+  ``dtype='bfloat16'`` halves the file (SmolLM2's 1-layer head: 16.8 MB in float32, over
+  the 16 MiB a device call brings back): floating leaves are rounded to bfloat16 and stored
+  as their 16-bit patterns (``.npz`` has no bfloat16), named under :data:`BF16_KEY`;
+  :func:`load_head` widens them back to the head's own dtype."""
+  if dtype not in HEAD_DTYPES:
+    raise ValueError(f'head dtype must be one of {HEAD_DTYPES}, got {dtype!r}')
   leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(head_params))[0]
-  arrays = {_leaf_name(p): np.asarray(x) for p, x in leaves}
+  arrays, narrowed = {}, []
+  for p, x in leaves:
+    name, x = _leaf_name(p), np.asarray(x)
+    if dtype == 'bfloat16' and np.issubdtype(x.dtype, np.floating):
+      x = x.astype(jnp.bfloat16).view(np.uint16)
+      narrowed.append(name)
+    arrays[name] = x
+  if narrowed:
+    arrays[BF16_KEY] = np.asarray(narrowed)
   if vocab_ids is not None:
     arrays[VOCAB_KEY] = np.asarray(vocab_ids, np.int32)
   with open(path, 'wb') as f:  # np.savez(path) would append '.npz' to other names
     np.savez(f, **arrays)
 
 
-def load_head(path: str, model_cfg: model_lib.ModelConfig, n_layers: int):
+def file_sha256(path: str) -> str:
+  """Hex sha256 of a file (what ``sha256sum`` prints; ``drafter.eagle.head_sha256``)."""
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      h.update(block)
+  return h.hexdigest()
+
+
+def load_head(path: str, model_cfg: model_lib.ModelConfig, n_layers: int, sha256: str = ''):
   """(head params, vocab_ids or None) from a :func:`save_head` file, checked leaf by leaf
   against the head this model and ``n_layers`` would initialise: a head of another model,
-  layer count or a file that is not a head is a ``ValueError`` naming what differs."""
+  layer count or a file that is not a head is a ``ValueError`` naming what differs. With
+  ``sha256`` (``drafter.eagle.head_sha256``) a file with another digest is refused first.
+  Leaves saved in bfloat16 come back in the head's own dtype (their values bf16-rounded)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{SECTION}.head_path: no such file {path!r}')
+  if sha256 and (got := file_sha256(path)) != sha256:
+    raise ValueError(
+      f'{SECTION}.head_path {path!r} has sha256 {got}, {SECTION}.head_sha256 expects '
+      f'{sha256}: not the head this config names (a changed or partial file?)'
+    )
   try:
     with np.load(path) as f:
       data = {k: f[k] for k in f.files}
   except (OSError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f'{path}: not an eagle head file (.npz from eagle.save_head): {e}') from e
+  for name in data.pop(BF16_KEY, np.asarray([], str)).tolist():
+    if name not in data or data[name].dtype != np.uint16:
+      raise ValueError(f'{path}: {BF16_KEY} names {name!r}, which holds no bfloat16 bits')
+    data[name] = data[name].view(jnp.bfloat16)
   template = jax.eval_shape(lambda: init_head(model_cfg, n_layers, jax.random.key(0)))
   flat, treedef = jax.tree_util.tree_flatten_with_path(template)
   names = [_leaf_name(p) for p, _ in flat]
@@ -351,7 +402,7 @@ def make_eagle_drafter(
   ecfg = EagleConfig.from_config(section)
   if not ecfg.head_path:
     return cls(model_cfg, ecfg, init_head(model_cfg, ecfg.n_layers, rng))
-  head, vocab = load_head(ecfg.head_path, model_cfg, ecfg.n_layers)
+  head, vocab = load_head(ecfg.head_path, model_cfg, ecfg.n_layers, ecfg.head_sha256)
   n = 0 if vocab is None else int(vocab.shape[0])
   if vocab is not None and ecfg.reduced_vocab != n:
     raise ValueError(
