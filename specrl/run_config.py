@@ -77,53 +77,6 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def ineffective_override(config: ml_collections.ConfigDict, dotted: str) -> str | None:
-  """One line for a command-line override ``--config.<dotted>`` that this run never reads
-  (None if it may be read), naming what would make it count:
-
-  - ``task.<key>`` that the chosen task does not read (:data:`specrl.tasks.TASK_FIELDS`: the
-    section is shared by the tasks);
-  - ``drafter.<name>.*`` of a section the chosen drafter does not read
-    (:func:`specrl.drafters.registry.sections_read`);
-  - ``adaptive.*`` with the adaptive engine off (``adaptive.enabled``);
-  - a field that only one mode reads, in another mode (:data:`MODE_FIELDS`: e.g.
-    ``rollout.verify_impl`` without a drafter, ``eval.generations`` with validation off,
-    ``adaptive.tlt_patience`` under another policy).
-
-  ``main.py`` refuses such an override: a setting that silently does nothing is a wrong
-  answer. Checked on the command line only, where a user just typed it: a config file or a
-  sweep's base may keep other tasks' or drafters' settings on purpose."""
-  section, _, rest = dotted.partition('.')
-  key = rest.split('.')[0]
-  if not key:
-    return None
-  if section == 'task':
-    reads = tasks_lib.TASK_FIELDS.get(config.task.name)
-    if reads is not None and key not in reads and key != 'name':
-      return (
-        f'--config.{dotted} has no effect on task {config.task.name!r} (it reads '
-        f'{", ".join(reads)})'
-      )
-  if section == 'drafter' and config.rollout.drafter in drafter_registry.names():
-    reads = drafter_registry.sections_read(config)
-    if key not in reads:
-      what = f'reads drafter.{", drafter.".join(reads)}' if reads else 'reads no drafter section'
-      return (
-        f'--config.{dotted} has no effect: rollout.drafter={config.rollout.drafter!r} {what} '
-        f'(set --config.rollout.drafter)'
-      )
-  if section == 'adaptive' and key != 'enabled' and not config.adaptive.enabled:
-    return (
-      f'--config.{dotted} has no effect with the adaptive engine off '
-      '(set --config.adaptive.enabled=True)'
-    )
-  field = f'{section}.{key}'
-  for prefixes, reads, what in MODE_FIELDS:
-    if any(field.startswith(p) for p in prefixes) and not reads(config):
-      return f'--config.{dotted} has no effect: {what}'
-  return None
-
-
 def _no_drafter(c) -> bool:
   return c.rollout.drafter == 'none'
 
@@ -178,6 +131,53 @@ MODE_FIELDS = (
     "only adaptive.policy='roofline' reads it (set --config.adaptive.policy)",
   ),
 )
+
+
+def ineffective_override(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+  """One line for a command-line override ``--config.<dotted>`` that this run never reads
+  (None if it may be read), naming what would make it count:
+
+  - ``task.<key>`` that the chosen task does not read (:data:`specrl.tasks.TASK_FIELDS`: the
+    section is shared by the tasks);
+  - ``drafter.<name>.*`` of a section the chosen drafter does not read
+    (:func:`specrl.drafters.registry.sections_read`);
+  - ``adaptive.*`` with the adaptive engine off (``adaptive.enabled``);
+  - a field that only one mode reads, in another mode (:data:`MODE_FIELDS`: e.g.
+    ``rollout.verify_impl`` without a drafter, ``eval.generations`` with validation off,
+    ``adaptive.tlt_patience`` under another policy).
+
+  ``main.py`` refuses such an override: a setting that silently does nothing is a wrong
+  answer. Checked on the command line only, where a user just typed it: a config file or a
+  sweep's base may keep other tasks' or drafters' settings on purpose."""
+  section, _, rest = dotted.partition('.')
+  key = rest.split('.')[0]
+  if not key:
+    return None
+  if section == 'task':
+    reads = tasks_lib.TASK_FIELDS.get(config.task.name)
+    if reads is not None and key not in reads and key != 'name':
+      return (
+        f'--config.{dotted} has no effect on task {config.task.name!r} (it reads '
+        f'{", ".join(reads)})'
+      )
+  if section == 'drafter' and config.rollout.drafter in drafter_registry.names():
+    reads = drafter_registry.sections_read(config)
+    if key not in reads:
+      what = f'reads drafter.{", drafter.".join(reads)}' if reads else 'reads no drafter section'
+      return (
+        f'--config.{dotted} has no effect: rollout.drafter={config.rollout.drafter!r} {what} '
+        f'(set --config.rollout.drafter)'
+      )
+  if section == 'adaptive' and key != 'enabled' and not config.adaptive.enabled:
+    return (
+      f'--config.{dotted} has no effect with the adaptive engine off '
+      '(set --config.adaptive.enabled=True)'
+    )
+  field = f'{section}.{key}'
+  for prefixes, reads, what in MODE_FIELDS:
+    if any(field.startswith(p) for p in prefixes) and not reads(config):
+      return f'--config.{dotted} has no effect: {what}'
+  return None
 
 
 def resolve_num_draft(config: ml_collections.ConfigDict, has_drafter: bool) -> int:
